@@ -1,0 +1,1 @@
+"""Everything between cloud and edge over MQTT: schemas, the gateway link, the operator side."""

@@ -1,0 +1,315 @@
+"""The tap decision: from (door, card, time) to granted or denied, with one reason. Pure and synchronous.
+
+`Decider.decide()` reads the in-memory `RightsIndex` only; it never touches a disk or the network. It does
+keep small runtime state of its own (door-mode overrides, lockdown, first-card unlocks, PIN failure
+counters), which the agent mutates only from the event-loop thread.
+
+Order of checks (the first that fails gives the reason; `docs/model.md` has the same list):
+
+1. door unknown -> UNKNOWN_DOOR
+2. door mode: LOCKED -> DOOR_LOCKED; UNLOCKED (in its schedule) or a running first-card unlock ->
+   granted FREE_PASSAGE; LOCKDOWN with no override group -> DOOR_LOCKDOWN
+3. card unknown -> UNKNOWN_CARD; credential status, then its window
+4. user inactive, then the user's window
+5. clock not trusted -> the time policy (see `TimePolicy`)
+6. link down for longer than the grace -> the offline policy
+7. groups: none of the user's groups opens the door -> NO_GROUP_FOR_DOOR; in lockdown none of them is the
+   override group -> DOOR_LOCKDOWN; none of those assignments is in its window -> ASSIGNMENT_NOT_ACTIVE;
+   none of those groups' schedules allows now -> OUTSIDE_SCHEDULE
+8. PIN (card + PIN doors while their PIN schedule runs): locked out -> PIN_LOCKED_OUT; no PIN given ->
+   PIN_REQUIRED; none enrolled -> PIN_NOT_ENROLLED; wrong -> PIN_WRONG (the Nth wrong one in a row locks the
+   credential out and raises an alarm)
+9. granted (FIRST_CARD_UNLOCK if it opened a first-card door for the rest of its schedule)
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+import msgspec
+
+from .index import F_ACTIVE, F_EMERGENCY, F_EXTENDED, F_OFFLINE, STATUS_NAMES, RightsIndex
+from .model import CredentialStatus, DoorMode
+from .pin import verify_pin
+
+
+class Reason(enum.StrEnum):
+    GRANTED = "granted"
+    FREE_PASSAGE = "free_passage"
+    FIRST_CARD_UNLOCK = "first_card_unlock"
+    UNKNOWN_DOOR = "unknown_door"
+    UNKNOWN_CARD = "unknown_card"
+    CREDENTIAL_SUSPENDED = "credential_suspended"
+    CREDENTIAL_LOST = "credential_lost"
+    CREDENTIAL_REVOKED = "credential_revoked"
+    CREDENTIAL_NOT_YET_VALID = "credential_not_yet_valid"
+    CREDENTIAL_EXPIRED = "credential_expired"
+    USER_INACTIVE = "user_inactive"
+    USER_NOT_YET_VALID = "user_not_yet_valid"
+    USER_EXPIRED = "user_expired"
+    CLOCK_NOT_TRUSTED = "clock_not_trusted"
+    RIGHTS_TOO_OLD = "rights_too_old"
+    OFFLINE_NOT_PERMITTED = "offline_not_permitted"
+    NO_GROUP_FOR_DOOR = "no_group_for_door"
+    DOOR_LOCKDOWN = "door_lockdown"
+    ASSIGNMENT_NOT_ACTIVE = "assignment_not_active"
+    OUTSIDE_SCHEDULE = "outside_schedule"
+    DOOR_LOCKED = "door_locked"
+    PIN_LOCKED_OUT = "pin_locked_out"
+    PIN_REQUIRED = "pin_required"
+    PIN_NOT_ENROLLED = "pin_not_enrolled"
+    PIN_WRONG = "pin_wrong"
+
+
+_STATUS_REASON = {
+    CredentialStatus.SUSPENDED: Reason.CREDENTIAL_SUSPENDED,
+    CredentialStatus.LOST: Reason.CREDENTIAL_LOST,
+    CredentialStatus.REVOKED: Reason.CREDENTIAL_REVOKED,
+}
+_STATUS_CODE_REASON = {code: _STATUS_REASON.get(name) for code, name in STATUS_NAMES.items()}
+
+
+class OfflinePolicy(enum.StrEnum):
+    ALL = "all"  # every user keeps their rights offline
+    FLAGGED = "flagged"  # only users with the offline-access flag
+    NOBODY = "nobody"
+
+
+class TimePolicy(enum.StrEnum):
+    """What to do with time-bound rules while the clock is not trusted (see docs/operations.md)."""
+
+    ALWAYS_ONLY = "always_only"  # only users whose rights are round-the-clock and unbounded in time
+    IGNORE_SCHEDULES = "ignore_schedules"  # decide as if every schedule and window were open
+    EMERGENCY_ONLY = "emergency_only"  # only emergency cards
+
+
+class SitePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    offline_grace_s: float = 300.0
+    offline_policy: OfflinePolicy = OfflinePolicy.FLAGGED
+    pin_max_attempts: int = 3
+    pin_lockout_s: float = 300.0
+    lockdown_override_group: str | None = None
+    time_policy: TimePolicy = TimePolicy.ALWAYS_ONLY
+    #: Cached rights stop after this long without a sync (None = never).
+    max_offline_age_s: float | None = None
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    granted: bool
+    reason: Reason
+    door: str
+    card: int
+    uid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    #: How long to release the lock for (0 when denied or free passage).
+    strike_s: float = 0.0
+    #: First-card unlock: the door stays unlocked until this UTC timestamp.
+    unlock_until: float | None = None
+    #: An alarm this decision raises ("pin_lockout").
+    alarm: str | None = None
+
+
+class Decider:
+    """Decisions over one `RightsIndex` (which may be swapped whole by a snapshot) and site policy."""
+
+    def __init__(self, index: RightsIndex, policy: SitePolicy | None = None) -> None:
+        self.index = index
+        self.policy = policy or SitePolicy()
+        self.mode_override: dict[str, DoorMode] = {}
+        self.lockdown = False
+        self.first_card_until: dict[str, float] = {}
+        #: card -> [consecutive wrong PINs, locked out until (UTC seconds)]
+        self._pin_fail: dict[int, list[float]] = {}
+
+    # --- runtime state --------------------------------------------------------------------------------
+
+    def set_door_mode(self, door: str, mode: DoorMode | None) -> None:
+        """Override a door's provisioned mode (None restores it)."""
+        if mode is None:
+            self.mode_override.pop(door, None)
+        else:
+            self.mode_override[door] = mode
+        self.first_card_until.pop(door, None)
+
+    def effective_mode(self, door: str, ts: float) -> tuple[DoorMode, bool]:
+        """(mode in force, free passage now) for a known door."""
+        tables = self.index.tables
+        d = tables.doors[door]
+        if self.lockdown:
+            return DoorMode.LOCKDOWN, False
+        mode = self.mode_override.get(door, d.mode)
+        if mode is DoorMode.UNLOCKED:
+            if d.unlock_schedule is None:
+                return mode, True
+            sched = tables.schedules.get(d.unlock_schedule)
+            return (mode, True) if sched is not None and sched.allows_ts(ts) else (DoorMode.NORMAL, False)
+        if mode is DoorMode.FIRST_CARD:
+            if self.first_card_until.get(door, 0.0) > ts:
+                return mode, True
+            sched = tables.schedules.get(d.unlock_schedule) if d.unlock_schedule else None
+            return (mode, False) if sched is not None and sched.allows_ts(ts) else (DoorMode.NORMAL, False)
+        if mode is DoorMode.CARD_AND_PIN and d.pin_schedule is not None:
+            sched = tables.schedules.get(d.pin_schedule)
+            if sched is None or not sched.allows_ts(ts):
+                return DoorMode.NORMAL, False
+        return mode, False
+
+    # --- the decision ---------------------------------------------------------------------------------
+
+    def decide(
+        self,
+        door: str,
+        card: int,
+        now: datetime,
+        *,
+        pin: str | None = None,
+        link_online: bool = True,
+        offline_since: datetime | None = None,
+        clock_trusted: bool = True,
+        rights_age_s: float | None = None,
+    ) -> Decision:
+        ts = now.timestamp()
+        index = self.index
+        tables = index.tables
+        d = tables.doors.get(door)
+        if d is None:
+            return Decision(granted=False, reason=Reason.UNKNOWN_DOOR, door=door, card=card)
+        mode, free = self.effective_mode(door, ts)
+        if mode is DoorMode.LOCKED:
+            return Decision(granted=False, reason=Reason.DOOR_LOCKED, door=door, card=card)
+        if free:
+            return Decision(granted=True, reason=Reason.FREE_PASSAGE, door=door, card=card)
+        policy = self.policy
+        override = policy.lockdown_override_group if mode is DoorMode.LOCKDOWN else None
+        if mode is DoorMode.LOCKDOWN and override is None:
+            return Decision(granted=False, reason=Reason.DOOR_LOCKDOWN, door=door, card=card)
+
+        cred = index.cred(card)
+        if cred is None:
+            return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
+        uid, status, c_from, c_until = cred
+        urow = index.user(uid)
+        if urow is None:  # cannot happen in a consistent store; deny rather than guess
+            return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
+        user, flags, u_from, u_until, pin_hash, assignments = urow
+
+        def deny(reason: Reason, group: str | None = None) -> Decision:
+            return Decision(
+                granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group
+            )
+
+        ignore_time = False
+        if not clock_trusted:
+            tp = policy.time_policy
+            if tp is TimePolicy.EMERGENCY_ONLY:
+                if not flags & F_EMERGENCY:
+                    return deny(Reason.CLOCK_NOT_TRUSTED)
+                ignore_time = True
+            elif tp is TimePolicy.IGNORE_SCHEDULES:
+                ignore_time = True
+        if status:
+            return deny(_STATUS_CODE_REASON[status] or Reason.CREDENTIAL_REVOKED)
+        if not ignore_time:
+            if ts < c_from:
+                return deny(Reason.CREDENTIAL_NOT_YET_VALID)
+            if ts >= c_until:
+                return deny(Reason.CREDENTIAL_EXPIRED)
+        if not flags & F_ACTIVE:
+            return deny(Reason.USER_INACTIVE)
+        if not ignore_time:
+            if ts < u_from:
+                return deny(Reason.USER_NOT_YET_VALID)
+            if ts >= u_until:
+                return deny(Reason.USER_EXPIRED)
+        if (
+            policy.max_offline_age_s is not None
+            and rights_age_s is not None
+            and rights_age_s > policy.max_offline_age_s
+            and not flags & F_EMERGENCY
+        ):
+            return deny(Reason.RIGHTS_TOO_OLD)
+        if not link_online and (
+            offline_since is None or ts - offline_since.timestamp() >= policy.offline_grace_s
+        ):
+            op = policy.offline_policy
+            if op is OfflinePolicy.NOBODY or (op is OfflinePolicy.FLAGGED and not flags & F_OFFLINE):
+                return deny(Reason.OFFLINE_NOT_PERMITTED)
+
+        # Groups. `strict_time` is the ALWAYS_ONLY time policy: only unbounded, schedule-less rights count.
+        strict_time = not clock_trusted and not ignore_time
+        door_mask = tables.door_groups.get(door, 0)
+        override_idx = tables.gidx.get(override, -1) if override is not None else -1
+        any_door = any_override = any_active = False
+        granted_group = -1
+        for g, a_from, a_until in assignments:
+            if not (door_mask >> g) & 1:
+                continue
+            any_door = True
+            if override_idx >= 0 and g != override_idx:
+                continue
+            any_override = True
+            if strict_time:
+                if a_from != 0 or a_until != 0xFFFF_FFFF or c_from != 0 or c_until != 0xFFFF_FFFF:
+                    continue
+                if u_from != 0 or u_until != 0xFFFF_FFFF:
+                    continue
+            elif not ignore_time and not (a_from <= ts < a_until):
+                continue
+            any_active = True
+            sched = tables.gsched[g]
+            if sched is not None and not ignore_time and (strict_time or not sched.allows_ts(ts)):
+                continue
+            granted_group = g
+            break
+        if granted_group < 0:
+            if not any_door:
+                return deny(Reason.NO_GROUP_FOR_DOOR)
+            if not any_override:
+                return deny(Reason.DOOR_LOCKDOWN)
+            if strict_time:
+                return deny(Reason.CLOCK_NOT_TRUSTED)
+            if not any_active:
+                return deny(Reason.ASSIGNMENT_NOT_ACTIVE)
+            return deny(Reason.OUTSIDE_SCHEDULE)
+        group = tables.gid[granted_group]
+
+        alarm = None
+        if mode is DoorMode.CARD_AND_PIN:
+            fails = self._pin_fail.get(card)
+            if fails is not None and fails[1] > ts:
+                return deny(Reason.PIN_LOCKED_OUT, group)
+            if pin is None:
+                return deny(Reason.PIN_REQUIRED, group)
+            if pin_hash is None:
+                return deny(Reason.PIN_NOT_ENROLLED, group)
+            if not verify_pin(pin, pin_hash):
+                if fails is None:
+                    fails = self._pin_fail[card] = [0.0, 0.0]
+                fails[0] += 1
+                if fails[0] >= policy.pin_max_attempts:
+                    fails[0] = 0.0
+                    fails[1] = ts + policy.pin_lockout_s
+                    alarm = "pin_lockout"
+                return Decision(
+                    granted=False, reason=Reason.PIN_WRONG, door=door, card=card, uid=uid, user=user,
+                    group=group, alarm=alarm,
+                )  # fmt: skip
+            self._pin_fail.pop(card, None)
+
+        strike = d.extended_strike_s if flags & F_EXTENDED else d.strike_s
+        if mode is DoorMode.FIRST_CARD:
+            sched = tables.schedules[d.unlock_schedule] if d.unlock_schedule else None
+            end = sched.span_end(ts) if sched is not None else None
+            if end is not None:
+                until = end.timestamp()
+                self.first_card_until[door] = until
+                return Decision(
+                    granted=True, reason=Reason.FIRST_CARD_UNLOCK, door=door, card=card, uid=uid, user=user,
+                    group=group, strike_s=strike, unlock_until=until,
+                )  # fmt: skip
+        return Decision(
+            granted=True, reason=Reason.GRANTED, door=door, card=card, uid=uid, user=user, group=group,
+            strike_s=strike,
+        )  # fmt: skip

@@ -1,0 +1,64 @@
+"""Journal events: what the agent records for every decision, alarm and state change.
+
+Producers call a synchronous `EventSink` (`journal.record`); the journal stamps each event with a unique id,
+a monotonic sequence number, UTC and site-local time and the cloud link state, buffers it in memory and
+writes batches to disk off the tap path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+Detail = dict[str, str | int | float | bool | None]
+
+
+class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    id: str  # 32 hex chars, unique across gateways and restarts (de-duplication key)
+    seq: int  # monotonic per gateway, never reused
+    type: str  # e.g. "access.granted", "access.denied", "door.forced_open", "reader.fault"
+    ts: float  # UTC seconds since the epoch
+    local: str  # site-local ISO 8601 time with offset
+    link_up: bool
+    door: str | None = None
+    reader: str | None = None
+    card: int | None = None
+    user: str | None = None
+    group: str | None = None
+    reason: str | None = None
+    detail: Detail = {}
+
+
+class EventSink(Protocol):
+    def __call__(
+        self,
+        type: str,
+        *,
+        door: str | None = None,
+        reader: str | None = None,
+        card: int | None = None,
+        user: str | None = None,
+        group: str | None = None,
+        reason: str | None = None,
+        detail: Detail | None = None,
+    ) -> None: ...
+
+
+# Event types (the full list is in docs/protocol.md).
+ACCESS_GRANTED = "access.granted"
+ACCESS_DENIED = "access.denied"
+ALARM_PIN_LOCKOUT = "alarm.pin_lockout"
+DOOR_FORCED_OPEN = "door.forced_open"
+DOOR_HELD_OPEN = "door.held_open"
+DOOR_HELD_OPEN_PREALARM = "door.held_open_prealarm"
+DOOR_STATE = "door.state"
+DOOR_REX = "door.rex"
+READER_FAULT = "reader.fault"
+READER_STATUS = "reader.status"
+JOURNAL_NEAR_FULL = "alarm.journal_near_full"
+SECURITY_COMMAND_REJECTED = "security.command_rejected"
+SYSTEM = "system"
+
+Emit = Callable[..., None]

@@ -1,0 +1,449 @@
+"""The in-memory rights index: card -> credential -> user -> assignments, in ~60 bytes per credential.
+
+Pure and synchronous: no I/O, no asyncio. Layout:
+
+* a **base**: column arrays (numpy) sorted by card number and by internal user id (`uid`), read through
+  memoryviews (plain Python ints, no numpy scalars on the tap path), with assignments in CSR form and the
+  users' external ids packed into one bytes blob;
+* an **overlay**: dicts of the credentials and users changed since the base was built. Each overlay entry
+  keeps two versions, `(version, row, previous_row)`: a change set is staged entry by entry (in small
+  slices, so the event loop is never held for long) and becomes visible to `decide()` all at once when
+  `publish()` moves `visible` forward. Until then every lookup still answers from the previous rights.
+
+The small tables (doors, schedules, groups) are immutable `Tables` objects swapped in by `publish()`.
+`compact()` folds the overlay into a new base (numpy, vectorised) when it grows large.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import numpy.typing as npt
+
+from .model import CredentialStatus, Door, Group, Schedule
+from .schedule import CompiledSchedule
+
+NO_START: Final = 0
+NO_END: Final = 0xFFFF_FFFF  # uint32 seconds: 2106-02-07
+
+# Credential status codes.
+STATUS_CODES: Final = {
+    CredentialStatus.ACTIVE: 0,
+    CredentialStatus.SUSPENDED: 1,
+    CredentialStatus.LOST: 2,
+    CredentialStatus.REVOKED: 3,
+}
+STATUS_NAMES: Final = {v: k for k, v in STATUS_CODES.items()}
+
+# User flag bits.
+F_ACTIVE: Final = 1
+F_OFFLINE: Final = 2
+F_EXTENDED: Final = 4
+F_EMERGENCY: Final = 8
+
+#: (uid, status, valid_from, valid_until)
+CredRow = tuple[int, int, int, int]
+#: (group index, valid_from, valid_until)
+AssignRow = tuple[int, int, int]
+#: (external id, flags, valid_from, valid_until, pin hash or None, assignments)
+UserRow = tuple[str, int, int, int, str | None, tuple[AssignRow, ...]]
+
+
+class _Base:
+    """The immutable, array-backed part of the index."""
+
+    __slots__ = (
+        "a_from", "a_gidx", "a_until", "arrays", "c_card", "c_from", "c_status", "c_uid", "c_until",
+        "n_creds", "n_users", "pins", "u_aoff", "u_flags", "u_from", "u_idblob", "u_idoff", "u_uid",
+        "u_until",
+    )  # fmt: skip
+
+    def __init__(
+        self, arrays: dict[str, npt.NDArray[np.generic]], idblob: bytes, pins: dict[int, str]
+    ) -> None:
+        self.arrays = arrays  # keeps the buffers alive and lets compact() work on whole columns
+        mv = {k: memoryview(v) for k, v in arrays.items()}  # type: ignore[arg-type]
+        self.c_card, self.c_uid, self.c_status = mv["c_card"], mv["c_uid"], mv["c_status"]
+        self.c_from, self.c_until = mv["c_from"], mv["c_until"]
+        self.u_uid, self.u_flags, self.u_from, self.u_until = (
+            mv["u_uid"],
+            mv["u_flags"],
+            mv["u_from"],
+            mv["u_until"],
+        )
+        self.u_aoff, self.u_idoff = mv["u_aoff"], mv["u_idoff"]
+        self.a_gidx, self.a_from, self.a_until = mv["a_gidx"], mv["a_from"], mv["a_until"]
+        self.u_idblob = idblob
+        self.pins = pins
+        self.n_creds = len(arrays["c_card"])
+        self.n_users = len(arrays["u_uid"])
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values()) + len(self.u_idblob)
+
+    def cred(self, card: int) -> CredRow | None:
+        i = bisect_left(self.c_card, card)
+        if i == self.n_creds or self.c_card[i] != card:
+            return None
+        return (self.c_uid[i], self.c_status[i], self.c_from[i], self.c_until[i])
+
+    def user(self, uid: int) -> UserRow | None:
+        i = bisect_left(self.u_uid, uid)
+        if i == self.n_users or self.u_uid[i] != uid:
+            return None
+        a0, a1 = self.u_aoff[i], self.u_aoff[i + 1]
+        ag, af, au = self.a_gidx, self.a_from, self.a_until
+        return (
+            self.u_idblob[self.u_idoff[i] : self.u_idoff[i + 1]].decode(),
+            self.u_flags[i],
+            self.u_from[i],
+            self.u_until[i],
+            self.pins.get(uid),
+            tuple((ag[j], af[j], au[j]) for j in range(a0, a1)),
+        )
+
+
+def _empty_arrays() -> dict[str, npt.NDArray[np.generic]]:
+    return build_arrays([], [])[0]
+
+
+def build_arrays(
+    creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]
+) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+    """Base arrays from rows (any order). Used for tests, compaction input and small loads."""
+    creds = sorted(creds)
+    users = sorted(users, key=lambda r: r[0])
+    arrays: dict[str, npt.NDArray[np.generic]] = {
+        "c_card": np.fromiter((c for c, _ in creds), np.uint64, len(creds)),
+        "c_uid": np.fromiter((r[0] for _, r in creds), np.uint32, len(creds)),
+        "c_status": np.fromiter((r[1] for _, r in creds), np.uint8, len(creds)),
+        "c_from": np.fromiter((r[2] for _, r in creds), np.uint32, len(creds)),
+        "c_until": np.fromiter((r[3] for _, r in creds), np.uint32, len(creds)),
+        "u_uid": np.fromiter((u for u, _ in users), np.uint32, len(users)),
+        "u_flags": np.fromiter((r[1] for _, r in users), np.uint8, len(users)),
+        "u_from": np.fromiter((r[2] for _, r in users), np.uint32, len(users)),
+        "u_until": np.fromiter((r[3] for _, r in users), np.uint32, len(users)),
+    }
+    aoff = [0]
+    ag: list[int] = []
+    af: list[int] = []
+    au: list[int] = []
+    ids = bytearray()
+    idoff = [0]
+    pins: dict[int, str] = {}
+    for uid, r in users:
+        for g, f, u in r[5]:
+            ag.append(g)
+            af.append(f)
+            au.append(u)
+        aoff.append(len(ag))
+        ids += r[0].encode()
+        idoff.append(len(ids))
+        if r[4] is not None:
+            pins[uid] = r[4]
+    arrays["u_aoff"] = np.array(aoff, np.uint32)
+    arrays["u_idoff"] = np.array(idoff, np.uint32)
+    arrays["a_gidx"] = np.array(ag, np.uint16)
+    arrays["a_from"] = np.array(af, np.uint32)
+    arrays["a_until"] = np.array(au, np.uint32)
+    return arrays, bytes(ids), pins
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """Doors, schedules and groups: small, immutable, replaced whole on change."""
+
+    site_tz: ZoneInfo
+    doors: dict[str, Door] = field(default_factory=dict)
+    schedules: dict[str, CompiledSchedule] = field(default_factory=dict)
+    schedule_models: dict[str, Schedule] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+    #: group id -> dense index (stable for the life of the index; never reused)
+    gidx: dict[str, int] = field(default_factory=dict)
+    #: dense index -> group id ("" for a deleted group)
+    gid: tuple[str, ...] = ()
+    #: dense index -> compiled schedule of the group, None for "always"; unset for deleted groups
+    gsched: tuple[CompiledSchedule | None, ...] = ()
+    #: door id -> bitmask over group indices of the groups that open it
+    door_groups: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def build(
+        site_tz: ZoneInfo,
+        doors: Iterable[Door],
+        schedules: Iterable[Schedule],
+        groups: Iterable[Group],
+        gidx: dict[str, int] | None = None,
+    ) -> Tables:
+        """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended)."""
+        gidx = dict(gidx or {})
+        sched_models = {s.id: s for s in schedules}
+        compiled = {sid: CompiledSchedule(s, site_tz) for sid, s in sched_models.items()}
+        group_map = {g.id: g for g in groups}
+        for g_id in sorted(group_map):
+            if g_id not in gidx:
+                gidx[g_id] = len(gidx)
+        if len(gidx) > 0xFFFF:
+            raise ValueError("more than 65,535 groups over the index's life: compact with a snapshot")
+        gid = [""] * len(gidx)
+        gsched: list[CompiledSchedule | None] = [None] * len(gidx)
+        door_groups: dict[str, int] = {}
+        for g_id, i in gidx.items():
+            g = group_map.get(g_id)
+            if g is None:
+                continue
+            gid[i] = g_id
+            gsched[i] = compiled[g.schedule] if g.schedule is not None else None
+            for d in g.doors:
+                door_groups[d] = door_groups.get(d, 0) | (1 << i)
+        return Tables(
+            site_tz=site_tz,
+            doors={d.id: d for d in doors},
+            schedules=compiled,
+            schedule_models=sched_models,
+            groups=group_map,
+            gidx=gidx,
+            gid=tuple(gid),
+            gsched=tuple(gsched),
+            door_groups=door_groups,
+        )
+
+
+_BASE: Final = object()  # overlay marker: "answer from the base"
+
+
+class RightsIndex:
+    """Card -> rights, for `decide()`. See the module docstring for the layout and the update protocol."""
+
+    __slots__ = ("_base", "_cred_over", "_staged_tables", "_staging", "_user_over", "tables", "visible")
+
+    def __init__(
+        self,
+        tables: Tables,
+        base: tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]] | None = None,
+        *,
+        version: int = 0,
+    ) -> None:
+        self.tables = tables
+        arrays, blob, pins = base if base is not None else (_empty_arrays(), b"", {})
+        self._base = _Base(arrays, blob, pins)
+        self._cred_over: dict[int, tuple[int, object, object]] = {}
+        self._user_over: dict[int, tuple[int, object, object]] = {}
+        self.visible = version
+        self._staging: int | None = None
+        self._staged_tables: Tables | None = None
+
+    # --- reads (tap path) ---------------------------------------------------------------------------
+
+    def cred(self, card: int) -> CredRow | None:
+        e = self._cred_over.get(card)
+        if e is not None:
+            row = e[1] if e[0] <= self.visible else e[2]
+            if row is not _BASE:
+                return row  # type: ignore[return-value]  # a CredRow or None (deleted)
+        return self._base.cred(card)
+
+    def user(self, uid: int) -> UserRow | None:
+        e = self._user_over.get(uid)
+        if e is not None:
+            row = e[1] if e[0] <= self.visible else e[2]
+            if row is not _BASE:
+                return row  # type: ignore[return-value]
+        return self._base.user(uid)
+
+    def __len__(self) -> int:
+        """Number of credentials (visible)."""
+        n = self._base.n_creds
+        for card, e in self._cred_over.items():
+            row = e[1] if e[0] <= self.visible else e[2]
+            if row is _BASE:
+                continue
+            in_base = self._base.cred(card) is not None
+            n += (row is not None) - in_base
+        return n
+
+    @property
+    def overlay_size(self) -> int:
+        return len(self._cred_over) + len(self._user_over)
+
+    def nbytes(self) -> int:
+        """Bytes held by the base arrays (the overlay is small and counted by tracemalloc in the bench)."""
+        return self._base.nbytes()
+
+    def credentials(self) -> Iterator[tuple[int, CredRow]]:
+        """Every visible credential (card, row), in no particular order."""
+        b = self._base
+        for i in range(b.n_creds):
+            card = b.c_card[i]
+            if card in self._cred_over:
+                continue
+            yield card, (b.c_uid[i], b.c_status[i], b.c_from[i], b.c_until[i])
+        for card in list(self._cred_over):
+            row = self.cred(card)
+            if row is not None:
+                yield card, row
+
+    def users(self) -> Iterator[tuple[int, UserRow]]:
+        b = self._base
+        for i in range(b.n_users):
+            uid = b.u_uid[i]
+            if uid in self._user_over:
+                continue
+            row = b.user(uid)
+            assert row is not None
+            yield uid, row
+        for uid in list(self._user_over):
+            urow = self.user(uid)
+            if urow is not None:
+                yield uid, urow
+
+    # --- writes (staged, then published at once) -----------------------------------------------------
+
+    def begin(self, version: int) -> None:
+        """Start staging the change set that leads to `version`."""
+        if version <= self.visible:
+            raise ValueError(f"version {version} is not after the visible version {self.visible}")
+        if self._staging is not None:
+            raise RuntimeError("a change set is already being staged")
+        self._staging = version
+        self._staged_tables = None
+
+    def _stage(self, over: dict[int, tuple[int, object, object]], key: int, row: object) -> None:
+        v = self._staging
+        if v is None:
+            raise RuntimeError("stage outside begin()/publish()")
+        e = over.get(key)
+        if e is None:
+            prev: object = _BASE
+        elif e[0] == v:
+            prev = e[2]  # staged twice in this change set: keep the visible row as the fallback
+        else:
+            prev = e[1] if e[0] <= self.visible else e[2]
+        over[key] = (v, row, prev)
+
+    def stage_cred(self, card: int, row: CredRow | None) -> None:
+        self._stage(self._cred_over, card, row)
+
+    def stage_user(self, uid: int, row: UserRow | None) -> None:
+        self._stage(self._user_over, uid, row)
+
+    def stage_tables(self, tables: Tables) -> None:
+        self._staged_tables = tables
+
+    def publish(self) -> None:
+        """Make everything staged since `begin()` visible in one step."""
+        if self._staging is None:
+            raise RuntimeError("publish() without begin()")
+        if self._staged_tables is not None:
+            self.tables = self._staged_tables
+        self.visible = self._staging
+        self._staging = None
+        self._staged_tables = None
+
+    def abort(self) -> None:
+        """Forget everything staged since `begin()`: lookups keep answering the visible version."""
+        v = self._staging
+        if v is None:
+            return
+        for over in (self._cred_over, self._user_over):
+            for key in [k for k, e in over.items() if e[0] == v]:
+                prev = over[key][2]
+                if prev is _BASE:
+                    del over[key]
+                else:
+                    over[key] = (self.visible, prev, _BASE)
+        self._staging = None
+        self._staged_tables = None
+
+    # --- compaction ------------------------------------------------------------------------------------
+
+    def compacted(self) -> RightsIndex:
+        """A new index with the overlay folded into the base (vectorised merge). Pure: `self` is untouched.
+
+        Safe to run in a worker thread while `self` serves lookups, as long as nothing is staged meanwhile;
+        the caller swaps the result in on the loop thread.
+        """
+        if self._staging is not None:
+            raise RuntimeError("cannot compact while a change set is staged")
+        b = self._base
+        arr = b.arrays
+        # credentials
+        cards = np.fromiter(self._cred_over.keys(), np.uint64, len(self._cred_over))
+        keep = ~np.isin(arr["c_card"], cards, assume_unique=True) if len(cards) else None
+        live = [(c, r) for c in self._cred_over if (r := self.cred(c)) is not None]
+        new_c = {
+            "c_card": np.fromiter((c for c, _ in live), np.uint64, len(live)),
+            "c_uid": np.fromiter((r[0] for _, r in live), np.uint32, len(live)),
+            "c_status": np.fromiter((r[1] for _, r in live), np.uint8, len(live)),
+            "c_from": np.fromiter((r[2] for _, r in live), np.uint32, len(live)),
+            "c_until": np.fromiter((r[3] for _, r in live), np.uint32, len(live)),
+        }
+        out: dict[str, npt.NDArray[np.generic]] = {}
+        order = None
+        for k, v in new_c.items():
+            old = arr[k] if keep is None else arr[k][keep]
+            out[k] = np.concatenate([old, v])
+        order = np.argsort(out["c_card"], kind="stable")
+        for k in new_c:
+            out[k] = out[k][order]
+        # users: rebuilt from rows (assignments are variable length); base users not in the overlay are
+        # copied column-wise.
+        uids = np.fromiter(self._user_over.keys(), np.uint32, len(self._user_over))
+        ukeep = (
+            np.ones(b.n_users, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
+        )
+        live_u = sorted((u, ur) for u in self._user_over if (ur := self.user(u)) is not None)
+        extra_arrays, extra_blob, extra_pins = build_arrays([], live_u)
+        # kept base users, with their assignment slices and id slices
+        kept_idx = np.nonzero(ukeep)[0]
+        aoff = arr["u_aoff"].astype(np.int64)
+        a_counts = (aoff[1:] - aoff[:-1])[kept_idx]
+        a_sel = _ranges(aoff[:-1][kept_idx], a_counts)
+        idoff = arr["u_idoff"].astype(np.int64)
+        id_counts = (idoff[1:] - idoff[:-1])[kept_idx]
+        id_sel = _ranges(idoff[:-1][kept_idx], id_counts)
+        blob_arr = np.frombuffer(b.u_idblob, np.uint8)
+        kept = {
+            "u_uid": arr["u_uid"][kept_idx],
+            "u_flags": arr["u_flags"][kept_idx],
+            "u_from": arr["u_from"][kept_idx],
+            "u_until": arr["u_until"][kept_idx],
+        }
+        # merge kept and new users by uid
+        all_uid = np.concatenate([kept["u_uid"], extra_arrays["u_uid"]])
+        uorder = np.argsort(all_uid, kind="stable")
+        for k in kept:
+            out[k] = np.concatenate([kept[k], extra_arrays[k]])[uorder]
+        ea = extra_arrays["u_aoff"].astype(np.int64)
+        ei = extra_arrays["u_idoff"].astype(np.int64)
+        cnt_a = np.concatenate([a_counts, ea[1:] - ea[:-1]])[uorder]
+        cnt_i = np.concatenate([id_counts, ei[1:] - ei[:-1]])[uorder]
+        start_a = np.concatenate([np.cumsum(a_counts) - a_counts, len(a_sel) + ea[:-1]])[uorder]
+        start_i = np.concatenate([np.cumsum(id_counts) - id_counts, len(id_sel) + ei[:-1]])[uorder]
+        a_all = {k: np.concatenate([arr[k][a_sel], extra_arrays[k]]) for k in ("a_gidx", "a_from", "a_until")}
+        sel = _ranges(start_a, cnt_a)
+        for k, v in a_all.items():
+            out[k] = v[sel]
+        out["u_aoff"] = np.concatenate([[0], np.cumsum(cnt_a)]).astype(np.uint32)
+        ids_all = np.concatenate([blob_arr[id_sel], np.frombuffer(extra_blob, np.uint8)])
+        blob = ids_all[_ranges(start_i, cnt_i)].tobytes()
+        out["u_idoff"] = np.concatenate([[0], np.cumsum(cnt_i)]).astype(np.uint32)
+        pins = {u: p for u, p in b.pins.items() if u not in self._user_over}
+        pins.update(extra_pins)
+        return RightsIndex(self.tables, (out, blob, pins), version=self.visible)
+
+
+def _ranges(starts: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Concatenated aranges [s, s+c) for each (s, c), vectorised."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    offsets = np.repeat(ends - counts, counts)
+    return np.repeat(starts.astype(np.int64), counts) + (np.arange(total, dtype=np.int64) - offsets)

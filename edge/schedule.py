@@ -1,0 +1,124 @@
+"""Weekly schedules in local wall-clock time, compiled to minute bitmasks. Pure: no I/O, no asyncio.
+
+A schedule allows an instant when the instant's local wall-clock minute (in the schedule's time zone)
+falls inside one of the intervals of its weekday, or of `holiday_intervals` on a listed holiday. Wall
+clock is what people mean by "08:00-18:00", so across a DST change the window keeps its wall-clock
+bounds: on the spring-forward day the skipped hour simply does not occur, and on the fall-back day a
+repeated hour inside the window is allowed both times.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .model import Schedule, clock_minutes
+
+MINUTES_PER_DAY = 1440
+_FULL_DAY = (1 << MINUTES_PER_DAY) - 1
+
+
+def _mask(start: str, end: str, where: str) -> int:
+    a, b = clock_minutes(start), clock_minutes(end)
+    if not a < b:
+        raise ValueError(f"{where}: start {start} must be before end {end} (split intervals at midnight)")
+    return ((1 << b) - 1) & ~((1 << a) - 1)
+
+
+class LocalClock:
+    """UTC seconds -> (date ordinal, weekday, minute of day) in one time zone, cached per minute."""
+
+    __slots__ = ("_key", "_parts", "tz")
+
+    def __init__(self, tz: ZoneInfo) -> None:
+        self.tz = tz
+        self._key = -1
+        self._parts = (0, 0, 0)
+
+    def parts(self, ts: float) -> tuple[int, int, int]:
+        key = int(ts // 60)
+        if key != self._key:
+            # Every zone offset in use is a whole number of minutes, so a UTC minute is a local minute.
+            local = datetime.fromtimestamp(key * 60, self.tz)
+            self._parts = (local.toordinal(), local.weekday(), local.hour * 60 + local.minute)
+            self._key = key
+        return self._parts
+
+
+class CompiledSchedule:
+    """A Schedule as seven minute bitmasks plus a holiday set."""
+
+    __slots__ = ("clock", "holiday_mask", "holidays", "id", "week")
+
+    def __init__(self, schedule: Schedule, site_tz: ZoneInfo) -> None:
+        self.id = schedule.id
+        tz = ZoneInfo(schedule.tz) if schedule.tz else site_tz
+        self.clock = LocalClock(tz)
+        week = [0] * 7
+        for i, iv in enumerate(schedule.intervals):
+            week[iv.day] |= _mask(iv.start, iv.end, f"schedule {schedule.id} interval {i}")
+        self.week = tuple(week)
+        self.holidays = frozenset(d.toordinal() for d in schedule.holidays)
+        hm = 0
+        for i, tr in enumerate(schedule.holiday_intervals):
+            hm |= _mask(tr.start, tr.end, f"schedule {schedule.id} holiday interval {i}")
+        self.holiday_mask = hm
+
+    def allows_ts(self, ts: float) -> bool:
+        ordinal, weekday, minute = self.clock.parts(ts)
+        mask = self.holiday_mask if ordinal in self.holidays else self.week[weekday]
+        return bool((mask >> minute) & 1)
+
+    def allows(self, now: datetime) -> bool:
+        return self.allows_ts(now.timestamp())
+
+    def _day_mask(self, ordinal: int) -> int:
+        if ordinal in self.holidays:
+            return self.holiday_mask
+        return self.week[(ordinal - 1) % 7]  # date.fromordinal(1) is a Monday
+
+    def span_end(self, ts: float) -> datetime | None:
+        """If the schedule allows `ts`, the instant its continuous window ends (UTC); else None.
+
+        A schedule open around the clock for the next 8 days returns the end of that look-ahead.
+        """
+        if not self.allows_ts(ts):
+            return None
+        ordinal, _, minute = self.clock.parts(ts)
+        for day in range(9):
+            mask = self._day_mask(ordinal + day)
+            free = ~mask & _FULL_DAY
+            if day == 0:
+                free &= ~((1 << (minute + 1)) - 1)
+            if free:
+                end_minute = (free & -free).bit_length() - 1
+                d = datetime.fromordinal(ordinal + day)
+                local = datetime(
+                    d.year, d.month, d.day, end_minute // 60, end_minute % 60, tzinfo=self.clock.tz
+                )
+                return local.astimezone(UTC)
+        d = datetime.fromordinal(ordinal + 9)
+        return datetime(d.year, d.month, d.day, tzinfo=self.clock.tz).astimezone(UTC)
+
+
+ALWAYS_ID = "always"
+
+
+def always_schedule() -> Schedule:
+    from .model import Interval
+
+    return Schedule(
+        id=ALWAYS_ID, name="Always", intervals=[Interval(day=d, start="00:00", end="24:00") for d in range(7)]
+    )
+
+
+def utc_seconds(dt: datetime | None, default: int) -> int:
+    """A datetime as whole UTC seconds (naive datetimes are refused), or `default` when None."""
+    if dt is None:
+        return default
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime: every time must carry its UTC offset")
+    return int(dt.timestamp())
+
+
+__all__ = ["ALWAYS_ID", "CompiledSchedule", "LocalClock", "always_schedule", "timedelta", "utc_seconds"]

@@ -1,0 +1,700 @@
+"""The on-disk rights store (SQLite through aiosqlite, WAL) and the in-memory index it feeds.
+
+`Store.apply(change_set)` validates the whole change set against the current rights first, writes it in
+one transaction, and only after the commit stages it into the `RightsIndex` in small slices (yielding to
+the event loop between slices) and publishes it in one step: a decision sees either the old rights or
+the new ones, never a mix, and is never held up by more than one slice. A change set that fails
+validation, or whose transaction fails (full disk, read-only file system), leaves both the disk and the
+index exactly as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ChangeRejected, StoreError, VersionGap
+from .index import (
+    F_ACTIVE,
+    F_EMERGENCY,
+    F_EXTENDED,
+    F_OFFLINE,
+    NO_END,
+    NO_START,
+    STATUS_CODES,
+    AssignRow,
+    CredRow,
+    RightsIndex,
+    Tables,
+    UserRow,
+)
+from .model import (
+    ChangeSet,
+    Credential,
+    DeleteCredential,
+    DeleteDoor,
+    DeleteGroup,
+    DeleteSchedule,
+    DeleteUser,
+    Door,
+    Group,
+    PutCredential,
+    PutDoor,
+    PutGroup,
+    PutSchedule,
+    PutUser,
+    Schedule,
+    Snapshot,
+    User,
+)
+from .pin import valid_pin_hash
+from .schedule import CompiledSchedule
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: Index entries staged per loop turn while publishing a change set (keeps each turn well under 1 ms).
+STAGE_SLICE = 500
+#: Changes validated per loop turn.
+PLAN_SLICE = 200
+#: Overlay size that triggers folding it into the base arrays (in a worker thread).
+COMPACT_AT = 200_000
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+        "CREATE TABLE doors (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE schedules (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE groups (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE users (
+            uid INTEGER PRIMARY KEY, ext_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+            flags INTEGER NOT NULL, vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL, pin_hash TEXT)""",
+        """CREATE TABLE assignments (
+            uid INTEGER NOT NULL, pos INTEGER NOT NULL, group_id TEXT NOT NULL,
+            vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL, PRIMARY KEY (uid, pos)) WITHOUT ROWID""",
+        "CREATE INDEX assignments_group ON assignments (group_id)",
+        """CREATE TABLE credentials (
+            card INTEGER PRIMARY KEY, uid INTEGER NOT NULL, format TEXT NOT NULL, status INTEGER NOT NULL,
+            vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL)""",
+        "CREATE INDEX credentials_uid ON credentials (uid)",
+        "INSERT INTO meta (key, value) VALUES ('rights_version', 0)",
+    ],
+}
+
+_enc = msgspec.msgpack.Encoder()
+_dec_door = msgspec.msgpack.Decoder(Door)
+_dec_sched = msgspec.msgpack.Decoder(Schedule)
+_dec_group = msgspec.msgpack.Decoder(Group)
+
+
+class ApplyResult(msgspec.Struct, frozen=True):
+    version: int
+    applied: bool  # False: a duplicate or older change set, acknowledged without applying it again
+    changes: int = 0
+
+
+def _secs(dt: Any, default: int, path: str) -> int:
+    if dt is None:
+        return default
+    if dt.tzinfo is None:
+        raise ChangeRejected("bad_field", f"{path}: time has no UTC offset", path=path)
+    v = int(dt.timestamp())
+    if not 0 <= v < NO_END:
+        raise ChangeRejected("bad_field", f"{path}: time {dt.isoformat()} is out of range", path=path)
+    return v
+
+
+def _window(obj: Any, path: str) -> tuple[int, int]:
+    f = _secs(obj.valid_from, NO_START, f"{path}.valid_from")
+    u = _secs(obj.valid_until, NO_END, f"{path}.valid_until")
+    if f >= u:
+        raise ChangeRejected("bad_field", f"{path}: valid_from must be before valid_until", path=path)
+    return f, u
+
+
+def user_flags(u: User) -> int:
+    return (
+        (F_ACTIVE if u.active else 0)
+        | (F_OFFLINE if u.offline_access else 0)
+        | (F_EXTENDED if u.extended_door_time else 0)
+        | (F_EMERGENCY if u.emergency else 0)
+    )
+
+
+@dataclass
+class _Plan:
+    """What a validated change set does: SQL parameter lists and index rows."""
+
+    tables: Tables | None = None
+    put_doors: list[Door] = field(default_factory=list)
+    del_doors: set[str] = field(default_factory=set)
+    put_scheds: list[Schedule] = field(default_factory=list)
+    del_scheds: set[str] = field(default_factory=set)
+    put_groups: list[Group] = field(default_factory=list)
+    del_groups: set[str] = field(default_factory=set)
+    users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
+    creds: dict[int, tuple[Credential, int, CredRow] | None] = field(default_factory=dict)
+    next_uid: int = 0
+
+
+class Store:
+    """Rights on disk + the in-memory index. Use as `async with Store(path, tz) as store`."""
+
+    def __init__(
+        self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL"
+    ) -> None:
+        self.path = Path(path)
+        self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
+        self.synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._next_uid = 1
+        self.index = RightsIndex(Tables(self.site_tz))
+        self._compacting: asyncio.Task[None] | None = None
+        #: Called on the loop thread whenever the index object is replaced (snapshot, compaction).
+        self.on_swap: list[Callable[[RightsIndex], None]] = []
+
+    def _swap(self, new: RightsIndex) -> None:
+        self.index = new
+        for cb in self.on_swap:
+            cb(new)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            await self._db.execute("PRAGMA foreign_keys=OFF")
+            await self._migrate()
+            self._swap(await self._load_index())
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._compacting is not None:
+            self._compacting.cancel()
+            try:
+                await self._compacting
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._compacting = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    @property
+    def version(self) -> int:
+        return self.index.visible
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        have = int(row[0]) if row else 0
+        if have > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {have} is newer than this software ({SCHEMA_VERSION})"
+            )
+        for v in range(have + 1, SCHEMA_VERSION + 1):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATIONS[v]:
+                    await self.db.execute(stmt)
+                await self.db.execute(f"PRAGMA user_version={v}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            log.info("store schema migrated to version %d", v)
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self.db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _chunks(self, sql: str, size: int = 200_000) -> list[npt.NDArray[np.int64]]:
+        out: list[npt.NDArray[np.int64]] = []
+        async with self.db.execute(sql) as cur:
+            cur.arraysize = size
+            while rows := await cur.fetchmany(size):
+                out.append(np.array(rows, dtype=np.int64))
+        return out
+
+    async def _load_index(self) -> RightsIndex:
+        version = int((await self._rows("SELECT value FROM meta WHERE key='rights_version'"))[0][0])
+        doors = [_dec_door.decode(b) for (b,) in await self._rows("SELECT body FROM doors")]
+        scheds = [_dec_sched.decode(b) for (b,) in await self._rows("SELECT body FROM schedules")]
+        groups = [_dec_group.decode(b) for (b,) in await self._rows("SELECT body FROM groups")]
+        tables = Tables.build(self.site_tz, doors, scheds, groups)
+        arrays = await self.load_arrays(tables)
+        mx = await self._rows("SELECT max(uid) FROM users")
+        self._next_uid = int(mx[0][0] or 0) + 1
+        return RightsIndex(tables, arrays, version=version)
+
+    async def load_arrays(
+        self, tables: Tables
+    ) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+        def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
+            return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
+
+        c = cols(
+            await self._chunks("SELECT card, uid, status, vfrom, vuntil FROM credentials ORDER BY card"), 5
+        )
+        u = cols(await self._chunks("SELECT uid, flags, vfrom, vuntil FROM users ORDER BY uid"), 4)
+        await self.db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS gmap (group_id TEXT PRIMARY KEY, gidx INTEGER)"
+        )
+        await self.db.execute("DELETE FROM temp.gmap")
+        await self.db.executemany("INSERT INTO temp.gmap VALUES (?, ?)", list(tables.gidx.items()))
+        a = cols(
+            await self._chunks(
+                "SELECT a.uid, g.gidx, a.vfrom, a.vuntil FROM assignments a "
+                "JOIN temp.gmap g ON g.group_id = a.group_id ORDER BY a.uid, a.pos"
+            ),
+            4,
+        )
+        ids: list[bytes] = []
+        async with self.db.execute("SELECT ext_id FROM users ORDER BY uid") as cur:
+            cur.arraysize = 200_000
+            while rows := await cur.fetchmany(200_000):
+                ids.extend(r[0].encode() for r in rows)
+        pins = {
+            int(uid): str(h)
+            for uid, h in await self._rows("SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL")
+        }
+        uid_col = u[:, 0]
+        counts = np.bincount(np.searchsorted(uid_col, a[:, 0]), minlength=len(uid_col))[: len(uid_col)]
+        lens = np.fromiter(map(len, ids), np.int64, len(ids))
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            "c_card": c[:, 0].astype(np.uint64),
+            "c_uid": c[:, 1].astype(np.uint32),
+            "c_status": c[:, 2].astype(np.uint8),
+            "c_from": c[:, 3].astype(np.uint32),
+            "c_until": c[:, 4].astype(np.uint32),
+            "u_uid": uid_col.astype(np.uint32),
+            "u_flags": u[:, 1].astype(np.uint8),
+            "u_from": u[:, 2].astype(np.uint32),
+            "u_until": u[:, 3].astype(np.uint32),
+            "u_aoff": np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
+            "u_idoff": np.concatenate([[0], np.cumsum(lens)]).astype(np.uint32),
+            "a_gidx": a[:, 1].astype(np.uint16),
+            "a_from": a[:, 2].astype(np.uint32),
+            "a_until": a[:, 3].astype(np.uint32),
+        }
+        return arrays, b"".join(ids), pins
+
+    # --- reads for support tools ------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> Any:
+        rows = await self._rows("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: Any) -> None:
+        await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for t in ("doors", "schedules", "groups", "users", "credentials", "assignments"):
+            out[t] = int((await self._rows(f"SELECT count(*) FROM {t}"))[0][0])
+        return out
+
+    # --- change sets ------------------------------------------------------------------------------------
+
+    async def apply(self, cs: ChangeSet) -> ApplyResult:
+        """Apply a change set all or nothing. Old or duplicate sets are acknowledged, not re-applied.
+
+        Raises `VersionGap` when the set does not start at the current version, and `ChangeRejected`
+        (naming the change and field) when anything in it is invalid; nothing is applied then.
+        """
+        async with self._lock:
+            have = self.index.visible
+            if cs.to_version <= have:
+                return ApplyResult(have, applied=False)
+            if cs.from_version != have:
+                raise VersionGap(have, cs.from_version)
+            if cs.to_version <= cs.from_version:
+                raise ChangeRejected(
+                    "bad_field", "to_version must be greater than from_version", path="to_version"
+                )
+            plan = await self._plan(cs)
+            await self._write(plan, cs.to_version)
+            self._next_uid = plan.next_uid
+            await self._stage(plan, cs.to_version)
+            self._maybe_compact()
+            return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
+
+    async def replace(self, snap: Snapshot) -> ApplyResult:
+        """Replace all rights with a snapshot, atomically on disk and in memory."""
+        async with self._lock:
+            if snap.version < self.index.visible:
+                return ApplyResult(self.index.visible, applied=False)
+            changes: list[Any] = []
+            changes += [PutSchedule(schedule=s) for s in snap.schedules]
+            changes += [PutDoor(door=d) for d in snap.doors]
+            changes += [PutGroup(group=g) for g in snap.groups]
+            changes += [PutUser(user=u) for u in snap.users]
+            changes += [PutCredential(credential=c) for c in snap.credentials]
+            empty = RightsIndex(Tables(self.site_tz))
+            plan = await self._plan(
+                ChangeSet(from_version=0, to_version=max(snap.version, 1), changes=changes),
+                base=empty,
+                next_uid=1,
+            )
+            assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
+            tables = plan.tables or Tables(self.site_tz)
+            await self._write(plan, snap.version, wipe=True)
+            self._next_uid = plan.next_uid
+            new = await asyncio.to_thread(_index_from_plan, tables, plan, snap.version)
+            self._swap(new)
+            return ApplyResult(snap.version, applied=True, changes=len(changes))
+
+    async def _uids(self, ext_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(ext_ids)
+        out: dict[str, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = f"SELECT ext_id, uid FROM users WHERE ext_id IN ({','.join('?' * len(part))})"
+            out.update({e: int(u) for e, u in await self._rows(q, part)})
+        return out
+
+    async def _cards_of(self, uids: Iterable[int]) -> dict[int, list[int]]:
+        ids = list(uids)
+        out: dict[int, list[int]] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = f"SELECT uid, card FROM credentials WHERE uid IN ({','.join('?' * len(part))})"
+            for u, c in await self._rows(q, part):
+                out.setdefault(int(u), []).append(int(c))
+        return out
+
+    async def _plan(
+        self, cs: ChangeSet, *, base: RightsIndex | None = None, next_uid: int | None = None
+    ) -> _Plan:
+        idx = base if base is not None else self.index
+        tables = idx.tables
+        plan = _Plan(next_uid=self._next_uid if next_uid is None else next_uid)
+        doors = dict(tables.doors)
+        scheds = dict(tables.schedule_models)
+        groups = dict(tables.groups)
+        small_changed = False
+
+        referenced = {c.user.id for c in cs.changes if isinstance(c, PutUser)}
+        referenced |= {c.id for c in cs.changes if isinstance(c, DeleteUser)}
+        referenced |= {c.credential.user for c in cs.changes if isinstance(c, PutCredential)}
+        uid_of: dict[str, int | None] = dict(await self._uids(referenced)) if base is None else {}
+        deleted_users = [uid_of[c.id] for c in cs.changes if isinstance(c, DeleteUser) and uid_of.get(c.id)]
+        cards_of_user: dict[int, set[int]] = {
+            u: set(cs_)
+            for u, cs_ in (await self._cards_of(u for u in deleted_users if u is not None)).items()
+        }
+        ext_of: dict[int, str] = {}
+        user_models: dict[int, User] = {}
+        card_owner: dict[int, int | None] = {}  # cards changed in this set -> owner uid (None: deleted)
+        cred_paths: dict[int, str] = {}
+
+        def owner(card: int) -> int | None:
+            if card in card_owner:
+                return card_owner[card]
+            row = idx.cred(card)
+            return row[0] if row is not None else None
+
+        for i, ch in enumerate(cs.changes):
+            if i % PLAN_SLICE == PLAN_SLICE - 1:
+                await asyncio.sleep(0)  # validation of a large set must not hold the loop
+            p = f"changes[{i}]"
+            if isinstance(ch, PutDoor):
+                doors[ch.door.id] = ch.door
+                plan.del_doors.discard(ch.door.id)
+                plan.put_doors.append(ch.door)
+                small_changed = True
+            elif isinstance(ch, DeleteDoor):
+                if doors.pop(ch.id, None) is None:
+                    raise ChangeRejected("unknown_reference", f"{p}.id: no door {ch.id!r}", path=f"{p}.id")
+                plan.del_doors.add(ch.id)
+                small_changed = True
+            elif isinstance(ch, PutSchedule):
+                try:
+                    CompiledSchedule(ch.schedule, self.site_tz)
+                except (ValueError, KeyError) as e:
+                    raise ChangeRejected("bad_field", f"{p}.schedule: {e}", path=f"{p}.schedule") from None
+                scheds[ch.schedule.id] = ch.schedule
+                plan.del_scheds.discard(ch.schedule.id)
+                plan.put_scheds.append(ch.schedule)
+                small_changed = True
+            elif isinstance(ch, DeleteSchedule):
+                if scheds.pop(ch.id, None) is None:
+                    raise ChangeRejected(
+                        "unknown_reference", f"{p}.id: no schedule {ch.id!r}", path=f"{p}.id"
+                    )
+                plan.del_scheds.add(ch.id)
+                small_changed = True
+            elif isinstance(ch, PutGroup):
+                groups[ch.group.id] = ch.group
+                plan.del_groups.discard(ch.group.id)
+                plan.put_groups.append(ch.group)
+                small_changed = True
+            elif isinstance(ch, DeleteGroup):
+                if groups.pop(ch.id, None) is None:
+                    raise ChangeRejected("unknown_reference", f"{p}.id: no group {ch.id!r}", path=f"{p}.id")
+                plan.del_groups.add(ch.id)
+                small_changed = True
+            elif isinstance(ch, PutUser):
+                u = ch.user
+                uid = uid_of.get(u.id)
+                if uid is None:
+                    uid = plan.next_uid
+                    plan.next_uid += 1
+                    uid_of[u.id] = uid
+                if u.pin_hash is not None and not valid_pin_hash(u.pin_hash):
+                    raise ChangeRejected(
+                        "bad_field",
+                        f"{p}.user.pin_hash: not a pbkdf2_sha256 PIN hash",
+                        path=f"{p}.user.pin_hash",
+                    )
+                _window(u, f"{p}.user")
+                for j, a in enumerate(u.assignments):
+                    _window(a, f"{p}.user.assignments[{j}]")
+                ext_of[uid] = u.id
+                user_models[uid] = u
+                cred_paths.setdefault(-uid, p)
+            elif isinstance(ch, DeleteUser):
+                uid = uid_of.get(ch.id)
+                if uid is None:
+                    raise ChangeRejected("unknown_reference", f"{p}.id: no user {ch.id!r}", path=f"{p}.id")
+                for card in cards_of_user.pop(uid, set()):
+                    if owner(card) == uid:
+                        card_owner[card] = None
+                        plan.creds[card] = None
+                uid_of[ch.id] = None
+                user_models.pop(uid, None)
+                plan.users[uid] = None
+            elif isinstance(ch, PutCredential):
+                c = ch.credential
+                uid = uid_of.get(c.user)
+                if uid is None:
+                    raise ChangeRejected(
+                        "unknown_reference",
+                        f"{p}.credential.user: no user {c.user!r}",
+                        path=f"{p}.credential.user",
+                    )
+                have = owner(c.card)
+                if have is not None and have != uid:
+                    who = ext_of.get(have) or (r[0] if (r := idx.user(have)) else str(have))
+                    raise ChangeRejected(
+                        "duplicate_card",
+                        f"{p}.credential.card: card {c.card} already belongs to user {who!r}",
+                        path=f"{p}.credential.card",
+                    )
+                f, un = _window(c, f"{p}.credential")
+                card_owner[c.card] = uid
+                cards_of_user.setdefault(uid, set()).add(c.card)
+                plan.creds[c.card] = (c, uid, (uid, STATUS_CODES[c.status], f, un))
+                cred_paths[c.card] = p
+            elif isinstance(ch, DeleteCredential):
+                have = owner(ch.card)
+                if have is None:
+                    raise ChangeRejected(
+                        "unknown_reference", f"{p}.card: no card {ch.card}", path=f"{p}.card"
+                    )
+                card_owner[ch.card] = None
+                plan.creds[ch.card] = None
+            else:  # pragma: no cover - the union is closed
+                raise ChangeRejected("malformed", f"{p}: unknown change")
+
+        # Referential integrity of the end state.
+        for grp in groups.values():
+            for d in grp.doors:
+                if d not in doors:
+                    raise ChangeRejected(
+                        "unknown_reference", f"group {grp.id!r}: no door {d!r}", path=f"group {grp.id}"
+                    )
+            if grp.schedule is not None and grp.schedule not in scheds:
+                raise ChangeRejected(
+                    "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
+                )
+        for door in doors.values():
+            for s in (door.unlock_schedule, door.pin_schedule):
+                if s is not None and s not in scheds:
+                    raise ChangeRejected(
+                        "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
+                    )
+        if small_changed:
+            try:
+                plan.tables = Tables.build(
+                    self.site_tz, doors.values(), scheds.values(), groups.values(), gidx=tables.gidx
+                )
+            except ValueError as e:
+                raise ChangeRejected("bad_field", str(e)) from None
+        new_tables = plan.tables or tables
+        for uid, u in user_models.items():
+            rows: list[AssignRow] = []
+            for j, a in enumerate(u.assignments):
+                g = new_tables.gidx.get(a.group)
+                if g is None or a.group not in new_tables.groups:
+                    path = f"{cred_paths[-uid]}.user.assignments[{j}].group"
+                    raise ChangeRejected("unknown_reference", f"{path}: no group {a.group!r}", path=path)
+                f, un = _window(a, path="assignment")
+                rows.append((g, f, un))
+            wf, wu = _window(u, "user")
+            plan.users[uid] = (u, (u.id, user_flags(u), wf, wu, u.pin_hash, tuple(rows)))
+        if plan.del_groups and base is None:
+            touched = list(plan.users)
+            gids = sorted(plan.del_groups)
+            q = (
+                f"SELECT u.ext_id, a.group_id FROM assignments a JOIN users u ON u.uid = a.uid "
+                f"WHERE a.group_id IN ({','.join('?' * len(gids))}) "
+                f"AND a.uid NOT IN ({','.join('?' * len(touched)) or 'NULL'}) LIMIT 1"
+            )
+            hit = await self._rows(q, [*gids, *touched])
+            if hit:
+                raise ChangeRejected(
+                    "unknown_reference",
+                    f"group {hit[0][1]!r} is still assigned to user {hit[0][0]!r}",
+                    path=f"group {hit[0][1]}",
+                )
+        # A credential may only point at a user that exists at the end.
+        for card, entry in plan.creds.items():
+            if entry is not None and plan.users.get(entry[1], True) is None:
+                raise ChangeRejected(
+                    "unknown_reference",
+                    f"{cred_paths.get(card, 'changes')}.credential.user: the user is deleted in this change set",
+                    path=cred_paths.get(card),
+                )
+        return plan
+
+    async def _write(self, plan: _Plan, version: int, *, wipe: bool = False) -> None:
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            if wipe:
+                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials"):
+                    await db.execute(f"DELETE FROM {t}")
+            await db.executemany("DELETE FROM doors WHERE id=?", [(d,) for d in plan.del_doors])
+            await db.executemany("DELETE FROM schedules WHERE id=?", [(s,) for s in plan.del_scheds])
+            await db.executemany("DELETE FROM groups WHERE id=?", [(g,) for g in plan.del_groups])
+            await db.executemany(
+                "INSERT OR REPLACE INTO doors VALUES (?, ?)", [(d.id, _enc.encode(d)) for d in plan.put_doors]
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
+                [(s.id, _enc.encode(s)) for s in plan.put_scheds],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO groups VALUES (?, ?)",
+                [(g.id, _enc.encode(g)) for g in plan.put_groups],
+            )
+            touched = [(uid,) for uid in plan.users]
+            await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
+            dead = [(uid,) for uid, v in plan.users.items() if v is None]
+            await db.executemany("DELETE FROM users WHERE uid=?", dead)
+            await db.executemany("DELETE FROM credentials WHERE uid=?", dead)
+            live = [(uid, v) for uid, v in plan.users.items() if v is not None]
+            await db.executemany(
+                "INSERT INTO users (uid, ext_id, name, flags, vfrom, vuntil, pin_hash) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(uid) DO UPDATE SET name=excluded.name, flags=excluded.flags, vfrom=excluded.vfrom, "
+                "vuntil=excluded.vuntil, pin_hash=excluded.pin_hash",
+                ((uid, u.id, u.name, r[1], r[2], r[3], u.pin_hash) for uid, (u, r) in live),
+            )
+            await db.executemany(
+                "INSERT INTO assignments (uid, pos, group_id, vfrom, vuntil) VALUES (?,?,?,?,?)",
+                (
+                    (uid, j, u.assignments[j].group, a[1], a[2])
+                    for uid, (u, r) in live
+                    for j, a in enumerate(r[5])
+                ),
+            )
+            await db.executemany(
+                "DELETE FROM credentials WHERE card=?", [(c,) for c, v in plan.creds.items() if v is None]
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil) VALUES (?,?,?,?,?,?)",
+                ((card, v[1], v[0].format, v[2][1], v[2][2], v[2][3]) for card, v in plan.creds.items() if v),
+            )
+            await db.execute("UPDATE meta SET value=? WHERE key='rights_version'", (version,))
+            await db.execute("COMMIT")
+        except BaseException as e:
+            try:
+                await db.execute("ROLLBACK")
+            except Exception:  # the transaction may already be gone (e.g. I/O error)
+                pass
+            if isinstance(e, Exception) and not isinstance(e, ChangeRejected):
+                raise StoreError(f"writing the change set failed, nothing applied: {e}") from e
+            raise
+
+    async def _stage(self, plan: _Plan, version: int) -> None:
+        idx = self.index
+        idx.begin(version)
+        try:
+            if plan.tables is not None:
+                idx.stage_tables(plan.tables)
+            n = 0
+            for uid, v in plan.users.items():
+                idx.stage_user(uid, None if v is None else v[1])
+                n += 1
+                if n % STAGE_SLICE == 0:
+                    await asyncio.sleep(0)
+            for card, c in plan.creds.items():
+                idx.stage_cred(card, None if c is None else c[2])
+                n += 1
+                if n % STAGE_SLICE == 0:
+                    await asyncio.sleep(0)
+        except BaseException:
+            # Cancelled mid-way: the disk already holds the new version, so finish staging synchronously.
+            for uid, v in plan.users.items():
+                idx.stage_user(uid, None if v is None else v[1])
+            for card, c in plan.creds.items():
+                idx.stage_cred(card, None if c is None else c[2])
+            idx.publish()
+            raise
+        idx.publish()
+
+    def _maybe_compact(self) -> None:
+        if self.index.overlay_size < COMPACT_AT or self._compacting is not None:
+            return
+        self._compacting = asyncio.get_running_loop().create_task(self._compact(), name="store.compact")
+
+    async def _compact(self) -> None:
+        try:
+            async with self._lock:
+                old = self.index
+                self._swap(await asyncio.to_thread(old.compacted))
+        finally:
+            self._compacting = None
+
+    async def compact(self) -> None:
+        """Fold the overlay into the base arrays now (tests and maintenance)."""
+        async with self._lock:
+            self._swap(await asyncio.to_thread(self.index.compacted))
+
+
+def _index_from_plan(tables: Tables, plan: _Plan, version: int) -> RightsIndex:
+    from .index import build_arrays
+
+    creds = [(card, v[2]) for card, v in plan.creds.items() if v is not None]
+    users = [(uid, v[1]) for uid, v in plan.users.items() if v is not None]
+    return RightsIndex(tables, build_arrays(creds, users), version=version)
