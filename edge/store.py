@@ -565,10 +565,10 @@ class Store:
         if plan.del_groups and base is None:
             touched = list(plan.users)
             gids = sorted(plan.del_groups)
+            not_touched = f"AND a.uid NOT IN ({','.join('?' * len(touched))})" if touched else ""
             q = (
                 f"SELECT u.ext_id, a.group_id FROM assignments a JOIN users u ON u.uid = a.uid "
-                f"WHERE a.group_id IN ({','.join('?' * len(gids))}) "
-                f"AND a.uid NOT IN ({','.join('?' * len(touched)) or 'NULL'}) LIMIT 1"
+                f"WHERE a.group_id IN ({','.join('?' * len(gids))}) {not_touched} LIMIT 1"
             )
             hit = await self._rows(q, [*gids, *touched])
             if hit:

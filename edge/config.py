@@ -1,0 +1,211 @@
+"""Agent configuration: one strict TOML file decoded into typed Structs, validated once at start.
+
+Every error names the key (`policy.pin_max_attempts: expected int, got str`). Unknown keys are errors,
+so a typo never silently falls back to a default. Default path: /etc/edge/edge.toml (EDGE_CONFIG or
+--config override it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from msgspec import Meta
+
+from .decision import OfflinePolicy, SitePolicy, TimePolicy
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/edge/edge.toml")
+#: Card formats a reader accepts unless its config says otherwise (H10302 needs an explicit choice).
+DEFAULT_FORMATS = ("h10301", "h10304", "corp1000_35", "corp1000_48", "h10306", "csn32", "csn56")
+
+
+class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class SiteSection(Strict):
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    gateway: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    timezone: str = "UTC"
+
+
+class PolicySection(Strict):
+    offline_grace_s: Annotated[float, Meta(ge=0)] = 300.0
+    offline_policy: OfflinePolicy = OfflinePolicy.FLAGGED
+    pin_max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    pin_lockout_s: Annotated[float, Meta(ge=0)] = 300.0
+    lockdown_override_group: str | None = None
+    time_policy: TimePolicy = TimePolicy.ALWAYS_ONLY
+    max_offline_age_days: Annotated[float, Meta(gt=0)] | None = None
+    max_clock_skew_s: Annotated[float, Meta(gt=0)] = 600.0
+
+
+class StorageSection(Strict):
+    state_dir: str = "/var/lib/edge"
+    #: SQLite `synchronous` for the rights store and the journal (see docs/operations.md).
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    journal_max_events: Annotated[int, Meta(ge=100)] = 1_000_000
+    journal_memory_events: Annotated[int, Meta(ge=100)] = 100_000
+
+
+class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver"):
+    door: str
+    name: str | None = None
+    formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
+    keypad: Literal["none", "4bit", "8bit", "auto"] = "auto"
+
+
+class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver"):
+    door: str
+    port: str
+    address: Annotated[int, Meta(ge=0, le=126)] = 0
+    name: str | None = None
+    baud: int = 115200
+    secure: bool = True
+    allow_install_mode: bool = False
+    allow_plaintext: bool = False
+    #: Name of the key file (hex SCBK) under the state directory's `keys/`; never the key itself.
+    key_file: str | None = None
+    formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
+    rts_direction: bool = False
+
+
+ReaderConfig = WiegandReaderConfig | OsdpReaderConfig
+
+
+class LinkSection(Strict):
+    enabled: bool = True
+    host: str = "localhost"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
+    backoff_min_s: Annotated[float, Meta(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Meta(gt=0)] = 60.0
+    #: Ed25519 public key of the site (hex or a path to a PEM file) that signs commands.
+    command_key: str | None = None
+
+
+class ControlSection(Strict):
+    #: Unix socket for `edge status` and the simulator commands.
+    socket: str = "/run/edge/control.sock"
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9105
+
+
+class DemoSection(Strict):
+    """Provisioning applied at first start of a simulated gateway (empty store only)."""
+
+    enabled: bool = False
+
+
+class Config(Strict):
+    site: SiteSection
+    hardware: str = "sim"  # a profile name under hw/ or a path to a profile file
+    policy: PolicySection = PolicySection()
+    storage: StorageSection = StorageSection()
+    readers: list[ReaderConfig] = []
+    link: LinkSection = LinkSection()
+    control: ControlSection = ControlSection()
+    demo: DemoSection = DemoSection()
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.site.timezone)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.storage.state_dir)
+
+    def site_policy(self) -> SitePolicy:
+        p = self.policy
+        return SitePolicy(
+            offline_grace_s=p.offline_grace_s,
+            offline_policy=p.offline_policy,
+            pin_max_attempts=p.pin_max_attempts,
+            pin_lockout_s=p.pin_lockout_s,
+            lockdown_override_group=p.lockdown_override_group,
+            time_policy=p.time_policy,
+            max_offline_age_s=None if p.max_offline_age_days is None else p.max_offline_age_days * 86400,
+        )
+
+
+_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+def _key_of(msg: str) -> tuple[str, str]:
+    m = _PATH.search(msg)
+    if not m:
+        return "", msg
+    raw = m.group(1)
+    key = re.sub(r"\[(\d+)\]", r"[\1]", raw).lstrip(".")
+    return key, msg[: m.start()]
+
+
+def _humanise(msg: str) -> str:
+    key, what = _key_of(msg)
+    unknown = re.match(r"Object contains unknown field `(.+)`", what)
+    if unknown:
+        full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        return f"{full}: unknown key (check the spelling; see docs/operations.md)"
+    missing = re.match(r"Object missing required field `(.+)`", what)
+    if missing:
+        full = f"{key}.{missing.group(1)}" if key else missing.group(1)
+        return f"{full}: required key is missing"
+    what = what[0].lower() + what[1:] if what else what
+    return f"{key or '(top level)'}: {what}"
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_humanise(str(e))}") from None
+    try:
+        ZoneInfo(cfg.site.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{source}: site.timezone: unknown time zone {cfg.site.timezone!r}") from None
+    doors_seen: set[str] = set()
+    for i, r in enumerate(cfg.readers):
+        if r.door in doors_seen and isinstance(r, WiegandReaderConfig):
+            raise ConfigError(f"{source}: readers[{i}].door: a second Wiegand reader for door {r.door!r}")
+        doors_seen.add(r.door)
+    if cfg.link.tls and not cfg.link.ca_file:
+        raise ConfigError(f"{source}: link.ca_file: required when link.tls = true")
+    if bool(cfg.link.cert_file) != bool(cfg.link.key_file):
+        raise ConfigError(f"{source}: link.cert_file: cert_file and key_file go together")
+    if cfg.link.backoff_min_s > cfg.link.backoff_max_s:
+        raise ConfigError(f"{source}: link.backoff_min_s: must not exceed link.backoff_max_s")
+    return cfg
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("EDGE_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    p = config_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (pass --config or set EDGE_CONFIG)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    return parse_config(text, source=str(p))

@@ -1,0 +1,96 @@
+"""The event journal: batched durable appends, read/ack, bounds and alarms, disk failures."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from edge.errors import StoreError
+from edge.events import ACCESS_GRANTED, JOURNAL_NEAR_FULL
+from edge.journal import JOURNAL_OVERFLOW, STORAGE_ALARM, Journal
+
+
+async def test_record_is_buffered_then_durable_in_order(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", site_tz="Europe/Berlin", link_up=lambda: True) as j:
+        evs = [j.record(ACCESS_GRANTED, door="front", card=i, user="alice") for i in range(10)]
+        assert await j.read(0) == []  # nothing on disk yet: record() never writes
+        await j.flush()
+        got = await j.read(0)
+        assert [e.seq for e in got] == [e.seq for e in evs] == list(range(1, 11))
+        assert len({e.id for e in got}) == 10
+        assert got[0].local.endswith("+01:00") and got[0].link_up
+
+
+async def test_ack_removes_only_acknowledged_and_seq_survives_restart(tmp_path: Path) -> None:
+    p = tmp_path / "j.db"
+    async with Journal(p) as j:
+        for i in range(5):
+            j.record(ACCESS_GRANTED, card=i)
+        await j.flush()
+        assert await j.ack(3) == 3
+        assert [e.seq for e in await j.read(0)] == [4, 5]
+        assert await j.ack(5) == 2
+    async with Journal(p) as j:
+        assert j.depth == 0
+        assert j.record(ACCESS_GRANTED).seq == 6  # never reused, even with an empty table
+
+
+async def test_unflushed_events_are_written_on_close(tmp_path: Path) -> None:
+    p = tmp_path / "j.db"
+    async with Journal(p, interval_s=60) as j:
+        j.record(ACCESS_GRANTED, card=1)
+    async with Journal(p) as j:
+        assert [e.card for e in await j.read(0)] == [1]
+
+
+async def test_flusher_writes_batches_without_being_asked(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", interval_s=0.01) as j:
+        j.record(ACCESS_GRANTED)
+        await asyncio.wait_for(j.wait_durable(), 5)
+        assert len(await j.read(0)) == 1
+
+
+async def test_near_full_alarm_and_overflow_is_never_silent(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", max_events=100, near_full=0.8) as j:
+        for i in range(85):
+            j.record(ACCESS_GRANTED, card=i)
+        await j.flush()
+        await j.flush()  # the alarm recorded during the first flush
+        types = [e.type for e in await j.read(0, 1000)]
+        assert types.count(JOURNAL_NEAR_FULL) == 1
+        for i in range(40):
+            j.record(ACCESS_GRANTED, card=1000 + i)
+        await j.flush()
+        await j.flush()
+        evs = await j.read(0, 1000)
+        assert len(evs) <= 101
+        over = [e for e in evs if e.type == JOURNAL_OVERFLOW]
+        assert over and over[0].detail["lost"] == over[0].detail["last_seq"] - over[0].detail["first_seq"] + 1  # type: ignore[operator]
+        # What survived is the newest, in order.
+        seqs = [e.seq for e in evs]
+        assert seqs == sorted(seqs)
+
+
+async def test_disk_refusing_writes_keeps_events_in_memory_and_recovers(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", interval_s=0.01) as j:
+        assert j._db is not None
+        async with j._db.execute("PRAGMA page_count") as c:
+            row = await c.fetchone()
+        assert row is not None
+        await j._db.execute(f"PRAGMA max_page_count={int(row[0])}")
+        for i in range(300):
+            j.record(ACCESS_GRANTED, card=i, detail={"pad": "x" * 100})
+        with pytest.raises(StoreError):
+            await j.flush()
+        assert not j.storage_ok and j.depth >= 300
+        await j._db.execute("PRAGMA max_page_count=1073741823")
+        await j.flush()
+        await j.flush()
+        evs = await j.read(0, 10_000)
+        cards = [e.card for e in evs if e.type == ACCESS_GRANTED]
+        assert cards == list(range(300))
+        alarms = [e.detail["state"] for e in evs if e.type == STORAGE_ALARM]
+        assert alarms == ["failing", "recovered"]
+        assert j.storage_ok

@@ -1,0 +1,211 @@
+"""The rights store: atomic change sets, rejects that apply nothing, reload from disk, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from edge.decision import Decider, Reason
+from edge.errors import ChangeRejected, StoreError, VersionGap
+from edge.model import (
+    Assignment,
+    ChangeSet,
+    Credential,
+    CredentialStatus,
+    DeleteCredential,
+    DeleteDoor,
+    DeleteGroup,
+    DeleteSchedule,
+    DeleteUser,
+    Door,
+    Group,
+    PutCredential,
+    PutDoor,
+    PutGroup,
+    PutUser,
+    User,
+)
+from edge.store import Store
+
+from .conftest import MONDAY_10, basic_site
+
+
+def cs(frm: int, *changes: object) -> ChangeSet:
+    return ChangeSet(from_version=frm, to_version=frm + 1, changes=list(changes))  # type: ignore[arg-type]
+
+
+async def snapshot_state(store: Store) -> tuple[int, dict[str, int], list[tuple[int, str]]]:
+    d = Decider(store.index)
+    probes = [(c, door) for c in (1001, 1002, 1003, 2001, 2002) for door in ("front", "lab")]
+    return (
+        store.version,
+        await store.counts(),
+        [(c, str(d.decide(door, c, MONDAY_10).reason)) for c, door in probes],
+    )
+
+
+async def test_apply_and_decide(store: Store) -> None:
+    d = Decider(store.index)
+    assert store.version == 1
+    assert d.decide("front", 1001, MONDAY_10).granted
+    assert d.decide("lab", 1001, MONDAY_10).reason is Reason.NO_GROUP_FOR_DOOR
+    assert d.decide("lab", 1002, MONDAY_10).group == "lab"
+    assert d.decide("lab", 1003, MONDAY_10).reason is Reason.USER_INACTIVE
+
+
+async def test_reload_from_disk_gives_same_answers(store: Store, db_path: Path) -> None:
+    before = await snapshot_state(store)
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:
+        assert await snapshot_state(again) == before
+
+
+async def test_duplicate_and_old_change_sets_are_acknowledged_not_reapplied(store: Store) -> None:
+    before = await snapshot_state(store)
+    r = await store.apply(basic_site())
+    assert (r.version, r.applied) == (1, False)
+    assert await snapshot_state(store) == before
+
+
+async def test_version_gap_is_refused(store: Store) -> None:
+    before = await snapshot_state(store)
+    with pytest.raises(VersionGap) as ei:
+        await store.apply(ChangeSet(from_version=5, to_version=6, changes=[]))
+    assert ei.value.code == "version_gap" and ei.value.have == 1
+    assert await snapshot_state(store) == before
+
+
+BAD = {
+    "duplicate_card": (
+        [PutCredential(credential=Credential(card=1002, user="alice"))],
+        "changes[1].credential.card: card 1002 already belongs to user 'bob'",
+    ),
+    "unknown_user": ([PutCredential(credential=Credential(card=5, user="nobody"))], "no user 'nobody'"),
+    "unknown_group": ([PutUser(user=User(id="dan", assignments=[Assignment(group="ghosts")]))], "no group 'ghosts'"),
+    "unknown_door": ([PutGroup(group=Group(id="g2", doors=["attic"]))], "no door 'attic'"),
+    "unknown_schedule": ([PutGroup(group=Group(id="g2", doors=["front"], schedule="night"))], "no schedule 'night'"),
+    "delete_missing": ([DeleteCredential(card=424242)], "no card 424242"),
+    "delete_referenced_group": ([DeleteGroup(id="staff")], "still assigned to user 'alice'"),
+    "delete_referenced_schedule": ([DeleteSchedule(id="office")], "no schedule 'office'"),
+    "delete_referenced_door": ([DeleteDoor(id="lab")], "no door 'lab'"),
+    "bad_pin_hash": ([PutUser(user=User(id="dan", pin_hash="1234"))], "pin_hash"),
+    "bad_window": (
+        [
+            PutUser(
+                user=User(
+                    id="dan",
+                    valid_from=datetime(2027, 1, 1).astimezone(),
+                    valid_until=datetime(2026, 1, 1).astimezone(),
+                )
+            )
+        ],
+        "valid_from must be before valid_until",
+    ),
+    "naive_time": ([PutUser(user=User(id="dan", valid_from=datetime(2027, 1, 1)))], "no UTC offset"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+async def test_rejected_change_set_applies_nothing(store: Store, name: str) -> None:
+    changes, message = BAD[name]
+    before = await snapshot_state(store)
+    # A good change ahead of the bad one must not survive either.
+    good = PutCredential(credential=Credential(card=2001, user="alice"))
+    with pytest.raises(ChangeRejected) as ei:
+        await store.apply(cs(1, good, *changes))
+    assert message in str(ei.value)
+    assert await snapshot_state(store) == before
+
+
+async def test_delete_user_frees_the_card(store: Store) -> None:
+    await store.apply(cs(1, DeleteUser(id="alice"), PutCredential(credential=Credential(card=1001, user="bob"))))
+    d = Decider(store.index)
+    assert d.decide("lab", 1001, MONDAY_10).user == "bob"
+    assert (await store.counts())["users"] == 2
+
+
+async def test_card_moves_after_delete_in_a_later_change_set(store: Store) -> None:
+    await store.apply(cs(1, DeleteCredential(card=1002)))
+    await store.apply(cs(2, PutCredential(credential=Credential(card=1002, user="alice"))))
+    assert Decider(store.index).decide("front", 1002, MONDAY_10).user == "alice"
+
+
+async def test_status_change_and_door_mode(store: Store) -> None:
+    await store.apply(
+        cs(
+            1,
+            PutCredential(credential=Credential(card=1002, user="bob", status=CredentialStatus.LOST)),
+            PutDoor(door=Door(id="lab", strike_s=2.0)),
+        )
+    )
+    d = Decider(store.index)
+    assert d.decide("lab", 1002, MONDAY_10).reason is Reason.CREDENTIAL_LOST
+
+
+async def test_decisions_see_old_or_new_rights_never_a_mix(store: Store) -> None:
+    """A concurrent decider polls while a 6,000-change set is staged slice by slice."""
+    n = 3000
+    changes: list[object] = [PutUser(user=User(id=f"u{i}", assignments=[Assignment(group="lab")])) for i in range(n)]
+    changes += [PutCredential(credential=Credential(card=10_000 + i, user=f"u{i}")) for i in range(n)]
+    # The first and the last change decide the probes: first the existing card 1002 is lost, last a new card.
+    changes.insert(0, PutCredential(credential=Credential(card=1002, user="bob", status=CredentialStatus.LOST)))
+    d = Decider(store.index)
+    seen: set[tuple[bool, bool]] = set()
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        while not done.is_set():
+            seen.add((d.decide("lab", 1002, MONDAY_10).granted, d.decide("lab", 10_000 + n - 1, MONDAY_10).granted))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(poll())
+    await store.apply(cs(1, *changes))
+    done.set()
+    await task
+    seen.add((d.decide("lab", 1002, MONDAY_10).granted, d.decide("lab", 10_000 + n - 1, MONDAY_10).granted))
+    assert seen <= {(True, False), (False, True)}, seen
+    assert (False, True) in seen
+
+
+async def test_full_disk_applies_nothing_and_recovers(store: Store) -> None:
+    before = await snapshot_state(store)
+    async with store.db.execute("PRAGMA page_count") as c:
+        row = await c.fetchone()
+    assert row is not None
+    await store.db.execute(f"PRAGMA max_page_count={int(row[0]) + 2}")
+    big = [PutUser(user=User(id=f"x{i}", name="x" * 200)) for i in range(500)]
+    with pytest.raises(StoreError, match="full"):
+        await store.apply(cs(1, *big))
+    assert await snapshot_state(store) == before
+    await store.db.execute("PRAGMA max_page_count=1073741823")
+    r = await store.apply(cs(1, *big))
+    assert r.version == 2 and (await store.counts())["users"] == 503
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    async with Store(db_path) as s:
+        assert s.version == 0
+    con = sqlite3.connect(db_path)
+    con.execute("PRAGMA user_version=99")
+    con.close()
+    with pytest.raises(StoreError, match="newer than this software"):
+        async with Store(db_path):
+            pass
+
+
+async def test_compaction_keeps_every_answer(store: Store) -> None:
+    await store.apply(cs(1, *[PutCredential(credential=Credential(card=5000 + i, user="bob")) for i in range(50)]))
+    await store.apply(cs(2, DeleteCredential(card=5003), DeleteUser(id="alice")))
+    probes = [1001, 1002, 1003, 5000, 5003, 5049, 7]
+    d = Decider(store.index)
+    before = [d.decide("lab", c, MONDAY_10 + timedelta(hours=1)) for c in probes]
+    await store.compact()
+    assert store.index.overlay_size == 0
+    d.index = store.index
+    after = [d.decide("lab", c, MONDAY_10 + timedelta(hours=1)) for c in probes]
+    assert before == after
+    assert len(store.index) == 51
