@@ -29,13 +29,13 @@ class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     pass
 
 
-class SiteSection(Strict):
+class SiteSection(Strict, frozen=True, kw_only=True):
     id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
     gateway: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
     timezone: str = "UTC"
 
 
-class PolicySection(Strict):
+class PolicySection(Strict, frozen=True, kw_only=True):
     offline_grace_s: Annotated[float, Meta(ge=0)] = 300.0
     offline_policy: OfflinePolicy = OfflinePolicy.FLAGGED
     pin_max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
@@ -46,7 +46,7 @@ class PolicySection(Strict):
     max_clock_skew_s: Annotated[float, Meta(gt=0)] = 600.0
 
 
-class StorageSection(Strict):
+class StorageSection(Strict, frozen=True, kw_only=True):
     state_dir: str = "/var/lib/edge"
     #: SQLite `synchronous` for the rights store and the journal (see docs/operations.md).
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -54,14 +54,14 @@ class StorageSection(Strict):
     journal_memory_events: Annotated[int, Meta(ge=100)] = 100_000
 
 
-class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver"):
+class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):
     door: str
     name: str | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
     keypad: Literal["none", "4bit", "8bit", "auto"] = "auto"
 
 
-class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver"):
+class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_only=True):
     door: str
     port: str
     address: Annotated[int, Meta(ge=0, le=126)] = 0
@@ -73,13 +73,15 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver"):
     #: Name of the key file (hex SCBK) under the state directory's `keys/`; never the key itself.
     key_file: str | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
-    rts_direction: bool = False
+    #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
+    direction: Literal["auto", "kernel", "rts"] = "auto"
+    #: One OSDP line is polled by one bus: readers with the same `port` share it (and its baud rate).
 
 
 ReaderConfig = WiegandReaderConfig | OsdpReaderConfig
 
 
-class LinkSection(Strict):
+class LinkSection(Strict, frozen=True, kw_only=True):
     enabled: bool = True
     host: str = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
@@ -97,19 +99,19 @@ class LinkSection(Strict):
     command_key: str | None = None
 
 
-class ControlSection(Strict):
+class ControlSection(Strict, frozen=True, kw_only=True):
     #: Unix socket for `edge status` and the simulator commands.
     socket: str = "/run/edge/control.sock"
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9105
 
 
-class DemoSection(Strict):
+class DemoSection(Strict, frozen=True, kw_only=True):
     """Provisioning applied at first start of a simulated gateway (empty store only)."""
 
     enabled: bool = False
 
 
-class Config(Strict):
+class Config(Strict, frozen=True, kw_only=True):
     site: SiteSection
     hardware: str = "sim"  # a profile name under hw/ or a path to a profile file
     policy: PolicySection = PolicySection()

@@ -1,0 +1,379 @@
+"""The gateway agent: composes doors, store, journal, readers, cloud link and control socket.
+
+Start order matters: every lock is driven to its safe state first (door controllers), then the store
+loads the rights index, then the journal opens, and only then do readers start delivering taps. One
+`asyncio.TaskGroup` owns the long-running tasks, each named (`reader[front]`, `link`, ...); a reader
+or the link that fails is journalled and restarted with backoff while the doors keep working.
+
+The tap path (`on_reader_event`) is synchronous: decision and relay happen in the same loop turn as the
+reader's last bit; the journal append that follows only buffers in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any
+
+from . import __version__
+from .config import Config, OsdpReaderConfig, WiegandReaderConfig
+from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapRequest
+from .decision import Decider, Decision, Reason
+from .door import DoorController
+from .events import ACCESS_DENIED, ACCESS_GRANTED, ALARM_PIN_LOCKOUT, READER_FAULT, READER_STATUS, SYSTEM
+from .hw import HardwareProfile, load_profile, make_factory
+from .journal import Journal
+from .model import ChangeSet, Door, DoorMode
+from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
+from .store import Store
+
+log = logging.getLogger("edge.agent")
+
+#: How long a card waits for its PIN at a card + PIN door.
+PIN_WAIT_S = 20.0
+
+
+def mask_card(card: int | None) -> str:
+    """Card numbers in logs show only their last three digits."""
+    if card is None:
+        return "-"
+    s = str(card)
+    return "*" * max(0, len(s) - 3) + s[-3:]
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        profile: HardwareProfile | None = None,
+        factory: Any = None,
+        clock: Callable[[], float] = time.time,
+        demo: ChangeSet | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.profile = profile or load_profile(cfg.hardware)
+        self.factory = factory if factory is not None else make_factory(self.profile)
+        self.simulated = self.profile.factory == "mock"
+        self.clock = clock
+        self.demo = demo
+        self.doors: dict[str, DoorController] = {}
+        self.readers: dict[str, Reader] = {}
+        self.reader_door: dict[str, str] = {}
+        self.store: Store | None = None
+        self.journal: Journal | None = None
+        self.decider: Decider | None = None
+        self.link: Any = None
+        self.link_online = False
+        self.offline_since: datetime | None = None
+        self.clock_trusted = True
+        self.rights_synced_at: float | None = None
+        self._pending_pin: dict[str, tuple[int, str, float]] = {}
+        self.started = asyncio.Event()
+        self.decisions: list[Decision] = []  # the last few, for status
+        self._stop = asyncio.Event()
+
+    # --- the tap path -----------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def decide(self, door: str, card: int, *, pin: str | None = None) -> Decision:
+        assert self.decider is not None
+        now = self.now()
+        age = None if self.rights_synced_at is None else now.timestamp() - self.rights_synced_at
+        return self.decider.decide(
+            door, card, now, pin=pin, link_online=self.link_online, offline_since=self.offline_since,
+            clock_trusted=self.clock_trusted, rights_age_s=age,
+        )  # fmt: skip
+
+    def on_reader_event(self, ev: ReaderEvent) -> None:
+        """The sink of every reader: runs on the loop thread in the turn that completed the read."""
+        door = self.reader_door.get(ev.reader)
+        if door is None:
+            log.error("event from unknown reader %s", ev.reader)
+            return
+        if isinstance(ev, CardRead):
+            d = self.decide(door, ev.card)
+            if d.reason is Reason.PIN_REQUIRED:
+                self._pending_pin[door] = (ev.card, ev.reader, time.monotonic() + PIN_WAIT_S)
+                self.readers[ev.reader].feedback(Feedback.PIN_NEEDED)
+                self._journal_decision(d, ev.reader)
+                return
+            self._pending_pin.pop(door, None)
+            self._act(d, ev.reader)
+        elif isinstance(ev, PinEntry):
+            pending = self._pending_pin.pop(door, None)
+            if pending is None or pending[2] < time.monotonic():
+                log.info("door %s: PIN entered with no card waiting for it", door)
+                self.readers[ev.reader].feedback(Feedback.DENIED)
+                return
+            self._act(self.decide(door, pending[0], pin=ev.pin), ev.reader)
+        elif isinstance(ev, ReaderFault):
+            log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
+            if self.journal is not None:
+                self.journal.record(READER_FAULT, door=door, reader=ev.reader, reason=ev.kind, detail={"detail": ev.detail})
+        elif isinstance(ev, ReaderStatus):
+            log.info("reader %s: online=%s tamper=%s power_ok=%s", ev.reader, ev.online, ev.tamper, ev.power_ok)
+            if self.journal is not None:
+                self.journal.record(
+                    READER_STATUS, door=door, reader=ev.reader,
+                    detail={"online": ev.online, "tamper": ev.tamper, "power_ok": ev.power_ok, "secure": ev.secure},
+                )  # fmt: skip
+
+    def _act(self, d: Decision, reader: str | None) -> None:
+        ctl = self.doors.get(d.door)
+        if d.granted and ctl is not None:
+            if d.unlock_until is not None:
+                ctl.unlock_for(max(0.0, d.unlock_until - self.clock()))
+            elif d.reason is not Reason.FREE_PASSAGE:
+                ctl.grant(d.strike_s)
+        if reader is not None and reader in self.readers:
+            self.readers[reader].feedback(Feedback.GRANTED if d.granted else Feedback.DENIED)
+        self._journal_decision(d, reader)
+
+    def _journal_decision(self, d: Decision, reader: str | None) -> None:
+        self.decisions = [*self.decisions[-19:], d]
+        log.info(
+            "door %s card %s: %s (%s)%s", d.door, mask_card(d.card), "GRANTED" if d.granted else "denied",
+            d.reason.value, f" user {d.user}" if d.user else "",
+        )  # fmt: skip
+        if self.journal is None:
+            return
+        self.journal.record(
+            ACCESS_GRANTED if d.granted else ACCESS_DENIED, door=d.door, reader=reader, card=d.card,
+            user=d.user, group=d.group, reason=d.reason.value,
+        )  # fmt: skip
+        if d.alarm == "pin_lockout":
+            log.warning("door %s: PIN lockout for card %s", d.door, mask_card(d.card))
+            self.journal.record(ALARM_PIN_LOCKOUT, door=d.door, reader=reader, card=d.card, user=d.user)
+
+    # --- commands (cloud link, control socket) ----------------------------------------------------------
+
+    async def unlock(self, door: str, seconds: float) -> None:
+        ctl = self.doors.get(door)
+        if ctl is None:
+            raise ValueError(f"no door {door!r} on this gateway")
+        ctl.unlock_for(seconds)
+
+    async def set_door_mode(self, door: str, mode: DoorMode | None) -> None:
+        if door not in self.doors:
+            raise ValueError(f"no door {door!r} on this gateway")
+        assert self.decider is not None
+        self.decider.set_door_mode(door, mode)
+        self._sync_door_holds()
+
+    async def lockdown(self, active: bool) -> None:
+        assert self.decider is not None
+        self.decider.lockdown = active
+        self._sync_door_holds()
+
+    def _sync_door_holds(self) -> None:
+        """Keep each lock's hold state in line with its mode (unlocked by schedule, lockdown, first card)."""
+        if self.decider is None:
+            return
+        ts = self.clock()
+        for door_id, ctl in self.doors.items():
+            if door_id not in self.decider.index.tables.doors:
+                continue
+            mode, free = self.decider.effective_mode(door_id, ts)
+            if free and mode is not DoorMode.LOCKDOWN:
+                ctl.hold_unlocked(mode.value)
+            else:
+                ctl.release_hold()
+                if mode in (DoorMode.LOCKDOWN, DoorMode.LOCKED):
+                    ctl.relock()
+
+    # --- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        store, journal = self.store, self.journal
+        return {
+            "version": __version__,
+            "site": self.cfg.site.id,
+            "gateway": self.cfg.site.gateway,
+            "simulated": self.simulated,
+            "rights_version": store.version if store else None,
+            "credentials": len(store.index) if store else None,
+            "journal_depth": journal.depth if journal else None,
+            "storage_ok": journal.storage_ok if journal else None,
+            "link": {"online": self.link_online, "offline_since": self.offline_since.isoformat() if self.offline_since else None},
+            "clock_trusted": self.clock_trusted,
+            "doors": {k: v.status() for k, v in self.doors.items()},
+            "readers": {k: {"door": self.reader_door[k], "kind": r.kind} for k, r in self.readers.items()},
+            "lockdown": self.decider.lockdown if self.decider else False,
+        }
+
+    # --- simulator --------------------------------------------------------------------------------------
+
+    async def _sim_tap(self, req: TapRequest) -> dict[str, Any]:
+        from .simulator import tap
+
+        if req.door not in self.doors:
+            raise ValueError(f"no door {req.door!r} on this gateway")
+        reader = next((r for r, d in self.reader_door.items() if d == req.door), None)
+        if reader is None:
+            raise ValueError(f"door {req.door!r} has no reader")
+        before = len(self.decisions)
+        await tap(self, reader, req.card, fmt=req.format, facility=req.facility, pin=req.pin)
+        for _ in range(200):
+            if len(self.decisions) > before and (req.pin is None or self.decisions[-1].reason is not Reason.PIN_REQUIRED):
+                break
+            await asyncio.sleep(0.01)
+        new = self.decisions[before:]
+        return {"decisions": [{"granted": d.granted, "reason": d.reason.value, "user": d.user} for d in new]}
+
+    async def _sim_door(self, req: DoorRequest) -> dict[str, Any]:
+        from .simulator import set_contact
+
+        set_contact(self, req.door, opened=req.action == "open")
+        await asyncio.sleep(0.1)
+        return {"door": self.doors[req.door].status()}
+
+    async def _sim_rex(self, req: RexRequest) -> dict[str, Any]:
+        from .simulator import press_rex
+
+        await press_rex(self, req.door)
+        return {"door": self.doors[req.door].status()}
+
+    async def _status(self, req: StatusRequest) -> dict[str, Any]:
+        return self.status()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    def _make_readers(self) -> list[Reader]:
+        from .readers.registry import build_reader
+
+        out = []
+        for i, rc in enumerate(self.cfg.readers):
+            name = rc.name or f"{rc.door}.{rc.__struct_config__.tag}{i}"
+            out.append(build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg))
+            self.reader_door[name] = rc.door
+        if not self.cfg.readers:  # one Wiegand reader per door that has D0/D1 wired
+            for io in self.profile.doors:
+                if io.reader_d0_pin is not None and io.reader_d1_pin is not None:
+                    rc = WiegandReaderConfig(door=io.door)
+                    name = f"{io.door}.wiegand"
+                    out.append(build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg))
+                    self.reader_door[name] = io.door
+        return out
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        async with AsyncExitStack() as stack:
+            # 1. Locks to their safe state before anything else.
+            for io in self.profile.doors:
+                ctl = DoorController(Door(id=io.door), io, factory=self.factory, emit=self._emit, clock=time.monotonic)
+                self.doors[io.door] = await stack.enter_async_context(ctl)
+            # 2. Rights and journal.
+            state = cfg.state_dir
+            self.store = await stack.enter_async_context(
+                Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous)
+            )
+            self.journal = await stack.enter_async_context(
+                Journal(
+                    state / "journal.db", site_tz=cfg.tz, link_up=lambda: self.link_online, clock=self.clock,
+                    max_events=cfg.storage.journal_max_events, memory_limit=cfg.storage.journal_memory_events,
+                    synchronous=cfg.storage.synchronous,
+                )
+            )  # fmt: skip
+            if self.demo is not None and self.store.version == 0:
+                await self.store.apply(self.demo)
+                log.info("demo provisioning applied: rights version %d", self.store.version)
+            self.decider = Decider(self.store.index, cfg.site_policy())
+            decider = self.decider
+            self.store.on_swap.append(lambda idx: setattr(decider, "index", idx))
+            self._refresh_door_models()
+            self.offline_since = self.now()
+            self.journal.record(SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version})
+            # 3. Readers.
+            for r in self._make_readers():
+                self.readers[r.name] = await stack.enter_async_context(r)
+            handlers: dict[type, Callable[[Any], Awaitable[dict[str, Any]]]] = {StatusRequest: self._status}
+            if self.simulated:
+                handlers |= {TapRequest: self._sim_tap, DoorRequest: self._sim_door, RexRequest: self._sim_rex}
+            await stack.enter_async_context(ControlServer(cfg.control.socket, handlers))
+            log.info(
+                "gateway %s/%s up: %d doors, %d readers, %d credentials, rights version %d%s",
+                cfg.site.id, cfg.site.gateway, len(self.doors), len(self.readers), len(self.store.index),
+                self.store.version, " (simulated hardware)" if self.simulated else "",
+            )  # fmt: skip
+            self.started.set()
+            async with asyncio.TaskGroup() as tg:
+                for name, r in self.readers.items():
+                    tg.create_task(self._supervise(f"reader[{name}]", r.run), name=f"reader[{name}]")
+                tg.create_task(self._supervise("link", self._run_link), name="link")
+                tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
+                stop = tg.create_task(self._stop.wait(), name="stop")
+                await stop
+                raise _Stop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _emit(self, type: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.record(type, **fields)
+
+    def _refresh_door_models(self) -> None:
+        assert self.decider is not None
+        tables = self.decider.index.tables
+        for door_id, ctl in self.doors.items():
+            model = tables.doors.get(door_id)
+            if model is not None:
+                ctl.door = model
+
+    async def _door_modes(self) -> None:
+        """Apply scheduled modes to the locks (unlocked by schedule, first-card windows) every second."""
+        while True:
+            self._refresh_door_models()
+            self._sync_door_holds()
+            await asyncio.sleep(1.0)
+
+    async def _run_link(self) -> None:
+        if not self.cfg.link.enabled:
+            log.info("cloud link disabled: running offline")
+            await asyncio.Event().wait()
+        from .link import run_link
+
+        await run_link(self)
+
+    async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a subsystem; when it fails, journal it and restart it with jittered backoff."""
+        delay = 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                await fn()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("%s failed; restarting", name)
+                self._emit(SYSTEM, detail={"event": "subsystem_failed", "subsystem": name, "error": str(e)[:200]})
+            if time.monotonic() - started > 60:
+                delay = 0.5
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 30.0)
+
+
+class _Stop(Exception):
+    pass
+
+
+async def run_agent(agent: Agent) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    except* _Stop:
+        log.info("agent stopped")

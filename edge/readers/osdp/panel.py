@@ -1,0 +1,548 @@
+"""The control panel's view of one peripheral device: a pure, synchronous state machine.
+
+`PdSession` decides what to send next (`build`), digests each reply addressed to it (`accept`) or the lack of
+one (`timeout`), and hands reader events to the sink synchronously, inside the call that completed them. The
+bus (`edge.readers.osdp.bus`) only moves bytes and keeps time.
+
+Life of a PD::
+
+    OFFLINE --ID(sqn 0)--> CAP --> [secure] CHLNG --> SCRYPT --> [install key] KEYSET --> CHLNG ...
+                                                           \\--> ONLINE (POLL / queued LED, BUZ, TEXT, OUT ...)
+
+A failed handshake is reported (`ReaderFault(kind="handshake")`); the reader is then only used in clear text
+if its config says `allow_plaintext`, otherwise it stays refused and the handshake is retried later.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from edge.errors import ConfigError
+from edge.readers import formats
+from edge.readers.base import CardRead, Feedback, ReaderFault, ReaderSink, ReaderStatus
+from edge.readers.keypad import KEY_CLEAR, KEY_ENTER, PinPad
+
+from . import commands as c
+from .frame import Frame, encode
+from .secure import (
+    KEY_SCBK,
+    KEY_SCBK_D,
+    SCBK_DEFAULT,
+    SCS_11,
+    SCS_13,
+    SCS_15,
+    SCS_16,
+    SCS_17,
+    SCS_18,
+    HandshakeError,
+    SecureChannel,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Timing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Bus timing. Defaults follow the spec: a PD must answer within 200 ms and drops its Secure Channel
+    after 8 s without traffic, so each PD is polled far more often than that."""
+
+    poll_interval: Annotated[float, Meta(gt=0, le=2.0)] = 0.05
+    reply_timeout: Annotated[float, Meta(gt=0, le=2.0)] = 0.2
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    offline_retry: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    handshake_retry: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    busy_retry: Annotated[float, Meta(ge=0, le=1.0)] = 0.02
+
+
+class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One reader on a bus. `scbk` is the site's Secure Channel Base Key in hex (32 digits); never logged."""
+
+    address: Annotated[int, Meta(ge=0, le=126)]
+    secure: bool = True
+    allow_install_mode: bool = False
+    allow_plaintext: bool = False
+    scbk: str | None = None
+    use_crc: bool = True
+    #: Card formats accepted from RAW reads (passed to edge.readers.formats.decode); None = all it knows.
+    formats: list[str] | None = None
+    #: Send osdp_TEXT with feedback: None = if the reader reports a text display in its capabilities.
+    display: bool | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"PdConfig(address={self.address}, secure={self.secure}, "
+            f"allow_install_mode={self.allow_install_mode}, allow_plaintext={self.allow_plaintext}, "
+            f"scbk={'<set>' if self.scbk else None})"
+        )
+
+    def key(self) -> bytes | None:
+        if self.scbk is None:
+            return None
+        try:
+            key = bytes.fromhex(self.scbk)
+        except ValueError:
+            raise ConfigError("osdp reader scbk: expected 32 hex digits") from None
+        if len(key) != 16:
+            raise ConfigError("osdp reader scbk: expected 32 hex digits (16 bytes)")
+        return key
+
+
+class Phase(enum.Enum):
+    OFFLINE = "offline"
+    CAP = "cap"
+    CHLNG = "chlng"
+    SCRYPT = "scrypt"
+    KEYSET = "keyset"
+    ONLINE = "online"
+    REFUSED = "refused"
+
+
+_NEXT_SQN: Final = (1, 2, 3, 1)
+_MAX_QUEUE: Final = 16
+
+
+def _feedback_commands(what: Feedback, text: str | None, display: bool) -> list[tuple[int, bytes]]:
+    """LED / buzzer / text records for one feedback."""
+    led = c.LedCommand
+    out: list[tuple[int, bytes]] = []
+    if what is Feedback.GRANTED:
+        out.append((c.Cmd.LED, led(temp_control=2, temp_on=30, temp_off=0, temp_on_color=c.LedColor.GREEN,
+                                   temp_timer=30).encode()))
+        out.append((c.Cmd.BUZ, c.BuzzerCommand(tone=2, on=2, off=0, count=1).encode()))
+        default = "ACCESS GRANTED"
+    elif what is Feedback.DENIED:
+        out.append((c.Cmd.LED, led(temp_control=2, temp_on=2, temp_off=2, temp_on_color=c.LedColor.RED,
+                                   temp_timer=20).encode()))
+        out.append((c.Cmd.BUZ, c.BuzzerCommand(tone=2, on=1, off=1, count=3).encode()))
+        default = "ACCESS DENIED"
+    elif what is Feedback.PIN_NEEDED:
+        out.append((c.Cmd.LED, led(temp_control=2, temp_on=5, temp_off=5, temp_on_color=c.LedColor.AMBER,
+                                   temp_timer=100).encode()))
+        out.append((c.Cmd.BUZ, c.BuzzerCommand(tone=2, on=1, off=0, count=1).encode()))
+        default = "ENTER PIN"
+    elif what is Feedback.ALARM:
+        out.append((c.Cmd.LED, led(perm_control=1, perm_on=3, perm_off=3, perm_on_color=c.LedColor.RED,
+                                   temp_control=1).encode()))
+        out.append((c.Cmd.BUZ, c.BuzzerCommand(tone=2, on=5, off=5, count=0).encode()))
+        default = "ALARM"
+    else:  # IDLE: cancel temporary states, steady red, silence
+        out.append((c.Cmd.LED, led(temp_control=1, perm_control=1, perm_on=1, perm_off=0,
+                                   perm_on_color=c.LedColor.RED).encode()))
+        out.append((c.Cmd.BUZ, c.BuzzerCommand(tone=1, on=0, off=0, count=0).encode()))
+        default = ""
+    shown = default if text is None else text
+    if display and shown:
+        out.append((c.Cmd.TEXT, c.TextCommand(text=shown[:32], command=3, temp_time=3).encode()))
+    return out
+
+
+#: Formats a reader accepts when its config names none (one per length: H10302 is left out for H10304).
+DEFAULT_FORMATS: Final = ("h10301", "h10304", "h10306", "corp1000_35", "corp1000_48", "csn32", "csn56")
+
+
+def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: float) -> CardRead | ReaderFault:
+    """Turn the bits of an osdp_RAW reply into a card with the project's card formats (as Wiegand does)."""
+    result = formats.decode(raw.value, raw.bits, table)
+    if isinstance(result, formats.FormatError):
+        return ReaderFault(reader=reader, kind=result.kind, detail=result.detail, at=at)
+    return CardRead(reader=reader, card=result.card, format=result.format, bits=result.nbits,
+                    facility=result.facility, at=at)
+
+
+class PdSession:
+    """The control panel's state for one PD (pure: no I/O, time passed in)."""
+
+    def __init__(self, name: str, config: PdConfig, sink: ReaderSink, timing: Timing | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.sink = sink
+        self.timing = timing or Timing()
+        self.address = config.address
+        self._key = config.key()
+        if config.secure and self._key is None and not config.allow_install_mode:
+            raise ConfigError(f"osdp reader {name}: secure=true needs an scbk (or allow_install_mode)")
+        self.phase = Phase.OFFLINE
+        self.online = False
+        self.sqn = 0
+        self.due = 0.0
+        self.sc: SecureChannel | None = None
+        self.secure = False
+        self.pdid: c.PdId | None = None
+        self.pdcap: c.PdCap | None = None
+        self.tamper: bool | None = None
+        self.power_ok: bool | None = None
+        self.inputs: tuple[int, ...] = ()
+        self.outputs: tuple[int, ...] = ()
+        self.readers: tuple[int, ...] = ()
+        self._pending: deque[tuple[int, bytes]] = deque()
+        self._retx: bytes | None = None
+        self._cmd = 0
+        self._attempts = 0
+        self._key_type = KEY_SCBK
+        self._installing = False
+        self._refused_reported = False
+        self.formats = formats.FormatTable(config.formats if config.formats is not None else DEFAULT_FORMATS)
+        self.pinpad = PinPad(name)
+        self._multipart = c.MultiPart()
+        self._scrypt = b""
+        self.exchanges = 0
+        #: called when a command is queued (the bus wakes its scheduler)
+        self.on_queue: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"PdSession({self.name!r}, address={self.address}, phase={self.phase.value}, secure={self.secure})"
+
+    # --- API used by the reader adapter ---
+
+    def queue(self, code: int, data: bytes = b"") -> None:
+        """Queue a command for the next slot of this PD (oldest dropped past a small bound)."""
+        if len(self._pending) >= _MAX_QUEUE:
+            self._pending.popleft()
+        self._pending.append((code, data))
+        if self.on_queue is not None:
+            self.on_queue()
+
+    def feedback(self, what: Feedback, text: str | None = None) -> None:
+        if self.phase is not Phase.ONLINE:
+            return  # nothing to show it on; stale feedback must not flash later
+        display = self.config.display
+        if display is None:
+            display = self.pdcap is not None and self.pdcap.has(c.Cap.TEXT_OUTPUT)
+        # a newer result replaces feedback not yet sent
+        self._pending = deque(p for p in self._pending if p[0] not in (c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT))
+        for cmd in _feedback_commands(what, text, display):
+            self.queue(*cmd)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending) and self.phase is Phase.ONLINE
+
+    # --- what to send ---
+
+    def build(self, now: float) -> bytes:
+        """The next frame for this PD (a retransmission if the last one went unanswered)."""
+        if self._retx is not None:
+            return self._retx
+        phase = self.phase
+        scb: bytes | None = None
+        code: int
+        data: bytes
+        if phase is Phase.OFFLINE or phase is Phase.REFUSED:
+            self.phase = Phase.OFFLINE
+            self.sqn = 0
+            self.sc = None
+            self.secure = False
+            code, data = c.Cmd.ID, b"\x00"
+        elif phase is Phase.CAP:
+            code, data = c.Cmd.CAP, b"\x00"
+        elif phase is Phase.CHLNG:
+            key = SCBK_DEFAULT if self._key_type == KEY_SCBK_D else self._key
+            assert key is not None
+            self.sc = SecureChannel(key, key_type=self._key_type)
+            self.secure = False
+            code, data = c.Cmd.CHLNG, self.sc.challenge()
+            scb = bytes((3, SCS_11, self._key_type))
+        elif phase is Phase.SCRYPT:
+            assert self.sc is not None
+            code, data = c.Cmd.SCRYPT, self._scrypt
+            scb = bytes((3, SCS_13, self._key_type))
+        elif phase is Phase.KEYSET:
+            assert self._key is not None
+            code, data = c.Cmd.KEYSET, c.encode_keyset(self._key)
+        elif self._pending:
+            code, data = self._pending.popleft()
+        else:
+            code, data = c.Cmd.POLL, b""
+        sc = self.sc
+        if sc is not None and sc.established and scb is None:
+            if data:
+                data = sc.encrypt_command(data)
+                scb = bytes((2, SCS_17))
+            else:
+                scb = bytes((2, SCS_15))
+            frame = encode(self.address, self.sqn, code, data, use_crc=self.config.use_crc, scb=scb,
+                           mac=sc.mac_command)
+        else:
+            frame = encode(self.address, self.sqn, code, data, use_crc=self.config.use_crc, scb=scb)
+        self._cmd = code
+        self._retx = frame
+        self._attempts = 0
+        return frame
+
+    # --- what came back ---
+
+    def fault(self, kind: str, detail: str = "", at: float | None = None) -> None:
+        self.sink(ReaderFault(reader=self.name, kind=kind, detail=detail,
+                              at=time.monotonic() if at is None else at))
+
+    def accept(self, frame: Frame, now: float) -> bool:
+        """Digest a reply addressed to this PD. False if it is not the answer to the command in flight
+        (wrong sequence number): the bus keeps waiting for the right one."""
+        if self._retx is None:
+            self.fault("unsolicited", f"reply 0x{frame.code:02x} with no command in flight")
+            return False
+        if frame.sqn != self.sqn:
+            self.fault("sequence", f"reply sqn {frame.sqn}, expected {self.sqn}")
+            return False
+        code = frame.code
+        data = frame.data
+        sc = self.sc
+        in_session = sc is not None and sc.established
+        if in_session:
+            assert sc is not None
+            if frame.scb_type not in (SCS_16, SCS_18) or frame.mac is None:
+                kind = "nak" if code == c.Rep.NAK else "mac"
+                self._exchange_done()
+                self.fault(kind, "reply outside the secure session: session dropped by the reader")
+                self._restart_handshake(now)
+                return True
+            if not sc.verify_reply(frame.signed, frame.mac):
+                self._exchange_done()
+                self.fault("mac", "reply MAC does not verify")
+                self._restart_handshake(now)
+                return True
+            if frame.scb_type == SCS_18:
+                plain = sc.decrypt_reply(data)
+                if plain is None:
+                    self._exchange_done()
+                    self.fault("mac", "reply data block does not decrypt")
+                    self._restart_handshake(now)
+                    return True
+                data = plain
+        elif frame.scb_type in (SCS_16, SCS_18):
+            self._exchange_done()
+            self.fault("mac", "secure reply with no session")
+            self._go_offline(now, "secure reply with no session")
+            return True
+        reply = c.decode_reply(code, data)
+        if isinstance(reply, c.Busy):
+            # same command, same sequence number, a moment later
+            self._attempts = 0
+            self.due = now + self.timing.busy_retry
+            return True
+        self._exchange_done()
+        self._dispatch(reply, frame, now)
+        return True
+
+    def _exchange_done(self) -> None:
+        self._retx = None
+        self._attempts = 0
+        self.sqn = _NEXT_SQN[self.sqn]
+        self.exchanges += 1
+
+    def timeout(self, now: float) -> None:
+        """No valid reply within the reply timeout."""
+        if self.phase is Phase.OFFLINE:
+            self._retx = None
+            self.due = now + self.timing.offline_retry
+            return
+        self._attempts += 1
+        if self._attempts <= self.timing.retries:
+            self.due = now  # retransmit the same bytes
+            return
+        self._go_offline(now, "no reply")
+
+    # --- internals ---
+
+    def _go_online(self, now: float, detail: str = "") -> None:
+        self.phase = Phase.ONLINE
+        self.online = True
+        self._refused_reported = False
+        self._pending.clear()
+        self._pending.append((c.Cmd.LSTAT, b""))
+        self.due = now
+        self.sink(ReaderStatus(reader=self.name, online=True, tamper=self.tamper, power_ok=self.power_ok,
+                               secure=self.secure, detail=detail))
+
+    def _go_offline(self, now: float, why: str) -> None:
+        was = self.online
+        self.phase = Phase.OFFLINE
+        self.online = False
+        self.secure = False
+        self.sc = None
+        self._retx = None
+        self._pending.clear()
+        self.pinpad.clear()
+        self.due = now + self.timing.offline_retry
+        if was:
+            self.sink(ReaderStatus(reader=self.name, online=False, tamper=self.tamper, power_ok=self.power_ok,
+                                   secure=False, detail=why))
+
+    def _restart_handshake(self, now: float) -> None:
+        was_secure = self.secure
+        self.sc = None
+        self.secure = False
+        self._pending.clear()
+        self.due = now
+        if self.config.secure:
+            self._key_type = KEY_SCBK if self._key is not None else KEY_SCBK_D
+            self.phase = Phase.CHLNG
+            if was_secure and self.online:
+                self.online = False
+                self.sink(ReaderStatus(reader=self.name, online=False, secure=False,
+                                       detail="secure session lost; re-establishing"))
+        else:
+            self._go_offline(now, "reply out of sequence")
+
+    def _start_secure(self, now: float) -> None:
+        self._key_type = KEY_SCBK if self._key is not None else KEY_SCBK_D
+        self._installing = False
+        self.phase = Phase.CHLNG
+        self.due = now
+
+    def _handshake_failed(self, now: float, why: str) -> None:
+        self.sc = None
+        self.secure = False
+        self.fault("handshake", why)
+        if self._key_type == KEY_SCBK and self.config.allow_install_mode:
+            self._key_type = KEY_SCBK_D
+            self.phase = Phase.CHLNG
+            self.due = now
+            return
+        if self.config.allow_plaintext:
+            self._go_online(now, "secure channel failed; plaintext allowed by config")
+            return
+        was = self.online
+        self.online = False
+        self.phase = Phase.REFUSED
+        self._pending.clear()
+        self.due = now + self.timing.handshake_retry
+        if was or not self._refused_reported:
+            self._refused_reported = True
+            self.sink(ReaderStatus(reader=self.name, online=False, secure=False,
+                                   detail=f"secure channel refused: {why}"))
+
+    def _dispatch(self, reply: c.Reply, frame: Frame, now: float) -> None:
+        phase = self.phase
+        if phase is Phase.OFFLINE:
+            if isinstance(reply, c.PdId):
+                self.pdid = reply
+                self.phase = Phase.CAP
+                self.due = now
+            else:
+                self.fault("protocol", f"ID answered with {type(reply).__name__}")
+                self.due = now + self.timing.offline_retry
+            return
+        if phase is Phase.CAP:
+            if isinstance(reply, c.PdCap):
+                self.pdcap = reply
+            else:
+                self.fault("protocol", f"CAP answered with {type(reply).__name__}")
+            if self.config.secure:
+                self._start_secure(now)
+            else:
+                self._go_online(now)
+            return
+        if phase is Phase.CHLNG:
+            if isinstance(reply, c.CCrypt) and self.sc is not None:
+                try:
+                    self._scrypt = self.sc.check_ccrypt(reply.rnd_b, reply.cryptogram)
+                except HandshakeError as e:
+                    self._handshake_failed(now, str(e))
+                    return
+                self.phase = Phase.SCRYPT
+                self.due = now
+            else:
+                self._handshake_failed(now, f"challenge answered with {type(reply).__name__}")
+            return
+        if phase is Phase.SCRYPT:
+            if isinstance(reply, c.RMacI) and self.sc is not None:
+                if frame.scb_data[:1] == b"\xff":
+                    self._handshake_failed(now, "reader refused our cryptogram")
+                    return
+                try:
+                    self.sc.check_rmac_i(reply.rmac)
+                except HandshakeError as e:
+                    self._handshake_failed(now, str(e))
+                    return
+                self.secure = True
+                if self._key_type == KEY_SCBK_D:
+                    if self._key is None:
+                        self._go_online(now, "install mode: default key, no site key configured")
+                    else:
+                        self.phase = Phase.KEYSET
+                        self.due = now
+                else:
+                    detail = "site key installed" if self._installing else ""
+                    self._installing = False
+                    self._go_online(now, detail)
+            else:
+                self._handshake_failed(now, f"server cryptogram answered with {type(reply).__name__}")
+            return
+        if phase is Phase.KEYSET:
+            if isinstance(reply, c.Ack):
+                log.info("osdp %s: site key installed (KEYSET acknowledged)", self.name)
+                self._installing = True
+                self._key_type = KEY_SCBK
+                self.sc = None
+                self.secure = False
+                self.phase = Phase.CHLNG
+                self.due = now
+            else:
+                self.config = msgspec.structs.replace(self.config, allow_install_mode=False)
+                self._handshake_failed(now, f"KEYSET answered with {type(reply).__name__}")
+            return
+        # ONLINE
+        self.due = now if self._pending else now + self.timing.poll_interval
+        self._on_event(reply, now)
+
+    def _on_event(self, reply: c.Reply, now: float) -> None:
+        at = time.monotonic()
+        if self.pinpad.pending:
+            stale = self.pinpad.expire(at)
+            if stale is not None:
+                self.sink(stale)
+        if isinstance(reply, c.Ack):
+            return
+        if isinstance(reply, c.RawCard):
+            self.sink(card_from_raw(self.name, reply, self.formats, at))
+        elif isinstance(reply, c.FmtCard):
+            if reply.text.isdigit():
+                self.sink(CardRead(reader=self.name, card=int(reply.text), format="ascii",
+                                   bits=len(reply.text) * 8, at=at))
+            else:
+                self.fault("format", "formatted card data is not a number", at)
+        elif isinstance(reply, c.Keypad):
+            self._on_keys(reply.keys, at)
+        elif isinstance(reply, c.LocalStatus):
+            tamper, power_ok = reply.tamper, not reply.power_failure
+            if (tamper, power_ok) != (self.tamper, self.power_ok):
+                self.tamper, self.power_ok = tamper, power_ok
+                self.sink(ReaderStatus(reader=self.name, online=True, tamper=tamper, power_ok=power_ok,
+                                       secure=self.secure))
+        elif isinstance(reply, c.IoStatus):
+            if reply.kind == "input":
+                self.inputs = reply.states
+            elif reply.kind == "output":
+                self.outputs = reply.states
+            else:
+                changed = reply.states != self.readers
+                self.readers = reply.states
+                if changed and any(reply.states):
+                    self.fault("reader_tamper", f"attached reader status {list(reply.states)}", at)
+        elif isinstance(reply, c.Com):
+            self.address = reply.address
+        elif isinstance(reply, c.NakReply):
+            self.fault("nak", f"reader refused command 0x{self._cmd:02x}: reason {reply.reason}", at)
+            if reply.reason == c.Nak.SEQUENCE:
+                self._go_offline(now, "sequence error")
+            elif reply.reason in (c.Nak.SC_REQUIRED, c.Nak.SC_UNSUPPORTED) and self.config.secure:
+                self._restart_handshake(now)
+        elif isinstance(reply, c.Malformed):
+            self.fault("malformed", reply.reason, at)
+        elif isinstance(reply, c.Unknown):
+            self.fault("unknown_reply", f"reply code 0x{reply.code:02x}", at)
+
+    def _on_keys(self, keys: str, at: float) -> None:
+        for k in keys:
+            key = KEY_CLEAR if k == "*" else KEY_ENTER if k == "#" else ord(k) - 48
+            event = self.pinpad.key(key, at)
+            if event is not None:
+                self.sink(event)
