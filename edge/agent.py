@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import __version__
-from .config import Config, OsdpReaderConfig, WiegandReaderConfig
+from .config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapRequest
 from .decision import Decider, Decision, Reason
 from .door import DoorController
@@ -79,6 +79,7 @@ class Agent:
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
         self._stop = asyncio.Event()
+        self._last_mode: dict[str, DoorMode] = {}
 
     # --- the tap path -----------------------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ class Agent:
             d = self.decide(door, ev.card)
             if d.reason is Reason.PIN_REQUIRED:
                 self._pending_pin[door] = (ev.card, ev.reader, time.monotonic() + PIN_WAIT_S)
-                self.readers[ev.reader].feedback(Feedback.PIN_NEEDED)
+                self.feedback(ev.reader, Feedback.PIN_NEEDED)
                 self._journal_decision(d, ev.reader)
                 return
             self._pending_pin.pop(door, None)
@@ -113,7 +114,7 @@ class Agent:
             pending = self._pending_pin.pop(door, None)
             if pending is None or pending[2] < time.monotonic():
                 log.info("door %s: PIN entered with no card waiting for it", door)
-                self.readers[ev.reader].feedback(Feedback.DENIED)
+                self.feedback(ev.reader, Feedback.DENIED)
                 return
             self._act(self.decide(door, pending[0], pin=ev.pin), ev.reader)
         elif isinstance(ev, ReaderFault):
@@ -135,8 +136,8 @@ class Agent:
                 ctl.unlock_for(max(0.0, d.unlock_until - self.clock()))
             elif d.reason is not Reason.FREE_PASSAGE:
                 ctl.grant(d.strike_s)
-        if reader is not None and reader in self.readers:
-            self.readers[reader].feedback(Feedback.GRANTED if d.granted else Feedback.DENIED)
+        if reader is not None:
+            self.feedback(reader, Feedback.GRANTED if d.granted else Feedback.DENIED)
         self._journal_decision(d, reader)
 
     def _journal_decision(self, d: Decision, reader: str | None) -> None:
@@ -184,12 +185,15 @@ class Agent:
             if door_id not in self.decider.index.tables.doors:
                 continue
             mode, free = self.decider.effective_mode(door_id, ts)
-            if free and mode is not DoorMode.LOCKDOWN:
+            if free:
                 ctl.hold_unlocked(mode.value)
             else:
-                ctl.release_hold()
-                if mode in (DoorMode.LOCKDOWN, DoorMode.LOCKED):
-                    ctl.relock()
+                for held in (DoorMode.UNLOCKED, DoorMode.FIRST_CARD):
+                    ctl.release_hold(held.value)
+                entering = self._last_mode.get(door_id) is not mode
+                if mode in (DoorMode.LOCKDOWN, DoorMode.LOCKED) and entering:
+                    ctl.relock()  # once, on entering: a grant for the override group must still work
+            self._last_mode[door_id] = mode
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -248,22 +252,46 @@ class Agent:
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
-    def _make_readers(self) -> list[Reader]:
+    def _make_readers(self) -> tuple[list[Reader], list[Any]]:
+        """The configured readers (one Wiegand reader per wired door if none are configured), and the
+        OSDP buses that poll them: readers on the same serial port share one bus."""
+        from .readers.osdp import osdp_bus
         from .readers.registry import build_reader
 
-        out = []
+        configs: list[tuple[str, ReaderConfig]] = []
         for i, rc in enumerate(self.cfg.readers):
-            name = rc.name or f"{rc.door}.{rc.__struct_config__.tag}{i}"
-            out.append(build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg))
-            self.reader_door[name] = rc.door
-        if not self.cfg.readers:  # one Wiegand reader per door that has D0/D1 wired
+            configs.append((rc.name or f"{rc.door}.{'wiegand' if isinstance(rc, WiegandReaderConfig) else 'osdp'}{i}", rc))
+        if not self.cfg.readers:
             for io in self.profile.doors:
                 if io.reader_d0_pin is not None and io.reader_d1_pin is not None:
-                    rc = WiegandReaderConfig(door=io.door)
-                    name = f"{io.door}.wiegand"
-                    out.append(build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg))
-                    self.reader_door[name] = io.door
-        return out
+                    configs.append((f"{io.door}.wiegand", WiegandReaderConfig(door=io.door)))
+        readers: list[Reader] = []
+        by_port: dict[str, list[Any]] = {}
+        port_cfg: dict[str, OsdpReaderConfig] = {}
+        for i, (name, rc) in enumerate(configs):
+            r = build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg, index=i)
+            readers.append(r)
+            self.reader_door[name] = rc.door
+            if isinstance(rc, OsdpReaderConfig):
+                by_port.setdefault(rc.port, []).append(r)
+                port_cfg.setdefault(rc.port, rc)
+        buses = [
+            osdp_bus(port, rs, baudrate=port_cfg[port].baud, direction=port_cfg[port].direction)
+            for port, rs in by_port.items()
+        ]
+        return readers, buses
+
+    def feedback(self, reader: str, what: Feedback) -> None:
+        """Show a result on a reader. A Wiegand reader's LED and beeper lines belong to its door controller."""
+        r = self.readers.get(reader)
+        if r is None:
+            return
+        if r.kind == "wiegand":
+            ctl = self.doors.get(self.reader_door[reader])
+            if ctl is not None and what is not Feedback.GRANTED:  # grant() already shows "granted"
+                ctl.signal(what)
+        else:
+            r.feedback(what)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -272,6 +300,10 @@ class Agent:
             for io in self.profile.doors:
                 ctl = DoorController(Door(id=io.door), io, factory=self.factory, emit=self._emit, clock=time.monotonic)
                 self.doors[io.door] = await stack.enter_async_context(ctl)
+                if self.simulated and io.contact_pin is not None:
+                    from .simulator import set_contact
+
+                    set_contact(self, io.door, opened=False)  # simulated doors start closed
             # 2. Rights and journal.
             state = cfg.state_dir
             self.store = await stack.enter_async_context(
@@ -293,9 +325,12 @@ class Agent:
             self._refresh_door_models()
             self.offline_since = self.now()
             self.journal.record(SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version})
-            # 3. Readers.
-            for r in self._make_readers():
+            # 3. Readers (and the OSDP buses that poll them).
+            readers, buses = self._make_readers()
+            for r in readers:
                 self.readers[r.name] = await stack.enter_async_context(r)
+            for bus in buses:
+                await stack.enter_async_context(bus)
             handlers: dict[type, Callable[[Any], Awaitable[dict[str, Any]]]] = {StatusRequest: self._status}
             if self.simulated:
                 handlers |= {TapRequest: self._sim_tap, DoorRequest: self._sim_door, RexRequest: self._sim_rex}
@@ -309,6 +344,8 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 for name, r in self.readers.items():
                     tg.create_task(self._supervise(f"reader[{name}]", r.run), name=f"reader[{name}]")
+                for bus in buses:
+                    tg.create_task(self._supervise(f"osdp[{bus.port}]", bus.run), name=f"osdp[{bus.port}]")
                 tg.create_task(self._supervise("link", self._run_link), name="link")
                 tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
                 stop = tg.create_task(self._stop.wait(), name="stop")
@@ -319,6 +356,10 @@ class Agent:
         self._stop.set()
 
     def _emit(self, type: str, **fields: Any) -> None:
+        detail = fields.get("detail") or {}
+        level = logging.WARNING if type in ("door.forced_open", "door.held_open") else logging.INFO
+        log.log(level, "door %s: %s %s", fields.get("door", "-"), type.removeprefix("door."),
+                " ".join(f"{k}={v}" for k, v in detail.items()))
         if self.journal is not None:
             self.journal.record(type, **fields)
 

@@ -54,7 +54,7 @@ def _resolve_config(arg: str | None) -> tuple[Config, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .agent import Agent, run_agent
+    from .agent import Agent
     from .demo import demo_change_set
 
     cfg, source = _resolve_config(args.config)

@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from .decision import OfflinePolicy, SitePolicy, TimePolicy
 from .errors import ConfigError
+from .readers.formats import FormatSpec
 
 DEFAULT_PATH = Path("/etc/edge/edge.toml")
 #: Card formats a reader accepts unless its config says otherwise (H10302 needs an explicit choice).
@@ -55,10 +56,19 @@ class StorageSection(Strict, frozen=True, kw_only=True):
 
 
 class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):
+    """A Wiegand reader on the D0/D1 pins of its door in the hardware profile."""
+
     door: str
     name: str | None = None
+    #: Accepted formats by name; two of one length (h10302 / h10304) is an error: choose one.
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
-    keypad: Literal["none", "4bit", "8bit", "auto"] = "auto"
+    #: Further formats declared here without code (bit ranges and parity masks).
+    extra_formats: list[FormatSpec] = []
+    end_of_frame: Literal["adaptive", "fixed"] = "adaptive"
+    keypad: bool = True
+    #: Nibble order of 8-bit keypad bursts; vendors differ and one byte cannot tell (docs/hardware.md).
+    keypad_order: Literal["key_low", "key_high"] = "key_low"
+    pin_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 10.0
 
 
 class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_only=True):

@@ -182,9 +182,10 @@ def make_factory(profile: HardwareProfile) -> Any:
     name = profile.factory
     try:
         if name == "mock":
-            from gpiozero.pins.mock import MockFactory
+            # A MockFactory whose clock the simulator's Wiegand transmitter can stamp edges with.
+            from edge.readers.wiegand import VirtualClockFactory
 
-            return MockFactory()
+            return VirtualClockFactory()
         if name == "lgpio":
             from gpiozero.pins.lgpio import LGPIOFactory
 

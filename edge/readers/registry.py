@@ -1,0 +1,65 @@
+"""Reader backends by name: builds the reader drivers a config asks for (the `driver` tag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .base import Reader, ReaderSink
+from .formats import FormatTable
+
+if TYPE_CHECKING:
+    from ..config import Config, OsdpReaderConfig, ReaderConfig
+    from ..hw import HardwareProfile
+
+
+def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
+    """The reader's Secure Channel key (32 hex digits) from `<state_dir>/keys/<key_file>`; never logged."""
+    if rc.key_file is None:
+        return None
+    path = Path(cfg.storage.state_dir) / "keys" / rc.key_file
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{where}.key_file: cannot read {path}: {e.strerror}") from None
+    if len(text) != 32 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ConfigError(f"{where}.key_file: {path} must hold 32 hex digits (the 128-bit SCBK)")
+    return text
+
+
+def build_reader(
+    rc: ReaderConfig, name: str, sink: ReaderSink, profile: HardwareProfile, factory: Any, cfg: Config, *, index: int = 0
+) -> Reader:
+    from ..config import OsdpReaderConfig, WiegandReaderConfig
+
+    where = f"readers[{index}]"
+    if isinstance(rc, WiegandReaderConfig):
+        from .wiegand import FrameTiming, KeypadOptions, WiegandReader
+
+        try:
+            io = profile.door(rc.door)
+        except KeyError:
+            raise ConfigError(f"{where}.door: hardware profile {profile.name!r} has no door {rc.door!r}") from None
+        if io.reader_d0_pin is None or io.reader_d1_pin is None:
+            raise ConfigError(f"{where}.door: door {rc.door!r} has no reader_d0_pin/reader_d1_pin in the profile")
+        try:
+            table = FormatTable(rc.formats, rc.extra_formats)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.formats: {e}") from None
+        # The door controller owns the reader's LED and beeper lines (it also shows door alarms on them).
+        return WiegandReader(
+            name, sink, d0=io.reader_d0_pin, d1=io.reader_d1_pin, formats=table,
+            timing=FrameTiming(mode=rc.end_of_frame),
+            keypad=KeypadOptions(enabled=rc.keypad, order=rc.keypad_order, timeout_s=rc.pin_timeout_s),
+            pin_factory=factory,
+        )  # fmt: skip
+    if isinstance(rc, OsdpReaderConfig):
+        from .osdp import OsdpReader
+
+        return OsdpReader(
+            name, sink, address=rc.address, secure=rc.secure, allow_install_mode=rc.allow_install_mode,
+            allow_plaintext=rc.allow_plaintext, scbk=read_key(cfg, rc, where), formats=list(rc.formats),
+            baudrate=rc.baud, direction=rc.direction,
+        )  # fmt: skip
+    raise ConfigError(f"{where}.driver: unknown reader driver")

@@ -1,0 +1,90 @@
+"""The simulated gateway's hands: card taps as Wiegand bit trains, door contacts and exit buttons.
+
+Everything here drives gpiozero mock pins edge by edge, so the real decoders, the real door logic and
+the real tap path run: a tap is encoded in a card format, sent as 50 us pulses 1.5 ms apart (with a
+little jitter) on the door's D0/D1 lines, and the reader decodes it as it would from a real reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING
+
+from .readers.formats import FormatError, FormatTable, encode
+from .readers.keypad import KEY_ENTER, encode_key8
+from .readers.wiegand import VirtualClockFactory, WiegandReader, WiegandTransmitter
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+_transmitters: dict[tuple[int, int, int], WiegandTransmitter] = {}
+
+
+def _transmitter(agent: Agent, door: str) -> WiegandTransmitter:
+    io = agent.profile.door(door)
+    if io.reader_d0_pin is None or io.reader_d1_pin is None or not isinstance(agent.factory, VirtualClockFactory):
+        raise ValueError(f"door {door!r} has no simulated Wiegand reader")
+    key = (id(agent.factory), io.reader_d0_pin, io.reader_d1_pin)
+    tx = _transmitters.get(key)
+    if tx is None:
+        tx = _transmitters[key] = WiegandTransmitter(
+            agent.factory, io.reader_d0_pin, io.reader_d1_pin, pulse_s=50e-6, interval_s=1.5e-3,
+            jitter_s=0.2e-3, rng=random.Random(),
+        )  # fmt: skip
+    return tx
+
+
+def card_frame(formats: FormatTable, card: int, *, fmt: str | None = None, facility: int | None = None) -> tuple[int, int]:
+    """(bits, nbits) for a card in the named format, or in the first accepted format it fits."""
+    candidates = [f for f in formats.values() if fmt is None or f.name == fmt]
+    if not candidates:
+        raise ValueError(f"the reader does not accept format {fmt!r} (accepts {', '.join(formats.names)})")
+    for f in sorted(candidates, key=lambda f: f.length):
+        fac = facility if facility is not None else (0 if f.has_facility else None)
+        try:
+            return encode(f, fac, card), f.length
+        except FormatError:
+            continue
+    raise ValueError(f"card {card} does not fit any accepted format")
+
+
+async def tap(
+    agent: Agent, reader_name: str, card: int, *, fmt: str | None = None, facility: int | None = None,
+    pin: str | None = None,
+) -> None:  # fmt: skip
+    reader = agent.readers[reader_name]
+    if not isinstance(reader, WiegandReader):
+        raise ValueError(f"reader {reader_name!r} is not a simulated Wiegand reader")
+    door = agent.reader_door[reader_name]
+    tx = _transmitter(agent, door)
+    bits, nbits = card_frame(reader.assembler.formats, card, fmt=fmt, facility=facility)
+    await tx.send(bits, nbits)
+    if pin is not None:
+        await asyncio.sleep(0.4)
+        order = reader.assembler.keypad.order if reader.assembler.keypad else "key_low"
+        for key in [*(int(c) for c in pin), KEY_ENTER]:
+            await asyncio.sleep(0.15)
+            await tx.send(encode_key8(key, order), 8)
+
+
+def set_contact(agent: Agent, door: str, *, opened: bool) -> None:
+    io = agent.profile.door(door)
+    if io.contact_pin is None:
+        raise ValueError(f"door {door!r} has no door contact")
+    pin = agent.factory.pin(io.contact_pin)
+    high = opened if io.contact_closed_is_low else not opened
+    if high:
+        pin.drive_high()
+    else:
+        pin.drive_low()
+
+
+async def press_rex(agent: Agent, door: str, *, hold_s: float = 0.2) -> None:
+    io = agent.profile.door(door)
+    if io.rex_pin is None:
+        raise ValueError(f"door {door!r} has no exit button")
+    pin = agent.factory.pin(io.rex_pin)
+    (pin.drive_low if io.rex_pressed_is_low else pin.drive_high)()
+    await asyncio.sleep(hold_s)
+    (pin.drive_high if io.rex_pressed_is_low else pin.drive_low)()

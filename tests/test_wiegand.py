@@ -1,0 +1,568 @@
+"""Wiegand: keypad codes, the PIN pad, the pure assembler, and the gpiozero reader driven edge by edge
+through MockFactory pins (VirtualClockFactory) by the WiegandTransmitter."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.readers.base import CardRead, Feedback, PinEntry, ReaderEvent, ReaderFault
+from edge.readers.formats import BUILTIN, FormatTable, encode
+from edge.readers.keypad import (
+    KEY_CLEAR,
+    KEY_ENTER,
+    PinPad,
+    decode_key4,
+    decode_key8,
+    encode_key8,
+)
+from edge.readers.wiegand import (
+    D0,
+    D1,
+    FrameTiming,
+    KeypadOptions,
+    VirtualClockFactory,
+    WiegandAssembler,
+    WiegandReader,
+    WiegandTransmitter,
+)
+
+FC, CARD = 123, 4567
+FRAME = encode("h10301", FC, CARD)
+
+
+# --- keypad codes -----------------------------------------------------------------------------------
+
+
+def test_key4_codes() -> None:
+    assert [decode_key4(k) for k in range(12)] == list(range(12))
+    assert all(decode_key4(k) is None for k in range(12, 16))
+
+
+@pytest.mark.parametrize("order", ["key_high", "key_low"])
+def test_key8_both_nibble_orders(order: str) -> None:
+    for key in range(12):
+        byte = encode_key8(key, order)  # type: ignore[arg-type]
+        assert (byte >> 4) ^ (byte & 0xF) == 0xF
+        assert decode_key8(byte, order) == key  # type: ignore[arg-type]
+    assert encode_key8(1, "key_high") == 0x1E and encode_key8(1, "key_low") == 0xE1
+
+
+def test_key8_complement_is_checked() -> None:
+    for byte in range(256):
+        ok = (byte >> 4) ^ (byte & 0xF) == 0xF
+        for order in ("key_high", "key_low"):
+            if not ok:
+                assert decode_key8(byte, order) is None  # type: ignore[arg-type]
+    assert decode_key8(0x11, "key_low") is None
+    assert decode_key8(0x1F0, "key_low") is None
+
+
+def test_key8_order_cannot_be_guessed() -> None:
+    """Why the order is per-reader config: the same byte is a valid, different key in the other order."""
+    assert decode_key8(encode_key8(4, "key_high"), "key_low") == KEY_ENTER
+    assert decode_key8(encode_key8(5, "key_high"), "key_low") == KEY_CLEAR
+
+
+# --- PIN pad ----------------------------------------------------------------------------------------
+
+
+def type_keys(pad: PinPad, keys: list[int], t0: float = 0.0, step: float = 1.0) -> list[object]:
+    out = []
+    for i, k in enumerate(keys):
+        ev = pad.key(k, t0 + i * step)
+        if ev is not None:
+            out.append(ev)
+    return out
+
+
+def test_pin_digits_then_enter() -> None:
+    pad = PinPad("r")
+    out = type_keys(pad, [1, 2, 3, 4, KEY_ENTER])
+    assert out == [PinEntry(reader="r", pin="1234", at=4.0)]
+    assert pad.pending == 0
+    assert "1234" not in repr(out[0]) and "1234" not in repr(pad)
+
+
+def test_pin_clear_and_empty_enter() -> None:
+    pad = PinPad("r")
+    assert type_keys(pad, [9, 9, KEY_CLEAR, 5, 6, KEY_ENTER]) == [PinEntry(reader="r", pin="56", at=5.0)]
+    assert type_keys(pad, [KEY_ENTER, KEY_CLEAR, KEY_ENTER]) == []
+
+
+def test_pin_timeout_discards() -> None:
+    pad = PinPad("r", timeout_s=10.0)
+    assert type_keys(pad, [1, 2]) == []
+    # 10.5 s after the last key: the "3" starts a fresh entry and the fault says 2 digits were lost
+    ev = pad.key(3, 11.5)
+    assert isinstance(ev, ReaderFault) and ev.kind == "pin_timeout" and "2 digits" in ev.detail
+    assert pad.key(KEY_ENTER, 12.0) == PinEntry(reader="r", pin="3", at=12.0)
+    # a lone "#" after the timeout submits nothing
+    assert type_keys(pad, [7, 7]) == []
+    ev2 = pad.key(KEY_ENTER, 30.0)
+    assert isinstance(ev2, ReaderFault) and ev2.kind == "pin_timeout"
+    assert pad.pending == 0
+    # expire() on its own (the driver's timer)
+    pad.key(1, 40.0)
+    assert pad.deadline == 50.0
+    assert pad.expire(49.0) is None and pad.pending == 1
+    assert isinstance(pad.expire(50.5), ReaderFault) and pad.pending == 0
+
+
+def test_pin_overflow() -> None:
+    pad = PinPad("r", max_digits=4)
+    out = type_keys(pad, [1, 2, 3, 4, 5, KEY_ENTER])
+    assert len(out) == 1 and isinstance(out[0], ReaderFault) and out[0].kind == "pin_overflow"
+    assert "1234" not in out[0].detail
+
+
+# --- the pure assembler -----------------------------------------------------------------------------
+
+
+def frame_edges(bits: int, nbits: int, *, t0: float = 100.0, interval: float = 1e-3,
+                pulse: float = 50e-6) -> list[tuple[float, int, bool]]:
+    edges = []
+    for i in range(nbits):
+        line = (bits >> (nbits - 1 - i)) & 1
+        t = t0 + i * interval
+        edges += [(t, line, False), (t + pulse, line, True)]
+    return edges
+
+
+def run_assembler(asm: WiegandAssembler, edges: list[tuple[float, int, bool]],
+                  idle: float = 0.2) -> list[ReaderEvent]:
+    out: list[ReaderEvent] = []
+    for ts, line, level in edges:
+        out += asm.edge(ts, line, level)
+    out += asm.poll(max(e[0] for e in edges) + idle)
+    return out
+
+
+def make_asm(formats: list[str] | None = None, **timing: float | str) -> WiegandAssembler:
+    return WiegandAssembler("r", FormatTable(formats or ["h10301"]),
+                            timing=FrameTiming(**timing))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("interval", [200e-6, 1e-3, 2e-3, 20e-3])
+def test_assembler_clean_frame(interval: float) -> None:
+    out = run_assembler(make_asm(), frame_edges(FRAME, 26, interval=interval))
+    assert out == [CardRead(reader="r", card=CARD, facility=FC, format="h10301", bits=26,
+                            at=100.0 + 25 * interval + 50e-6)]
+
+
+def test_assembler_deadline_adapts_to_bit_spacing() -> None:
+    fast, slow = make_asm(), make_asm()
+    for asm, iv in ((fast, 200e-6), (slow, 20e-3)):
+        for ts, line, level in frame_edges(FRAME, 26, interval=iv):
+            asm.edge(ts, line, level)
+    last_fast = 100.0 + 25 * 200e-6 + 50e-6
+    last_slow = 100.0 + 25 * 20e-3 + 50e-6
+    assert fast.deadline is not None and slow.deadline is not None
+    assert fast.deadline - last_fast == pytest.approx(0.005, abs=1e-5)  # the floor
+    assert slow.deadline - last_slow == pytest.approx(0.05, abs=1e-5)  # the ceiling
+    assert fast.poll(last_fast + 0.004) == ()  # not over yet
+    assert len(fast.poll(last_fast + 0.006)) == 1
+
+
+def test_assembler_back_to_back_frames_split_on_the_gap() -> None:
+    asm = make_asm()
+    second = encode("h10301", 1, 2)
+    edges = frame_edges(FRAME, 26) + frame_edges(second, 26, t0=100.2)
+    out = run_assembler(asm, edges)
+    assert [(e.facility, e.card) for e in out if isinstance(e, CardRead)] == [(FC, CARD), (1, 2)]
+
+
+def test_assembler_fixed_mode() -> None:
+    asm = make_asm(mode="fixed")
+    out = run_assembler(asm, frame_edges(FRAME, 26, interval=2e-3))
+    assert len(out) == 1 and isinstance(out[0], CardRead)
+    # 30 ms spacing is beyond the fixed 25 ms gap: the frame falls apart, and never into a card
+    out = run_assembler(make_asm(mode="fixed"), frame_edges(FRAME, 26, interval=30e-3))
+    assert out and all(isinstance(e, ReaderFault) for e in out)
+
+
+def test_assembler_sorts_edges_delivered_out_of_order() -> None:
+    edges = frame_edges(FRAME, 26)
+    d0 = [e for e in edges if e[1] == D0]
+    d1 = [e for e in edges if e[1] == D1]
+    out = run_assembler(make_asm(), d0 + d1)  # all of D0 first, then all of D1
+    assert len(out) == 1 and isinstance(out[0], CardRead) and out[0].card == CARD
+
+
+def faults(out: list[ReaderEvent]) -> list[str]:
+    assert not any(isinstance(e, CardRead) for e in out)
+    return [e.kind for e in out if isinstance(e, ReaderFault)]
+
+
+def test_assembler_glitch_is_noise() -> None:
+    edges = frame_edges(FRAME, 26)
+    edges.insert(20, (100.0105, D1, False))
+    edges.insert(21, (100.0105 + 1e-6, D1, True))
+    assert faults(run_assembler(make_asm(), edges)) == ["noise"]
+    # an idle glitch on its own is noise too
+    assert faults(run_assembler(make_asm(), [(5.0, D0, False), (5.0 + 2e-6, D0, True)])) == ["noise"]
+
+
+def test_assembler_both_lines_low_is_noise() -> None:
+    edges = frame_edges(FRAME, 26)
+    t = 100.0 + 10e-3
+    edges = [e for e in edges if not (t <= e[0] <= t + 60e-6)]
+    edges += [(t, D0, False), (t + 10e-6, D1, False), (t + 50e-6, D0, True), (t + 60e-6, D1, True)]
+    edges.sort()
+    out = run_assembler(make_asm(), edges)
+    assert faults(out) == ["noise"]
+    assert "both lines" in out[0].detail  # type: ignore[union-attr]
+
+
+def test_assembler_noise_cannot_cut_a_frame_into_a_valid_tail() -> None:
+    """Noise at the first bit of a slow frame shrinks the interval estimate and ends the frame early;
+    what follows within the ceiling is refused as the possible tail of the faulty frame."""
+    fmt = BUILTIN["corp1000_35"]
+    tail = encode("h10306", 1, 2)  # the 34 bits after the first one form a valid 34-bit frame
+    bits = tail  # first bit 0 (D0), then the 34-bit frame
+    edges = frame_edges(bits, 35, interval=15e-3)
+    fall = edges[0][0]
+    for k in (1, 2, 3):  # three clean-looking D1 pulses 150 us apart: the frame is cut after them
+        edges += [(fall + k * 150e-6, D1, False), (fall + k * 150e-6 + 10e-6, D1, True)]
+    edges.sort()
+    asm = make_asm(["h10306", fmt.name])  # keypad on: the 4-bit head reads as key 7
+    out = run_assembler(asm, edges)
+    assert faults(out) == ["noise"]
+    assert not any(isinstance(e, PinEntry) for e in out) and asm.pinpad.pending == 0
+    # a clean frame well after the faulty one is fine again
+    out = run_assembler(asm, frame_edges(tail, 34, t0=200.0))
+    assert len(out) == 1 and isinstance(out[0], CardRead)
+
+
+def test_assembler_wrong_parity() -> None:
+    out = run_assembler(make_asm(), frame_edges(FRAME ^ (1 << 7), 26))
+    assert faults(out) == ["parity"]
+
+
+def test_assembler_partial_and_unknown_length() -> None:
+    assert faults(run_assembler(make_asm(["h10301", "h10304"]), frame_edges(FRAME >> 13, 13))) == ["partial"]
+    assert faults(run_assembler(make_asm(), frame_edges(FRAME << 4, 30))) == ["length"]
+    assert faults(run_assembler(make_asm(), frame_edges(1, 128 + 5))) == ["length"]
+
+
+def test_assembler_stuck_line() -> None:
+    asm = make_asm()
+    out = list(asm.edge(10.0, D1, False))
+    out += asm.poll(10.2)  # the frame ends with D1 still low
+    assert asm.deadline == pytest.approx(11.0, abs=1e-5)
+    out += asm.poll(10.9)
+    out += asm.poll(11.1)
+    out += asm.poll(20.0)  # reported once
+    assert faults(out) == ["noise", "stuck_line"]
+    # while D1 is stuck, a frame on D0 is noise
+    out = run_assembler(asm, frame_edges(0, 26, t0=30.0))
+    assert faults(out) == ["noise"]
+    # released: back to normal
+    asm.edge(40.0, D1, True)
+    out = run_assembler(asm, frame_edges(FRAME, 26, t0=41.0))
+    assert len(out) == 1 and isinstance(out[0], CardRead)
+
+
+def test_assembler_line_low_at_start() -> None:
+    asm = make_asm()
+    asm.set_initial(0.0, d0_high=False, d1_high=True)
+    assert faults(list(asm.poll(1.5))) == ["stuck_line"]
+
+
+def test_assembler_keypad_4_and_8_bit() -> None:
+    asm = WiegandAssembler("r", FormatTable(["h10301"]), keypad=KeypadOptions(order="key_high"))
+    out: list[ReaderEvent] = []
+    t = 0.0
+    for key in (1, 9):
+        out += run_assembler(asm, frame_edges(key, 4, t0=t))
+        t += 1.0
+    for key in (3, KEY_ENTER):
+        out += run_assembler(asm, frame_edges(encode_key8(key, "key_high"), 8, t0=t))
+        t += 1.0
+    assert out == [PinEntry(reader="r", pin="193", at=3.0 + 7e-3 + 50e-6)]
+    # a bad complement
+    out = run_assembler(asm, frame_edges(0x11, 8, t0=10.0))
+    assert faults(out) == ["parity"]
+    # keypad disabled: 4-bit frames are just too short
+    off = WiegandAssembler("r", FormatTable(["h10301"]), keypad=KeypadOptions(enabled=False))
+    assert faults(run_assembler(off, frame_edges(1, 4))) == ["partial"]
+
+
+def test_assembler_falling_edges_only() -> None:
+    asm = WiegandAssembler("r", FormatTable(["h10301"]), pulse_edges=False)
+    edges = [e for e in frame_edges(FRAME, 26) if not e[2]]
+    out = run_assembler(asm, edges, idle=5.0)
+    assert len(out) == 1 and isinstance(out[0], CardRead)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(sorted(BUILTIN)), data=st.data(),
+       interval=st.floats(200e-6, 20e-3), seed=st.integers(0, 2**32))
+def test_assembler_round_trip_every_format(name: str, data: st.DataObject, interval: float,
+                                           seed: int) -> None:
+    fmt = BUILTIN[name]
+    fac = data.draw(st.integers(0, (1 << fmt.fac_len) - 1)) if fmt.has_facility else None
+    card = data.draw(st.integers(0, (1 << fmt.card_len) - 1))
+    rng = random.Random(seed)
+    edges = []
+    bits = fmt.encode(fac, card)
+    t = 50.0
+    for i in range(fmt.length):  # +-10 % jitter per bit
+        line = (bits >> (fmt.length - 1 - i)) & 1
+        edges += [(t, line, False), (t + 40e-6, line, True)]
+        t += interval * rng.uniform(0.9, 1.1)
+    out = run_assembler(WiegandAssembler("r", FormatTable([name])), edges)
+    assert len(out) == 1 and isinstance(out[0], CardRead)
+    assert (out[0].format, out[0].facility, out[0].card) == (name, fac, card)
+
+
+# --- the reader on MockFactory pins -----------------------------------------------------------------
+
+D0_PIN, D1_PIN, LED_PIN, BEEP_PIN = 17, 27, 22, 23
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[ReaderEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, ev: ReaderEvent) -> None:
+        self.events.append(ev)
+        self._changed.set()
+
+    async def wait_for(self, pred: Callable[[ReaderEvent], bool], timeout: float = 5.0) -> ReaderEvent:
+        async with asyncio.timeout(timeout):
+            while True:
+                for ev in self.events:
+                    if pred(ev):
+                        return ev
+                self._changed.clear()
+                await self._changed.wait()
+
+    @property
+    def cards(self) -> list[CardRead]:
+        return [e for e in self.events if isinstance(e, CardRead)]
+
+
+@pytest.fixture
+def factory() -> VirtualClockFactory:
+    return VirtualClockFactory()
+
+
+@pytest.fixture
+async def rig(factory: VirtualClockFactory) -> AsyncIterator[tuple[WiegandReader, WiegandTransmitter, Collector]]:
+    col = Collector()
+    reader = WiegandReader(
+        "door1.in", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301", "h10304", "corp1000_48"]),
+        keypad=KeypadOptions(order="key_low"), led=LED_PIN, beeper=BEEP_PIN, pin_factory=factory,
+    )
+    async with reader:
+        tx = WiegandTransmitter(factory, D0_PIN, D1_PIN, rng=random.Random(1))
+        yield reader, tx, col
+    assert factory.pin(D0_PIN).when_changed is None
+
+
+def is_fault(kind: str) -> Callable[[ReaderEvent], bool]:
+    return lambda e: isinstance(e, ReaderFault) and e.kind == kind
+
+
+@pytest.mark.parametrize("interval", [200e-6, 1e-3, 2e-3, 20e-3])
+async def test_reader_clean_frame(rig: tuple[WiegandReader, WiegandTransmitter, Collector],
+                                  interval: float) -> None:
+    _, tx, col = rig
+    tx.send_now(FRAME, 26, interval_s=interval)
+    ev = await col.wait_for(lambda e: isinstance(e, CardRead))
+    assert isinstance(ev, CardRead)
+    assert (ev.reader, ev.format, ev.facility, ev.card, ev.bits) == ("door1.in", "h10301", FC, CARD, 26)
+    assert ev.at <= asyncio.get_running_loop().time()
+    assert col.events == [ev]
+
+
+async def test_reader_several_formats_and_jitter(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    tx.jitter_s = 0.3e-3
+    sent = [("h10301", 1, 2), ("h10304", 65535, 524287), ("corp1000_48", 4_000_000, 8_000_000)]
+    for name, fac, card in sent:
+        tx.send_now(encode(name, fac, card), BUILTIN[name].length, interval_s=1e-3)
+        await col.wait_for(lambda e, c=card: isinstance(e, CardRead) and e.card == c)
+        tx.idle(0.1)
+    assert [(c.format, c.facility, c.card) for c in col.cards] == sent
+    assert all(isinstance(e, CardRead) for e in col.events)
+
+
+async def test_reader_real_time_mode(rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    await tx.send(FRAME, 26, interval_s=1e-3)
+    ev = await col.wait_for(lambda e: isinstance(e, CardRead))
+    assert isinstance(ev, CardRead) and ev.card == CARD
+
+
+async def test_reader_glitch_gives_noise_not_a_card(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    tx.noise = 1.0  # a 1 us pulse after every bit
+    tx.send_now(FRAME, 26)
+    await col.wait_for(is_fault("noise"))
+    tx.noise = 0.0
+    tx.glitch(D0)  # and one on an idle line
+    tx.idle(0.2)
+    await col.wait_for(lambda e: is_fault("noise")(e) and "1 bits" in e.detail)  # type: ignore[union-attr]
+    await asyncio.sleep(0.1)
+    assert col.cards == []
+
+
+async def test_reader_stuck_line(rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    tx.hold_low(D1)
+    await col.wait_for(is_fault("stuck_line"))
+    tx.send_now(FRAME, 26)  # a frame while D1 is stuck: only its 0 bits get through, as noise
+    await col.wait_for(lambda e: is_fault("noise")(e) and "both lines" in e.detail)  # type: ignore[union-attr]
+    assert col.cards == []
+    tx.release(D1)
+    tx.idle(0.1)
+    tx.send_now(FRAME, 26)
+    await col.wait_for(lambda e: isinstance(e, CardRead))
+    assert len([e for e in col.events if is_fault("stuck_line")(e)]) == 1
+
+
+async def test_reader_partial_and_unknown_length(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    tx.send_now(FRAME >> 10, 16)
+    await col.wait_for(is_fault("partial"))
+    tx.idle(0.1)
+    tx.send_now(1, 60)
+    await col.wait_for(is_fault("length"))
+    tx.idle(0.1)
+    tx.send_now(FRAME ^ 1, 26)
+    await col.wait_for(is_fault("parity"))
+    await asyncio.sleep(0.1)
+    assert col.cards == []
+
+
+async def test_reader_line_low_at_start(factory: VirtualClockFactory) -> None:
+    factory.pin(D0_PIN).drive_low()  # floating pins are low before the reader's pull-up...
+    col = Collector()
+    reader = WiegandReader("r", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
+                           pin_factory=factory)
+    async with reader:  # ...which pulls D0 high: not stuck
+        assert factory.pin(D0_PIN).state
+        tx = WiegandTransmitter(factory, D0_PIN, D1_PIN)
+        tx.send_now(FRAME, 26)
+        await col.wait_for(lambda e: isinstance(e, CardRead))
+
+
+async def test_reader_pin_entry_8bit(rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    _, tx, col = rig
+    for key in (4, 2, KEY_CLEAR, 7, 3, 1, KEY_ENTER):
+        tx.send_now(encode_key8(key, "key_low"), 8)
+        tx.idle(0.3)
+    ev = await col.wait_for(lambda e: isinstance(e, PinEntry))
+    assert isinstance(ev, PinEntry) and ev.pin == "731" and ev.reader == "door1.in"
+    assert col.events == [ev]
+
+
+async def test_reader_pin_entry_4bit_and_timeout(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    reader, tx, col = rig
+    reader.assembler.pinpad.timeout_s = 0.3
+    for key in (5, 5):
+        tx.send_now(key, 4)
+        tx.idle(0.1)
+    await col.wait_for(is_fault("pin_timeout"))  # the driver's timer expires it, no key needed
+    for key in (8, 6, KEY_ENTER):
+        tx.send_now(key, 4)
+        tx.idle(0.1)
+    ev = await col.wait_for(lambda e: isinstance(e, PinEntry))
+    assert isinstance(ev, PinEntry) and ev.pin == "86"
+
+
+async def test_reader_feedback_patterns(factory: VirtualClockFactory,
+                                        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    reader, _, _ = rig
+    led, beep = factory.pin(LED_PIN), factory.pin(BEEP_PIN)
+    assert led.state and beep.state  # active low: high = off
+    led.clear_states()
+    beep.clear_states()
+    reader.feedback(Feedback.DENIED)
+    await asyncio.sleep(0.8)
+    assert [s.state for s in beep.states] == [True, False, True, False, True, False, True]
+    assert [s.state for s in led.states] == [True]
+    reader.feedback(Feedback.GRANTED)
+    await asyncio.sleep(0.05)
+    assert not led.state and not beep.state  # both on
+    reader.feedback(Feedback.IDLE)  # cancels the rest
+    assert led.state and beep.state
+    await asyncio.sleep(0)
+
+
+async def test_reader_exit_turns_outputs_off(factory: VirtualClockFactory) -> None:
+    col = Collector()
+    reader = WiegandReader("r", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
+                           led=LED_PIN, pin_factory=factory)
+    async with reader:
+        reader.feedback(Feedback.ALARM)
+        await asyncio.sleep(0.01)
+        assert not factory.pin(LED_PIN).state  # on (active low)
+    led = factory.pin(LED_PIN)
+    assert led.states[-1].state is True  # driven off (high) before it was released
+    assert led.state is True
+
+
+async def test_reader_run_serves_until_cancelled(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    reader, tx, col = rig
+    task = asyncio.create_task(reader.run())
+    tx.send_now(FRAME, 26)
+    await col.wait_for(lambda e: isinstance(e, CardRead))
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_sink_errors_do_not_kill_the_reader(factory: VirtualClockFactory) -> None:
+    good = Collector()
+    calls = 0
+
+    def sink(ev: ReaderEvent) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        good(ev)
+
+    reader = WiegandReader("r", sink, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
+                           pin_factory=factory)
+    async with reader:
+        tx = WiegandTransmitter(factory, D0_PIN, D1_PIN)
+        tx.send_now(FRAME, 26)
+        await asyncio.sleep(0.1)
+        tx.idle(0.1)
+        tx.send_now(FRAME, 26)
+        await good.wait_for(lambda e: isinstance(e, CardRead))
+    assert calls == 2
+
+
+def test_transmitter_needs_virtual_clock() -> None:
+    from gpiozero.pins.mock import MockFactory
+
+    with pytest.raises(TypeError):
+        WiegandTransmitter(MockFactory(), D0_PIN, D1_PIN)  # type: ignore[arg-type]
+
+
+def test_virtual_clock_only_moves_forward(factory: VirtualClockFactory) -> None:
+    t = factory.ticks()
+    assert factory.set_ticks(t + 10) >= t + 10
+    assert factory.set_ticks(t) >= t + 10
+    pin = factory.pin(D0_PIN)
+    pin.clear_states()
+    factory.set_ticks(factory.ticks() + 1.0)
+    pin.drive_high()
+    assert pin.states[-1].timestamp == pytest.approx(1.0, abs=0.01)
