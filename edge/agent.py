@@ -74,7 +74,7 @@ class Agent:
         self.link_online = False
         self.offline_since: datetime | None = None
         self.clock_trusted = True
-        self.rights_synced_at: float | None = None
+        self._bg: set[asyncio.Task[None]] = set()
         self._pending_pin: dict[str, tuple[int, str, float]] = {}
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
@@ -89,7 +89,7 @@ class Agent:
     def decide(self, door: str, card: int, *, pin: str | None = None) -> Decision:
         assert self.decider is not None
         now = self.now()
-        age = None if self.rights_synced_at is None else now.timestamp() - self.rights_synced_at
+        age = self.rights_age_s()
         return self.decider.decide(
             door, card, now, pin=pin, link_online=self.link_online, offline_since=self.offline_since,
             clock_trusted=self.clock_trusted, rights_age_s=age,
@@ -194,6 +194,49 @@ class Agent:
                 if mode in (DoorMode.LOCKDOWN, DoorMode.LOCKED) and entering:
                     ctl.relock()  # once, on entering: a grant for the override group must still work
             self._last_mode[door_id] = mode
+
+    async def resync(self) -> None:
+        """The cloud asked for a resync: the link requests the rights again; nothing to do locally."""
+        log.info("resync requested by the cloud")
+
+    def link_state_changed(self, online: bool) -> None:
+        if online == self.link_online:
+            return
+        self.link_online = online
+        if online:
+            self.offline_since = None
+            log.info("cloud link online")
+        else:
+            self.offline_since = self.now()
+            log.warning(
+                "cloud link OFFLINE: deciding from the local store (offline policy %s after %.0f s)",
+                self.cfg.policy.offline_policy.value, self.cfg.policy.offline_grace_s,
+            )  # fmt: skip
+        self._persist_last_online()
+
+    def _persist_last_online(self) -> None:
+        """Remember when the link was last up, so the offline age survives a restart (best effort)."""
+        if self.store is None:
+            return
+        ts = self.clock() if self.link_online else (self.offline_since.timestamp() if self.offline_since else None)
+        if ts is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._write_meta("last_online", ts), name="persist-last-online")
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _write_meta(self, key: str, value: float) -> None:
+        assert self.store is not None
+        try:
+            await self.store.set_meta(key, value)
+        except Exception as e:  # a full disk must not take the agent down: report it
+            log.error("cannot persist %s: %s", key, e)
+
+    def rights_age_s(self) -> float | None:
+        """How long the rights have gone without a cloud connection (None while online)."""
+        if self.link_online or self.offline_since is None:
+            return None
+        return self.clock() - self.offline_since.timestamp()
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -323,7 +366,8 @@ class Agent:
             decider = self.decider
             self.store.on_swap.append(lambda idx: setattr(decider, "index", idx))
             self._refresh_door_models()
-            self.offline_since = self.now()
+            last = await self.store.get_meta("last_online")
+            self.offline_since = datetime.fromtimestamp(float(last), UTC) if last is not None else self.now()
             self.journal.record(SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version})
             # 3. Readers (and the OSDP buses that poll them).
             readers, buses = self._make_readers()
@@ -339,6 +383,10 @@ class Agent:
                 "gateway %s/%s up: %d doors, %d readers, %d credentials, rights version %d%s",
                 cfg.site.id, cfg.site.gateway, len(self.doors), len(self.readers), len(self.store.index),
                 self.store.version, " (simulated hardware)" if self.simulated else "",
+            )  # fmt: skip
+            log.warning(
+                "running OFFLINE until the cloud link connects: taps are decided from the local store "
+                "(offline policy %s after %.0f s)", cfg.policy.offline_policy.value, cfg.policy.offline_grace_s,
             )  # fmt: skip
             self.started.set()
             async with asyncio.TaskGroup() as tg:
@@ -373,14 +421,18 @@ class Agent:
 
     async def _door_modes(self) -> None:
         """Apply scheduled modes to the locks (unlocked by schedule, first-card windows) every second."""
+        tick = 0
         while True:
             self._refresh_door_models()
             self._sync_door_holds()
+            tick += 1
+            if self.link_online and tick % 60 == 0:
+                self._persist_last_online()
             await asyncio.sleep(1.0)
 
     async def _run_link(self) -> None:
         if not self.cfg.link.enabled:
-            log.info("cloud link disabled: running offline")
+            log.warning("cloud link disabled in the config: running offline")
             await asyncio.Event().wait()
         from .link import run_link
 

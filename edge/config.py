@@ -92,20 +92,26 @@ ReaderConfig = WiegandReaderConfig | OsdpReaderConfig
 
 
 class LinkSection(Strict, frozen=True, kw_only=True):
+    """The cloud link (see docs/protocol.md). Secrets are files, never values in this config."""
+
     enabled: bool = True
     host: str = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate and key.
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
     username: str | None = None
     password_file: str | None = None
     keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
     backoff_min_s: Annotated[float, Meta(gt=0)] = 0.5
     backoff_max_s: Annotated[float, Meta(gt=0)] = 60.0
-    #: Ed25519 public key of the site (hex or a path to a PEM file) that signs commands.
+    batch_events: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    max_message_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024
+    encoding: Literal["msgpack", "json"] = "msgpack"
+    #: The site's Ed25519 public key that signs commands: 64 hex digits, or a path to a PEM file.
+    #: Without it every command is refused.
     command_key: str | None = None
 
 
@@ -196,10 +202,10 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         if r.door in doors_seen and isinstance(r, WiegandReaderConfig):
             raise ConfigError(f"{source}: readers[{i}].door: a second Wiegand reader for door {r.door!r}")
         doors_seen.add(r.door)
-    if cfg.link.tls and not cfg.link.ca_file:
-        raise ConfigError(f"{source}: link.ca_file: required when link.tls = true")
-    if bool(cfg.link.cert_file) != bool(cfg.link.key_file):
-        raise ConfigError(f"{source}: link.cert_file: cert_file and key_file go together")
+    if bool(cfg.link.cert) != bool(cfg.link.key):
+        raise ConfigError(f"{source}: link.cert: cert and key go together")
+    if cfg.link.cert and not cfg.link.ca:
+        raise ConfigError(f"{source}: link.ca: required with a client certificate (TLS)")
     if cfg.link.backoff_min_s > cfg.link.backoff_max_s:
         raise ConfigError(f"{source}: link.backoff_min_s: must not exceed link.backoff_max_s")
     return cfg

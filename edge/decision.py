@@ -8,10 +8,13 @@ Order of checks (the first that fails gives the reason; `docs/model.md` has the 
 
 1. door unknown -> UNKNOWN_DOOR
 2. door mode: LOCKED -> DOOR_LOCKED; UNLOCKED (in its schedule) or a running first-card unlock ->
-   granted FREE_PASSAGE; LOCKDOWN with no override group -> DOOR_LOCKDOWN
+   granted FREE_PASSAGE; LOCKDOWN with no override group -> DOOR_LOCKDOWN. While the clock is not trusted,
+   door schedules do not run: a scheduled UNLOCKED or FIRST_CARD door is a card door, and a card + PIN
+   door asks for the PIN whatever its PIN schedule says
 3. card unknown -> UNKNOWN_CARD; credential status, then its window
 4. user inactive, then the user's window
-5. clock not trusted -> the time policy (see `TimePolicy`)
+5. clock not trusted -> the time policy (see `TimePolicy`); whatever the policy, a window with an end
+   (credential, user, assignment) may have ended and never grants: CLOCK_NOT_TRUSTED
 6. link down for longer than the grace -> the offline policy
 7. groups: none of the user's groups opens the door -> NO_GROUP_FOR_DOOR; in lockdown none of them is the
    override group -> DOOR_LOCKDOWN; none of those assignments is in its window -> ASSIGNMENT_NOT_ACTIVE;
@@ -29,7 +32,7 @@ from datetime import datetime
 
 import msgspec
 
-from .index import F_ACTIVE, F_EMERGENCY, F_EXTENDED, F_OFFLINE, STATUS_NAMES, RightsIndex
+from .index import F_ACTIVE, F_EMERGENCY, F_EXTENDED, F_OFFLINE, NO_END, STATUS_NAMES, RightsIndex
 from .model import CredentialStatus, DoorMode
 from .pin import verify_pin
 
@@ -77,11 +80,19 @@ class OfflinePolicy(enum.StrEnum):
 
 
 class TimePolicy(enum.StrEnum):
-    """What to do with time-bound rules while the clock is not trusted (see docs/operations.md)."""
+    """What to do with time-bound rules while the clock is not trusted (see docs/operations.md).
 
-    ALWAYS_ONLY = "always_only"  # only users whose rights are round-the-clock and unbounded in time
-    IGNORE_SCHEDULES = "ignore_schedules"  # decide as if every schedule and window were open
-    EMERGENCY_ONLY = "emergency_only"  # only emergency cards
+    Under every policy a validity window with an end (credential, user, assignment) may already have ended
+    and never grants, and door schedules (unlock, first card, PIN) do not run. The agent passes the
+    best estimate of now (`ClockTrust.now()`, never before the last-good time) to check window starts.
+    """
+
+    #: Only rights that are round the clock and unbounded in time: no window at all, no group schedule.
+    ALWAYS_ONLY = "always_only"
+    #: Group schedules count as open; window starts are checked, windows with an end never grant.
+    IGNORE_SCHEDULES = "ignore_schedules"
+    #: Only emergency cards, with their group schedules open (as IGNORE_SCHEDULES).
+    EMERGENCY_ONLY = "emergency_only"
 
 
 class SitePolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,8 +144,11 @@ class Decider:
             self.mode_override[door] = mode
         self.first_card_until.pop(door, None)
 
-    def effective_mode(self, door: str, ts: float) -> tuple[DoorMode, bool]:
-        """(mode in force, free passage now) for a known door."""
+    def effective_mode(self, door: str, ts: float, *, clock_trusted: bool = True) -> tuple[DoorMode, bool]:
+        """(mode in force, free passage now) for a known door.
+
+        With an untrusted clock no door schedule runs: a scheduled UNLOCKED door and a FIRST_CARD door
+        (even one a first card opened) are NORMAL card doors, and CARD_AND_PIN asks for the PIN."""
         tables = self.index.tables
         d = tables.doors[door]
         if self.lockdown:
@@ -143,14 +157,18 @@ class Decider:
         if mode is DoorMode.UNLOCKED:
             if d.unlock_schedule is None:
                 return mode, True
+            if not clock_trusted:
+                return DoorMode.NORMAL, False
             sched = tables.schedules.get(d.unlock_schedule)
             return (mode, True) if sched is not None and sched.allows_ts(ts) else (DoorMode.NORMAL, False)
         if mode is DoorMode.FIRST_CARD:
+            if not clock_trusted:
+                return DoorMode.NORMAL, False
             if self.first_card_until.get(door, 0.0) > ts:
                 return mode, True
             sched = tables.schedules.get(d.unlock_schedule) if d.unlock_schedule else None
             return (mode, False) if sched is not None and sched.allows_ts(ts) else (DoorMode.NORMAL, False)
-        if mode is DoorMode.CARD_AND_PIN and d.pin_schedule is not None:
+        if mode is DoorMode.CARD_AND_PIN and d.pin_schedule is not None and clock_trusted:
             sched = tables.schedules.get(d.pin_schedule)
             if sched is None or not sched.allows_ts(ts):
                 return DoorMode.NORMAL, False
@@ -176,7 +194,7 @@ class Decider:
         d = tables.doors.get(door)
         if d is None:
             return Decision(granted=False, reason=Reason.UNKNOWN_DOOR, door=door, card=card)
-        mode, free = self.effective_mode(door, ts)
+        mode, free = self.effective_mode(door, ts, clock_trusted=clock_trusted)
         if mode is DoorMode.LOCKED:
             return Decision(granted=False, reason=Reason.DOOR_LOCKED, door=door, card=card)
         if free:
@@ -200,29 +218,33 @@ class Decider:
                 granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group
             )
 
-        ignore_time = False
-        if not clock_trusted:
-            tp = policy.time_policy
-            if tp is TimePolicy.EMERGENCY_ONLY:
-                if not flags & F_EMERGENCY:
-                    return deny(Reason.CLOCK_NOT_TRUSTED)
-                ignore_time = True
-            elif tp is TimePolicy.IGNORE_SCHEDULES:
-                ignore_time = True
+        # While the clock is not trusted: `ignore_time` (IGNORE_SCHEDULES, and emergency cards under
+        # EMERGENCY_ONLY) opens group schedules, checks window starts on `now` and refuses any window with
+        # an end; `strict_time` (ALWAYS_ONLY) admits only rights without any window or schedule.
+        tp = policy.time_policy
+        ignore_time = not clock_trusted and (
+            tp is TimePolicy.IGNORE_SCHEDULES or (tp is TimePolicy.EMERGENCY_ONLY and bool(flags & F_EMERGENCY))
+        )
         if status:
             return deny(_STATUS_CODE_REASON[status] or Reason.CREDENTIAL_REVOKED)
-        if not ignore_time:
-            if ts < c_from:
-                return deny(Reason.CREDENTIAL_NOT_YET_VALID)
-            if ts >= c_until:
-                return deny(Reason.CREDENTIAL_EXPIRED)
+        if ts < c_from:
+            return deny(Reason.CREDENTIAL_NOT_YET_VALID)
+        if ignore_time:
+            if c_until != NO_END:
+                return deny(Reason.CLOCK_NOT_TRUSTED)  # may have ended
+        elif ts >= c_until:
+            return deny(Reason.CREDENTIAL_EXPIRED)
         if not flags & F_ACTIVE:
             return deny(Reason.USER_INACTIVE)
-        if not ignore_time:
-            if ts < u_from:
-                return deny(Reason.USER_NOT_YET_VALID)
-            if ts >= u_until:
-                return deny(Reason.USER_EXPIRED)
+        if ts < u_from:
+            return deny(Reason.USER_NOT_YET_VALID)
+        if ignore_time:
+            if u_until != NO_END:
+                return deny(Reason.CLOCK_NOT_TRUSTED)
+        elif ts >= u_until:
+            return deny(Reason.USER_EXPIRED)
+        if not clock_trusted and tp is TimePolicy.EMERGENCY_ONLY and not flags & F_EMERGENCY:
+            return deny(Reason.CLOCK_NOT_TRUSTED)
         if (
             policy.max_offline_age_s is not None
             and rights_age_s is not None
@@ -241,21 +263,27 @@ class Decider:
         strict_time = not clock_trusted and not ignore_time
         door_mask = tables.door_groups.get(door, 0)
         override_idx = tables.gidx.get(override, -1) if override is not None else -1
-        any_door = any_override = any_active = False
+        any_door = any_override = any_active = may_have_ended = False
         granted_group = -1
         for g, a_from, a_until in assignments:
             if not (door_mask >> g) & 1:
                 continue
             any_door = True
-            if override_idx >= 0 and g != override_idx:
+            if override is not None and g != override_idx:
                 continue
             any_override = True
             if strict_time:
-                if a_from != 0 or a_until != 0xFFFF_FFFF or c_from != 0 or c_until != 0xFFFF_FFFF:
+                if a_from != 0 or a_until != NO_END or c_from != 0 or c_until != NO_END:
                     continue
-                if u_from != 0 or u_until != 0xFFFF_FFFF:
+                if u_from != 0 or u_until != NO_END:
                     continue
-            elif not ignore_time and not (a_from <= ts < a_until):
+            elif ignore_time:
+                if ts < a_from:
+                    continue
+                if a_until != NO_END:
+                    may_have_ended = True
+                    continue
+            elif not (a_from <= ts < a_until):
                 continue
             any_active = True
             sched = tables.gsched[g]
@@ -268,7 +296,7 @@ class Decider:
                 return deny(Reason.NO_GROUP_FOR_DOOR)
             if not any_override:
                 return deny(Reason.DOOR_LOCKDOWN)
-            if strict_time:
+            if strict_time or (may_have_ended and not any_active):
                 return deny(Reason.CLOCK_NOT_TRUSTED)
             if not any_active:
                 return deny(Reason.ASSIGNMENT_NOT_ACTIVE)

@@ -19,7 +19,7 @@ from msgspec import Meta
 #: Identifiers of doors, groups, schedules and users: short, printable, no whitespace.
 Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
 #: A card number as printed on the card or read off the reader: 0 <= n < 2**63 (covers 56-bit CSNs).
-CardNumber = Annotated[int, Meta(ge=0, lt=2**63)]
+CardNumber = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 #: Wall-clock time of day "HH:MM"; "24:00" is allowed as the end of an interval.
 ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")]
 

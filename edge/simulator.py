@@ -35,7 +35,9 @@ def _transmitter(agent: Agent, door: str) -> WiegandTransmitter:
     return tx
 
 
-def card_frame(formats: FormatTable, card: int, *, fmt: str | None = None, facility: int | None = None) -> tuple[int, int]:
+def card_frame(
+    formats: FormatTable, card: int, *, fmt: str | None = None, facility: int | None = None
+) -> tuple[int, int]:
     """(bits, nbits) for a card in the named format, or in the first accepted format it fits."""
     candidates = [f for f in formats.values() if fmt is None or f.name == fmt]
     if not candidates:

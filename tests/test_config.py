@@ -40,7 +40,8 @@ CASES = {
                           "readers[0].driver: invalid value 'nfc'"),
     "reader_missing_port": ('[site]\nid="hq"\ngateway="g"\n[[readers]]\ndriver = "osdp"\ndoor = "front"\n',
                             "readers[0].port: required key is missing"),
-    "tls_without_ca": ('[site]\nid="hq"\ngateway="g"\n[link]\ntls = true\n', "link.ca_file: required"),
+    "tls_without_ca": ('[site]\nid="hq"\ngateway="g"\n[link]\ncert = "c.pem"\nkey = "k.pem"\n', "link.ca: required"),
+    "cert_without_key": ('[site]\nid="hq"\ngateway="g"\n[link]\ncert = "c.pem"\n', "link.cert: cert and key go together"),
     "bad_site_id": ('[site]\nid="h q"\ngateway="g"\n', "site.id: expected `str` matching regex"),
 }
 

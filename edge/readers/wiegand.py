@@ -5,9 +5,20 @@ D1 (pulses 20-100 us, 200 us to 20 ms apart), first bit first. A frame ends when
 
 `WiegandAssembler` is the pure core. It is fed edges `(timestamp, line, level)` with the timestamps the
 kernel put on them (never the time a callback woke up) and `poll(now)` when the clock has reached its
-`deadline`; both return the `ReaderEvent`s completed by then. End of frame is adaptive: a frame is over
-when no edge came for `clamp(k * median bit interval, floor, ceiling)` (so both 200 us and 20 ms bit
-spacing work), or a fixed 25 ms in "fixed" mode (the classic approach, kept as a benchmark baseline).
+`deadline`; both return the `ReaderEvent`s completed by then.
+
+End of frame (the silence after the last edge that closes a frame) is adaptive by default:
+`clamp(k * median bit interval, floor_s, ceiling_s)` with k = 2.5, floor 1.5 ms, ceiling 50 ms.
+Readers clock their bits from a crystal, so the intervals of one frame are regular (a few % of jitter):
+a silence of 2.5 median intervals is a missing bit 1.5 intervals overdue, which no reader does inside a
+frame, while it costs only 3.75 ms after the last bit at the common 1.5 ms spacing (k = 8 cost 12 ms).
+The median (not the mean or the minimum) keeps one noise pulse or one late bit from moving the estimate;
+the floor (15x the longest 100 us pulse) covers fast 200 us spacing, where 2.5 intervals would be shorter
+than a pulse is wide plus the GPIO driver's timestamp granularity; the ceiling bounds the wait at slow
+spacing (2.5 x 20 ms, the slowest the spec allows). A frame is never completed before that silence, even
+at the longest accepted length: a longer frame (a reader sending a format this one does not accept) must
+be reported as "length", not read as a card made of its first bits. "fixed" mode waits a fixed 25 ms
+(the classic approach, kept as the benchmark baseline).
 Edges of one frame are sorted by timestamp before decoding, so edges of the two lines delivered out of
 order (they come from two line requests) still assemble right.
 
@@ -30,7 +41,7 @@ a slow frame early, and its tail must not read as a shorter valid card (a pendin
 `VirtualClockFactory` + `WiegandTransmitter` are the simulator's side: a MockFactory whose `ticks()` is a
 forward-only settable clock, so MockPins stamp edges with exact "kernel" timestamps, and a transmitter
 that pulls the lines low and high with realistic pulse widths, either instantly (tests, benchmarks) or
-paced in real time with `asyncio.sleep` (the simulated gateway).
+paced in real time by a worker thread (the simulated gateway: see `WiegandTransmitter.send`).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import bisect
 import logging
 import math
 import random
+import time
 from collections.abc import Sequence
 from time import monotonic
 from types import TracebackType
@@ -73,8 +85,9 @@ class FrameTiming(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     mode: Literal["adaptive", "fixed"] = "adaptive"
     #: adaptive: a frame ends after max(k * median bit interval, floor_s), at most ceiling_s
-    k: float = 8.0
-    floor_s: float = 0.005
+    #: (see the module docstring for why 2.5 and 1.5 ms)
+    k: float = 2.5
+    floor_s: float = 0.0015
     ceiling_s: float = 0.05
     #: fixed: a frame ends after this long without an edge
     fixed_gap_s: float = 0.025
@@ -549,7 +562,7 @@ class WiegandTransmitter:
     """Sends Wiegand frames by driving MockPins low and high (the reader side of the wire).
 
     `send_now` stamps every edge at its exact virtual time in one go (tests, benchmarks); `send` paces
-    the bits with `asyncio.sleep` in real time (the simulated gateway). `jitter_s` varies each interval
+    the bits in real time from a worker thread (the simulated gateway). `jitter_s` varies each interval
     uniformly by +-jitter_s; `noise` is the chance, per bit, of an extra 1 us glitch pulse after it.
     """
 
@@ -612,11 +625,26 @@ class WiegandTransmitter:
         return end
 
     async def send(self, bits: int, nbits: int, *, interval_s: float | None = None) -> None:
-        """Send a frame in real time (one bit per `interval_s`, paced with asyncio.sleep)."""
+        """Send a frame in real time (one bit per `interval_s`) and return when its last edge is out.
+
+        The bits are paced by a worker thread, as a real reader and the GPIO library's edge thread are:
+        the pin callbacks run on that thread and hop to the loop, and a busy event loop delays the
+        delivery of the edges but not their timestamps. Pacing on the loop itself (asyncio.sleep) would
+        stretch a bit interval by every loop stall, which no reader does and which a tight end-of-frame
+        gap rightly refuses. Cancelling the await does not stop a frame half-way: it is sent whole.
+        """
+        await asyncio.to_thread(self._send_paced, bits, nbits, interval_s)
+
+    def _send_paced(self, bits: int, nbits: int, interval_s: float | None) -> None:
+        factory = self.factory
+        t = factory.ticks()  # when the current bit is due (the schedule does not drift with late wake-ups)
         for i in range(nbits - 1, -1, -1):
-            self._pulse((bits >> i) & 1, self.factory.ticks(), self.pulse_s)
+            self._pulse((bits >> i) & 1, factory.ticks(), self.pulse_s)
             if i:
-                await asyncio.sleep(self._interval(interval_s))
+                t += self._interval(interval_s)
+                wait = t - factory.ticks()
+                if wait > 0:
+                    time.sleep(wait)  # noqa: TID251 -- a worker thread standing in for the reader hardware
 
     def send_bitstring(self, text: str, *, interval_s: float | None = None) -> float:
         """`send_now` of a string of "0"/"1" (first character first)."""

@@ -1,0 +1,402 @@
+"""The cloud <-> gateway wire protocol: one msgspec Struct per message, one tagged union per topic family.
+
+Encoding: MessagePack by default; JSON is accepted on every topic the gateway reads (a JSON message starts
+with ``{``, which is never the first byte of a MessagePack map) and the gateway can be configured to publish
+JSON. Every message is an object whose ``type`` field names it. The major protocol version is in the topic
+(``acs/v1/...``); within a major version, messages only ever gain fields with defaults, and receivers ignore
+fields they do not know (msgspec's schema evolution rules), so an older gateway keeps working with a newer
+cloud. The full description, with an example of every message, is in docs/protocol.md.
+
+Encoders and decoders are built once at import time; `decode_*` functions raise `ProtocolError` with
+msgspec's message, which names the offending field (``Expected `int`, got `str` - at `$.change_set.to_version```).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from edge.errors import EdgeError
+from edge.events import Event
+from edge.model import ChangeSet, Credential, Door, DoorMode, Group, Ident, Schedule, Snapshot, User
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Birth",
+    "ChangeSetMsg",
+    "ChunkAck",
+    "Command",
+    "CommandAction",
+    "CommandResult",
+    "Death",
+    "Downlink",
+    "ErrorInfo",
+    "EventAck",
+    "EventBatch",
+    "Lockdown",
+    "ProtocolError",
+    "Rebirth",
+    "Resync",
+    "ResyncRequest",
+    "RightsReply",
+    "RightsResult",
+    "SetDoorMode",
+    "SignedCommand",
+    "SnapshotChunk",
+    "Status",
+    "Unlock",
+    "Uplink",
+]
+
+PROTOCOL_VERSION = 1
+Encoding = Literal["msgpack", "json"]
+#: Request ids, transfer ids and nonces: printable, short.
+RequestId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class ProtocolError(EdgeError):
+    """A message could not be decoded; `str(e)` names the field, `code` is "malformed"."""
+
+    code = "malformed"
+
+
+class Msg(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, tag_field="type"):
+    """Base of every wire message: tagged by ``type``, unknown fields ignored."""
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    """Why a message was refused. `code` is machine-readable; `message` is for people; `path` names the field."""
+
+    code: str
+    message: str
+    path: str | None = None
+
+
+# --- presence: acs/v1/<site>/<gateway>/status (retained) -------------------------------------------------
+
+
+class DeviceInfo(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    """A door or reader of the gateway, for the cloud to import as an entitlement."""
+
+    id: str
+    kind: str = ""
+    door: str | None = None
+    name: str = ""
+
+
+class Birth(Msg, tag="birth", frozen=True):
+    """Published retained on every connect (Sparkplug NBIRTH). `session` matches the will's `Death.session`."""
+
+    site: str
+    gateway: str
+    session: int = 0
+    ts: float = 0.0
+    software: str = ""
+    protocol: int = PROTOCOL_VERSION
+    rights_version: int = 0
+    config_hash: str = ""
+    doors: list[DeviceInfo] = []
+    readers: list[DeviceInfo] = []
+    journal_depth: int = 0
+    encoding: Encoding = "msgpack"
+
+
+class Death(Msg, tag="death", frozen=True):
+    """The retained last will (Sparkplug NDEATH), also published on a clean shutdown.
+
+    A Death whose `session` is lower than that of the retained Birth the cloud already saw is stale."""
+
+    site: str
+    gateway: str
+    session: int = 0
+    ts: float = 0.0
+    reason: Literal["lost", "shutdown"] = "lost"
+
+
+Status = Birth | Death
+
+
+# --- provisioning: acs/v1/<site>/<gateway>/rights (cloud -> gateway) ------------------------------------
+
+
+class ChangeSetMsg(Msg, tag="change_set", frozen=True):
+    """A versioned change set. `id` is echoed in the reply (resend the same id until a reply comes)."""
+
+    id: RequestId
+    change_set: ChangeSet
+
+
+class SnapshotChunk(Msg, tag="snapshot_chunk", frozen=True):
+    """Chunk `index` of `count` of snapshot transfer `id` at `version`.
+
+    The lists of all chunks together make one `Snapshot`; any split is allowed. Chunks are staged on the
+    gateway and the snapshot replaces the rights atomically once all `count` chunks are in. `force`
+    replaces the rights even if the gateway already holds `version` (repair)."""
+
+    id: RequestId
+    version: Annotated[int, Meta(ge=0)]
+    index: Annotated[int, Meta(ge=0)]
+    count: Annotated[int, Meta(ge=1, le=1_000_000)]
+    force: bool = False
+    doors: list[Door] = []
+    schedules: list[Schedule] = []
+    groups: list[Group] = []
+    users: list[User] = []
+    credentials: list[Credential] = []
+
+
+class Rebirth(Msg, tag="rebirth", frozen=True):
+    """Ask the gateway to publish its Birth again (Sparkplug rebirth)."""
+
+
+Downlink = ChangeSetMsg | SnapshotChunk | Rebirth
+
+
+# --- provisioning replies: acs/v1/<site>/<gateway>/rights/reply (gateway -> cloud) ---------------------
+
+
+class RightsResult(Msg, tag="result", frozen=True, omit_defaults=True):
+    """The answer to a change set or a whole snapshot: the version now held, or why nothing was applied.
+
+    `id` is the request's id (None when the request could not even be decoded). `applied` is False for a
+    duplicate or old change set (acknowledged without applying it twice) and on error."""
+
+    id: str | None
+    ok: bool
+    version: int
+    applied: bool = False
+    changes: int = 0
+    error: ErrorInfo | None = None
+
+
+class ChunkAck(Msg, tag="chunk_ack", frozen=True):
+    """Snapshot chunk `index` of transfer `id` is staged on disk (`received` of `count` so far)."""
+
+    id: str
+    index: int
+    received: int
+    count: int
+
+
+class ResyncRequest(Msg, tag="resync", frozen=True, omit_defaults=True):
+    """The gateway needs a snapshot (or the change sets after `have`): sent on a version gap and on a resync
+    command."""
+
+    have: int
+    reason: Literal["version_gap", "command", "empty"] = "version_gap"
+    ref: str | None = None
+
+
+RightsReply = RightsResult | ChunkAck | ResyncRequest
+
+
+# --- events: acs/v1/<site>/<gateway>/events (gateway -> cloud), .../events/ack (cloud -> gateway) --------
+
+
+class EventBatch(Msg, tag="events", frozen=True):
+    """Journal events `first_seq`..`last_seq` in order (there may be holes where events were never
+    written; `alarm.journal_overflow` events name any that were lost). At-least-once: de-duplicate on
+    `Event.id`."""
+
+    first_seq: int
+    last_seq: int
+    events: list[Event]
+    #: The batch covers every event with prev_seq < seq <= last_seq that the journal still holds: a cloud
+    #: that has everything up to `prev_seq` has everything up to `last_seq` after this batch.
+    prev_seq: int = 0
+
+
+class EventAck(Msg, tag="events_ack", frozen=True):
+    """The cloud holds every event with seq <= `upto_seq`: the gateway may delete them."""
+
+    upto_seq: Annotated[int, Meta(ge=0)]
+
+
+# --- commands: acs/v1/<site>/<gateway>/command (cloud -> gateway) ---------------------------------------
+
+
+class Action(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, tag_field="action"):
+    pass
+
+
+class Unlock(Action, tag="unlock", frozen=True):
+    """Momentary unlock of `door` for `seconds`."""
+
+    door: Ident
+    seconds: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+
+
+class SetDoorMode(Action, tag="door_mode", frozen=True):
+    """Override the mode of `door`; `mode` None returns it to its provisioned mode."""
+
+    door: Ident
+    mode: DoorMode | None = None
+
+
+class Lockdown(Action, tag="lockdown", frozen=True):
+    """Site lockdown on (`active` true) or released."""
+
+    active: bool
+
+
+class Resync(Action, tag="resync", frozen=True):
+    """Make the gateway ask for a snapshot (it answers with a `resync` message on rights/reply)."""
+
+
+class RebirthAction(Action, tag="rebirth", frozen=True):
+    """Make the gateway republish its Birth."""
+
+
+CommandAction = Unlock | SetDoorMode | Lockdown | Resync | RebirthAction
+
+
+class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+    """The signed part of a command. It names its target, so a command signed for one gateway is refused by
+    every other; `nonce` is unique per command and `expires` bounds how long it can be replayed."""
+
+    site: str
+    gateway: str
+    request_id: RequestId
+    operator: Annotated[str, Meta(min_length=1, max_length=128)]
+    issued: float  # UTC seconds since the epoch
+    expires: float  # UTC seconds since the epoch
+    nonce: Annotated[str, Meta(min_length=16, max_length=64)]
+    command: CommandAction
+
+
+class SignedCommand(Msg, tag="command", frozen=True):
+    """`body` is the encoded `Command` (MessagePack, or JSON as UTF-8), exactly the bytes that were signed;
+    `sig` is the site key's Ed25519 signature over ``b"acs/v1/command\\0" + body``."""
+
+    body: bytes
+    sig: bytes
+    key_id: str = ""
+
+
+# --- command results: acs/v1/<site>/<gateway>/command/result (gateway -> cloud) -------------------------
+
+
+class CommandResult(Msg, tag="command_result", frozen=True, omit_defaults=True):
+    """The outcome of one command. `request_id` is None when the command could not be read at all.
+
+    For a replayed command (`error.code == "replayed"`), `original` is the result the first copy got,
+    when it completed: a cloud that resent a command because its result was lost learns the outcome."""
+
+    request_id: str | None
+    ok: bool
+    error: ErrorInfo | None = None
+    original: CommandResult | None = None
+
+
+Uplink = Status | RightsReply | EventBatch | CommandResult
+
+
+# --- codecs ---------------------------------------------------------------------------------------------
+
+_mp_enc = msgspec.msgpack.Encoder()
+_js_enc = msgspec.json.Encoder()
+
+T = TypeVar("T")
+
+
+class _Codec:
+    def __init__(self, typ: Any) -> None:
+        self.mp = msgspec.msgpack.Decoder(typ)
+        self.js = msgspec.json.Decoder(typ)
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        try:
+            if data[:1] == b"{":
+                return self.js.decode(data)
+            return self.mp.decode(data)
+        except msgspec.ValidationError as e:
+            raise ProtocolError(str(e)) from None
+        except msgspec.DecodeError as e:
+            raise ProtocolError(f"not valid MessagePack or JSON: {e}") from None
+
+
+_downlink = _Codec(Downlink)
+_status = _Codec(Status)
+_rights_reply = _Codec(RightsReply)
+_events = _Codec(EventBatch)
+_event_ack = _Codec(EventAck)
+_command = _Codec(SignedCommand)
+_command_body = _Codec(Command)
+_command_result = _Codec(CommandResult)
+_uplink = _Codec(Uplink)
+
+
+class _Ref(msgspec.Struct, forbid_unknown_fields=False):
+    id: Any = None
+    request_id: Any = None
+
+
+_ref_mp = msgspec.msgpack.Decoder(_Ref)
+_ref_js = msgspec.json.Decoder(_Ref)
+
+
+def encode(msg: Any, encoding: Encoding = "msgpack") -> bytes:
+    """Encode any protocol message (or `Command` body)."""
+    return _mp_enc.encode(msg) if encoding == "msgpack" else _js_enc.encode(msg)
+
+
+def decode_downlink(data: bytes) -> ChangeSetMsg | SnapshotChunk | Rebirth:
+    return _downlink.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_status(data: bytes) -> Birth | Death:
+    return _status.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_rights_reply(data: bytes) -> RightsResult | ChunkAck | ResyncRequest:
+    return _rights_reply.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_events(data: bytes) -> EventBatch:
+    return _events.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_event_ack(data: bytes) -> EventAck:
+    return _event_ack.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_command(data: bytes) -> SignedCommand:
+    return _command.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_command_body(data: bytes) -> Command:
+    return _command_body.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_command_result(data: bytes) -> CommandResult:
+    return _command_result.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_uplink(data: bytes) -> Any:
+    """Any gateway -> cloud message (used by docs tests and tools)."""
+    return _uplink.decode(data)
+
+
+def peek_ref(data: bytes) -> str | None:
+    """Best-effort request id of a message that failed to decode (so the error reply can name it)."""
+    try:
+        r = _ref_js.decode(data) if data[:1] == b"{" else _ref_mp.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    ref = r.id if r.id is not None else r.request_id
+    return ref if isinstance(ref, str) and len(ref) <= 64 else None
+
+
+def snapshot_of(chunks: list[SnapshotChunk]) -> Snapshot:
+    """Join the chunks of one transfer (any order) into the snapshot they carry."""
+    ordered = sorted(chunks, key=lambda c: c.index)
+    return Snapshot(
+        version=ordered[0].version,
+        doors=[d for c in ordered for d in c.doors],
+        schedules=[s for c in ordered for s in c.schedules],
+        groups=[g for c in ordered for g in c.groups],
+        users=[u for c in ordered for u in c.users],
+        credentials=[x for c in ordered for x in c.credentials],
+    )

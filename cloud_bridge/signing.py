@@ -1,0 +1,208 @@
+"""Ed25519 command signing (cloud side) and verification with a durable nonce store (gateway side).
+
+The signature covers ``DOMAIN + body``, where `body` is the exact encoded `Command` carried in
+`SignedCommand.body`: the gateway verifies the bytes it received before decoding anything in them. A
+command is accepted only when, in this order: the signature verifies with the site's key; the body
+decodes; it names this site and gateway; it has not expired (with `skew_s` of grace for clocks) and does
+not live longer than `max_ttl_s`; its nonce has not been seen before. Nonces are kept on disk until the
+command's expiry, so a replay after a restart is refused too.
+
+`check()` is the pure part (no I/O); `NonceStore` is the SQLite part.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiosqlite
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge.errors import EdgeError
+
+from .protocol import (
+    Command,
+    CommandAction,
+    Encoding,
+    ProtocolError,
+    SignedCommand,
+    decode_command_body,
+    encode,
+)
+
+DOMAIN = b"acs/v1/command\0"
+#: Longest lifetime a command may claim (bounds how long nonces are kept).
+MAX_TTL_S = 24 * 3600.0
+
+
+class CommandRejected(EdgeError):
+    """A command was refused. `code`: unsigned, bad_signature, malformed, wrong_target, expired,
+    not_yet_valid, ttl_too_long, replayed."""
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None, operator: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+        self.operator = operator
+
+
+def key_id(public_key: bytes) -> str:
+    """A short name for a public key (first 8 bytes of it, hex): lets the cloud rotate keys visibly."""
+    return public_key[:8].hex()
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding as E
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    return key.public_key().public_bytes(E.Raw, PublicFormat.Raw)
+
+
+def sign_command(
+    key: Ed25519PrivateKey,
+    *,
+    site: str,
+    gateway: str,
+    action: CommandAction,
+    operator: str,
+    request_id: str | None = None,
+    ttl_s: float = 60.0,
+    now: float | None = None,
+    nonce: str | None = None,
+    encoding: Encoding = "msgpack",
+) -> tuple[Command, SignedCommand]:
+    """Build, encode and sign one command (the cloud's job; also used by tests and the bench)."""
+    t = time.time() if now is None else now
+    cmd = Command(
+        site=site,
+        gateway=gateway,
+        request_id=request_id or os.urandom(8).hex(),
+        operator=operator,
+        issued=t,
+        expires=t + ttl_s,
+        nonce=nonce or os.urandom(16).hex(),
+        command=action,
+    )
+    body = encode(cmd, encoding)
+    return cmd, SignedCommand(body=body, sig=key.sign(DOMAIN + body), key_id=key_id(public_bytes(key)))
+
+
+def check(
+    signed: SignedCommand,
+    public_key: Ed25519PublicKey,
+    *,
+    site: str,
+    gateway: str,
+    now: float,
+    skew_s: float = 30.0,
+    max_ttl_s: float = MAX_TTL_S,
+) -> Command:
+    """Verify signature, target and time window (not the nonce). Raises `CommandRejected`."""
+    if not signed.sig or not signed.body:
+        raise CommandRejected("unsigned", "command carries no signature")
+    try:
+        public_key.verify(signed.sig, DOMAIN + signed.body)
+    except InvalidSignature:
+        raise CommandRejected("bad_signature", "signature does not verify with the site key") from None
+    try:
+        cmd = decode_command_body(signed.body)
+    except ProtocolError as e:
+        raise CommandRejected("malformed", f"signed body: {e}") from None
+    rid, op = cmd.request_id, cmd.operator
+    if cmd.site != site or cmd.gateway != gateway:
+        raise CommandRejected(
+            "wrong_target",
+            f"command is for {cmd.site}/{cmd.gateway}, this is {site}/{gateway}",
+            request_id=rid,
+            operator=op,
+        )
+    if cmd.expires <= cmd.issued:
+        raise CommandRejected("expired", "expires is not after issued", request_id=rid, operator=op)
+    if cmd.expires - cmd.issued > max_ttl_s:
+        raise CommandRejected(
+            "ttl_too_long", f"lifetime over {max_ttl_s:.0f} s is refused", request_id=rid, operator=op
+        )
+    if now > cmd.expires + skew_s:
+        raise CommandRejected("expired", f"expired {now - cmd.expires:.0f} s ago", request_id=rid, operator=op)
+    if cmd.issued > now + skew_s:
+        raise CommandRejected(
+            "not_yet_valid", f"issued {cmd.issued - now:.0f} s in the future", request_id=rid, operator=op
+        )
+    return cmd
+
+
+def load_public_key(raw: bytes) -> Ed25519PublicKey:
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 raw bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+class NonceStore:
+    """Seen command nonces (with the result each command got), on disk until expiry + skew."""
+
+    def __init__(self, path: Path | str, *, keep_extra_s: float = 60.0, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.keep_extra_s = keep_extra_s
+        self.synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            await self._db.execute(
+                "CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires REAL NOT NULL, "
+                "request_id TEXT NOT NULL, result BLOB) WITHOUT ROWID"
+            )
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise EdgeError("nonce store is not open")
+        return self._db
+
+    async def claim(self, cmd: Command) -> tuple[bool, bytes | None]:
+        """Record `cmd.nonce` durably. Returns (True, None) when it is new, (False, earlier result) if seen."""
+        async with self.db.execute("SELECT result FROM nonces WHERE nonce=?", (cmd.nonce,)) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return False, row[0]
+        await self.db.execute(
+            "INSERT INTO nonces (nonce, expires, request_id) VALUES (?, ?, ?)",
+            (cmd.nonce, cmd.expires + self.keep_extra_s, cmd.request_id),
+        )
+        return True, None
+
+    async def set_result(self, nonce: str, result: bytes) -> None:
+        await self.db.execute("UPDATE nonces SET result=? WHERE nonce=?", (result, nonce))
+
+    async def purge(self, now: float) -> int:
+        cur = await self.db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+        n = cur.rowcount if cur.rowcount and cur.rowcount > 0 else 0
+        await cur.close()
+        return n
+
+    async def count(self) -> int:
+        async with self.db.execute("SELECT count(*) FROM nonces") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0

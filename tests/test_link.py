@@ -1,0 +1,415 @@
+"""CloudLink against a real Mosquitto: presence, provisioning, events, commands, outages."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.broker are used as parameters)
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_bridge.protocol import (
+    ChangeSetMsg,
+    Death,
+    Lockdown,
+    ResyncRequest,
+    RightsResult,
+    SetDoorMode,
+    SnapshotChunk,
+    Unlock,
+    encode,
+)
+from cloud_bridge.topics import Leaf
+from edge.events import SECURITY_COMMAND_REJECTED
+from edge.model import (
+    ChangeSet,
+    Credential,
+    DeleteCredential,
+    Door,
+    DoorMode,
+    Group,
+    PutCredential,
+    PutDoor,
+    PutGroup,
+    PutUser,
+    Snapshot,
+    User,
+)
+
+from .broker import broker, cloud_peer, gateway, site_key, unique  # noqa: F401
+from .conftest import basic_site
+from .mosquitto import Mosquitto
+
+
+def site_snapshot(version: int, n: int) -> Snapshot:
+    cs = basic_site()
+    doors = [c.door for c in cs.changes if isinstance(c, PutDoor)]
+    groups = [c.group for c in cs.changes if isinstance(c, PutGroup)]
+    users = [c.user for c in cs.changes if isinstance(c, PutUser)]
+    from edge.model import PutSchedule
+
+    scheds = [c.schedule for c in cs.changes if isinstance(c, PutSchedule)]
+    creds = [Credential(card=100_000 + i, user=["alice", "bob"][i % 2]) for i in range(n)]
+    return Snapshot(version=version, doors=doors, schedules=scheds, groups=groups, users=users, credentials=creds)
+
+
+def add_cards(frm: int, cards: range, user: str = "alice") -> ChangeSet:
+    return ChangeSet(
+        from_version=frm, to_version=frm + 1,
+        changes=[PutCredential(credential=Credential(card=c, user=user)) for c in cards],
+    )  # fmt: skip
+
+
+async def test_birth_then_first_sync_by_chunked_snapshot(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, max_message_bytes=16384) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, max_message_bytes=16384) as cloud,
+    ):
+        birth = await cloud.wait_online()
+        assert birth.site == site and birth.gateway == gw and birth.rights_version == 0
+        assert [d.id for d in birth.doors] == ["front", "lab"]
+        assert birth.readers[0].kind == "wiegand"
+        assert g.link.online and g.link.offline_since is None and g.states == [True]
+        snap = site_snapshot(7, 3000)
+        result = await cloud.send_snapshot(snap)
+        assert result.ok and result.applied and result.version == 7, result
+        chunks = [r for r in cloud.rights_replies if type(r).__name__ == "ChunkAck"]
+        assert len(chunks) > 3  # it really was chunked
+        assert g.store.version == 7
+        assert g.store.index.cred(100_000 + 2999) is not None
+        assert (await g.store.counts())["credentials"] == 3000
+        # The same transfer again is answered from memory of it, not applied twice.
+        again = await cloud.send_snapshot(snap, id=result.id)
+        assert again.ok and again.version == 7 and again.applied
+        # A fresh transfer at the version already held: acknowledged, not applied.
+        same = await cloud.send_snapshot(snap)
+        assert same.ok and not same.applied and same.version == 7
+        # Birth on request carries the new version.
+        await cloud.request_rebirth()
+        b2 = await cloud.wait_for(lambda: cloud.births[-1] if cloud.births[-1].rights_version == 7 else None)
+        assert b2.rights_version == 7
+
+
+async def test_deltas_in_order_duplicate_gap_and_out_of_order(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_online()
+        r1 = await cloud.send_change_set(basic_site())
+        assert r1.ok and r1.applied and r1.version == 1
+        r2 = await cloud.send_change_set(add_cards(1, range(5000, 5010)))
+        assert r2.ok and r2.applied and r2.version == 2 and r2.changes == 10
+        # duplicate (same id resent, or the same set again): acknowledged, not applied twice
+        dup = await cloud.send_change_set(add_cards(1, range(5000, 5010)), id=r2.id)
+        assert dup.ok and not dup.applied and dup.version == 2
+        old = await cloud.send_change_set(basic_site())
+        assert old.ok and not old.applied and old.version == 2
+        # out of order: 3->4 arrives before 2->3: a gap, nothing applied, a resync asked for
+        gap = await cloud.send_change_set(add_cards(3, range(7000, 7005)))
+        assert not gap.ok and gap.error is not None and gap.error.code == "version_gap"
+        assert gap.version == 2
+        rs = await cloud.wait_for(lambda: cloud.resyncs)
+        assert rs[-1] == ResyncRequest(have=2, reason="version_gap", ref=gap.id)
+        assert g.store.index.cred(7000) is None and g.store.version == 2
+        # then the missing one and the one after it, in order
+        assert (await cloud.send_change_set(add_cards(2, range(6000, 6005)))).version == 3
+        r4 = await cloud.send_change_set(add_cards(3, range(7000, 7005)))
+        assert r4.ok and r4.version == 4 and g.store.index.cred(7004) is not None
+        # a delete
+        r5 = await cloud.send_change_set(ChangeSet(from_version=4, to_version=5, changes=[DeleteCredential(card=7004)]))
+        assert r5.ok and g.store.index.cred(7004) is None
+
+
+async def test_rejected_messages_name_the_problem_and_apply_nothing(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, max_message_bytes=8192) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_online()
+        assert (await cloud.send_change_set(basic_site())).version == 1
+        before = await g.store.counts()
+
+        async def raw(data: bytes) -> RightsResult:
+            n = len(cloud.rights_replies)
+            await cloud.publish_raw(Leaf.RIGHTS, data)
+            r: RightsResult = await cloud.wait_for(
+                lambda: next((x for x in cloud.rights_replies[n:] if isinstance(x, RightsResult)), None)
+            )
+            return r
+
+        # unknown door in a group: named, nothing of the set applied (the card before it neither)
+        bad_ref = ChangeSet(from_version=1, to_version=2, changes=[
+            PutCredential(credential=Credential(card=4242, user="alice")),
+            PutGroup(group=Group(id="g2", doors=["nowhere"])),
+        ])  # fmt: skip
+        r = await cloud.send_change_set(bad_ref)
+        assert not r.ok and r.error is not None and r.error.code == "unknown_reference", r
+        assert "nowhere" in r.error.message and r.version == 1
+        assert g.store.index.cred(4242) is None
+        # a bad field type: msgspec names the path; the id is still echoed
+        js = b'{"type":"change_set","id":"m1","change_set":{"from_version":1,"to_version":"two","changes":[]}}'
+        r = await raw(js)
+        assert r.id == "m1" and r.error is not None and r.error.code == "malformed"
+        assert "$.change_set.to_version" in r.error.message
+        # a bad door field value
+        js = (
+            b'{"type":"change_set","id":"m2","change_set":{"from_version":1,"to_version":2,'
+            b'"changes":[{"type":"put_door","door":{"id":"has space"}}]}}'
+        )
+        r = await raw(js)
+        assert r.error is not None and r.error.code == "malformed" and "door.id" in r.error.message
+        # garbage
+        r = await raw(b"\xc1\x00garbage")
+        assert r.id is None and r.error is not None and r.error.code == "malformed"
+        # unknown message type
+        r = await raw(b'{"type":"format_disk","id":"m3"}')
+        assert r.id == "m3" and r.error is not None and r.error.code == "malformed"
+        # oversized
+        big = add_cards(1, range(10_000, 12_000))
+        r = await raw(encode(ChangeSetMsg(id="big", change_set=big)))
+        assert r.id == "big" and r.error is not None and r.error.code == "too_large"
+        # chunk index outside its count
+        r = await raw(encode(SnapshotChunk(id="t1", version=9, index=3, count=2)))
+        assert r.error is not None and r.error.code == "bad_field"
+        # a complete snapshot that is invalid as a whole: nothing of it applied
+        bad_snap = Snapshot(version=9, doors=[Door(id="x")], users=[User(id="u")],
+                            credentials=[Credential(card=1, user="ghost")])  # fmt: skip
+        r = await cloud.send_snapshot(bad_snap)
+        assert not r.ok and r.error is not None and r.error.code == "unknown_reference", r
+        assert g.store.version == 1 and await g.store.counts() == before
+        # JSON works as well as MessagePack
+        ok = await cloud_json_change_set(cloud, add_cards(1, range(8000, 8002)))
+        assert ok.ok and ok.version == 2
+
+
+async def cloud_json_change_set(cloud: object, cs: ChangeSet) -> RightsResult:
+    from cloud_bridge.cloud import CloudPeer
+
+    assert isinstance(cloud, CloudPeer)
+    cloud.encoding = "json"
+    try:
+        return await cloud.send_change_set(cs)
+    finally:
+        cloud.encoding = "msgpack"
+
+
+async def test_events_drained_and_acknowledged(broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, batch_events=40) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_online()
+        for i in range(300):
+            g.journal.record("access.granted", door="front", card=i, user="alice")
+        await cloud.wait_events(300)
+        await cloud.wait_for(lambda: g.journal.depth == 0)
+        seqs = [e.seq for e in cloud.events.values()]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 300
+        assert [e.card for e in cloud.events.values()] == list(range(300))
+        assert all(e.link_up for e in cloud.events.values())
+        assert g.link.stats["batches_sent"] >= 300 // 40
+
+
+async def test_broker_outage_loses_no_event_and_keeps_order(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, batch_events=50) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_online()
+        for i in range(100):
+            g.journal.record("access.granted", door="front", card=i)
+        await cloud.wait_events(100)
+    async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, batch_events=50) as g:
+        # the broker goes down while taps go on
+        await asyncio.sleep(0.3)
+        broker.stop()
+        await asyncio.sleep(0.5)
+        assert not g.link.online and g.link.offline_since is not None
+        for i in range(100, 600):
+            g.journal.record("access.granted", door="front", card=i)
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)
+        await g.journal.flush()
+        assert g.journal.depth >= 500
+        broker.start()
+        async with cloud_peer(broker, site_key, site=site, gw=gw) as cloud2:
+            await cloud2.wait_events(500, timeout=30)
+            await cloud2.wait_for(lambda: g.journal.depth == 0, timeout=30)
+            cards = [e.card for e in cloud2.events.values()]
+            # after the first session's acked events, the rest arrive once each, in order
+            assert [c for c in cards if c is not None and c >= 100] == list(range(100, 600))
+            offline = [e for e in cloud2.events.values() if e.card is not None and e.card >= 100]
+            assert not any(e.link_up for e in offline)
+            assert g.link.online and g.states[-1] is True and False in g.states
+
+
+async def test_unacknowledged_events_are_sent_again_after_restart(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, auto_ack=False) as cloud,
+    ):
+        await cloud.wait_online()
+        for i in range(50):
+            g.journal.record("door.state", door="front", detail={"i": i})
+        await cloud.wait_events(50)
+        first_ids = set(cloud.events)
+        assert g.journal.depth == 50  # nothing acknowledged, nothing deleted
+        await cloud.ack_events(20)
+        await cloud.wait_for(lambda: g.journal.depth == 30)
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_events(30)
+        await cloud.wait_for(lambda: g.journal.depth == 0)
+        again = set(cloud.events)
+        assert again <= first_ids and len(again) == 30  # the same ids: the cloud can de-duplicate
+        assert min(e.seq for e in cloud.events.values()) == 21
+
+
+async def test_clean_shutdown_publishes_death_and_restart_a_new_birth(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with cloud_peer(broker, site_key, site=site, gw=gw) as cloud:
+        async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw):
+            b1 = await cloud.wait_online()
+        death = await cloud.wait_offline()
+        assert death.reason == "shutdown" and death.session == b1.session
+        async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw):
+            b2 = await cloud.wait_online(after=b1.session)
+            assert b2.session > b1.session
+    # retained: a cloud that connects later still learns the state
+    async with cloud_peer(broker, site_key, site=site, gw=gw) as late:
+        st = await late.wait_for(lambda: late.status)
+        assert isinstance(st, Death)
+
+
+async def test_commands_executed_and_refused(broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    site, gw = unique("s"), "gw1"
+    other_key = Ed25519PrivateKey.generate()
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+        cloud_peer(broker, other_key, site=site, gw=gw) as forger,
+        cloud_peer(broker, site_key, site=site, gw="gw2") as for_gw2,
+    ):
+        await cloud.wait_online()
+        r = await cloud.command(Unlock(door="front", seconds=3), operator="alice@example.com")
+        assert r.ok and g.commands.calls[-1] == ("unlock", "front", 3)
+        r = await cloud.command(SetDoorMode(door="lab", mode=DoorMode.LOCKED), operator="alice")
+        assert r.ok and g.commands.calls[-1] == ("door_mode", "lab", DoorMode.LOCKED)
+        r = await cloud.command(SetDoorMode(door="lab"), operator="alice")
+        assert r.ok and g.commands.calls[-1] == ("door_mode", "lab", None)
+        r = await cloud.command(Lockdown(active=True), operator="bob")
+        assert r.ok and g.commands.calls[-1] == ("lockdown", True)
+        r = await cloud.command(Unlock(door="cellar"), operator="alice")
+        assert not r.ok and r.error is not None and r.error.code == "invalid" and "cellar" in r.error.message
+        n_calls = len(g.commands.calls)
+
+        async def refused(sender: object, data: bytes) -> str:
+            start = len(cloud.command_results)
+            await cloud.send_command(data)
+            res = await cloud.wait_for(lambda: cloud.command_results[start:])
+            assert not res[0].ok and res[0].error is not None
+            return res[0].error.code
+
+        signed = cloud.sign(Lockdown(active=False), operator="mallory")
+        assert await refused(cloud, encode(msgspec.structs.replace(signed, sig=b""))) == "unsigned"
+        assert await refused(cloud, signed.body) == "unsigned"  # a bare command body
+        assert await refused(cloud, encode(forger.sign(Lockdown(active=False), operator="mallory"))) == "bad_signature"
+        tampered = signed.body.replace(b"mallory", b"mallorz")
+        assert await refused(cloud, encode(msgspec.structs.replace(signed, body=tampered))) == "bad_signature"
+        expired = cloud.sign(Lockdown(active=False), operator="mallory", ttl_s=10, now=1_000_000.0)
+        assert await refused(cloud, encode(expired)) == "expired"
+        assert await refused(cloud, encode(for_gw2.sign(Lockdown(active=False), operator="mallory"))) == "wrong_target"
+        assert await refused(cloud, b"\x93\x01\x02") == "malformed"
+        assert g.commands.calls[n_calls:] == []  # none of them did anything
+        # replay: the first copy runs, the second is refused and carries the first one's result
+        ok = cloud.sign(Unlock(door="lab", seconds=1), operator="alice")
+        start = len(cloud.command_results)
+        await cloud.send_command(ok)
+        await cloud.send_command(ok)
+        res = await cloud.wait_for(
+            lambda: cloud.command_results[start:] if len(cloud.command_results) - start >= 2 else None
+        )
+        assert res[0].ok and res[1].error is not None and res[1].error.code == "replayed"
+        assert res[1].original is not None and res[1].original.ok
+        assert g.commands.calls[n_calls:] == [("unlock", "lab", 1)]
+
+        # every refusal is journalled as a security event (and reaches the cloud like any event)
+        def security() -> list[str | None]:
+            return [e.reason for e in cloud.events.values() if e.type == SECURITY_COMMAND_REJECTED]
+
+        await cloud.wait_for(lambda: len(security()) >= 8)
+        events = list(cloud.events.values())
+        assert sorted(security()) == sorted(
+            [
+                "unsigned",
+                "unsigned",
+                "bad_signature",
+                "bad_signature",
+                "expired",
+                "wrong_target",
+                "malformed",
+                "replayed",
+            ]
+        )
+        assert any(e.type == "command.executed" and e.user == "alice@example.com" for e in events)
+
+
+async def test_replay_refused_after_restart(broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    site, gw = unique("s"), "gw1"
+    async with cloud_peer(broker, site_key, site=site, gw=gw) as cloud:
+        signed = cloud.sign(Unlock(door="front"), operator="alice", ttl_s=300)
+        async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g:
+            await cloud.wait_online()
+            await cloud.send_command(signed)
+            r = await cloud.wait_for(lambda: cloud.command_results)
+            assert r[0].ok and g.commands.calls == [("unlock", "front", 5.0)]
+        async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g:
+            await cloud.wait_online(after=cloud.births[-1].session)
+            await cloud.send_command(signed)
+            r = await cloud.wait_for(lambda: cloud.command_results[1:])
+            assert r[0].error is not None and r[0].error.code == "replayed"
+            assert g.commands.calls == []
+
+
+async def test_link_task_restarts_and_offline_state(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g:
+        async with cloud_peer(broker, site_key, site=site, gw=gw) as cloud:
+            await cloud.wait_online()
+        broker.stop(kill=True)
+        for _ in range(100):
+            if not g.link.online:
+                break
+            await asyncio.sleep(0.05)
+        assert not g.link.online and g.link.offline_since is not None
+        broker.start()
+        for _ in range(200):
+            if g.link.online:
+                break
+            await asyncio.sleep(0.05)
+        assert g.link.online and g.link.offline_since is None
