@@ -30,9 +30,19 @@ from .door import DoorController
 from .events import ACCESS_DENIED, ACCESS_GRANTED, ALARM_PIN_LOCKOUT, READER_FAULT, READER_STATUS, SYSTEM
 from .hw import HardwareProfile, load_profile, make_factory
 from .journal import Journal
+from .metrics import EdgeMetrics, MetricsServer
 from .model import ChangeSet, Door, DoorMode
 from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
+from .sdnotify import Heartbeat, Notifier, watchdog_task
 from .store import Store
+from .timetrust import (
+    ClockTrust,
+    clock_trust_at_boot,
+    load_clock_state,
+    read_boot_id,
+    read_ntp_synchronised,
+    save_clock_state,
+)
 
 log = logging.getLogger("edge.agent")
 
@@ -73,7 +83,11 @@ class Agent:
         self.link: Any = None
         self.link_online = False
         self.offline_since: datetime | None = None
-        self.clock_trusted = True
+        self.trust: ClockTrust | None = None
+        self.boot_id = read_boot_id()
+        self.heartbeat = Heartbeat(max_age_s=4.0)
+        self.notifier = Notifier.from_env()
+        self.metrics = EdgeMetrics()
         self._bg: set[asyncio.Task[None]] = set()
         self._pending_pin: dict[str, tuple[int, str, float]] = {}
         self.started = asyncio.Event()
@@ -84,7 +98,16 @@ class Agent:
     # --- the tap path -----------------------------------------------------------------------------------
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), UTC)
+        """The best estimate of now: the system clock, or while it is not trusted, never before the
+        last-good time (see edge/timetrust.py)."""
+        wall = self.clock()
+        if self.trust is not None:
+            wall = self.trust.now(wall, time.monotonic())
+        return datetime.fromtimestamp(wall, UTC)
+
+    @property
+    def clock_trusted(self) -> bool:
+        return self.trust is None or self.trust.trusted
 
     def decide(self, door: str, card: int, *, pin: str | None = None) -> Decision:
         assert self.decider is not None
@@ -120,7 +143,9 @@ class Agent:
         elif isinstance(ev, ReaderFault):
             log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
             if self.journal is not None:
-                self.journal.record(READER_FAULT, door=door, reader=ev.reader, reason=ev.kind, detail={"detail": ev.detail})
+                self.journal.record(
+                    READER_FAULT, door=door, reader=ev.reader, reason=ev.kind, detail={"detail": ev.detail}
+                )
         elif isinstance(ev, ReaderStatus):
             log.info("reader %s: online=%s tamper=%s power_ok=%s", ev.reader, ev.online, ev.tamper, ev.power_ok)
             if self.journal is not None:
@@ -142,6 +167,7 @@ class Agent:
 
     def _journal_decision(self, d: Decision, reader: str | None) -> None:
         self.decisions = [*self.decisions[-19:], d]
+        self.metrics.decisions.inc(door=d.door, result="granted" if d.granted else "denied", reason=d.reason.value)
         log.info(
             "door %s card %s: %s (%s)%s", d.door, mask_card(d.card), "GRANTED" if d.granted else "denied",
             d.reason.value, f" user {d.user}" if d.user else "",
@@ -184,7 +210,7 @@ class Agent:
         for door_id, ctl in self.doors.items():
             if door_id not in self.decider.index.tables.doors:
                 continue
-            mode, free = self.decider.effective_mode(door_id, ts)
+            mode, free = self.decider.effective_mode(door_id, ts, clock_trusted=self.clock_trusted)
             if free:
                 ctl.hold_unlocked(mode.value)
             else:
@@ -251,10 +277,18 @@ class Agent:
             "credentials": len(store.index) if store else None,
             "journal_depth": journal.depth if journal else None,
             "storage_ok": journal.storage_ok if journal else None,
-            "link": {"online": self.link_online, "offline_since": self.offline_since.isoformat() if self.offline_since else None},
+            "link": {
+                "online": self.link_online,
+                "offline_since": self.offline_since.isoformat() if self.offline_since else None,
+            },
             "clock_trusted": self.clock_trusted,
+            "clock": self.trust.status() if self.trust is not None else {"trusted": True, "source": "system"},
+            "rights_age_s": self.rights_age_s(),
             "doors": {k: v.status() for k, v in self.doors.items()},
-            "readers": {k: {"door": self.reader_door[k], "kind": r.kind} for k, r in self.readers.items()},
+            "readers": {
+                k: {"door": self.reader_door[k], "kind": r.kind, "online": bool(getattr(r, "online", True))}
+                for k, r in self.readers.items()
+            },
             "lockdown": self.decider.lockdown if self.decider else False,
         }
 
@@ -271,7 +305,9 @@ class Agent:
         before = len(self.decisions)
         await tap(self, reader, req.card, fmt=req.format, facility=req.facility, pin=req.pin)
         for _ in range(200):
-            if len(self.decisions) > before and (req.pin is None or self.decisions[-1].reason is not Reason.PIN_REQUIRED):
+            if len(self.decisions) > before and (
+                req.pin is None or self.decisions[-1].reason is not Reason.PIN_REQUIRED
+            ):
                 break
             await asyncio.sleep(0.01)
         new = self.decisions[before:]
@@ -303,7 +339,9 @@ class Agent:
 
         configs: list[tuple[str, ReaderConfig]] = []
         for i, rc in enumerate(self.cfg.readers):
-            configs.append((rc.name or f"{rc.door}.{'wiegand' if isinstance(rc, WiegandReaderConfig) else 'osdp'}{i}", rc))
+            configs.append(
+                (rc.name or f"{rc.door}.{'wiegand' if isinstance(rc, WiegandReaderConfig) else 'osdp'}{i}", rc)
+            )
         if not self.cfg.readers:
             for io in self.profile.doors:
                 if io.reader_d0_pin is not None and io.reader_d1_pin is not None:
@@ -359,6 +397,13 @@ class Agent:
                     synchronous=cfg.storage.synchronous,
                 )
             )  # fmt: skip
+            if cfg.policy.clock_source == "ntp":
+                clock_state = await load_clock_state(self.store)
+                self.trust = clock_trust_at_boot(
+                    clock_state, self.boot_id, wall=self.clock(), mono=time.monotonic(),
+                    max_skew_s=cfg.policy.max_clock_skew_s, adopt_cloud_time=cfg.policy.adopt_cloud_time,
+                )  # fmt: skip
+                self._drain_clock_alarms()
             if self.demo is not None and self.store.version == 0:
                 await self.store.apply(self.demo)
                 log.info("demo provisioning applied: rights version %d", self.store.version)
@@ -368,7 +413,9 @@ class Agent:
             self._refresh_door_models()
             last = await self.store.get_meta("last_online")
             self.offline_since = datetime.fromtimestamp(float(last), UTC) if last is not None else self.now()
-            self.journal.record(SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version})
+            self.journal.record(
+                SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version}
+            )
             # 3. Readers (and the OSDP buses that poll them).
             readers, buses = self._make_readers()
             for r in readers:
@@ -379,6 +426,15 @@ class Agent:
             if self.simulated:
                 handlers |= {TapRequest: self._sim_tap, DoorRequest: self._sim_door, RexRequest: self._sim_rex}
             await stack.enter_async_context(ControlServer(cfg.control.socket, handlers))
+            if cfg.control.metrics_port:
+                self.metrics.registry.on_collect.append(lambda: self.metrics.update_from_status(self.status()))
+                try:
+                    await stack.enter_async_context(
+                        MetricsServer(cfg.control.metrics_port, self.metrics.registry.render)
+                    )
+                except OSError as e:  # metrics are an aid, never a reason to keep doors down
+                    log.error("metrics on 127.0.0.1:%d unavailable: %s", cfg.control.metrics_port, e)
+            stack.callback(self.notifier.stopping, "stopping: locks to their safe state")
             log.info(
                 "gateway %s/%s up: %d doors, %d readers, %d credentials, rights version %d%s",
                 cfg.site.id, cfg.site.gateway, len(self.doors), len(self.readers), len(self.store.index),
@@ -389,6 +445,7 @@ class Agent:
                 "(offline policy %s after %.0f s)", cfg.policy.offline_policy.value, cfg.policy.offline_grace_s,
             )  # fmt: skip
             self.started.set()
+            self.notifier.ready(f"{len(self.doors)} doors, {len(self.readers)} readers, rights v{self.store.version}")
             async with asyncio.TaskGroup() as tg:
                 for name, r in self.readers.items():
                     tg.create_task(self._supervise(f"reader[{name}]", r.run), name=f"reader[{name}]")
@@ -396,6 +453,7 @@ class Agent:
                     tg.create_task(self._supervise(f"osdp[{bus.port}]", bus.run), name=f"osdp[{bus.port}]")
                 tg.create_task(self._supervise("link", self._run_link), name="link")
                 tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
+                tg.create_task(self._watchdog(), name="watchdog")
                 stop = tg.create_task(self._stop.wait(), name="stop")
                 await stop
                 raise _Stop
@@ -406,8 +464,13 @@ class Agent:
     def _emit(self, type: str, **fields: Any) -> None:
         detail = fields.get("detail") or {}
         level = logging.WARNING if type in ("door.forced_open", "door.held_open") else logging.INFO
-        log.log(level, "door %s: %s %s", fields.get("door", "-"), type.removeprefix("door."),
-                " ".join(f"{k}={v}" for k, v in detail.items()))
+        log.log(
+            level,
+            "door %s: %s %s",
+            fields.get("door", "-"),
+            type.removeprefix("door."),
+            " ".join(f"{k}={v}" for k, v in detail.items()),
+        )
         if self.journal is not None:
             self.journal.record(type, **fields)
 
@@ -423,12 +486,47 @@ class Agent:
         """Apply scheduled modes to the locks (unlocked by schedule, first-card windows) every second."""
         tick = 0
         while True:
+            self.heartbeat.beat()
+            if self.trust is not None:
+                self.trust.observe(self.clock(), time.monotonic())
+                if tick % 30 == 0:
+                    await self._check_clock()
+                self._drain_clock_alarms()
             self._refresh_door_models()
             self._sync_door_holds()
             tick += 1
             if self.link_online and tick % 60 == 0:
                 self._persist_last_online()
             await asyncio.sleep(1.0)
+
+    async def _check_clock(self) -> None:
+        """Ask NTP whether the clock is synchronised, and persist the last-good time while trusted."""
+        assert self.trust is not None and self.store is not None
+        synced = await read_ntp_synchronised()
+        if synced is not None:
+            self.trust.ntp_synchronised(synced, self.clock(), time.monotonic())
+        try:
+            await save_clock_state(self.store, self.trust, self.boot_id)
+        except Exception as e:  # a full disk: report, keep deciding
+            log.error("cannot persist the last-good time: %s", e)
+
+    def _drain_clock_alarms(self) -> None:
+        if self.trust is None:
+            return
+        for a in self.trust.alarms():
+            (log.info if a.kind == "clock_trusted" else log.warning)("clock: %s (%s)", a.kind, a.message)
+            self.metrics.clock_alarms.inc(kind=a.kind)
+            if self.journal is not None:
+                self.journal.record(f"alarm.{a.kind}", detail={"message": a.message, "skew_s": a.skew_s})
+
+    async def _watchdog(self) -> None:
+        def healthy() -> bool:
+            ok = self.heartbeat.healthy()
+            if ok:
+                self.metrics.watchdog_pings.inc()
+            return ok
+
+        await watchdog_task(self.notifier, healthy)
 
     async def _run_link(self) -> None:
         if not self.cfg.link.enabled:

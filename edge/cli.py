@@ -25,6 +25,8 @@ hardware = "sim"
 id = "demo"
 gateway = "sim-1"
 timezone = "Europe/Berlin"
+[policy]
+clock_source = "system"
 [storage]
 state_dir = "var/edge-sim"
 [control]
@@ -42,7 +44,13 @@ def _setup_logging(verbose: bool) -> None:
     fmt = "<%(levelno)s>%(name)s: %(message)s" if journald else "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
     if journald:  # map Python levels to syslog priorities that journald understands
-        for lvl, prio in ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3), (logging.CRITICAL, 2)):
+        for lvl, prio in (
+            (logging.DEBUG, 7),
+            (logging.INFO, 6),
+            (logging.WARNING, 4),
+            (logging.ERROR, 3),
+            (logging.CRITICAL, 2),
+        ):
             logging.addLevelName(lvl, str(prio))
 
 
@@ -91,8 +99,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for i, r in enumerate(cfg.readers):
         if r.door not in doors:
             raise ConfigError(f"{source}: readers[{i}].door: hardware profile {profile.name!r} has no door {r.door!r}")
-    print(f"{source}: OK (site {cfg.site.id}, gateway {cfg.site.gateway}, profile {profile.name}, "
-          f"{len(profile.doors)} doors, {len(cfg.readers)} readers configured)")
+    print(
+        f"{source}: OK (site {cfg.site.id}, gateway {cfg.site.gateway}, profile {profile.name}, "
+        f"{len(profile.doors)} doors, {len(cfg.readers)} readers configured)"
+    )
     return 0
 
 
@@ -140,12 +150,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     link = st.get("link", {})
-    print(f"gateway {st.get('site')}/{st.get('gateway')}  software {st.get('version')}"
-          f"{'  (simulated)' if st.get('simulated') else ''}")
+    print(
+        f"gateway {st.get('site')}/{st.get('gateway')}  software {st.get('version')}"
+        f"{'  (simulated)' if st.get('simulated') else ''}"
+    )
     print(f"rights version {st.get('rights_version')}  credentials {st.get('credentials')}")
     print(f"link {'online' if link.get('online') else 'OFFLINE since ' + str(link.get('offline_since'))}")
-    print(f"journal depth {st.get('journal_depth')}  storage {'ok' if st.get('storage_ok') else 'FAILING'}"
-          f"  clock {'trusted' if st.get('clock_trusted') else 'NOT TRUSTED'}  lockdown {st.get('lockdown')}")
+    print(
+        f"journal depth {st.get('journal_depth')}  storage {'ok' if st.get('storage_ok') else 'FAILING'}"
+        f"  clock {'trusted' if st.get('clock_trusted') else 'NOT TRUSTED'}  lockdown {st.get('lockdown')}"
+    )
     for door, ds in (st.get("doors") or {}).items():
         print(f"door {door}: {json.dumps(ds)}")
     for r, rs in (st.get("readers") or {}).items():
@@ -178,8 +192,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge", description="Edge access controller")
-    p.add_argument("--config", help="config file (default: $EDGE_CONFIG or /etc/edge/edge.toml; "
-                   "without either, a built-in simulated gateway)")
+    p.add_argument(
+        "--config",
+        help="config file (default: $EDGE_CONFIG or /etc/edge/edge.toml; without either, a built-in simulated gateway)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the gateway agent")

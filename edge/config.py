@@ -45,6 +45,11 @@ class PolicySection(Strict, frozen=True, kw_only=True):
     time_policy: TimePolicy = TimePolicy.ALWAYS_ONLY
     max_offline_age_days: Annotated[float, Meta(gt=0)] | None = None
     max_clock_skew_s: Annotated[float, Meta(gt=0)] = 600.0
+    #: "ntp": the clock is trusted once NTP (or the cloud) confirms it after a boot (a Pi has no RTC);
+    #: "system": always trust the system clock (a board with a battery-backed RTC, or a development PC).
+    clock_source: Literal["ntp", "system"] = "ntp"
+    #: While NTP is not synchronised, take the cloud's time when it differs by more than max_clock_skew_s.
+    adopt_cloud_time: bool = True
 
 
 class StorageSection(Strict, frozen=True, kw_only=True):

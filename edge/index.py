@@ -63,9 +63,7 @@ class _Base:
         "u_until",
     )  # fmt: skip
 
-    def __init__(
-        self, arrays: dict[str, npt.NDArray[np.generic]], idblob: bytes, pins: dict[int, str]
-    ) -> None:
+    def __init__(self, arrays: dict[str, npt.NDArray[np.generic]], idblob: bytes, pins: dict[int, str]) -> None:
         self.arrays = arrays  # keeps the buffers alive and lets compact() work on whole columns
         mv = {k: memoryview(v) for k, v in arrays.items()}  # type: ignore[arg-type]
         self.c_card, self.c_uid, self.c_status = mv["c_card"], mv["c_uid"], mv["c_status"]
@@ -115,15 +113,24 @@ def _empty_arrays() -> dict[str, npt.NDArray[np.generic]]:
 def build_arrays(
     creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]
 ) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
-    """Base arrays from rows (any order). Used for tests, compaction input and small loads."""
-    creds = sorted(creds)
-    users = sorted(users, key=lambda r: r[0])
+    """Base arrays from rows (any order). Used for tests, snapshots and compaction.
+
+    Sorting is done by numpy (which releases the GIL), not by `sorted()` on tuples, which would hold the
+    GIL (and so the event loop) for the whole sort when this runs in a worker thread."""
+    n = len(creds)
     arrays: dict[str, npt.NDArray[np.generic]] = {
-        "c_card": np.fromiter((c for c, _ in creds), np.uint64, len(creds)),
-        "c_uid": np.fromiter((r[0] for _, r in creds), np.uint32, len(creds)),
-        "c_status": np.fromiter((r[1] for _, r in creds), np.uint8, len(creds)),
-        "c_from": np.fromiter((r[2] for _, r in creds), np.uint32, len(creds)),
-        "c_until": np.fromiter((r[3] for _, r in creds), np.uint32, len(creds)),
+        "c_card": np.fromiter((c for c, _ in creds), np.uint64, n),
+        "c_uid": np.fromiter((r[0] for _, r in creds), np.uint32, n),
+        "c_status": np.fromiter((r[1] for _, r in creds), np.uint8, n),
+        "c_from": np.fromiter((r[2] for _, r in creds), np.uint32, n),
+        "c_until": np.fromiter((r[3] for _, r in creds), np.uint32, n),
+    }
+    order = np.argsort(arrays["c_card"], kind="stable")
+    for k in list(arrays):
+        arrays[k] = arrays[k][order]
+    if any(users[i][0] > users[i + 1][0] for i in range(len(users) - 1)):
+        users = sorted(users, key=lambda r: r[0])
+    arrays |= {
         "u_uid": np.fromiter((u for u, _ in users), np.uint32, len(users)),
         "u_flags": np.fromiter((r[1] for _, r in users), np.uint8, len(users)),
         "u_from": np.fromiter((r[2] for _, r in users), np.uint32, len(users)),
@@ -394,9 +401,7 @@ class RightsIndex:
         # users: rebuilt from rows (assignments are variable length); base users not in the overlay are
         # copied column-wise.
         uids = np.fromiter(self._user_over.keys(), np.uint32, len(self._user_over))
-        ukeep = (
-            np.ones(b.n_users, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
-        )
+        ukeep = np.ones(b.n_users, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
         live_u = sorted((u, ur) for u in self._user_over if (ur := self.user(u)) is not None)
         extra_arrays, extra_blob, extra_pins = build_arrays([], live_u)
         # kept base users, with their assignment slices and id slices

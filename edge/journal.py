@@ -98,7 +98,9 @@ class Journal:
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, body BLOB NOT NULL)"
             )
             await self._db.execute("CREATE TABLE IF NOT EXISTS jmeta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
-            async with self._db.execute("SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events") as c:
+            async with self._db.execute(
+                "SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events"
+            ) as c:
                 row = await c.fetchone()
             assert row is not None
             async with self._db.execute("SELECT value FROM jmeta WHERE key='next_seq'") as c:

@@ -82,8 +82,10 @@ async def run_link(agent: Agent) -> None:
     key = command_public_key(cfg)
     if key is None:
         log.warning("link.command_key is not set: every command from the cloud will be refused")
-        key = Ed25519PrivateKey.generate().public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        key = (
+            Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         )  # a key nobody holds
     link = CloudLink(
         link_config(cfg), store=agent.store, journal=agent.journal, commands=agent, birth=lambda: birth_info(agent),

@@ -50,7 +50,7 @@ class CredentialStatus(enum.StrEnum):
     REVOKED = "revoked"
 
 
-class Base(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+class Base(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, gc=False):
     """Wire model base: unknown fields are ignored so that newer clouds can talk to older gateways."""
 
 

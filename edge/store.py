@@ -11,8 +11,10 @@ index exactly as they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,11 +65,30 @@ from .schedule import CompiledSchedule
 
 log = logging.getLogger(__name__)
 
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No automatic garbage collection while a large change set or snapshot is processed.
+
+    CPython's collector runs while holding the GIL; a full collection over the ~10^5 objects of a large
+    snapshot stops every thread, the event loop (and so the tap path) included, for 100 ms or more.
+    The rights code creates no reference cycles, so refcounting frees everything anyway; the collector
+    resumes afterwards. Nested use is fine (only the outermost re-enables).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 SCHEMA_VERSION = 1
 #: Index entries staged per loop turn while publishing a change set (keeps each turn well under 1 ms).
 STAGE_SLICE = 500
 #: Changes validated per loop turn.
-PLAN_SLICE = 200
+PLAN_SLICE = 100
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
 
@@ -144,6 +165,7 @@ class _Plan:
     put_groups: list[Group] = field(default_factory=list)
     del_groups: set[str] = field(default_factory=set)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
+    deleted_users: list[int] = field(default_factory=list)
     creds: dict[int, tuple[Credential, int, CredRow] | None] = field(default_factory=dict)
     next_uid: int = 0
 
@@ -151,9 +173,7 @@ class _Plan:
 class Store:
     """Rights on disk + the in-memory index. Use as `async with Store(path, tz) as store`."""
 
-    def __init__(
-        self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL"
-    ) -> None:
+    def __init__(self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
         self.synchronous = synchronous
@@ -218,9 +238,7 @@ class Store:
             row = await cur.fetchone()
         have = int(row[0]) if row else 0
         if have > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {have} is newer than this software ({SCHEMA_VERSION})"
-            )
+            raise StoreError(f"{self.path}: schema version {have} is newer than this software ({SCHEMA_VERSION})")
         for v in range(have + 1, SCHEMA_VERSION + 1):
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -256,19 +274,13 @@ class Store:
         self._next_uid = int(mx[0][0] or 0) + 1
         return RightsIndex(tables, arrays, version=version)
 
-    async def load_arrays(
-        self, tables: Tables
-    ) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+    async def load_arrays(self, tables: Tables) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
         def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
             return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
 
-        c = cols(
-            await self._chunks("SELECT card, uid, status, vfrom, vuntil FROM credentials ORDER BY card"), 5
-        )
+        c = cols(await self._chunks("SELECT card, uid, status, vfrom, vuntil FROM credentials ORDER BY card"), 5)
         u = cols(await self._chunks("SELECT uid, flags, vfrom, vuntil FROM users ORDER BY uid"), 4)
-        await self.db.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS gmap (group_id TEXT PRIMARY KEY, gidx INTEGER)"
-        )
+        await self.db.execute("CREATE TEMP TABLE IF NOT EXISTS gmap (group_id TEXT PRIMARY KEY, gidx INTEGER)")
         await self.db.execute("DELETE FROM temp.gmap")
         await self.db.executemany("INSERT INTO temp.gmap VALUES (?, ?)", list(tables.gidx.items()))
         a = cols(
@@ -332,46 +344,57 @@ class Store:
         (naming the change and field) when anything in it is invalid; nothing is applied then.
         """
         async with self._lock:
-            have = self.index.visible
-            if cs.to_version <= have:
-                return ApplyResult(have, applied=False)
-            if cs.from_version != have:
-                raise VersionGap(have, cs.from_version)
-            if cs.to_version <= cs.from_version:
-                raise ChangeRejected(
-                    "bad_field", "to_version must be greater than from_version", path="to_version"
-                )
-            plan = await self._plan(cs)
-            await self._write(plan, cs.to_version)
-            self._next_uid = plan.next_uid
-            await self._stage(plan, cs.to_version)
-            self._maybe_compact()
-            return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
+            with gc_paused():
+                return await self._apply(cs)
+
+    async def _apply(self, cs: ChangeSet) -> ApplyResult:
+        have = self.index.visible
+        if cs.to_version <= have:
+            return ApplyResult(have, applied=False)
+        if cs.from_version != have:
+            raise VersionGap(have, cs.from_version)
+        if cs.to_version <= cs.from_version:
+            raise ChangeRejected("bad_field", "to_version must be greater than from_version", path="to_version")
+        plan = await self._plan(cs)
+        await self._write(plan, cs.to_version)
+        self._next_uid = plan.next_uid
+        await self._stage(plan, cs.to_version)
+        self._maybe_compact()
+        return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
 
     async def replace(self, snap: Snapshot) -> ApplyResult:
         """Replace all rights with a snapshot, atomically on disk and in memory."""
         async with self._lock:
-            if snap.version < self.index.visible:
-                return ApplyResult(self.index.visible, applied=False)
+            with gc_paused():
+                return await self._replace(snap)
+
+    async def _replace(self, snap: Snapshot) -> ApplyResult:
+        if snap.version < self.index.visible:
+            return ApplyResult(self.index.visible, applied=False)
+
+        def as_changes() -> list[Any]:
             changes: list[Any] = []
             changes += [PutSchedule(schedule=s) for s in snap.schedules]
             changes += [PutDoor(door=d) for d in snap.doors]
             changes += [PutGroup(group=g) for g in snap.groups]
             changes += [PutUser(user=u) for u in snap.users]
             changes += [PutCredential(credential=c) for c in snap.credentials]
-            empty = RightsIndex(Tables(self.site_tz))
-            plan = await self._plan(
-                ChangeSet(from_version=0, to_version=max(snap.version, 1), changes=changes),
-                base=empty,
-                next_uid=1,
-            )
-            assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
-            tables = plan.tables or Tables(self.site_tz)
-            await self._write(plan, snap.version, wipe=True)
-            self._next_uid = plan.next_uid
-            new = await asyncio.to_thread(_index_from_plan, tables, plan, snap.version)
-            self._swap(new)
-            return ApplyResult(snap.version, applied=True, changes=len(changes))
+            return changes
+
+        changes = await asyncio.to_thread(as_changes)  # 100k objects: off the loop thread
+        empty = RightsIndex(Tables(self.site_tz))
+        plan = await self._plan(
+            ChangeSet(from_version=0, to_version=max(snap.version, 1), changes=changes),
+            base=empty,
+            next_uid=1,
+        )
+        assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
+        tables = plan.tables or Tables(self.site_tz)
+        await self._write(plan, snap.version, wipe=True)
+        self._next_uid = plan.next_uid
+        new = await asyncio.to_thread(_index_from_plan, tables, plan, snap.version)
+        self._swap(new)
+        return ApplyResult(snap.version, applied=True, changes=len(changes))
 
     async def _uids(self, ext_ids: Iterable[str]) -> dict[str, int]:
         ids = list(ext_ids)
@@ -392,9 +415,7 @@ class Store:
                 out.setdefault(int(u), []).append(int(c))
         return out
 
-    async def _plan(
-        self, cs: ChangeSet, *, base: RightsIndex | None = None, next_uid: int | None = None
-    ) -> _Plan:
+    async def _plan(self, cs: ChangeSet, *, base: RightsIndex | None = None, next_uid: int | None = None) -> _Plan:
         idx = base if base is not None else self.index
         tables = idx.tables
         plan = _Plan(next_uid=self._next_uid if next_uid is None else next_uid)
@@ -403,15 +424,20 @@ class Store:
         groups = dict(tables.groups)
         small_changed = False
 
-        referenced = {c.user.id for c in cs.changes if isinstance(c, PutUser)}
-        referenced |= {c.id for c in cs.changes if isinstance(c, DeleteUser)}
-        referenced |= {c.credential.user for c in cs.changes if isinstance(c, PutCredential)}
-        uid_of: dict[str, int | None] = dict(await self._uids(referenced)) if base is None else {}
-        deleted_users = [uid_of[c.id] for c in cs.changes if isinstance(c, DeleteUser) and uid_of.get(c.id)]
-        cards_of_user: dict[int, set[int]] = {
-            u: set(cs_)
-            for u, cs_ in (await self._cards_of(u for u in deleted_users if u is not None)).items()
-        }
+        def referenced_users() -> tuple[set[str], list[str]]:
+            refs = {c.user.id for c in cs.changes if isinstance(c, PutUser)}
+            deleted = [c.id for c in cs.changes if isinstance(c, DeleteUser)]
+            refs.update(deleted)
+            refs |= {c.credential.user for c in cs.changes if isinstance(c, PutCredential)}
+            return refs, deleted
+
+        uid_of: dict[str, int | None] = {}
+        cards_of_user: dict[int, set[int]] = {}
+        if base is None:  # a snapshot starts from nothing: no existing user to look up
+            refs, deleted_ids = await asyncio.to_thread(referenced_users)  # 100k changes: off the loop
+            uid_of.update(await self._uids(refs))
+            deleted_uids = [d for e in deleted_ids if (d := uid_of.get(e)) is not None]
+            cards_of_user = {u: set(c) for u, c in (await self._cards_of(deleted_uids)).items()}
         ext_of: dict[int, str] = {}
         user_models: dict[int, User] = {}
         card_owner: dict[int, int | None] = {}  # cards changed in this set -> owner uid (None: deleted)
@@ -448,9 +474,7 @@ class Store:
                 small_changed = True
             elif isinstance(ch, DeleteSchedule):
                 if scheds.pop(ch.id, None) is None:
-                    raise ChangeRejected(
-                        "unknown_reference", f"{p}.id: no schedule {ch.id!r}", path=f"{p}.id"
-                    )
+                    raise ChangeRejected("unknown_reference", f"{p}.id: no schedule {ch.id!r}", path=f"{p}.id")
                 plan.del_scheds.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutGroup):
@@ -493,6 +517,7 @@ class Store:
                 uid_of[ch.id] = None
                 user_models.pop(uid, None)
                 plan.users[uid] = None
+                plan.deleted_users.append(uid)
             elif isinstance(ch, PutCredential):
                 c = ch.credential
                 uid = uid_of.get(c.user)
@@ -518,9 +543,7 @@ class Store:
             elif isinstance(ch, DeleteCredential):
                 have = owner(ch.card)
                 if have is None:
-                    raise ChangeRejected(
-                        "unknown_reference", f"{p}.card: no card {ch.card}", path=f"{p}.card"
-                    )
+                    raise ChangeRejected("unknown_reference", f"{p}.card: no card {ch.card}", path=f"{p}.card")
                 card_owner[ch.card] = None
                 plan.creds[ch.card] = None
             else:  # pragma: no cover - the union is closed
@@ -528,10 +551,10 @@ class Store:
 
         # Referential integrity of the end state.
         for grp in groups.values():
-            for d in grp.doors:
-                if d not in doors:
+            for door_id in grp.doors:
+                if door_id not in doors:
                     raise ChangeRejected(
-                        "unknown_reference", f"group {grp.id!r}: no door {d!r}", path=f"group {grp.id}"
+                        "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
                     )
             if grp.schedule is not None and grp.schedule not in scheds:
                 raise ChangeRejected(
@@ -551,7 +574,9 @@ class Store:
             except ValueError as e:
                 raise ChangeRejected("bad_field", str(e)) from None
         new_tables = plan.tables or tables
-        for uid, u in user_models.items():
+        for n, (uid, u) in enumerate(user_models.items()):
+            if n % PLAN_SLICE == PLAN_SLICE - 1:
+                await asyncio.sleep(0)
             rows: list[AssignRow] = []
             for j, a in enumerate(u.assignments):
                 g = new_tables.gidx.get(a.group)
@@ -578,7 +603,9 @@ class Store:
                     path=f"group {hit[0][1]}",
                 )
         # A credential may only point at a user that exists at the end.
-        for card, entry in plan.creds.items():
+        for n, (card, entry) in enumerate(plan.creds.items()):
+            if n % (PLAN_SLICE * 10) == 0:
+                await asyncio.sleep(0)
             if entry is not None and plan.users.get(entry[1], True) is None:
                 raise ChangeRejected(
                     "unknown_reference",
@@ -608,25 +635,24 @@ class Store:
                 "INSERT OR REPLACE INTO groups VALUES (?, ?)",
                 [(g.id, _enc.encode(g)) for g in plan.put_groups],
             )
-            touched = [(uid,) for uid in plan.users]
+            touched = ((uid,) for uid in plan.users)
             await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
-            dead = [(uid,) for uid, v in plan.users.items() if v is None]
+            dead = [(uid,) for uid in plan.deleted_users]
             await db.executemany("DELETE FROM users WHERE uid=?", dead)
             await db.executemany("DELETE FROM credentials WHERE uid=?", dead)
-            live = [(uid, v) for uid, v in plan.users.items() if v is not None]
+
+            def live() -> Iterator[tuple[int, tuple[User, UserRow]]]:
+                return ((uid, v) for uid, v in plan.users.items() if v is not None)
+
             await db.executemany(
                 "INSERT INTO users (uid, ext_id, name, flags, vfrom, vuntil, pin_hash) VALUES (?,?,?,?,?,?,?) "
                 "ON CONFLICT(uid) DO UPDATE SET name=excluded.name, flags=excluded.flags, vfrom=excluded.vfrom, "
                 "vuntil=excluded.vuntil, pin_hash=excluded.pin_hash",
-                ((uid, u.id, u.name, r[1], r[2], r[3], u.pin_hash) for uid, (u, r) in live),
+                ((uid, u.id, u.name, r[1], r[2], r[3], u.pin_hash) for uid, (u, r) in live()),
             )
             await db.executemany(
                 "INSERT INTO assignments (uid, pos, group_id, vfrom, vuntil) VALUES (?,?,?,?,?)",
-                (
-                    (uid, j, u.assignments[j].group, a[1], a[2])
-                    for uid, (u, r) in live
-                    for j, a in enumerate(r[5])
-                ),
+                ((uid, j, u.assignments[j].group, a[1], a[2]) for uid, (u, r) in live() for j, a in enumerate(r[5])),
             )
             await db.executemany(
                 "DELETE FROM credentials WHERE card=?", [(c,) for c, v in plan.creds.items() if v is None]

@@ -29,7 +29,14 @@ def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
 
 
 def build_reader(
-    rc: ReaderConfig, name: str, sink: ReaderSink, profile: HardwareProfile, factory: Any, cfg: Config, *, index: int = 0
+    rc: ReaderConfig,
+    name: str,
+    sink: ReaderSink,
+    profile: HardwareProfile,
+    factory: Any,
+    cfg: Config,
+    *,
+    index: int = 0,
 ) -> Reader:
     from ..config import OsdpReaderConfig, WiegandReaderConfig
 

@@ -1,0 +1,379 @@
+"""Clock trust: whether the gateway may believe its own wall clock, and the best estimate of "now".
+
+A Raspberry Pi has no battery-backed clock. After a power cut it boots with the time the kernel was built
+with or, with fake-hwclock, the time it last saved; either way the clock is behind until NTP answers, and a
+door controller that believed it would grant on validity windows and schedules that have already ended.
+
+`ClockTrust` is the pure core (no I/O, no asyncio; wall and monotonic time are passed in). The policy:
+
+* **At boot** the clock is *untrusted* until NTP reports the clock synchronised or the cloud link gives
+  its time. One exception: a *warm restart* (the agent restarted but the machine did not: the kernel's
+  boot id is the one saved with the last-good time) with a wall clock not before the last-good time; the
+  kernel clock then kept running since it was last trusted.
+* A wall clock **before the last-good time** is never trusted by itself (alarm `clock_backwards`).
+* **While running**, each tick compares the wall clock's progress with the monotonic clock's. A jump
+  larger than `max_jump_s` makes the clock untrusted (`clock_backwards` for a backwards jump) until NTP or
+  the cloud confirms it again.
+* **Cloud time**: a sample `(server_utc, rtt)` is taken as `server_utc + rtt / 2` at arrival (samples
+  with an RTT above `max_rtt_s` are ignored). A difference above `max_skew_s` raises `clock_skew`
+  (10 minutes by default). When NTP is not synchronised, the gateway adopts the cloud time as an offset to
+  its own clock and trusts that (`adopt_cloud_time`, on by default); NTP, when synchronised, stays the
+  authority and the offset is dropped.
+* Trust changes raise `clock_untrusted` / `clock_trusted`.
+* `last_good()` is persisted periodically while trusted, with the boot id (see `save_clock_state`).
+* `now()` is the best estimate: the clock plus any cloud offset; while untrusted, never before the last
+  good time (nor before the last trusted time carried forward on the monotonic clock).
+
+What the agent does with an untrusted clock is `SitePolicy.time_policy` (see `edge.decision.TimePolicy`
+and docs/operations.md): in no case does it grant on a window that may have ended.
+
+The I/O helpers at the end of the module (`read_ntp_synchronised`, `read_boot_id`, `load_clock_state`,
+`save_clock_state`) are the only parts that touch the system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import enum
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("edge.timetrust")
+
+# Alarm kinds (the agent journals them as "alarm.<kind>").
+CLOCK_BACKWARDS = "clock_backwards"
+CLOCK_JUMP = "clock_jump"
+CLOCK_SKEW = "clock_skew"
+CLOCK_UNTRUSTED = "clock_untrusted"
+CLOCK_TRUSTED = "clock_trusted"
+
+
+class TrustSource(enum.StrEnum):
+    NONE = "none"
+    NTP = "ntp"
+    CLOUD = "cloud"
+    WARM_RESTART = "warm_restart"
+
+
+class ClockAlarm(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    message: str
+    #: Clock minus the reference, in seconds, for clock_skew / clock_backwards / clock_jump.
+    skew_s: float | None = None
+
+
+class ClockTrust:
+    """The clock-trust state machine. All times are float seconds: `wall` UTC since the epoch, `mono` from
+    a monotonic clock. Call `observe()` every tick, `ntp_synchronised()` when NTP state is read,
+    `cloud_time()` when the link reports the server's time."""
+
+    def __init__(
+        self,
+        *,
+        wall: float,
+        mono: float,
+        last_good: float | None = None,
+        warm_restart: bool = False,
+        max_skew_s: float = 600.0,
+        max_jump_s: float = 30.0,
+        max_rtt_s: float = 10.0,
+        adopt_cloud_time: bool = True,
+    ) -> None:
+        if max_skew_s <= 0 or max_jump_s <= 0 or max_rtt_s <= 0:
+            raise ValueError("max_skew_s, max_jump_s and max_rtt_s must be positive")
+        self.max_skew_s = max_skew_s
+        self.max_jump_s = max_jump_s
+        self.max_rtt_s = max_rtt_s
+        self.adopt_cloud_time = adopt_cloud_time
+        self._last_good = last_good if last_good is not None and math.isfinite(last_good) else None
+        self._offset = 0.0
+        self._ntp = False
+        self._trusted = False
+        self._source = TrustSource.NONE
+        self._reason = ""
+        self._alarms: list[ClockAlarm] = []
+        self._prev = (wall, mono)
+        #: (estimated UTC, mono) when the clock was last trusted: carries the time forward while untrusted.
+        self._anchor: tuple[float, float] | None = None
+        lg = self._last_good
+        if lg is None:
+            self._reason = "no last-good time: waiting for NTP or the cloud"
+        elif wall < lg:
+            self._reason = f"clock is {lg - wall:.0f} s before the last-good time"
+            self._alarm(CLOCK_BACKWARDS, self._reason, wall - lg)
+        elif warm_restart:
+            self._set_trusted(TrustSource.WARM_RESTART, "warm restart: clock kept running", wall, mono)
+        else:
+            self._reason = "cold boot: waiting for NTP or the cloud"
+        if not self._trusted:
+            self._alarm(CLOCK_UNTRUSTED, self._reason)
+
+    # --- outputs ----------------------------------------------------------------------------------------
+
+    @property
+    def trusted(self) -> bool:
+        return self._trusted
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def source(self) -> TrustSource:
+        return self._source
+
+    @property
+    def offset_s(self) -> float:
+        """The cloud offset added to the wall clock (0 when none is adopted)."""
+        return self._offset
+
+    def now(self, wall: float, mono: float) -> float:
+        """Best estimate of UTC now."""
+        est = wall + self._offset
+        if self._trusted:
+            return est
+        floor = self._last_good if self._last_good is not None else -math.inf
+        if self._anchor is not None:
+            floor = max(floor, self._anchor[0] + (mono - self._anchor[1]))
+        return max(est, floor)
+
+    def last_good(self) -> float | None:
+        """The latest time known good (to persist while trusted)."""
+        return self._last_good
+
+    def alarms(self) -> list[ClockAlarm]:
+        """The alarms raised since the last call (drained)."""
+        out, self._alarms = self._alarms, []
+        return out
+
+    def rights_age_s(self, synced_at: float | None, wall: float, mono: float) -> float | None:
+        """Seconds since the rights were last synchronised (None: never), on the best estimate of now.
+
+        With an untrusted clock this is a lower bound (the gateway cannot know how long it was off)."""
+        if synced_at is None:
+            return None
+        return max(0.0, self.now(wall, mono) - synced_at)
+
+    def status(self) -> dict[str, str | float | bool | None]:
+        return {
+            "trusted": self._trusted,
+            "source": self._source.value,
+            "reason": self._reason,
+            "offset_s": self._offset,
+            "last_good": self._last_good,
+            "ntp_synchronised": self._ntp,
+        }
+
+    # --- inputs -----------------------------------------------------------------------------------------
+
+    def observe(self, wall: float, mono: float) -> None:
+        """A tick: detect jumps of the wall clock against the monotonic clock, advance the last-good time."""
+        pw, pm = self._prev
+        self._prev = (wall, mono)
+        drift = (wall - pw) - (mono - pm)
+        if abs(drift) > self.max_jump_s:
+            if drift < 0:
+                self._alarm(CLOCK_BACKWARDS, f"clock went back {-drift:.0f} s", drift)
+            else:
+                self._alarm(CLOCK_JUMP, f"clock jumped forward {drift:.0f} s", drift)
+            if self._source is TrustSource.CLOUD:
+                # The clock under our offset moved: the offset is now wrong by the jump.
+                self._offset -= drift
+            if self._trusted:
+                what = "back" if drift < 0 else "forward"
+                self._set_untrusted(f"clock jumped {what} {abs(drift):.0f} s: waiting for NTP or the cloud")
+            return
+        if self._trusted:
+            est = wall + self._offset
+            self._last_good = est if self._last_good is None else max(self._last_good, est)
+            self._anchor = (est, mono)
+
+    def ntp_synchronised(self, synced: bool, wall: float, mono: float) -> None:
+        """The NTP state as read from the system (`read_ntp_synchronised`)."""
+        was = self._ntp
+        self._ntp = synced
+        if synced:
+            if self._last_good is not None and wall < self._last_good - self.max_jump_s:
+                # NTP says synchronised but the clock is before a time we saw as good: believe neither.
+                if not was:
+                    self._alarm(CLOCK_BACKWARDS, "NTP synchronised but the clock is before the last-good time",
+                                wall - self._last_good)  # fmt: skip
+                self._set_untrusted("NTP synchronised but the clock is before the last-good time")
+                return
+            self._offset = 0.0
+            if not self._trusted or self._source is not TrustSource.NTP:
+                self._set_trusted(TrustSource.NTP, "NTP synchronised", wall, mono)
+            self._prev = (wall, mono)
+        elif was and self._source is TrustSource.NTP:
+            # Lost sync: the kernel clock keeps running on its last discipline. Stay trusted (jumps are
+            # still caught by observe()), but say so.
+            self._reason = "NTP sync lost; clock free-running since"
+
+    def cloud_time(self, server_utc: float, rtt: float, wall: float, mono: float) -> float | None:
+        """A time sample from the cloud link, received at (`wall`, `mono`). Returns the skew (our clock
+        minus the cloud's) or None when the sample was not usable."""
+        if not (math.isfinite(server_utc) and math.isfinite(rtt)) or rtt < 0 or rtt > self.max_rtt_s:
+            return None
+        cloud_now = server_utc + rtt / 2
+        skew = wall + self._offset - cloud_now
+        raw_skew = wall - cloud_now
+        if abs(skew) > self.max_skew_s:
+            self._alarm(CLOCK_SKEW, f"clock differs from the cloud's by {skew:+.0f} s", skew)
+        if self._ntp and self._source is TrustSource.NTP:
+            return skew  # NTP is the authority; the skew alarm (if any) tells the operator they disagree
+        if self._last_good is not None and cloud_now < self._last_good - self.max_jump_s - rtt:
+            self._alarm(CLOCK_BACKWARDS, "cloud time is before the last-good time", cloud_now - self._last_good)
+            return skew
+        if self.adopt_cloud_time:
+            self._offset = -raw_skew
+            self._set_trusted(TrustSource.CLOUD, f"cloud time (offset {self._offset:+.1f} s)", wall, mono)
+        elif abs(raw_skew) <= self.max_skew_s:
+            self._set_trusted(TrustSource.CLOUD, f"confirmed by the cloud (skew {raw_skew:+.1f} s)", wall, mono)
+        return skew
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _alarm(self, kind: str, message: str, skew: float | None = None) -> None:
+        self._alarms.append(ClockAlarm(kind=kind, message=message, skew_s=skew))
+
+    def _set_trusted(self, source: TrustSource, reason: str, wall: float, mono: float) -> None:
+        was = self._trusted
+        self._trusted = True
+        self._source = source
+        self._reason = reason
+        est = wall + self._offset
+        self._last_good = est if self._last_good is None else max(self._last_good, est)
+        self._anchor = (est, mono)
+        self._prev = (wall, mono)
+        if not was:
+            self._alarm(CLOCK_TRUSTED, reason)
+
+    def _set_untrusted(self, reason: str) -> None:
+        was = self._trusted
+        self._trusted = False
+        self._source = TrustSource.NONE
+        self._reason = reason
+        if was:
+            self._alarm(CLOCK_UNTRUSTED, reason)
+
+
+# --- I/O at the edge ----------------------------------------------------------------------------------
+
+TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+META_LAST_GOOD = "clock.last_good"
+META_BOOT_ID = "clock.boot_id"
+TIMEDATECTL_TIMEOUT_S = 5.0
+_TIME_ERROR = 5  # adjtimex() return value: clock not synchronised
+
+
+def adjtimex_synchronised() -> bool | None:
+    """I/O (a read-only syscall): the kernel's NTP state via adjtimex(2) with modes = 0. None when the call
+    is not available (not Linux, or denied by a seccomp filter such as systemd's `ProtectClock=`)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.adjtimex
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(512)  # struct timex is ~208 bytes; modes (offset 0) = 0: read only
+    r = int(fn(buf))
+    if r < 0:
+        return None
+    return r != _TIME_ERROR
+
+
+async def read_ntp_synchronised() -> bool | None:
+    """I/O: is the system clock NTP-synchronised? None when it cannot be told.
+
+    In order: systemd-timesyncd's flag file (created on first sync), `timedatectl show -p NTPSynchronized
+    --value` (timedated asks the kernel, so it works with chrony too), then adjtimex(2) directly.
+    """
+    if await asyncio.to_thread(TIMESYNC_FLAG.exists):
+        return True
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "timedatectl", "show", "-p", "NTPSynchronized", "--value",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    except OSError:
+        proc = None
+    if proc is not None:
+        try:
+            async with asyncio.timeout(TIMEDATECTL_TIMEOUT_S):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            out = b""
+        answer = out.decode(errors="replace").strip()
+        if proc.returncode == 0 and answer in ("yes", "no"):
+            return answer == "yes"
+    return adjtimex_synchronised()
+
+
+def read_boot_id(path: Path = BOOT_ID) -> str | None:
+    """I/O: the kernel's boot id (changes at every boot; same across agent restarts)."""
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+class ClockState(msgspec.Struct, frozen=True):
+    last_good: float | None
+    boot_id: str | None
+
+
+async def load_clock_state(store: Store) -> ClockState:
+    """I/O: the persisted last-good time and the boot id it was saved in (None when never saved)."""
+    raw_time = await store.get_meta(META_LAST_GOOD)
+    raw_boot = await store.get_meta(META_BOOT_ID)
+    try:
+        last_good = float(raw_time) if raw_time is not None else None
+    except (TypeError, ValueError):
+        log.warning("ignoring unreadable %s in the store: %r", META_LAST_GOOD, raw_time)
+        last_good = None
+    if last_good is not None and not math.isfinite(last_good):
+        last_good = None
+    return ClockState(last_good=last_good, boot_id=str(raw_boot) if raw_boot is not None else None)
+
+
+async def save_clock_state(store: Store, trust: ClockTrust, boot_id: str | None) -> bool:
+    """I/O: persist the last-good time with the boot id, only while the clock is trusted. True if saved."""
+    lg = trust.last_good()
+    if not trust.trusted or lg is None:
+        return False
+    await store.set_meta(META_LAST_GOOD, lg)
+    await store.set_meta(META_BOOT_ID, boot_id)
+    return True
+
+
+def clock_trust_at_boot(
+    state: ClockState,
+    boot_id: str | None,
+    *,
+    wall: float,
+    mono: float,
+    max_skew_s: float = 600.0,
+    adopt_cloud_time: bool = True,
+) -> ClockTrust:
+    """The `ClockTrust` for this start: a warm restart when the saved boot id is this boot's."""
+    warm = boot_id is not None and state.boot_id == boot_id
+    return ClockTrust(
+        wall=wall, mono=mono, last_good=state.last_good, warm_restart=warm, max_skew_s=max_skew_s,
+        adopt_cloud_time=adopt_cloud_time,
+    )  # fmt: skip
