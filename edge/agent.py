@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import signal
@@ -350,7 +351,9 @@ class Agent:
         by_port: dict[str, list[Any]] = {}
         port_cfg: dict[str, OsdpReaderConfig] = {}
         for i, (name, rc) in enumerate(configs):
-            r = build_reader(rc, name, self.on_reader_event, self.profile, self.factory, self.cfg, index=i)
+            r = build_reader(
+                rc, name, self.on_reader_event, profile=self.profile, factory=self.factory, cfg=self.cfg, index=i
+            )
             readers.append(r)
             self.reader_door[name] = rc.door
             if isinstance(rc, OsdpReaderConfig):
@@ -376,21 +379,26 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.cfg
-        async with AsyncExitStack() as stack:
+        # Exit order matters too: the journal (outermost) closes after the doors have recorded the state
+        # they left each lock in; the doors close after everything that could act on them.
+        async with AsyncExitStack() as journal_stack, AsyncExitStack() as door_stack, AsyncExitStack() as stack:
             # 1. Locks to their safe state before anything else.
             for io in self.profile.doors:
                 ctl = DoorController(Door(id=io.door), io, factory=self.factory, emit=self._emit, clock=time.monotonic)
-                self.doors[io.door] = await stack.enter_async_context(ctl)
-                if self.simulated and io.contact_pin is not None:
-                    from .simulator import set_contact
+                self.doors[io.door] = await door_stack.enter_async_context(ctl)
+            if self.simulated:  # simulated doors start closed (the contact must hold past its debounce)
+                from .simulator import set_contact
 
-                    set_contact(self, io.door, opened=False)  # simulated doors start closed
+                for io in self.profile.doors:
+                    if io.contact_pin is not None:
+                        set_contact(self, io.door, opened=False)
+                await asyncio.sleep(max((io.debounce_s for io in self.profile.doors), default=0.0) + 0.02)
             # 2. Rights and journal.
             state = cfg.state_dir
             self.store = await stack.enter_async_context(
                 Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous)
             )
-            self.journal = await stack.enter_async_context(
+            self.journal = await journal_stack.enter_async_context(
                 Journal(
                     state / "journal.db", site_tz=cfg.tz, link_up=lambda: self.link_online, clock=self.clock,
                     max_events=cfg.storage.journal_max_events, memory_limit=cfg.storage.journal_memory_events,
@@ -444,6 +452,7 @@ class Agent:
                 "running OFFLINE until the cloud link connects: taps are decided from the local store "
                 "(offline policy %s after %.0f s)", cfg.policy.offline_policy.value, cfg.policy.offline_grace_s,
             )  # fmt: skip
+            gc.freeze()  # boot-time objects are long-lived: keep them out of every later collection
             self.started.set()
             self.notifier.ready(f"{len(self.doors)} doors, {len(self.readers)} readers, rights v{self.store.version}")
             async with asyncio.TaskGroup() as tg:

@@ -112,13 +112,13 @@ class ControlServer:
             return Reply(ok=False, error=f"internal error: {e}")
 
 
-async def request(path: Path | str, req: Request, *, timeout: float = 10.0) -> Reply:
+async def request(path: Path | str, req: Request, *, wait_s: float = 10.0) -> Reply:
     """Send one request to a running agent and return its reply."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), wait_s)
     try:
         writer.write(_enc.encode(req) + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        line = await asyncio.wait_for(reader.readline(), wait_s)
         if not line:
             raise ConnectionError("agent closed the control connection")
         return _rep_dec.decode(line)

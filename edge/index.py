@@ -91,9 +91,11 @@ class _Base:
         return (self.c_uid[i], self.c_status[i], self.c_from[i], self.c_until[i])
 
     def user(self, uid: int) -> UserRow | None:
-        i = bisect_left(self.u_uid, uid)
-        if i == self.n_users or self.u_uid[i] != uid:
-            return None
+        i = uid - 1  # uids are allocated densely from 1: usually the row is right there
+        if not (0 <= i < self.n_users and self.u_uid[i] == uid):
+            i = bisect_left(self.u_uid, uid)
+            if i == self.n_users or self.u_uid[i] != uid:
+                return None
         a0, a1 = self.u_aoff[i], self.u_aoff[i + 1]
         ag, af, au = self.a_gidx, self.a_from, self.a_until
         return (

@@ -226,6 +226,11 @@ class Journal:
                     "INSERT OR REPLACE INTO jmeta (key, value) VALUES ('next_seq', ?)", (batch[-1].seq + 1,)
                 )
                 await db.execute("COMMIT")
+            except asyncio.CancelledError:
+                # Cancelled mid-transaction (shutdown): the batch stays pending; close() writes it again.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(db.execute("ROLLBACK"))
+                raise
             except (sqlite3.Error, OSError) as e:
                 with contextlib.suppress(Exception):
                     await db.execute("ROLLBACK")

@@ -80,11 +80,16 @@ class CompiledSchedule:
     def span_end(self, ts: float) -> datetime | None:
         """If the schedule allows `ts`, the instant its continuous window ends (UTC); else None.
 
-        A schedule open around the clock for the next 8 days returns the end of that look-ahead.
+        A schedule open around the clock for the next 8 days returns the end of that look-ahead (local
+        midnight 9 days on). The end is found on the local wall clock; when a DST change falls between
+        now and that end, wall-clock arithmetic is not enough (a skipped or repeated hour can close the
+        window early), so the UTC minutes are then walked one by one with `allows_ts`.
         """
         if not self.allows_ts(ts):
             return None
         ordinal, _, minute = self.clock.parts(ts)
+        tz = self.clock.tz
+        candidate: datetime | None = None
         for day in range(9):
             mask = self._day_mask(ordinal + day)
             free = ~mask & _FULL_DAY
@@ -93,12 +98,23 @@ class CompiledSchedule:
             if free:
                 end_minute = (free & -free).bit_length() - 1
                 d = datetime.fromordinal(ordinal + day)
-                local = datetime(
-                    d.year, d.month, d.day, end_minute // 60, end_minute % 60, tzinfo=self.clock.tz
-                )
-                return local.astimezone(UTC)
-        d = datetime.fromordinal(ordinal + 9)
-        return datetime(d.year, d.month, d.day, tzinfo=self.clock.tz).astimezone(UTC)
+                candidate = datetime(d.year, d.month, d.day, end_minute // 60, end_minute % 60, tzinfo=tz)
+                break
+        if candidate is None:
+            d = datetime.fromordinal(ordinal + 9)
+            candidate = datetime(d.year, d.month, d.day, tzinfo=tz)
+        end = candidate.astimezone(UTC)
+        # Same offset now and at the end instant (read back from UTC, which also catches a wall time
+        # inside a skipped hour): no DST change in between, the wall-clock answer stands.
+        if datetime.fromtimestamp(ts, tz).utcoffset() == end.astimezone(tz).utcoffset():
+            return end
+        t = int(ts // 60) * 60 + 60
+        limit = end.timestamp()
+        while t < limit:
+            if not self.allows_ts(t):
+                return datetime.fromtimestamp(t, UTC)
+            t += 60
+        return end
 
 
 ALWAYS_ID = "always"

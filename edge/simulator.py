@@ -61,6 +61,7 @@ async def tap(
     door = agent.reader_door[reader_name]
     tx = _transmitter(agent, door)
     bits, nbits = card_frame(reader.assembler.formats, card, fmt=fmt, facility=facility)
+    await asyncio.sleep(0.06)  # a reader refuses a frame that starts right after a faulty one or a key
     await tx.send(bits, nbits)
     if pin is not None:
         await asyncio.sleep(0.4)

@@ -81,6 +81,7 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was:
+            gc.freeze()  # what survived is long-lived: keep it out of the next collections' scans
             gc.enable()
 
 
@@ -708,14 +709,16 @@ class Store:
         try:
             async with self._lock:
                 old = self.index
-                self._swap(await asyncio.to_thread(old.compacted))
+                with gc_paused():
+                    self._swap(await asyncio.to_thread(old.compacted))
         finally:
             self._compacting = None
 
     async def compact(self) -> None:
         """Fold the overlay into the base arrays now (tests and maintenance)."""
         async with self._lock:
-            self._swap(await asyncio.to_thread(self.index.compacted))
+            with gc_paused():
+                self._swap(await asyncio.to_thread(self.index.compacted))
 
 
 def _index_from_plan(tables: Tables, plan: _Plan, version: int) -> RightsIndex:

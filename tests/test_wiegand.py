@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -163,10 +164,37 @@ def test_assembler_deadline_adapts_to_bit_spacing() -> None:
     last_fast = 100.0 + 25 * 200e-6 + 50e-6
     last_slow = 100.0 + 25 * 20e-3 + 50e-6
     assert fast.deadline is not None and slow.deadline is not None
-    assert fast.deadline - last_fast == pytest.approx(0.005, abs=1e-5)  # the floor
+    floor = FrameTiming().floor_s
+    assert fast.deadline - last_fast == pytest.approx(floor, abs=1e-5)  # the floor
     assert slow.deadline - last_slow == pytest.approx(0.05, abs=1e-5)  # the ceiling
-    assert fast.poll(last_fast + 0.004) == ()  # not over yet
-    assert len(fast.poll(last_fast + 0.006)) == 1
+    assert fast.poll(last_fast + floor - 0.001) == ()  # not over yet
+    assert len(fast.poll(last_fast + floor + 0.001)) == 1
+
+
+def test_assembler_default_gap_is_a_few_bit_intervals() -> None:
+    """At the common 1.5 ms spacing the frame ends 2.5 intervals after its last bit, not 8."""
+    asm = make_asm()
+    edges = frame_edges(FRAME, 26, interval=1.5e-3)
+    for ts, line, level in edges:
+        assert asm.edge(ts, line, level) == ()
+    last = edges[-1][0]
+    assert asm.deadline is not None
+    assert asm.deadline - last == pytest.approx(FrameTiming().k * 1.5e-3, abs=1e-5)
+    assert asm.poll(last + 3.5e-3) == ()
+    out = asm.poll(last + 4e-3)
+    assert len(out) == 1 and isinstance(out[0], CardRead) and out[0].card == CARD
+
+
+def test_assembler_late_bit_inside_the_gap_stays_in_the_frame() -> None:
+    """One bit 2x late (less than k = 2.5 intervals of silence) does not split the frame; a bit missing
+    for 3 intervals does, and neither half reads as a card."""
+    edges = frame_edges(FRAME, 26, interval=1.5e-3)
+    late = [(t + 1.5e-3 if t >= 100.0 + 13 * 1.5e-3 else t, line, lvl) for t, line, lvl in edges]
+    out = run_assembler(make_asm(), late)
+    assert len(out) == 1 and isinstance(out[0], CardRead) and out[0].card == CARD
+    split = [(t + 3e-3 if t >= 100.0 + 13 * 1.5e-3 else t, line, lvl) for t, line, lvl in edges]
+    out = run_assembler(make_asm(), split)
+    assert len(out) == 2 and faults(out) == ["partial", "noise"]
 
 
 def test_assembler_back_to_back_frames_split_on_the_gap() -> None:
@@ -401,6 +429,21 @@ async def test_reader_real_time_mode(rig: tuple[WiegandReader, WiegandTransmitte
     await tx.send(FRAME, 26, interval_s=1e-3)
     ev = await col.wait_for(lambda e: isinstance(e, CardRead))
     assert isinstance(ev, CardRead) and ev.card == CARD
+
+
+async def test_reader_real_time_frame_survives_a_stalled_loop(
+        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
+    """Edges carry the time they happened, not the time the loop saw them: a loop stalled for 20 ms in
+    the middle of a frame (10x the gap at 1 ms spacing) delays the read but does not cut the frame."""
+    _, tx, col = rig
+    sending = asyncio.ensure_future(tx.send(FRAME, 26, interval_s=1e-3))
+    await asyncio.sleep(0.005)
+    time.sleep(0.02)  # noqa: TID251 -- the point: the loop is blocked while the reader keeps sending
+    last = await sending
+    ev = await col.wait_for(lambda e: isinstance(e, CardRead | ReaderFault))
+    assert isinstance(ev, CardRead) and ev.card == CARD
+    assert tx.pins[0].states[-1].state and tx.pins[1].states[-1].state  # lines back to idle
+    assert last > 0
 
 
 async def test_reader_glitch_gives_noise_not_a_card(

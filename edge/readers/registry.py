@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
-from .base import Reader, ReaderSink
-from .formats import FormatTable
+from edge.errors import ConfigError
+from edge.readers.base import Reader, ReaderSink
+from edge.readers.formats import FormatTable
 
 if TYPE_CHECKING:
-    from ..config import Config, OsdpReaderConfig, ReaderConfig
-    from ..hw import HardwareProfile
+    from edge.config import Config, OsdpReaderConfig, ReaderConfig
+    from edge.hw import HardwareProfile
 
 
 def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
@@ -32,17 +32,17 @@ def build_reader(
     rc: ReaderConfig,
     name: str,
     sink: ReaderSink,
+    *,
     profile: HardwareProfile,
     factory: Any,
     cfg: Config,
-    *,
     index: int = 0,
 ) -> Reader:
-    from ..config import OsdpReaderConfig, WiegandReaderConfig
+    from edge.config import OsdpReaderConfig, WiegandReaderConfig
 
     where = f"readers[{index}]"
     if isinstance(rc, WiegandReaderConfig):
-        from .wiegand import FrameTiming, KeypadOptions, WiegandReader
+        from edge.readers.wiegand import FrameTiming, KeypadOptions, WiegandReader
 
         try:
             io = profile.door(rc.door)
@@ -62,7 +62,7 @@ def build_reader(
             pin_factory=factory,
         )  # fmt: skip
     if isinstance(rc, OsdpReaderConfig):
-        from .osdp import OsdpReader
+        from edge.readers.osdp import OsdpReader
 
         return OsdpReader(
             name, sink, address=rc.address, secure=rc.secure, allow_install_mode=rc.allow_install_mode,

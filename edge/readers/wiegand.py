@@ -516,6 +516,9 @@ class VirtualClockPin(MockPin):  # type: ignore[misc]
 
     _state: bool
     _last_change: float
+    _function: str
+    _edges: str
+    _when_changed: Any
     states: list[PinState]
 
     def _change_state(self, value: bool) -> bool:
@@ -530,6 +533,21 @@ class VirtualClockPin(MockPin):  # type: ignore[misc]
     def clear_states(self) -> None:
         self._last_change = self.factory.ticks()
         self.states = [PinState(0.0, self._state)]
+
+    def drive_at(self, level: bool, at: float) -> None:
+        """Drive this input to `level` as an edge that happened at `at` (factory ticks), delivered now.
+
+        `at` is what a kernel timestamp is on real hardware: when the edge happened, which may be a
+        little in the past by the time the GPIO library's thread gets to deliver it.
+        """
+        if self._function != "input" or self._state == level:
+            return
+        at = max(at, self._last_change)
+        self._state = level
+        self.states.append(PinState(at - self._last_change, level))
+        self._last_change = at
+        if self._when_changed is not None and self._edges in ("both", "rising" if level else "falling"):
+            self._call_when_changed()
 
 
 class VirtualClockFactory(MockFactory):  # type: ignore[misc]
@@ -624,27 +642,33 @@ class WiegandTransmitter:
             t = start + iv
         return end
 
-    async def send(self, bits: int, nbits: int, *, interval_s: float | None = None) -> None:
-        """Send a frame in real time (one bit per `interval_s`) and return when its last edge is out.
+    async def send(self, bits: int, nbits: int, *, interval_s: float | None = None) -> float:
+        """Send a frame in real time (one bit per `interval_s`); returns the time of its last edge.
 
-        The bits are paced by a worker thread, as a real reader and the GPIO library's edge thread are:
-        the pin callbacks run on that thread and hop to the loop, and a busy event loop delays the
-        delivery of the edges but not their timestamps. Pacing on the loop itself (asyncio.sleep) would
-        stretch a bit interval by every loop stall, which no reader does and which a tight end-of-frame
-        gap rightly refuses. Cancelling the await does not stop a frame half-way: it is sent whole.
+        A worker thread stands in for the reader and the kernel: it wakes at each bit's time and
+        delivers the edges stamped with the time they are due (`VirtualClockPin.drive_at`), as GPIO
+        drivers deliver kernel-timestamped edges. A busy event loop or GIL then delays the delivery of
+        edges, as on real hardware, but never stretches a bit interval (pacing on the loop with
+        asyncio.sleep did, which no reader does and a tight end-of-frame gap rightly refuses).
+        Cancelling the await does not stop a frame half-way: it is sent whole.
         """
-        await asyncio.to_thread(self._send_paced, bits, nbits, interval_s)
+        return await asyncio.to_thread(self._send_paced, bits, nbits, interval_s)
 
-    def _send_paced(self, bits: int, nbits: int, interval_s: float | None) -> None:
+    def _send_paced(self, bits: int, nbits: int, interval_s: float | None) -> float:
         factory = self.factory
-        t = factory.ticks()  # when the current bit is due (the schedule does not drift with late wake-ups)
+        t = factory.ticks()  # when the current bit is due (the schedule never drifts with late wake-ups)
+        end = t
         for i in range(nbits - 1, -1, -1):
-            self._pulse((bits >> i) & 1, factory.ticks(), self.pulse_s)
-            if i:
-                t += self._interval(interval_s)
-                wait = t - factory.ticks()
-                if wait > 0:
-                    time.sleep(wait)  # noqa: TID251 -- a worker thread standing in for the reader hardware
+            wait = t - factory.ticks()
+            if wait > 0:
+                time.sleep(wait)  # noqa: TID251 -- a worker thread standing in for the reader hardware
+            line = (bits >> i) & 1
+            if not self._held[line]:
+                end = t + self.pulse_s
+                self.pins[line].drive_at(False, t)
+                self.pins[line].drive_at(True, end)
+            t += self._interval(interval_s)
+        return end
 
     def send_bitstring(self, text: str, *, interval_s: float | None = None) -> float:
         """`send_now` of a string of "0"/"1" (first character first)."""

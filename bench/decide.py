@@ -1,0 +1,656 @@
+"""Rights index and `decide()` benchmark against an aiosqlite baseline (JSON lines on stdout).
+
+    .venv/bin/python bench/decide.py [--quick] [--sizes 10k,100k,1M,2M] [--seed 1] [--diagnose]
+
+For each population size N (bench/population.py: N users with one card each, 1-3 of 200 groups, 8 doors,
+10 schedules with holidays, 10% of credentials and 5% of assignments with validity windows) the store file
+is built once and cached under --cache-dir (keyed by N, seed and generator version), copied to a work file,
+and then, in this one process:
+
+* boot: `Store(...).__aenter__` start -> first `Decider.decide` answer, with the work file's pages dropped
+  from the page cache first (posix_fadvise DONTNEED on that file only: "cold") and again right after
+  ("warm"); `index_build_time` is the `load_arrays` + `RightsIndex` part of it;
+* index memory per credential: `RightsIndex.nbytes()` (the base arrays), the RSS delta across the cold boot,
+  and tracemalloc (current = retained after the boot, peak = transient during the load) across a separate
+  boot run under tracemalloc (numpy reports its buffers to tracemalloc);
+* `decide()` latency: probes of 80% known / 20% unknown cards at random doors, at random instants over one
+  week (so the per-minute local-clock cache rarely hits: the worst case), each call timed on its own with
+  perf_counter_ns (not corrected for the timer's own cost, which is given in params); several rounds;
+  p50 / p99 / p99.9 are medians over rounds, `*_max_round` the worst round. A second series with the clock
+  moving forward 10 ms per tap (like a live door) is reported as `decide_p99_live_clock`;
+* baseline: the same decisions answered by an indexed SQLite query through aiosqlite (credential -> user
+  -> assignments joined with a group->door table on the door, windows and schedules checked in Python),
+  what a design without an in-memory index does; answers checked against `decide()`; ratio of p50s/p99s;
+* change sets of 10,000 credential changes (40% new cards, 40% status changes, 20% deletes) through
+  `Store.apply` (synchronous=FULL, durable on return): once alone, then twice with a loop-lag monitor (a task
+  spinning on `asyncio.sleep(0)`; a gap between its turns is a stall of the event loop) and a task making
+  decisions on the changed cards every loop turn (checks no decision sees the new rights and then the old).
+
+`sys.setswitchinterval(0.0005)` is set, as the agent does. `--diagnose` samples the loop thread's stack during
+the monitored change sets and prints, to stderr, where the loop thread was during the gaps in which it spent
+more than 1 ms of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+import numpy as np
+from population import (
+    CARD_FORMAT,
+    CARD_LIMIT,
+    SITE_TZ,
+    WEEK_S,
+    WEEK_START_TS,
+    Population,
+    cached_store,
+    doors,
+    generate,
+    schedules,
+)
+
+from edge.decision import Decider, Reason
+from edge.index import NO_END, STATUS_NAMES, RightsIndex
+from edge.model import ChangeSet, Credential, CredentialStatus, DeleteCredential, Group, PutCredential
+from edge.schedule import CompiledSchedule
+from edge.store import Store
+
+SWITCH_INTERVAL = 0.0005
+DEFAULT_SIZES = [10_000, 100_000, 1_000_000, 2_000_000]
+QUICK_SIZES = [10_000, 100_000]
+CHANGES = 10_000
+PROBE_NOW = datetime.fromtimestamp(WEEK_START_TS + 36000, UTC)  # Monday 11:00 local
+#: Every store opened, closed on the way out even after an error (aiosqlite's thread would keep us alive).
+_OPENED: list[Store] = []
+
+Probe = tuple[str, int, datetime]
+
+
+def emit(metric: str, value: float, unit: str, **params: Any) -> None:
+    print(json.dumps({"metric": metric, "value": round(value, 4), "unit": unit, "params": params}), flush=True)
+
+
+def note(msg: str) -> None:
+    print(f"[decide] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(s[-1:], 1)
+    return int(float(s[:-1] if mult > 1 else s) * mult)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def drop_file_cache(path: Path) -> None:
+    """Evict one file's pages from the page cache (only this file: the machine is shared)."""
+    for p in (path, Path(f"{path}-wal")):
+        if p.exists():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def pct(sorted_vals: Sequence[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+# --- probes ----------------------------------------------------------------------------------------------
+
+
+def make_probes(pop: Population, m: int, seed: int) -> list[Probe]:
+    rng = np.random.default_rng([seed, pop.n, 7])
+    known = rng.random(m) < 0.8
+    cards = pop.cards[rng.integers(0, pop.n, m)]
+    unknown = rng.integers(0, CARD_LIMIT, m, np.uint64)
+    while True:  # unknown cards must really be unknown
+        bad = np.isin(unknown, pop.cards)
+        if not bad.any():
+            break
+        unknown[bad] = rng.integers(0, CARD_LIMIT, int(bad.sum()), np.uint64)
+    cards = np.where(known, cards, unknown)
+    door_no = rng.integers(0, len(doors()), m)
+    ts = WEEK_START_TS + rng.random(m) * WEEK_S
+    return [
+        (f"door{d}", c, datetime.fromtimestamp(t, UTC))
+        for d, c, t in zip(door_no.tolist(), cards.tolist(), ts.tolist(), strict=True)
+    ]
+
+
+def live_probes(probes: list[Probe]) -> list[Probe]:
+    """The same doors and cards with a clock moving forward 10 ms per tap from Tuesday 10:00 local."""
+    t0 = WEEK_START_TS + 86400 + 10 * 3600
+    return [(d, c, datetime.fromtimestamp(t0 + i * 0.01, UTC)) for i, (d, c, _) in enumerate(probes)]
+
+
+def timer_overhead_ns() -> int:
+    pc = time.perf_counter_ns
+    vals = []
+    for _ in range(20_000):
+        t0 = pc()
+        vals.append(pc() - t0)
+    return int(statistics.median(vals))
+
+
+def time_decisions(decide: Callable[[str, int, datetime], Any], probes: list[Probe]) -> list[int]:
+    pc = time.perf_counter_ns
+    out = [0] * len(probes)
+    for i, (door, card, now) in enumerate(probes):
+        t0 = pc()
+        decide(door, card, now)
+        out[i] = pc() - t0
+    out.sort()
+    return out
+
+
+# --- the aiosqlite baseline ------------------------------------------------------------------------------
+
+BASELINE_SQL = """
+SELECT c.uid, c.status, c.vfrom, c.vuntil, u.ext_id, u.flags, u.vfrom, u.vuntil, gd.group_id, a.vfrom,
+       a.vuntil
+FROM credentials c
+JOIN users u ON u.uid = c.uid
+LEFT JOIN assignments a ON a.uid = c.uid
+LEFT JOIN temp.group_doors gd ON gd.group_id = a.group_id AND gd.door_id = ?
+WHERE c.card = ?
+ORDER BY a.pos
+"""
+
+
+class SqlDecider:
+    """What a design without an in-memory index does: one indexed query per tap, the rest in Python."""
+
+    def __init__(self, db: aiosqlite.Connection, groups: list[Group]) -> None:
+        self.db = db
+        from zoneinfo import ZoneInfo
+
+        tz = ZoneInfo(SITE_TZ)
+        compiled = {s.id: CompiledSchedule(s, tz) for s in schedules()}
+        self.gsched = {g.id: compiled[g.schedule] if g.schedule else None for g in groups}
+        self.groups = groups
+        self.doors = {d.id for d in doors()}
+
+    async def setup(self) -> None:
+        await self.db.execute(
+            "CREATE TEMP TABLE group_doors (group_id TEXT, door_id TEXT, PRIMARY KEY (group_id, door_id)) "
+            "WITHOUT ROWID"
+        )
+        await self.db.executemany(
+            "INSERT INTO temp.group_doors VALUES (?, ?)", [(g.id, d) for g in self.groups for d in g.doors]
+        )
+
+    async def decide(self, door: str, card: int, now: datetime) -> tuple[Reason, str | None]:
+        ts = now.timestamp()
+        if door not in self.doors:
+            return Reason.UNKNOWN_DOOR, None
+        rows = list(await self.db.execute_fetchall(BASELINE_SQL, (door, card)))
+        if not rows:
+            return Reason.UNKNOWN_CARD, None
+        _, status, cf, cu, _, flags, uf, uu = rows[0][:8]
+        if status:
+            name = STATUS_NAMES[status]
+            return {
+                CredentialStatus.SUSPENDED: Reason.CREDENTIAL_SUSPENDED,
+                CredentialStatus.LOST: Reason.CREDENTIAL_LOST,
+            }.get(name, Reason.CREDENTIAL_REVOKED), None
+        if ts < cf:
+            return Reason.CREDENTIAL_NOT_YET_VALID, None
+        if ts >= cu:
+            return Reason.CREDENTIAL_EXPIRED, None
+        if not flags & 1:
+            return Reason.USER_INACTIVE, None
+        if ts < uf:
+            return Reason.USER_NOT_YET_VALID, None
+        if ts >= uu:
+            return Reason.USER_EXPIRED, None
+        any_door = any_active = False
+        for r in rows:
+            g, af, au = r[8], r[9], r[10]
+            if g is None:
+                continue
+            any_door = True
+            if not af <= ts < au:
+                continue
+            any_active = True
+            sched = self.gsched[g]
+            if sched is not None and not sched.allows_ts(ts):
+                continue
+            return Reason.GRANTED, g
+        if not any_door:
+            return Reason.NO_GROUP_FOR_DOOR, None
+        if not any_active:
+            return Reason.ASSIGNMENT_NOT_ACTIVE, None
+        return Reason.OUTSIDE_SCHEDULE, None
+
+
+# --- change sets -----------------------------------------------------------------------------------------
+
+
+def change_sets(pop: Population, seed: int, version: int) -> tuple[ChangeSet, ChangeSet, list[tuple[int, Reason]]]:
+    """(A, undo of A, [(card, reason for its probe after A)]). A: 40% new cards, 40% status changes, 20%
+    deletes; B puts everything back, so A can be applied again after it."""
+    rng = np.random.default_rng([seed, pop.n, 11])
+    n_new, n_status, n_del = CHANGES * 4 // 10, CHANGES * 4 // 10, CHANGES // 5
+    n_existing = min(pop.n, n_status + n_del)
+    idx = rng.choice(pop.n, n_existing, replace=False)
+    st_idx, del_idx = idx[:n_status], idx[n_status:]
+    owners = rng.integers(0, pop.n, n_new)
+    new_cards = rng.integers(0, CARD_LIMIT, n_new * 2, np.uint64)
+    new_cards = np.unique(new_cards[~np.isin(new_cards, pop.cards)])[:n_new]
+    new_cards = rng.permutation(new_cards)
+
+    def cred(i: int, card: int, status: CredentialStatus) -> Credential:
+        def dt(s: int) -> datetime | None:
+            return None if s in (0, NO_END) else datetime.fromtimestamp(s, UTC)
+
+        return Credential(
+            card=card, user=Population.ext_id(i), format=CARD_FORMAT, status=status,
+            valid_from=dt(int(pop.c_from[i])), valid_until=dt(int(pop.c_until[i])),
+        )  # fmt: skip
+
+    a: list[Any] = []
+    b: list[Any] = []
+    checks: list[tuple[int, Reason]] = []
+    for i, card in zip(owners.tolist(), new_cards.tolist(), strict=True):
+        a.append(PutCredential(credential=Credential(card=card, user=Population.ext_id(i), format=CARD_FORMAT)))
+        b.append(DeleteCredential(card=card))
+    for i in st_idx.tolist():
+        card = int(pop.cards[i])
+        old = STATUS_NAMES[int(pop.c_status[i])]
+        new = CredentialStatus.ACTIVE if old is not CredentialStatus.ACTIVE else CredentialStatus.SUSPENDED
+        a.append(PutCredential(credential=cred(i, card, new)))
+        b.append(PutCredential(credential=cred(i, card, old)))
+        if new is CredentialStatus.SUSPENDED:
+            checks.append((card, Reason.CREDENTIAL_SUSPENDED))
+    for i in del_idx.tolist():
+        card = int(pop.cards[i])
+        a.append(DeleteCredential(card=card))
+        b.append(PutCredential(credential=cred(i, card, STATUS_NAMES[int(pop.c_status[i])])))
+        checks.append((card, Reason.UNKNOWN_CARD))
+    order = rng.permutation(len(a))
+    ca = ChangeSet(from_version=version, to_version=version + 1, changes=[a[j] for j in order.tolist()])
+    cb = ChangeSet(from_version=version + 1, to_version=version + 2, changes=[b[j] for j in order.tolist()])
+    return ca, cb, checks
+
+
+async def apply_monitored(
+    store: Store, decider: Decider, cs: ChangeSet, target: dict[int, Reason], *, diagnose: bool
+) -> dict[str, Any]:
+    """Apply `cs` with a loop-lag monitor and a task deciding on changed cards every loop turn."""
+    gaps: list[float] = []
+    lat: list[int] = []
+    seen_new_then_old = 0
+    n_decisions = 0
+    done = asyncio.Event()
+    before = reasons_now(decider, target)
+
+    long_gaps: list[tuple[float, float]] = []
+
+    cpu_gaps: list[float] = []
+
+    async def monitor() -> None:
+        pc, tt = time.perf_counter, time.thread_time
+        last, last_cpu = pc(), tt()
+        while not done.is_set():
+            await asyncio.sleep(0)
+            t, cpu = pc(), tt()
+            gaps.append(t - last)
+            cpu_gaps.append(cpu - last_cpu)
+            if cpu - last_cpu > 0.001:
+                long_gaps.append((last, t))
+            last, last_cpu = t, cpu
+
+    async def decisions() -> None:
+        nonlocal seen_new_then_old, n_decisions
+        now = PROBE_NOW
+        cards = [c for c in target if before[c] != target[c]] or list(target)
+        pc = time.perf_counter_ns
+        switched = False
+        i = 0
+        while not done.is_set():
+            card = cards[i % len(cards)]
+            i += 1
+            t0 = pc()
+            r = decider.decide("door0", card, now).reason
+            lat.append(pc() - t0)
+            if r == target[card]:
+                switched = True
+            elif switched:
+                seen_new_then_old += 1
+            await asyncio.sleep(0)
+        n_decisions = i
+
+    sampler = StackSampler() if diagnose else None
+    gc_pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection during the apply
+    gc_t0 = 0.0
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal gc_t0
+        if phase == "start":
+            gc_t0 = time.perf_counter()
+        else:
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_t0))
+
+    tasks = [asyncio.create_task(monitor(), name="bench.monitor"), asyncio.create_task(decisions(), name="bench.dec")]
+    await asyncio.sleep(0.05)
+    gaps.clear()
+    await asyncio.sleep(0.3)  # noise floor: the same tasks with no change set running
+    idle = gaps.copy()
+    for _ in range(3):  # leave our own bookkeeping out of the measured gaps
+        gaps.clear()
+        cpu_gaps.clear()
+        long_gaps.clear()
+        await asyncio.sleep(0)
+    gc.callbacks.append(on_gc)
+    t0 = time.perf_counter()
+    try:
+        await store.apply(cs)
+        elapsed = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(on_gc)
+        done.set()
+        await asyncio.gather(*tasks)
+        if sampler is not None:
+            sampler.stop()
+            sampler.report(long_gaps)
+    idle.sort()
+    gaps.sort()
+    cpu_gaps.sort()
+    lat.sort()
+    return {
+        "elapsed": elapsed,
+        "max_gap": gaps[-1] if gaps else float("nan"),
+        "p99_gap": pct(gaps, 0.99),
+        "p999_gap": pct(gaps, 0.999),
+        "gaps_over_1ms": sum(g > 0.001 for g in gaps),
+        "turns": len(gaps),
+        "max_cpu_gap": cpu_gaps[-1] if cpu_gaps else float("nan"),
+        "cpu_gaps_over_1ms": sum(g > 0.001 for g in cpu_gaps),
+        "idle_max_gap": idle[-1] if idle else float("nan"),
+        "idle_gaps_over_1ms": sum(g > 0.001 for g in idle),
+        "decisions": n_decisions,
+        "decision_p99_us": pct(lat, 0.99) / 1e3,
+        "new_then_old": seen_new_then_old,
+        "gc_max": max((d for _, d in gc_pauses), default=0.0),
+        "gc_gen2": sum(g == 2 for g, _ in gc_pauses),
+    }
+
+
+class StackSampler:
+    """--diagnose: samples the loop thread's stack every ~0.2 ms, to say what ran during each long gap."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, str]] = []
+        self.main = threading.main_thread().ident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench.sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.0002):
+            frame = sys._current_frames().get(self.main or 0)
+            where = []
+            depth = 0
+            while frame is not None and len(where) < 4:
+                code = frame.f_code
+                if depth < 2 or "/edge/" in code.co_filename:
+                    where.append(f"{Path(code.co_filename).name}:{frame.f_lineno}:{code.co_name}")
+                frame = frame.f_back
+                depth += 1
+            self.samples.append((time.perf_counter(), " < ".join(where) or "(bench/asyncio)"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, long_gaps: list[tuple[float, float]]) -> None:
+        spent: Counter[str] = Counter()
+        for a, b in long_gaps:
+            for t, where in self.samples:
+                if a <= t <= b:
+                    spent[where] += 1
+        wall = sum(b - a for a, b in long_gaps) * 1e3
+        note(f"{len(long_gaps)} loop gaps with > 1 ms of loop-thread CPU, {wall:.1f} ms wall in all; samples:")
+        for where, k in spent.most_common(12):
+            note(f"  {k:5d}  {where}")
+
+
+def reasons_now(decider: Decider, cards: Iterable[int]) -> dict[int, Reason]:
+    return {card: decider.decide("door0", card, PROBE_NOW).reason for card in cards}
+
+
+def not_visible(decider: Decider, target: dict[int, Reason]) -> int:
+    """Number of changed cards whose decision does not show the change (0 expected)."""
+    return sum(r != target[c] for c, r in reasons_now(decider, target).items())
+
+
+# --- one size --------------------------------------------------------------------------------------------
+
+
+async def boot(path: Path) -> tuple[Store, Decider, float, Any]:
+    t0 = time.perf_counter()
+    store = Store(path, SITE_TZ)
+    _OPENED.append(store)
+    await store.__aenter__()
+    decider = Decider(store.index)
+    store.on_swap.append(lambda idx: setattr(decider, "index", idx))
+    first = decider.decide("door0", 1, PROBE_NOW)
+    return store, decider, time.perf_counter() - t0, first
+
+
+async def run_size(n: int, args: argparse.Namespace) -> None:
+    quick = args.quick
+    base = {"n": n, "seed": args.seed, "python": sys.version.split()[0], "switchinterval_s": SWITCH_INTERVAL}
+    note(f"N={n}: generating population")
+    pop = generate(n, args.seed)
+    cached, build_s, method = await cached_store(args.cache_dir, pop)
+    if build_s:
+        emit("store_build_time", build_s, "s", **base, method=method,
+             note="bench setup, not a target: writing the population into a store file")  # fmt: skip
+    work = args.cache_dir / f"work-n{n}.db"
+    for p in (work, Path(f"{work}-wal"), Path(f"{work}-shm")):
+        p.unlink(missing_ok=True)
+    shutil.copyfile(cached, work)
+    db_bytes = work.stat().st_size
+    n_assign = pop.n_assignments
+
+    # (a) cold and warm boot, index build, RSS delta
+    gc.collect()
+    drop_file_cache(work)
+    rss0 = rss_bytes()
+    store, decider, cold_s, first = await boot(work)
+    rss1 = rss_bytes()
+    assert len(store.index) == n, (len(store.index), n)
+    emit("boot_to_first_decision", cold_s, "s", **base, page_cache="cold (file evicted with fadvise)",
+         db_bytes=db_bytes, first_reason=str(first.reason), target_s=15.0, target_n=2_000_000)  # fmt: skip
+    nbytes = store.index.nbytes()
+    emit("index_nbytes_per_credential", nbytes / n, "bytes", **base, measure="RightsIndex.nbytes() (base arrays)",
+         users=n, assignments=n_assign)  # fmt: skip
+    emit("index_rss_delta_per_credential", (rss1 - rss0) / n, "bytes", **base,
+         measure="RSS delta across the cold boot (includes freed-but-kept heap and the sqlite page cache)",
+         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    t0 = time.perf_counter()
+    arrays = await store.load_arrays(store.index.tables)
+    RightsIndex(store.index.tables, arrays, version=store.version)
+    emit("index_build_time", time.perf_counter() - t0, "s", **base,
+         measure="Store.load_arrays (SQLite -> numpy columns) + RightsIndex(), store already open")  # fmt: skip
+    del arrays
+    await store.close()
+    del store, decider
+    gc.collect()
+    store, decider, warm_s, _ = await boot(work)
+    emit("boot_to_first_decision_warm", warm_s, "s", **base, page_cache="warm", db_bytes=db_bytes)
+
+    # (c) decide() latency
+    m = 50_000 if quick else 200_000
+    rounds = 3 if quick else 5
+    probes = make_probes(pop, m, args.seed)
+    overhead = timer_overhead_ns()
+    reasons = Counter(str(decider.decide(*p).reason) for p in probes[:20_000])
+    mix = {k: round(v / 20_000, 4) for k, v in reasons.most_common()}
+    stats: list[tuple[float, float, float, float]] = []
+    for _ in range(rounds):
+        v = time_decisions(decider.decide, probes)
+        stats.append((pct(v, 0.5), pct(v, 0.99), pct(v, 0.999), v[-1]))
+    p50 = statistics.median(s[0] for s in stats) / 1e3
+    p99 = statistics.median(s[1] for s in stats) / 1e3
+    p999 = statistics.median(s[2] for s in stats) / 1e3
+    common = {**base, "probes": m, "rounds": rounds, "timer_overhead_ns": overhead,
+              "times": "uniform over one week (Mon 2025-03-03, Europe/Berlin, a holiday on Wed)",
+              "known_share": 0.8, "gc": "enabled"}  # fmt: skip
+    emit("decide_p50", p50, "us", **common, max_round=max(s[0] for s in stats) / 1e3, reasons=mix)
+    emit("decide_p99", p99, "us", **common, max_round=max(s[1] for s in stats) / 1e3, target_us=10.0,
+         target_n=2_000_000)  # fmt: skip
+    emit("decide_p999", p999, "us", **common, max_round=max(s[2] for s in stats) / 1e3,
+         max_single=max(s[3] for s in stats) / 1e3)  # fmt: skip
+    lv = time_decisions(decider.decide, live_probes(probes))
+    emit("decide_p99_live_clock", pct(lv, 0.99) / 1e3, "us", **base, probes=m, p50_us=pct(lv, 0.5) / 1e3,
+         times="Tue 10:00 local, +10 ms per tap (local-clock cache hits)")  # fmt: skip
+
+    # (d) aiosqlite baseline on the same file (a second connection, like a second reader)
+    nb = 500 if quick else 2_000
+    bprobes = probes[:nb]
+    async with aiosqlite.connect(work) as db:
+        sql = SqlDecider(db, pop.groups)
+        await sql.setup()
+        plan = [tuple(r) for r in await db.execute_fetchall("EXPLAIN QUERY PLAN " + BASELINE_SQL, ("door0", 1))]
+        for p in bprobes[:50]:  # warm up
+            await sql.decide(*p)
+        pc = time.perf_counter_ns
+        bl: list[int] = []
+        mismatches = 0
+        for p in bprobes:
+            t0 = pc()
+            r, g = await sql.decide(*p)
+            bl.append(pc() - t0)
+            d = decider.decide(*p)
+            mismatches += (r, g) != (d.reason, d.group)
+        bl.sort()
+    b50, b99 = pct(bl, 0.5) / 1e3, pct(bl, 0.99) / 1e3
+    same = sorted(time_decisions(decider.decide, bprobes))
+    bparams = {**base, "probes": nb, "answers_differing_from_decide": mismatches,
+               "query_plan": [r[-1] for r in plan]}  # fmt: skip
+    emit("baseline_aiosqlite_p50", b50, "us", **bparams)
+    emit("baseline_aiosqlite_p99", b99, "us", **bparams)
+    emit("speedup_p50", b50 / p50, "x", **base, decide_p50_us=p50, baseline_p50_us=b50,
+         decide_p50_same_probes_us=pct(same, 0.5) / 1e3, target_x=100.0)  # fmt: skip
+    emit("speedup_p99", b99 / p99, "x", **base, decide_p99_us=p99, baseline_p99_us=b99,
+         decide_p99_same_probes_us=pct(same, 0.99) / 1e3, target_x=100.0)  # fmt: skip
+    await store.close()
+    del store, decider
+    gc.collect()
+
+    # (b) memory under tracemalloc (a separate boot: tracemalloc slows allocation-heavy code)
+    tracemalloc.start()
+    m0 = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    store, decider, tm_s, _ = await boot(work)
+    cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    emit("index_memory_per_credential", (cur - m0) / n, "bytes", **base,
+         measure="tracemalloc: memory still allocated after Store open (index + store), per credential",
+         peak_per_credential=round((peak - m0) / n, 1), nbytes_per_credential=round(store.index.nbytes() / n, 1),
+         users=n, assignments=n_assign, boot_s_under_tracemalloc=round(tm_s, 3), target_bytes=100,
+         target_n=2_000_000)  # fmt: skip
+
+    # (e) change sets through Store.apply. The probe lists (~1M GC-tracked objects) go first: a full
+    # collection over them would be the bench's stall, not the store's.
+    del probes, bprobes, lv, same, bl, stats
+    gc.collect()
+    version = store.version
+    ca, cb, checks = change_sets(pop, args.seed, version)
+    orig = reasons_now(decider, (c for c, _ in checks))
+    t0 = time.perf_counter()
+    await store.apply(ca)
+    quiet = time.perf_counter() - t0
+    changed = dict(checks)
+    bad_a = not_visible(decider, changed)
+    cparams = {**base, "changes": len(ca.changes), "mix": "40% new cards, 40% status changes, 20% deletes",
+               "synchronous": "FULL"}  # fmt: skip
+    emit("changeset_apply_time", quiet, "s", **cparams, not_visible_after=bad_a, monitors="none", target_s=2.0)
+    res_b = await apply_monitored(store, decider, cb, orig, diagnose=args.diagnose)
+    bad_b = not_visible(decider, orig)
+    ca2 = ChangeSet(from_version=version + 2, to_version=version + 3, changes=ca.changes)
+    res_c = await apply_monitored(store, decider, ca2, changed, diagnose=args.diagnose)
+    bad_c = not_visible(decider, changed)
+    runs = [res_b, res_c]
+    emit("changeset_apply_time_monitored", max(r["elapsed"] for r in runs), "s", **cparams,
+         runs=[round(r["elapsed"], 3) for r in runs], not_visible_after=bad_b + bad_c, target_s=2.0,
+         monitors="loop-lag task + deciding task spinning on sleep(0)")  # fmt: skip
+    emit("changeset_loop_stall_max", max(r["max_gap"] for r in runs) * 1e3, "ms", **cparams,
+         measure="wall time between two turns of a monitor task spinning on sleep(0)",
+         runs=[round(r["max_gap"] * 1e3, 3) for r in runs], gaps_over_1ms=[r["gaps_over_1ms"] for r in runs],
+         loop_turns=[r["turns"] for r in runs], target_ms=1.0,
+         idle_max_ms=[round(r["idle_max_gap"] * 1e3, 3) for r in runs],
+         idle_gaps_over_1ms_in_300ms=[r["idle_gaps_over_1ms"] for r in runs],
+         loadavg_1min=round(os.getloadavg()[0], 2),
+         gc_max_pause_ms=[round(r["gc_max"] * 1e3, 3) for r in runs], gc_gen2_runs=[r["gc_gen2"] for r in runs],
+         gc_tracked_objects=len(gc.get_objects()))  # fmt: skip
+    emit("changeset_loop_stall_cpu_max", max(r["max_cpu_gap"] for r in runs) * 1e3, "ms", **cparams,
+         runs=[round(r["max_cpu_gap"] * 1e3, 3) for r in runs], gaps_over_1ms=[r["cpu_gaps_over_1ms"] for r in runs],
+         measure="loop-thread CPU time (thread_time) between two monitor turns: the loop's own work, without "
+         "waits for the GIL or for a CPU taken by other processes")  # fmt: skip
+    emit("changeset_loop_stall_p99", max(r["p99_gap"] for r in runs) * 1e3, "ms", **cparams,
+         p999_ms=[round(r["p999_gap"] * 1e3, 3) for r in runs])  # fmt: skip
+    emit("changeset_concurrent_decisions", sum(r["decisions"] for r in runs), "decisions", **cparams,
+         decision_p99_us=[round(r["decision_p99_us"], 2) for r in runs],
+         saw_new_then_old=sum(r["new_then_old"] for r in runs))  # fmt: skip
+    await store.close()
+    for p in (work, Path(f"{work}-wal"), Path(f"{work}-shm")):
+        p.unlink(missing_ok=True)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    try:
+        for n in args.sizes:
+            await run_size(n, args)
+            _OPENED.clear()
+            gc.collect()
+    finally:
+        for store in _OPENED:
+            await store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="sizes 10k and 100k, fewer probes (< 60 s once cached)")
+    ap.add_argument("--sizes", help="comma-separated sizes, e.g. 10k,100k,1M,2M")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/edge-bench/decide"))
+    ap.add_argument("--diagnose", action="store_true", help="log event-loop steps over 1 ms during change sets")
+    args = ap.parse_args()
+    args.sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else (
+        QUICK_SIZES if args.quick else DEFAULT_SIZES)  # fmt: skip
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    msgspec.json.encode(0)  # import side effects out of the timed parts
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""Provisioning: per-gateway change sets (planning, synchronous) and their delivery (`SiteLink`, async).
+
+Planning (`plan`) loads the site once, computes what every gateway must hold (`identity.gateway_state`),
+diffs it against that gateway's *shadow* (what the cloud last decided to send it), and appends a versioned
+change set to the gateway's outbox, or a snapshot when the change set would not fit one MQTT message (a
+snapshot is atomic on the gateway too, and supersedes the outbox entries before it). Shadow and outbox are
+written in the same transaction, so a crash never loses or duplicates a version.
+
+Delivery (`SiteLink`): one MQTT client for the whole site subscribes to every gateway's status, rights
+replies and command results (`acs/v1/<site>/+/...`). For each gateway it sends the outbox in version order,
+resending the same message until that gateway's own `result` comes (broker delivery proves nothing); an
+acknowledged version is recorded (`gateways.acked`) and its outbox entries deleted. A version gap or a
+resync request is answered from the outbox when it still holds the missing versions, else by a snapshot of
+the shadow. A gateway that comes back (a new birth) is caught up on its own by `run()`.
+"""
+
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cloud_bridge.cloud import chunk_snapshot
+from cloud_bridge.protocol import (
+    Birth,
+    ChangeSetMsg,
+    ChunkAck,
+    CommandAction,
+    CommandResult,
+    Death,
+    ProtocolError,
+    Rebirth,
+    ResyncRequest,
+    RightsResult,
+    decode_command_body,
+    decode_command_result,
+    decode_rights_reply,
+    decode_status,
+    encode,
+)
+from cloud_bridge.signing import sign_command
+from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
+from edge.model import ChangeSet, Schedule, Snapshot
+
+from . import identity
+from .db import Model, OperatorError
+
+log = logging.getLogger("cloud_bridge.operator.provision")
+
+_cs_dec = msgspec.msgpack.Decoder(ChangeSet)
+_snap_dec = msgspec.msgpack.Decoder(Snapshot)
+_sched_dec = msgspec.msgpack.Decoder(Schedule)
+_enc = msgspec.msgpack.Encoder()
+_UNREAD = ("unsigned", "bad_signature", "malformed")
+
+
+# --- planning (synchronous, no network) -----------------------------------------------------------------
+
+
+def load_site(db: Model) -> identity.SiteModel:
+    site = identity.SiteModel()
+    for gw, did, name in db.con.execute("SELECT gateway, id, name FROM doors"):
+        site.doors.setdefault(gw, {})[did] = name
+    for sid, body in db.con.execute("SELECT id, body FROM schedules"):
+        site.schedules[sid] = _sched_dec.decode(body)
+    for gid, name, sched in db.con.execute("SELECT id, name, schedule FROM groups"):
+        site.groups[gid] = (name, sched)
+    for gid, gw, door in db.con.execute("SELECT group_id, gateway, door FROM group_doors"):
+        site.group_doors.setdefault(gid, []).append((gw, door))
+    users: dict[str, identity.UserRow] = {}
+    for uid, name, active, off, vf, vu in db.con.execute(
+        "SELECT id, name, active, offline_access, valid_from, valid_until FROM users"
+    ):
+        users[uid] = identity.UserRow(uid, name, bool(active), bool(off), vf, vu)
+    for uid, gid, vf, vu in db.con.execute("SELECT user_id, group_id, valid_from, valid_until FROM assignments"):
+        users[uid].assignments.append((gid, vf, vu))
+    for card, uid, status, fmt, vf, vu in db.con.execute(
+        "SELECT card, user_id, status, format, valid_from, valid_until FROM credentials"
+    ):
+        users[uid].credentials.append((card, status, fmt, vf, vu))
+    site.users = list(users.values())
+    site.rules = identity.ExportRules(
+        delete_user_on_no_token=db.get_meta("deleteUserOnNoAccessToken", "1") == "1",
+        delete_user_on_no_entitlement=db.get_meta("deleteUserOnNoEntitlement", "1") == "1",
+    )
+    return site
+
+
+def _shadow(db: Model, gw: str) -> dict[tuple[str, str], bytes]:
+    return {(k, key): bytes(b) for k, key, b in db.con.execute(
+        "SELECT kind, key, body FROM shadow WHERE gateway=?", (gw,))}  # fmt: skip
+
+
+def plan(
+    db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None
+) -> dict[str, int]:
+    """Append to each gateway's outbox what takes it from its shadow to the site model at `now`.
+    Returns {gateway: number of changes planned} for the gateways that got a new version."""
+    t = time.time() if now is None else now
+    site = load_site(db)
+    out: dict[str, int] = {}
+    for gw in gateways if gateways is not None else db.gateways():
+        desired = identity.gateway_state(site, gw, t)
+        with db.tx() as c:
+            shadow = _shadow(db, gw)
+            changes = identity.diff(desired, shadow)
+            if not changes:
+                continue
+            row = c.execute("SELECT version FROM gateways WHERE id=?", (gw,)).fetchone()
+            version = int(row[0])
+            cs = identity.change_set(version, changes)
+            body = _enc.encode(cs)
+            if len(body) > max_bytes - 512:
+                snap = identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items()))
+                c.execute("DELETE FROM outbox WHERE gateway=?", (gw,))
+                c.execute(
+                    "INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, version + 1, version, "snap", _enc.encode(snap))
+                )
+            else:
+                c.execute("INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, version + 1, version, "cs", body))
+            c.execute("UPDATE gateways SET version=? WHERE id=?", (version + 1, gw))
+            c.execute("DELETE FROM shadow WHERE gateway=?", (gw,))
+            c.executemany(
+                "INSERT INTO shadow VALUES (?,?,?,?)", [(gw, k, key, v[1]) for (k, key), v in desired.items()]
+            )
+            out[gw] = len(changes)
+    return out
+
+
+def shadow_snapshot(db: Model, gw: str) -> Snapshot:
+    row = db.con.execute("SELECT version FROM gateways WHERE id=?", (gw,)).fetchone()
+    objs = ((k, identity.decode(k, b)) for (k, _key), b in _shadow(db, gw).items())
+    return identity.snapshot(int(row[0]) if row else 0, objs)
+
+
+def pending(db: Model, gw: str, have: int) -> list[tuple[str, int, bytes]] | None:
+    """The outbox entries that take a gateway holding `have` to the latest version, as (kind, to_version,
+    body); None when the outbox cannot (a snapshot of the shadow is needed)."""
+    rows = db.con.execute("SELECT kind, from_version, to_version, body FROM outbox WHERE gateway=? AND to_version>? "
+                          "ORDER BY to_version", (gw, have)).fetchall()  # fmt: skip
+    if not rows:
+        return []
+    kind, frm, _to, _b = rows[0]
+    if kind == "cs" and frm != have:
+        return None
+    return [(str(k), int(to), bytes(b)) for k, _f, to, b in rows]
+
+
+# --- delivery (async) ------------------------------------------------------------------------------------
+
+
+class ProvisionError(OperatorError):
+    """A gateway refused a change set (its model and ours disagree), or did not answer in time."""
+
+
+class SiteLink:
+    """The operator side's MQTT client for a whole site (async context manager)."""
+
+    def __init__(
+        self, db: Model, *, host: str, port: int, site: str, identifier: str | None = None,
+        max_message_bytes: int = 256 * 1024, resend_s: float = 5.0, tls: aiomqtt.TLSParameters | None = None,
+        username: str | None = None, password: str | None = None,
+    ) -> None:  # fmt: skip
+        self.db = db
+        self.host, self.port, self.site = host, port, site
+        self.identifier = identifier or f"cloud-{site}-{os.urandom(4).hex()}"
+        self.max_message_bytes = max_message_bytes
+        self.resend_s = resend_s
+        self.tls, self.username, self.password = tls, username, password
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self.status: dict[str, Birth | Death] = {}
+        self.replies: dict[str, list[RightsResult | ChunkAck | ResyncRequest]] = {}
+        self.results: list[tuple[str, CommandResult]] = []
+        #: Every message this link published on a rights topic (tests count them).
+        self.rights_published = 0
+        self.on_birth: list[Callable[[Birth], None]] = []
+
+    def _make_client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.host, self.port, identifier=self.identifier, protocol=aiomqtt.ProtocolVersion.V5,
+            tls_params=self.tls, username=self.username, password=self.password, timeout=10,
+        )  # fmt: skip
+
+    async def _connect(self) -> aiomqtt.Client:
+        client = self._make_client()
+        await client.__aenter__()
+        try:
+            for leaf in (Leaf.STATUS, Leaf.RIGHTS_REPLY, Leaf.COMMAND_RESULT):
+                await client.subscribe(site_wildcard(self.site, leaf), qos=1)
+        except BaseException:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+            raise
+        return client
+
+    async def __aenter__(self) -> Self:
+        self._client = await self._connect()
+        self._reader = asyncio.get_running_loop().create_task(self._run_reader(), name="sitelink.read")
+        return self
+
+    async def _run_reader(self) -> None:
+        """Read messages; when the broker connection drops, reconnect (backoff 0.2 .. 5 s) and resubscribe
+        (the retained births then tell which gateways are online)."""
+        delay = 0.2
+        while True:
+            client = self._client
+            if client is not None:
+                try:
+                    await self._read(client)
+                except aiomqtt.MqttError as e:
+                    log.warning("site link lost: %s", e)
+                self._client = None
+                with contextlib.suppress(aiomqtt.MqttError, Exception):
+                    await client.__aexit__(None, None, None)
+            await asyncio.sleep(delay)
+            try:
+                self._client = await self._connect()
+                delay = 0.2
+            except aiomqtt.MqttError:
+                delay = min(delay * 2, 5.0)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+            self._reader = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(et, e, tb)
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise ProvisionError("the site link is not connected")
+        return self._client
+
+    # receiving
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            p = parse(m.topic.value)
+            data = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            if p is None or p[0] != self.site or not data:
+                continue
+            try:
+                self._dispatch(p[1], p[2], data)
+            except (ProtocolError, OperatorError) as e:
+                log.warning("bad message on %s: %s", m.topic.value, e)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
+        if leaf is Leaf.STATUS:
+            st = decode_status(data)
+            prev = self.status.get(gw)
+            if isinstance(st, Death) and isinstance(prev, Birth) and st.session < prev.session:
+                return  # stale will
+            self.status[gw] = st
+            if isinstance(st, Birth):
+                doors = [(d.id, d.name) for d in st.doors]
+                self.db.record_birth(gw, session=st.session, version=st.rights_version, doors=doors,
+                                     software=st.software, ts=time.time())  # fmt: skip
+                self._reconcile(gw, st.rights_version)
+                for cb in self.on_birth:
+                    cb(st)
+            else:
+                self.db.record_death(gw, st.session)
+        elif leaf is Leaf.RIGHTS_REPLY:
+            self.replies.setdefault(gw, []).append(decode_rights_reply(data))
+        elif leaf is Leaf.COMMAND_RESULT:
+            self.results.append((gw, decode_command_result(data)))
+
+    def _reconcile(self, gw: str, have: int) -> None:
+        """What a gateway reports holding is the truth: adopt it as acked (or, when it is ahead of this
+        database, e.g. after a restore, move our numbering past it so that the next snapshot applies)."""
+        g = self.db.gateway(gw)
+        assert g is not None
+        version = int(g["version"])
+        with self.db.tx() as c:
+            if have > version:
+                c.execute("UPDATE gateways SET version=?, acked=? WHERE id=?", (have + 1, have, gw))
+                c.execute("DELETE FROM outbox WHERE gateway=?", (gw,))
+                c.execute("DELETE FROM shadow WHERE gateway=?", (gw,))  # next plan() sends everything
+            else:
+                c.execute("UPDATE gateways SET acked=? WHERE id=?", (have, gw))
+
+    async def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, *, poll_s: float = 0.25) -> Any:
+        async with asyncio.timeout(timeout), self._changed:
+            while not (v := pred()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), poll_s)
+            return v
+
+    def online(self, gw: str) -> bool:
+        return isinstance(self.status.get(gw), Birth)
+
+    async def wait_online(self, gw: str, timeout: float = 30.0, *, after: int = 0) -> Birth:
+        def ok() -> Birth | None:
+            s = self.status.get(gw)
+            return s if isinstance(s, Birth) and s.session > after else None
+
+        b: Birth = await self.wait_for(ok, timeout)
+        return b
+
+    # provisioning
+
+    async def _publish(self, gw: str, leaf: Leaf, data: bytes, *, expiry_s: int | None = None) -> None:
+        props = None
+        if expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = expiry_s
+        await self.client.publish(Topics(self.site, gw)[leaf], data, qos=1, properties=props)
+        if leaf is Leaf.RIGHTS:
+            self.rights_published += 1
+
+    def _result(self, gw: str, rid: str, start: int) -> RightsResult | ResyncRequest | None:
+        for r in self.replies.get(gw, [])[start:]:
+            if isinstance(r, RightsResult) and r.id == rid:
+                return r
+        return None
+
+    async def _send(self, gw: str, rid: str, messages: list[bytes], timeout: float) -> RightsResult:
+        """Send one request (a change set, or the chunks of a snapshot) until its result comes."""
+        start = len(self.replies.setdefault(gw, []))
+
+        def acked() -> set[int]:
+            return {r.index for r in self.replies[gw][start:] if isinstance(r, ChunkAck) and r.id == rid}
+
+        async with asyncio.timeout(timeout):
+            while True:
+                have = acked() if len(messages) > 1 else set()
+                todo = [i for i in range(len(messages)) if i not in have] or [len(messages) - 1]
+                for i in todo:
+                    await self._publish(gw, Leaf.RIGHTS, messages[i])
+                with contextlib.suppress(TimeoutError):
+                    r: RightsResult = await self.wait_for(lambda: self._result(gw, rid, start), self.resend_s)
+                    return r
+
+    async def push(self, gw: str, *, timeout: float = 60.0) -> int:
+        """Bring one gateway up to its latest planned version; return the version it acknowledged.
+        Raises ProvisionError when the gateway refuses a change set, TimeoutError when it does not answer."""
+        async with asyncio.timeout(timeout):
+            while True:
+                g = self.db.gateway(gw)
+                if g is None:
+                    raise ProvisionError(f"unknown gateway {gw!r}")
+                acked, version = int(g["acked"]), int(g["version"])
+                if acked >= version:
+                    return acked
+                todo = pending(self.db, gw, acked)
+                if todo is None or not todo:
+                    snap = shadow_snapshot(self.db, gw)
+                    rid = f"snap-{gw}-{snap.version}-{os.urandom(3).hex()}"
+                    msgs = chunk_snapshot(snap, rid, self.max_message_bytes)
+                else:
+                    kind, to, body = todo[0]
+                    if kind == "cs":
+                        rid = f"cs-{to}-{os.urandom(3).hex()}"
+                        msgs = [encode(ChangeSetMsg(id=rid, change_set=_cs_dec.decode(body)))]
+                    else:
+                        rid = f"snap-{gw}-{to}-{os.urandom(3).hex()}"
+                        msgs = chunk_snapshot(_snap_dec.decode(body), rid, self.max_message_bytes)
+                r = await self._send(gw, rid, msgs, timeout)
+                if r.ok:
+                    self.db.set_acked(gw, r.version)
+                    continue
+                code = r.error.code if r.error else "unknown"
+                if code == "version_gap":
+                    self.db.set_acked(gw, r.version)  # what it holds; pending() decides cs chain or snapshot
+                    continue
+                msg = f"gateway {gw} refused version: {code}: {r.error.message if r.error else ''}"
+                self.db.set_error(gw, msg)
+                raise ProvisionError(msg)
+
+    async def push_all(self, gateways: list[str] | None = None, *, timeout: float = 60.0, online_only: bool = True
+                       ) -> dict[str, int | str]:  # fmt: skip
+        """Push every (online) gateway concurrently. Returns {gateway: acked version, or the error}."""
+        gws = gateways if gateways is not None else self.db.gateways()
+        if online_only:
+            gws = [g for g in gws if self.online(g)]
+
+        async def one(gw: str) -> int | str:
+            try:
+                return await self.push(gw, timeout=timeout)
+            except (ProvisionError, TimeoutError) as e:
+                return f"error: {e or 'no answer in time'}"
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = {gw: tg.create_task(one(gw)) for gw in gws}
+        return {gw: t.result() for gw, t in tasks.items()}
+
+    async def run(self, *, interval_s: float = 60.0) -> None:
+        """Keep every gateway caught up: on every birth (a gateway came back) and every `interval_s`
+        (time-bounded rights that ended are then removed), plan and push."""
+        wake = asyncio.Event()
+        self.on_birth.append(lambda _b: wake.set())
+        while True:
+            plan(self.db, max_bytes=self.max_message_bytes)
+            await self.push_all(timeout=max(30.0, interval_s))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval_s)
+            wake.clear()
+
+    # commands
+
+    async def command(
+        self, gw: str, key: Ed25519PrivateKey, action: CommandAction, *, operator: str, ttl_s: float = 60.0,
+        timeout: float = 30.0,
+    ) -> CommandResult:  # fmt: skip
+        """Sign a command with the site key and resend the same bytes until its result comes."""
+        _, signed = sign_command(key, site=self.site, gateway=gw, action=action, operator=operator, ttl_s=ttl_s)
+        rid = decode_command_body(signed.body).request_id
+        data = encode(signed)
+        start = len(self.results)
+
+        def find() -> CommandResult | None:
+            # A gateway that cannot verify a command does not read its body, so its refusal names no request:
+            # the first such refusal after ours was sent is taken as the answer (the key does not match).
+            for g, r in self.results[start:]:
+                if g == gw and (r.request_id == rid or (r.request_id is None and r.error is not None
+                                                        and r.error.code in _UNREAD)):  # fmt: skip
+                    return r
+            return None
+
+        async with asyncio.timeout(timeout):
+            while True:
+                await self._publish(gw, Leaf.COMMAND, data, expiry_s=max(1, int(ttl_s)))
+                with contextlib.suppress(TimeoutError):
+                    r: CommandResult = await self.wait_for(find, self.resend_s)
+                    if r.error is not None and r.error.code == "replayed" and r.original is not None:
+                        return r.original
+                    return r
+
+    async def rebirth(self, gw: str, *, timeout: float = 10.0) -> Birth:
+        """Ask a gateway to announce itself again (refresh / test connection); wait for the new birth."""
+        got: list[Birth] = []
+        cb: Callable[[Birth], None] = lambda b: got.append(b) if b.gateway == gw else None  # noqa: E731
+        self.on_birth.append(cb)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self._publish(gw, Leaf.RIGHTS, encode(Rebirth()))
+                    with contextlib.suppress(TimeoutError):
+                        b: Birth = await self.wait_for(lambda: got[-1] if got else None, 2.0)
+                        return b
+        finally:
+            self.on_birth.remove(cb)

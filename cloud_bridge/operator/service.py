@@ -1,0 +1,338 @@
+"""The operator side as a library: every call is made *as an operator* and checked against the operator
+permissions (`cloud_bridge.permissions`) before anything is changed or sent.
+
+    svc = Service.init("site.db", site="s1", admin="root", host="127.0.0.1", port=1883, passphrase=pw)
+    async with Service("site.db", operator="root", passphrase=pw) as svc:
+        svc.put_group("staff", [("gw1", "door1")])
+        svc.add_user("alice", card=1001, groups=["staff"])
+        await svc.publish()                            # change sets out, acknowledged versions recorded
+        await svc.unlock("gw1", "door1")               # signed with the site key
+
+The site's Ed25519 signing key is kept in the database encrypted with a passphrase (never in plain text);
+commands cannot be sent without the passphrase.
+"""
+
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_bridge.permissions import (
+    SYSTEM_ADMINISTRATOR,
+    Action,
+    Authorizer,
+    ObjectType,
+    Operator,
+    PermissionGroup,
+    Target,
+)
+from cloud_bridge.protocol import Birth, CommandResult, Unlock
+from cloud_bridge.signing import key_id, public_bytes
+from edge.model import Schedule
+
+from . import csvimport, visitors
+from .db import Model, NotFound, OperatorError, check_ident
+from .provision import SiteLink, plan
+
+_op_dec = msgspec.json.Decoder(Operator)
+_grp_dec = msgspec.json.Decoder(PermissionGroup)
+
+
+def _encrypt(key: Ed25519PrivateKey, passphrase: str) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    ).decode()  # fmt: skip
+
+
+class Service:
+    def __init__(self, db: Path | str, *, operator: str, passphrase: str | None = None, resend_s: float = 5.0) -> None:
+        self.db = Model(db)
+        self.db.con.execute("CREATE TABLE IF NOT EXISTS permission_groups (id TEXT PRIMARY KEY, body BLOB NOT NULL)")
+        site = self.db.get_meta("site")
+        if site is None:
+            raise OperatorError(f"{db}: not initialised (cloud-bridge init)")
+        self.site = site
+        self.tz = self.db.get_meta("tz", "UTC") or "UTC"
+        self.host = self.db.get_meta("host", "127.0.0.1") or "127.0.0.1"
+        self.port = int(self.db.get_meta("port", "1883") or 1883)
+        self.passphrase = passphrase
+        self.resend_s = resend_s
+        self.operator = self._operator(operator)
+        self._stack = AsyncExitStack()
+        self._link: SiteLink | None = None
+
+    # --- setup ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, db: Path | str, *, site: str, admin: str, host: str = "127.0.0.1", port: int = 1883,
+             tz: str = "UTC", passphrase: str) -> Service:  # fmt: skip
+        """Create a site database with its signing key and a first operator in System Administrator."""
+        from zoneinfo import ZoneInfo
+
+        from cloud_bridge.topics import check_name
+
+        check_name("site", site)
+        ZoneInfo(tz)
+        m = Model(db)
+        m.con.execute("CREATE TABLE IF NOT EXISTS permission_groups (id TEXT PRIMARY KEY, body BLOB NOT NULL)")
+        if m.get_meta("site") is not None:
+            raise OperatorError(f"{db} is already initialised for site {m.get_meta('site')!r}")
+        with m.tx():
+            for k, v in (("site", site), ("tz", tz), ("host", host), ("port", str(port)),
+                         ("site_key", _encrypt(Ed25519PrivateKey.generate(), passphrase))):  # fmt: skip
+                m.set_meta(k, v)
+            op = Operator(id=admin, groups=[SYSTEM_ADMINISTRATOR.id])
+            m.con.execute("INSERT INTO operators (id, body) VALUES (?, ?)", (admin, msgspec.json.encode(op)))
+        m.close()
+        return cls(db, operator=admin, passphrase=passphrase)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+        self._link = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    async def link(self) -> SiteLink:
+        if self._link is None:
+            self._link = await self._stack.enter_async_context(
+                SiteLink(self.db, host=self.host, port=self.port, site=self.site, resend_s=self.resend_s)
+            )
+        return self._link
+
+    # --- permissions ----------------------------------------------------------------------------------
+
+    def _operator(self, oid: str) -> Operator:
+        row = self.db.con.execute("SELECT body FROM operators WHERE id=?", (oid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no operator {oid!r}")
+        return _op_dec.decode(row[0])
+
+    def authorizer(self) -> Authorizer:
+        return Authorizer(_grp_dec.decode(r[0]) for r in self.db.con.execute("SELECT body FROM permission_groups"))
+
+    def require(self, action: Action, target: Target) -> None:
+        self.authorizer().require(self.operator, action, target)
+
+    def _gw_target(self, gw: str) -> Target:
+        return Target.for_gateway(gw)
+
+    def _door_tags(self, gw: str, door: str) -> set[str]:
+        """A door carries the tags of the groups that open it."""
+        rows = self.db.con.execute("SELECT g.tags FROM groups g JOIN group_doors d ON d.group_id=g.id "
+                                   "WHERE d.gateway=? AND d.door=?", (gw, door))  # fmt: skip
+        return {t for (tags,) in rows for t in str(tags).split(",") if t}
+
+    # --- operators ------------------------------------------------------------------------------------
+
+    def put_permission_group(self, group: PermissionGroup) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.OPERATOR, f"group:{group.id}"))
+        Authorizer([group])  # validates (reserved id...)
+        with self.db.tx() as c:
+            c.execute("INSERT OR REPLACE INTO permission_groups (id, body) VALUES (?, ?)",
+                      (group.id, msgspec.json.encode(group)))  # fmt: skip
+
+    def add_operator(self, oid: str, groups: Iterable[str] = (), *, name: str = "") -> None:
+        self.require(Action.CREATE, Target(ObjectType.OPERATOR, oid))
+        known = self.authorizer().groups
+        for g in groups:
+            if g not in known:
+                raise NotFound(f"unknown permission group {g!r}")
+        op = Operator(id=oid, name=name, groups=list(groups))
+        with self.db.tx() as c:
+            if c.execute("SELECT 1 FROM operators WHERE id=?", (oid,)).fetchone():
+                raise OperatorError(f"operator {oid!r} already exists")
+            c.execute("INSERT INTO operators (id, body) VALUES (?, ?)", (oid, msgspec.json.encode(op)))
+
+    def grant(self, oid: str, group: str) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.OPERATOR, oid))
+        if group not in self.authorizer().groups:
+            raise NotFound(f"unknown permission group {group!r}")
+        op = self._operator(oid)
+        new = msgspec.structs.replace(op, groups=[*dict.fromkeys([*op.groups, group])])
+        with self.db.tx() as c:
+            c.execute("UPDATE operators SET body=? WHERE id=?", (msgspec.json.encode(new), oid))
+
+    # --- the site model -------------------------------------------------------------------------------
+
+    def set_export_rules(self, *, delete_user_on_no_token: bool, delete_user_on_no_entitlement: bool) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.OPERATOR, "site-settings"))
+        with self.db.tx():
+            self.db.set_meta("deleteUserOnNoAccessToken", "1" if delete_user_on_no_token else "0")
+            self.db.set_meta("deleteUserOnNoEntitlement", "1" if delete_user_on_no_entitlement else "0")
+
+    def put_schedule(self, schedule: Schedule) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.SCHEDULE, schedule.id))
+        self.db.put_schedule(msgspec.msgpack.encode(schedule), schedule.id)
+
+    def put_group(self, gid: str, doors: list[tuple[str, str]], *, name: str = "", schedule: str | None = None,
+                  tags: list[str] | None = None) -> None:  # fmt: skip
+        exists = self.db.group_exists(gid)
+        tags_now = set(self.db.group_tags(gid)) | set(tags or [])
+        self.require(Action.UPDATE if exists else Action.CREATE, Target(ObjectType.GROUP, gid, frozenset(tags_now)))
+        self.db.put_group(gid, doors, name=name, schedule=schedule, tags=tags)
+
+    def delete_group(self, gid: str) -> None:
+        self.require(Action.DELETE, Target(ObjectType.GROUP, gid, frozenset(self.db.group_tags(gid))))
+        self.db.delete_group(gid)
+
+    def add_user(self, uid: str, *, name: str = "", card: int | None = None, groups: list[str] | None = None,
+                 active: bool = True, offline_access: bool = False) -> None:  # fmt: skip
+        check_ident("user", uid)
+        self.require(Action.CREATE, Target(ObjectType.USER, uid))
+        if card is not None:
+            self.require(Action.CREATE, Target(ObjectType.CREDENTIAL, str(card)))
+        self.db.add_user(uid, name=name, card=card, groups=groups, active=active, offline_access=offline_access)
+
+    def set_active(self, uid: str, active: bool) -> None:
+        """Activate or deactivate a user's access (seed 001 "Access control: Activate")."""
+        self.require(Action.UPDATE, Target(ObjectType.USER, uid))
+        self.db.update_user(uid, active=active)
+
+    def set_offline_access(self, uid: str, offline_access: bool) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.USER, uid))
+        self.db.update_user(uid, offline_access=offline_access)
+
+    def delete_user(self, uid: str) -> None:
+        """Delete a user; its cards are freed for reassignment."""
+        self.require(Action.DELETE, Target(ObjectType.USER, uid))
+        self.db.delete_user(uid)
+
+    def add_credential(self, uid: str, card: int, *, status: str = "active",
+                       valid_from: float | None = None, valid_until: float | None = None) -> None:  # fmt: skip
+        self.require(Action.CREATE, Target(ObjectType.CREDENTIAL, str(card)))
+        self.db.add_credential(uid, card, status=status, valid_from=valid_from, valid_until=valid_until)
+
+    def set_credential_status(self, card: int, status: str) -> None:
+        self.require(Action.UPDATE, Target(ObjectType.CREDENTIAL, str(card)))
+        self.db.set_credential_status(card, status)
+
+    def assign(self, uid: str, gid: str, *, valid_from: float | None = None, valid_until: float | None = None) -> int:
+        self.require(Action.UPDATE, Target(ObjectType.USER, uid))
+        self.require(Action.READ, Target(ObjectType.GROUP, gid, frozenset(self.db.group_tags(gid))))
+        return self.db.assign(uid, gid, valid_from=valid_from, valid_until=valid_until)
+
+    def import_csv(self, text: str | Iterable[str], *, progress: Callable[[int, int], None] | None = None
+                   ) -> csvimport.Report:  # fmt: skip
+        """Bulk load (all or nothing). Raises `csvimport.ImportFailed` with the report."""
+        self.require(Action.CREATE, Target(ObjectType.USER, "import"))
+        self.require(Action.CREATE, Target(ObjectType.CREDENTIAL, "import"))
+        return csvimport.load(self.db, text, progress=progress)
+
+    # --- visitors -------------------------------------------------------------------------------------
+
+    def add_badge(self, location: str, card: str | int, *, name: str = "", badge_type: str = "") -> int:
+        self.require(Action.CREATE, Target(ObjectType.BADGE_POOL, location))
+        return visitors.add_badge(self.db, location, card, name=name, badge_type=badge_type)
+
+    def issue_visitor(self, visitor: str, *, location: str, badge: int, groups: list[str],
+                      until: float | None = None, now: float | None = None) -> tuple[int, str, float]:  # fmt: skip
+        self.require(Action.CREATE, Target(ObjectType.VISITOR, visitor))
+        self.require(Action.READ, Target(ObjectType.BADGE_POOL, location))
+        for g in groups:
+            self.require(Action.READ, Target(ObjectType.GROUP, g, frozenset(self.db.group_tags(g))))
+        return visitors.issue(self.db, visitor=visitor, location=location, badge=badge, groups=groups, tz=self.tz,
+                              now=now, until=until)  # fmt: skip
+
+    def sign_out(self, visit: int) -> str:
+        self.require(Action.UPDATE, Target(ObjectType.VISITOR, str(visit)))
+        return visitors.sign_out(self.db, visit)
+
+    # --- provisioning and commands (network) ----------------------------------------------------------
+
+    def plan(self, *, now: float | None = None) -> dict[str, int]:
+        """Compute the pending change sets of every gateway this operator may provision (UPDATE gateway)."""
+        gws = [g for g in self.db.gateways()
+               if self.authorizer().check(self.operator, Action.UPDATE, self._gw_target(g)).allowed]  # fmt: skip
+        refused = sorted(set(self.db.gateways()) - set(gws))
+        if refused and not gws:
+            self.require(Action.UPDATE, self._gw_target(refused[0]))
+        return plan(self.db, now=now, gateways=gws)
+
+    async def publish(self, *, timeout: float = 60.0, wait_online_s: float = 0.0) -> dict[str, int | str]:
+        """Plan, then push every online gateway and wait for its acknowledgement."""
+        link = await self.link()
+        if wait_online_s > 0:
+            import asyncio
+            import contextlib
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.sleep(0)
+                await link.wait_for(lambda: all(link.online(g) for g in self.db.gateways()), wait_online_s)
+        self.plan()
+        allowed = [g for g in self.db.gateways()
+                   if self.authorizer().check(self.operator, Action.UPDATE, self._gw_target(g)).allowed]  # fmt: skip
+        return await link.push_all(allowed, timeout=timeout)
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        if not self.passphrase:
+            raise OperatorError("the site key passphrase is needed to sign commands (CLOUD_BRIDGE_PASSPHRASE)")
+        pem = self.db.get_meta("site_key")
+        assert pem is not None
+        try:
+            key = serialization.load_pem_private_key(pem.encode(), self.passphrase.encode())
+        except (ValueError, TypeError):
+            raise OperatorError("wrong passphrase for the site key") from None
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+    def public_key_hex(self) -> str:
+        return public_bytes(self.signing_key()).hex()
+
+    def rotate_key(self) -> str:
+        """Make a new site key; the old one is kept (encrypted) as `site_key_previous`. Returns the new
+        public key in hex: configure it as `link.command_key` on every gateway (docs/operator.md)."""
+        self.require(Action.UPDATE, Target(ObjectType.SITE_KEY, self.site))
+        old = self.signing_key()
+        new = Ed25519PrivateKey.generate()
+        assert self.passphrase is not None
+        with self.db.tx():
+            self.db.set_meta("site_key_previous", _encrypt(old, self.passphrase))
+            self.db.set_meta("site_key", _encrypt(new, self.passphrase))
+            self.db.set_meta("site_key_rotated", str(time.time()))
+        return public_bytes(new).hex()
+
+    def key_id(self) -> str:
+        return key_id(public_bytes(self.signing_key()))
+
+    async def unlock(self, gateway: str, door: str, *, seconds: float = 5.0, timeout: float = 30.0) -> CommandResult:
+        """Remote unlock: needs read + publish(unlock) on the door and on the gateway (seed 003); refused
+        before anything is sent otherwise."""
+        self.authorizer().require_command(self.operator, "unlock", gateway, door,
+                                          door_tags=self._door_tags(gateway, door))  # fmt: skip
+        key = self.signing_key()
+        link = await self.link()
+        return await link.command(gateway, key, Unlock(door=door, seconds=seconds), operator=self.operator.id,
+                                  timeout=timeout)  # fmt: skip
+
+    async def refresh(self, gateway: str, *, timeout: float = 10.0) -> dict[str, list[str]]:
+        """Re-read a gateway's doors (a fresh birth) and list them with the groups that use them."""
+        self.authorizer().require_command(self.operator, "rebirth", gateway)
+        link = await self.link()
+        await link.rebirth(gateway, timeout=timeout)
+        return {"doors": list(self.db.doors_of(gateway)), "groups": self.db.groups_of_gateway(gateway)}
+
+    async def test(self, gateway: str, *, timeout: float = 10.0) -> Birth:
+        """Check that a gateway answers: asks for a birth and waits for it (TimeoutError otherwise)."""
+        self.require(Action.READ, self._gw_target(gateway))
+        link = await self.link()
+        return await link.rebirth(gateway, timeout=timeout)
+
+    def require_collect(self) -> None:
+        self.require(Action.READ, Target(ObjectType.EVENT, "all"))

@@ -1,0 +1,429 @@
+"""A deliberately plain reference implementation of the tap decision, for the property tests.
+
+It works straight on the msgspec model objects (Door, Schedule, Group, User, Credential) with datetime
+arithmetic and one `zoneinfo` conversion per question: no bitmasks, no index, no caching. It follows the
+order of checks documented in `edge/decision.py` and `docs/model.md`. Where those documents are silent
+(the details of the time policies) it states the rule it uses in a comment.
+
+Times are whole seconds: the sub-second part of every instant is dropped before it is compared.
+A schedule allows an instant when its local wall clock (weekday, HH:MM) is inside an interval of that
+weekday, or on a listed holiday (local date) inside one of `holiday_intervals`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from edge.decision import OfflinePolicy, Reason, SitePolicy, TimePolicy
+from edge.index import (
+    F_ACTIVE,
+    F_EMERGENCY,
+    F_EXTENDED,
+    F_OFFLINE,
+    NO_END,
+    NO_START,
+    STATUS_CODES,
+    CredRow,
+    RightsIndex,
+    Tables,
+    UserRow,
+    build_arrays,
+)
+from edge.model import (
+    ChangeSet,
+    Credential,
+    CredentialStatus,
+    DeleteCredential,
+    DeleteDoor,
+    DeleteGroup,
+    DeleteSchedule,
+    DeleteUser,
+    Door,
+    DoorMode,
+    Group,
+    PutCredential,
+    PutDoor,
+    PutGroup,
+    PutSchedule,
+    PutUser,
+    Schedule,
+    User,
+)
+from edge.pin import verify_pin
+
+#: How far ahead a first-card unlock may run when the schedule never closes (local midnight, 9 days on).
+LOOKAHEAD_DAYS = 9
+
+
+@dataclass
+class SiteModel:
+    """The whole site as plain model objects."""
+
+    tz: ZoneInfo
+    doors: dict[str, Door] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+    users: dict[str, User] = field(default_factory=dict)
+    credentials: dict[int, Credential] = field(default_factory=dict)
+
+    def apply(self, cs: ChangeSet) -> None:
+        """Apply a (valid) change set the plain way."""
+        for ch in cs.changes:
+            if isinstance(ch, PutDoor):
+                self.doors[ch.door.id] = ch.door
+            elif isinstance(ch, DeleteDoor):
+                del self.doors[ch.id]
+            elif isinstance(ch, PutSchedule):
+                self.schedules[ch.schedule.id] = ch.schedule
+            elif isinstance(ch, DeleteSchedule):
+                del self.schedules[ch.id]
+            elif isinstance(ch, PutGroup):
+                self.groups[ch.group.id] = ch.group
+            elif isinstance(ch, DeleteGroup):
+                del self.groups[ch.id]
+            elif isinstance(ch, PutUser):
+                self.users[ch.user.id] = ch.user
+            elif isinstance(ch, DeleteUser):
+                del self.users[ch.id]
+                for card in [c for c, cred in self.credentials.items() if cred.user == ch.id]:
+                    del self.credentials[card]
+            elif isinstance(ch, PutCredential):
+                self.credentials[ch.credential.card] = ch.credential
+            elif isinstance(ch, DeleteCredential):
+                del self.credentials[ch.card]
+            else:  # pragma: no cover
+                raise TypeError(ch)
+
+    def copy(self) -> SiteModel:
+        return SiteModel(
+            self.tz, dict(self.doors), dict(self.schedules), dict(self.groups), dict(self.users),
+            dict(self.credentials),
+        )  # fmt: skip
+
+
+# --- plain time helpers -----------------------------------------------------------------------------
+
+
+def whole(dt: datetime) -> datetime:
+    """The instant with its sub-second part dropped (UTC)."""
+    return dt.astimezone(UTC).replace(microsecond=0)
+
+
+def in_window(now: datetime, valid_from: datetime | None, valid_until: datetime | None) -> bool:
+    """valid_from <= now < valid_until on whole seconds; a missing bound is open."""
+    if valid_from is not None and whole(now) < whole(valid_from):
+        return False
+    return not (valid_until is not None and whole(now) >= whole(valid_until))
+
+
+def unbounded(valid_from: datetime | None, valid_until: datetime | None) -> bool:
+    return valid_from is None and valid_until is None
+
+
+def hhmm(text: str) -> int:
+    hours, minutes = text.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def schedule_allows(model: SiteModel, schedule: Schedule, now: datetime) -> bool:
+    zone = ZoneInfo(schedule.tz) if schedule.tz else model.tz
+    local = now.astimezone(zone)
+    minute = local.hour * 60 + local.minute
+    if local.date() in schedule.holidays:
+        ranges = [(r.start, r.end) for r in schedule.holiday_intervals]
+    else:
+        ranges = [(iv.start, iv.end) for iv in schedule.intervals if iv.day == local.weekday()]
+    return any(hhmm(start) <= minute < hhmm(end) for start, end in ranges)
+
+
+def schedule_end(model: SiteModel, schedule: Schedule, now: datetime) -> datetime:
+    """The first instant after `now` at which the schedule no longer allows, walking minute by minute.
+
+    When the schedule stays open up to local midnight `LOOKAHEAD_DAYS` days after today, that midnight.
+    """
+    zone = ZoneInfo(schedule.tz) if schedule.tz else model.tz
+    today = now.astimezone(zone).date()
+    cap = datetime.combine(today + timedelta(days=LOOKAHEAD_DAYS), time(0), zone).astimezone(UTC)
+    t = whole(now).replace(second=0) + timedelta(minutes=1)
+    while t < cap:
+        if not schedule_allows(model, schedule, t):
+            return t
+        t += timedelta(minutes=1)
+    return cap
+
+
+# --- the decision -------------------------------------------------------------------------------------
+
+_STATUS = {
+    CredentialStatus.SUSPENDED: Reason.CREDENTIAL_SUSPENDED,
+    CredentialStatus.LOST: Reason.CREDENTIAL_LOST,
+    CredentialStatus.REVOKED: Reason.CREDENTIAL_REVOKED,
+}
+
+
+@dataclass
+class RefResult:
+    granted: bool
+    reason: Reason
+    group: str | None = None
+    user: str | None = None
+    strike_s: float = 0.0
+    unlock_until: float | None = None
+    alarm: str | None = None
+
+    def triple(self) -> tuple[bool, Reason, str | None]:
+        return self.granted, self.reason, self.group
+
+
+def reference_decide(
+    model: SiteModel,
+    door: str,
+    card: int,
+    now: datetime,
+    *,
+    pin: str | None = None,
+    link_online: bool = True,
+    offline_since: datetime | None = None,
+    clock_trusted: bool = True,
+    rights_age_s: float | None = None,
+    policy: SitePolicy | None = None,
+    mode_override: dict[str, DoorMode] | None = None,
+    lockdown: bool = False,
+    first_card_until: dict[str, float] | None = None,
+    pin_failures: dict[int, list[float]] | None = None,
+) -> tuple[bool, Reason, str | None]:
+    """(granted, reason, group). `first_card_until` and `pin_failures` are updated like the Decider's state."""
+    return reference_decision(
+        model, door, card, now, pin=pin, link_online=link_online, offline_since=offline_since,
+        clock_trusted=clock_trusted, rights_age_s=rights_age_s, policy=policy, mode_override=mode_override,
+        lockdown=lockdown, first_card_until=first_card_until, pin_failures=pin_failures,
+    ).triple()  # fmt: skip
+
+
+def reference_decision(
+    model: SiteModel,
+    door: str,
+    card: int,
+    now: datetime,
+    *,
+    pin: str | None = None,
+    link_online: bool = True,
+    offline_since: datetime | None = None,
+    clock_trusted: bool = True,
+    rights_age_s: float | None = None,
+    policy: SitePolicy | None = None,
+    mode_override: dict[str, DoorMode] | None = None,
+    lockdown: bool = False,
+    first_card_until: dict[str, float] | None = None,
+    pin_failures: dict[int, list[float]] | None = None,
+) -> RefResult:
+    """Like `reference_decide`, with the user, strike time, unlock end and alarm as well."""
+    policy = policy or SitePolicy()
+    mode_override = mode_override if mode_override is not None else {}
+    first_card_until = first_card_until if first_card_until is not None else {}
+    pin_failures = pin_failures if pin_failures is not None else {}
+    now = whole(now)
+    now_s = now.timestamp()
+
+    # 1. the door
+    d = model.doors.get(door)
+    if d is None:
+        return RefResult(False, Reason.UNKNOWN_DOOR)
+
+    # 2. the door mode in force. While the clock is not trusted no door schedule runs: a scheduled
+    # UNLOCKED door and a FIRST_CARD door (even one a first card opened) are card doors, and a card + PIN
+    # door asks for the PIN whatever its PIN schedule says.
+    mode = DoorMode.LOCKDOWN if lockdown else mode_override.get(door, d.mode)
+    if mode == DoorMode.LOCKED:
+        return RefResult(False, Reason.DOOR_LOCKED)
+    if mode == DoorMode.UNLOCKED:
+        if d.unlock_schedule is None:
+            return RefResult(True, Reason.FREE_PASSAGE)
+        if clock_trusted and schedule_allows(model, model.schedules[d.unlock_schedule], now):
+            return RefResult(True, Reason.FREE_PASSAGE)
+        mode = DoorMode.NORMAL
+    if mode == DoorMode.FIRST_CARD:
+        if not clock_trusted:
+            mode = DoorMode.NORMAL
+        else:
+            until = first_card_until.get(door)
+            if until is not None and now_s < until:
+                return RefResult(True, Reason.FREE_PASSAGE)
+            if d.unlock_schedule is None or not schedule_allows(model, model.schedules[d.unlock_schedule], now):
+                mode = DoorMode.NORMAL
+    if (
+        mode == DoorMode.CARD_AND_PIN
+        and clock_trusted
+        and d.pin_schedule is not None
+        and not schedule_allows(model, model.schedules[d.pin_schedule], now)
+    ):
+        mode = DoorMode.NORMAL
+    override = policy.lockdown_override_group if mode == DoorMode.LOCKDOWN else None
+    if mode == DoorMode.LOCKDOWN and override is None:
+        return RefResult(False, Reason.DOOR_LOCKDOWN)
+
+    # 3. the card
+    cred = model.credentials.get(card)
+    if cred is None:
+        return RefResult(False, Reason.UNKNOWN_CARD)
+    user = model.users[cred.user]
+
+    def deny(reason: Reason, group: str | None = None) -> RefResult:
+        return RefResult(False, reason, group, user.id)
+
+    # Time policy while the clock is not trusted (`now` is then the agent's best estimate, never before the
+    # last good time, so window *starts* are still checked on it). IGNORE_SCHEDULES: group schedules count
+    # as open, and a window with an end may have ended, so it never grants: CLOCK_NOT_TRUSTED.
+    # EMERGENCY_ONLY: emergency cards as with IGNORE_SCHEDULES, every other card is refused at the clock
+    # step (5). ALWAYS_ONLY: windows are checked on `now` as usual; at the group step only an assignment
+    # that is unbounded, of a schedule-less group, held by an unbounded user through an unbounded
+    # credential counts, otherwise CLOCK_NOT_TRUSTED.
+    ignore_time = not clock_trusted and (
+        policy.time_policy == TimePolicy.IGNORE_SCHEDULES
+        or (policy.time_policy == TimePolicy.EMERGENCY_ONLY and user.emergency)
+    )
+    strict_time = not clock_trusted and policy.time_policy == TimePolicy.ALWAYS_ONLY
+
+    if cred.status != CredentialStatus.ACTIVE:
+        return deny(_STATUS[cred.status])
+    if cred.valid_from is not None and now < whole(cred.valid_from):
+        return deny(Reason.CREDENTIAL_NOT_YET_VALID)
+    if cred.valid_until is not None:
+        if ignore_time:
+            return deny(Reason.CLOCK_NOT_TRUSTED)
+        if now >= whole(cred.valid_until):
+            return deny(Reason.CREDENTIAL_EXPIRED)
+
+    # 4. the user
+    if not user.active:
+        return deny(Reason.USER_INACTIVE)
+    if user.valid_from is not None and now < whole(user.valid_from):
+        return deny(Reason.USER_NOT_YET_VALID)
+    if user.valid_until is not None:
+        if ignore_time:
+            return deny(Reason.CLOCK_NOT_TRUSTED)
+        if now >= whole(user.valid_until):
+            return deny(Reason.USER_EXPIRED)
+
+    # 5. the clock, the age of the rights
+    if not clock_trusted and policy.time_policy == TimePolicy.EMERGENCY_ONLY and not user.emergency:
+        return deny(Reason.CLOCK_NOT_TRUSTED)
+    if (
+        policy.max_offline_age_s is not None
+        and rights_age_s is not None
+        and rights_age_s > policy.max_offline_age_s
+        and not user.emergency
+    ):
+        return deny(Reason.RIGHTS_TOO_OLD)
+
+    # 6. the cloud link
+    if not link_online:
+        down_for = None if offline_since is None else (now - whole(offline_since)).total_seconds()
+        past_grace = down_for is None or down_for >= policy.offline_grace_s
+        refused = policy.offline_policy == OfflinePolicy.NOBODY or (
+            policy.offline_policy == OfflinePolicy.FLAGGED and not user.offline_access
+        )
+        if past_grace and refused:
+            return deny(Reason.OFFLINE_NOT_PERMITTED)
+
+    # 7. groups, in the order the assignments were provisioned
+    for_door = [a for a in user.assignments if a.group in model.groups and door in model.groups[a.group].doors]
+    if not for_door:
+        return deny(Reason.NO_GROUP_FOR_DOOR)
+    if override is not None:
+        for_door = [a for a in for_door if a.group == override]
+        if not for_door:
+            return deny(Reason.DOOR_LOCKDOWN)
+    granted_group: str | None = None
+    if strict_time:
+        for a in for_door:
+            if (
+                unbounded(a.valid_from, a.valid_until)
+                and unbounded(cred.valid_from, cred.valid_until)
+                and unbounded(user.valid_from, user.valid_until)
+                and model.groups[a.group].schedule is None
+            ):
+                granted_group = a.group
+                break
+        if granted_group is None:
+            return deny(Reason.CLOCK_NOT_TRUSTED)
+    elif ignore_time:
+        started = [a for a in for_door if a.valid_from is None or now >= whole(a.valid_from)]
+        open_ended = [a for a in started if a.valid_until is None]
+        if open_ended:
+            granted_group = open_ended[0].group  # group schedules count as open
+        elif started:
+            return deny(Reason.CLOCK_NOT_TRUSTED)  # every started assignment has an end that may have passed
+        else:
+            return deny(Reason.ASSIGNMENT_NOT_ACTIVE)
+    else:
+        active = [a for a in for_door if in_window(now, a.valid_from, a.valid_until)]
+        if not active:
+            return deny(Reason.ASSIGNMENT_NOT_ACTIVE)
+        for a in active:
+            sched_id = model.groups[a.group].schedule
+            if sched_id is None or schedule_allows(model, model.schedules[sched_id], now):
+                granted_group = a.group
+                break
+        if granted_group is None:
+            return deny(Reason.OUTSIDE_SCHEDULE)
+
+    # 8. PIN
+    if mode == DoorMode.CARD_AND_PIN:
+        fails = pin_failures.get(card)
+        if fails is not None and fails[1] > now_s:
+            return deny(Reason.PIN_LOCKED_OUT, granted_group)
+        if pin is None:
+            return deny(Reason.PIN_REQUIRED, granted_group)
+        if user.pin_hash is None:
+            return deny(Reason.PIN_NOT_ENROLLED, granted_group)
+        if not verify_pin(pin, user.pin_hash):
+            fails = pin_failures.setdefault(card, [0.0, 0.0])
+            fails[0] += 1
+            alarm = None
+            if fails[0] >= policy.pin_max_attempts:
+                fails[0] = 0.0
+                fails[1] = now_s + policy.pin_lockout_s
+                alarm = "pin_lockout"
+            return RefResult(False, Reason.PIN_WRONG, granted_group, user.id, alarm=alarm)
+        pin_failures.pop(card, None)
+
+    # 9. granted
+    strike = d.extended_strike_s if user.extended_door_time else d.strike_s
+    if mode == DoorMode.FIRST_CARD:
+        assert d.unlock_schedule is not None
+        end = schedule_end(model, model.schedules[d.unlock_schedule], now).timestamp()
+        first_card_until[door] = end
+        return RefResult(True, Reason.FIRST_CARD_UNLOCK, granted_group, user.id, strike, unlock_until=end)
+    return RefResult(True, Reason.GRANTED, granted_group, user.id, strike)
+
+
+# --- test support: the real index built straight from a SiteModel (no store) ---------------------------
+
+
+def index_of(model: SiteModel, *, version: int = 1) -> RightsIndex:
+    """A `RightsIndex` over `model` through `Tables.build` + `build_arrays` (uids in user-id order)."""
+    tables = Tables.build(model.tz, model.doors.values(), model.schedules.values(), model.groups.values())
+    uid_of = {u: i + 1 for i, u in enumerate(sorted(model.users))}
+
+    def secs(v: datetime | None, default: int) -> int:
+        return default if v is None else int(v.timestamp())
+
+    users: list[tuple[int, UserRow]] = []
+    for uid_name, uid in uid_of.items():
+        u = model.users[uid_name]
+        flags = (
+            (F_ACTIVE if u.active else 0) | (F_OFFLINE if u.offline_access else 0)
+            | (F_EXTENDED if u.extended_door_time else 0) | (F_EMERGENCY if u.emergency else 0)
+        )  # fmt: skip
+        rows = tuple(
+            (tables.gidx[a.group], secs(a.valid_from, NO_START), secs(a.valid_until, NO_END)) for a in u.assignments
+        )
+        users.append((uid, (u.id, flags, secs(u.valid_from, NO_START), secs(u.valid_until, NO_END), u.pin_hash, rows)))
+    creds: list[tuple[int, CredRow]] = [
+        (c.card, (uid_of[c.user], STATUS_CODES[c.status], secs(c.valid_from, NO_START), secs(c.valid_until, NO_END)))
+        for c in model.credentials.values()
+    ]
+    return RightsIndex(tables, build_arrays(creds, users), version=version)
