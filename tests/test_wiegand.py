@@ -609,3 +609,31 @@ def test_virtual_clock_only_moves_forward(factory: VirtualClockFactory) -> None:
     factory.set_ticks(factory.ticks() + 1.0)
     pin.drive_high()
     assert pin.states[-1].timestamp == pytest.approx(1.0, abs=0.01)
+
+
+def test_assembler_reopens_a_frame_whose_last_edges_arrive_late() -> None:
+    """The end-of-frame timer fired while the tail of the frame was still on its way (a starved delivery
+    thread): the frame is held, not reported, and completed when the late edges (with their true kernel
+    timestamps) arrive. One card read, no fault."""
+    edges = frame_edges(FRAME, 26)
+    head, tail = edges[:30], edges[30:]
+    asm = make_asm()
+    out: list[ReaderEvent] = []
+    for ts, line, level in head:
+        out += asm.edge(ts, line, level)
+    out += asm.poll(head[-1][0] + 0.010)  # past the gap: the frame is cut here
+    assert out == []  # held back, not reported yet
+    for ts, line, level in tail:
+        out += asm.edge(ts, line, level)
+    out += asm.poll(tail[-1][0] + 0.2)
+    assert [type(e).__name__ for e in out] == ["CardRead"]
+    assert isinstance(out[0], CardRead) and out[0].bits == 26
+
+
+def test_assembler_reports_a_held_fault_when_nothing_follows() -> None:
+    edges = frame_edges(FRAME, 26)[:30]
+    asm = make_asm()
+    for ts, line, level in edges:
+        asm.edge(ts, line, level)
+    assert asm.poll(edges[-1][0] + 0.010) == []
+    assert faults(asm.poll(edges[-1][0] + 0.010 + asm.hold_s + 0.001)) == ["partial"]

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from dataclasses import dataclass
 import logging
 import math
 import random
@@ -115,6 +116,22 @@ class KeypadOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_digits: int = 12
 
 
+@dataclass(slots=True)
+class _Held:
+    """A faulty frame waiting `hold_s` before its fault is reported (it may still be reopened)."""
+
+    fault: ReaderFault
+    edges: list[tuple[float, int, bool]]
+    intervals: list[float]
+    last_ts: float
+    last_fall: float
+    gap: float
+    start_low: tuple[bool, bool]
+    tainted: float
+    prev_end: float
+    prev_bad: bool
+
+
 class WiegandAssembler:
     """Pure Wiegand frame assembler and decoder for one reader (see the module docstring).
 
@@ -149,6 +166,10 @@ class WiegandAssembler:
         self._prev_end = -math.inf
         self._prev_bad = False
         self._tainted = 0.0  # > 0: ms since the faulty frame before this one
+        # A faulty frame is held back for `hold_s` before its fault is reported: if edges that belong to
+        # it arrive late (their delivery thread was starved), the frame is reopened and completed.
+        self._held: _Held | None = None
+        self.hold_s = min(0.15, self.timing.stuck_s / 2)
         # line levels, across frames (arrival order)
         self._low_since: list[float | None] = [None, None]
         self._stuck_reported = [False, False]
@@ -168,6 +189,19 @@ class WiegandAssembler:
     def edge(self, ts: float, line: int, level: bool = False) -> Sequence[ReaderEvent]:
         """One edge on `line` (D0 = 0, D1 = 1) at kernel time `ts`; `level` is the level after it."""
         out = self.poll(ts) if ts > self._clock else _NO_EVENTS
+        held = self._held
+        if not self._edges and held is not None:
+            if ts <= held.last_ts + held.gap:
+                # An edge of the held frame that arrived after its end was declared: reopen it.
+                self._held = None
+                self._edges, self._intervals = held.edges, held.intervals
+                self._last_ts, self._last_fall, self._gap = held.last_ts, held.last_fall, held.gap
+                self._start_low = held.start_low
+                self._tainted = held.tainted
+                self._prev_end, self._prev_bad = held.prev_end, held.prev_bad
+            else:
+                self._held = None
+                out = [*out, held.fault]
         low_since = self._low_since
         if not self.pulse_edges:
             level = False
@@ -201,6 +235,10 @@ class WiegandAssembler:
         if self._edges and now > self._last_ts + self._gap:
             ev = self._finish()
             out = [ev] if ev is not None else []
+        held = self._held
+        if held is not None and now > held.fault.at + self.hold_s:
+            self._held = None
+            out = [held.fault, *(out or ())]
         for line in (D0, D1):
             since = self._low_since[line]
             if since is not None and not self._stuck_reported[line] and now - since > self.timing.stuck_s:
@@ -221,6 +259,8 @@ class WiegandAssembler:
         d = math.inf
         if self._edges:
             d = self._last_ts + self._gap
+        if self._held is not None:
+            d = min(d, self._held.fault.at + self.hold_s)
         for line in (D0, D1):
             since = self._low_since[line]
             if since is not None and not self._stuck_reported[line]:
@@ -253,10 +293,19 @@ class WiegandAssembler:
 
     def _finish(self) -> ReaderEvent | None:
         at = self._last_ts
+        held = _Held(
+            fault=ReaderFault(reader=self.reader, kind="", at=at), edges=list(self._edges),
+            intervals=list(self._intervals), last_ts=self._last_ts, last_fall=self._last_fall, gap=self._gap,
+            start_low=self._start_low, tainted=self._tainted, prev_end=self._prev_end, prev_bad=self._prev_bad,
+        )  # fmt: skip
         ev = self._assemble()
         self._prev_end = at
         # anything but a card read (a fault, a key) may have been cut short: see `edge`
         self._prev_bad = not isinstance(ev, CardRead)
+        if isinstance(ev, ReaderFault):
+            held.fault = ev
+            self._held = held
+            return None
         return ev
 
     def _assemble(self) -> ReaderEvent | None:
