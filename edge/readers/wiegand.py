@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from dataclasses import dataclass
 import logging
 import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from time import monotonic
 from types import TracebackType
 from typing import Any, Literal, Self
