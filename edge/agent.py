@@ -90,7 +90,7 @@ class Agent:
         self.notifier = Notifier.from_env()
         self.metrics = EdgeMetrics()
         self._bg: set[asyncio.Task[None]] = set()
-        self._pending_pin: dict[str, tuple[int, str, float]] = {}
+        self._pending_pin: dict[str, tuple[int, int | None, str, float]] = {}
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
         self._stop = asyncio.Event()
@@ -110,13 +110,13 @@ class Agent:
     def clock_trusted(self) -> bool:
         return self.trust is None or self.trust.trusted
 
-    def decide(self, door: str, card: int, *, pin: str | None = None) -> Decision:
+    def decide(self, door: str, card: int, *, pin: str | None = None, facility: int | None = None) -> Decision:
         assert self.decider is not None
         now = self.now()
         age = self.rights_age_s()
         return self.decider.decide(
             door, card, now, pin=pin, link_online=self.link_online, offline_since=self.offline_since,
-            clock_trusted=self.clock_trusted, rights_age_s=age,
+            clock_trusted=self.clock_trusted, rights_age_s=age, facility=facility,
         )  # fmt: skip
 
     def on_reader_event(self, ev: ReaderEvent) -> None:
@@ -126,9 +126,9 @@ class Agent:
             log.error("event from unknown reader %s", ev.reader)
             return
         if isinstance(ev, CardRead):
-            d = self.decide(door, ev.card)
+            d = self.decide(door, ev.card, facility=ev.facility)
             if d.reason is Reason.PIN_REQUIRED:
-                self._pending_pin[door] = (ev.card, ev.reader, time.monotonic() + PIN_WAIT_S)
+                self._pending_pin[door] = (ev.card, ev.facility, ev.reader, time.monotonic() + PIN_WAIT_S)
                 self.feedback(ev.reader, Feedback.PIN_NEEDED)
                 self._journal_decision(d, ev.reader)
                 return
@@ -136,11 +136,11 @@ class Agent:
             self._act(d, ev.reader)
         elif isinstance(ev, PinEntry):
             pending = self._pending_pin.pop(door, None)
-            if pending is None or pending[2] < time.monotonic():
+            if pending is None or pending[3] < time.monotonic():
                 log.info("door %s: PIN entered with no card waiting for it", door)
                 self.feedback(ev.reader, Feedback.DENIED)
                 return
-            self._act(self.decide(door, pending[0], pin=ev.pin), ev.reader)
+            self._act(self.decide(door, pending[0], pin=ev.pin, facility=pending[1]), ev.reader)
         elif isinstance(ev, ReaderFault):
             log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
             if self.journal is not None:

@@ -121,7 +121,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with Store(db, cfg.tz) as store:
             d = Decider(store.index, cfg.site_policy()).decide(
-                args.door, args.card, at, pin=args.pin, link_online=not args.offline
+                args.door, args.card, at, pin=args.pin, link_online=not args.offline, facility=args.facility
             )
             return {
                 "granted": d.granted, "reason": d.reason.value, "door": d.door, "card": d.card, "user": d.user,
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--card", required=True, type=int)
     d.add_argument("--at", help="ISO 8601 time (site time zone if no offset); default now")
     d.add_argument("--pin")
+    d.add_argument("--facility", type=int, help="the facility code the reader read (formats that carry one)")
     d.add_argument("--offline", action="store_true", help="as if the cloud link had been down past the grace")
     s = sub.add_parser("status", help="show the running agent's state")
     s.add_argument("--json", action="store_true")

@@ -11,7 +11,8 @@ Order of checks (the first that fails gives the reason; `docs/model.md` has the 
    granted FREE_PASSAGE; LOCKDOWN with no override group -> DOOR_LOCKDOWN. While the clock is not trusted,
    door schedules do not run: a scheduled UNLOCKED or FIRST_CARD door is a card door, and a card + PIN
    door asks for the PIN whatever its PIN schedule says
-3. card unknown -> UNKNOWN_CARD; credential status, then its window
+3. card unknown -> UNKNOWN_CARD; a facility code other than the credential's -> WRONG_FACILITY;
+   credential status, then its window
 4. user inactive, then the user's window
 5. clock not trusted -> the time policy (see `TimePolicy`); whatever the policy, a window with an end
    (credential, user, assignment) may have ended and never grants: CLOCK_NOT_TRUSTED
@@ -32,7 +33,17 @@ from datetime import datetime
 
 import msgspec
 
-from .index import F_ACTIVE, F_EMERGENCY, F_EXTENDED, F_OFFLINE, NO_END, STATUS_NAMES, RightsIndex
+from .index import (
+    F_ACTIVE,
+    F_EMERGENCY,
+    F_EXTENDED,
+    F_OFFLINE,
+    FACILITY_SHIFT,
+    NO_END,
+    STATUS_MASK,
+    STATUS_NAMES,
+    RightsIndex,
+)
 from .model import CredentialStatus, DoorMode
 from .pin import verify_pin
 
@@ -43,6 +54,7 @@ class Reason(enum.StrEnum):
     FIRST_CARD_UNLOCK = "first_card_unlock"
     UNKNOWN_DOOR = "unknown_door"
     UNKNOWN_CARD = "unknown_card"
+    WRONG_FACILITY = "wrong_facility"
     CREDENTIAL_SUSPENDED = "credential_suspended"
     CREDENTIAL_LOST = "credential_lost"
     CREDENTIAL_REVOKED = "credential_revoked"
@@ -187,6 +199,7 @@ class Decider:
         offline_since: datetime | None = None,
         clock_trusted: bool = True,
         rights_age_s: float | None = None,
+        facility: int | None = None,
     ) -> Decision:
         ts = now.timestamp()
         index = self.index
@@ -208,6 +221,8 @@ class Decider:
         if cred is None:
             return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
         uid, status, c_from, c_until = cred
+        fac = status >> FACILITY_SHIFT
+        status &= STATUS_MASK
         urow = index.user(uid)
         if urow is None:  # cannot happen in a consistent store; deny rather than guess
             return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
@@ -225,6 +240,8 @@ class Decider:
         ignore_time = not clock_trusted and (
             tp is TimePolicy.IGNORE_SCHEDULES or (tp is TimePolicy.EMERGENCY_ONLY and bool(flags & F_EMERGENCY))
         )
+        if fac and facility != fac - 1:
+            return deny(Reason.WRONG_FACILITY)  # the same number on another site's or company's card
         if status:
             return deny(_STATUS_CODE_REASON[status] or Reason.CREDENTIAL_REVOKED)
         if ts < c_from:

@@ -46,8 +46,15 @@ F_OFFLINE: Final = 2
 F_EXTENDED: Final = 4
 F_EMERGENCY: Final = 8
 
-#: (uid, status, valid_from, valid_until)
+#: (uid, status word, valid_from, valid_until). The status word packs the status code (low 8 bits) and
+#: the credential's facility code plus one (bits 8-31; 0 = any facility): see `status_word`.
 CredRow = tuple[int, int, int, int]
+STATUS_MASK: Final = 0xFF
+FACILITY_SHIFT: Final = 8
+
+
+def status_word(status: int, facility: int | None) -> int:
+    return status | (0 if facility is None else (facility + 1) << FACILITY_SHIFT)
 #: (group index, valid_from, valid_until)
 AssignRow = tuple[int, int, int]
 #: (external id, flags, valid_from, valid_until, pin hash or None, assignments)
@@ -123,7 +130,7 @@ def build_arrays(
     arrays: dict[str, npt.NDArray[np.generic]] = {
         "c_card": np.fromiter((c for c, _ in creds), np.uint64, n),
         "c_uid": np.fromiter((r[0] for _, r in creds), np.uint32, n),
-        "c_status": np.fromiter((r[1] for _, r in creds), np.uint8, n),
+        "c_status": np.fromiter((r[1] for _, r in creds), np.uint32, n),
         "c_from": np.fromiter((r[2] for _, r in creds), np.uint32, n),
         "c_until": np.fromiter((r[3] for _, r in creds), np.uint32, n),
     }
@@ -388,7 +395,7 @@ class RightsIndex:
         new_c = {
             "c_card": np.fromiter((c for c, _ in live), np.uint64, len(live)),
             "c_uid": np.fromiter((r[0] for _, r in live), np.uint32, len(live)),
-            "c_status": np.fromiter((r[1] for _, r in live), np.uint8, len(live)),
+            "c_status": np.fromiter((r[1] for _, r in live), np.uint32, len(live)),
             "c_from": np.fromiter((r[2] for _, r in live), np.uint32, len(live)),
             "c_until": np.fromiter((r[3] for _, r in live), np.uint32, len(live)),
         }

@@ -135,6 +135,9 @@ class Credential(Base, frozen=True):
     card: CardNumber
     user: Ident
     format: str = "h10301"
+    #: The facility (site / company) code the card carries, for formats that have one. When set, a read
+    #: with another facility code (or none) is refused: same card number, different card.
+    facility: Annotated[int, Meta(ge=0, lt=2**24 - 1)] | None = None
     status: CredentialStatus = CredentialStatus.ACTIVE
     valid_from: datetime | None = None
     valid_until: datetime | None = None

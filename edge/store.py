@@ -40,6 +40,7 @@ from .index import (
     RightsIndex,
     Tables,
     UserRow,
+    status_word,
 )
 from .model import (
     ChangeSet,
@@ -85,7 +86,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Index entries staged per loop turn while publishing a change set (keeps each turn well under 1 ms).
 STAGE_SLICE = 500
 #: Changes validated per loop turn.
@@ -112,6 +113,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX credentials_uid ON credentials (uid)",
         "INSERT INTO meta (key, value) VALUES ('rights_version', 0)",
     ],
+    2: ["ALTER TABLE credentials ADD COLUMN facility INTEGER"],
 }
 
 _enc = msgspec.msgpack.Encoder()
@@ -279,7 +281,13 @@ class Store:
         def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
             return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
 
-        c = cols(await self._chunks("SELECT card, uid, status, vfrom, vuntil FROM credentials ORDER BY card"), 5)
+        c = cols(
+            await self._chunks(
+                "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil "
+                "FROM credentials ORDER BY card"
+            ),
+            5,
+        )
         u = cols(await self._chunks("SELECT uid, flags, vfrom, vuntil FROM users ORDER BY uid"), 4)
         await self.db.execute("CREATE TEMP TABLE IF NOT EXISTS gmap (group_id TEXT PRIMARY KEY, gidx INTEGER)")
         await self.db.execute("DELETE FROM temp.gmap")
@@ -306,7 +314,7 @@ class Store:
         arrays: dict[str, npt.NDArray[np.generic]] = {
             "c_card": c[:, 0].astype(np.uint64),
             "c_uid": c[:, 1].astype(np.uint32),
-            "c_status": c[:, 2].astype(np.uint8),
+            "c_status": c[:, 2].astype(np.uint32),
             "c_from": c[:, 3].astype(np.uint32),
             "c_until": c[:, 4].astype(np.uint32),
             "u_uid": uid_col.astype(np.uint32),
@@ -539,7 +547,7 @@ class Store:
                 f, un = _window(c, f"{p}.credential")
                 card_owner[c.card] = uid
                 cards_of_user.setdefault(uid, set()).add(c.card)
-                plan.creds[c.card] = (c, uid, (uid, STATUS_CODES[c.status], f, un))
+                plan.creds[c.card] = (c, uid, (uid, status_word(STATUS_CODES[c.status], c.facility), f, un))
                 cred_paths[c.card] = p
             elif isinstance(ch, DeleteCredential):
                 have = owner(ch.card)
@@ -659,8 +667,13 @@ class Store:
                 "DELETE FROM credentials WHERE card=?", [(c,) for c, v in plan.creds.items() if v is None]
             )
             await db.executemany(
-                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil) VALUES (?,?,?,?,?,?)",
-                ((card, v[1], v[0].format, v[2][1], v[2][2], v[2][3]) for card, v in plan.creds.items() if v),
+                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (
+                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility)
+                    for card, v in plan.creds.items()
+                    if v
+                ),
             )
             await db.execute("UPDATE meta SET value=? WHERE key='rights_version'", (version,))
             await db.execute("COMMIT")

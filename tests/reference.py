@@ -30,6 +30,7 @@ from edge.index import (
     Tables,
     UserRow,
     build_arrays,
+    status_word,
 )
 from edge.model import (
     ChangeSet,
@@ -193,12 +194,13 @@ def reference_decide(
     lockdown: bool = False,
     first_card_until: dict[str, float] | None = None,
     pin_failures: dict[int, list[float]] | None = None,
+    facility: int | None = None,
 ) -> tuple[bool, Reason, str | None]:
     """(granted, reason, group). `first_card_until` and `pin_failures` are updated like the Decider's state."""
     return reference_decision(
         model, door, card, now, pin=pin, link_online=link_online, offline_since=offline_since,
         clock_trusted=clock_trusted, rights_age_s=rights_age_s, policy=policy, mode_override=mode_override,
-        lockdown=lockdown, first_card_until=first_card_until, pin_failures=pin_failures,
+        lockdown=lockdown, first_card_until=first_card_until, pin_failures=pin_failures, facility=facility,
     ).triple()  # fmt: skip
 
 
@@ -218,6 +220,7 @@ def reference_decision(
     lockdown: bool = False,
     first_card_until: dict[str, float] | None = None,
     pin_failures: dict[int, list[float]] | None = None,
+    facility: int | None = None,
 ) -> RefResult:
     """Like `reference_decide`, with the user, strike time, unlock end and alarm as well."""
     policy = policy or SitePolicy()
@@ -286,6 +289,8 @@ def reference_decision(
     )
     strict_time = not clock_trusted and policy.time_policy == TimePolicy.ALWAYS_ONLY
 
+    if cred.facility is not None and facility != cred.facility:
+        return deny(Reason.WRONG_FACILITY)
     if cred.status != CredentialStatus.ACTIVE:
         return deny(_STATUS[cred.status])
     if cred.valid_from is not None and now < whole(cred.valid_from):
@@ -423,7 +428,15 @@ def index_of(model: SiteModel, *, version: int = 1) -> RightsIndex:
         )
         users.append((uid, (u.id, flags, secs(u.valid_from, NO_START), secs(u.valid_until, NO_END), u.pin_hash, rows)))
     creds: list[tuple[int, CredRow]] = [
-        (c.card, (uid_of[c.user], STATUS_CODES[c.status], secs(c.valid_from, NO_START), secs(c.valid_until, NO_END)))
+        (
+            c.card,
+            (
+                uid_of[c.user],
+                status_word(STATUS_CODES[c.status], c.facility),
+                secs(c.valid_from, NO_START),
+                secs(c.valid_until, NO_END),
+            ),
+        )
         for c in model.credentials.values()
     ]
     return RightsIndex(tables, build_arrays(creds, users), version=version)

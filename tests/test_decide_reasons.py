@@ -93,6 +93,7 @@ def site() -> SiteModel:
         Credential(card=13, user="alice", status=CredentialStatus.REVOKED),
         Credential(card=14, user="bob", valid_from=FUTURE),
         Credential(card=15, user="bob", valid_until=PAST),
+        Credential(card=16, user="alice", format="h10301", facility=42),
     ]
     m.credentials = {c.card: c for c in creds}
     return m
@@ -142,6 +143,7 @@ CASES: dict[Reason, Case] = {
     Reason.FIRST_CARD_UNLOCK: lambda: harness().tap("cafe", 1),
     Reason.UNKNOWN_DOOR: lambda: harness().tap("attic", 1),
     Reason.UNKNOWN_CARD: lambda: harness().tap("front", 999),
+    Reason.WRONG_FACILITY: lambda: harness().tap("front", 16, facility=41),
     Reason.CREDENTIAL_SUSPENDED: lambda: harness().tap("front", 11),
     Reason.CREDENTIAL_LOST: lambda: harness().tap("front", 12),
     Reason.CREDENTIAL_REVOKED: lambda: harness().tap("front", 13),
@@ -463,3 +465,11 @@ def test_mode_override_and_restore() -> None:
     assert h.tap("front", 999).reason is Reason.FREE_PASSAGE
     h.decider.set_door_mode("front", None)
     assert h.tap("front", 999).reason is Reason.UNKNOWN_CARD
+
+
+def test_facility_code_is_checked_when_the_credential_has_one() -> None:
+    h = harness()
+    assert h.tap("front", 16, facility=42).granted
+    assert h.tap("front", 16, facility=41).reason is Reason.WRONG_FACILITY
+    assert h.tap("front", 16).reason is Reason.WRONG_FACILITY  # a CSN read of the same number
+    assert h.tap("front", 1, facility=7).granted  # no facility on the credential: any

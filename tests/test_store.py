@@ -209,3 +209,30 @@ async def test_compaction_keeps_every_answer(store: Store) -> None:
     after = [d.decide("lab", c, MONDAY_10 + timedelta(hours=1)) for c in probes]
     assert before == after
     assert len(store.index) == 51
+
+
+async def test_facility_code_survives_reload(store: Store, db_path: Path) -> None:
+    await store.apply(cs(1, PutCredential(credential=Credential(card=3001, user="bob", facility=77))))
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:
+        d = Decider(again.index)
+        assert d.decide("lab", 3001, MONDAY_10, facility=77).granted
+        assert d.decide("lab", 3001, MONDAY_10, facility=78).reason is Reason.WRONG_FACILITY
+
+
+async def test_schema_1_store_is_migrated_in_place(db_path: Path) -> None:
+    from edge.store import _MIGRATIONS
+
+    con = sqlite3.connect(db_path)
+    for stmt in _MIGRATIONS[1]:
+        con.execute(stmt)
+    con.execute("INSERT INTO users VALUES (1, 'alice', '', 1, 0, 4294967295, NULL)")
+    con.execute("INSERT INTO credentials VALUES (555, 1, 'h10301', 0, 0, 4294967295)")
+    con.execute("PRAGMA user_version=1")
+    con.commit()
+    con.close()
+    async with Store(db_path) as s:
+        assert s.index.cred(555) == (1, 0, 0, 4294967295)
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    con.close()
