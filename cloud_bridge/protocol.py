@@ -42,6 +42,7 @@ __all__ = [
     "ResyncRequest",
     "RightsReply",
     "RightsResult",
+    "RotateKey",
     "SetDoorMode",
     "SignedCommand",
     "SnapshotChunk",
@@ -249,7 +250,19 @@ class RebirthAction(Action, tag="rebirth", frozen=True):
     """Make the gateway republish its Birth."""
 
 
-CommandAction = Unlock | SetDoorMode | Lockdown | Resync | RebirthAction
+class RotateKey(Action, tag="rotate_key", frozen=True):
+    """Replace the site's command key on the gateway by `new_public_key` (raw Ed25519 public key, hex).
+
+    Accepted only when signed by the key the gateway verifies commands with now; the new key is stored on
+    the gateway's disk before the ok is sent, and from `not_before` (UTC seconds; None: at once) every
+    command must be signed with it: the old key is refused from then on. Rotating to the key already in
+    use is an ok that changes nothing (a cloud that lost the first answer can check with the new key)."""
+
+    new_public_key: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+    not_before: float | None = None
+
+
+CommandAction = Unlock | SetDoorMode | Lockdown | Resync | RebirthAction | RotateKey
 
 
 class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):

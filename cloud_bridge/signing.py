@@ -8,10 +8,17 @@ not live longer than `max_ttl_s`; its nonce has not been seen before. Nonces are
 command's expiry, so a replay after a restart is refused too.
 
 `check()` is the pure part (no I/O); `NonceStore` is the SQLite part.
+
+Key rotation: the gateway keeps the command key it verifies with in a `KeyState` (pure), stored in its
+state directory by `save_key_state` (written to a temporary file, fsynced, renamed over the old one, the
+directory fsynced) so that a rotated key survives a restart and wins over the configured one. Keys are
+named by `fingerprint()` in logs and events; only public keys are ever stored on the gateway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -19,10 +26,11 @@ from types import TracebackType
 from typing import Self
 
 import aiosqlite
+import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, StoreError
 
 from .protocol import (
     Command,
@@ -53,6 +61,11 @@ class CommandRejected(EdgeError):
 def key_id(public_key: bytes) -> str:
     """A short name for a public key (first 8 bytes of it, hex): lets the cloud rotate keys visibly."""
     return public_key[:8].hex()
+
+
+def fingerprint(public_key: bytes) -> str:
+    """The name of a public key in logs, events and the operator database: first 16 hex of its SHA-256."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
 
 
 def public_bytes(key: Ed25519PrivateKey) -> bytes:
@@ -206,3 +219,94 @@ class NonceStore:
         async with self.db.execute("SELECT count(*) FROM nonces") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+# --- the gateway's command key (rotation) -----------------------------------------------------------------
+
+HexKey = msgspec.Meta(pattern=r"^[0-9a-f]{64}$")
+
+
+class KeyState(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    """The command key a gateway holds. `key` is the newest key (hex); while a rotation waits for its
+    `not_before`, `previous` is still the key in use. `request_id`/`operator` name the rotation that set it."""
+
+    key: str
+    previous: str | None = None
+    not_before: float | None = None
+    rotated_at: float = 0.0
+    request_id: str = ""
+    operator: str = ""
+
+    def in_use(self, now: float) -> bytes:
+        """The raw public key commands must be signed with at `now`."""
+        if self.previous is not None and self.not_before is not None and now < self.not_before:
+            return bytes.fromhex(self.previous)
+        return bytes.fromhex(self.key)
+
+    def rotated(
+        self, new_key: bytes, *, not_before: float | None, now: float, request_id: str = "", operator: str = ""
+    ) -> KeyState:
+        """The state after a rotation to `new_key` accepted at `now` (pure). Returns `self` when nothing
+        changes (the key is already in use and no other rotation is pending)."""
+        load_public_key(new_key)  # 32 bytes
+        current = self.in_use(now)
+        pending = not_before is not None and not_before > now and new_key != current
+        nxt = KeyState(
+            key=new_key.hex(), previous=current.hex() if pending else None, not_before=not_before if pending else None,
+            rotated_at=now, request_id=request_id, operator=operator,
+        )  # fmt: skip
+        if (nxt.key, nxt.previous, nxt.not_before) == (self.key, self.previous, self.not_before) or (
+            new_key == current and self.previous is None and bytes.fromhex(self.key) == current
+        ):
+            return self
+        return nxt
+
+
+_key_state_dec = msgspec.json.Decoder(KeyState)
+
+
+def load_key_state(path: Path) -> KeyState | None:
+    """The key state stored at `path`, or None when there is none. A file that cannot be read is an error
+    (falling back to the configured key could bring a retired key back): `StoreError` names it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the stored command key: {e.strerror}") from None
+    try:
+        st = _key_state_dec.decode(data)
+        for k in (st.key, st.previous):
+            if k is not None:
+                load_public_key(bytes.fromhex(k))
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise StoreError(f"{path}: the stored command key is unreadable ({e}); restore it or remove the file "
+                         "to fall back to link.command_key") from None  # fmt: skip
+    return st
+
+
+def save_key_state(path: Path, state: KeyState) -> None:
+    """Write `state` durably and atomically (temporary file, fsync, rename, fsync of the directory), mode
+    0644. Raises `StoreError`; the previous file is then unchanged."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = msgspec.json.encode(state) + b"\n"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(f"{path}: cannot store the command key: {e.strerror}") from None

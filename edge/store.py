@@ -88,9 +88,9 @@ def gc_paused() -> Iterator[None]:
 
 SCHEMA_VERSION = 2
 #: Index entries staged per loop turn while publishing a change set (keeps each turn well under 1 ms).
-STAGE_SLICE = 500
+STAGE_SLICE = 250
 #: Changes validated per loop turn.
-PLAN_SLICE = 100
+PLAN_SLICE = 50
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
 
