@@ -125,8 +125,8 @@ async def run_gateways(a: argparse.Namespace) -> None:
 
 async def drained(gws: list[Gw]) -> None:
     # the journal has no "acknowledged" hook: poll its depth (acks come from the collectors)
-    while any(g.journal.depth for g in gws):
-        await asyncio.sleep(0.01)  # noqa: ASYNC110
+    while any(g.journal.depth for g in gws):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
     say(drained=time.time(), next_seq={g.name: g.journal.next_seq for g in gws})
 
 

@@ -11,6 +11,12 @@ Tasks: `run()` is the reconnect loop (jittered exponential backoff). Per connect
 reader and the event uploader; one rights worker lives across connections, so a snapshot being applied
 is never torn by a reconnect (its reply is dropped if the link is down when it finishes; the cloud's
 resend then gets the "already applied" answer).
+
+Command key: commands are verified with the site's Ed25519 public key given at construction (the agent's
+`link.command_key`) until a signed `RotateKey` replaces it. The rotated key is stored in the state
+directory (`link-command-key.json`) before the ok is sent and wins over the configured key on every later
+start; the fingerprint of the key in use is logged at start and both fingerprints are journalled as
+`security.key_rotated`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Annotated, Any, Protocol, Self
 import aiomqtt
 import aiosqlite
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Meta
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -56,6 +63,7 @@ from .protocol import (
     Resync,
     ResyncRequest,
     RightsResult,
+    RotateKey,
     SetDoorMode,
     SnapshotChunk,
     Unlock,
@@ -68,13 +76,27 @@ from .protocol import (
     peek_ref,
     snapshot_of,
 )
-from .signing import MAX_TTL_S, CommandRejected, NonceStore, check, load_public_key
+from .signing import (
+    MAX_TTL_S,
+    CommandRejected,
+    KeyState,
+    NonceStore,
+    check,
+    fingerprint,
+    load_key_state,
+    load_public_key,
+    save_key_state,
+)
 from .topics import Leaf, Topics
 
 log = logging.getLogger("cloud_bridge.link")
 
 #: Journal event type of every command carried out (user = the operator).
 COMMAND_EXECUTED = "command.executed"
+#: Journal event type of an accepted key rotation (detail: old and new key fingerprints).
+KEY_ROTATED = "security.key_rotated"
+#: The command key state in the link's state directory.
+KEY_FILE = "link-command-key.json"
 
 
 class LinkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -280,8 +302,12 @@ class CloudLink:
         self.journal = journal
         self.commands = commands
         self.birth = birth
-        self.public_key = load_public_key(site_public_key)
+        load_public_key(site_public_key)  # 32 bytes, or ValueError now
+        self.config_key = bytes(site_public_key)
         self.state_dir = Path(state_dir)
+        self.key_path = self.state_dir / KEY_FILE
+        self._keys = KeyState(key=self.config_key.hex())
+        self._verifiers: dict[bytes, Ed25519PublicKey] = {}
         self.clock = clock
         self.topics = Topics(cfg.site, cfg.gateway)
         #: Called with the new state whenever the link goes online or offline.
@@ -306,6 +332,7 @@ class CloudLink:
 
     async def __aenter__(self) -> Self:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self._load_keys()
         await self._nonces.__aenter__()
         try:
             await self._staging.__aenter__()
@@ -327,6 +354,62 @@ class CloudLink:
     @property
     def online(self) -> bool:
         return self._online
+
+    # --- the command key --------------------------------------------------------------------------------
+
+    async def _load_keys(self) -> None:
+        stored = await asyncio.to_thread(load_key_state, self.key_path)
+        if stored is None:
+            log.info("command key %s (link.command_key)", fingerprint(self.config_key))
+            return
+        self._keys = stored
+        now = self.clock()
+        in_use = stored.in_use(now)
+        log.info("command key %s (rotated by %s, stored in %s)%s", fingerprint(in_use), stored.request_id or "?",
+                 self.key_path, "" if in_use == self.config_key else
+                 f"; the configured link.command_key {fingerprint(self.config_key)} is superseded")  # fmt: skip
+        if stored.pending(now):
+            log.info("command key %s takes over at %s", fingerprint(bytes.fromhex(stored.key)), stored.not_before)
+
+    @property
+    def key_state(self) -> KeyState:
+        """The command key(s) this gateway holds (public keys only)."""
+        return self._keys
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The key commands must be signed with now."""
+        return self._verifier(self._keys.in_use(self.clock()))
+
+    def _verifier(self, raw: bytes) -> Ed25519PublicKey:
+        v = self._verifiers.get(raw)
+        if v is None:
+            v = self._verifiers[raw] = load_public_key(raw)
+        return v
+
+    async def _rotate(self, cmd: Command, a: RotateKey) -> CommandResult:
+        """Store the new key durably, then use it: the ok is only sent once it is on disk."""
+        now = self.clock()
+        old = self._keys.in_use(now)
+        new = bytes.fromhex(a.new_public_key)
+        detail: dict[str, str | int | float | bool | None] = {
+            "request_id": cmd.request_id, "action": "rotate_key", "old": fingerprint(old), "new": fingerprint(new),
+        }  # fmt: skip
+        nxt = self._keys.rotated(new, not_before=a.not_before, now=now, request_id=cmd.request_id,
+                                 operator=cmd.operator)  # fmt: skip
+        if nxt is self._keys:
+            detail["unchanged"] = True
+            log.info("command key %s: rotation %s changes nothing", fingerprint(old), cmd.request_id)
+            self.journal.record(COMMAND_EXECUTED, user=cmd.operator, detail=detail)
+            return CommandResult(request_id=cmd.request_id, ok=True)
+        await asyncio.to_thread(save_key_state, self.key_path, nxt)
+        self._keys = nxt
+        if nxt.pending(now):
+            detail["not_before"] = nxt.not_before
+        log.warning("command key rotated by %s (%s): %s -> %s%s", cmd.operator, cmd.request_id, fingerprint(old),
+                    fingerprint(new), f" from {nxt.not_before}" if nxt.pending(now) else "")  # fmt: skip
+        self.journal.record(KEY_ROTATED, user=cmd.operator, detail=detail)
+        return CommandResult(request_id=cmd.request_id, ok=True)
 
     @property
     def offline_since(self) -> datetime | None:
@@ -610,6 +693,8 @@ class CloudLink:
         detail: dict[str, str | int | float | bool | None] = {"request_id": cmd.request_id, "action": str(action)}
         door: str | None = None
         try:
+            if isinstance(a, RotateKey):
+                return await self._rotate(cmd, a)
             if isinstance(a, Unlock):
                 door = a.door
                 detail["seconds"] = a.seconds

@@ -223,8 +223,6 @@ class NonceStore:
 
 # --- the gateway's command key (rotation) -----------------------------------------------------------------
 
-HexKey = msgspec.Meta(pattern=r"^[0-9a-f]{64}$")
-
 
 class KeyState(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
     """The command key a gateway holds. `key` is the newest key (hex); while a rotation waits for its
@@ -237,11 +235,13 @@ class KeyState(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     request_id: str = ""
     operator: str = ""
 
+    def pending(self, now: float) -> bool:
+        """A rotation was accepted and waits for its `not_before`."""
+        return self.previous is not None and self.not_before is not None and now < self.not_before
+
     def in_use(self, now: float) -> bytes:
         """The raw public key commands must be signed with at `now`."""
-        if self.previous is not None and self.not_before is not None and now < self.not_before:
-            return bytes.fromhex(self.previous)
-        return bytes.fromhex(self.key)
+        return bytes.fromhex(self.previous if self.pending(now) and self.previous else self.key)
 
     def rotated(
         self, new_key: bytes, *, not_before: float | None, now: float, request_id: str = "", operator: str = ""
@@ -250,16 +250,13 @@ class KeyState(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         changes (the key is already in use and no other rotation is pending)."""
         load_public_key(new_key)  # 32 bytes
         current = self.in_use(now)
-        pending = not_before is not None and not_before > now and new_key != current
-        nxt = KeyState(
-            key=new_key.hex(), previous=current.hex() if pending else None, not_before=not_before if pending else None,
+        if new_key == current and not self.pending(now):
+            return self
+        later = not_before is not None and not_before > now and new_key != current
+        return KeyState(
+            key=new_key.hex(), previous=current.hex() if later else None, not_before=not_before if later else None,
             rotated_at=now, request_id=request_id, operator=operator,
         )  # fmt: skip
-        if (nxt.key, nxt.previous, nxt.not_before) == (self.key, self.previous, self.not_before) or (
-            new_key == current and self.previous is None and bytes.fromhex(self.key) == current
-        ):
-            return self
-        return nxt
 
 
 _key_state_dec = msgspec.json.Decoder(KeyState)

@@ -402,7 +402,7 @@ class Agent:
                 Journal(
                     state / "journal.db", site_tz=cfg.tz, link_up=lambda: self.link_online, clock=self.clock,
                     max_events=cfg.storage.journal_max_events, memory_limit=cfg.storage.journal_memory_events,
-                    synchronous=cfg.storage.synchronous,
+                    interval_s=cfg.storage.journal_flush_s, synchronous=cfg.storage.synchronous,
                 )
             )  # fmt: skip
             if cfg.policy.clock_source == "ntp":

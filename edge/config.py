@@ -58,6 +58,9 @@ class StorageSection(Strict, frozen=True, kw_only=True):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     journal_max_events: Annotated[int, Meta(ge=100)] = 1_000_000
     journal_memory_events: Annotated[int, Meta(ge=100)] = 100_000
+    #: Events are written in batches this often (or every 500 events): a power cut loses at most this
+    #: much; longer batches mean fewer SD-card writes (see docs/operations.md).
+    journal_flush_s: Annotated[float, Meta(gt=0, le=10)] = 0.2
 
 
 class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):

@@ -222,9 +222,6 @@ class Journal:
                     "INSERT INTO events (seq, id, body) VALUES (?, ?, ?)",
                     ((e.seq, e.id, _enc.encode(e)) for e in batch),
                 )
-                await db.execute(
-                    "INSERT OR REPLACE INTO jmeta (key, value) VALUES ('next_seq', ?)", (batch[-1].seq + 1,)
-                )
                 await db.execute("COMMIT")
             except asyncio.CancelledError:
                 # Cancelled mid-transaction (shutdown): the batch stays pending; close() writes it again.
@@ -293,9 +290,23 @@ class Journal:
         if self._db is None:
             raise StoreError("journal is not open")
         async with self._write_lock:
-            cur = await self._db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
-            n = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else 0
-            await cur.close()
+            # The table may become empty: remember the next sequence number so it is never reused (the
+            # batches themselves do not write it, to save a page write per batch on an SD card).
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self._db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
+                n = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else 0
+                await cur.close()
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO jmeta (key, value) VALUES ('next_seq', "
+                    "max(?, coalesce((SELECT value FROM jmeta WHERE key='next_seq'), 0)))",
+                    (upto_seq + 1,),
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._db.execute("ROLLBACK"))
+                raise
         self._on_disk = max(0, self._on_disk - n)
         return n
 

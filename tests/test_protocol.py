@@ -37,6 +37,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 # A fixed key so that the signed example in the doc is reproducible (Ed25519 signatures are deterministic).
 DOC_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 T0 = 1795425600.0  # 2026-11-23T08:00:00Z
+#: The key the doc's rotation example moves to.
+NEXT_DOC_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
 
 
 def _event(seq: int) -> Event:
@@ -135,6 +137,7 @@ def examples() -> dict[str, Any]:
         "action_lockdown": p.Lockdown(active=True),
         "action_resync": p.Resync(),
         "action_rebirth": p.RebirthAction(),
+        "action_rotate_key": p.RotateKey(new_public_key=public_bytes(NEXT_DOC_KEY).hex(), not_before=T0 + 3600),
     }
 
 

@@ -3,7 +3,9 @@
 Tables: users, credentials (card numbers are the primary key: unique per site), assignments (user ->
 group with a time span), groups and the doors they open (per gateway), schedules, gateways and the doors
 they announced in their birth, badge pools and visits, operators, the per-gateway shadow of what was last
-published, the outbox of change sets / snapshots not yet acknowledged, and collected events.
+published, the outbox of change sets / snapshots not yet acknowledged, and collected events. Command keys:
+every site key ever used (`site_keys`, private keys encrypted with the site passphrase) and the fingerprint
+of the key each gateway acknowledged holding (`gateway_keys`; no row: the current key).
 
 Times are UTC seconds since the epoch (REAL); NULL means "since always" / "for ever". All mutations here
 are plain synchronous `sqlite3` calls in short transactions (the operator process is not a hot path);
@@ -64,6 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY, gateway TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, ts REAL NOT NULL,
     body BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS event_ranges (gateway TEXT NOT NULL, prev_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS site_keys (
+    fingerprint TEXT PRIMARY KEY, public_key TEXT NOT NULL, private_pem TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, acked REAL);
 """
 
 
@@ -307,3 +312,24 @@ class Model(Database):
     def set_error(self, gw: str, message: str | None) -> None:
         with self.tx() as c:
             c.execute("UPDATE gateways SET error=? WHERE id=?", (message, gw))
+
+    # command keys (rotation)
+
+    def archive_key(self, fingerprint: str, public_hex: str, private_pem: str, ts: float) -> None:
+        """Keep a site key (its private part already encrypted) for gateways that still hold it."""
+        self.con.execute("INSERT OR IGNORE INTO site_keys (fingerprint, public_key, private_pem, created) "
+                         "VALUES (?,?,?,?)", (fingerprint, public_hex, private_pem, ts))  # fmt: skip
+
+    def archived_key(self, fingerprint: str) -> str | None:
+        row = self.con.execute("SELECT private_pem FROM site_keys WHERE fingerprint=?", (fingerprint,)).fetchone()
+        return str(row[0]) if row else None
+
+    def gateway_key(self, gw: str) -> str | None:
+        """The fingerprint of the command key `gw` acknowledged holding (None: never rotated)."""
+        row = self.con.execute("SELECT fingerprint FROM gateway_keys WHERE gateway=?", (gw,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_gateway_key(self, gw: str, fingerprint: str, acked: float | None) -> None:
+        self.con.execute("INSERT INTO gateway_keys (gateway, fingerprint, acked) VALUES (?,?,?) ON CONFLICT(gateway) "
+                         "DO UPDATE SET fingerprint=excluded.fingerprint, acked=excluded.acked",
+                         (gw, fingerprint, acked))  # fmt: skip

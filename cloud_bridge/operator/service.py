@@ -10,15 +10,24 @@ permissions (`cloud_bridge.permissions`) before anything is changed or sent.
 
 The site's Ed25519 signing key is kept in the database encrypted with a passphrase (never in plain text);
 commands cannot be sent without the passphrase.
+
+Key rotation is in band (`rotate_key`): each gateway is sent a `RotateKey` signed with the key it holds and
+the new key becomes current once every online gateway acknowledged it. The database keeps every key a
+gateway may still hold and, per gateway, the fingerprint of the key it acknowledged: each gateway's commands
+are signed with its own key, and a gateway that was offline is moved over when it is next reached
+(`sync_keys`, run by `publish` and before a command).
 """
 
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -36,8 +45,8 @@ from cloud_bridge.permissions import (
     PermissionGroup,
     Target,
 )
-from cloud_bridge.protocol import Birth, CommandResult, Unlock
-from cloud_bridge.signing import key_id, public_bytes
+from cloud_bridge.protocol import Birth, CommandResult, RotateKey, Unlock
+from cloud_bridge.signing import fingerprint, key_id, public_bytes
 from edge.model import Schedule
 
 from . import csvimport, visitors
@@ -53,6 +62,18 @@ def _encrypt(key: Ed25519PrivateKey, passphrase: str) -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase.encode()),
     ).decode()  # fmt: skip
+
+
+@dataclass
+class KeyRotation:
+    """The outcome of `Service.rotate_key`: the new public key (hex) and its fingerprint; `current` when it is
+    now the site key (every online gateway acknowledged it); per gateway "ok", "offline" (it is moved over
+    when it comes back) or "error: ..." (the rotation stays pending: run it again)."""
+
+    public_key: str
+    fingerprint: str
+    current: bool
+    gateways: dict[str, str] = field(default_factory=dict)
 
 
 class Service:
@@ -269,15 +290,14 @@ class Service:
         """Plan, then push every online gateway and wait for its acknowledgement."""
         link = await self.link()
         if wait_online_s > 0:
-            import asyncio
-            import contextlib
-
             with contextlib.suppress(TimeoutError):
                 await asyncio.sleep(0)
                 await link.wait_for(lambda: all(link.online(g) for g in self.db.gateways()), wait_online_s)
         self.plan()
         allowed = [g for g in self.db.gateways()
                    if self.authorizer().check(self.operator, Action.UPDATE, self._gw_target(g)).allowed]  # fmt: skip
+        if self.passphrase:  # gateways back from an outage during a key rotation are moved over first
+            await self.sync_keys(allowed, timeout=min(timeout, 30.0))
         return await link.push_all(allowed, timeout=timeout)
 
     def signing_key(self) -> Ed25519PrivateKey:
@@ -295,18 +315,118 @@ class Service:
     def public_key_hex(self) -> str:
         return public_bytes(self.signing_key()).hex()
 
-    def rotate_key(self) -> str:
-        """Make a new site key; the old one is kept (encrypted) as `site_key_previous`. Returns the new
-        public key in hex: configure it as `link.command_key` on every gateway (docs/operator.md)."""
+    def _decrypt(self, pem: str) -> Ed25519PrivateKey:
+        if not self.passphrase:
+            raise OperatorError("the site key passphrase is needed to sign commands (CLOUD_BRIDGE_PASSPHRASE)")
+        try:
+            key = serialization.load_pem_private_key(pem.encode(), self.passphrase.encode())
+        except (ValueError, TypeError):
+            raise OperatorError("wrong passphrase for the site key") from None
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+    def _target_key(self) -> Ed25519PrivateKey:
+        """The key gateways are being moved to: a rotation still pending, else the current key."""
+        pending = self.db.get_meta("site_key_pending")
+        return self._decrypt(pending) if pending else self.signing_key()
+
+    def key_for(self, gateway: str) -> Ed25519PrivateKey:
+        """The private key matching the command key `gateway` acknowledged holding."""
+        current = self.signing_key()
+        fp = self.db.gateway_key(gateway)
+        if fp is None or fp == fingerprint(public_bytes(current)):
+            return current
+        pem = self.db.archived_key(fp)
+        if pem is None:
+            raise OperatorError(f"gateway {gateway} holds command key {fp}, which this database does not have")
+        return self._decrypt(pem)
+
+    async def _move_key(self, gateway: str, new: Ed25519PrivateKey, timeout: float) -> str:
+        """Send one gateway a RotateKey to `new`, signed with the key it holds; record its ok."""
+        link = await self.link()
+        new_pub = public_bytes(new)
+        action = RotateKey(new_public_key=new_pub.hex())
+        try:
+            r = await link.command(gateway, self.key_for(gateway), action, operator=self.operator.id,
+                                   timeout=timeout)  # fmt: skip
+            if not r.ok and r.error is not None and r.error.code in ("bad_signature", "replayed"):
+                # it may hold the new key already (the answer to an earlier rotation was lost): rotating to the
+                # key in use is an ok that changes nothing, so ask with the new key
+                r = await link.command(gateway, new, action, operator=self.operator.id, timeout=timeout)
+        except TimeoutError:
+            return "error: no answer in time"
+        if not r.ok:
+            return f"error: {r.error.code}: {r.error.message}" if r.error else "error: refused"
+        with self.db.tx():
+            self.db.set_gateway_key(gateway, fingerprint(new_pub), time.time())
+        return "ok"
+
+    async def rotate_key(self, *, timeout: float = 30.0, wait_online_s: float = 0.0) -> KeyRotation:
+        """Rotate the site's command key in band (needs update on the site key).
+
+        A new key is made (or the pending one of an unfinished rotation reused) and kept encrypted; every
+        online gateway is sent a `RotateKey` signed with the key it holds and its ok awaited. Only when every
+        online gateway acknowledged is the new key made current (the old one stays, encrypted, for the
+        gateways that were offline: `sync_keys` moves them over when they are back)."""
         self.require(Action.UPDATE, Target(ObjectType.SITE_KEY, self.site))
         old = self.signing_key()
-        new = Ed25519PrivateKey.generate()
+        old_fp = fingerprint(public_bytes(old))
         assert self.passphrase is not None
+        pending = self.db.get_meta("site_key_pending")
+        new = self._decrypt(pending) if pending else Ed25519PrivateKey.generate()
+        new_pub = public_bytes(new)
+        now = time.time()
         with self.db.tx():
-            self.db.set_meta("site_key_previous", _encrypt(old, self.passphrase))
-            self.db.set_meta("site_key", _encrypt(new, self.passphrase))
-            self.db.set_meta("site_key_rotated", str(time.time()))
-        return public_bytes(new).hex()
+            if not pending:
+                self.db.set_meta("site_key_pending", _encrypt(new, self.passphrase))
+            for k in (old, new):
+                pub = public_bytes(k)
+                self.db.archive_key(fingerprint(pub), pub.hex(), _encrypt(k, self.passphrase), now)
+            for gw in self.db.gateways():
+                if self.db.gateway_key(gw) is None:
+                    self.db.set_gateway_key(gw, old_fp, None)
+        link = await self.link()
+        if wait_online_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await link.wait_for(lambda: all(link.online(g) for g in self.db.gateways()), wait_online_s)
+
+        async def one(gw: str) -> str:
+            if self.db.gateway_key(gw) == fingerprint(new_pub):
+                return "ok"
+            if not link.online(gw):
+                return "offline"
+            return await self._move_key(gw, new, timeout)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = {gw: tg.create_task(one(gw), name=f"rotate[{gw}]") for gw in self.db.gateways()}
+        results = {gw: t.result() for gw, t in tasks.items()}
+        done = not any(v.startswith("error") for v in results.values())
+        if done:
+            with self.db.tx():
+                self.db.set_meta("site_key_previous", _encrypt(old, self.passphrase))
+                self.db.set_meta("site_key", _encrypt(new, self.passphrase))
+                self.db.con.execute("DELETE FROM meta WHERE key='site_key_pending'")
+                self.db.set_meta("site_key_rotated", str(time.time()))
+        return KeyRotation(public_key=new_pub.hex(), fingerprint=fingerprint(new_pub), current=done, gateways=results)
+
+    async def sync_keys(self, gateways: Iterable[str] | None = None, *, timeout: float = 30.0) -> dict[str, str]:
+        """Move every online gateway (of `gateways`) that holds an older command key to the site key (or to the
+        key of a pending rotation). Returns {gateway: "ok" | "error: ..."} for the gateways it tried."""
+        if (
+            self.db.get_meta("site_key_pending") is None
+            and not self.db.con.execute("SELECT 1 FROM gateway_keys LIMIT 1").fetchone()
+        ):
+            return {}  # no rotation ever: every gateway holds the key it was configured with
+        target = self._target_key()
+        target_fp = fingerprint(public_bytes(target))
+        current_fp = fingerprint(public_bytes(self.signing_key()))
+        link = await self.link()
+        todo = [g for g in (gateways if gateways is not None else self.db.gateways())
+                if (self.db.gateway_key(g) or current_fp) != target_fp and link.online(g)]  # fmt: skip
+        out: dict[str, str] = {}
+        for gw in todo:
+            out[gw] = await self._move_key(gw, target, timeout)
+        return out
 
     def key_id(self) -> str:
         return key_id(public_bytes(self.signing_key()))
@@ -316,8 +436,9 @@ class Service:
         before anything is sent otherwise."""
         self.authorizer().require_command(self.operator, "unlock", gateway, door,
                                           door_tags=self._door_tags(gateway, door))  # fmt: skip
-        key = self.signing_key()
         link = await self.link()
+        await self.sync_keys([gateway], timeout=timeout)  # a gateway back from an outage gets the new key first
+        key = self.key_for(gateway)
         return await link.command(gateway, key, Unlock(door=door, seconds=seconds), operator=self.operator.id,
                                   timeout=timeout)  # fmt: skip
 
