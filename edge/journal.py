@@ -36,6 +36,7 @@ import msgspec
 
 from .errors import StoreError
 from .events import JOURNAL_NEAR_FULL, Detail, Event
+from .store import background_connection
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
+            await background_connection(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             await self._db.execute(
