@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -183,13 +183,17 @@ async def run(args: argparse.Namespace) -> int:
                 svc.grant(args.id, args.group)
         elif c == "key":
             if args.action == "rotate":
-                print(f"new command key {svc.rotate_key()}: set link.command_key on every gateway")
+                rot = await svc.rotate_key(wait_online_s=2.0)
+                state = "current" if rot.current else "pending: run again when every gateway is online"
+                print(f"new command key {rot.public_key} ({rot.fingerprint}): {state}")
+                print(_fmt(rot.gateways))
+                return 0 if rot.current else 1
             else:
                 print(svc.public_key_hex())
     return 0
 
 
-def _fmt(out: dict[str, int | str]) -> str:
+def _fmt(out: Mapping[str, int | str]) -> str:
     return "\n".join(f"{gw}: {'version ' + str(v) if isinstance(v, int) else v}" for gw, v in sorted(out.items())) or (
         "no gateway online"
     )

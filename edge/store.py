@@ -69,6 +69,7 @@ from .schedule import CompiledSchedule
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_ABSENT: Any = object()
 
 
 #: Nice value of the threads that do bulk work (SQLite, index builds). On a small board the cores are
@@ -239,7 +240,8 @@ class _Plan:
     del_groups: set[str] = field(default_factory=set)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
     deleted_users: list[int] = field(default_factory=list)
-    creds: dict[int, tuple[Credential, int, CredRow] | None] = field(default_factory=dict)
+    #: card -> (credential, uid, index row, index of its change), or None for a deleted card
+    creds: dict[int, tuple[Credential, int, CredRow, int] | None] = field(default_factory=dict)
     next_uid: int = 0
 
 
@@ -513,19 +515,22 @@ class Store:
 
         uid_of: dict[str, int | None] = {}
         cards_of_user: dict[int, set[int]] = {}
+        deleted_ids: list[str] = []
         if base is None:  # a snapshot starts from nothing: no existing user to look up
             refs, deleted_ids = await asyncio.to_thread(in_background(referenced_users))  # 100k changes: off the loop
             uid_of.update(await self._uids(refs))
             deleted_uids = [d for e in deleted_ids if (d := uid_of.get(e)) is not None]
             cards_of_user = {u: set(c) for u, c in (await self._cards_of(deleted_uids)).items()}
         ext_of: dict[int, str] = {}
-        user_models: dict[int, User] = {}
-        card_owner: dict[int, int | None] = {}  # cards changed in this set -> owner uid (None: deleted)
-        cred_paths: dict[int, str] = {}
+        user_models: dict[int, tuple[User, int]] = {}  # uid -> (user, index of its change)
+        track_cards = bool(deleted_ids)  # cards added per user matter only when users are deleted
+        # Few dicts, filled once per change: each large dict costs a resize of several ms on the loop.
+        creds = plan.creds
 
         def owner(card: int) -> int | None:
-            if card in card_owner:
-                return card_owner[card]
+            e = creds.get(card, _ABSENT)
+            if e is not _ABSENT:
+                return None if e is None else e[1]
             row = idx.cred(card)
             return row[0] if row is not None else None
 
@@ -584,16 +589,14 @@ class Store:
                 for j, a in enumerate(u.assignments):
                     _window(a, f"{p}.user.assignments[{j}]")
                 ext_of[uid] = u.id
-                user_models[uid] = u
-                cred_paths.setdefault(-uid, p)
+                user_models[uid] = (u, user_models[uid][1] if uid in user_models else i)
             elif isinstance(ch, DeleteUser):
                 uid = uid_of.get(ch.id)
                 if uid is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no user {ch.id!r}", path=f"{p}.id")
                 for card in cards_of_user.pop(uid, set()):
                     if owner(card) == uid:
-                        card_owner[card] = None
-                        plan.creds[card] = None
+                        creds[card] = None
                 uid_of[ch.id] = None
                 user_models.pop(uid, None)
                 plan.users[uid] = None
@@ -616,16 +619,14 @@ class Store:
                         path=f"{p}.credential.card",
                     )
                 f, un = _window(c, f"{p}.credential")
-                card_owner[c.card] = uid
-                cards_of_user.setdefault(uid, set()).add(c.card)
-                plan.creds[c.card] = (c, uid, (uid, status_word(STATUS_CODES[c.status], c.facility), f, un))
-                cred_paths[c.card] = p
+                if track_cards:
+                    cards_of_user.setdefault(uid, set()).add(c.card)
+                creds[c.card] = (c, uid, (uid, status_word(STATUS_CODES[c.status], c.facility), f, un), i)
             elif isinstance(ch, DeleteCredential):
                 have = owner(ch.card)
                 if have is None:
                     raise ChangeRejected("unknown_reference", f"{p}.card: no card {ch.card}", path=f"{p}.card")
-                card_owner[ch.card] = None
-                plan.creds[ch.card] = None
+                creds[ch.card] = None
             else:  # pragma: no cover - the union is closed
                 raise ChangeRejected("malformed", f"{p}: unknown change")
 
@@ -654,14 +655,14 @@ class Store:
             except ValueError as e:
                 raise ChangeRejected("bad_field", str(e)) from None
         new_tables = plan.tables or tables
-        for n, (uid, u) in enumerate(user_models.items()):
+        for n, (uid, (u, ui)) in enumerate(user_models.items()):
             if n % PLAN_SLICE == PLAN_SLICE - 1:
                 await pause()
             rows: list[AssignRow] = []
             for j, a in enumerate(u.assignments):
                 g = new_tables.gidx.get(a.group)
                 if g is None or a.group not in new_tables.groups:
-                    path = f"{cred_paths[-uid]}.user.assignments[{j}].group"
+                    path = f"changes[{ui}].user.assignments[{j}].group"
                     raise ChangeRejected("unknown_reference", f"{path}: no group {a.group!r}", path=path)
                 f, un = _window(a, path="assignment")
                 rows.append((g, f, un))
@@ -683,14 +684,13 @@ class Store:
                     path=f"group {hit[0][1]}",
                 )
         # A credential may only point at a user that exists at the end.
-        for n, (card, entry) in enumerate(plan.creds.items()):
+        for n, entry in enumerate(plan.creds.values()):
             if n % (PLAN_SLICE * 10) == 0:
                 await pause()
             if entry is not None and plan.users.get(entry[1], True) is None:
+                path = f"changes[{entry[3]}].credential.user"
                 raise ChangeRejected(
-                    "unknown_reference",
-                    f"{cred_paths.get(card, 'changes')}.credential.user: the user is deleted in this change set",
-                    path=cred_paths.get(card),
+                    "unknown_reference", f"{path}: the user is deleted in this change set", path=path
                 )
         return plan
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from edge.model import (
     Assignment,
@@ -25,6 +27,12 @@ from edge.model import (
     User,
 )
 from edge.store import Store
+
+# CI runs the same examples every time (a red CI is then a real regression, reproducible); a developer's
+# run draws new ones unless CI is set.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Keep the event loop responsive while worker threads (aiosqlite) run Python code, as the agent does.
 sys.setswitchinterval(0.0005)

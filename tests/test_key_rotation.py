@@ -78,8 +78,10 @@ async def test_rotation_end_to_end_and_the_stored_key_wins_after_restart(
             def rotated() -> list[dict[str, object]]:
                 return [dict(e.detail) for e in cloud.events.values() if e.type == KEY_ROTATED]
 
-            await cloud.wait_for(lambda: rotated() and any(
-                e.type == SECURITY_COMMAND_REJECTED and e.reason == "bad_signature" for e in cloud.events.values()))  # fmt: skip
+            def refusals() -> list[str | None]:
+                return [e.reason for e in cloud.events.values() if e.type == SECURITY_COMMAND_REJECTED]
+
+            await cloud.wait_for(lambda: rotated() and "bad_signature" in refusals())
             ev = rotated()
             assert len(ev) == 1 and ev[0]["old"] == old_fp and ev[0]["new"] == new_fp
             assert all(e.user == "root" for e in cloud.events.values() if e.type == KEY_ROTATED)

@@ -252,7 +252,10 @@ async def test_unlock_needs_publish_permission_and_forged_commands_are_refused(
             await c.publish(Topics(SITE, GW).command, encode(forged), qos=1)
         r = await link.wait_for(lambda: next((x for _, x in link.results[n:]), None), 10)
         assert not r.ok and r.error is not None and r.error.code == "bad_signature"
-        # key rotation: the old gateway key no longer matches; commands are refused until it is configured
-        admin.rotate_key()
-        r2 = await admin.unlock(GW, "door1", timeout=10)
+        # key rotation in band (issue 6): the gateway takes the new key; the old key is refused from then on
+        old_key = admin.signing_key()
+        rot = await admin.rotate_key(timeout=20)
+        assert rot.current and rot.gateways == {GW: "ok"}
+        assert (await admin.unlock(GW, "door1", seconds=1.0, timeout=10)).ok
+        r2 = await link.command(GW, old_key, Unlock(door="door1"), operator="root", timeout=10)
         assert not r2.ok and r2.error is not None and r2.error.code == "bad_signature"
