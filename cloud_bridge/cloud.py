@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -119,8 +120,11 @@ class CloudPeer:
         max_message_bytes: int = 256 * 1024,
         auto_ack: bool = True,
         resend_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.host, self.port = host, port
+        #: The cloud's clock, sent in event acknowledgements (tests move it to make a skewed cloud).
+        self.clock = clock
         self.topics = Topics(site, gateway)
         self.signing_key = signing_key
         self.tls = aiomqtt.TLSParameters(ca_certs=ca, certfile=cert, keyfile=key) if (ca or cert) else None
@@ -256,7 +260,8 @@ class CloudPeer:
         await self.wait_for(lambda: len(self.events) >= n, timeout)
 
     async def ack_events(self, upto_seq: int) -> None:
-        await self.client.publish(self.topics.events_ack, encode(EventAck(upto_seq=upto_seq), self.encoding), qos=1)
+        ack = EventAck(upto_seq=upto_seq, ts=self.clock())
+        await self.client.publish(self.topics.events_ack, encode(ack, self.encoding), qos=1)
 
     # --- provisioning -----------------------------------------------------------------------------------
 

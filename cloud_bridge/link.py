@@ -312,6 +312,9 @@ class CloudLink:
         self.topics = Topics(cfg.site, cfg.gateway)
         #: Called with the new state whenever the link goes online or offline.
         self.on_state: list[Callable[[bool], None]] = []
+        #: Called with (cloud UTC time, round trip s) from each timestamped event acknowledgement.
+        self.on_cloud_time: list[Callable[[float, float], None]] = []
+        self._sent_at: dict[int, float] = {}  # last_seq of a batch -> monotonic time it was sent
         self._online = False
         self._offline_since: datetime | None = datetime.fromtimestamp(clock(), UTC)
         self._client: aiomqtt.Client | None = None
@@ -730,6 +733,13 @@ class CloudLink:
         except ProtocolError as e:
             log.warning("bad event ack ignored: %s", e)
             return
+        sent_at = self._sent_at.pop(ack.upto_seq, None)
+        if ack.ts is not None and sent_at is not None:
+            rtt = time.monotonic() - sent_at
+            for cb in self.on_cloud_time:
+                cb(ack.ts, rtt)
+        for seq in [s for s in self._sent_at if s <= ack.upto_seq]:
+            del self._sent_at[seq]
         upto = min(ack.upto_seq, self._sent_max)
         if upto <= self._acked:
             # A duplicate acknowledgement while batches are in flight: the cloud lacks what follows it (it
@@ -788,6 +798,7 @@ class CloudLink:
             for batch, data in split_events(events, self._sent, cfg.max_message_bytes, cfg.encoding):
                 await client.publish(self.topics.events, data, qos=1)
                 inflight.append(batch.last_seq)
+                self._sent_at[batch.last_seq] = time.monotonic()
                 self._sent = batch.last_seq
                 self._sent_max = max(self._sent_max, batch.last_seq)
                 self.stats["events_sent"] += len(batch.events)

@@ -209,10 +209,15 @@ class EventBatch(Msg, tag="events", frozen=True):
     prev_seq: int = 0
 
 
-class EventAck(Msg, tag="events_ack", frozen=True):
-    """The cloud holds every event with seq <= `upto_seq`: the gateway may delete them."""
+class EventAck(Msg, tag="events_ack", frozen=True, omit_defaults=True):
+    """The cloud holds every event with seq <= `upto_seq`: the gateway may delete them.
+
+    `ts` is the cloud's clock (UTC seconds) when it sent the acknowledgement. The gateway, which knows when
+    it sent the acknowledged batch, checks its own clock against it (skew alarm, and the time source of a
+    gateway whose clock is not yet trusted; see docs/operations.md)."""
 
     upto_seq: Annotated[int, Meta(ge=0)]
+    ts: float | None = None
 
 
 # --- commands: acs/v1/<site>/<gateway>/command (cloud -> gateway) ---------------------------------------

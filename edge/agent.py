@@ -241,6 +241,13 @@ class Agent:
             )  # fmt: skip
         self._persist_last_online()
 
+    def cloud_time(self, server_ts: float, rtt: float) -> None:
+        """A time sample from the cloud (an event acknowledgement): skew alarm, time source when untrusted."""
+        if self.trust is None:
+            return
+        self.trust.cloud_time(server_ts, rtt, self.clock(), time.monotonic())
+        self._drain_clock_alarms()
+
     def _persist_last_online(self) -> None:
         """Remember when the link was last up, so the offline age survives a restart (best effort)."""
         if self.store is None:

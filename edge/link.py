@@ -93,6 +93,7 @@ async def run_link(agent: Agent) -> None:
     )  # fmt: skip
     agent.link = link
     link.on_state.append(agent.link_state_changed)
+    link.on_cloud_time.append(agent.cloud_time)
     log.info("cloud link: connecting to %s:%d%s", cfg.link.host, cfg.link.port, " (TLS)" if cfg.link.ca else "")
     try:
         async with link:

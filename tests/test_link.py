@@ -413,3 +413,28 @@ async def test_link_task_restarts_and_offline_state(
                 break
             await asyncio.sleep(0.05)
         assert g.link.online and g.link.offline_since is None
+
+
+async def test_event_acks_carry_the_cloud_clock(broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    """A cloud whose clock is an hour ahead: the gateway hears it (with a short round trip) in the acks, and
+    its ClockTrust raises a skew alarm and, untrusted, takes the cloud's time."""
+    import time as _time
+
+    from edge.timetrust import CLOCK_SKEW, ClockTrust
+
+    site, gw = unique("s"), "gw1"
+    samples: list[tuple[float, float]] = []
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, clock=lambda: _time.time() + 3600) as cloud,
+    ):
+        g.link.on_cloud_time.append(lambda ts, rtt: samples.append((ts, rtt)))
+        await cloud.wait_online()
+        g.journal.record("access.granted", door="front", card=1)
+        await cloud.wait_for(lambda: bool(samples))
+    ts, rtt = samples[0]
+    assert 0 <= rtt < 5 and abs(ts - _time.time() - 3600) < 10
+    trust = ClockTrust(wall=_time.time(), mono=_time.monotonic())  # no last-good time: untrusted
+    trust.cloud_time(ts, rtt, _time.time(), _time.monotonic())
+    assert CLOCK_SKEW in [a.kind for a in trust.alarms()]
+    assert abs(trust.now(_time.time(), _time.monotonic()) - (_time.time() + 3600)) < 10

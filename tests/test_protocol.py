@@ -119,7 +119,7 @@ def examples() -> dict[str, Any]:
         "chunk_ack": p.ChunkAck(id="snap-7", index=0, received=1, count=2),
         "resync": p.ResyncRequest(have=43, reason="version_gap", ref="cs-46"),
         "events": p.EventBatch(first_seq=101, last_seq=102, prev_seq=100, events=[_event(101), _event(102)]),
-        "events_ack": p.EventAck(upto_seq=102),
+        "events_ack": p.EventAck(upto_seq=102, ts=1795435200.5),
         "command": signed,
         "command_body": msgspec.json.decode(signed.body),
         "command_result_ok": p.CommandResult(request_id="r-1", ok=True),

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 
 import aiomqtt
 import msgspec
@@ -85,4 +86,5 @@ class Collector:
                 self.batches += 1
                 self.events += len(batch.events)
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(Topics(self.site, p[1]).events_ack, encode(EventAck(upto_seq=upto)), qos=1)
+                    ack = EventAck(upto_seq=upto, ts=time.time())
+                    await client.publish(Topics(self.site, p[1]).events_ack, encode(ack), qos=1)
