@@ -8,6 +8,7 @@ would show: the relay MockPin's recorded states, and the journal on disk after t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -259,3 +260,13 @@ def test_cli_round_trip(tmp_path: Path, sock_dir: Path) -> None:
         con.close()
     assert [(e.type, e.card) for e in bodies if e.type.startswith("access.")] == [
         ("access.granted", 1001), ("access.denied", 4242)]
+
+
+async def test_logs_mask_card_numbers(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    """Log lines show only a card's last three digits; the journal (for the cloud) keeps the number."""
+    caplog.set_level(logging.DEBUG)
+    async with running(cfg):
+        await ask(cfg, TapRequest(door="door1", card=987654))
+    assert "*654" in caplog.text
+    assert "987654" not in caplog.text
+    assert [e.card for e in journal_on_disk(cfg) if e.type == "access.denied"] == [987654]
