@@ -7,7 +7,6 @@ writes batches to disk off the tap path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -61,4 +60,3 @@ JOURNAL_NEAR_FULL = "alarm.journal_near_full"
 SECURITY_COMMAND_REJECTED = "security.command_rejected"
 SYSTEM = "system"
 
-Emit = Callable[..., None]

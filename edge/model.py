@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -222,5 +222,3 @@ class Snapshot(Base, frozen=True):
     users: list[User] = []
     credentials: list[Credential] = []
 
-
-WireFormat = Literal["json", "msgpack"]

@@ -9,7 +9,7 @@ repeated hour inside the window is allowed both times.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from .model import Schedule, clock_minutes
@@ -137,4 +137,4 @@ def utc_seconds(dt: datetime | None, default: int) -> int:
     return int(dt.timestamp())
 
 
-__all__ = ["ALWAYS_ID", "CompiledSchedule", "LocalClock", "always_schedule", "timedelta", "utc_seconds"]
+__all__ = ["ALWAYS_ID", "CompiledSchedule", "LocalClock", "always_schedule", "utc_seconds"]
