@@ -77,6 +77,8 @@ from edge.readers.keypad import KeyOrder, PinPad, decode_key4, decode_key8
 log = logging.getLogger(__name__)
 
 D0, D1 = 0, 1
+#: How early the end-of-frame timer wakes the loop (epoll's 1 ms rounding), then sleeps the rest.
+TIMER_SLACK_S = 0.001
 _LINE = ("D0", "D1")
 _NO_EVENTS: tuple[ReaderEvent, ...] = ()
 
@@ -412,6 +414,7 @@ class WiegandReader(Reader):
         self._led: Any = None
         self._beeper: Any = None
         self._timer: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None  # a poll queued behind edges that arrived during a sleep
         self._offset = 0.0  # loop.time() - edge timestamp, minimum over the current frame
         self._feedback_task: asyncio.Task[None] | None = None
 
@@ -459,6 +462,9 @@ class WiegandReader(Reader):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         for dev in self._inputs:
             dev.pin.when_changed = None
             dev.close()
@@ -498,9 +504,12 @@ class WiegandReader(Reader):
     def _arm(self) -> None:
         loop = self._loop
         d = self.assembler.deadline
-        if loop is None or d is None:
-            return
-        when = d + self._offset
+        if loop is None or d is None or self._soon is not None:
+            return  # (a queued poll re-arms when it has run)
+        # epoll waits in whole milliseconds, rounded up: a timer fires up to 1 ms late. Wake up to
+        # TIMER_SLACK_S early instead and sleep the rest (see _on_timer): the end of a frame is then on
+        # time to ~0.1 ms, which is most of what a tap waits after its last bit apart from the gap itself.
+        when = d + self._offset - TIMER_SLACK_S
         if self._timer is not None:
             if self._timer.when() <= when:
                 return  # fires first; re-armed then
@@ -509,6 +518,21 @@ class WiegandReader(Reader):
 
     def _on_timer(self) -> None:
         self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        d = self.assembler.deadline
+        if d is not None:
+            early = d + self._offset - loop.time()
+            if 0 < early <= 2 * TIMER_SLACK_S:
+                time.sleep(early)  # noqa: TID251  (at most ~1 ms, once per frame; releases the GIL)
+                # Edges that reached the loop while it slept are queued ahead of this: feed them first.
+                self._soon = loop.call_soon(self._poll_now)
+                return
+        self._poll_now()
+
+    def _poll_now(self) -> None:
+        self._soon = None
         loop = self._loop
         if loop is None:
             return
