@@ -84,9 +84,10 @@ async def _run_with_demo(agent: Any, cfg: Config, taps: bool) -> None:
 
     async with asyncio.TaskGroup() as tg:
         main = tg.create_task(run_agent(agent), name="agent")
-        if taps:
-            tg.create_task(demo_taps(agent), name="demo-taps")
+        demo = tg.create_task(demo_taps(agent), name="demo-taps") if taps else None
         await main
+        if demo is not None:
+            demo.cancel()  # the agent has stopped: no more taps
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
