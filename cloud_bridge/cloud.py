@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from edge.errors import EdgeError
 from edge.events import Event
 from edge.model import ChangeSet, Snapshot
+from edge.tasks import cancel_and_wait
 
 from .protocol import (
     Birth,
@@ -174,9 +175,7 @@ class CloudPeer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
+            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
             self._reader = None
         if self._client is not None:
             client, self._client = self._client, None

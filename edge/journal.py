@@ -37,6 +37,7 @@ import msgspec
 from .errors import StoreError
 from .events import JOURNAL_NEAR_FULL, Detail, Event
 from .store import background_connection
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,7 @@ class Journal:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._db is not None:
             with contextlib.suppress(Exception):

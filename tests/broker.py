@@ -25,6 +25,7 @@ from cloud_bridge.signing import public_bytes
 from edge.journal import Journal
 from edge.model import DoorMode
 from edge.store import Store
+from edge.tasks import cancel_and_wait
 
 from .mosquitto import Mosquitto
 
@@ -130,9 +131,7 @@ async def gateway(
         try:
             yield g
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 def cloud_peer(broker: Mosquitto, key: Ed25519PrivateKey | None, *, site: str, gw: str, **kw: Any) -> CloudPeer:

@@ -54,6 +54,7 @@ from cloud_bridge.protocol import (
 from cloud_bridge.signing import sign_command
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 from edge.model import ChangeSet, Schedule, Snapshot
+from edge.tasks import cancel_and_wait
 
 from . import identity
 from .db import Model, OperatorError
@@ -238,9 +239,7 @@ class SiteLink:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
+            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
             self._reader = None
         if self._client is not None:
             client, self._client = self._client, None
