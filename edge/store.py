@@ -66,6 +66,7 @@ from .model import (
 )
 from .pin import valid_pin_hash
 from .schedule import CompiledSchedule
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -289,11 +290,10 @@ class Store:
 
     async def close(self) -> None:
         if self._compacting is not None:
-            self._compacting.cancel()
             try:
-                await self._compacting
-            except (asyncio.CancelledError, Exception):
-                pass
+                await cancel_and_wait(self._compacting)
+            except Exception:  # a failed compaction changes nothing on disk: report it, close anyway
+                log.exception("index compaction failed")
             self._compacting = None
         if self._db is not None:
             db, self._db = self._db, None
