@@ -273,7 +273,8 @@ async def bench(args: argparse.Namespace) -> None:
             for t in tappers:
                 t.report("loaded", taps_during_apply=t.during_apply, applies_done=len(durations))
             emit("loop_lag_p99.loaded", pct(lag.samples, 0.99), "ms", max_ms=round(max(lag.samples), 3),
-                 p50_ms=round(pct(lag.samples, 0.5), 3), n=len(lag.samples))  # fmt: skip
+                 p50_ms=round(pct(lag.samples, 0.5), 3), p999_ms=round(pct(lag.samples, 0.999), 3),
+                 over_5ms=sum(x > 5 for x in lag.samples), n=len(lag.samples))  # fmt: skip
             if durations:
                 emit("apply_100k_credentials_s", statistics.median(durations), "s", n=len(durations),
                      max_s=round(max(durations), 3), note="median, while taps and journal load run")  # fmt: skip

@@ -43,6 +43,7 @@ from .index import (
     RightsIndex,
     Tables,
     UserRow,
+    drain,
     status_word,
 )
 from .model import (
@@ -126,6 +127,14 @@ async def pause() -> None:
         time.sleep(BREATHE_S)  # noqa: TID251, ASYNC251  (intentional: hands the GIL to other threads, 100 us)
         _last_breath = time.perf_counter()
     await asyncio.sleep(0)
+
+
+async def dispose(*containers: Any) -> None:
+    """Free large temporaries (dicts, lists, sets of 10^5 entries) a step at a time between loop turns:
+    freed in one go they hold the GIL for 5-20 ms (see `index.drain`)."""
+    for c in containers:
+        while drain(c):
+            await pause()
 
 
 def breathing(rows: Iterable[T]) -> Iterator[T]:
@@ -442,6 +451,7 @@ class Store:
         self._next_uid = plan.next_uid
         await self._stage(plan, cs.to_version)
         self._maybe_compact()
+        await dispose(plan.creds, plan.users)
         return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
 
     async def replace(self, snap: Snapshot) -> ApplyResult:
@@ -475,17 +485,19 @@ class Store:
         await self._write(plan, snap.version, wipe=True)
         self._next_uid = plan.next_uid
         new = await asyncio.to_thread(in_background(_index_from_plan, tables, plan, snap.version))
+        old = self.index
         self._swap(new)
+        await dispose(*old.detach_overlay(), changes, plan.creds, plan.users)
         return ApplyResult(snap.version, applied=True, changes=len(changes))
 
-    async def _uids(self, ext_ids: Iterable[str]) -> dict[str, int]:
+    async def _uids(self, ext_ids: Iterable[str], out: dict[str, int | None]) -> None:
+        """Fill `out` with the uids of the existing users among `ext_ids` (500 per query and loop turn)."""
         ids = list(ext_ids)
-        out: dict[str, int] = {}
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = f"SELECT ext_id, uid FROM users WHERE ext_id IN ({','.join('?' * len(part))})"
-            out.update({e: int(u) for e, u in await self._rows(q, part)})
-        return out
+            for e, u in await self._rows(q, part):
+                out[e] = int(u)
 
     async def _cards_of(self, uids: Iterable[int]) -> dict[int, list[int]]:
         ids = list(uids)
@@ -506,19 +518,20 @@ class Store:
         groups = dict(tables.groups)
         small_changed = False
 
-        def referenced_users() -> tuple[set[str], list[str]]:
-            refs = {c.user.id for c in cs.changes if isinstance(c, PutUser)}
-            deleted = [c.id for c in cs.changes if isinstance(c, DeleteUser)]
-            refs.update(deleted)
-            refs |= {c.credential.user for c in cs.changes if isinstance(c, PutCredential)}
-            return refs, deleted
-
         uid_of: dict[str, int | None] = {}
         cards_of_user: dict[int, set[int]] = {}
         deleted_ids: list[str] = []
         if base is None:  # a snapshot starts from nothing: no existing user to look up
-            refs, deleted_ids = await asyncio.to_thread(in_background(referenced_users))  # 100k changes: off the loop
-            uid_of.update(await self._uids(refs))
+            # The uids of the users referenced, looked up 500 changes per query and loop turn: no set of all
+            # referenced ids (10^5 of them would be a C call of several ms, that no thread can interrupt).
+            for i in range(0, len(cs.changes), 500):
+                part = cs.changes[i : i + 500]
+                dels = [c.id for c in part if isinstance(c, DeleteUser)]
+                deleted_ids += dels
+                refs = {c.user.id for c in part if isinstance(c, PutUser)}
+                refs.update(c.credential.user for c in part if isinstance(c, PutCredential))
+                refs.update(dels)
+                await self._uids([r for r in refs if r not in uid_of], uid_of)
             deleted_uids = [d for e in deleted_ids if (d := uid_of.get(e)) is not None]
             cards_of_user = {u: set(c) for u, c in (await self._cards_of(deleted_uids)).items()}
         ext_of: dict[int, str] = {}
@@ -692,6 +705,7 @@ class Store:
                 raise ChangeRejected(
                     "unknown_reference", f"{path}: the user is deleted in this change set", path=path
                 )
+        await dispose(uid_of, user_models, ext_of, cards_of_user)
         return plan
 
     async def _write(self, plan: _Plan, version: int, *, wipe: bool = False) -> None:
@@ -735,7 +749,7 @@ class Store:
                 ((uid, j, u.assignments[j].group, a[1], a[2]) for uid, (u, r) in live() for j, a in enumerate(r[5])),
             )
             await db.executemany(
-                "DELETE FROM credentials WHERE card=?", [(c,) for c, v in plan.creds.items() if v is None]
+                "DELETE FROM credentials WHERE card=?", breathing((c,) for c, v in plan.creds.items() if v is None)
             )
             await db.executemany(
                 "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility) "
@@ -795,14 +809,17 @@ class Store:
                 old = self.index
                 with gc_paused():
                     self._swap(await asyncio.to_thread(in_background(old.compacted)))
+                    await dispose(*old.detach_overlay())
         finally:
             self._compacting = None
 
     async def compact(self) -> None:
         """Fold the overlay into the base arrays now (tests and maintenance)."""
         async with self._lock:
+            old = self.index
             with gc_paused():
-                self._swap(await asyncio.to_thread(in_background(self.index.compacted)))
+                self._swap(await asyncio.to_thread(in_background(old.compacted)))
+                await dispose(*old.detach_overlay())
 
 
 def _index_from_plan(tables: Tables, plan: _Plan, version: int) -> RightsIndex:
