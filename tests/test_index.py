@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.index import NO_END, CredRow, RightsIndex, Tables, UserRow, build_arrays
+from edge.index import NO_END, CredRow, RightsIndex, Tables, UserRow, build_arrays, drain
 from edge.model import Door, Group
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -208,3 +208,30 @@ def test_compaction_preserves_every_lookup(
     final = idx.compacted()
     check(final)
     assert final.tables is idx.tables
+
+
+def test_drain_frees_a_step_at_a_time() -> None:
+    d = {i: (i, str(i)) for i in range(2500)}
+    lst = list(range(2500))
+    s = set(range(2500))
+    for c in (d, lst, s):
+        steps = 0
+        while drain(c, 1000):  # type: ignore[arg-type]
+            steps += 1
+            assert len(c) == 2500 - 1000 * steps
+        assert not c and steps == 2
+
+
+def test_detach_overlay_leaves_the_base_and_refuses_while_staging() -> None:
+    idx = base_index()
+    idx.begin(2)
+    idx.stage_cred(30, (3, 0, 0, NO_END))
+    idx.stage_cred(10, None)
+    with pytest.raises(RuntimeError):
+        idx.detach_overlay()
+    idx.publish()
+    new = idx.compacted()
+    creds, users = idx.detach_overlay()
+    assert set(creds) == {10, 30} and not users
+    assert idx.overlay_size == 0 and idx.cred(10) == (1, 0, 0, NO_END)  # the old base, as before the change
+    assert new.cred(30) == (3, 0, 0, NO_END) and new.cred(10) is None

@@ -29,7 +29,7 @@ from edge.model import (
     PutUser,
     User,
 )
-from edge.store import Store
+from edge.store import Store, dispose
 
 from .conftest import MONDAY_10, basic_site
 
@@ -203,8 +203,10 @@ async def test_compaction_keeps_every_answer(store: Store) -> None:
     probes = [1001, 1002, 1003, 5000, 5003, 5049, 7]
     d = Decider(store.index)
     before = [d.decide("lab", c, MONDAY_10 + timedelta(hours=1)) for c in probes]
+    old = store.index
     await store.compact()
     assert store.index.overlay_size == 0
+    assert old.overlay_size == 0  # the replaced index's overlay was taken out and freed step by step
     d.index = store.index
     after = [d.decide("lab", c, MONDAY_10 + timedelta(hours=1)) for c in probes]
     assert before == after
@@ -236,3 +238,50 @@ async def test_schema_1_store_is_migrated_in_place(db_path: Path) -> None:
     con = sqlite3.connect(db_path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == 2
     con.close()
+
+
+async def test_large_change_set_finds_existing_users_in_every_slice(store: Store, db_path: Path) -> None:
+    """Users are looked up 500 changes at a time: references far into a set, and deletes, still resolve."""
+    n = 1200
+    await store.apply(cs(1, *[PutUser(user=User(id=f"u{i}", assignments=[Assignment(group="lab")])) for i in range(n)],
+                         *[PutCredential(credential=Credential(card=20_000 + i, user=f"u{i}")) for i in range(n)]))
+    users_before = (await store.counts())["users"]
+    later: list[object] = [
+        PutCredential(credential=Credential(card=30_000 + i, user=f"u{i}")) for i in reversed(range(n))
+    ]
+    later += [DeleteCredential(card=20_007), DeleteUser(id="u3")]
+    await store.apply(cs(2, *later))
+    assert (await store.counts())["users"] == users_before - 1  # nobody was created twice
+    d = Decider(store.index)
+    assert d.decide("lab", 30_000 + n - 1, MONDAY_10).granted and d.decide("lab", 30_000, MONDAY_10).granted
+    for gone in (20_003, 30_003, 20_007):
+        assert d.decide("lab", gone, MONDAY_10).reason is Reason.UNKNOWN_CARD
+    for i in (0, 499, 500, 1199):  # the new cards point at the users that exist (same internal uid)
+        old_row, new_row = store.index.cred(20_000 + i), store.index.cred(30_000 + i)
+        assert old_row is not None and new_row is not None and old_row[0] == new_row[0]
+    before = {c: d.decide("lab", c, MONDAY_10) for c in (20_000, 20_003, 30_003, 30_500, 30_000 + n - 1)}
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:
+        d2 = Decider(again.index)
+        assert {c: d2.decide("lab", c, MONDAY_10) for c in before} == before
+
+
+async def test_dispose_frees_between_loop_turns() -> None:
+    big = {i: (i, str(i)) for i in range(10_000)}
+    lst = [(i, str(i)) for i in range(5_000)]
+    st = set(range(3_000))
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = turns
+    await dispose(big, lst, st)
+    task.cancel()
+    assert not big and not lst and not st
+    assert turns - start >= 9 + 4 + 2  # steps of 1,000 entries (10, 5 and 3): other tasks ran between any two
