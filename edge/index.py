@@ -162,12 +162,25 @@ def build_arrays(
         idoff.append(len(ids))
         if r[4] is not None:
             pins[uid] = r[4]
-    arrays["u_aoff"] = np.array(aoff, np.uint32)
-    arrays["u_idoff"] = np.array(idoff, np.uint32)
-    arrays["a_gidx"] = np.array(ag, np.uint16)
-    arrays["a_from"] = np.array(af, np.uint32)
-    arrays["a_until"] = np.array(au, np.uint32)
+    arrays["u_aoff"] = _array(aoff, np.uint32)
+    arrays["u_idoff"] = _array(idoff, np.uint32)
+    arrays["a_gidx"] = _array(ag, np.uint16)
+    arrays["a_from"] = _array(af, np.uint32)
+    arrays["a_until"] = _array(au, np.uint32)
     return arrays, bytes(ids), pins
+
+
+#: Elements converted per numpy call by `_array` (~0.2 ms).
+ARRAY_STEP: Final = 8192
+
+
+def _array(values: list[int], dtype: type[np.generic]) -> npt.NDArray[np.generic]:
+    """`np.array(values, dtype)` a step at a time: converting 10^5 Python ints in one call holds the GIL for
+    milliseconds, which a thread working beside the event loop must not do (the same goes for iterating
+    a large dict or sorting a large list in one C call: the compaction below uses generators instead)."""
+    if len(values) <= ARRAY_STEP:
+        return np.array(values, dtype)
+    return np.concatenate([np.array(values[i : i + ARRAY_STEP], dtype) for i in range(0, len(values), ARRAY_STEP)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +435,7 @@ class RightsIndex:
         b = self._base
         arr = b.arrays
         # credentials
-        cards = np.fromiter(self._cred_over.keys(), np.uint64, len(self._cred_over))
+        cards = np.fromiter((c for c in self._cred_over), np.uint64, len(self._cred_over))
         keep = ~np.isin(arr["c_card"], cards, assume_unique=True) if len(cards) else None
         live = [(c, r) for c in self._cred_over if (r := self.cred(c)) is not None]
         new_c = {
@@ -442,9 +455,9 @@ class RightsIndex:
             out[k] = out[k][order]
         # users: rebuilt from rows (assignments are variable length); base users not in the overlay are
         # copied column-wise.
-        uids = np.fromiter(self._user_over.keys(), np.uint32, len(self._user_over))
+        uids = np.fromiter((u for u in self._user_over), np.uint32, len(self._user_over))
         ukeep = np.ones(b.n_users, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
-        live_u = sorted((u, ur) for u in self._user_over if (ur := self.user(u)) is not None)
+        live_u = [(int(u), ur) for u in np.sort(uids) if (ur := self.user(int(u))) is not None]
         extra_arrays, extra_blob, extra_pins = build_arrays([], live_u)
         # kept base users, with their assignment slices and id slices
         kept_idx = np.nonzero(ukeep)[0]
