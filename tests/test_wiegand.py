@@ -20,6 +20,7 @@ from edge.readers.keypad import (
     PinPad,
     decode_key4,
     decode_key8,
+    encode_key4,
     encode_key8,
 )
 from edge.readers.wiegand import (
@@ -319,6 +320,39 @@ def test_assembler_keypad_4_and_8_bit() -> None:
     # keypad disabled: 4-bit frames are just too short
     off = WiegandAssembler("r", FormatTable(["h10301"]), keypad=KeypadOptions(enabled=False))
     assert faults(run_assembler(off, frame_edges(1, 4))) == ["partial"]
+
+
+def test_assembler_frame_cut_into_a_key_by_late_edges_is_reopened() -> None:
+    """The thread that delivers edges stalls after 4 bits: the frame is declared over and its head reads as
+    a 4-bit key (here 11). The key is held like a fault, so the late edges (stamped within the gap) reopen
+    the frame and the card is read; typing it would have made the tail "noise" and lost the tap."""
+    asm = make_asm()
+    assert decode_key4(FRAME >> 22) is not None
+    edges = frame_edges(FRAME, 26, interval=1.5e-3)
+    out: list[ReaderEvent] = []
+    for e in edges[:8]:  # 4 bits, a falling and a rising edge each
+        out += asm.edge(*e)
+    out += asm.poll(edges[7][0] + 0.010)  # 10 ms later, nothing more delivered: the frame is over
+    assert out == [] and asm.pinpad.pending == 0
+    for e in edges[8:]:
+        out += asm.edge(*e)
+    out += asm.poll(edges[-1][0] + 0.2)
+    assert len(out) == 1 and isinstance(out[0], CardRead) and (out[0].facility, out[0].card) == (FC, CARD)
+    assert asm.pinpad.pending == 0
+
+
+def test_assembler_held_keys_keep_their_order() -> None:
+    """Keys typed faster than the hold: each new burst releases the one before it first."""
+    asm = WiegandAssembler("r", FormatTable(["h10301"]), keypad=KeypadOptions())
+    out: list[ReaderEvent] = []
+    t = 10.0
+    for key in (4, 2, 7, KEY_ENTER):
+        for e in frame_edges(encode_key4(key), 4, t0=t):
+            out += asm.edge(*e)
+        t += 0.08
+    assert out == []  # the enter key is still held
+    out += asm.poll(t + 0.2)
+    assert [e.pin for e in out if isinstance(e, PinEntry)] == ["427"]
 
 
 def test_assembler_falling_edges_only() -> None:

@@ -33,6 +33,11 @@ Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`:
 A frame that begins less than `max(ceiling_s, fixed_gap_s)` after the end of a previous frame that was
 not a card read (a fault or a key) is refused as "noise": noise can shrink the interval estimate and cut
 a slow frame early, and its tail must not read as a shorter valid card (a pending PIN entry is dropped too).
+A frame that ends as a fault, or as a 4/8-bit burst read as a key, is held for 150 ms before it counts
+and reopened if edges that belong to it (by their timestamps) arrive late: when the thread that delivers
+edges stalls after 4 bits of a card frame, the head reads as a key, and typing it would make the rest
+"noise" and lose the tap (seen once in 300 taps under load before keys were held). A key reaching the
+PIN pad 150 ms late is not noticeable; a card read is never held.
 
 `WiegandReader` runs the assembler on gpiozero pins: the pin callback (lgpio's thread on a Pi) only does
 `loop.call_soon_threadsafe(...)` with the edge's timestamp; an end-of-frame timer on the loop
@@ -118,11 +123,20 @@ class KeypadOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_digits: int = 12
 
 
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A keypad burst, not yet given to the PIN pad."""
+
+    key: int
+    at: float
+
+
 @dataclass(slots=True)
 class _Held:
-    """A faulty frame waiting `hold_s` before its fault is reported (it may still be reopened)."""
+    """A frame that may have been cut short (a fault, or a 4/8-bit burst read as a key) waiting `hold_s`
+    before it counts (it may still be reopened by late edges that belong to it)."""
 
-    fault: ReaderFault
+    fault: ReaderFault | _Key
     edges: list[tuple[float, int, bool]]
     intervals: list[float]
     last_ts: float
@@ -203,7 +217,7 @@ class WiegandAssembler:
                 self._prev_end, self._prev_bad = held.prev_end, held.prev_bad
             else:
                 self._held = None
-                out = [*out, held.fault]
+                out = [*out, *self._release(held)]
         low_since = self._low_since
         if not self.pulse_edges:
             level = False
@@ -240,7 +254,7 @@ class WiegandAssembler:
         held = self._held
         if held is not None and now > held.fault.at + self.hold_s:
             self._held = None
-            out = [held.fault, *(out or ())]
+            out = [*self._release(held), *(out or ())]
         for line in (D0, D1):
             since = self._low_since[line]
             if since is not None and not self._stuck_reported[line] and now - since > self.timing.stuck_s:
@@ -304,13 +318,20 @@ class WiegandAssembler:
         self._prev_end = at
         # anything but a card read (a fault, a key) may have been cut short: see `edge`
         self._prev_bad = not isinstance(ev, CardRead)
-        if isinstance(ev, ReaderFault):
+        if isinstance(ev, ReaderFault | _Key):
             held.fault = ev
             self._held = held
             return None
         return ev
 
-    def _assemble(self) -> ReaderEvent | None:
+    def _release(self, held: _Held) -> Sequence[ReaderEvent]:
+        """The held frame stands: its fault is reported, or its key goes to the PIN pad."""
+        if isinstance(held.fault, ReaderFault):
+            return (held.fault,)
+        ev = self.pinpad.key(held.fault.key, held.fault.at)
+        return (ev,) if ev is not None else _NO_EVENTS
+
+    def _assemble(self) -> ReaderEvent | _Key | None:
         edges = self._edges
         edges.sort(key=lambda e: e[0])
         at = self._last_ts
@@ -350,7 +371,7 @@ class WiegandAssembler:
                                at)
         return self._decode(bits, nbits, at)
 
-    def _decode(self, bits: int, nbits: int, at: float) -> ReaderEvent | None:
+    def _decode(self, bits: int, nbits: int, at: float) -> ReaderEvent | _Key | None:
         fmt = self.formats.get(nbits)
         if fmt is not None:
             res = fmt.decode(bits, nbits)
@@ -362,7 +383,8 @@ class WiegandAssembler:
             key = decode_key4(bits) if nbits == 4 else decode_key8(bits, self.keypad.order)
             if key is None:
                 return self._fault("parity", f"invalid {nbits}-bit key code", at)
-            return self.pinpad.key(key, at)
+            # Held like a fault: the head of a card frame whose last edges are late reads as a key too.
+            return _Key(key, at)
         kind = "partial" if nbits < self._max_len else "length"
         return self._fault(kind, f"{nbits} bits (accepted: {self.formats.names})", at)
 
@@ -687,10 +709,11 @@ class WiegandTransmitter:
         t = self.factory.set_ticks(t)
         if self._held[line]:
             return t  # a line held low cannot pulse
-        pin.drive_low()
-        t = self.factory.set_ticks(t + width)
-        pin.drive_high()
-        return t
+        # Both edges stamped exactly (a 1 us glitch stays 1 us wide however long the callbacks take).
+        pin.drive_at(False, t)
+        self.factory.set_ticks(t + width)
+        pin.drive_at(True, t + width)
+        return t + width
 
     def _noise_after(self, t: float, interval: float) -> None:
         if self.noise and self.rng.random() < self.noise:
