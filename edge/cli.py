@@ -66,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg, source = _resolve_config(args.config)
     _setup_logging(args.verbose)
+    _check_secrets(cfg, source)
     sys.setswitchinterval(0.0005)  # worker threads (SQLite) must not hold the GIL for 5 ms at a time
     log.info("config: %s", source)
     agent = Agent(cfg)
@@ -90,6 +91,23 @@ async def _run_with_demo(agent: Any, cfg: Config, taps: bool) -> None:
             demo.cancel()  # the agent has stopped: no more taps
 
 
+def _check_secrets(cfg: Config, source: str) -> None:
+    """Every secret the config names can be read now: a missing one is a config error at start (exit 2),
+    not a subsystem failing and restarting for ever."""
+    from .config import OsdpReaderConfig
+    from .link import link_config
+    from .readers.registry import read_key
+
+    try:
+        for i, r in enumerate(cfg.readers):
+            if isinstance(r, OsdpReaderConfig):
+                read_key(cfg, r, f"readers[{i}]")
+        if cfg.link.enabled:
+            link_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .hw import load_profile
 
@@ -99,6 +117,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for i, r in enumerate(cfg.readers):
         if r.door not in doors:
             raise ConfigError(f"{source}: readers[{i}].door: hardware profile {profile.name!r} has no door {r.door!r}")
+    _check_secrets(cfg, source)
     print(
         f"{source}: OK (site {cfg.site.id}, gateway {cfg.site.gateway}, profile {profile.name}, "
         f"{len(profile.doors)} doors, {len(cfg.readers)} readers configured)"

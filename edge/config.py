@@ -61,6 +61,9 @@ class StorageSection(Strict, frozen=True, kw_only=True):
     #: Events are written in batches this often (or every 500 events): a power cut loses at most this
     #: much; longer batches mean fewer SD-card writes (see docs/operations.md).
     journal_flush_s: Annotated[float, Meta(gt=0, le=10)] = 0.2
+    #: Secrets (OSDP keys, MQTT password, TLS client key) are systemd credentials, encrypted at rest; plain
+    #: files on disk are refused unless this is true (see edge/secrets.py and docs/operations.md).
+    plaintext_secrets: bool = False
 
 
 class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):
@@ -88,7 +91,8 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_o
     secure: bool = True
     allow_install_mode: bool = False
     allow_plaintext: bool = False
-    #: Name of the key file (hex SCBK) under the state directory's `keys/`; never the key itself.
+    #: Name of the systemd credential holding the Secure Channel key (32 hex digits), or with
+    #: storage.plaintext_secrets a file under the state directory's `keys/`; never the key itself.
     key_file: str | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
     #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
@@ -105,7 +109,8 @@ class LinkSection(Strict, frozen=True, kw_only=True):
     enabled: bool = True
     host: str = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate and key.
+    #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate and key
+    #: (the key, and the password below, are systemd credential names: see edge/secrets.py).
     ca: str | None = None
     cert: str | None = None
     key: str | None = None

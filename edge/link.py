@@ -22,6 +22,7 @@ from cloud_bridge.protocol import Birth, DeviceInfo
 
 from . import __version__
 from .errors import ConfigError
+from .secrets import SecretSource
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -48,15 +49,12 @@ def command_public_key(cfg: Config) -> bytes | None:
 
 def link_config(cfg: Config) -> LinkConfig:
     lk = cfg.link
-    password = None
-    if lk.password_file:
-        try:
-            password = Path(lk.password_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"link.password_file: cannot read {lk.password_file}: {e.strerror}") from None
+    secrets = SecretSource.from_env(plaintext=cfg.storage.plaintext_secrets)
+    password = secrets.read(lk.password_file, "link.password_file") if lk.password_file else None
+    key = str(secrets.path(lk.key, "link.key")) if lk.key else None
     return LinkConfig(
         site=cfg.site.id, gateway=cfg.site.gateway, host=lk.host, port=lk.port, ca=lk.ca, cert=lk.cert,
-        key=lk.key, username=lk.username, password=password, keepalive_s=lk.keepalive_s,
+        key=key, username=lk.username, password=password, keepalive_s=lk.keepalive_s,
         session_expiry_s=lk.session_expiry_s, backoff_min_s=lk.backoff_min_s, backoff_max_s=lk.backoff_max_s,
         batch_events=lk.batch_events, max_message_bytes=lk.max_message_bytes, encoding=lk.encoding,
         synchronous=cfg.storage.synchronous,

@@ -108,6 +108,15 @@ def test_verify_check_has_teeth(tmp_path: Path, mutation: tuple[str, str], expec
     assert any(expect in ln for ln in ours), ours
 
 
+def test_the_documented_credential_line_verifies(tmp_path: Path) -> None:
+    """docs/operations.md adds secrets with LoadCredentialEncrypted= lines in a drop-in."""
+    line = "LoadCredentialEncrypted=door1.scbk:/etc/edge/credentials/door1.scbk.cred"
+    assert line in UNIT.read_text()  # the example in the unit's comment
+    text = UNIT.read_text().replace("\n[Install]", f"\n{line}\n\n[Install]", 1)
+    rc, ours = verify(staged_unit(tmp_path, text))
+    assert ours == [] and rc == 0, ours
+
+
 def test_verify_catches_a_missing_binary(tmp_path: Path) -> None:
     d = tmp_path / "raw"
     d.mkdir()

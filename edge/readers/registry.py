@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edge.errors import ConfigError
 from edge.readers.base import Reader, ReaderSink
 from edge.readers.formats import FormatTable
+from edge.secrets import SecretSource
 
 if TYPE_CHECKING:
     from edge.config import Config, OsdpReaderConfig, ReaderConfig
@@ -15,16 +16,14 @@ if TYPE_CHECKING:
 
 
 def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
-    """The reader's Secure Channel key (32 hex digits) from `<state_dir>/keys/<key_file>`; never logged."""
+    """The reader's Secure Channel key (32 hex digits): the systemd credential `key_file` or, with
+    storage.plaintext_secrets, the file `<state_dir>/keys/<key_file>`. Never logged."""
     if rc.key_file is None:
         return None
-    path = Path(cfg.storage.state_dir) / "keys" / rc.key_file
-    try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"{where}.key_file: cannot read {path}: {e.strerror}") from None
+    src = SecretSource.from_env(plaintext=cfg.storage.plaintext_secrets)
+    text = src.read(rc.key_file, f"{where}.key_file", plain_dir=Path(cfg.storage.state_dir) / "keys")
     if len(text) != 32 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise ConfigError(f"{where}.key_file: {path} must hold 32 hex digits (the 128-bit SCBK)")
+        raise ConfigError(f"{where}.key_file: {rc.key_file} must hold 32 hex digits (the 128-bit SCBK)")
     return text
 
 
