@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import random
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -28,6 +30,7 @@ from .config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapRequest
 from .decision import Decider, Decision, Reason
 from .door import DoorController
+from .errors import StoreError
 from .events import ACCESS_DENIED, ACCESS_GRANTED, ALARM_PIN_LOCKOUT, READER_FAULT, READER_STATUS, SYSTEM
 from .hw import HardwareProfile, load_profile, make_factory
 from .journal import Journal
@@ -49,6 +52,8 @@ log = logging.getLogger("edge.agent")
 
 #: How long a card waits for its PIN at a card + PIN door.
 PIN_WAIT_S = 20.0
+#: Store meta key of the door-mode overrides and the lockdown flag (JSON), restored at start.
+META_DOOR_MODES = "door_modes"
 
 
 def mask_card(card: int | None) -> str:
@@ -197,11 +202,55 @@ class Agent:
         assert self.decider is not None
         self.decider.set_door_mode(door, mode)
         self._sync_door_holds()
+        await self._persist_door_modes()
 
     async def lockdown(self, active: bool) -> None:
         assert self.decider is not None
         self.decider.lockdown = active
         self._sync_door_holds()
+        await self._persist_door_modes()
+
+    async def _persist_door_modes(self) -> None:
+        """Make the overrides survive a restart: a lockdown must not end with a power cut.
+
+        They act first and are saved after: a broken disk must not hold up a lockdown. A failed save is
+        journalled and raised, so the command's result says the override will not survive a restart."""
+        assert self.decider is not None and self.store is not None
+        state = {"lockdown": self.decider.lockdown,
+                 "modes": {d: m.value for d, m in sorted(self.decider.mode_override.items())}}  # fmt: skip
+        try:
+            await self.store.set_meta(META_DOOR_MODES, json.dumps(state))
+        except (StoreError, sqlite3.Error, OSError) as e:
+            log.error("door modes are in force but could not be saved: %s", e)
+            self._emit(SYSTEM, detail={"event": "door_modes_not_saved", "error": str(e)[:200]})
+            raise StoreError(f"applied, but not saved (it will not survive a restart): {e}") from e
+
+    async def _restore_door_modes(self) -> None:
+        """The overrides in force when the agent stopped (before any reader starts)."""
+        assert self.decider is not None and self.store is not None
+        raw = await self.store.get_meta(META_DOOR_MODES)
+        if raw is None:
+            return
+        try:
+            state = json.loads(raw)
+            lockdown = state["lockdown"]
+            modes = {str(d): DoorMode(m) for d, m in state["modes"].items()}
+            if not isinstance(lockdown, bool):
+                raise TypeError("lockdown is not a boolean")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            # Unreadable: neither invent a lockdown nor drop one silently; the cloud must set the modes again.
+            log.error("the saved door modes are unreadable (%s): starting without overrides", e)
+            self._emit(SYSTEM, detail={"event": "door_modes_unreadable", "error": str(e)[:200]})
+            return
+        self.decider.lockdown = lockdown
+        for door, mode in modes.items():
+            if door in self.doors:
+                self.decider.set_door_mode(door, mode)
+            else:
+                log.warning("saved mode %s for door %s: no such door on this gateway", mode.value, door)
+        if lockdown or modes:
+            log.warning("restored door overrides: lockdown=%s modes=%s", lockdown,
+                        {d: m.value for d, m in modes.items()})  # fmt: skip
 
     def _sync_door_holds(self) -> None:
         """Keep each lock's hold state in line with its mode (unlocked by schedule, lockdown, first card)."""
@@ -425,7 +474,9 @@ class Agent:
             self.decider = Decider(self.store.index, cfg.site_policy())
             decider = self.decider
             self.store.on_swap.append(lambda idx: setattr(decider, "index", idx))
+            await self._restore_door_modes()
             self._refresh_door_models()
+            self._sync_door_holds()
             last = await self.store.get_meta("last_online")
             self.offline_since = datetime.fromtimestamp(float(last), UTC) if last is not None else self.now()
             self.journal.record(

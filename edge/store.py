@@ -418,7 +418,10 @@ class Store:
         return rows[0][0] if rows else None
 
     async def set_meta(self, key: str, value: Any) -> None:
-        await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        """Write one meta value durably, in a transaction of its own: under the store's lock, so that it never
+        lands inside a change set's open transaction (and is never rolled back with it)."""
+        async with self._lock:
+            await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     async def counts(self) -> dict[str, int]:
         out = {}

@@ -27,6 +27,7 @@ from edge.agent import Agent, run_agent
 from edge.config import Config, parse_config
 from edge.control import DoorRequest, Reply, RexRequest, StatusRequest, TapRequest, request
 from edge.demo import demo_change_set
+from edge.errors import StoreError
 from edge.events import Event
 from edge.hw import load_profile
 from edge.model import Assignment as Assign
@@ -207,6 +208,51 @@ async def test_locks_after_stop_fail_secure_stays_locked_fail_safe_releases(cfg:
     # stopped: every relay was driven to de-energised before its pin was released
     assert [s.state for s in factory.pin(RELAY["door1"]).states] == [False]  # never unlocked
     assert [s.state for s in factory.pin(RELAY["door2"]).states][:2] == [True, False]  # released
+
+
+async def test_lockdown_and_door_modes_survive_a_restart(cfg: Config) -> None:
+    """A lockdown ordered by the cloud must not end with a power cut or a restart of the agent."""
+    async with running(cfg) as agent:
+        await agent.lockdown(True)
+        await agent.set_door_mode("door2", DoorMode.UNLOCKED)
+        out = await ask(cfg, TapRequest(door="door1", card=1001))
+        assert [d["reason"] for d in out["decisions"]] == ["door_lockdown"]
+    async with running(cfg) as agent:  # a new agent on the same state directory
+        assert agent.decider is not None and agent.decider.lockdown is True
+        assert agent.decider.mode_override == {"door2": DoorMode.UNLOCKED}
+        before = relay_changes(agent, "door1")
+        out = await ask(cfg, TapRequest(door="door1", card=1001))  # alice: granted before the lockdown
+        assert [d["reason"] for d in out["decisions"]] == ["door_lockdown"]
+        assert relay_changes(agent, "door1") == before and agent.doors["door1"].locked
+        await agent.lockdown(False)
+        await agent.set_door_mode("door2", None)
+    async with running(cfg) as agent:
+        assert agent.decider is not None and not agent.decider.lockdown and agent.decider.mode_override == {}
+        out = await ask(cfg, TapRequest(door="door1", card=1001))
+        assert [d["reason"] for d in out["decisions"]] == ["granted"]
+
+
+async def test_a_lockdown_acts_even_when_it_cannot_be_saved(cfg: Config) -> None:
+    async with running(cfg) as agent:
+        assert agent.store is not None and agent.decider is not None
+        await agent.store.db.execute("PRAGMA query_only = ON")  # every write now fails
+        with pytest.raises(StoreError, match="not saved"):
+            await agent.lockdown(True)
+        assert agent.decider.lockdown is True  # in force all the same
+        out = await ask(cfg, TapRequest(door="door1", card=1001))
+        assert [d["reason"] for d in out["decisions"]] == ["door_lockdown"]
+        await agent.store.db.execute("PRAGMA query_only = OFF")
+    assert any(e.detail and e.detail.get("event") == "door_modes_not_saved" for e in journal_on_disk(cfg))
+
+
+async def test_unreadable_saved_modes_are_reported_not_guessed(cfg: Config) -> None:
+    async with running(cfg) as agent:
+        assert agent.store is not None
+        await agent.store.set_meta("door_modes", "{not json")
+    async with running(cfg) as agent:
+        assert agent.decider is not None and not agent.decider.lockdown
+    assert any(e.type == "system" and e.detail and e.detail.get("event") == "door_modes_unreadable"
+               for e in journal_on_disk(cfg))  # fmt: skip
 
 
 async def test_status_and_unknown_door(cfg: Config) -> None:
