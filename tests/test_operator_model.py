@@ -74,6 +74,26 @@ def test_diff_orders_moves_and_deletes_so_the_gateway_accepts_them() -> None:
         s2, "gw1", 0).items()}) == []  # fmt: skip
 
 
+def test_gateways_with_the_same_groups_share_one_pass_over_the_users() -> None:
+    """`people` keeps users and cards per set of groups: the states are the same as computed one by one."""
+    s = identity.SiteModel(
+        doors={"gw1": {"d1": ""}, "gw2": {"d2": ""}, "gw3": {"d3": ""}, "gw4": {}},
+        groups={"g": ("", None), "h": ("", None)},
+        group_doors={"g": [("gw1", "d1"), ("gw2", "d2"), ("gw3", "d3")], "h": [("gw3", "d3")]},
+        users=[user("a", [(1, "active")], [("g", None, None)]), user("b", [(2, "active")], [("h", None, None)]),
+               user("c", [(3, "active")], [("g", None, None), ("h", None, 500.0)])],
+    )  # fmt: skip
+    people: dict[frozenset[str], identity.Desired] = {}
+    for now in (0.0, 1000.0):  # h's assignment of c ends at 500
+        people.clear()
+        for gw in ("gw1", "gw2", "gw3", "gw4"):
+            assert identity.gateway_state(s, gw, now, people) == identity.gateway_state(s, gw, now)
+        assert set(people) == {frozenset({"g"}), frozenset({"g", "h"}), frozenset()}
+    assert sorted(k[1] for k in identity.gateway_state(s, "gw3", 1000.0) if k[0] == "user") == ["a", "b", "c"]
+    c = identity.gateway_state(s, "gw3", 1000.0)[("user", "c")][0]
+    assert [a.group for a in c.assignments] == ["g"]
+
+
 def test_csv_validation_names_every_bad_row() -> None:
     text = "card,id,groups\n10,a,g\n10,b,g\n11,a,g\nx1,c,g\n12,d,h\n13,e,\n"
     rep = validate(text, existing_cards={13: "user 'z'"}, existing_users=set(), groups={"g"})
@@ -106,6 +126,13 @@ def test_plan_uses_a_snapshot_when_a_change_set_would_not_fit(tmp_path: Path) ->
     assert plan(db, max_bytes=8192) == {"gw1": 2}
     assert [r[0] for r in db.con.execute("SELECT kind FROM outbox ORDER BY to_version")] == ["snap", "cs"]
     assert plan(db) == {}  # nothing changed
+    # the shadow follows each change row by row, deletions included
+    db.delete_user("u7")
+    assert plan(db) == {"gw1": 1}  # DeleteUser (its card goes with it)
+    shadow = {(k, key) for k, key in db.con.execute("SELECT kind, key FROM shadow WHERE gateway='gw1'")}
+    assert ("user", "u7") not in shadow and ("credential", "107") not in shadow and ("user", "late") in shadow
+    assert len(shadow) == 2 + 2 * 300  # door, group, then 299 + "late" users with a card each
+    assert plan(db) == {}
 
 
 def ev(seq: int) -> Event:

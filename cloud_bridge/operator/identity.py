@@ -102,8 +102,14 @@ def _put(out: Desired, kind: str, key: str, obj: Any) -> None:
     out[(kind, key)] = (obj, _enc.encode(obj))
 
 
-def gateway_state(site: SiteModel, gateway: str, now: float) -> Desired:
-    """What `gateway` must hold at `now`: {(kind, key): (struct, encoded)}."""
+def gateway_state(
+    site: SiteModel, gateway: str, now: float, people: dict[frozenset[str], Desired] | None = None
+) -> Desired:
+    """What `gateway` must hold at `now`: {(kind, key): (struct, encoded)}.
+
+    The users and credentials a gateway holds depend only on which groups open one of its doors: `people`
+    (one dict for a whole planning run at one `now`) keeps them per set of groups, so that a fleet of
+    gateways sharing groups costs one pass over the users, not one per gateway."""
     out: Desired = {}
     doors = site.doors.get(gateway, {})
     for did in sorted(doors):
@@ -120,6 +126,19 @@ def gateway_state(site: SiteModel, gateway: str, now: float) -> Desired:
         _put(out, "group", gid, Group(id=gid, name=name, doors=gdoors, schedule=sched))
         if sched is not None and ("schedule", sched) not in out:
             _put(out, "schedule", sched, site.schedules[sched])
+    key = frozenset(groups_here)
+    cached = people.get(key) if people is not None else None
+    if cached is None:
+        cached = _people(site, groups_here, now)
+        if people is not None:
+            people[key] = cached
+    out.update(cached)
+    return out
+
+
+def _people(site: SiteModel, groups_here: set[str], now: float) -> Desired:
+    """The users and credentials of a gateway whose doors are opened by `groups_here`."""
+    out: Desired = {}
     rules = site.rules
     for u in site.users:
         if u.valid_until is not None and u.valid_until <= now:

@@ -113,8 +113,9 @@ def plan(
     t = time.time() if now is None else now
     site = load_site(db)
     out: dict[str, int] = {}
+    people: dict[frozenset[str], identity.Desired] = {}  # users and cards per set of groups, shared by gateways
     for gw in gateways if gateways is not None else db.gateways():
-        desired = identity.gateway_state(site, gw, t)
+        desired = identity.gateway_state(site, gw, t, people)
         with db.tx() as c:
             shadow = _shadow(db, gw)
             changes = identity.diff(desired, shadow)
@@ -133,9 +134,14 @@ def plan(
             else:
                 c.execute("INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, version + 1, version, "cs", body))
             c.execute("UPDATE gateways SET version=? WHERE id=?", (version + 1, gw))
-            c.execute("DELETE FROM shadow WHERE gateway=?", (gw,))
+            # The shadow follows the change, row by row: a one-user change rewrites one row, not every user.
             c.executemany(
-                "INSERT INTO shadow VALUES (?,?,?,?)", [(gw, k, key, v[1]) for (k, key), v in desired.items()]
+                "DELETE FROM shadow WHERE gateway=? AND kind=? AND key=?",
+                [(gw, k, key) for (k, key) in shadow if (k, key) not in desired],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO shadow VALUES (?,?,?,?)",
+                [(gw, k, key, v[1]) for (k, key), v in desired.items() if shadow.get((k, key)) != v[1]],
             )
             out[gw] = len(changes)
     return out
