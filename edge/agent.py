@@ -31,7 +31,15 @@ from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapR
 from .decision import Decider, Decision, Reason
 from .door import DoorController
 from .errors import StoreError
-from .events import ACCESS_DENIED, ACCESS_GRANTED, ALARM_PIN_LOCKOUT, READER_FAULT, READER_STATUS, SYSTEM
+from .events import (
+    ACCESS_DENIED,
+    ACCESS_GRANTED,
+    ACCESS_REVOKED,
+    ALARM_PIN_LOCKOUT,
+    READER_FAULT,
+    READER_STATUS,
+    SYSTEM,
+)
 from .hw import HardwareProfile, load_profile, make_factory
 from .journal import Journal
 from .metrics import EdgeMetrics, MetricsServer
@@ -52,6 +60,8 @@ log = logging.getLogger("edge.agent")
 
 #: How long a card waits for its PIN at a card + PIN door.
 PIN_WAIT_S = 20.0
+#: A grant is taken back when its read proves cut short this soon after (late edges come within ms).
+REVOKE_WITHIN_S = 5.0
 #: Store meta key of the door-mode overrides and the lockdown flag (JSON), restored at start.
 META_DOOR_MODES = "door_modes"
 
@@ -96,6 +106,8 @@ class Agent:
         self.metrics = EdgeMetrics()
         self._bg: set[asyncio.Task[None]] = set()
         self._pending_pin: dict[str, tuple[int, int | None, str, float]] = {}
+        #: door -> (the last granted decision, its reader, monotonic time): taken back if the read was cut short
+        self._last_grant: dict[str, tuple[Decision, str, float]] = {}
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
         self._stop = asyncio.Event()
@@ -147,6 +159,8 @@ class Agent:
                 return
             self._act(self.decide(door, pending[0], pin=ev.pin, facility=pending[1]), ev.reader)
         elif isinstance(ev, ReaderFault):
+            if ev.kind == "cut":
+                self._revoke(door, ev.reader)
             log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
             if self.journal is not None:
                 self.journal.record(
@@ -160,8 +174,36 @@ class Agent:
                     detail={"online": ev.online, "tamper": ev.tamper, "power_ok": ev.power_ok, "secure": ev.secure},
                 )  # fmt: skip
 
+    def _revoke(self, door: str, reader: str) -> None:
+        """The last card read of `reader` was the head of a longer frame (its last edges came late): take
+        back what was decided on it. The whole frame is decided next, as a read of its own."""
+        self._pending_pin.pop(door, None)  # a PIN asked for the cut read is not wanted either
+        last = self._last_grant.pop(door, None)
+        if last is None or last[1] != reader or time.monotonic() - last[2] > REVOKE_WITHIN_S:
+            return
+        d = last[0]
+        ctl = self.doors.get(door)
+        if ctl is None:
+            return
+        if d.unlock_until is not None:  # a first-card unlock for the day: undone whole
+            if self.decider is not None:
+                self.decider.first_card_until.pop(door, None)
+            ctl.relock()
+            self._sync_door_holds()  # holds of other origins (an unlock schedule) come back at once
+        else:
+            ctl.revoke_grant()
+        log.warning("door %s: grant for card %s taken back: the read was cut short", door, mask_card(d.card))
+        if self.journal is not None:
+            self.journal.record(ACCESS_REVOKED, door=door, reader=reader, card=d.card, user=d.user,
+                                reason="cut_frame")  # fmt: skip
+
     def _act(self, d: Decision, reader: str | None) -> None:
         ctl = self.doors.get(d.door)
+        if reader is not None:
+            if d.granted:
+                self._last_grant[d.door] = (d, reader, time.monotonic())
+            else:
+                self._last_grant.pop(d.door, None)
         if d.granted and ctl is not None:
             if d.unlock_until is not None:
                 ctl.unlock_for(max(0.0, d.unlock_until - self.clock()))

@@ -167,6 +167,7 @@ class DoorLogic:
         self._holds: set[str] = set()  # "schedule", "first_card", "remote", or a caller's reason
         self._remote_until: float | None = None
         self._first_card_armed = False
+        self._first_card_by_grant = False  # the last grant started the first-card unlock
         self._hold_open = False
         self._hold_since = 0.0
         # Past and present [from, until] times during which the door could legitimately open.
@@ -249,10 +250,22 @@ class DoorLogic:
         self._windows.append(self._strike_window)
         self._strike_until = now + strike_s
         self._strike_opened = bool(self.is_open)  # already open: relock when it closes
+        self._first_card_by_grant = False
         if self._first_card_armed and cause == "grant":
             self._first_card_armed = False
+            self._first_card_by_grant = True
             self._holds.add("first_card")
         self._recompute(now, cause)
+
+    def revoke_grant(self, now: float) -> None:
+        """Take the last grant back (its card read turned out to be the head of a longer frame): end its
+        strike, and undo the first-card unlock it started. Holds of other origins stay."""
+        self._end_strike(now)
+        if self._first_card_by_grant:
+            self._first_card_by_grant = False
+            self._holds.discard("first_card")
+            self._first_card_armed = self.mode == DoorMode.FIRST_CARD and self.schedule_active
+        self._recompute(now, "revoked")
 
     def hold(self, now: float, reason: str) -> None:
         self._holds.add(reason)
@@ -703,6 +716,11 @@ class DoorController:
         core.grant(self._clock(), strike_s if strike_s is not None else self.strike_time(extended=extended))
         self._apply()
         self.signal(Feedback.GRANTED)
+
+    def revoke_grant(self) -> None:
+        """Take the last grant back (see `DoorLogic.revoke_grant`): locks now unless another hold remains."""
+        self._core.revoke_grant(self._clock())
+        self._apply()
 
     def deny(self) -> None:
         self.signal(Feedback.DENIED)

@@ -48,6 +48,8 @@ class EventSink(Protocol):
 # Event types (the full list is in docs/protocol.md).
 ACCESS_GRANTED = "access.granted"
 ACCESS_DENIED = "access.denied"
+#: A grant taken back: its card read turned out to be the head of a longer frame (reason "cut_frame").
+ACCESS_REVOKED = "access.revoked"
 ALARM_PIN_LOCKOUT = "alarm.pin_lockout"
 DOOR_FORCED_OPEN = "door.forced_open"
 DOOR_HELD_OPEN = "door.held_open"

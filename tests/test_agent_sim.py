@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -31,8 +32,9 @@ from edge.errors import StoreError
 from edge.events import Event
 from edge.hw import load_profile
 from edge.model import Assignment as Assign
-from edge.model import ChangeSet, Door, DoorMode, PutDoor, PutUser, User
+from edge.model import ChangeSet, Credential, Door, DoorMode, PutCredential, PutDoor, PutUser, User
 from edge.pin import hash_pin
+from edge.readers.formats import BUILTIN, Decoded, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = load_profile("sim")
@@ -208,6 +210,59 @@ async def test_locks_after_stop_fail_secure_stays_locked_fail_safe_releases(cfg:
     # stopped: every relay was driven to de-energised before its pin was released
     assert [s.state for s in factory.pin(RELAY["door1"]).states] == [False]  # never unlocked
     assert [s.state for s in factory.pin(RELAY["door2"]).states][:2] == [True, False]  # released
+
+
+async def test_a_grant_on_a_read_cut_short_is_taken_back(cfg: Config) -> None:
+    """The last 8 bits of a 34-bit card come late (the thread that delivers edges stalled): its 26-bit head
+    reads as an enrolled H10301 card and the door opens. When the late edges arrive, stamped inside that
+    read's end-of-frame gap, the grant is taken back at once and the whole (unknown) card is denied."""
+    rng = random.Random(5)
+    while True:
+        bits = encode("h10306", rng.randrange(65536), rng.randrange(65536))
+        head = BUILTIN["h10301"].decode(bits >> 8, 26)
+        whole = BUILTIN["h10306"].decode(bits, 34)
+        if isinstance(head, Decoded) and isinstance(whole, Decoded) and head.card > 5000:
+            break
+    async with running(cfg) as agent:
+        assert agent.store is not None
+        v = agent.store.version
+        await agent.store.apply(ChangeSet(from_version=v, to_version=v + 1, changes=[
+            PutCredential(credential=Credential(card=head.card, user="alice"))]))  # fmt: skip
+        io = PROFILE.door("door1")
+        assert io.reader_d0_pin is not None and io.reader_d1_pin is not None
+        pins = (agent.factory.pin(io.reader_d0_pin), agent.factory.pin(io.reader_d1_pin))
+        relay = agent.factory.pin(RELAY["door1"])
+        relay.clear_states()
+        t0 = agent.factory.ticks() + 0.002
+
+        def send(first: int, last: int) -> None:  # bits first..last-1, each stamped at its due time
+            for i in range(first, last):
+                t = t0 + i * 1.5e-3
+                agent.factory.set_ticks(t + 50e-6)  # never back: the late bits keep their (past) stamps
+                pin = pins[(bits >> (33 - i)) & 1]
+                pin.drive_at(False, t)
+                pin.drive_at(True, t + 50e-6)
+
+        send(0, 26)
+        for _ in range(200):  # the head is read as a card and granted
+            await asyncio.sleep(0.005)
+            if agent.doors["door1"].relay_energised:
+                break
+        assert agent.doors["door1"].relay_energised
+        send(26, 34)  # the late edges
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if agent.decisions and agent.decisions[-1].card == whole.card:
+                break
+        assert not agent.doors["door1"].relay_energised
+        assert [st.state for st in relay.states] == [False, True, False]
+        assert (agent.decisions[-1].granted, agent.decisions[-1].reason.value) == (False, "unknown_card")
+    events = [(e.type, e.card, e.reason) for e in journal_on_disk(cfg) if e.type.startswith("access.")]
+    assert events[-3:] == [
+        ("access.granted", head.card, "granted"),
+        ("access.revoked", head.card, "cut_frame"),
+        ("access.denied", whole.card, "unknown_card"),
+    ]
 
 
 async def test_lockdown_and_door_modes_survive_a_restart(cfg: Config) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.readers.base import CardRead, Feedback, PinEntry, ReaderEvent, ReaderFault
-from edge.readers.formats import BUILTIN, FormatTable, encode
+from edge.readers.formats import BUILTIN, Decoded, FormatTable, encode
 from edge.readers.keypad import (
     KEY_CLEAR,
     KEY_ENTER,
@@ -339,6 +339,44 @@ def test_assembler_frame_cut_into_a_key_by_late_edges_is_reopened() -> None:
     out += asm.poll(edges[-1][0] + 0.2)
     assert len(out) == 1 and isinstance(out[0], CardRead) and (out[0].facility, out[0].card) == (FC, CARD)
     assert asm.pinpad.pending == 0
+
+
+def cut_prone_frame() -> tuple[int, Decoded, Decoded]:
+    """A 34-bit H10306 frame whose first 26 bits also pass H10301 parity (1 in 4 do): (frame, head, whole)."""
+    rng = random.Random(5)
+    while True:
+        bits = encode("h10306", rng.randrange(65536), rng.randrange(65536))
+        head = BUILTIN["h10301"].decode(bits >> 8, 26)
+        if isinstance(head, Decoded):
+            whole = BUILTIN["h10306"].decode(bits, 34)
+            assert isinstance(whole, Decoded)
+            return bits, head, whole
+
+
+def test_assembler_read_cut_short_by_late_edges_is_reported_and_read_whole() -> None:
+    """The last 8 edges of a 34-bit frame come late: its first 26 bits are read as an H10301 card. When the
+    late edges arrive (stamped inside that read's end-of-frame gap) the read is reported "cut" and the frame
+    is reopened and read whole, so the agent can take back what it decided on the head."""
+    bits, head, whole = cut_prone_frame()
+    asm = make_asm(["h10301", "h10306"])
+    edges = frame_edges(bits, 34, interval=1.5e-3)
+    out: list[ReaderEvent] = []
+    for e in edges[:52]:  # 26 bits
+        out += asm.edge(*e)
+    out += asm.poll(edges[51][0] + 0.010)
+    assert len(out) == 1 and isinstance(out[0], CardRead) and (out[0].bits, out[0].card) == (26, head.card)
+    out = []
+    for e in edges[52:]:
+        out += asm.edge(*e)
+    out += asm.poll(edges[-1][0] + 0.2)
+    assert [type(e).__name__ for e in out] == ["ReaderFault", "CardRead"]
+    assert isinstance(out[0], ReaderFault) and out[0].kind == "cut"
+    assert isinstance(out[1], CardRead)
+    assert (out[1].bits, out[1].facility, out[1].card) == (34, whole.facility, whole.card)
+    # a frame after the gap is a new frame, not a continuation
+    more = frame_edges(FRAME, 26, t0=edges[-1][0] + 0.05, interval=1.5e-3)
+    out = run_assembler(asm, more)
+    assert len(out) == 1 and isinstance(out[0], CardRead) and out[0].card == CARD
 
 
 def test_assembler_held_keys_keep_their_order() -> None:

@@ -37,7 +37,10 @@ A frame that ends as a fault, or as a 4/8-bit burst read as a key, is held for 1
 and reopened if edges that belong to it (by their timestamps) arrive late: when the thread that delivers
 edges stalls after 4 bits of a card frame, the head reads as a key, and typing it would make the rest
 "noise" and lose the tap (seen once in 300 taps under load before keys were held). A key reaching the
-PIN pad 150 ms late is not noticeable; a card read is never held.
+PIN pad 150 ms late is not noticeable; a card read is never held. Instead, the frame of the last card
+read is kept until the next frame starts: an edge stamped inside its end-of-frame gap proves the read was
+the head of a longer frame, so a "cut" fault is reported (the agent takes back the decision made on the
+read) and the frame is reopened and read whole.
 
 `WiegandReader` runs the assembler on gpiozero pins: the pin callback (lgpio's thread on a Pi) only does
 `loop.call_soon_threadsafe(...)` with the edge's timestamp; an end-of-frame timer on the loop
@@ -136,7 +139,7 @@ class _Held:
     """A frame that may have been cut short (a fault, or a 4/8-bit burst read as a key) waiting `hold_s`
     before it counts (it may still be reopened by late edges that belong to it)."""
 
-    fault: ReaderFault | _Key
+    fault: ReaderFault | _Key | CardRead  # a CardRead only in `_read` (already reported, never released)
     edges: list[tuple[float, int, bool]]
     intervals: list[float]
     last_ts: float
@@ -186,6 +189,9 @@ class WiegandAssembler:
         # it arrive late (their delivery thread was starved), the frame is reopened and completed.
         self._held: _Held | None = None
         self.hold_s = min(0.15, self.timing.stuck_s / 2)
+        # The frame of the last card read, until the next frame starts: an edge stamped inside its end-of-
+        # frame gap proves the read was cut short (its last edges were late): the frame is reopened.
+        self._read: _Held | None = None
         # line levels, across frames (arrival order)
         self._low_since: list[float | None] = [None, None]
         self._stuck_reported = [False, False]
@@ -205,18 +211,20 @@ class WiegandAssembler:
     def edge(self, ts: float, line: int, level: bool = False) -> Sequence[ReaderEvent]:
         """One edge on `line` (D0 = 0, D1 = 1) at kernel time `ts`; `level` is the level after it."""
         out = self.poll(ts) if ts > self._clock else _NO_EVENTS
+        read, self._read = self._read, None
+        if not self._edges and read is not None and ts <= read.last_ts + read.gap:
+            # An edge of the frame just read as a card: that read was the head of a longer frame whose last
+            # edges came late. Say so (the decision made on it is taken back), and read the whole frame.
+            assert isinstance(read.fault, CardRead)
+            self._reopen(read)
+            why = f"late edges: the {read.fault.bits}-bit read before was the head of a longer frame"
+            out = [*out, ReaderFault(reader=self.reader, kind="cut", detail=why, at=ts)]
         held = self._held
         if not self._edges and held is not None:
+            self._held = None
             if ts <= held.last_ts + held.gap:
-                # An edge of the held frame that arrived after its end was declared: reopen it.
-                self._held = None
-                self._edges, self._intervals = held.edges, held.intervals
-                self._last_ts, self._last_fall, self._gap = held.last_ts, held.last_fall, held.gap
-                self._start_low = held.start_low
-                self._tainted = held.tainted
-                self._prev_end, self._prev_bad = held.prev_end, held.prev_bad
+                self._reopen(held)  # an edge of the held frame that arrived after its end was declared
             else:
-                self._held = None
                 out = [*out, *self._release(held)]
         low_since = self._low_since
         if not self.pulse_edges:
@@ -243,6 +251,13 @@ class WiegandAssembler:
                 self._update_gap()
             self._last_fall = ts
         return out
+
+    def _reopen(self, held: _Held) -> None:
+        self._edges, self._intervals = held.edges, held.intervals
+        self._last_ts, self._last_fall, self._gap = held.last_ts, held.last_fall, held.gap
+        self._start_low = held.start_low
+        self._tainted = held.tainted
+        self._prev_end, self._prev_bad = held.prev_end, held.prev_bad
 
     def poll(self, now: float) -> Sequence[ReaderEvent]:
         """The clock reached `now` (kernel time domain) with no edge since the last one fed."""
@@ -322,12 +337,16 @@ class WiegandAssembler:
             held.fault = ev
             self._held = held
             return None
+        if isinstance(ev, CardRead):
+            held.fault = ev
+            self._read = held
         return ev
 
     def _release(self, held: _Held) -> Sequence[ReaderEvent]:
         """The held frame stands: its fault is reported, or its key goes to the PIN pad."""
         if isinstance(held.fault, ReaderFault):
             return (held.fault,)
+        assert isinstance(held.fault, _Key)  # a card read is never held, only kept in `_read`
         ev = self.pinpad.key(held.fault.key, held.fault.at)
         return (ev,) if ev is not None else _NO_EVENTS
 
