@@ -535,6 +535,25 @@ async def test_first_card_unlock(door: DoorController, factory: MockFactory) -> 
     assert not relay.state
 
 
+async def test_a_revoked_grant_relocks_and_rearms_first_card(door: DoorController, factory: MockFactory) -> None:
+    relay = factory.pin(RELAY)
+    door.grant(5.0)
+    assert relay.state
+    door.revoke_grant()
+    assert not relay.state  # the strike ended at once
+    door.set_mode(DoorMode.FIRST_CARD, schedule_active=True)
+    door.grant(5.0)  # the first grant of the day also starts the first-card unlock...
+    door.revoke_grant()
+    assert not relay.state  # ...both are undone
+    door.grant(0.03)  # and the next grant starts it again
+    await asyncio.sleep(0.2)
+    assert relay.state
+    door.hold_unlocked("remote")
+    door.grant(5.0)
+    door.revoke_grant()  # holds of other origins stay
+    assert relay.state
+
+
 async def test_unlock_for_relocks(door: DoorController, factory: MockFactory, journal: Journal) -> None:
     relay, contact = factory.pin(RELAY), factory.pin(CONTACT)
     door.unlock_for(1.0)
