@@ -19,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -249,7 +249,7 @@ _BASE: Final = object()  # overlay marker: "answer from the base"
 DRAIN_STEP: Final = 1_000
 
 
-def drain(container: dict[object, object] | list[object] | set[object], step: int = DRAIN_STEP) -> bool:
+def drain(container: dict[Any, Any] | list[Any] | set[Any], step: int = DRAIN_STEP) -> bool:
     """Free up to `step` entries of `container`; True while some are left.
 
     CPython frees a container and everything only it references in one C call that holds the GIL (and so
@@ -496,7 +496,7 @@ class RightsIndex:
         pins = {u: p for u, p in b.pins.items() if u not in self._user_over}
         pins.update(extra_pins)
         for tmp in (live, live_u):  # freed a step at a time: this runs in a thread beside the event loop
-            while drain(tmp):  # type: ignore[arg-type]
+            while drain(tmp):
                 pass
         return RightsIndex(self.tables, (out, blob, pins), version=self.visible)
 

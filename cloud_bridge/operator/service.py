@@ -301,16 +301,9 @@ class Service:
         return await link.push_all(allowed, timeout=timeout)
 
     def signing_key(self) -> Ed25519PrivateKey:
-        if not self.passphrase:
-            raise OperatorError("the site key passphrase is needed to sign commands (CLOUD_BRIDGE_PASSPHRASE)")
         pem = self.db.get_meta("site_key")
         assert pem is not None
-        try:
-            key = serialization.load_pem_private_key(pem.encode(), self.passphrase.encode())
-        except (ValueError, TypeError):
-            raise OperatorError("wrong passphrase for the site key") from None
-        assert isinstance(key, Ed25519PrivateKey)
-        return key
+        return self._decrypt(pem)
 
     def public_key_hex(self) -> str:
         return public_bytes(self.signing_key()).hex()

@@ -139,7 +139,7 @@ class _Held:
     """A frame that may have been cut short (a fault, or a 4/8-bit burst read as a key) waiting `hold_s`
     before it counts (it may still be reopened by late edges that belong to it)."""
 
-    fault: ReaderFault | _Key | CardRead  # a CardRead only in `_read` (already reported, never released)
+    result: ReaderFault | _Key | CardRead  # a CardRead only in `_read` (already reported, never released)
     edges: list[tuple[float, int, bool]]
     intervals: list[float]
     last_ts: float
@@ -215,9 +215,9 @@ class WiegandAssembler:
         if not self._edges and read is not None and ts <= read.last_ts + read.gap:
             # An edge of the frame just read as a card: that read was the head of a longer frame whose last
             # edges came late. Say so (the decision made on it is taken back), and read the whole frame.
-            assert isinstance(read.fault, CardRead)
+            assert isinstance(read.result, CardRead)
             self._reopen(read)
-            why = f"late edges: the {read.fault.bits}-bit read before was the head of a longer frame"
+            why = f"late edges: the {read.result.bits}-bit read before was the head of a longer frame"
             out = [*out, ReaderFault(reader=self.reader, kind="cut", detail=why, at=ts)]
         held = self._held
         if not self._edges and held is not None:
@@ -267,7 +267,7 @@ class WiegandAssembler:
             ev = self._finish()
             out = [ev] if ev is not None else []
         held = self._held
-        if held is not None and now > held.fault.at + self.hold_s:
+        if held is not None and now > held.result.at + self.hold_s:
             self._held = None
             out = [*self._release(held), *(out or ())]
         for line in (D0, D1):
@@ -291,7 +291,7 @@ class WiegandAssembler:
         if self._edges:
             d = self._last_ts + self._gap
         if self._held is not None:
-            d = min(d, self._held.fault.at + self.hold_s)
+            d = min(d, self._held.result.at + self.hold_s)
         for line in (D0, D1):
             since = self._low_since[line]
             if since is not None and not self._stuck_reported[line]:
@@ -325,7 +325,7 @@ class WiegandAssembler:
     def _finish(self) -> ReaderEvent | None:
         at = self._last_ts
         held = _Held(
-            fault=ReaderFault(reader=self.reader, kind="", at=at), edges=list(self._edges),
+            result=ReaderFault(reader=self.reader, kind="", at=at), edges=list(self._edges),
             intervals=list(self._intervals), last_ts=self._last_ts, last_fall=self._last_fall, gap=self._gap,
             start_low=self._start_low, tainted=self._tainted, prev_end=self._prev_end, prev_bad=self._prev_bad,
         )  # fmt: skip
@@ -334,20 +334,20 @@ class WiegandAssembler:
         # anything but a card read (a fault, a key) may have been cut short: see `edge`
         self._prev_bad = not isinstance(ev, CardRead)
         if isinstance(ev, ReaderFault | _Key):
-            held.fault = ev
+            held.result = ev
             self._held = held
             return None
         if isinstance(ev, CardRead):
-            held.fault = ev
+            held.result = ev
             self._read = held
         return ev
 
     def _release(self, held: _Held) -> Sequence[ReaderEvent]:
         """The held frame stands: its fault is reported, or its key goes to the PIN pad."""
-        if isinstance(held.fault, ReaderFault):
-            return (held.fault,)
-        assert isinstance(held.fault, _Key)  # a card read is never held, only kept in `_read`
-        ev = self.pinpad.key(held.fault.key, held.fault.at)
+        if isinstance(held.result, ReaderFault):
+            return (held.result,)
+        assert isinstance(held.result, _Key)  # a card read is never held, only kept in `_read`
+        ev = self.pinpad.key(held.result.key, held.result.at)
         return (ev,) if ev is not None else _NO_EVENTS
 
     def _assemble(self) -> ReaderEvent | _Key | None:
