@@ -189,8 +189,12 @@ async def fleet(broker: Mosquitto, tmp: Path, n_gw: int, n_workers: int, users: 
     db_path = tmp / "fleet.db"
     svc = Service.init(db_path, site="fleet", admin="root", host=broker.host, port=broker.port, passphrase=PW)
     names = [f"gw{i:03d}" for i in range(n_gw)]
+    from cryptography.hazmat.primitives import serialization as ser
+
+    raw = svc.signing_key().private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()).hex()
     cols = [await Worker.start("collector", "--db", str(db_path), "--host", broker.host, "--port",
-                               str(broker.port), "--site", svc.site) for _ in range(2)]  # fmt: skip
+                               str(broker.port), "--site", svc.site, "--signing-key", raw)
+            for _ in range(2)]  # fmt: skip
     ws: list[Worker] = []
     async with svc:
         try:

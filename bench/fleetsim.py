@@ -131,7 +131,10 @@ async def drained(gws: list[Gw]) -> None:
 
 
 async def run_collector(a: argparse.Namespace) -> None:
-    col = Collector(Model(a.db), host=a.host, port=a.port, site=a.site, group="fleet")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(a.signing_key))
+    col = Collector(Model(a.db), host=a.host, port=a.port, site=a.site, group="fleet", signing_key=key)
     task = asyncio.get_running_loop().create_task(col.run(), name="collector")
     await asyncio.sleep(0.5)  # Collector.run has no "subscribed" signal
     if task.done():
@@ -149,7 +152,7 @@ async def run_collector(a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["gateways", "collector"])
-    for opt in ("--host", "--site", "--key", "--state", "--names", "--db"):
+    for opt in ("--host", "--site", "--key", "--state", "--names", "--db", "--signing-key"):
         ap.add_argument(opt)
     ap.add_argument("--port", type=int)
     a = ap.parse_args()

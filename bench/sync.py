@@ -103,7 +103,7 @@ async def first_sync(broker: Mosquitto, tmp: Path, n: int) -> None:
         await cloud.wait_online()
         chunks = chunk_snapshot(snapshot(1, n), "t1", cloud.max_message_bytes)
         t0 = time.perf_counter()
-        r = await cloud.send_chunks("t1", chunks, timeout=600)
+        r = await cloud.send_chunks("t1", chunks, version=1, timeout=600)
         dt = time.perf_counter() - t0
         assert r.ok and r.version == 1, r
         assert len(rig.store.index) == n
@@ -168,7 +168,7 @@ async def tap_during_snapshot(broker: Mosquitto, tmp: Path, n: int) -> None:
                 i += 1
 
         t = loop.create_task(taps())
-        r = await cloud.send_chunks("t2", chunks, timeout=600)
+        r = await cloud.send_chunks("t2", chunks, version=2, timeout=600)
         stop.set()
         await t
         assert r.ok and r.version == 2

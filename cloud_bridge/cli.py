@@ -175,7 +175,8 @@ async def run(args: argparse.Namespace) -> int:
             from .operator.collector import Collector
 
             svc.require_collect()
-            await Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group).run()
+            await Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group,
+                            signing_key=svc.signing_key()).run()
         elif c == "operator":
             if args.action == "add":
                 svc.add_operator(args.id, args.group)

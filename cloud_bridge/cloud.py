@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -46,17 +47,20 @@ from .protocol import (
     EventAck,
     EventBatch,
     ProtocolError,
+    Rebirth,
     ResyncRequest,
     RightsResult,
     SignedCommand,
+    SignedMsg,
     SnapshotChunk,
+    SnapshotManifest,
     decode_command_result,
     decode_events,
     decode_rights_reply,
     decode_status,
     encode,
 )
-from .signing import sign_command
+from .signing import sign_command, sign_downlink
 from .topics import Leaf, Topics
 
 log = logging.getLogger("cloud_bridge.cloud")
@@ -68,9 +72,7 @@ class CloudError(EdgeError):
     """A request got no reply in time, or the cloud peer is not connected."""
 
 
-def chunk_snapshot(
-    snap: Snapshot, transfer: str, max_bytes: int, encoding: Encoding = "msgpack", *, force: bool = False
-) -> list[bytes]:
+def chunk_snapshot(snap: Snapshot, transfer: str, max_bytes: int, encoding: Encoding = "msgpack") -> list[bytes]:
     """Split a snapshot into encoded `SnapshotChunk`s of at most `max_bytes` each."""
     budget = max_bytes - 256  # room for the header fields, whose size depends on index and count
     pieces: list[dict[str, list[Any]]] = []
@@ -95,11 +97,25 @@ def chunk_snapshot(
         pieces.append({})
     out = []
     for i, p in enumerate(pieces):
-        c = msgspec.structs.replace(
-            SnapshotChunk(id=transfer, version=snap.version, index=i, count=len(pieces), force=force), **p
-        )
+        c = msgspec.structs.replace(SnapshotChunk(id=transfer, version=snap.version, index=i, count=len(pieces)), **p)
         out.append(encode(c, encoding))
     return out
+
+
+def manifest_of(transfer: str, version: int, chunks: list[bytes]) -> SnapshotManifest:
+    """The manifest that covers exactly these encoded chunks (to be signed and sent before them)."""
+    hashes = [hashlib.sha256(c).digest() for c in chunks]
+    return SnapshotManifest(id=transfer, version=version, count=len(chunks), hashes=hashes, size=sum(map(len, chunks)))
+
+
+#: Refusals of a snapshot chunk that a resend of the manifest and the chunk repairs (the gateway lost or
+#: never got the manifest, or the chunk was damaged on the way): the cloud keeps going instead of giving up.
+TRANSIENT_CHUNK_ERRORS = frozenset({"unsigned", "bad_chunk"})
+
+
+def is_final(r: RightsResult) -> bool:
+    """Whether a result ends a request (a transient refusal of one chunk does not)."""
+    return r.ok or r.error is None or r.error.code not in TRANSIENT_CHUNK_ERRORS
 
 
 class CloudPeer:
@@ -150,6 +166,7 @@ class CloudPeer:
         self.resyncs: list[ResyncRequest] = []
         self.command_results: list[CommandResult] = []
         self.on_events: list[Callable[[EventBatch], None]] = []
+        self._last_ref = ""  # ref of the last batch received (echoed in the next ack)
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -219,6 +236,7 @@ class CloudPeer:
                     self.events[ev.id] = ev
             if b.prev_seq <= self.have_upto:
                 self.have_upto = max(self.have_upto, b.last_seq)
+            self._last_ref = b.ref
             # (a batch after a gap is kept but not acknowledged: the repeated ack makes the gateway go back)
             for cb in self.on_events:
                 cb(b)
@@ -258,9 +276,17 @@ class CloudPeer:
     async def wait_events(self, n: int, timeout: float = 30.0) -> None:
         await self.wait_for(lambda: len(self.events) >= n, timeout)
 
+    def seal(self, msg: SignedMsg) -> bytes:
+        """Sign one downlink message for this gateway with the site key and encode the envelope."""
+        if self.signing_key is None:
+            raise CloudError("no signing key: this cloud peer cannot provision or acknowledge")
+        signed = sign_downlink(self.signing_key, msg, site=self.topics.site, gateway=self.topics.gateway,
+                               now=self.clock(), encoding=self.encoding)  # fmt: skip
+        return encode(signed, self.encoding)
+
     async def ack_events(self, upto_seq: int) -> None:
-        ack = EventAck(upto_seq=upto_seq, ts=self.clock())
-        await self.client.publish(self.topics.events_ack, encode(ack, self.encoding), qos=1)
+        ack = EventAck(upto_seq=upto_seq, ts=self.clock(), ref=self._last_ref)
+        await self.client.publish(self.topics.events_ack, self.seal(ack), qos=1)
 
     # --- provisioning -----------------------------------------------------------------------------------
 
@@ -273,14 +299,14 @@ class CloudPeer:
 
     def _result_for(self, rid: str, start: int) -> RightsResult | None:
         for r in self.rights_replies[start:]:
-            if isinstance(r, RightsResult) and r.id == rid:
+            if isinstance(r, RightsResult) and r.id == rid and is_final(r):
                 return r
         return None
 
     async def send_change_set(self, cs: ChangeSet, *, id: str | None = None, timeout: float = 60.0) -> RightsResult:
         """Send a change set, resending it until the gateway answers; return its answer."""
         rid = id or os.urandom(8).hex()
-        data = encode(ChangeSetMsg(id=rid, change_set=cs), self.encoding)
+        data = self.seal(ChangeSetMsg(id=rid, change_set=cs))
         start = len(self.rights_replies)
         async with asyncio.timeout(timeout):
             while True:
@@ -289,16 +315,19 @@ class CloudPeer:
                     r: RightsResult = await self.wait_for(lambda: self._result_for(rid, start), self.resend_s)
                     return r
 
-    async def send_snapshot(
-        self, snap: Snapshot, *, id: str | None = None, force: bool = False, timeout: float = 300.0
-    ) -> RightsResult:
-        """Send a snapshot in chunks; resend the chunks not yet acknowledged until the final result comes."""
+    async def send_snapshot(self, snap: Snapshot, *, id: str | None = None, timeout: float = 300.0) -> RightsResult:
+        """Send a snapshot: its signed manifest, then its chunks; resend the manifest and the chunks not yet
+        acknowledged until the final result comes."""
         tid = id or os.urandom(8).hex()
-        chunks = chunk_snapshot(snap, tid, self.max_message_bytes, self.encoding, force=force)
-        return await self.send_chunks(tid, chunks, timeout=timeout)
+        chunks = chunk_snapshot(snap, tid, self.max_message_bytes, self.encoding)
+        return await self.send_chunks(tid, chunks, version=snap.version, timeout=timeout)
 
-    async def send_chunks(self, transfer: str, chunks: list[bytes], *, timeout: float = 300.0) -> RightsResult:
-        """Send pre-encoded chunks of transfer `transfer` (from `chunk_snapshot`) until its result comes."""
+    async def send_chunks(
+        self, transfer: str, chunks: list[bytes], *, version: int, timeout: float = 300.0
+    ) -> RightsResult:
+        """Send pre-encoded chunks of transfer `transfer` (from `chunk_snapshot`), after their signed
+        manifest, until its result comes."""
+        manifest = self.seal(manifest_of(transfer, version, chunks))
         start = len(self.rights_replies)
 
         def acked() -> set[int]:
@@ -308,6 +337,7 @@ class CloudPeer:
             while True:
                 have = acked()
                 missing = [i for i in range(len(chunks)) if i not in have] or [len(chunks) - 1]
+                await self.publish_raw(Leaf.RIGHTS, manifest)
                 for i in missing:  # all staged but no result yet (gateway restarted?): prod with the last one
                     await self.publish_raw(Leaf.RIGHTS, chunks[i])
                 with contextlib.suppress(TimeoutError):
@@ -315,9 +345,7 @@ class CloudPeer:
                     return r
 
     async def request_rebirth(self) -> None:
-        from .protocol import Rebirth
-
-        await self.publish_raw(Leaf.RIGHTS, encode(Rebirth(), self.encoding))
+        await self.publish_raw(Leaf.RIGHTS, self.seal(Rebirth()))
 
     # --- commands ---------------------------------------------------------------------------------------
 

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Protocol, Self
 
 import aiomqtt
-import aiosqlite
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Meta
@@ -48,6 +49,7 @@ from edge.model import DoorMode, Snapshot
 from edge.store import Store
 
 from .protocol import (
+    MAX_VERSION,
     Birth,
     ChangeSetMsg,
     ChunkAck,
@@ -56,16 +58,21 @@ from .protocol import (
     Death,
     Encoding,
     ErrorInfo,
+    EventAck,
     EventBatch,
     Lockdown,
     ProtocolError,
+    Provision,
+    Rebirth,
     RebirthAction,
     Resync,
     ResyncRequest,
     RightsResult,
     RotateKey,
     SetDoorMode,
+    Signed,
     SnapshotChunk,
+    SnapshotManifest,
     Unlock,
     decode_command,
     decode_command_body,
@@ -74,7 +81,6 @@ from .protocol import (
     decode_event_ack,
     encode,
     peek_ref,
-    snapshot_of,
 )
 from .signing import (
     MAX_TTL_S,
@@ -85,6 +91,7 @@ from .signing import (
     fingerprint,
     load_key_state,
     load_public_key,
+    open_signed,
     save_key_state,
 )
 from .topics import Leaf, Topics
@@ -95,6 +102,9 @@ log = logging.getLogger("cloud_bridge.link")
 COMMAND_EXECUTED = "command.executed"
 #: Journal event type of an accepted key rotation (detail: old and new key fingerprints).
 KEY_ROTATED = "security.key_rotated"
+#: Journal event type of a refused downlink message (rights, events/ack); commands use
+#: `security.command_rejected`. Rate-limited: see `RefusalLog`.
+SECURITY_MESSAGE_REJECTED = "security.message_rejected"
 #: The command key state in the link's state directory.
 KEY_FILE = "link-command-key.json"
 
@@ -129,8 +139,14 @@ class LinkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     #: Grace for the clocks of the cloud and the gateway when checking command times.
     command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     command_max_ttl_s: Annotated[float, Meta(gt=0)] = MAX_TTL_S
-    #: SQLite `synchronous` for the link's own state (nonces, snapshot staging).
+    #: SQLite `synchronous` for the link's own state (command nonces).
     synchronous: str = "FULL"
+    #: Largest snapshot transfer staged on disk (also bounded by the free space less 8 MiB).
+    snapshot_max_bytes: Annotated[int, Meta(ge=4096)] = 512 * 1024 * 1024
+    #: Rights messages waiting to be processed; more are dropped (the cloud resends until answered).
+    rights_queue: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    #: How often a refused downlink message of one kind is journalled (the rest are counted).
+    refusal_journal_s: Annotated[float, Meta(ge=0)] = 60.0
 
 
 class CommandHandler(Protocol):
@@ -168,7 +184,8 @@ def split_events(
     while todo:
         part = todo.pop(0)
         prev = out[-1][0].last_seq if out else prev_seq
-        b = EventBatch(first_seq=part[0].seq, last_seq=part[-1].seq, events=part, prev_seq=prev)
+        b = EventBatch(first_seq=part[0].seq, last_seq=part[-1].seq, events=part, prev_seq=prev,
+                       ref=os.urandom(8).hex())  # fmt: skip
         data = encode(b, encoding)
         if len(data) <= max_bytes or len(part) == 1:
             out.append((b, data))
@@ -178,93 +195,160 @@ def split_events(
     return out
 
 
-class SnapshotStaging:
-    """Snapshot chunks kept aside on disk until a transfer is complete; the last results, for duplicates."""
+class StagingFull(EdgeError):
+    """A snapshot transfer does not fit the staging budget (`code` is `too_large`)."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
-        self.path = path
-        self.synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
+    code = "too_large"
+
+
+class SnapshotStaging:
+    """Snapshot chunks kept aside on disk until a transfer is complete; the last results, for duplicates.
+
+    One directory: `manifest` (the signed envelope of the transfer's `SnapshotManifest`, exactly as
+    received), one file per staged chunk (`chunk-<index>`, each checked against the manifest's hash before
+    it is written), and `done` (the results of the last 100 transfers). Files, not a database, so that a
+    newer transfer frees the disk of an older one by unlinking, even on a full disk. Every file is written
+    to a temporary name, fsynced and renamed. Budget: a manifest is refused when its declared size exceeds
+    `max_bytes` or the free space of the filesystem less `reserve_bytes`."""
+
+    def __init__(self, path: Path, *, max_bytes: int, reserve_bytes: int = 8 * 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self.manifest: SnapshotManifest | None = None
+        self._done: dict[str, tuple[float, bytes]] = {}
 
     async def __aenter__(self) -> Self:
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            for stmt in (
-                "CREATE TABLE IF NOT EXISTS transfer (id TEXT PRIMARY KEY, version INTEGER, count INTEGER)",
-                "CREATE TABLE IF NOT EXISTS chunk (idx INTEGER PRIMARY KEY, body BLOB NOT NULL)",
-                "CREATE TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY, at REAL, result BLOB NOT NULL)",
-            ):
-                await self._db.execute(stmt)
-        except BaseException:
-            await self.close()
-            raise
+        await asyncio.to_thread(self._open)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        self.manifest = None
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise EdgeError("snapshot staging is not open")
-        return self._db
-
-    async def done(self, transfer: str) -> bytes | None:
-        async with self.db.execute("SELECT result FROM done WHERE id=?", (transfer,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else bytes(row[0])
-
-    async def current(self) -> tuple[str, int, int] | None:
-        async with self.db.execute("SELECT id, version, count FROM transfer") as cur:
-            row = await cur.fetchone()
-        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
-
-    async def put(self, c: SnapshotChunk, body: bytes) -> int:
-        """Stage one chunk (a new transfer id discards any other); returns how many chunks are staged."""
-        db = self.db
-        cur = await self.current()
-        await db.execute("BEGIN IMMEDIATE")
+    def _open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stray in self.path.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
         try:
-            if cur is None or cur != (c.id, c.version, c.count):
-                if cur is not None:
-                    log.warning("snapshot transfer %s abandoned for %s", cur[0], c.id)
-                await db.execute("DELETE FROM transfer")
-                await db.execute("DELETE FROM chunk")
-                await db.execute("INSERT INTO transfer VALUES (?, ?, ?)", (c.id, c.version, c.count))
-            await db.execute("INSERT OR REPLACE INTO chunk VALUES (?, ?)", (c.index, body))
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
-        async with db.execute("SELECT count(*) FROM chunk") as q:
-            row = await q.fetchone()
-        return int(row[0]) if row else 0
+            rows = _done_dec.decode((self.path / "done").read_bytes())
+            self._done = {r[0]: (float(r[1]), bytes(r[2])) for r in rows}
+        except FileNotFoundError:
+            pass
+        except (msgspec.DecodeError, msgspec.ValidationError, OSError, IndexError, TypeError) as e:
+            log.warning("snapshot staging: results of earlier transfers unreadable (%s); forgotten", e)
 
-    async def bodies(self) -> list[bytes]:
-        async with self.db.execute("SELECT body FROM chunk ORDER BY idx") as cur:
-            return [bytes(r[0]) for r in await cur.fetchall()]
-
-    async def finish(self, transfer: str, result: bytes, now: float) -> None:
-        db = self.db
-        await db.execute("BEGIN IMMEDIATE")
+    def envelope(self) -> bytes | None:
+        """The staged transfer's signed manifest envelope (for the link to verify again at start)."""
         try:
-            await db.execute("DELETE FROM transfer")
-            await db.execute("DELETE FROM chunk")
-            await db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (transfer, now, result))
-            await db.execute("DELETE FROM done WHERE id NOT IN (SELECT id FROM done ORDER BY at DESC LIMIT 100)")
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
+            return (self.path / "manifest").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def done(self, transfer: str) -> bytes | None:
+        hit = self._done.get(transfer)
+        return None if hit is None else hit[1]
+
+    def _chunk(self, index: int) -> Path:
+        return self.path / f"chunk-{index:05d}"
+
+    def staged(self) -> list[int]:
+        out = []
+        for f in self.path.glob("chunk-*"):
+            with contextlib.suppress(ValueError):
+                out.append(int(f.name[6:]))
+        return sorted(out)
+
+    def discard(self) -> None:
+        """Forget the staged transfer and free its disk (unlinking works on a full disk)."""
+        for f in self.path.glob("chunk-*"):
+            f.unlink(missing_ok=True)
+        (self.path / "manifest").unlink(missing_ok=True)
+        self.manifest = None
+
+    def budget(self) -> int:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return 0
+        return max(0, min(self.max_bytes, st.f_bavail * st.f_frsize - self.reserve_bytes))
+
+    def begin(self, m: SnapshotManifest, envelope: bytes) -> None:
+        """Stage a verified manifest (any other transfer is discarded first). Raises `StagingFull`."""
+        if self.manifest is not None and self.manifest.id == m.id:
+            return
+        self.discard()
+        room = self.budget()
+        if m.size + len(envelope) > room:
+            raise StagingFull(f"snapshot of {m.size} bytes does not fit the staging budget of {room} bytes "
+                              "(storage.snapshot_max_bytes, free disk)")  # fmt: skip
+        _write_atomic(self.path / "manifest", envelope)
+        self.manifest = m
+
+    def put(self, index: int, body: bytes) -> int:
+        """Stage one chunk already checked against the manifest; returns how many chunks are staged."""
+        _write_atomic(self._chunk(index), body)
+        return len(self.staged())
+
+    def bodies(self) -> Iterator[bytes]:
+        """The staged chunks in order, read one at a time (bounded memory)."""
+        for i in self.staged():
+            yield self._chunk(i).read_bytes()
+
+    def finish(self, transfer: str, result: bytes, now: float) -> None:
+        self.discard()
+        self._done[transfer] = (now, result)
+        keep = sorted(self._done.items(), key=lambda kv: kv[1][0])[-100:]
+        self._done = dict(keep)
+        try:
+            _write_atomic(self.path / "done", _done_enc.encode([[k, at, r] for k, (at, r) in keep]))
+        except OSError as e:
+            log.warning("snapshot staging: result of %s not saved: %s", transfer, e)
+
+
+_done_enc = msgspec.msgpack.Encoder()
+_done_dec = msgspec.msgpack.Decoder(list[tuple[str, float, bytes]])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class RefusalLog:
+    """Journals refused downlink messages and commands without letting a flood push real events out of
+    the journal: the first refusal of each (topic, code) is journalled, later ones within `window_s` are
+    only counted, and the next one after the window carries `detail.suppressed` (how many were not
+    journalled). At most `max_keys` distinct keys are tracked (the rest share one)."""
+
+    def __init__(self, window_s: float = 60.0, max_keys: int = 64) -> None:
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self.total = 0
+
+    def admit(self, leaf: str, code: str, now: float) -> int | None:
+        """None: do not journal this one. Otherwise the number suppressed since the last journalled one."""
+        self.total += 1
+        key = (leaf, code)
+        if key not in self._last and len(self._last) >= self.max_keys:
+            key = ("*", "*")
+        at, suppressed = self._last.get(key, (-1e18, 0))
+        if now - at < self.window_s:
+            self._last[key] = (at, suppressed + 1)
+            return None
+        self._last[key] = (now, 0)
+        return suppressed
 
 
 def _error(e: BaseException) -> ErrorInfo:
@@ -277,9 +361,20 @@ def _error(e: BaseException) -> ErrorInfo:
     return ErrorInfo(code="internal", message=f"{type(e).__name__}: {e}")
 
 
-def _join_chunks(bodies: list[bytes]) -> Snapshot:
-    chunks = [decode_downlink(b) for b in bodies]
-    return snapshot_of([x for x in chunks if isinstance(x, SnapshotChunk)])
+def _join_chunks(bodies: Iterable[bytes]) -> Snapshot:
+    """Decode the staged chunks one at a time into one snapshot (each chunk's bytes are dropped as soon as
+    it is decoded, so the peak is the decoded rights plus one chunk)."""
+    lists: dict[str, list[Any]] = {k: [] for k in ("doors", "schedules", "groups", "users", "credentials")}
+    version = 0
+    for body in bodies:
+        c = decode_downlink(body)
+        if not isinstance(c, SnapshotChunk):
+            raise ProtocolError("a staged chunk is not a snapshot chunk")
+        version = c.version
+        for k, items in lists.items():
+            items.extend(getattr(c, k))
+        del c, body
+    return Snapshot(version=version, **lists)
 
 
 class CloudLink:
@@ -314,14 +409,16 @@ class CloudLink:
         self.on_state: list[Callable[[bool], None]] = []
         #: Called with (cloud UTC time, round trip s) from each timestamped event acknowledgement.
         self.on_cloud_time: list[Callable[[float, float], None]] = []
-        self._sent_at: dict[int, float] = {}  # last_seq of a batch -> monotonic time it was sent
+        self._sent_refs: dict[str, tuple[int, float]] = {}  # batch ref -> (last_seq, monotonic time sent)
         self._online = False
         self._offline_since: datetime | None = datetime.fromtimestamp(clock(), UTC)
         self._client: aiomqtt.Client | None = None
         self._session = 0
         self._nonces = NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
-        self._staging = SnapshotStaging(self.state_dir / "link-snapshot.db", cfg.synchronous)
-        self._rights_q: asyncio.Queue[bytes] = asyncio.Queue()
+        self._staging = SnapshotStaging(self.state_dir / "link-snapshot", max_bytes=cfg.snapshot_max_bytes)
+        self._rights_q: asyncio.Queue[bytes] = asyncio.Queue(cfg.rights_queue)
+        self._refusals = RefusalLog(cfg.refusal_journal_s)
+        self._last_birth = -1e18
         self._wake = asyncio.Event()
         self._acked = 0  # highest seq the cloud acknowledged (this process)
         self._sent = 0  # highest seq sent in the current round
@@ -329,7 +426,8 @@ class CloudLink:
         self._last_ack_at = 0.0
         self._last_rewind = 0.0
         self._rewind = False
-        self.stats: dict[str, int] = {"events_sent": 0, "batches_sent": 0, "resends": 0, "commands": 0}
+        self.stats: dict[str, int] = {"events_sent": 0, "batches_sent": 0, "resends": 0, "commands": 0,
+                                      "refused": 0, "dropped": 0, "handler_errors": 0}  # fmt: skip
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -337,11 +435,7 @@ class CloudLink:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         await self._load_keys()
         await self._nonces.__aenter__()
-        try:
-            await self._staging.__aenter__()
-        except BaseException:
-            await self._nonces.close()
-            raise
+        await self._staging.__aenter__()
         await self._nonces.purge(self.clock())
         self.journal.on_durable.append(self._wake.set)
         return self
@@ -520,14 +614,25 @@ class CloudLink:
         async for m in client.messages:
             leaf = self.topics.parse(m.topic.value)
             payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            if leaf is Leaf.RIGHTS:
-                self._rights_q.put_nowait(payload)
-            elif leaf is Leaf.EVENTS_ACK:
-                await self._on_event_ack(payload)
-            elif leaf is Leaf.COMMAND:
-                await self._on_command(payload)
-            else:
-                log.warning("message on unexpected topic %s ignored", m.topic.value)
+            try:
+                if leaf is Leaf.RIGHTS:
+                    try:
+                        self._rights_q.put_nowait(payload)
+                    except asyncio.QueueFull:
+                        self.stats["dropped"] += 1
+                        self._refused(Leaf.RIGHTS, "queue_full", None, "rights queue full: message dropped")
+                elif leaf is Leaf.EVENTS_ACK:
+                    await self._on_event_ack(payload)
+                elif leaf is Leaf.COMMAND:
+                    await self._on_command(payload)
+                else:
+                    log.warning("message on unexpected topic %s ignored", m.topic.value)
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                raise
+            except Exception:
+                # One message never takes the link down: say so loudly and read the next one.
+                self.stats["handler_errors"] += 1
+                log.exception("message on %s failed", m.topic.value)
 
     def _too_large(self, payload: bytes) -> ErrorInfo | None:
         if len(payload) > self.cfg.max_message_bytes:
@@ -537,14 +642,42 @@ class CloudLink:
             )
         return None
 
+    def _refused(self, leaf: Leaf, code: str, ref: str | None, message: str, *, operator: str | None = None,
+                 event: str | None = None) -> None:  # fmt: skip
+        """Log and journal one refused message, rate-limited per (topic, code) so that a flood of forged
+        messages cannot push real events out of the journal."""
+        self.stats["refused"] += 1
+        suppressed = self._refusals.admit(leaf.value, code, time.monotonic())
+        if suppressed is None:
+            return
+        log.warning("%s message %s refused: %s (%s)%s", leaf.value, ref, code, message,
+                    f"; {suppressed} more refusals not logged" if suppressed else "")  # fmt: skip
+        detail: dict[str, str | int | float | bool | None] = {
+            "topic": leaf.value, "request_id": ref, "message": message[:200],
+        }  # fmt: skip
+        if suppressed:
+            detail["suppressed"] = suppressed
+        self.journal.record(event or SECURITY_MESSAGE_REJECTED, user=operator, reason=code, detail=detail)
+
     async def _rights_worker(self) -> None:
-        await self._resume_snapshot()
+        try:
+            await self._resume_snapshot()
+        except Exception:
+            log.exception("staged snapshot could not be resumed; it is discarded")
+            await asyncio.to_thread(self._staging.discard)
         while True:
             payload = await self._rights_q.get()
             try:
                 await self._on_rights(payload)
-            except (StoreError, sqlite3.Error, OSError) as e:
-                log.error("rights message failed: %s", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # storage errors and bugs alike: answered, journalled, and the worker goes on
+                if not isinstance(e, StoreError | sqlite3.Error | OSError):
+                    self.stats["handler_errors"] += 1
+                    log.exception("rights message failed")
+                else:
+                    log.error("rights message failed: %s", e)
                 await self._publish(
                     Leaf.RIGHTS_REPLY,
                     RightsResult(id=peek_ref(payload), ok=False, version=self.store.version, error=_error(e)),
@@ -556,24 +689,85 @@ class CloudLink:
             await self._reply_rights(peek_ref(payload), err)
             return
         try:
-            msg = decode_downlink(payload)
+            # a large message is checked and decoded off the loop thread, so taps are not held up
+            small = len(payload) < 16384
+            msg = decode_downlink(payload) if small else await asyncio.to_thread(decode_downlink, payload)
         except ProtocolError as e:
             await self._reply_rights(peek_ref(payload), _error(e))
             return
-        if isinstance(msg, ChangeSetMsg):
-            await self._on_change_set(msg)
-        elif isinstance(msg, SnapshotChunk):
+        if isinstance(msg, SnapshotChunk):
             await self._on_chunk(msg, payload)
+            return
+        if not isinstance(msg, Signed):
+            tag = type(msg).__struct_config__.tag
+            await self._refuse_rights(
+                CommandRejected("unsigned", f"{tag} must be signed (inside 'signed')", request_id=peek_ref(payload))
+            )
+            return
+        try:
+            p = self._open(msg)
+        except CommandRejected as e:
+            e.request_id = e.request_id or peek_ref(payload)
+            await self._refuse_rights(e)
+            return
+        inner = p.msg
+        if isinstance(inner, ChangeSetMsg):
+            await self._on_change_set(inner)
+        elif isinstance(inner, SnapshotManifest):
+            await self._on_manifest(inner, payload)
+        elif isinstance(inner, Rebirth):
+            await self._rebirth()
         else:
-            await self._publish_birth()
+            await self._reply_rights(None, ErrorInfo(code="malformed", message="an events_ack is not a rights message"))
+
+    def _open(self, msg: Signed) -> Provision:
+        """Verify a signed envelope with the command key in use (and, while a rotation is pending, also the
+        new one: the cloud signs provisioning with the key it just rotated to)."""
+        now = self.clock()
+        keys = [self._keys.in_use(now)]
+        if self._keys.pending(now):
+            keys.append(bytes.fromhex(self._keys.key))
+        err: CommandRejected | None = None
+        for k in keys:
+            try:
+                return open_signed(msg, self._verifier(k), site=self.cfg.site, gateway=self.cfg.gateway)
+            except CommandRejected as e:
+                if e.code != "bad_signature":
+                    raise
+                err = e
+        assert err is not None
+        raise err
+
+    async def _refuse_rights(self, e: CommandRejected) -> None:
+        self._refused(Leaf.RIGHTS, e.code, e.request_id, str(e))
+        await self._publish(Leaf.RIGHTS_REPLY, RightsResult(id=e.request_id, ok=False, version=self.store.version,
+                                                            error=ErrorInfo(code=e.code, message=str(e))))  # fmt: skip
+
+    async def _rebirth(self) -> None:
+        """A birth on request, at most once a second (a replayed signed rebirth cannot flood the broker)."""
+        now = time.monotonic()
+        if now - self._last_birth < 1.0:
+            return
+        self._last_birth = now
+        await self._publish_birth()
 
     async def _reply_rights(self, ref: str | None, err: ErrorInfo) -> None:
-        log.warning("rights message %s refused: %s %s", ref, err.code, err.message)
+        self._refused(Leaf.RIGHTS, err.code, ref, err.message)
         await self._publish(Leaf.RIGHTS_REPLY, RightsResult(id=ref, ok=False, version=self.store.version, error=err))
 
     async def _on_change_set(self, msg: ChangeSetMsg) -> None:
+        cs = msg.change_set
+        for name in ("from_version", "to_version"):
+            if not 0 <= getattr(cs, name) <= MAX_VERSION:
+                await self._reply_rights(msg.id, ErrorInfo(code="bad_field", message=f"{name} must be 0 .. 2^53-1",
+                                                           path=f"change_set.{name}"))  # fmt: skip
+                return
+        if cs.to_version <= cs.from_version:
+            await self._reply_rights(msg.id, ErrorInfo(code="bad_field", message="to_version must be above "
+                                                       "from_version", path="change_set.to_version"))  # fmt: skip
+            return
         try:
-            r = await self.store.apply(msg.change_set)
+            r = await self.store.apply(cs)
         except VersionGap as e:
             await self._reply_rights(msg.id, _error(e))
             await self._publish(Leaf.RIGHTS_REPLY, ResyncRequest(have=e.have, reason="version_gap", ref=msg.id))
@@ -586,52 +780,115 @@ class CloudLink:
             RightsResult(id=msg.id, ok=True, version=r.version, applied=r.applied, changes=r.changes),
         )
 
-    async def _resume_snapshot(self) -> None:
-        """A transfer fully staged before a restart (killed while applying it) is applied now."""
-        cur = await self._staging.current()
-        if cur is None:
-            return
-        bodies = await self._staging.bodies()
-        if len(bodies) == cur[2]:
-            last = decode_downlink(bodies[-1])
-            if isinstance(last, SnapshotChunk):
-                log.info("resuming staged snapshot %s", cur[0])
-                await self._on_chunk(last, bodies[-1])
+    # --- snapshots --------------------------------------------------------------------------------------
 
-    async def _on_chunk(self, c: SnapshotChunk, payload: bytes) -> None:
-        done = await self._staging.done(c.id)
+    async def _resume_snapshot(self) -> None:
+        """A transfer staged before a restart is kept only when its signed manifest still verifies; a
+        complete one is applied now (the agent was killed while applying it)."""
+        env = await asyncio.to_thread(self._staging.envelope)
+        if env is None:
+            await asyncio.to_thread(self._staging.discard)  # chunks without a manifest: never trusted
+            return
+        try:
+            msg = decode_downlink(env)
+            if not isinstance(msg, Signed):
+                raise CommandRejected("unsigned", "staged manifest is not signed")
+            p = self._open(msg)
+            if not isinstance(p.msg, SnapshotManifest):
+                raise CommandRejected("malformed", "staged manifest is not a snapshot manifest")
+        except (CommandRejected, ProtocolError) as e:
+            log.warning("staged snapshot discarded: its manifest does not verify (%s)", e)
+            await asyncio.to_thread(self._staging.discard)
+            return
+        m = p.msg
+        self._staging.manifest = m
+        if m.version <= self.store.version:
+            await asyncio.to_thread(self._staging.discard)
+            return
+        log.info("staged snapshot %s kept (%d of %d chunks)", m.id, len(self._staging.staged()), m.count)
+        await self._maybe_apply(m)
+
+    async def _on_manifest(self, m: SnapshotManifest, envelope: bytes) -> None:
+        done = self._staging.done(m.id)
         if done is not None:
             await self._publish_raw(Leaf.RIGHTS_REPLY, done)
             return
         have = self.store.version
-        if c.version <= have and not c.force and await self._staging.current() is None:
-            await self._publish(Leaf.RIGHTS_REPLY, RightsResult(id=c.id, ok=True, version=have, applied=False))
+        if m.version <= have:
+            # A snapshot at the version held (or older) is never applied: a repair is a snapshot at a
+            # newer version. Answered so that the cloud stops resending.
+            await self._publish(Leaf.RIGHTS_REPLY, RightsResult(id=m.id, ok=True, version=have, applied=False))
             return
-        if c.index >= c.count:
-            await self._reply_rights(
-                c.id, ErrorInfo(code="bad_field", message=f"index {c.index} >= count {c.count}", path="index")
-            )
+        if len(m.hashes) != m.count:
+            await self._reply_rights(m.id, ErrorInfo(code="bad_field", message=f"{len(m.hashes)} hashes for "
+                                                     f"{m.count} chunks", path="hashes"))  # fmt: skip
             return
-        received = await self._staging.put(c, payload)
+        if m.size > m.count * self.cfg.max_message_bytes:
+            await self._reply_rights(m.id, ErrorInfo(code="bad_field", message="size exceeds count x "
+                                                     "max_message_bytes", path="size"))  # fmt: skip
+            return
+        try:
+            await asyncio.to_thread(self._staging.begin, m, envelope)
+        except StagingFull as e:
+            await self._reply_rights(m.id, ErrorInfo(code="too_large", message=str(e), path="size"))
+            return
+        except OSError as e:
+            await asyncio.to_thread(self._staging.discard)
+            await self._reply_rights(m.id, ErrorInfo(code="storage", message=f"cannot stage the snapshot: {e}"))
+            return
+        await self._maybe_apply(m)
+
+    async def _on_chunk(self, c: SnapshotChunk, payload: bytes) -> None:
+        done = self._staging.done(c.id)
+        if done is not None:
+            await self._publish_raw(Leaf.RIGHTS_REPLY, done)
+            return
+        m = self._staging.manifest
+        if m is None or m.id != c.id:
+            await self._refuse_rights(CommandRejected(
+                "unsigned", "no signed snapshot_manifest is staged for this transfer: send it first",
+                request_id=c.id))  # fmt: skip
+            return
+        if (c.version, c.count) != (m.version, m.count) or c.index >= m.count:
+            await self._refuse_rights(CommandRejected(
+                "bad_chunk", f"chunk {c.index} (version {c.version}, count {c.count}) does not belong to the "
+                f"manifest (version {m.version}, count {m.count})", request_id=c.id))  # fmt: skip
+            return
+        if hashlib.sha256(payload).digest() != m.hashes[c.index]:
+            await self._refuse_rights(CommandRejected(
+                "bad_chunk", f"chunk {c.index} does not match the SHA-256 in the signed manifest",
+                request_id=c.id))  # fmt: skip
+            return
+        try:
+            received = await asyncio.to_thread(self._staging.put, c.index, payload)
+        except OSError as e:
+            await self._reply_rights(c.id, ErrorInfo(code="storage", message=f"cannot stage chunk {c.index}: {e}"))
+            return
         await self._publish(Leaf.RIGHTS_REPLY, ChunkAck(id=c.id, index=c.index, received=received, count=c.count))
-        if received < c.count:
+        await self._maybe_apply(m)
+
+    async def _maybe_apply(self, m: SnapshotManifest) -> None:
+        """Apply the staged transfer once every chunk of the manifest is on disk."""
+        if len(self._staging.staged()) < m.count:
             return
-        bodies = await self._staging.bodies()
-        # decoding a large snapshot takes long: off the loop thread, so taps are not held up
-        snap = await asyncio.to_thread(_join_chunks, bodies)
         result: RightsResult
         try:
-            if snap.version <= self.store.version and not c.force:
-                result = RightsResult(id=c.id, ok=True, version=self.store.version, applied=False)
+            # decoding a large snapshot takes long: off the loop thread, one chunk at a time
+            snap = await asyncio.to_thread(_join_chunks, self._staging.bodies())
+            if snap.version != m.version:
+                raise ProtocolError(f"chunks carry version {snap.version}, the manifest {m.version}")
+            if snap.version <= self.store.version:
+                result = RightsResult(id=m.id, ok=True, version=self.store.version, applied=False)
             else:
                 r = await self.store.replace(snap)
-                result = RightsResult(id=c.id, ok=True, version=r.version, applied=r.applied, changes=r.changes)
-                log.info("snapshot %s applied: rights version %d (%d changes)", c.id, r.version, r.changes)
-        except ChangeRejected as e:
-            log.warning("snapshot %s refused: %s", c.id, e)
-            result = RightsResult(id=c.id, ok=False, version=self.store.version, error=_error(e))
+                del snap
+                result = RightsResult(id=m.id, ok=True, version=r.version, applied=r.applied, changes=r.changes)
+                log.info("snapshot %s applied: rights version %d (%d changes)", m.id, r.version, r.changes)
+        except (ChangeRejected, ProtocolError) as e:
+            log.warning("snapshot %s refused: %s", m.id, e)
+            result = RightsResult(id=m.id, ok=False, version=self.store.version, error=_error(e))
         data = encode(result, self.cfg.encoding)
-        await self._staging.finish(c.id, data, self.clock())
+        await asyncio.to_thread(self._staging.finish, m.id, data, self.clock())
         await self._publish_raw(Leaf.RIGHTS_REPLY, data)
 
     async def _publish_raw(self, leaf: Leaf, data: bytes) -> None:
@@ -660,11 +917,19 @@ class CloudLink:
                 raise CommandRejected(
                     "unsigned", "command is not signed", request_id=plain.request_id, operator=plain.operator
                 ) from None
-            cmd = check(
-                signed, self.public_key, site=self.cfg.site, gateway=self.cfg.gateway, now=self.clock(),
-                skew_s=self.cfg.command_skew_s, max_ttl_s=self.cfg.command_max_ttl_s,
-            )  # fmt: skip
+            try:
+                cmd = check(
+                    signed, self.public_key, site=self.cfg.site, gateway=self.cfg.gateway, now=self.clock(),
+                    skew_s=self.cfg.command_skew_s, max_ttl_s=self.cfg.command_max_ttl_s,
+                )  # fmt: skip
+            except CommandRejected as e:
+                # name the request (read from the unverified body, only to echo it) so the cloud can match
+                e.request_id = e.request_id or peek_ref(signed.body)
+                raise
             fresh, prior = await self._nonces.claim(cmd)
+            if self._nonces.degraded:
+                log.error("command %s: %s (replays refused from memory until restart)", cmd.request_id,
+                          self._nonces.degraded)  # fmt: skip
             if not fresh:
                 if prior is not None:
                     with contextlib.suppress(ProtocolError):
@@ -674,11 +939,8 @@ class CloudLink:
                     operator=cmd.operator,
                 )  # fmt: skip
         except CommandRejected as e:
-            log.warning("command %s refused: %s (%s)", e.request_id, e.code, e)
-            self.journal.record(
-                SECURITY_COMMAND_REJECTED, user=e.operator, reason=e.code,
-                detail={"request_id": e.request_id, "message": str(e)[:200]},
-            )  # fmt: skip
+            self._refused(Leaf.COMMAND, e.code, e.request_id, str(e), operator=e.operator,
+                          event=SECURITY_COMMAND_REJECTED)  # fmt: skip
             await self._publish(
                 Leaf.COMMAND_RESULT,
                 CommandResult(
@@ -728,18 +990,29 @@ class CloudLink:
     # --- events -----------------------------------------------------------------------------------------
 
     async def _on_event_ack(self, payload: bytes) -> None:
+        """Only a signed acknowledgement releases events, and only those actually sent; its clock is used
+        only when it answers a batch sent by this process (`ref`), with the round trip measured."""
         try:
-            ack = decode_event_ack(payload)
+            msg = decode_event_ack(payload)
+            if not isinstance(msg, Signed):
+                raise CommandRejected("unsigned", "events_ack must be signed (inside 'signed')")
+            p = self._open(msg)
+            if not isinstance(p.msg, EventAck):
+                raise CommandRejected("malformed", f"{type(p.msg).__struct_config__.tag} on events/ack")
         except ProtocolError as e:
-            log.warning("bad event ack ignored: %s", e)
+            self._refused(Leaf.EVENTS_ACK, "malformed", None, str(e))
             return
-        sent_at = self._sent_at.pop(ack.upto_seq, None)
-        if ack.ts is not None and sent_at is not None:
-            rtt = time.monotonic() - sent_at
+        except CommandRejected as e:
+            self._refused(Leaf.EVENTS_ACK, e.code, None, str(e))
+            return
+        ack = p.msg
+        sent = self._sent_refs.pop(ack.ref, None) if ack.ref else None
+        if ack.ts is not None and sent is not None and sent[0] <= ack.upto_seq:
+            rtt = time.monotonic() - sent[1]
             for cb in self.on_cloud_time:
                 cb(ack.ts, rtt)
-        for seq in [s for s in self._sent_at if s <= ack.upto_seq]:
-            del self._sent_at[seq]
+        for ref in [r for r, (last, _t) in self._sent_refs.items() if last <= ack.upto_seq]:
+            del self._sent_refs[ref]
         upto = min(ack.upto_seq, self._sent_max)
         if upto <= self._acked:
             # A duplicate acknowledgement while batches are in flight: the cloud lacks what follows it (it
@@ -798,7 +1071,9 @@ class CloudLink:
             for batch, data in split_events(events, self._sent, cfg.max_message_bytes, cfg.encoding):
                 await client.publish(self.topics.events, data, qos=1)
                 inflight.append(batch.last_seq)
-                self._sent_at[batch.last_seq] = time.monotonic()
+                self._sent_refs[batch.ref] = (batch.last_seq, time.monotonic())
+                while len(self._sent_refs) > 4 * cfg.window + 16:  # answers that never came
+                    del self._sent_refs[next(iter(self._sent_refs))]
                 self._sent = batch.last_seq
                 self._sent_max = max(self._sent_max, batch.last_seq)
                 self.stats["events_sent"] += len(batch.events)

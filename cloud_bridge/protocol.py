@@ -13,9 +13,13 @@ msgspec's message, which names the offending field (``Expected `int`, got `str` 
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import numpy as np
 from msgspec import Meta
 
 from edge.errors import EdgeError
@@ -37,6 +41,7 @@ __all__ = [
     "EventBatch",
     "Lockdown",
     "ProtocolError",
+    "Provision",
     "Rebirth",
     "Resync",
     "ResyncRequest",
@@ -44,8 +49,11 @@ __all__ = [
     "RightsResult",
     "RotateKey",
     "SetDoorMode",
+    "Signed",
     "SignedCommand",
+    "SignedMsg",
     "SnapshotChunk",
+    "SnapshotManifest",
     "Status",
     "Unlock",
     "Uplink",
@@ -55,6 +63,21 @@ PROTOCOL_VERSION = 1
 Encoding = Literal["msgpack", "json"]
 #: Request ids, transfer ids and nonces: printable, short.
 RequestId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+# --- limits (docs/protocol.md, "Limits") ------------------------------------------------------------------
+#: Versions and sequence numbers are below 2^53 (exact in every JSON implementation, and in SQLite/numpy).
+MAX_VERSION = 2**53 - 1
+#: Timestamps on the wire (UTC seconds) lie in 2020-01-01 .. 2100-01-01.
+MIN_TS = 1_577_836_800.0
+MAX_TS = 4_102_444_800.0
+#: Most chunks one snapshot transfer may have.
+MAX_CHUNKS = 65_536
+#: Deepest nesting of arrays/maps a message may have anywhere (ignored fields included).
+MAX_DEPTH = 32
+Version = Annotated[int, Meta(ge=0, le=MAX_VERSION)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_VERSION)]
+Timestamp = Annotated[float, Meta(ge=MIN_TS, le=MAX_TS)]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
 
 class ProtocolError(EdgeError):
@@ -132,14 +155,15 @@ class ChangeSetMsg(Msg, tag="change_set", frozen=True):
 class SnapshotChunk(Msg, tag="snapshot_chunk", frozen=True):
     """Chunk `index` of `count` of snapshot transfer `id` at `version`.
 
-    The lists of all chunks together make one `Snapshot`; any split is allowed. Chunks are staged on the
-    gateway and the snapshot replaces the rights atomically once all `count` chunks are in. `force`
-    replaces the rights even if the gateway already holds `version` (repair)."""
+    The lists of all chunks together make one `Snapshot`; any split is allowed. A chunk is not signed
+    itself: it is accepted only when the transfer's signed `SnapshotManifest` is staged and names the
+    SHA-256 of exactly these bytes at `index`. The snapshot replaces the rights atomically once all
+    `count` chunks are in. (`force` is ignored: a snapshot must carry a version above the one held.)"""
 
     id: RequestId
-    version: Annotated[int, Meta(ge=0)]
-    index: Annotated[int, Meta(ge=0)]
-    count: Annotated[int, Meta(ge=1, le=1_000_000)]
+    version: Version
+    index: Annotated[int, Meta(ge=0, lt=MAX_CHUNKS)]
+    count: Annotated[int, Meta(ge=1, le=MAX_CHUNKS)]
     force: bool = False
     doors: list[Door] = []
     schedules: list[Schedule] = []
@@ -148,17 +172,26 @@ class SnapshotChunk(Msg, tag="snapshot_chunk", frozen=True):
     credentials: list[Credential] = []
 
 
+class SnapshotManifest(Msg, tag="snapshot_manifest", frozen=True):
+    """The signed description of snapshot transfer `id`: its version, its `count` chunks and the SHA-256 of
+    each chunk's exact payload bytes (`hashes[i]` for chunk `index` i), and their total size. Sent (signed)
+    before the chunks; the gateway stages no chunk it cannot check against it."""
+
+    id: RequestId
+    version: Version
+    count: Annotated[int, Meta(ge=1, le=MAX_CHUNKS)]
+    hashes: Annotated[list[Annotated[bytes, Meta(min_length=32, max_length=32)]], Meta(max_length=MAX_CHUNKS)]
+    size: Annotated[int, Meta(ge=0, le=MAX_VERSION)]
+
+
 class Rebirth(Msg, tag="rebirth", frozen=True):
     """Ask the gateway to publish its Birth again (Sparkplug rebirth)."""
-
-
-Downlink = ChangeSetMsg | SnapshotChunk | Rebirth
 
 
 # --- provisioning replies: acs/v1/<site>/<gateway>/rights/reply (gateway -> cloud) ---------------------
 
 
-class RightsResult(Msg, tag="result", frozen=True, omit_defaults=True):
+class RightsResult(Msg, tag="result", frozen=True):
     """The answer to a change set or a whole snapshot: the version now held, or why nothing was applied.
 
     `id` is the request's id (None when the request could not even be decoded). `applied` is False for a
@@ -186,7 +219,7 @@ class ResyncRequest(Msg, tag="resync", frozen=True, omit_defaults=True):
     command."""
 
     have: int
-    reason: Literal["version_gap", "command", "empty"] = "version_gap"
+    reason: Literal["version_gap", "command", "empty", "damaged"] = "version_gap"
     ref: str | None = None
 
 
@@ -207,17 +240,56 @@ class EventBatch(Msg, tag="events", frozen=True):
     #: The batch covers every event with prev_seq < seq <= last_seq that the journal still holds: a cloud
     #: that has everything up to `prev_seq` has everything up to `last_seq` after this batch.
     prev_seq: int = 0
+    #: A random name of this sending of the batch, echoed in the acknowledgement that answers it: the
+    #: gateway takes the cloud's clock only from an ack that names a batch it sent (a fresh answer).
+    ref: str = ""
 
 
 class EventAck(Msg, tag="events_ack", frozen=True, omit_defaults=True):
-    """The cloud holds every event with seq <= `upto_seq`: the gateway may delete them.
+    """The cloud holds every event with seq <= `upto_seq`: the gateway may delete them. Travels signed
+    (inside `Signed`), like every downlink message.
 
-    `ts` is the cloud's clock (UTC seconds) when it sent the acknowledgement. The gateway, which knows when
-    it sent the acknowledged batch, checks its own clock against it (skew alarm, and the time source of a
-    gateway whose clock is not yet trusted; see docs/operations.md)."""
+    `ts` is the cloud's clock (UTC seconds) when it sent the acknowledgement and `ref` the `ref` of the
+    batch that made it send this ack (its last batch received). The gateway, which knows when it sent
+    that batch, checks its own clock against `ts` (skew alarm, and the time source of a gateway whose clock
+    is not yet trusted; see docs/operations.md) only when `ref` names a batch it sent and has not been
+    answered yet."""
 
-    upto_seq: Annotated[int, Meta(ge=0)]
-    ts: float | None = None
+    upto_seq: Seq
+    ts: Timestamp | None = None
+    ref: str = ""
+
+
+# --- the signed downlink envelope (rights, events/ack) ---------------------------------------------------
+
+
+#: What a signed downlink envelope may carry (on `rights`: the first three; on `events/ack`: `EventAck`).
+SignedMsg = ChangeSetMsg | SnapshotManifest | Rebirth | EventAck
+
+
+class Provision(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+    """The signed part of every downlink message that is not a command: the target (so a message signed for
+    one gateway is refused by every other), when the cloud signed it, and the message itself."""
+
+    site: Name
+    gateway: Name
+    issued: Timestamp
+    msg: SignedMsg
+
+
+class Signed(Msg, tag="signed", frozen=True):
+    """`body` is the encoded `Provision` (MessagePack, or JSON as UTF-8), exactly the bytes that were signed;
+    `sig` is the site key's Ed25519 signature over ``b"acs/v1/downlink\\0" + body``; `key_id` is the
+    fingerprint of the signing key (informative)."""
+
+    body: bytes = b""
+    sig: bytes = b""
+    key_id: str = ""
+
+
+#: Everything the gateway reads on `rights`: signed envelopes and manifest-checked chunks. A bare
+#: `change_set`, `snapshot_manifest` or `rebirth` decodes (so its id can be echoed) but is refused `unsigned`.
+Downlink = Signed | SnapshotChunk | ChangeSetMsg | SnapshotManifest | Rebirth
 
 
 # --- commands: acs/v1/<site>/<gateway>/command (cloud -> gateway) ---------------------------------------
@@ -278,8 +350,8 @@ class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=F
     gateway: str
     request_id: RequestId
     operator: Annotated[str, Meta(min_length=1, max_length=128)]
-    issued: float  # UTC seconds since the epoch
-    expires: float  # UTC seconds since the epoch
+    issued: Timestamp  # UTC seconds since the epoch
+    expires: Timestamp  # UTC seconds since the epoch
     nonce: Annotated[str, Meta(min_length=16, max_length=64)]
     command: CommandAction
 
@@ -289,7 +361,7 @@ class SignedCommand(Msg, tag="command", frozen=True):
     `sig` is the site key's Ed25519 signature over ``b"acs/v1/command\\0" + body``."""
 
     body: bytes
-    sig: bytes
+    sig: bytes = b""
     key_id: str = ""
 
 
@@ -319,12 +391,119 @@ _js_enc = msgspec.json.Encoder()
 T = TypeVar("T")
 
 
+def _json_depth(data: bytes | bytearray | memoryview) -> int:
+    """Deepest nesting of arrays/objects in a JSON text (strings skipped); vectorised, no recursion."""
+    raw = bytes(data)
+    if b"[" not in raw and b"{" not in raw:
+        return 0
+    stripped = _JSON_STRING.sub(b'""', raw)
+    a = np.frombuffer(stripped, dtype=np.uint8)
+    step = np.zeros(a.shape, dtype=np.int32)
+    step[(a == 0x5B) | (a == 0x7B)] = 1
+    step[(a == 0x5D) | (a == 0x7D)] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _msgpack_depth(data: bytes | bytearray | memoryview, limit: int) -> int:
+    """Deepest nesting of arrays/maps in a MessagePack value, walking headers only (no recursion, stops
+    as soon as `limit` is passed). Malformed input returns what was seen so far (the decoder then says why)."""
+    mv = memoryview(data)
+    n = len(mv)
+    pos = 0
+    stack: list[int] = []  # items still to read at each open level
+    deepest = 0
+    todo = 1  # items to read at the current level
+    while pos < n:
+        while todo == 0 and stack:
+            todo = stack.pop()
+        if todo == 0:
+            break
+        todo -= 1
+        b = mv[pos]
+        pos += 1
+        items = -1
+        skip = 0
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            pass
+        elif 0x80 <= b <= 0x8F:
+            items = 2 * (b & 0x0F)
+        elif 0x90 <= b <= 0x9F:
+            items = b & 0x0F
+        elif 0xA0 <= b <= 0xBF:
+            skip = b & 0x1F
+        elif b in (0xC4, 0xD9):
+            skip = mv[pos] if pos < n else 0
+            pos += 1
+        elif b in (0xC5, 0xDA):
+            skip = int.from_bytes(mv[pos : pos + 2], "big")
+            pos += 2
+        elif b in (0xC6, 0xDB):
+            skip = int.from_bytes(mv[pos : pos + 4], "big")
+            pos += 4
+        elif b == 0xC7:
+            skip = (mv[pos] if pos < n else 0) + 1
+            pos += 1
+        elif b == 0xC8:
+            skip = int.from_bytes(mv[pos : pos + 2], "big") + 1
+            pos += 2
+        elif b == 0xC9:
+            skip = int.from_bytes(mv[pos : pos + 4], "big") + 1
+            pos += 4
+        elif b in (0xCA, 0xCE, 0xD2):
+            skip = 4
+        elif b in (0xCB, 0xCF, 0xD3):
+            skip = 8
+        elif b in (0xCC, 0xD0):
+            skip = 1
+        elif b in (0xCD, 0xD1):
+            skip = 2
+        elif 0xD4 <= b <= 0xD8:
+            skip = 1 + (1 << (b - 0xD4))
+        elif b == 0xDC:
+            items = int.from_bytes(mv[pos : pos + 2], "big")
+            pos += 2
+        elif b == 0xDD:
+            items = int.from_bytes(mv[pos : pos + 4], "big")
+            pos += 4
+        elif b == 0xDE:
+            items = 2 * int.from_bytes(mv[pos : pos + 2], "big")
+            pos += 2
+        elif b == 0xDF:
+            items = 2 * int.from_bytes(mv[pos : pos + 4], "big")
+            pos += 4
+        else:
+            break  # 0xC1 (never used): malformed
+        pos += skip
+        if items >= 0:
+            stack.append(todo)
+            todo = items
+            deepest = max(deepest, len(stack))
+            if deepest > limit:
+                break
+    return deepest
+
+
+def check_depth(data: bytes | bytearray | memoryview, limit: int = MAX_DEPTH) -> None:
+    """Refuse a message nested deeper than `limit` (`ProtocolError`), before any decoder recurses into it."""
+    depth = _json_depth(data) if data[:1] == b"{" else _msgpack_depth(data, limit)
+    if depth > limit:
+        raise ProtocolError(f"nested deeper than {limit} levels")
+
+
 class _Codec:
     def __init__(self, typ: Any) -> None:
         self.mp = msgspec.msgpack.Decoder(typ)
         self.js = msgspec.json.Decoder(typ)
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode one message; every failure (bad bytes, bad field, too deep, out of range) is a
+        `ProtocolError` naming it. Nothing else escapes."""
+        if not data:
+            raise ProtocolError("empty message")
+        check_depth(data)
         try:
             if data[:1] == b"{":
                 return self.js.decode(data)
@@ -333,13 +512,16 @@ class _Codec:
             raise ProtocolError(str(e)) from None
         except msgspec.DecodeError as e:
             raise ProtocolError(f"not valid MessagePack or JSON: {e}") from None
+        except (RecursionError, OverflowError, ValueError, MemoryError) as e:
+            raise ProtocolError(f"undecodable: {type(e).__name__}: {e}") from None
 
 
 _downlink = _Codec(Downlink)
 _status = _Codec(Status)
 _rights_reply = _Codec(RightsReply)
 _events = _Codec(EventBatch)
-_event_ack = _Codec(EventAck)
+_event_ack = _Codec(Signed | EventAck)
+_provision = _Codec(Provision)
 _command = _Codec(SignedCommand)
 _command_body = _Codec(Command)
 _command_result = _Codec(CommandResult)
@@ -349,6 +531,8 @@ _uplink = _Codec(Uplink)
 class _Ref(msgspec.Struct, forbid_unknown_fields=False):
     id: Any = None
     request_id: Any = None
+    msg: Any = None
+    body: Any = None
 
 
 _ref_mp = msgspec.msgpack.Decoder(_Ref)
@@ -360,8 +544,15 @@ def encode(msg: Any, encoding: Encoding = "msgpack") -> bytes:
     return _mp_enc.encode(msg) if encoding == "msgpack" else _js_enc.encode(msg)
 
 
-def decode_downlink(data: bytes) -> ChangeSetMsg | SnapshotChunk | Rebirth:
+def decode_downlink(data: bytes) -> Signed | SnapshotChunk | ChangeSetMsg | SnapshotManifest | Rebirth:
+    """Anything on `rights`. Only `Signed` (checked with `signing.open_signed`) and chunks covered by a
+    staged manifest may be acted on."""
     return _downlink.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_provision(data: bytes) -> Provision:
+    """The signed body inside a `Signed` envelope (decode only after the signature verified)."""
+    return _provision.decode(data)  # type: ignore[no-any-return]
 
 
 def decode_status(data: bytes) -> Birth | Death:
@@ -376,7 +567,8 @@ def decode_events(data: bytes) -> EventBatch:
     return _events.decode(data)  # type: ignore[no-any-return]
 
 
-def decode_event_ack(data: bytes) -> EventAck:
+def decode_event_ack(data: bytes) -> Signed | EventAck:
+    """Anything on `events/ack`: a `Signed` envelope, or a bare (unsigned, refused) `EventAck`."""
     return _event_ack.decode(data)  # type: ignore[no-any-return]
 
 
@@ -397,14 +589,26 @@ def decode_uplink(data: bytes) -> Any:
     return _uplink.decode(data)
 
 
-def peek_ref(data: bytes) -> str | None:
-    """Best-effort request id of a message that failed to decode (so the error reply can name it)."""
+def peek_ref(data: bytes | bytearray | memoryview, *, _inner: bool = True) -> str | None:
+    """Best-effort request id of a message that was refused (so the refusal can name it): its `id` or
+    `request_id`, or that of the message inside a `Signed` envelope's body (read without trusting it: the
+    id is only echoed, never acted on)."""
     try:
+        check_depth(data)
         r = _ref_js.decode(data) if data[:1] == b"{" else _ref_mp.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (ProtocolError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, OverflowError, ValueError):
         return None
     ref = r.id if r.id is not None else r.request_id
-    return ref if isinstance(ref, str) and len(ref) <= 64 else None
+    if ref is None and isinstance(r.msg, dict):
+        ref = r.msg.get("id", r.msg.get("request_id"))
+    if ref is None and _inner and r.body is not None:
+        body = r.body
+        if isinstance(body, str):
+            with contextlib.suppress(ValueError):
+                body = base64.b64decode(body, validate=True)
+        if isinstance(body, bytes | bytearray):
+            return peek_ref(body, _inner=False)
+    return ref if isinstance(ref, str) and 0 < len(ref) <= 64 else None
 
 
 def snapshot_of(chunks: list[SnapshotChunk]) -> Snapshot:

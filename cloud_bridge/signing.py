@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 from types import TracebackType
@@ -37,12 +38,19 @@ from .protocol import (
     CommandAction,
     Encoding,
     ProtocolError,
+    Provision,
+    Signed,
     SignedCommand,
+    SignedMsg,
     decode_command_body,
+    decode_provision,
     encode,
 )
 
 DOMAIN = b"acs/v1/command\0"
+#: Domain of every other signed downlink message (change sets, snapshot manifests, rebirth, event acks):
+#: a signature made for one kind of message can never be passed off as the other.
+DOWNLINK_DOMAIN = b"acs/v1/downlink\0"
 #: Longest lifetime a command may claim (bounds how long nonces are kept).
 MAX_TTL_S = 24 * 3600.0
 
@@ -59,8 +67,9 @@ class CommandRejected(EdgeError):
 
 
 def key_id(public_key: bytes) -> str:
-    """A short name for a public key (first 8 bytes of it, hex): lets the cloud rotate keys visibly."""
-    return public_key[:8].hex()
+    """The `key_id` carried by signed messages: the key's `fingerprint`, the same name as in logs, events
+    and the operator database (informative: the gateway verifies with the key it holds, whatever this says)."""
+    return fingerprint(public_key)
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -102,6 +111,43 @@ def sign_command(
     )
     body = encode(cmd, encoding)
     return cmd, SignedCommand(body=body, sig=key.sign(DOMAIN + body), key_id=key_id(public_bytes(key)))
+
+
+def sign_downlink(
+    key: Ed25519PrivateKey,
+    msg: SignedMsg,
+    *,
+    site: str,
+    gateway: str,
+    now: float | None = None,
+    encoding: Encoding = "msgpack",
+) -> Signed:
+    """Wrap one downlink message (change set, snapshot manifest, rebirth, event ack) for one gateway and
+    sign it with the site key (the cloud's job)."""
+    body = encode(Provision(site=site, gateway=gateway, issued=time.time() if now is None else now, msg=msg),
+                  encoding)  # fmt: skip
+    return Signed(body=body, sig=key.sign(DOWNLINK_DOMAIN + body), key_id=key_id(public_bytes(key)))
+
+
+def open_signed(signed: Signed, public_key: Ed25519PublicKey, *, site: str, gateway: str) -> Provision:
+    """Verify a downlink envelope and return what it carries. Raises `CommandRejected` with code
+    `unsigned`, `bad_signature`, `malformed` or `wrong_target` (the request id is named when the body
+    could be read). Nothing in the body is read before the signature verified."""
+    if not signed.sig or not signed.body:
+        raise CommandRejected("unsigned", "message carries no signature")
+    try:
+        public_key.verify(signed.sig, DOWNLINK_DOMAIN + signed.body)
+    except InvalidSignature:
+        raise CommandRejected("bad_signature", "signature does not verify with the site key") from None
+    try:
+        p = decode_provision(signed.body)
+    except ProtocolError as e:
+        raise CommandRejected("malformed", f"signed body: {e}") from None
+    if p.site != site or p.gateway != gateway:
+        rid = getattr(p.msg, "id", None)
+        raise CommandRejected("wrong_target", f"message is for {p.site}/{p.gateway}, this is {site}/{gateway}",
+                              request_id=rid if isinstance(rid, str) else None)  # fmt: skip
+    return p
 
 
 def check(
@@ -162,6 +208,11 @@ class NonceStore:
         self.keep_extra_s = keep_extra_s
         self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
+        #: nonce -> (keep until, result): the nonces of this process, so that a replay is refused even when
+        #: the disk refused to store the nonce.
+        self._memory: dict[str, tuple[float, bytes | None]] = {}
+        #: Why the last write failed (None when the store is healthy).
+        self.degraded: str | None = None
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,21 +246,46 @@ class NonceStore:
         return self._db
 
     async def claim(self, cmd: Command) -> tuple[bool, bytes | None]:
-        """Record `cmd.nonce` durably. Returns (True, None) when it is new, (False, earlier result) if seen."""
-        async with self.db.execute("SELECT result FROM nonces WHERE nonce=?", (cmd.nonce,)) as cur:
-            row = await cur.fetchone()
+        """Record `cmd.nonce`. Returns (True, None) when it is new, (False, earlier result) if seen.
+
+        The nonce is kept in memory first and then on disk. When the disk refuses the write (full, read
+        only, damaged), the command is still accepted (a lockdown must not wait for a disk) and its replay
+        is refused from memory until the agent restarts; `degraded` names the failure for the caller to
+        report."""
+        mem = self._memory.get(cmd.nonce)
+        if mem is not None:
+            return False, mem[1]
+        try:
+            async with self.db.execute("SELECT result FROM nonces WHERE nonce=?", (cmd.nonce,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as e:
+            self.degraded = f"nonce store unreadable: {e}"
+            row = None
         if row is not None:
             return False, row[0]
-        await self.db.execute(
-            "INSERT INTO nonces (nonce, expires, request_id) VALUES (?, ?, ?)",
-            (cmd.nonce, cmd.expires + self.keep_extra_s, cmd.request_id),
-        )
+        self._memory[cmd.nonce] = (cmd.expires + self.keep_extra_s, None)
+        try:
+            await self.db.execute(
+                "INSERT INTO nonces (nonce, expires, request_id) VALUES (?, ?, ?)",
+                (cmd.nonce, cmd.expires + self.keep_extra_s, cmd.request_id),
+            )
+        except sqlite3.Error as e:
+            self.degraded = f"nonce not saved: {e}"
+        else:
+            self.degraded = None
         return True, None
 
     async def set_result(self, nonce: str, result: bytes) -> None:
-        await self.db.execute("UPDATE nonces SET result=? WHERE nonce=?", (result, nonce))
+        exp = self._memory.get(nonce, (0.0, None))[0]
+        self._memory[nonce] = (exp, result)
+        try:
+            await self.db.execute("UPDATE nonces SET result=? WHERE nonce=?", (result, nonce))
+        except sqlite3.Error as e:
+            self.degraded = f"command result not saved: {e}"
 
     async def purge(self, now: float) -> int:
+        for k in [k for k, (exp, _r) in self._memory.items() if exp < now]:
+            del self._memory[k]
         cur = await self.db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
         n = cur.rowcount if cur.rowcount and cur.rowcount > 0 else 0
         await cur.close()

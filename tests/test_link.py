@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import msgspec
@@ -180,9 +181,13 @@ async def test_rejected_messages_name_the_problem_and_apply_nothing(
         big = add_cards(1, range(10_000, 12_000))
         r = await raw(encode(ChangeSetMsg(id="big", change_set=big)))
         assert r.id == "big" and r.error is not None and r.error.code == "too_large"
-        # chunk index outside its count
-        r = await raw(encode(SnapshotChunk(id="t1", version=9, index=3, count=2)))
-        assert r.error is not None and r.error.code == "bad_field"
+        # a chunk with no signed manifest staged for its transfer
+        r = await raw(encode(SnapshotChunk(id="t1", version=9, index=1, count=2)))
+        assert r.id == "t1" and r.error is not None and r.error.code == "unsigned"
+        # a well-formed change set without a signature
+        r = await raw(encode(ChangeSetMsg(id="plain", change_set=add_cards(1, range(1, 3)))))
+        assert r.id == "plain" and r.error is not None and r.error.code == "unsigned"
+        assert g.store.version == 1
         # a complete snapshot that is invalid as a whole: nothing of it applied
         bad_snap = Snapshot(version=9, doors=[Door(id="x")], users=[User(id="u")],
                             credentials=[Credential(card=1, user="ghost")])  # fmt: skip
@@ -339,7 +344,7 @@ async def test_commands_executed_and_refused(broker: Mosquitto, tmp_path: Path, 
         assert await refused(cloud, encode(forger.sign(Lockdown(active=False), operator="mallory"))) == "bad_signature"
         tampered = signed.body.replace(b"mallory", b"mallorz")
         assert await refused(cloud, encode(msgspec.structs.replace(signed, body=tampered))) == "bad_signature"
-        expired = cloud.sign(Lockdown(active=False), operator="mallory", ttl_s=10, now=1_000_000.0)
+        expired = cloud.sign(Lockdown(active=False), operator="mallory", ttl_s=10, now=time.time() - 3600)
         assert await refused(cloud, encode(expired)) == "expired"
         assert await refused(cloud, encode(for_gw2.sign(Lockdown(active=False), operator="mallory"))) == "wrong_target"
         assert await refused(cloud, b"\x93\x01\x02") == "malformed"
@@ -360,20 +365,11 @@ async def test_commands_executed_and_refused(broker: Mosquitto, tmp_path: Path, 
         def security() -> list[str | None]:
             return [e.reason for e in cloud.events.values() if e.type == SECURITY_COMMAND_REJECTED]
 
-        await cloud.wait_for(lambda: len(security()) >= 8)
+        # (rate-limited: the first refusal of each kind is journalled, the rest only counted)
+        await cloud.wait_for(lambda: len(security()) >= 6)
         events = list(cloud.events.values())
-        assert sorted(security()) == sorted(
-            [
-                "unsigned",
-                "unsigned",
-                "bad_signature",
-                "bad_signature",
-                "expired",
-                "wrong_target",
-                "malformed",
-                "replayed",
-            ]
-        )
+        assert sorted(security()) == sorted(["unsigned", "bad_signature", "expired", "wrong_target", "malformed",
+                                             "replayed"])  # fmt: skip
         assert any(e.type == "command.executed" and e.user == "alice@example.com" for e in events)
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cli import main
 from cloud_bridge.operator import identity
@@ -151,7 +152,9 @@ def test_event_ranges_advance_only_when_contiguous(tmp_path: Path) -> None:
 
 async def test_two_collectors_share_the_load_and_lose_nothing(broker: Mosquitto, tmp_path: Path) -> None:
     db_path = tmp_path / "c.db"
-    cols = [Collector(Model(db_path), host=broker.host, port=broker.port, site="s1") for _ in range(2)]
+    key = Ed25519PrivateKey.generate()
+    cols = [Collector(Model(db_path), host=broker.host, port=broker.port, site="s1", signing_key=key)
+            for _ in range(2)]  # fmt: skip
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(c.run()) for c in cols]
         await asyncio.sleep(0.5)
@@ -164,9 +167,13 @@ async def test_two_collectors_share_the_load_and_lose_nothing(broker: Mosquitto,
                 await gw.publish(Topics("s1", "gw1").events, encode(b), qos=1)
             async with asyncio.timeout(10):
                 async for m in gw.messages:
-                    from cloud_bridge.protocol import decode_event_ack
+                    from cloud_bridge.protocol import EventAck, Signed, decode_event_ack, decode_provision
 
-                    acks.append(decode_event_ack(bytes(m.payload)).upto_seq)  # type: ignore[arg-type]
+                    env = decode_event_ack(bytes(m.payload))  # type: ignore[arg-type]
+                    assert isinstance(env, Signed)  # acks are signed
+                    inner = decode_provision(env.body).msg
+                    assert isinstance(inner, EventAck)
+                    acks.append(inner.upto_seq)
                     if acks[-1] == 100:
                         break
         for t in tasks:

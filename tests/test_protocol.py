@@ -251,14 +251,15 @@ def test_topics_built_and_parsed_in_one_place() -> None:
 
 def test_signing_accepts_good_and_refuses_bad_commands() -> None:
     key = Ed25519PrivateKey.generate()
+    T0 = 1_795_425_600.0
     pub = key.public_key()
     cmd, s = sign_command(
-        key, site="s", gateway="g", action=p.Lockdown(active=True), operator="op", now=1000.0, ttl_s=60
+        key, site="s", gateway="g", action=p.Lockdown(active=True), operator="op", now=T0, ttl_s=60
     )
-    assert check(s, pub, site="s", gateway="g", now=1010.0) == cmd
+    assert check(s, pub, site="s", gateway="g", now=T0 + 10) == cmd
 
     def code(signed: p.SignedCommand, **kw: Any) -> str:
-        args: dict[str, Any] = {"site": "s", "gateway": "g", "now": 1010.0} | kw
+        args: dict[str, Any] = {"site": "s", "gateway": "g", "now": T0 + 10} | kw
         with pytest.raises(CommandRejected) as e:
             check(signed, pub, **args)
         return e.value.code
@@ -266,15 +267,15 @@ def test_signing_accepts_good_and_refuses_bad_commands() -> None:
     assert code(msgspec.structs.replace(s, sig=b"")) == "unsigned"
     assert code(msgspec.structs.replace(s, sig=bytes(64))) == "bad_signature"
     assert code(msgspec.structs.replace(s, body=s.body + b" ")) == "bad_signature"
-    assert check(s, pub, site="s", gateway="g", now=1000.0 + 60 + 29)  # within the skew
-    assert code(s, now=1000.0 + 60 + 31) == "expired"
-    assert code(s, now=1000.0 - 31) == "not_yet_valid"
+    assert check(s, pub, site="s", gateway="g", now=T0 + 60 + 29)  # within the skew
+    assert code(s, now=T0 + 60 + 31) == "expired"
+    assert code(s, now=T0 - 31) == "not_yet_valid"
     assert code(s, gateway="other") == "wrong_target"
     assert code(s, site="other") == "wrong_target"
-    _, long = sign_command(key, site="s", gateway="g", action=p.Resync(), operator="op", now=1000.0, ttl_s=10**6)
+    _, long = sign_command(key, site="s", gateway="g", action=p.Resync(), operator="op", now=T0, ttl_s=10**6)
     assert code(long) == "ttl_too_long"
-    _, j = sign_command(key, site="s", gateway="g", action=p.Resync(), operator="op", now=1000.0, encoding="json")
-    assert j.body.startswith(b"{") and check(j, pub, site="s", gateway="g", now=1001.0).command == p.Resync()
+    _, j = sign_command(key, site="s", gateway="g", action=p.Resync(), operator="op", now=T0, encoding="json")
+    assert j.body.startswith(b"{") and check(j, pub, site="s", gateway="g", now=T0 + 1).command == p.Resync()
     assert len(public_bytes(key)) == 32
 
 

@@ -18,8 +18,10 @@ import time
 
 import aiomqtt
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.protocol import EventAck, EventBatch, ProtocolError, decode_events, encode
+from cloud_bridge.signing import sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 
 from .db import Model
@@ -57,9 +59,11 @@ def _advance(c: sqlite3.Connection, gw: str) -> int:
 class Collector:
     """One collector process's loop (`await Collector(...).run()`); stop it by cancelling."""
 
-    def __init__(self, db: Model, *, host: str, port: int, site: str, group: str = "collectors",
-                 identifier: str | None = None) -> None:  # fmt: skip
+    def __init__(self, db: Model, *, host: str, port: int, site: str, signing_key: Ed25519PrivateKey,
+                 group: str = "collectors", identifier: str | None = None) -> None:  # fmt: skip
         self.db, self.host, self.port, self.site, self.group = db, host, port, site, group
+        #: Acknowledgements release events on the gateway, so they are signed with the site key.
+        self.signing_key = signing_key
         self.identifier = identifier or f"collector-{site}-{os.urandom(4).hex()}"
         self.batches = 0
         self.events = 0
@@ -86,5 +90,6 @@ class Collector:
                 self.batches += 1
                 self.events += len(batch.events)
                 with contextlib.suppress(aiomqtt.MqttError):
-                    ack = EventAck(upto_seq=upto, ts=time.time())
-                    await client.publish(Topics(self.site, p[1]).events_ack, encode(ack), qos=1)
+                    ack = EventAck(upto_seq=upto, ts=time.time(), ref=batch.ref)
+                    signed = sign_downlink(self.signing_key, ack, site=self.site, gateway=p[1])
+                    await client.publish(Topics(self.site, p[1]).events_ack, encode(signed), qos=1)

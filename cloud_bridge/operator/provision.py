@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_bridge.cloud import chunk_snapshot
+from cloud_bridge.cloud import chunk_snapshot, is_final, manifest_of
 from cloud_bridge.protocol import (
     Birth,
     ChangeSetMsg,
@@ -45,13 +45,14 @@ from cloud_bridge.protocol import (
     Rebirth,
     ResyncRequest,
     RightsResult,
+    SignedMsg,
     decode_command_body,
     decode_command_result,
     decode_rights_reply,
     decode_status,
     encode,
 )
-from cloud_bridge.signing import sign_command
+from cloud_bridge.signing import sign_command, sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 from edge.model import ChangeSet, Schedule, Snapshot
 from edge.tasks import cancel_and_wait
@@ -179,9 +180,11 @@ class SiteLink:
     def __init__(
         self, db: Model, *, host: str, port: int, site: str, identifier: str | None = None,
         max_message_bytes: int = 256 * 1024, resend_s: float = 5.0, tls: aiomqtt.TLSParameters | None = None,
-        username: str | None = None, password: str | None = None,
+        username: str | None = None, password: str | None = None, signing_key: Ed25519PrivateKey | None = None,
     ) -> None:  # fmt: skip
         self.db = db
+        #: The site key: signs every change set, snapshot manifest, rebirth and command this link sends.
+        self.signing_key = signing_key
         self.host, self.port, self.site = host, port, site
         self.identifier = identifier or f"cloud-{site}-{os.urandom(4).hex()}"
         self.max_message_bytes = max_message_bytes
@@ -337,14 +340,22 @@ class SiteLink:
         if leaf is Leaf.RIGHTS:
             self.rights_published += 1
 
+    def seal(self, gw: str, msg: SignedMsg) -> bytes:
+        """One downlink message for gateway `gw`, signed with the site key."""
+        if self.signing_key is None:
+            raise ProvisionError("no site signing key: this site link cannot provision")
+        return encode(sign_downlink(self.signing_key, msg, site=self.site, gateway=gw))
+
     def _result(self, gw: str, rid: str, start: int) -> RightsResult | ResyncRequest | None:
         for r in self.replies.get(gw, [])[start:]:
-            if isinstance(r, RightsResult) and r.id == rid:
+            if isinstance(r, RightsResult) and r.id == rid and is_final(r):
                 return r
         return None
 
-    async def _send(self, gw: str, rid: str, messages: list[bytes], timeout: float) -> RightsResult:
-        """Send one request (a change set, or the chunks of a snapshot) until its result comes."""
+    async def _send(self, gw: str, rid: str, messages: list[bytes], timeout: float, *, manifest: bytes | None = None
+                    ) -> RightsResult:  # fmt: skip
+        """Send one request (a change set, or the signed manifest and the chunks of a snapshot) until its
+        result comes."""
         start = len(self.replies.setdefault(gw, []))
 
         def acked() -> set[int]:
@@ -354,6 +365,8 @@ class SiteLink:
             while True:
                 have = acked() if len(messages) > 1 else set()
                 todo = [i for i in range(len(messages)) if i not in have] or [len(messages) - 1]
+                if manifest is not None:
+                    await self._publish(gw, Leaf.RIGHTS, manifest)
                 for i in todo:
                     await self._publish(gw, Leaf.RIGHTS, messages[i])
                 with contextlib.suppress(TimeoutError):
@@ -372,19 +385,23 @@ class SiteLink:
                 if acked >= version:
                     return acked
                 todo = pending(self.db, gw, acked)
+                manifest: bytes | None = None
+                snap: Snapshot | None = None
                 if todo is None or not todo:
                     snap = shadow_snapshot(self.db, gw)
                     rid = f"snap-{gw}-{snap.version}-{os.urandom(3).hex()}"
-                    msgs = chunk_snapshot(snap, rid, self.max_message_bytes)
                 else:
                     kind, to, body = todo[0]
                     if kind == "cs":
                         rid = f"cs-{to}-{os.urandom(3).hex()}"
-                        msgs = [encode(ChangeSetMsg(id=rid, change_set=_cs_dec.decode(body)))]
+                        msgs = [self.seal(gw, ChangeSetMsg(id=rid, change_set=_cs_dec.decode(body)))]
                     else:
+                        snap = _snap_dec.decode(body)
                         rid = f"snap-{gw}-{to}-{os.urandom(3).hex()}"
-                        msgs = chunk_snapshot(_snap_dec.decode(body), rid, self.max_message_bytes)
-                r = await self._send(gw, rid, msgs, timeout)
+                if snap is not None:
+                    msgs = chunk_snapshot(snap, rid, self.max_message_bytes)
+                    manifest = self.seal(gw, manifest_of(rid, snap.version, msgs))
+                r = await self._send(gw, rid, msgs, timeout, manifest=manifest)
                 if r.ok:
                     self.db.set_acked(gw, r.version)
                     continue
@@ -463,7 +480,7 @@ class SiteLink:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    await self._publish(gw, Leaf.RIGHTS, encode(Rebirth()))
+                    await self._publish(gw, Leaf.RIGHTS, self.seal(gw, Rebirth()))
                     with contextlib.suppress(TimeoutError):
                         b: Birth = await self.wait_for(lambda: got[-1] if got else None, 2.0)
                         return b

@@ -133,7 +133,8 @@ class Service:
     async def link(self) -> SiteLink:
         if self._link is None:
             self._link = await self._stack.enter_async_context(
-                SiteLink(self.db, host=self.host, port=self.port, site=self.site, resend_s=self.resend_s)
+                SiteLink(self.db, host=self.host, port=self.port, site=self.site, resend_s=self.resend_s,
+                         signing_key=self.signing_key())
             )
         return self._link
 
