@@ -209,12 +209,12 @@ class SnapshotStaging:
     it is written), and `done` (the results of the last 100 transfers). Files, not a database, so that a
     newer transfer frees the disk of an older one by unlinking, even on a full disk. Every file is written
     to a temporary name, fsynced and renamed. Budget: a manifest is refused when its declared size exceeds
-    `max_bytes` or the free space of the filesystem less `reserve_bytes`."""
+    `max_bytes` or the free space of the filesystem less a reserve (5 % of the filesystem, at most 8 MiB,
+    left for the rights database and the journal)."""
 
-    def __init__(self, path: Path, *, max_bytes: int, reserve_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, *, max_bytes: int) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
-        self.reserve_bytes = reserve_bytes
         self.manifest: SnapshotManifest | None = None
         self._done: dict[str, tuple[float, bytes]] = {}
 
@@ -273,7 +273,8 @@ class SnapshotStaging:
             st = os.statvfs(self.path)
         except OSError:
             return 0
-        return max(0, min(self.max_bytes, st.f_bavail * st.f_frsize - self.reserve_bytes))
+        reserve = min(8 * 1024 * 1024, st.f_blocks * st.f_frsize // 20)
+        return max(0, min(self.max_bytes, st.f_bavail * st.f_frsize - reserve))
 
     def begin(self, m: SnapshotManifest, envelope: bytes) -> None:
         """Stage a verified manifest (any other transfer is discarded first). Raises `StagingFull`."""
