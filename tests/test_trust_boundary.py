@@ -107,7 +107,8 @@ async def test_forged_change_sets_are_refused_with_their_id_and_change_nothing(
         # even the site key cannot move the version past 2^53 (a cloud bug must not wedge the gateway)
         huge = ChangeSet(from_version=2, to_version=2**60, changes=[])
         r = await cloud.send_change_set(huge)
-        assert not r.ok and r.error is not None and r.error.code == "bad_field" and r.error.path == "change_set.to_version"
+        assert not r.ok and r.error is not None and r.error.code == "bad_field"
+        assert r.error.path == "change_set.to_version"
         assert g.store.version == 2
         # refusals are journalled (rate-limited: one per kind)
         await cloud.wait_for(lambda: {e.reason for e in cloud.events.values() if e.type == SECURITY_MESSAGE_REJECTED}
@@ -266,7 +267,7 @@ async def test_unsigned_commands_are_unsigned_and_refusals_name_the_request(
         for data, code in ((encode(SignedCommand(body=signed.body)), "unsigned"), (encode(signed), "bad_signature")):
             n = len(cloud.command_results)
             await cloud.send_command(data)
-            res = await cloud.wait_for(lambda: cloud.command_results[n:])
+            res = await cloud.wait_for(lambda n=n: cloud.command_results[n:])  # type: ignore[misc]
             assert res[0].request_id == rid and res[0].error is not None and res[0].error.code == code
         assert g.commands.calls == []
 
@@ -355,7 +356,7 @@ async def test_staging_is_bounded_and_a_newer_transfer_frees_a_full_disk(
         # the cloud gives up on t9 and sends a newer, small snapshot: the old staging is freed, it applies
         r = await cloud.send_snapshot(small_snapshot(10, range(5000, 5010)))
         assert r.ok and r.applied and r.version == 10, r
-        assert not [p for p in (state / "link-snapshot").glob("chunk-*")]
+        assert not list((state / "link-snapshot").glob("chunk-*"))
         assert g.store.index.cred(5005) is not None and g.store.index.cred(10_000) is None
 
 
