@@ -356,7 +356,7 @@ def _error(e: BaseException) -> ErrorInfo:
     if isinstance(e, ChangeRejected):
         return ErrorInfo(code=e.code, message=str(e), path=e.path)
     if isinstance(e, ProtocolError):
-        return ErrorInfo(code="malformed", message=str(e))
+        return ErrorInfo(code="malformed", message=str(e), path=e.path)
     if isinstance(e, StoreError):
         return ErrorInfo(code="storage", message=str(e))
     return ErrorInfo(code="internal", message=f"{type(e).__name__}: {e}")
@@ -452,6 +452,20 @@ class CloudLink:
     @property
     def online(self) -> bool:
         return self._online
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cfg.ca or self.cfg.cert)
+
+    def warnings(self) -> list[str]:
+        """What the link itself must tell the operator (in the birth, and logged at start)."""
+        out = []
+        if not self.tls:
+            out.append(f"plain MQTT without TLS to {self.cfg.host}:{self.cfg.port}: the broker, and anyone on the "
+                       "network path, can read events; only signatures protect the doors")  # fmt: skip
+        if self._nonces.degraded:
+            out.append(f"command nonces: {self._nonces.degraded}")
+        return out
 
     # --- the command key --------------------------------------------------------------------------------
 
@@ -551,6 +565,8 @@ class CloudLink:
     async def run(self) -> None:
         """Connect, serve, reconnect with jittered backoff; returns only when cancelled."""
         delay = backoff_delays(self.cfg.backoff_min_s, self.cfg.backoff_max_s)
+        for w in self.warnings():
+            log.warning("cloud link: %s", w)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._rights_worker(), name="link.rights")
             while True:
@@ -606,6 +622,10 @@ class CloudLink:
             rights_version=self.store.version,
             journal_depth=self.journal.depth,
             encoding=self.cfg.encoding,
+            max_message_bytes=self.cfg.max_message_bytes,
+            key=fingerprint(self._keys.in_use(self.clock())),
+            tls=self.tls,
+            warnings=[*self.birth().warnings, *self.warnings()],
         )
         await self._publish(Leaf.STATUS, b, retain=True)
 

@@ -81,9 +81,22 @@ Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
 
 class ProtocolError(EdgeError):
-    """A message could not be decoded; `str(e)` names the field, `code` is "malformed"."""
+    """A message could not be decoded; `str(e)` names the field, `code` is "malformed", `path` the field's
+    path when the decoder knew it (``change_set.to_version``, ``change_set.changes[0].door.id``)."""
 
     code = "malformed"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _validation_error(e: msgspec.ValidationError) -> ProtocolError:
+    m = _AT.search(str(e))
+    return ProtocolError(str(e), path=(m.group(1) or None) if m else None)
 
 
 class Msg(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, tag_field="type"):
@@ -125,12 +138,21 @@ class Birth(Msg, tag="birth", frozen=True):
     readers: list[DeviceInfo] = []
     journal_depth: int = 0
     encoding: Encoding = "msgpack"
+    #: The largest message the gateway reads or writes (size snapshot chunks to fit).
+    max_message_bytes: int = 0
+    #: Fingerprint of the site key the gateway verifies with now (`signing.fingerprint`).
+    key: str = ""
+    #: Whether the broker connection is TLS; a gateway on plain MQTT says so here and in `warnings`.
+    tls: bool = False
+    #: Conditions an operator must see (plain MQTT, rights damaged and waiting for a snapshot, ...).
+    warnings: list[str] = []
 
 
 class Death(Msg, tag="death", frozen=True):
     """The retained last will (Sparkplug NDEATH), also published on a clean shutdown.
 
-    A Death whose `session` is lower than that of the retained Birth the cloud already saw is stale."""
+    A Death whose `session` is lower than that of the retained Birth the cloud already saw is stale. `ts` is
+    when the will was registered (the connection's start) for `lost`, and the shutdown time for `shutdown`."""
 
     site: str
     gateway: str
@@ -509,7 +531,7 @@ class _Codec:
                 return self.js.decode(data)
             return self.mp.decode(data)
         except msgspec.ValidationError as e:
-            raise ProtocolError(str(e)) from None
+            raise _validation_error(e) from None
         except msgspec.DecodeError as e:
             raise ProtocolError(f"not valid MessagePack or JSON: {e}") from None
         except (RecursionError, OverflowError, ValueError, MemoryError) as e:

@@ -66,11 +66,12 @@ def config_hash(cfg: Config) -> str:
 
 
 def birth_info(agent: Agent) -> Birth:
-    doors = [DeviceInfo(id=d, kind="door", name=c.door.name) for d, c in agent.doors.items()]
+    """The agent's part of the birth (the link adds versions, depth, limits, key, transport)."""
+    doors = [DeviceInfo(id=d, kind="door", name=c.door.name or d) for d, c in agent.doors.items()]
     readers = [DeviceInfo(id=r, kind=rd.kind, door=agent.reader_door[r]) for r, rd in agent.readers.items()]
     return Birth(
-        site=agent.cfg.site.id, gateway=agent.cfg.site.gateway, software=__version__,
-        config_hash=config_hash(agent.cfg), doors=doors, readers=readers,
+        site=agent.cfg.site.id, gateway=agent.cfg.site.gateway, software=f"edge {__version__}",
+        config_hash=f"sha256:{config_hash(agent.cfg)}", doors=doors, readers=readers,
     )  # fmt: skip
 
 

@@ -18,16 +18,20 @@ from cloud_bridge.topics import Topics
 from .broker import gateway, site_key  # noqa: F401
 from .mosquitto import Mosquitto, make_pki, tls_extra
 
-ACL = """
-user cloud
-topic readwrite acs/v1/#
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
-user s1-gw1
-topic readwrite acs/v1/s1/gw1/#
 
-user s1-gw2
-topic readwrite acs/v1/s1/gw2/#
-"""
+def doc_acl(gateways: list[tuple[str, str]]) -> str:
+    """The ACL exactly as docs/protocol.md gives it (its `acl` block), for the cloud and each gateway."""
+    text = DOC.read_text()
+    block = text.split("<!-- acl -->\n```\n", 1)[1].split("```", 1)[0]
+    cloud, per_gw = block.split("\n\n", 1)
+    return cloud + "\n\n" + "\n\n".join(
+        per_gw.replace("<site>", s).replace("<gateway>", g).strip() for s, g in gateways
+    ) + "\n"
+
+
+ACL = doc_acl([("s1", "gw1"), ("s1", "gw2")])
 
 
 @pytest.fixture
@@ -120,3 +124,29 @@ async def test_acl_keeps_gateways_apart(tls_broker: tuple[Mosquitto, Path]) -> N
         assert not any(p == b"forged" for _, p in seen_cloud), seen_cloud
         assert (gw2.command, b"for-gw2") in seen_intruder
         assert not any(t.startswith("acs/v1/s1/gw1/") for t, _ in seen_intruder), seen_intruder
+
+
+async def test_a_gateways_own_certificate_cannot_write_its_downlink(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """A stolen gateway certificate (or a compromised gateway) cannot forge what its gateway, or any other,
+    would act on: the ACL gives it write access to its uplink topics only."""
+    m, pki = tls_broker
+    gw1 = Topics("s1", "gw1")
+    async with client(m, pki, "cloud") as cloud, client(m, pki, "s1-gw1") as stolen:
+        await cloud.subscribe("acs/v1/#", qos=1)
+        for topic in (gw1.rights, gw1.command, gw1.events_ack, Topics("s1", "gw2").command):
+            await stolen.publish(topic, b"forged-downlink", qos=1)
+        await stolen.publish(gw1.events, b"uplink-ok", qos=1)
+        seen: list[tuple[str, bytes]] = []
+
+        async def collect() -> None:
+            async for msg in cloud.messages:
+                assert isinstance(msg.payload, bytes)
+                seen.append((msg.topic.value, msg.payload))
+
+        async with asyncio.TaskGroup() as tg:
+            t = tg.create_task(collect())
+            await asyncio.sleep(1.0)
+            t.cancel()
+        assert (gw1.events, b"uplink-ok") in seen
+        assert not any(p == b"forged-downlink" for _, p in seen), seen
+

@@ -14,9 +14,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge import protocol as p
-from cloud_bridge.cloud import chunk_snapshot
+from cloud_bridge.cloud import chunk_snapshot, manifest_of
 from cloud_bridge.link import LinkConfig, backoff_delays, split_events
-from cloud_bridge.signing import CommandRejected, check, public_bytes, sign_command
+from cloud_bridge.signing import (
+    CommandRejected,
+    check,
+    fingerprint,
+    open_signed,
+    public_bytes,
+    sign_command,
+    sign_downlink,
+)
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 from edge.events import Event
 from edge.model import (
@@ -54,6 +62,32 @@ def examples() -> dict[str, Any]:
         request_id="r-1", ttl_s=60, now=T0, nonce="9f1c2e7a5b3d4c6e8f0a1b2c3d4e5f60", encoding="json",
     )  # fmt: skip
     when = datetime(2026, 1, 1, tzinfo=UTC)
+    change_set = p.ChangeSetMsg(
+        id="cs-43",
+        change_set=ChangeSet(
+            from_version=42,
+            to_version=43,
+            changes=[
+                PutUser(user=User(id="dave", name="Dave", assignments=[Assignment(group="staff", valid_until=when)])),
+                PutCredential(credential=Credential(card=1004, user="dave")),
+                DeleteCredential(card=1003),
+            ],
+        ),
+    )
+    chunks = [
+        p.SnapshotChunk(
+            id="snap-7",
+            version=50,
+            index=0,
+            count=2,
+            doors=[Door(id="front", name="Front door")],
+            groups=[Group(id="staff", doors=["front"])],
+            users=[User(id="alice", assignments=[Assignment(group="staff")])],
+        ),
+        p.SnapshotChunk(id="snap-7", version=50, index=1, count=2, credentials=[Credential(card=1001, user="alice")]),
+    ]
+    manifest = manifest_of("snap-7", 50, [p.encode(c, "json") for c in chunks])
+    envelope = sign_downlink(DOC_KEY, change_set, site="s1", gateway="gw1", now=T0, encoding="json")
     return {
         "birth": p.Birth(
             site="s1",
@@ -64,42 +98,31 @@ def examples() -> dict[str, Any]:
             rights_version=42,
             config_hash="sha256:5d41402abc4b2a76",
             journal_depth=0,
-            doors=[p.DeviceInfo(id="front", name="Front door"), p.DeviceInfo(id="lab", name="Lab")],
+            doors=[p.DeviceInfo(id="front", kind="door", name="Front door"), p.DeviceInfo(id="lab", kind="door",
+                                                                                         name="Lab")],
             readers=[
                 p.DeviceInfo(id="front.wiegand0", kind="wiegand", door="front"),
                 p.DeviceInfo(id="lab.osdp1", kind="osdp", door="lab"),
             ],
+            max_message_bytes=262144,
+            key=fingerprint(public_bytes(DOC_KEY)),
+            tls=True,
+            warnings=[],
         ),
-        "death": p.Death(site="s1", gateway="gw1", session=1795425600000, ts=T0 + 3600, reason="lost"),
-        "change_set": p.ChangeSetMsg(
-            id="cs-43",
-            change_set=ChangeSet(
-                from_version=42,
-                to_version=43,
-                changes=[
-                    PutUser(
-                        user=User(id="dave", name="Dave", assignments=[Assignment(group="staff", valid_until=when)])
-                    ),
-                    PutCredential(credential=Credential(card=1004, user="dave")),
-                    DeleteCredential(card=1003),
-                ],
-            ),
-        ),
-        "snapshot_chunk": p.SnapshotChunk(
-            id="snap-7",
-            version=50,
-            index=0,
-            count=2,
-            doors=[Door(id="front", name="Front door")],
-            groups=[Group(id="staff", doors=["front"])],
-            users=[User(id="alice", assignments=[Assignment(group="staff")])],
-        ),
-        "snapshot_chunk_2": p.SnapshotChunk(
-            id="snap-7", version=50, index=1, count=2, credentials=[Credential(card=1001, user="alice")]
-        ),
+        "death": p.Death(site="s1", gateway="gw1", session=1795425600000, ts=T0, reason="lost"),
+        "signed": envelope,
+        "provision": msgspec.json.decode(envelope.body),
+        "change_set": change_set,
+        "snapshot_manifest": manifest,
+        "snapshot_chunk": chunks[0],
+        "snapshot_chunk_2": chunks[1],
         "rebirth": p.Rebirth(),
         "result_ok": p.RightsResult(id="cs-43", ok=True, version=43, applied=True, changes=3),
         "result_duplicate": p.RightsResult(id="cs-43", ok=True, version=43, applied=False),
+        "result_refused": p.RightsResult(
+            id="cs-44", ok=False, version=43,
+            error=p.ErrorInfo(code="bad_signature", message="signature does not verify with the site key"),
+        ),
         "result_error": p.RightsResult(
             id="cs-44",
             ok=False,
@@ -118,8 +141,9 @@ def examples() -> dict[str, Any]:
         ),
         "chunk_ack": p.ChunkAck(id="snap-7", index=0, received=1, count=2),
         "resync": p.ResyncRequest(have=43, reason="version_gap", ref="cs-46"),
-        "events": p.EventBatch(first_seq=101, last_seq=102, prev_seq=100, events=[_event(101), _event(102)]),
-        "events_ack": p.EventAck(upto_seq=102, ts=1795435200.5),
+        "events": p.EventBatch(first_seq=101, last_seq=102, prev_seq=100, events=[_event(101), _event(102)],
+                               ref="5be0c9a1d2e3f405"),
+        "events_ack": p.EventAck(upto_seq=102, ts=1795435200.5, ref="5be0c9a1d2e3f405"),
         "command": signed,
         "command_body": msgspec.json.decode(signed.body),
         "command_result_ok": p.CommandResult(request_id="r-1", ok=True),
@@ -168,7 +192,9 @@ def _decoder(name: str) -> Any:
         )
     if name == "command_body":
         return p.decode_command_body
-    if name in ("change_set", "snapshot_chunk", "snapshot_chunk_2", "rebirth"):
+    if name == "provision":
+        return p.decode_provision
+    if name in ("change_set", "snapshot_chunk", "snapshot_chunk_2", "rebirth", "signed", "snapshot_manifest"):
         return p.decode_downlink
     if name == "events_ack":
         return p.decode_event_ack
@@ -184,6 +210,8 @@ def test_every_doc_example_decodes_with_the_real_decoders() -> None:
         v = dec(block.encode())
         if name == "command_body":
             assert v == p.decode_command_body(gen["command"].body)
+        elif name == "provision":
+            assert v == p.decode_provision(gen["signed"].body)
         else:
             assert v == gen[name], name
         assert dec(p.encode(v)) == v, name  # and the same message in MessagePack
@@ -198,7 +226,7 @@ def test_doc_command_signature_verifies() -> None:
 @pytest.mark.parametrize("enc", ["msgpack", "json"])
 def test_round_trip_every_message(enc: p.Encoding) -> None:
     for name, msg in examples().items():
-        if name.startswith("action_") or name == "command_body":
+        if name.startswith("action_") or name in ("command_body", "provision"):
             continue
         assert _decoder(name)(p.encode(msg, enc)) == msg, name
 
@@ -315,6 +343,22 @@ def test_link_config_is_strict_and_backoff_is_jittered_and_bounded() -> None:
     assert all(0.25 <= d <= 8.0 for d in ds) and len(set(ds)) == 20 and max(ds[10:]) > 2
 
 
-if __name__ == "__main__":  # print the examples for docs/protocol.md
-    for name, msg in examples().items():
-        sys.stdout.write(f"<!-- example: {name} -->\n```json\n{as_json(msg)}\n```\n\n")
+def test_doc_downlink_signature_verifies() -> None:
+    signed = examples()["signed"]
+    prov = open_signed(signed, DOC_KEY.public_key(), site="s1", gateway="gw1")
+    assert prov.msg == examples()["change_set"] and prov.issued == T0
+
+
+if __name__ == "__main__":  # rewrite the examples in docs/protocol.md (or print them with --print)
+    gen = examples()
+    if "--print" in sys.argv:
+        for name, msg in gen.items():
+            sys.stdout.write(f"<!-- example: {name} -->\n```json\n{as_json(msg)}\n```\n\n")
+    else:
+        text = DOC.read_text()
+        missing = [n for n in gen if f"<!-- example: {n} -->" not in text]
+        text = re.sub(r"(<!-- example: (\w+) -->\n```json\n)([^`]*?)(\n?```)",
+                      lambda m: m.group(1) + as_json(gen[m.group(2)]) + "\n```", text)  # fmt: skip
+        DOC.write_text(text)
+        if missing:
+            sys.stdout.write(f"examples not placed in the doc yet: {missing}\n")
