@@ -298,6 +298,20 @@ async def test_a_command_flood_cannot_push_real_events_out_of_the_journal(
         assert sum(1 for e in events if e.type == "access.granted") == 5
 
 
+def fill_disk(path: Path) -> None:
+    """Write zeros to `path` until the filesystem refuses (unbuffered: nothing left to fail at close)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                if os.write(fd, b"\0" * 65536) == 0:
+                    break
+            except OSError:
+                break
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs of the test's own (the state filesystem of a small gateway)."""
@@ -323,12 +337,12 @@ async def test_staging_is_bounded_and_a_newer_transfer_frees_a_full_disk(
         cloud_peer(broker, site_key, site=site, gw=gw, max_message_bytes=65536) as cloud,
     ):
         await cloud.wait_online()
-        # 1,000 forged chunks of 60 KiB (60 MB, ten times the filesystem): nothing is written
+        # 200 forged chunks of 60 KiB (12 MB, twice the filesystem): nothing is written
         forged = encode(SnapshotChunk(id="fill", version=9, index=0, count=1000,
                                       credentials=[Credential(card=i, user="u") for i in range(4000)]))  # fmt: skip
-        for _ in range(1000):
+        for _ in range(200):
             await cloud.publish_raw(Leaf.RIGHTS, forged)
-        await cloud.wait_for(lambda: g.link.stats["refused"] >= 1000, timeout=60)
+        await cloud.wait_for(lambda: g.link.stats["refused"] >= 200, timeout=60)
         assert not list((state / "link-snapshot").glob("chunk-*"))
         # a signed manifest larger than the free space: refused before anything is staged
         big = manifest_of("big", 9, [b"x" * 65536] * 200)  # 13 MB
@@ -344,13 +358,7 @@ async def test_staging_is_bounded_and_a_newer_transfer_frees_a_full_disk(
                              >= len(chunks) - 1)  # fmt: skip
         staged = sum(f.stat().st_size for f in (state / "link-snapshot").glob("chunk-*"))
         assert staged > 500_000
-        with open(small_fs / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill_disk(small_fs / "filler")
         st = os.statvfs(small_fs)
         assert st.f_bavail * st.f_frsize < 65536  # the disk is full
         # the cloud gives up on t9 and sends a newer, small snapshot: the old staging is freed, it applies
@@ -401,3 +409,34 @@ async def test_a_signed_rebirth_is_answered_and_an_unsigned_one_refused(
         assert len(cloud.births) == n
         await cloud.request_rebirth()
         await cloud.wait_for(lambda: len(cloud.births) > n)
+
+
+async def test_a_full_disk_does_not_block_a_signed_lockdown(
+    broker: Mosquitto, small_fs: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The nonce insert fails on a full disk: the lockdown is still carried out at once, its replay is refused
+    from memory, the birth warns, and the link never restarts."""
+    from cloud_bridge.protocol import Lockdown
+
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, small_fs / "gw", site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        first = await cloud.wait_online()
+        fill_disk(small_fs / "filler")
+        signed = cloud.sign(Lockdown(active=True), operator="root")
+        n = len(cloud.command_results)
+        await cloud.send_command(signed)
+        res = await cloud.wait_for(lambda: cloud.command_results[n:])
+        assert res[0].ok, res[0]
+        assert g.commands.calls == [("lockdown", True)]
+        assert g.link._nonces.degraded is not None and "nonce not saved" in g.link._nonces.degraded
+        await cloud.send_command(signed)  # the same bytes again: refused from memory
+        res = await cloud.wait_for(lambda: cloud.command_results[n + 1 :])
+        assert res[0].error is not None and res[0].error.code == "replayed"
+        assert g.commands.calls == [("lockdown", True)]
+        await cloud.request_rebirth()
+        b = await cloud.wait_for(lambda: next((x for x in cloud.births if any("nonces" in w for w in x.warnings)),
+                                              None))  # fmt: skip
+        assert b.session == first.session  # the same connection all along
