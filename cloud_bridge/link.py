@@ -79,6 +79,7 @@ from .protocol import (
     decode_command_result,
     decode_downlink,
     decode_event_ack,
+    decode_staged_chunk,
     encode,
     peek_ref,
 )
@@ -368,9 +369,7 @@ def _join_chunks(bodies: Iterable[bytes]) -> Snapshot:
     lists: dict[str, list[Any]] = {k: [] for k in ("doors", "schedules", "groups", "users", "credentials")}
     version = 0
     for body in bodies:
-        c = decode_downlink(body)
-        if not isinstance(c, SnapshotChunk):
-            raise ProtocolError("a staged chunk is not a snapshot chunk")
+        c = decode_staged_chunk(body)
         version = c.version
         for k, items in lists.items():
             items.extend(getattr(c, k))

@@ -572,6 +572,21 @@ def decode_downlink(data: bytes) -> Signed | SnapshotChunk | ChangeSetMsg | Snap
     return _downlink.decode(data)  # type: ignore[no-any-return]
 
 
+_chunk_mp = msgspec.msgpack.Decoder(SnapshotChunk)
+_chunk_js = msgspec.json.Decoder(SnapshotChunk)
+
+
+def decode_staged_chunk(data: bytes) -> SnapshotChunk:
+    """A chunk staged earlier: it was fully checked (depth, fields, the manifest's hash) when it arrived, so
+    only the typed decode runs again."""
+    try:
+        return _chunk_js.decode(data) if data[:1] == b"{" else _chunk_mp.decode(data)
+    except msgspec.ValidationError as e:
+        raise _validation_error(e) from None
+    except (msgspec.DecodeError, RecursionError, OverflowError, ValueError) as e:
+        raise ProtocolError(f"staged chunk undecodable: {e}") from None
+
+
 def decode_provision(data: bytes) -> Provision:
     """The signed body inside a `Signed` envelope (decode only after the signature verified)."""
     return _provision.decode(data)  # type: ignore[no-any-return]
