@@ -105,11 +105,45 @@ def _shadow(db: Model, gw: str) -> dict[tuple[str, str], bytes]:
         "SELECT kind, key, body FROM shadow WHERE gateway=?", (gw,))}  # fmt: skip
 
 
+#: Room in one message for everything but the object itself: the envelope, ids, versions, a signature.
+MESSAGE_OVERHEAD_BYTES = 4096
+
+
+def _hold_back(gw: str, desired: identity.Desired, shadow: dict[tuple[str, str], bytes], max_bytes: int
+               ) -> list[str]:  # fmt: skip
+    """Take out of `desired` every user whose encoded record would not fit one message (with its envelope):
+    sent, it would be refused `too_large` and block every later version of that gateway; chunking a snapshot
+    cannot split one record. The gateway keeps what it holds of that user (the shadow's record, or nothing:
+    then the user's cards are held back too); every other change, revocations included, still goes out.
+    Returns one line per user held back."""
+    limit = max_bytes - MESSAGE_OVERHEAD_BYTES
+    big = [key for (kind, key), (_obj, body) in desired.items() if kind == "user" and len(body) > limit]
+    out: list[str] = []
+    for uid in big:
+        size = len(desired[("user", uid)][1])
+        old = shadow.get(("user", uid))
+        if old is not None:
+            desired[("user", uid)] = (identity.decode("user", old), old)
+        else:
+            del desired[("user", uid)]
+            for k in [k for k, (obj, _b) in desired.items() if k[0] == "credential" and obj.user == uid]:
+                del desired[k]
+        kept = "the gateway keeps its previous record" if old is not None else "nothing of it was sent"
+        shown = repr(uid) if len(uid) <= 64 else f"{uid[:32]!r}..."
+        msg = (f"user {shown} on {gw}: its record is {size:,} bytes encoded, more than one message carries "
+               f"({limit:,} of max_message_bytes {max_bytes:,}); shorten its name or groups ({kept})")  # fmt: skip
+        log.error("plan: %s", msg)
+        out.append(msg)
+    return out
+
+
 def plan(
-    db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None
-) -> dict[str, int]:
+    db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
+    refused: list[str] | None = None,
+) -> dict[str, int]:  # fmt: skip
     """Append to each gateway's outbox what takes it from its shadow to the site model at `now`.
-    Returns {gateway: number of changes planned} for the gateways that got a new version."""
+    Returns {gateway: number of changes planned} for the gateways that got a new version. A user whose
+    record would not fit one message is held back (`_hold_back`), logged, and named in `refused`."""
     t = time.time() if now is None else now
     site = load_site(db)
     out: dict[str, int] = {}
@@ -118,6 +152,9 @@ def plan(
         desired = identity.gateway_state(site, gw, t, people)
         with db.tx() as c:
             shadow = _shadow(db, gw)
+            held = _hold_back(gw, desired, shadow, max_bytes)
+            if refused is not None:
+                refused += held
             changes = identity.diff(desired, shadow)
             if not changes:
                 continue
