@@ -206,6 +206,10 @@ def pending(db: Model, gw: str, have: int) -> list[tuple[str, int, bytes]] | Non
 # --- delivery (async) ------------------------------------------------------------------------------------
 
 
+#: Gateway names starting with this are site links' probes (see `SiteLink.__aenter__`), never gateways.
+PROBE_PREFIX = "_probe-"
+
+
 class ProvisionError(OperatorError):
     """A gateway refused a change set (its model and ours disagree), or did not answer in time."""
 
@@ -223,6 +227,8 @@ class SiteLink:
         self.identifier = identifier or f"cloud-{site}-{os.urandom(4).hex()}"
         self.max_message_bytes = max_message_bytes
         self.resend_s = resend_s
+        #: How long entering waits at most for the broker's retained gateway status.
+        self.retained_wait_s = 5.0
         self.tls, self.username, self.password = tls, username, password
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -233,6 +239,8 @@ class SiteLink:
         #: Every message this link published on a rights topic (tests count them).
         self.rights_published = 0
         self.on_birth: list[Callable[[Birth], None]] = []
+        self._probe: str | None = None  # this link's probe gateway name while it waits for the retained births
+        self._probe_back = False
 
     def _make_client(self) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -253,8 +261,27 @@ class SiteLink:
         return client
 
     async def __aenter__(self) -> Self:
+        """Connect, subscribe, and wait until the broker has delivered every retained gateway status.
+
+        The broker sends the retained births and deaths right after the subscription. Which gateway is online
+        must not be decided before they are in: on a fresh site database no gateway is known yet, and a
+        publish would find "no gateway online" although every birth is on the broker. The broker delivers
+        one client's QoS 1 messages in order, so a probe this link publishes now, on a status topic of its
+        own (`PROBE_PREFIX` + random: no gateway name), comes back after every retained status. A gateway
+        seen by its birth is registered in the database (`Model.record_birth`)."""
         self._client = await self._connect()
         self._reader = asyncio.get_running_loop().create_task(self._run_reader(), name="sitelink.read")
+        try:
+            self._probe, self._probe_back = f"{PROBE_PREFIX}{os.urandom(4).hex()}", False
+            await self._client.publish(Topics(self.site, self._probe).status, b"probe", qos=1)
+            with contextlib.suppress(TimeoutError):  # a broker that drops it (ACL): go on after the wait
+                await self.wait_for(lambda: self._probe_back, self.retained_wait_s)
+            if not self._probe_back:
+                log.warning("site link: the retained gateway status did not arrive within %.1f s",
+                            self.retained_wait_s)  # fmt: skip
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def _run_reader(self) -> None:
@@ -311,6 +338,10 @@ class SiteLink:
                 self._changed.notify_all()
 
     def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
+        if gw.startswith(PROBE_PREFIX):  # a site link's probe (ours or another's), never a gateway
+            if gw == self._probe:
+                self._probe_back = True
+            return
         if leaf is Leaf.STATUS:
             st = decode_status(data)
             prev = self.status.get(gw)
