@@ -245,6 +245,8 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
 def _check_values(cfg: Config) -> None:
     """Every value against the others (no I/O). Raises ConfigError("key: why")."""
     lk = cfg.link
+    if cfg.site.gateway.startswith("_probe-"):
+        raise ConfigError("site.gateway: names starting with '_probe-' are reserved (the operator side's probes)")
     wiegand_doors: dict[str, int] = {}
     osdp_lines: dict[str, tuple[int, int]] = {}  # port -> (baud, reader index)
     osdp_addresses: dict[tuple[str, int], int] = {}

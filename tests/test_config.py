@@ -173,6 +173,7 @@ BAD_VALUES: dict[str, tuple[str, str, str]] = {
     "clock_source": ("policy", 'clock_source = "gps"', "policy.clock_source: invalid enum value"),
     "time_policy": ("policy", 'time_policy = "never"', "policy.time_policy: invalid enum value"),
     "tz_empty": ("site", '!id = "hq"\ngateway = "g"\ntimezone = ""', "site.timezone"),
+    "gateway_reserved": ("site", '!id = "hq"\ngateway = "_probe-1"', "site.gateway: names starting with '_probe-'"),
     "gateway_id_long": ("site", f'!id = "hq"\ngateway = "{"g" * 65}"', "site.gateway"),
     "state_dir_empty": ("storage", '!state_dir = ""', "storage.state_dir: expected `str` of length >= 1"),
     "state_dir_is_a_file": ("storage", '!state_dir = "/etc/hostname/state"', "storage.state_dir: /etc/hostname is"),
