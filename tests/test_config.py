@@ -114,6 +114,15 @@ SMALL_ORDER = (
 )
 
 
+def _off_curve() -> str:
+    """y = 2: (y^2 - 1) / (d y^2 + 1) is not a square mod p (Euler's criterion), so no x exists."""
+    p = 2**255 - 19
+    d = -121665 * pow(121666, p - 2, p) % p
+    x2 = (4 - 1) * pow(d * 4 + 1, p - 2, p) % p
+    assert pow(x2, (p - 1) // 2, p) == p - 1
+    return (2).to_bytes(32, "little").hex()
+
+
 def _full_config(state: Path, **sections: str) -> str:
     """A valid config using every section; `sections` sets keys of one section (`link='port = 0'`: a key
     given replaces the default one; `readers` and a value starting with "!" replace the whole section)."""
@@ -146,6 +155,8 @@ BAD_VALUES: dict[str, tuple[str, str, str]] = {
     "command_key_short": ("link", 'command_key = "abcd"', "link.command_key: expected 64 hex digits"),
     "command_key_not_hex": ("link", f'command_key = "{"zz" * 32}"', "link.command_key: expected 64 hex digits"),
     "command_key_non_canonical": ("link", f'command_key = "{"ff" * 32}"', "link.command_key: not an Ed25519"),
+    "command_key_off_curve": ("link", f'command_key = "{_off_curve()}"', "link.command_key: not an Ed25519 public "
+                              "key (not a point of the curve)"),
     "command_key_missing_pem": ("link", 'command_key = "/nonexistent/site.pem"', "link.command_key: cannot read"),
     **{
         f"command_key_small_order_{i}": ("link", f'command_key = "{k}"', "link.command_key: not a usable Ed25519")
