@@ -6,6 +6,7 @@
 
 Every command runs as `--operator` and is checked against that operator's permissions. The site key's
 passphrase comes from the CLOUD_BRIDGE_PASSPHRASE environment variable (never from the command line).
+Results are printed as lines for people, or with `--json` as one JSON object on stdout.
 Exit status: 0 done, 1 refused or failed (the message says why), 2 usage.
 """
 
@@ -13,17 +14,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from edge.errors import EdgeError
 
 from .operator.csvimport import ImportFailed
 from .operator.db import parse_card
-from .operator.service import Service
+from .operator.service import GatewayDoors, Service
+
+EPILOG = """\
+environment:
+  CLOUD_BRIDGE_PASSPHRASE  the passphrase that encrypts the site's signing key (init, commands, publish)
+  CLOUD_BRIDGE_OPERATOR    the default for --operator
+
+exit status: 0 done, 1 refused or failed (the message says why), 2 usage
+"""
 
 
 def _progress(done: int, total: int) -> None:
@@ -42,95 +54,172 @@ def _ts(text: str | None) -> float | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cloud-bridge", description=__doc__.split("\n")[0])
-    p.add_argument("--db", required=True, type=Path)
-    p.add_argument("--operator", default=os.environ.get("CLOUD_BRIDGE_OPERATOR"))
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("init")
-    s.add_argument("--site", required=True)
-    s.add_argument("--admin", required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=1883)
-    s.add_argument("--tz", default="UTC")
-    s = sub.add_parser("import")
-    s.add_argument("csv", type=Path)
-    s.add_argument("--no-publish", action="store_true")
-    u = sub.add_parser("user").add_subparsers(dest="action", required=True)
-    a = u.add_parser("add")
-    a.add_argument("id")
-    a.add_argument("--name", default="")
-    a.add_argument("--card")
-    a.add_argument("--group", action="append", default=[])
-    a.add_argument("--offline-access", action="store_true")
-    a.add_argument("--inactive", action="store_true")
-    for name in ("activate", "deactivate", "delete"):
-        u.add_parser(name).add_argument("id")
-    g = sub.add_parser("group")
-    g.add_argument("id")
-    g.add_argument("--door", action="append", default=[], help="GATEWAY/DOOR (repeat)")
-    g.add_argument("--schedule")
-    g.add_argument("--tag", action="append", default=[])
-    s = sub.add_parser("assign")
-    s.add_argument("user")
-    s.add_argument("group")
-    s.add_argument("--from", dest="valid_from")
-    s.add_argument("--until")
-    v = sub.add_parser("visitor").add_subparsers(dest="action", required=True)
-    a = v.add_parser("issue")
-    a.add_argument("name")
-    a.add_argument("--location", required=True)
-    a.add_argument("--badge", required=True)
-    a.add_argument("--group", action="append", required=True)
-    v.add_parser("signout").add_argument("visit", type=int)
-    b = sub.add_parser("badge-pool").add_subparsers(dest="action", required=True)
-    a = b.add_parser("add")
-    a.add_argument("location")
-    a.add_argument("badge")
-    a.add_argument("--name", default="")
-    a.add_argument("--type", default="")
-    s = sub.add_parser("unlock")
-    s.add_argument("--gateway", required=True)
-    s.add_argument("--door", required=True)
-    s.add_argument("--seconds", type=float, default=5.0)
-    for name in ("refresh", "test"):
-        sub.add_parser(name).add_argument("--gateway", required=True)
-    s = sub.add_parser("publish")
-    s.add_argument("--timeout", type=float, default=60.0)
-    s.add_argument("--wait-online", type=float, default=3.0)
-    s = sub.add_parser("collect")
-    s.add_argument("--group", default="collectors")
-    o = sub.add_parser("operator").add_subparsers(dest="action", required=True)
-    a = o.add_parser("add")
-    a.add_argument("id")
-    a.add_argument("--group", action="append", default=[])
-    a = o.add_parser("grant")
-    a.add_argument("id")
-    a.add_argument("group")
-    k = sub.add_parser("key").add_subparsers(dest="action", required=True)
-    k.add_parser("rotate")
-    k.add_parser("show")
+    p = argparse.ArgumentParser(
+        prog="cloud-bridge", description="The operator side of the edge access controller: the site model, "
+        "provisioning of the gateways over MQTT, signed commands and event collection.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--db", required=True, type=Path, help="the site database (SQLite file; one site per file)")
+    p.add_argument("--operator", default=os.environ.get("CLOUD_BRIDGE_OPERATOR"),
+                   help="the operator this command runs as (default: $CLOUD_BRIDGE_OPERATOR)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of lines")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a site database with its signing key and a first administrator")
+    s.add_argument("--site", required=True, help="the site id (the topic level acs/v1/<site>/...)")
+    s.add_argument("--admin", required=True, help="the first operator, in System Administrator")
+    s.add_argument("--host", default="127.0.0.1", help="the MQTT broker's host (default: %(default)s)")
+    s.add_argument("--port", type=int, default=1883, help="the MQTT broker's port (default: %(default)s)")
+    s.add_argument("--tz", default="UTC", help="the site's time zone, e.g. Europe/Berlin (default: %(default)s)")
+
+    s = sub.add_parser("import", help="bulk load users and cards from a CSV file (all or nothing), then publish")
+    s.add_argument("csv", type=Path, help="columns id, card (required), name, groups (;-separated), active, "
+                   "offline_access; UTF-8 (with or without a BOM)")  # fmt: skip
+    s.add_argument("--encoding", default="utf-8",
+                   help="the file's encoding when it is not UTF-8, e.g. latin-1 or cp1252 (default: utf-8)")
+    s.add_argument("--no-publish", action="store_true", help="import only; send to the gateways later (publish)")
+
+    u = sub.add_parser("user", help="add, activate, deactivate or delete a user").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    a = u.add_parser("add", help="add a user (and a card)")
+    a.add_argument("id", help="user id: 1-64 letters, digits or _ . : @ -")
+    a.add_argument("--name", default="", help="display name (at most 256 characters)")
+    a.add_argument("--card", help="card number (decimal digits)")
+    a.add_argument("--group", action="append", default=[], help="a group the user is assigned to (repeat)")
+    a.add_argument("--offline-access", action="store_true", help="may open doors while the gateway is offline "
+                   "(the flagged offline policy)")  # fmt: skip
+    a.add_argument("--inactive", action="store_true", help="add the user with access control deactivated")
+    for name, what in (("activate", "activate a user's access"), ("deactivate", "deactivate a user's access"),
+                       ("delete", "delete a user (its cards become free)")):  # fmt: skip
+        u.add_parser(name, help=what).add_argument("id", help="user id")
+
+    g = sub.add_parser("group", help="create or replace a group: the doors it opens, its schedule and tags")
+    g.add_argument("id", help="group id: 1-64 letters, digits or _ . : @ -")
+    g.add_argument("--door", action="append", default=[], help="a door it opens, as GATEWAY/DOOR (repeat)")
+    g.add_argument("--schedule", help="the id of the schedule that limits it (default: always)")
+    g.add_argument("--tag", action="append", default=[], help="a tag for operator permissions (repeat)")
+
+    s = sub.add_parser("assign", help="assign a user to a group, optionally for a time span")
+    s.add_argument("user", help="user id")
+    s.add_argument("group", help="group id")
+    s.add_argument("--from", dest="valid_from", help="start, ISO 8601 (default: now)")
+    s.add_argument("--until", help="end, ISO 8601 (default: for ever)")
+
+    v = sub.add_parser("visitor", help="issue or sign out a visitor badge").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    a = v.add_parser("issue", help="give a visitor a pool badge until the end of the local day, and publish")
+    a.add_argument("name", help="the visitor's name")
+    a.add_argument("--location", required=True, help="the badge pool's location")
+    a.add_argument("--badge", required=True, help="the badge number (from that pool)")
+    a.add_argument("--group", action="append", required=True, help="a group the visitor may use (repeat)")
+    v.add_parser("signout", help="end a visit (the badge is free at once), and publish").add_argument(
+        "visit", type=int, help="the visit number `visitor issue` printed")  # fmt: skip
+
+    b = sub.add_parser("badge-pool", help="manage visitor badge pools").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    a = b.add_parser("add", help="add a badge to a location's pool")
+    a.add_argument("location", help="the pool's location")
+    a.add_argument("badge", help="the badge number (decimal digits)")
+    a.add_argument("--name", default="", help="a label for the badge")
+    a.add_argument("--type", default="", help="the badge type, e.g. temporary")
+
+    s = sub.add_parser("unlock", help="unlock a door remotely (a signed command)")
+    s.add_argument("--gateway", required=True, help="gateway id")
+    s.add_argument("--door", required=True, help="door id on that gateway")
+    s.add_argument("--seconds", type=float, default=5.0, help="how long the door stays unlocked (default: 5)")
+
+    s = sub.add_parser("refresh", help="ask a gateway to announce itself again; list its doors and their groups")
+    s.add_argument("--gateway", required=True, help="gateway id")
+    s = sub.add_parser("test", help="check that a gateway answers (it announces itself again)")
+    s.add_argument("--gateway", required=True, help="gateway id")
+
+    s = sub.add_parser("publish", help="plan the pending changes and send them to every online gateway")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for each gateway's acknowledgement (default: 60)")  # fmt: skip
+    s.add_argument("--wait-online", type=float, default=3.0,
+                   help="seconds to wait for known gateways that are not online yet (default: 3)")  # fmt: skip
+
+    s = sub.add_parser("collect", help="collect the gateways' events into the database (runs until stopped)")
+    s.add_argument("--group", default="collectors",
+                   help="the MQTT shared-subscription group: collectors in one group split the load")
+
+    o = sub.add_parser("operator", help="add operators and grant them permission groups").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    a = o.add_parser("add", help="add an operator")
+    a.add_argument("id", help="operator id")
+    a.add_argument("--group", action="append", default=[], help="a permission group (repeat)")
+    a = o.add_parser("grant", help="add a permission group to an operator")
+    a.add_argument("id", help="operator id")
+    a.add_argument("group", help="permission group id")
+
+    k = sub.add_parser("key", help="the site's command signing key").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    k.add_parser("rotate", help="rotate the command key in band (every online gateway moves over)")
+    k.add_parser("show", help="print the public command key (link.command_key on the gateways)")
     return p
 
 
-async def run(args: argparse.Namespace) -> int:
+class Output:
+    """Collects a command's result: `line()` for people, `data` for --json; printed once at the end."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.data: dict[str, Any] = {}
+        self.lines: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        if self.as_json:
+            print(json.dumps(self.data, indent=2, sort_keys=True))
+        elif self.lines:
+            print("\n".join(self.lines))
+
+
+def _published(out: Output, result: Mapping[str, int | str], refused: Sequence[str]) -> bool:
+    out.data["gateways"] = {gw: ({"version": v} if isinstance(v, int) else {"error": v}) for gw, v in result.items()}
+    out.data["not_sent"] = list(refused)
+    for gw, v in sorted(result.items()):
+        out.line(f"{gw}: version {v}" if isinstance(v, int) else f"{gw}: {v}")
+    if not result:
+        out.line("no gateway online")
+    for r in refused:
+        out.line(f"not sent: {r}")
+    return all(isinstance(v, int) for v in result.values()) and not refused
+
+
+def _doors(out: Output, r: GatewayDoors) -> None:
+    out.data = dataclasses.asdict(r)
+    out.line(f"gateway {r.gateway}: software {r.software}, rights version {r.rights_version}, "
+             f"{len(r.doors)} door(s)")  # fmt: skip
+    for d in r.doors:
+        name = f" ({d.name})" if d.name else ""
+        out.line(f"  door {d.id}{name}: " + (f"groups {', '.join(d.groups)}" if d.groups else "no group opens it"))
+    for u in r.unknown_doors:
+        out.line(f"  door {u}: named by a group but not announced by the gateway")
+
+
+async def run(args: argparse.Namespace, out: Output) -> int:
     pw = os.environ.get("CLOUD_BRIDGE_PASSPHRASE")
     if args.cmd == "init":
         if not pw:
             raise EdgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
         svc = Service.init(args.db, site=args.site, admin=args.admin, host=args.host, port=args.port, tz=args.tz,
                            passphrase=pw)  # fmt: skip
-        print(f"site {args.site}: command key {svc.public_key_hex()} (set it as link.command_key on every gateway)")
+        out.data = {"site": args.site, "command_key": svc.public_key_hex()}
+        out.line(f"site {args.site}: command key {svc.public_key_hex()} (set it as link.command_key on every gateway)")
         return 0
     if not args.operator:
         raise EdgeError("--operator is required (or CLOUD_BRIDGE_OPERATOR)")
     async with Service(args.db, operator=args.operator, passphrase=pw) as svc:
         c = args.cmd
         if c == "import":
-            with args.csv.open(newline="") as f:
-                rep = svc.import_csv(f, progress=_progress)
-            print(rep.text())
+            rep = svc.import_csv(args.csv.read_bytes(), encoding=args.encoding, progress=_progress)
+            out.data["imported"] = rep.imported
+            out.line(rep.text())
             if not args.no_publish:
-                print(_fmt(await svc.publish()))
+                return 0 if _published(out, await svc.publish(), svc.not_sent) else 1
         elif c == "user":
             if args.action == "add":
                 card = parse_card(args.card) if args.card else None
@@ -140,37 +229,49 @@ async def run(args: argparse.Namespace) -> int:
                 svc.set_active(args.id, args.action == "activate")
             else:
                 svc.delete_user(args.id)
-            print(f"user {args.id}: {args.action} (run `publish` to send)")
+            out.data = {"user": args.id, "action": args.action}
+            out.line(f"user {args.id}: {args.action} (run `publish` to send)")
         elif c == "group":
             doors = [tuple(d.split("/", 1)) for d in args.door]
             if any(len(d) != 2 for d in doors):
                 raise EdgeError("--door takes GATEWAY/DOOR")
             svc.put_group(args.id, [(d[0], d[1]) for d in doors], schedule=args.schedule, tags=args.tag)
+            out.data = {"group": args.id, "doors": args.door}
+            out.line(f"group {args.id}: {len(doors)} door(s) (run `publish` to send)")
         elif c == "assign":
-            svc.assign(args.user, args.group, valid_from=_ts(args.valid_from), valid_until=_ts(args.until))
+            n = svc.assign(args.user, args.group, valid_from=_ts(args.valid_from), valid_until=_ts(args.until))
+            out.data = {"assignment": n, "user": args.user, "group": args.group}
+            out.line(f"assignment {n}: user {args.user} in group {args.group} (run `publish` to send)")
         elif c == "visitor":
             if args.action == "issue":
-                vid, _uid, ends = svc.issue_visitor(args.name, location=args.location, badge=parse_card(args.badge),
+                vid, uid, ends = svc.issue_visitor(args.name, location=args.location, badge=parse_card(args.badge),
                                                    groups=args.group)  # fmt: skip
-                print(f"visit {vid}: badge {args.badge} for {args.name} until {datetime.fromtimestamp(ends)}")
+                out.data = {"visit": vid, "user": uid, "until": datetime.fromtimestamp(ends).isoformat()}
+                out.line(f"visit {vid}: badge {args.badge} for {args.name} until {datetime.fromtimestamp(ends)}")
             else:
                 svc.sign_out(args.visit)
-            print(_fmt(await svc.publish()))
+                out.data = {"visit": args.visit, "signed_out": True}
+                out.line(f"visit {args.visit}: signed out")
+            return 0 if _published(out, await svc.publish(), svc.not_sent) else 1
         elif c == "badge-pool":
-            svc.add_badge(args.location, args.badge, name=args.name, badge_type=args.type)
+            n = svc.add_badge(args.location, args.badge, name=args.name, badge_type=args.type)
+            out.data = {"location": args.location, "badge": n}
+            out.line(f"badge {n} added to the pool of {args.location}")
         elif c == "unlock":
             r = await svc.unlock(args.gateway, args.door, seconds=args.seconds)
-            print("unlocked" if r.ok else f"refused by the gateway: {r.error}")
+            out.data = {"ok": r.ok, "error": None if r.error is None else {"code": r.error.code,
+                                                                         "message": r.error.message}}  # fmt: skip
+            out.line(f"{args.gateway}/{args.door}: unlocked" if r.ok else f"refused by the gateway: {r.error}")
             return 0 if r.ok else 1
         elif c == "refresh":
-            print(await svc.refresh(args.gateway))
+            _doors(out, await svc.refresh(args.gateway))
         elif c == "test":
             b = await svc.test(args.gateway)
-            print(f"gateway {args.gateway} answers: {b.software}, rights version {b.rights_version}")
+            out.data = {"gateway": args.gateway, "software": b.software, "rights_version": b.rights_version}
+            out.line(f"gateway {args.gateway} answers: {b.software}, rights version {b.rights_version}")
         elif c == "publish":
-            out = await svc.publish(timeout=args.timeout, wait_online_s=args.wait_online)
-            print(_fmt(out))
-            return 0 if all(isinstance(v, int) for v in out.values()) else 1
+            res = await svc.publish(timeout=args.timeout, wait_online_s=args.wait_online)
+            return 0 if _published(out, res, svc.not_sent) else 1
         elif c == "collect":
             from .operator.collector import Collector
 
@@ -182,29 +283,29 @@ async def run(args: argparse.Namespace) -> int:
                 svc.add_operator(args.id, args.group)
             else:
                 svc.grant(args.id, args.group)
+            out.data = {"operator": args.id, "action": args.action}
+            out.line(f"operator {args.id}: {'added' if args.action == 'add' else 'granted ' + args.group}")
         elif c == "key":
             if args.action == "rotate":
                 rot = await svc.rotate_key(wait_online_s=2.0)
+                out.data = dataclasses.asdict(rot)
                 state = "current" if rot.current else "pending: run again when every gateway is online"
-                print(f"new command key {rot.public_key} ({rot.fingerprint}): {state}")
-                print(_fmt(rot.gateways))
+                out.line(f"new command key {rot.public_key} ({rot.fingerprint}): {state}")
+                out.lines += [f"{gw}: {v}" for gw, v in sorted(rot.gateways.items())]
                 return 0 if rot.current else 1
-            else:
-                print(svc.public_key_hex())
+            out.data = {"command_key": svc.public_key_hex(), "key_id": svc.key_id()}
+            out.line(svc.public_key_hex())
     return 0
-
-
-def _fmt(out: Mapping[str, int | str]) -> str:
-    return "\n".join(f"{gw}: {'version ' + str(v) if isinstance(v, int) else v}" for gw, v in sorted(out.items())) or (
-        "no gateway online"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    out = Output(args.json)
     try:
-        return asyncio.run(run(args))
+        code = asyncio.run(run(args, out))
     except ImportFailed as e:
+        if args.json:
+            print(json.dumps({"imported": 0, "problems": [str(p) for p in e.report.problems]}, indent=2))
         print(e.report.text(), file=sys.stderr)
         return 1
     except (EdgeError, OSError, ValueError) as e:
@@ -212,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    out.flush()
+    return code
 
 
 if __name__ == "__main__":

@@ -91,10 +91,10 @@ async def _run_with_demo(agent: Any, cfg: Config, taps: bool) -> None:
             demo.cancel()  # the agent has stopped: no more taps
 
 
-def _check_secrets(cfg: Config, source: str) -> None:
-    """Every secret the config names can be read now: a missing one is a config error at start (exit 2),
-    not a subsystem failing and restarting for ever."""
-    from .config import OsdpReaderConfig
+def _check_secrets(cfg: Config, source: str, *, ports: bool = False) -> None:
+    """Every secret and file the config names can be read now (and the command key is a valid key): a
+    missing one is a config error at start (exit 2), not a subsystem failing and restarting for ever."""
+    from .config import OsdpReaderConfig, check_files
     from .link import link_config
     from .readers.registry import read_key
 
@@ -104,20 +104,30 @@ def _check_secrets(cfg: Config, source: str) -> None:
                 read_key(cfg, r, f"readers[{i}]")
         if cfg.link.enabled:
             link_config(cfg)
+        check_files(cfg, ports=ports)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import WiegandReaderConfig
     from .hw import load_profile
 
     cfg, source = _resolve_config(args.config)
-    profile = load_profile(cfg.hardware)
-    doors = {d.door for d in profile.doors}
+    try:
+        profile = load_profile(cfg.hardware)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: hardware: {e}") from None
     for i, r in enumerate(cfg.readers):
-        if r.door not in doors:
-            raise ConfigError(f"{source}: readers[{i}].door: hardware profile {profile.name!r} has no door {r.door!r}")
-    _check_secrets(cfg, source)
+        try:
+            io = profile.door(r.door)
+        except KeyError:
+            raise ConfigError(f"{source}: readers[{i}].door: hardware profile {profile.name!r} has no door {r.door!r}"
+                              ) from None  # fmt: skip
+        if isinstance(r, WiegandReaderConfig) and (io.reader_d0_pin is None or io.reader_d1_pin is None):
+            raise ConfigError(f"{source}: readers[{i}].door: door {r.door!r} has no reader_d0_pin/reader_d1_pin in "
+                              f"hardware profile {profile.name!r}")  # fmt: skip
+    _check_secrets(cfg, source, ports=True)
     print(
         f"{source}: OK (site {cfg.site.id}, gateway {cfg.site.gateway}, profile {profile.name}, "
         f"{len(profile.doors)} doors, {len(cfg.readers)} readers configured)"

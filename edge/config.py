@@ -3,6 +3,13 @@
 Every error names the key (`policy.pin_max_attempts: expected int, got str`). Unknown keys are errors,
 so a typo never silently falls back to a default. Default path: /etc/edge/edge.toml (EDGE_CONFIG or
 --config override it).
+
+Validation has two layers, both run by `edge run` and `edge check-config` before anything starts (exit 2):
+`parse_config` checks every value on its own and against the others without touching the disk (types,
+ranges: every number is finite and bounded, identifiers, card formats, the command key is a valid Ed25519
+public key, OSDP lines); `check_files` checks what the config names on this machine (the CA and client
+certificate, a PEM command key, OSDP serial ports, that the state directory and the control socket can be
+created, the socket path fits a Unix socket address). Secrets are checked by `edge.cli._check_secrets`.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from msgspec import Meta
 
 from .decision import OfflinePolicy, SitePolicy, TimePolicy
 from .errors import ConfigError
-from .readers.formats import FormatSpec
+from .readers.formats import FormatSpec, FormatTable
 
 DEFAULT_PATH = Path("/etc/edge/edge.toml")
 #: Card formats a reader accepts unless its config says otherwise (H10302 needs an explicit choice).
@@ -30,21 +37,35 @@ class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     pass
 
 
+#: Identifiers (doors, groups): the gateway model's `Ident`.
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+#: A display name, a file or credential name, a host name: never empty, never unbounded.
+Text = Annotated[str, Meta(min_length=1, max_length=256)]
+PathText = Annotated[str, Meta(min_length=1, max_length=4096)]
+#: Durations in seconds: finite (TOML allows inf and nan) and bounded.
+Seconds = Annotated[float, Meta(ge=0, le=30 * 86400)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
+#: Serial speeds an OSDP reader may use (SIA OSDP 2.2, osdp_COMSET: 9600 .. 230400).
+OSDP_BAUDS = (9600, 19200, 38400, 57600, 115200, 230400)
+#: A Unix socket address holds at most 107 bytes of path (sun_path is 108 bytes with its NUL).
+UNIX_PATH_MAX = 107
+
+
 class SiteSection(Strict, frozen=True, kw_only=True):
     id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
     gateway: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
-    timezone: str = "UTC"
+    timezone: Annotated[str, Meta(min_length=1, max_length=64)] = "UTC"
 
 
 class PolicySection(Strict, frozen=True, kw_only=True):
-    offline_grace_s: Annotated[float, Meta(ge=0)] = 300.0
+    offline_grace_s: Seconds = 300.0
     offline_policy: OfflinePolicy = OfflinePolicy.FLAGGED
     pin_max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
-    pin_lockout_s: Annotated[float, Meta(ge=0)] = 300.0
-    lockdown_override_group: str | None = None
+    pin_lockout_s: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    lockdown_override_group: Id | None = None
     time_policy: TimePolicy = TimePolicy.ALWAYS_ONLY
-    max_offline_age_days: Annotated[float, Meta(gt=0)] | None = None
-    max_clock_skew_s: Annotated[float, Meta(gt=0)] = 600.0
+    max_offline_age_days: Annotated[float, Meta(gt=0, le=3650)] | None = None
+    max_clock_skew_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
     #: "ntp": the clock is trusted once NTP (or the cloud) confirms it after a boot (a Pi has no RTC);
     #: "system": always trust the system clock (a board with a battery-backed RTC, or a development PC).
     clock_source: Literal["ntp", "system"] = "ntp"
@@ -53,11 +74,12 @@ class PolicySection(Strict, frozen=True, kw_only=True):
 
 
 class StorageSection(Strict, frozen=True, kw_only=True):
-    state_dir: str = "/var/lib/edge"
+    state_dir: PathText = "/var/lib/edge"
     #: SQLite `synchronous` for the rights store and the journal (see docs/operations.md).
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    journal_max_events: Annotated[int, Meta(ge=100)] = 1_000_000
-    journal_memory_events: Annotated[int, Meta(ge=100)] = 100_000
+    journal_max_events: Annotated[int, Meta(ge=100, le=100_000_000)] = 1_000_000
+    #: Events kept in memory while the disk refuses writes (at most journal_max_events).
+    journal_memory_events: Annotated[int, Meta(ge=100, le=10_000_000)] = 100_000
     #: Events are written in batches this often (or every 500 events): a power cut loses at most this
     #: much; longer batches mean fewer SD-card writes (see docs/operations.md).
     journal_flush_s: Annotated[float, Meta(gt=0, le=10)] = 0.2
@@ -69,8 +91,8 @@ class StorageSection(Strict, frozen=True, kw_only=True):
 class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):
     """A Wiegand reader on the D0/D1 pins of its door in the hardware profile."""
 
-    door: str
-    name: str | None = None
+    door: Id
+    name: Text | None = None
     #: Accepted formats by name; two of one length (h10302 / h10304) is an error: choose one.
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
     #: Further formats declared here without code (bit ranges and parity masks).
@@ -83,17 +105,18 @@ class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True
 
 
 class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_only=True):
-    door: str
-    port: str
+    door: Id
+    port: PathText
     address: Annotated[int, Meta(ge=0, le=126)] = 0
-    name: str | None = None
+    name: Text | None = None
+    #: One of OSDP_BAUDS.
     baud: int = 115200
     secure: bool = True
     allow_install_mode: bool = False
     allow_plaintext: bool = False
     #: Name of the systemd credential holding the Secure Channel key (32 hex digits), or with
     #: storage.plaintext_secrets a file under the state directory's `keys/`; never the key itself.
-    key_file: str | None = None
+    key_file: Text | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
     #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
     direction: Literal["auto", "kernel", "rts"] = "auto"
@@ -107,30 +130,32 @@ class LinkSection(Strict, frozen=True, kw_only=True):
     """The cloud link (see docs/protocol.md). Secrets are files, never values in this config."""
 
     enabled: bool = True
-    host: str = "localhost"
+    host: Annotated[str, Meta(min_length=1, max_length=253)] = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate and key
     #: (the key, and the password below, are systemd credential names: see edge/secrets.py).
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password_file: str | None = None
+    ca: PathText | None = None
+    cert: PathText | None = None
+    key: PathText | None = None
+    username: Text | None = None
+    password_file: PathText | None = None
     keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
-    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
-    backoff_min_s: Annotated[float, Meta(gt=0)] = 0.5
-    backoff_max_s: Annotated[float, Meta(gt=0)] = 60.0
+    #: MQTT 5 session expiry (a 32-bit count of seconds).
+    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600
+    backoff_min_s: Annotated[float, Meta(gt=0, le=3600)] = 0.5
+    backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     batch_events: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    max_message_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024
+    #: The largest message either side sends (MQTT's own limit is 256 MiB; 16 MiB is plenty for a Pi).
+    max_message_bytes: Annotated[int, Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
     encoding: Literal["msgpack", "json"] = "msgpack"
     #: The site's Ed25519 public key that signs commands: 64 hex digits, or a path to a PEM file.
-    #: Without it every command is refused.
-    command_key: str | None = None
+    #: Without it every command is refused; set, it must be a valid key (checked at start).
+    command_key: Annotated[str, Meta(max_length=4096)] | None = None
 
 
 class ControlSection(Strict, frozen=True, kw_only=True):
     #: Unix socket for `edge status` and the simulator commands.
-    socket: str = "/run/edge/control.sock"
+    socket: PathText = "/run/edge/control.sock"
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9105
 
 
@@ -142,7 +167,7 @@ class DemoSection(Strict, frozen=True, kw_only=True):
 
 class Config(Strict, frozen=True, kw_only=True):
     site: SiteSection
-    hardware: str = "sim"  # a profile name under hw/ or a path to a profile file
+    hardware: PathText = "sim"  # a profile name under hw/ or a path to a profile file
     policy: PolicySection = PolicySection()
     storage: StorageSection = StorageSection()
     readers: list[ReaderConfig] = []
@@ -210,18 +235,165 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         ZoneInfo(cfg.site.timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{source}: site.timezone: unknown time zone {cfg.site.timezone!r}") from None
-    doors_seen: set[str] = set()
-    for i, r in enumerate(cfg.readers):
-        if r.door in doors_seen and isinstance(r, WiegandReaderConfig):
-            raise ConfigError(f"{source}: readers[{i}].door: a second Wiegand reader for door {r.door!r}")
-        doors_seen.add(r.door)
-    if bool(cfg.link.cert) != bool(cfg.link.key):
-        raise ConfigError(f"{source}: link.cert: cert and key go together")
-    if cfg.link.cert and not cfg.link.ca:
-        raise ConfigError(f"{source}: link.ca: required with a client certificate (TLS)")
-    if cfg.link.backoff_min_s > cfg.link.backoff_max_s:
-        raise ConfigError(f"{source}: link.backoff_min_s: must not exceed link.backoff_max_s")
+    try:
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Every value against the others (no I/O). Raises ConfigError("key: why")."""
+    lk = cfg.link
+    if cfg.site.gateway.startswith("_probe-"):
+        raise ConfigError("site.gateway: names starting with '_probe-' are reserved (the operator side's probes)")
+    wiegand_doors: dict[str, int] = {}
+    osdp_lines: dict[str, tuple[int, int]] = {}  # port -> (baud, reader index)
+    osdp_addresses: dict[tuple[str, int], int] = {}
+    for i, r in enumerate(cfg.readers):
+        where = f"readers[{i}]"
+        try:
+            FormatTable(r.formats, r.extra_formats if isinstance(r, WiegandReaderConfig) else ())
+        except ConfigError as e:
+            raise ConfigError(f"{where}.formats: {e}") from None
+        if isinstance(r, WiegandReaderConfig):
+            if r.door in wiegand_doors:
+                raise ConfigError(f"{where}.door: a second Wiegand reader for door {r.door!r} "
+                                  f"(readers[{wiegand_doors[r.door]}])")  # fmt: skip
+            wiegand_doors[r.door] = i
+            continue
+        if r.baud not in OSDP_BAUDS:
+            raise ConfigError(f"{where}.baud: {r.baud} is not an OSDP speed ({', '.join(map(str, OSDP_BAUDS))})")
+        if r.secure and r.key_file is None and not r.allow_install_mode:
+            raise ConfigError(f"{where}.key_file: secure = true needs key_file (or allow_install_mode = true to "
+                              "install a key on the reader; or secure = false)")  # fmt: skip
+        line = osdp_lines.setdefault(r.port, (r.baud, i))
+        if line[0] != r.baud:
+            raise ConfigError(f"{where}.baud: {r.baud} differs from readers[{line[1]}] on the same port {r.port} "
+                              f"({line[0]}): one OSDP line has one speed")  # fmt: skip
+        other = osdp_addresses.setdefault((r.port, r.address), i)
+        if other != i:
+            raise ConfigError(f"{where}.address: {r.address} is already readers[{other}] on {r.port}")
+    if bool(lk.cert) != bool(lk.key):
+        raise ConfigError("link.cert: cert and key go together")
+    if lk.cert and not lk.ca:
+        raise ConfigError("link.ca: required with a client certificate (TLS)")
+    if lk.backoff_min_s > lk.backoff_max_s:
+        raise ConfigError("link.backoff_min_s: must not exceed link.backoff_max_s")
+    if lk.command_key is not None and not _looks_like_path(lk.command_key):
+        ed25519_public_key(lk.command_key, "link.command_key")
+    if len(os.fsencode(cfg.control.socket)) > UNIX_PATH_MAX:
+        raise ConfigError(f"control.socket: {len(os.fsencode(cfg.control.socket))} bytes is too long for a Unix "
+                          f"socket path (at most {UNIX_PATH_MAX})")  # fmt: skip
+
+
+def _looks_like_path(text: str) -> bool:
+    """A command key given as a file: it names a PEM file (has a slash or ends in .pem)."""
+    return "/" in text or text.endswith(".pem")
+
+
+# --- Ed25519 public keys (RFC 8032, section 5.1.3), pure: cryptography loads any 32 bytes as a key -------
+
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _ed_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    x3 = (x1 * y2 + x2 * y1) * pow(1 + t, _P - 2, _P) % _P
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, _P - 2, _P) % _P
+    return x3, y3
+
+
+def ed25519_public_key(text: str, where: str) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key given as 64 hex digits; a ConfigError naming `where` unless
+    they decode to a point of the curve (RFC 8032 5.1.3, canonical y) that is not of small order (a small-order
+    key is no key: the libsodium / RFC 8032 "weak key" list)."""
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ConfigError(f"{where}: expected 64 hex digits (the site's Ed25519 public key, as `cloud-bridge key "
+                          f"show` prints it) or the path of a PEM file; got {len(text)} characters")  # fmt: skip
+    raw = bytes.fromhex(text)
+    n = int.from_bytes(raw, "little")
+    sign, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _P:
+        raise ConfigError(f"{where}: not an Ed25519 public key (non-canonical encoding)")
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == (-u) % _P:
+        x = x * _SQRT_M1 % _P
+    if v * x * x % _P != u or (x == 0 and sign):
+        raise ConfigError(f"{where}: not an Ed25519 public key (not a point of the curve)")
+    if x & 1 != sign:
+        x = _P - x
+    pt = (x, y)
+    for _ in range(3):
+        pt = _ed_add(pt, pt)
+    if pt == (0, 1):
+        raise ConfigError(f"{where}: not a usable Ed25519 public key (a point of small order)")
+    return raw
+
+
+def command_key_bytes(cfg: Config) -> bytes | None:
+    """The site's raw 32-byte Ed25519 public key from `link.command_key` (hex, or a PEM file read now)."""
+    text = cfg.link.command_key
+    if text is None:
+        return None
+    if not _looks_like_path(text):
+        return ed25519_public_key(text, "link.command_key")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(Path(text).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"link.command_key: cannot read {text}: {e.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"link.command_key: {text} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"link.command_key: {text} is not an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return ed25519_public_key(raw.hex(), f"link.command_key ({text})")
+
+
+def _creatable_dir(path: Path, where: str) -> None:
+    """`path` is a writable directory, or can be made one (its nearest existing ancestor is writable)."""
+    p = path if path.is_absolute() else Path.cwd() / path
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"{where}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK) or os.statvfs(p).f_flag & os.ST_RDONLY:
+        raise ConfigError(f"{where}: {p} is not writable by this user (uid {os.getuid()})")
+
+
+def _readable_file(name: str, where: str) -> None:
+    p = Path(name)
+    try:
+        with p.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {p}: {e.strerror}") from None
+
+
+def check_files(cfg: Config, *, ports: bool = True) -> None:
+    """What the config names on this machine: files that must exist and be readable, directories that the
+    agent must be able to create, and (`ports`) the OSDP serial ports. No file is created or changed.
+    Raises ConfigError("key: why"). `edge run` passes ports=False: a reader whose USB adapter is missing
+    at boot is retried by its own task while the other doors work."""
+    lk = cfg.link
+    if lk.enabled:
+        if lk.ca:
+            _readable_file(lk.ca, "link.ca")
+        if lk.cert:
+            _readable_file(lk.cert, "link.cert")
+        command_key_bytes(cfg)
+    for i, r in enumerate(cfg.readers):
+        if ports and isinstance(r, OsdpReaderConfig) and not Path(r.port).exists():
+            raise ConfigError(f"readers[{i}].port: {r.port} does not exist (is the RS-485 adapter plugged in?)")
+    _creatable_dir(cfg.state_dir, "storage.state_dir")
+    _creatable_dir(Path(cfg.control.socket).parent, "control.socket")
 
 
 def config_path(explicit: str | Path | None = None) -> Path:

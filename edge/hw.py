@@ -125,6 +125,8 @@ def _check(profile: HardwareProfile) -> None:
         if d.door in seen_doors:
             raise ConfigError(f"{where}.door: door {d.door!r} is already doors[{seen_doors[d.door]}]")
         seen_doors[d.door] = i
+        if (d.reader_d0_pin is None) != (d.reader_d1_pin is None):
+            raise ConfigError(f"{where}.reader_d0_pin: reader_d0_pin and reader_d1_pin go together (Wiegand D0/D1)")
         for key, pin in d.pins().items():
             if pin in seen_pins:
                 raise ConfigError(f"{where}.{key}: GPIO{pin} is already {seen_pins[pin]}")

@@ -34,7 +34,7 @@ password_file = "{password}"
 [[readers]]
 driver = "osdp"
 door = "door1"
-port = "/dev/ttyUSB0"
+port = "/dev/null"  # check-config checks that the port exists
 key_file = "door1.scbk"
 """
 

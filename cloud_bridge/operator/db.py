@@ -72,6 +72,25 @@ CREATE TABLE IF NOT EXISTS gateway_keys (gateway TEXT PRIMARY KEY, fingerprint T
 """
 
 
+#: Field limits on the operator side (docs/operator.md, "Limits"). They are at most the gateway model's own
+#: (edge/model.py), so that whatever the operator side accepts a gateway accepts too, and small enough that
+#: no single object comes near `link.max_message_bytes` (256 KiB by default): a user with a 256-character
+#: name in 256 groups encodes to about 25 KB. `provision.plan` still refuses, naming it, any user whose
+#: encoded change would not fit one message (a row written to the database by other means).
+MAX_ID_CHARS = 64
+MAX_NAME_CHARS = 256
+MAX_GROUPS_PER_USER = 256
+MAX_TAGS = 32
+MAX_DOORS_PER_GROUP = 1024
+
+
+def check_name(kind: str, value: str) -> str:
+    """A display name (user, group, visitor, badge): at most MAX_NAME_CHARS characters."""
+    if len(value) > MAX_NAME_CHARS:
+        raise OperatorError(f"{kind} name: {len(value):,} characters, at most {MAX_NAME_CHARS}")
+    return value
+
+
 class OperatorError(EdgeError):
     """An operator request was refused: bad input, unknown object, or a conflict. Nothing was changed."""
 
@@ -125,7 +144,8 @@ def _ident_ok(kind: str, value: str) -> str:
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_.:@\-]{1,64}", value):
-        raise OperatorError(f"{kind} id {value!r}: use 1-64 letters, digits or _ . : @ -")
+        shown = repr(value) if len(value) <= 64 else f"{value[:32]!r}... ({len(value):,} characters)"
+        raise OperatorError(f"{kind} id {shown}: use 1-64 letters, digits or _ . : @ -")
     return value
 
 
@@ -168,6 +188,9 @@ class Model(Database):
         valid_from: float | None = None, valid_until: float | None = None,
     ) -> None:  # fmt: skip
         check_ident("user", uid)
+        check_name("user", name)
+        if len(groups or []) > MAX_GROUPS_PER_USER:
+            raise OperatorError(f"user {uid!r}: {len(groups or [])} groups, at most {MAX_GROUPS_PER_USER}")
         with self.tx() as c:
             if self.user_exists(uid):
                 raise Conflict(f"user {uid!r} already exists")
@@ -192,6 +215,8 @@ class Model(Database):
         bad = set(fields) - allowed
         if bad:
             raise OperatorError(f"cannot set {', '.join(sorted(bad))} on a user")
+        if "name" in fields:
+            check_name("user", str(fields["name"]))
         with self.tx() as c:
             if not self.user_exists(uid):
                 raise NotFound(f"no user {uid!r}")
@@ -229,6 +254,10 @@ class Model(Database):
                 raise NotFound(f"no user {uid!r}")
             if not self.group_exists(gid):
                 raise NotFound(f"unknown group {gid!r}")
+            (n,) = c.execute("SELECT count(DISTINCT group_id) FROM assignments WHERE user_id=? AND group_id<>?",
+                             (uid, gid)).fetchone()  # fmt: skip
+            if n >= MAX_GROUPS_PER_USER:
+                raise OperatorError(f"user {uid!r} is in {n} groups already, at most {MAX_GROUPS_PER_USER}")
             cur = c.execute("INSERT INTO assignments (user_id, group_id, valid_from, valid_until) VALUES (?,?,?,?)",
                             (uid, gid, valid_from, valid_until))  # fmt: skip
             return int(cur.lastrowid or 0)
@@ -243,6 +272,16 @@ class Model(Database):
                   tags: list[str] | None = None) -> None:  # fmt: skip
         """Create or replace a group: its (gateway, door) pairs, schedule and tags."""
         check_ident("group", gid)
+        check_name("group", name)
+        if len(tags or []) > MAX_TAGS:
+            raise OperatorError(f"group {gid!r}: {len(tags or [])} tags, at most {MAX_TAGS}")
+        for t in tags or []:
+            check_ident("tag", t)
+        if len(doors) > MAX_DOORS_PER_GROUP:
+            raise OperatorError(f"group {gid!r}: {len(doors)} doors, at most {MAX_DOORS_PER_GROUP}")
+        for gw, d in doors:
+            check_ident("gateway", gw)
+            check_ident("door", d)
         with self.tx() as c:
             if schedule is not None and c.execute("SELECT 1 FROM schedules WHERE id=?", (schedule,)).fetchone() is None:
                 raise NotFound(f"unknown schedule {schedule!r}")

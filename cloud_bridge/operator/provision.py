@@ -106,11 +106,45 @@ def _shadow(db: Model, gw: str) -> dict[tuple[str, str], bytes]:
         "SELECT kind, key, body FROM shadow WHERE gateway=?", (gw,))}  # fmt: skip
 
 
+#: Room in one message for everything but the object itself: the envelope, ids, versions, a signature.
+MESSAGE_OVERHEAD_BYTES = 4096
+
+
+def _hold_back(gw: str, desired: identity.Desired, shadow: dict[tuple[str, str], bytes], max_bytes: int
+               ) -> list[str]:  # fmt: skip
+    """Take out of `desired` every user whose encoded record would not fit one message (with its envelope):
+    sent, it would be refused `too_large` and block every later version of that gateway; chunking a snapshot
+    cannot split one record. The gateway keeps what it holds of that user (the shadow's record, or nothing:
+    then the user's cards are held back too); every other change, revocations included, still goes out.
+    Returns one line per user held back."""
+    limit = max_bytes - MESSAGE_OVERHEAD_BYTES
+    big = [key for (kind, key), (_obj, body) in desired.items() if kind == "user" and len(body) > limit]
+    out: list[str] = []
+    for uid in big:
+        size = len(desired[("user", uid)][1])
+        old = shadow.get(("user", uid))
+        if old is not None:
+            desired[("user", uid)] = (identity.decode("user", old), old)
+        else:
+            del desired[("user", uid)]
+            for k in [k for k, (obj, _b) in desired.items() if k[0] == "credential" and obj.user == uid]:
+                del desired[k]
+        kept = "the gateway keeps its previous record" if old is not None else "nothing of it was sent"
+        shown = repr(uid) if len(uid) <= 64 else f"{uid[:32]!r}..."
+        msg = (f"user {shown} on {gw}: its record is {size:,} bytes encoded, more than one message carries "
+               f"({limit:,} of max_message_bytes {max_bytes:,}); shorten its name or groups ({kept})")  # fmt: skip
+        log.error("plan: %s", msg)
+        out.append(msg)
+    return out
+
+
 def plan(
-    db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None
-) -> dict[str, int]:
+    db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
+    refused: list[str] | None = None,
+) -> dict[str, int]:  # fmt: skip
     """Append to each gateway's outbox what takes it from its shadow to the site model at `now`.
-    Returns {gateway: number of changes planned} for the gateways that got a new version."""
+    Returns {gateway: number of changes planned} for the gateways that got a new version. A user whose
+    record would not fit one message is held back (`_hold_back`), logged, and named in `refused`."""
     t = time.time() if now is None else now
     site = load_site(db)
     out: dict[str, int] = {}
@@ -119,6 +153,9 @@ def plan(
         desired = identity.gateway_state(site, gw, t, people)
         with db.tx() as c:
             shadow = _shadow(db, gw)
+            held = _hold_back(gw, desired, shadow, max_bytes)
+            if refused is not None:
+                refused += held
             changes = identity.diff(desired, shadow)
             if not changes:
                 continue
@@ -170,6 +207,10 @@ def pending(db: Model, gw: str, have: int) -> list[tuple[str, int, bytes]] | Non
 # --- delivery (async) ------------------------------------------------------------------------------------
 
 
+#: Gateway names starting with this are site links' probes (see `SiteLink.__aenter__`), never gateways.
+PROBE_PREFIX = "_probe-"
+
+
 class ProvisionError(OperatorError):
     """A gateway refused a change set (its model and ours disagree), or did not answer in time."""
 
@@ -189,6 +230,8 @@ class SiteLink:
         self.identifier = identifier or f"cloud-{site}-{os.urandom(4).hex()}"
         self.max_message_bytes = max_message_bytes
         self.resend_s = resend_s
+        #: How long entering waits at most for the broker's retained gateway status.
+        self.retained_wait_s = 5.0
         self.tls, self.username, self.password = tls, username, password
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -199,6 +242,8 @@ class SiteLink:
         #: Every message this link published on a rights topic (tests count them).
         self.rights_published = 0
         self.on_birth: list[Callable[[Birth], None]] = []
+        self._probe: str | None = None  # this link's probe gateway name while it waits for the retained births
+        self._probe_back = False
 
     def _make_client(self) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -219,8 +264,27 @@ class SiteLink:
         return client
 
     async def __aenter__(self) -> Self:
+        """Connect, subscribe, and wait until the broker has delivered every retained gateway status.
+
+        The broker sends the retained births and deaths right after the subscription. Which gateway is online
+        must not be decided before they are in: on a fresh site database no gateway is known yet, and a
+        publish would find "no gateway online" although every birth is on the broker. The broker delivers
+        one client's QoS 1 messages in order, so a probe this link publishes now, on a status topic of its
+        own (`PROBE_PREFIX` + random: no gateway name), comes back after every retained status. A gateway
+        seen by its birth is registered in the database (`Model.record_birth`)."""
         self._client = await self._connect()
         self._reader = asyncio.get_running_loop().create_task(self._run_reader(), name="sitelink.read")
+        try:
+            self._probe, self._probe_back = f"{PROBE_PREFIX}{os.urandom(4).hex()}", False
+            await self._client.publish(Topics(self.site, self._probe).status, b"probe", qos=1)
+            with contextlib.suppress(TimeoutError):  # a broker that drops it (ACL): go on after the wait
+                await self.wait_for(lambda: self._probe_back, self.retained_wait_s)
+            if not self._probe_back:
+                log.warning("site link: the retained gateway status did not arrive within %.1f s",
+                            self.retained_wait_s)  # fmt: skip
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def _run_reader(self) -> None:
@@ -277,6 +341,10 @@ class SiteLink:
                 self._changed.notify_all()
 
     def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
+        if gw.startswith(PROBE_PREFIX):  # a site link's probe (ours or another's), never a gateway
+            if gw == self._probe:
+                self._probe_back = True
+            return
         if leaf is Leaf.STATUS:
             st = decode_status(data)
             prev = self.status.get(gw)

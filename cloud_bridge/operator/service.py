@@ -50,7 +50,7 @@ from cloud_bridge.signing import fingerprint, key_id, public_bytes
 from edge.model import Schedule
 
 from . import csvimport, visitors
-from .db import Model, NotFound, OperatorError, check_ident
+from .db import Model, NotFound, OperatorError, check_ident, check_name
 from .provision import SiteLink, plan
 
 _op_dec = msgspec.json.Decoder(Operator)
@@ -76,6 +76,26 @@ class KeyRotation:
     gateways: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class DoorGroups:
+    id: str
+    name: str
+    #: the groups whose doors include this one
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GatewayDoors:
+    """The outcome of `Service.refresh`: what the gateway announced in its fresh birth, and per door the
+    groups that open it; `unknown_doors` are doors groups name that the gateway did not announce."""
+
+    gateway: str
+    software: str
+    rights_version: int
+    doors: list[DoorGroups] = field(default_factory=list)
+    unknown_doors: list[str] = field(default_factory=list)
+
+
 class Service:
     def __init__(self, db: Path | str, *, operator: str, passphrase: str | None = None, resend_s: float = 5.0) -> None:
         self.db = Model(db)
@@ -92,6 +112,9 @@ class Service:
         self.operator = self._operator(operator)
         self._stack = AsyncExitStack()
         self._link: SiteLink | None = None
+        #: What the last `plan`/`publish` could not send, one line each ("user 'x' on gw1: ..."): a row that
+        #: would not fit one message is held back, every other change still goes out.
+        self.not_sent: list[str] = []
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -250,22 +273,26 @@ class Service:
         self.require(Action.READ, Target(ObjectType.GROUP, gid, frozenset(self.db.group_tags(gid))))
         return self.db.assign(uid, gid, valid_from=valid_from, valid_until=valid_until)
 
-    def import_csv(self, text: str | Iterable[str], *, progress: Callable[[int, int], None] | None = None
-                   ) -> csvimport.Report:  # fmt: skip
-        """Bulk load (all or nothing). Raises `csvimport.ImportFailed` with the report."""
+    def import_csv(self, text: bytes | str | Iterable[str], *, encoding: str = "utf-8",
+                   progress: Callable[[int, int], None] | None = None) -> csvimport.Report:  # fmt: skip
+        """Bulk load (all or nothing). Bytes are decoded as `encoding` (UTF-8: with or without a BOM).
+        Raises `csvimport.ImportFailed` with the report naming every bad line."""
         self.require(Action.CREATE, Target(ObjectType.USER, "import"))
         self.require(Action.CREATE, Target(ObjectType.CREDENTIAL, "import"))
-        return csvimport.load(self.db, text, progress=progress)
+        return csvimport.load(self.db, text, encoding=encoding, progress=progress)
 
     # --- visitors -------------------------------------------------------------------------------------
 
     def add_badge(self, location: str, card: str | int, *, name: str = "", badge_type: str = "") -> int:
         self.require(Action.CREATE, Target(ObjectType.BADGE_POOL, location))
+        check_name("badge", name)
+        check_name("badge type", badge_type)
         return visitors.add_badge(self.db, location, card, name=name, badge_type=badge_type)
 
     def issue_visitor(self, visitor: str, *, location: str, badge: int, groups: list[str],
                       until: float | None = None, now: float | None = None) -> tuple[int, str, float]:  # fmt: skip
         self.require(Action.CREATE, Target(ObjectType.VISITOR, visitor))
+        check_name("visitor", visitor)
         self.require(Action.READ, Target(ObjectType.BADGE_POOL, location))
         for g in groups:
             self.require(Action.READ, Target(ObjectType.GROUP, g, frozenset(self.db.group_tags(g))))
@@ -285,7 +312,8 @@ class Service:
         refused = sorted(set(self.db.gateways()) - set(gws))
         if refused and not gws:
             self.require(Action.UPDATE, self._gw_target(refused[0]))
-        return plan(self.db, now=now, gateways=gws)
+        self.not_sent = []
+        return plan(self.db, now=now, gateways=gws, refused=self.not_sent)
 
     async def publish(self, *, timeout: float = 60.0, wait_online_s: float = 0.0) -> dict[str, int | str]:
         """Plan, then push every online gateway and wait for its acknowledgement."""
@@ -436,12 +464,22 @@ class Service:
         return await link.command(gateway, key, Unlock(door=door, seconds=seconds), operator=self.operator.id,
                                   timeout=timeout)  # fmt: skip
 
-    async def refresh(self, gateway: str, *, timeout: float = 10.0) -> dict[str, list[str]]:
+    async def refresh(self, gateway: str, *, timeout: float = 10.0) -> GatewayDoors:
         """Re-read a gateway's doors (a fresh birth) and list them with the groups that use them."""
         self.authorizer().require_command(self.operator, "rebirth", gateway)
         link = await self.link()
-        await link.rebirth(gateway, timeout=timeout)
-        return {"doors": list(self.db.doors_of(gateway)), "groups": self.db.groups_of_gateway(gateway)}
+        b = await link.rebirth(gateway, timeout=timeout)
+        rows = self.db.con.execute("SELECT door, group_id FROM group_doors WHERE gateway=? ORDER BY group_id",
+                                   (gateway,))  # fmt: skip
+        by_door: dict[str, list[str]] = {}
+        for door, gid in rows:
+            by_door.setdefault(str(door), []).append(str(gid))
+        doors = self.db.doors_of(gateway)
+        return GatewayDoors(
+            gateway=gateway, software=b.software, rights_version=b.rights_version,
+            doors=[DoorGroups(id=d, name=n, groups=by_door.get(d, [])) for d, n in doors.items()],
+            unknown_doors=sorted(set(by_door) - set(doors)),
+        )  # fmt: skip
 
     async def test(self, gateway: str, *, timeout: float = 10.0) -> Birth:
         """Check that a gateway answers: asks for a birth and waits for it (TimeoutError otherwise)."""
