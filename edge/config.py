@@ -148,9 +148,23 @@ class LinkSection(Strict, frozen=True, kw_only=True):
     #: The largest message either side sends (MQTT's own limit is 256 MiB; 16 MiB is plenty for a Pi).
     max_message_bytes: Annotated[int, Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
     encoding: Literal["msgpack", "json"] = "msgpack"
-    #: The site's Ed25519 public key that signs commands: 64 hex digits, or a path to a PEM file.
-    #: Without it every command is refused; set, it must be a valid key (checked at start).
+    #: The site's Ed25519 public key that signs commands and provisioning: 64 hex digits, or a path to a PEM
+    #: file. Without it every command and change set is refused; set, it must be a valid key (checked at start).
     command_key: Annotated[str, Meta(max_length=4096)] | None = None
+    #: Event batches sent ahead of the cloud's acknowledgement.
+    window: Annotated[int, Meta(ge=1, le=1000)] = 8
+    #: Without an event acknowledgement for this long, the unacknowledged tail is sent again.
+    ack_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    #: Grace for the clocks of the cloud and the gateway when checking a command's issue and expiry times.
+    command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    #: Longest lifetime (expires - issued) a command may claim.
+    command_max_ttl_s: Annotated[float, Meta(gt=0, le=7 * 86400)] = 86400.0
+    #: Largest snapshot transfer staged on disk (also bounded by the free space).
+    snapshot_max_bytes: Annotated[int, Meta(ge=4096, le=2**40)] = 512 * 1024 * 1024
+    #: Rights messages waiting to be processed; more are dropped (the cloud resends until answered).
+    rights_queue: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    #: A refused downlink message of one kind is journalled at most once per this many seconds.
+    refusal_journal_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
 
 
 class ControlSection(Strict, frozen=True, kw_only=True):
