@@ -125,7 +125,9 @@ class Agent:
         self.decider: Decider | None = None
         self.link: Any = None
         self.link_online = False
-        self.offline_since: datetime | None = None
+        #: Monotonic time the link went offline (an offline age measured on the monotonic clock does not
+        #: jump when the clock's cloud offset is adopted); None while online.
+        self._offline_mono: float | None = time.monotonic()
         self.boot_id = read_boot_id()
         self.heartbeat = Heartbeat(max_age_s=4.0)
         self.notifier = Notifier.from_env()
@@ -422,10 +424,10 @@ class Agent:
             return
         self.link_online = online
         if online:
-            self.offline_since = None
+            self._offline_mono = None
             log.info("cloud link online")
         else:
-            self.offline_since = self.now()
+            self._offline_mono = time.monotonic()
             log.warning(
                 "cloud link OFFLINE: deciding from the local store (offline policy %s after %.0f s)",
                 self.cfg.policy.offline_policy.value, self.cfg.policy.offline_grace_s,
@@ -455,11 +457,18 @@ class Agent:
         except Exception as e:  # a full disk must not take the agent down: report it
             log.error("cannot persist %s: %s", key, e)
 
+    @property
+    def offline_since(self) -> datetime | None:
+        """When the link went offline, on the agent's clock now (None while online)."""
+        if self.link_online or self._offline_mono is None:
+            return None
+        return datetime.fromtimestamp(max(0.0, self.clock() - (time.monotonic() - self._offline_mono)), UTC)
+
     def rights_age_s(self) -> float | None:
         """How long the rights have gone without a cloud connection (None while online)."""
-        if self.link_online or self.offline_since is None:
+        if self.link_online or self._offline_mono is None:
             return None
-        return self.clock() - self.offline_since.timestamp()
+        return time.monotonic() - self._offline_mono
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -620,10 +629,10 @@ class Agent:
             self._refresh_door_models()
             self._sync_door_holds()
             last = await self.store.get_meta("last_online")
-            self.offline_since = self.now()
+            self._offline_mono = time.monotonic()
             try:
-                if last is not None and sane_ts(float(last)):
-                    self.offline_since = datetime.fromtimestamp(min(float(last), self.clock()), UTC)
+                if last is not None and sane_ts(float(last)):  # offline since before this start
+                    self._offline_mono -= max(0.0, self.clock() - float(last))
             except (TypeError, ValueError):
                 log.warning("ignoring an unreadable last_online time in the store: %r", last)
             self.journal.record(

@@ -233,6 +233,11 @@ class DoorLogic:
             return Annunciation.PREALARM
         return Annunciation.NONE
 
+    @property
+    def remote_until(self) -> float | None:
+        """When a timed unlock (`unlock_for`: remote, or a first-card unlock) ends, on the controller clock."""
+        return self._remote_until
+
     def drain(self) -> list[tuple[str, Detail]]:
         """The journal events produced since the last call, oldest first."""
         out, self._events = self._events, []
@@ -795,6 +800,8 @@ class DoorController:
         out: dict[str, Any] = {"door": self.io.door, "started": self._logic is not None}
         if self._logic is not None:
             out.update(self._logic.status())
+            until = self._logic.remote_until
+            out["unlock_remaining_s"] = None if until is None else round(max(0.0, until - self._clock()), 1)
         return out
 
     def signal(self, what: Feedback) -> None:

@@ -742,7 +742,10 @@ async def test_status(door: DoorController, factory: MockFactory) -> None:
         "mode": "normal",
         "holds": [],
         "alarms": [DOOR_FORCED_OPEN],
+        "unlock_remaining_s": None,
     }
+    door.unlock_for(60.0)
+    assert 59.0 < door.status()["unlock_remaining_s"] <= 60.0
 
 
 async def test_door_settings_refresh(door: DoorController, factory: MockFactory) -> None:
