@@ -19,6 +19,14 @@ door controller that believed it would grant on validity windows and schedules t
   (10 minutes by default). When NTP is not synchronised, the gateway adopts the cloud time as an offset to
   its own clock and trusts that (`adopt_cloud_time`, on by default); NTP, when synchronised, stays the
   authority and the offset is dropped.
+* **Bounds.** Small steps add up: while trusted, the wall clock's progress since trust was established (or
+  last confirmed by NTP) may differ from the monotonic clock's by at most `max_jump_s` + `max_drift_ppm`
+  of the elapsed time, or trust goes. A cloud sample never *moves* a trusted clock: it may correct the
+  offset by `max_step_s` + the same drift bound; a larger disagreement is a `clock_skew` alarm (at most
+  one of a kind a minute), not an adoption. No time outside the sane window (`SANE_WINDOW`) is believed,
+  adopted, loaded as last-good, or returned by `now()`. NTP wins over a stored last-good time more than
+  `max_last_good_lead_s` ahead of it (a bad sample that was persisted), so the clock cannot be locked
+  out for ever.
 * Trust changes raise `clock_untrusted` / `clock_trusted`.
 * `last_good()` is persisted periodically while trusted, with the boot id (see `save_clock_state`).
 * `now()` is the best estimate: the clock plus any cloud offset; while untrusted, never before the last
