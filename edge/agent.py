@@ -6,7 +6,13 @@ loads the rights index, then the journal opens, and only then do readers start d
 or the link that fails is journalled and restarted with backoff while the doors keep working.
 
 The tap path (`on_reader_event`) is synchronous: decision and relay happen in the same loop turn as the
-reader's last bit; the journal append that follows only buffers in memory.
+reader's last bit. The decision is journalled first (an append that only buffers in memory), so the
+`access.granted` precedes the `door.state` it causes. Only a PIN check leaves that turn: its hash runs on
+a dedicated worker thread (`hashlib.pbkdf2_hmac` releases the GIL), so the other doors keep deciding, and
+the door waiting on it gets its decision when the hash completes.
+
+Time: `self.clock` (`edge.clock.AgentClock`) is the one notion of "now" (value and trust) for the
+decision, door schedules and holds, the cloud link's command checks, the journal and metrics.
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from . import __version__
+from .clock import AgentClock
 from .config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapRequest
 from .decision import Decider, Decision, Reason
@@ -44,6 +54,7 @@ from .hw import HardwareProfile, load_profile, make_factory
 from .journal import Journal
 from .metrics import EdgeMetrics, MetricsServer
 from .model import ChangeSet, Door, DoorMode
+from .pin import verify_pin
 from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
 from .sdnotify import Heartbeat, Notifier, watchdog_task
 from .store import Store
@@ -53,6 +64,7 @@ from .timetrust import (
     load_clock_state,
     read_boot_id,
     read_ntp_synchronised,
+    sane_ts,
     save_clock_state,
 )
 
@@ -64,6 +76,17 @@ PIN_WAIT_S = 20.0
 REVOKE_WITHIN_S = 5.0
 #: Store meta key of the door-mode overrides and the lockdown flag (JSON), restored at start.
 META_DOOR_MODES = "door_modes"
+#: A PIN check whose stored hash changes while it runs is redone against the new hash at most this often.
+PIN_ROUNDS = 3
+
+
+def feedback_for(d: Decision) -> Feedback:
+    """What a reader shows for a decision: the one place that decides it, for every kind of reader."""
+    if d.granted:
+        return Feedback.GRANTED
+    if d.reason is Reason.PIN_REQUIRED:
+        return Feedback.PIN_NEEDED
+    return Feedback.DENIED
 
 
 def mask_card(card: int | None) -> str:
@@ -82,13 +105,17 @@ class Agent:
         profile: HardwareProfile | None = None,
         factory: Any = None,
         clock: Callable[[], float] = time.time,
+        ntp: Callable[[], Awaitable[bool | None]] = read_ntp_synchronised,
         demo: ChangeSet | None = None,
     ) -> None:
+        """`clock` is the system's wall clock (raw); `ntp` reads whether NTP has synchronised it."""
         self.cfg = cfg
         self.profile = profile or load_profile(cfg.hardware)
         self.factory = factory if factory is not None else make_factory(self.profile)
         self.simulated = self.profile.factory == "mock"
-        self.clock = clock
+        #: The one clock of the agent: corrected UTC seconds (`self.clock()`) and whether to trust them.
+        self.clock = AgentClock(wall=clock, mono=time.monotonic)
+        self.read_ntp = ntp
         self.demo = demo
         self.doors: dict[str, DoorController] = {}
         self.readers: dict[str, Reader] = {}
@@ -98,56 +125,87 @@ class Agent:
         self.decider: Decider | None = None
         self.link: Any = None
         self.link_online = False
-        self.offline_since: datetime | None = None
-        self.trust: ClockTrust | None = None
+        #: Monotonic time the link went offline (an offline age measured on the monotonic clock does not
+        #: jump when the clock's cloud offset is adopted); None while online.
+        self._offline_mono: float | None = time.monotonic()
         self.boot_id = read_boot_id()
         self.heartbeat = Heartbeat(max_age_s=4.0)
         self.notifier = Notifier.from_env()
         self.metrics = EdgeMetrics()
         self._bg: set[asyncio.Task[None]] = set()
+        #: The PIN hashes run here, off the loop (one thread: a PIN check never competes with another's).
+        self._pin_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin-check")
+        self._pin_tasks: set[asyncio.Task[None]] = set()
         self._pending_pin: dict[str, tuple[int, int | None, str, float]] = {}
         #: door -> (the last granted decision, its reader, monotonic time): taken back if the read was cut short
         self._last_grant: dict[str, tuple[Decision, str, float]] = {}
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
+        self.decided = 0  # decisions made in this run (the simulator waits on it)
         self._stop = asyncio.Event()
         self._last_mode: dict[str, DoorMode] = {}
 
     # --- the tap path -----------------------------------------------------------------------------------
 
+    @property
+    def trust(self) -> ClockTrust | None:
+        return self.clock.trust
+
     def now(self) -> datetime:
-        """The best estimate of now: the system clock, or while it is not trusted, never before the
-        last-good time (see edge/timetrust.py)."""
-        wall = self.clock()
-        if self.trust is not None:
-            wall = self.trust.now(wall, time.monotonic())
-        return datetime.fromtimestamp(wall, UTC)
+        """The best estimate of now (see edge/clock.py): corrected by any adopted cloud offset; while the
+        clock is not trusted, never before the last-good time."""
+        return self.clock.datetime()
 
     @property
     def clock_trusted(self) -> bool:
-        return self.trust is None or self.trust.trusted
+        return self.clock.trusted
 
-    def decide(self, door: str, card: int, *, pin: str | None = None, facility: int | None = None) -> Decision:
+    def decide(
+        self, door: str, card: int, *, pin: str | None = None, facility: int | None = None,
+        pin_verified: tuple[str, bool] | None = None,
+    ) -> Decision:  # fmt: skip
+        """Decide now. A PIN is never hashed here: a decision that needs it comes back with `pin_check`
+        set (see `Decider.decide`), for `_check_pin` to run off the loop."""
         assert self.decider is not None
         now = self.now()
         age = self.rights_age_s()
         return self.decider.decide(
             door, card, now, pin=pin, link_online=self.link_online, offline_since=self.offline_since,
-            clock_trusted=self.clock_trusted, rights_age_s=age, facility=facility,
+            clock_trusted=self.clock_trusted, rights_age_s=age, facility=facility, defer_pin=True,
+            pin_verified=pin_verified,
         )  # fmt: skip
 
     def on_reader_event(self, ev: ReaderEvent) -> None:
-        """The sink of every reader: runs on the loop thread in the turn that completed the read."""
+        """The sink of every reader: runs on the loop thread in the turn that completed the read.
+
+        Nothing a read causes may kill the sink: an exception is logged, journalled and shown as "denied"."""
         door = self.reader_door.get(ev.reader)
         if door is None:
             log.error("event from unknown reader %s", ev.reader)
             return
+        try:
+            self._on_reader_event(door, ev)
+        except Exception as e:
+            self._tap_failed(door, ev.reader, e)
+
+    def _tap_failed(self, door: str, reader: str | None, e: Exception) -> None:
+        log.exception("door %s: a read from %s could not be decided", door, reader)
+        try:
+            if reader is not None:
+                self.feedback(reader, Feedback.DENIED)
+            self._emit(SYSTEM, door=door, reader=reader,
+                       detail={"event": "tap_failed", "error": f"{type(e).__name__}: {e}"[:200]})  # fmt: skip
+        except Exception:
+            log.exception("door %s: the failure could not be reported", door)
+
+    def _on_reader_event(self, door: str, ev: ReaderEvent) -> None:
         if isinstance(ev, CardRead):
             d = self.decide(door, ev.card, facility=ev.facility)
             if d.reason is Reason.PIN_REQUIRED:
                 self._pending_pin[door] = (ev.card, ev.facility, ev.reader, time.monotonic() + PIN_WAIT_S)
-                self.feedback(ev.reader, Feedback.PIN_NEEDED)
                 self._journal_decision(d, ev.reader)
+                self.feedback(ev.reader, feedback_for(d))
+                self._log_decision(d)
                 return
             self._pending_pin.pop(door, None)
             self._act(d, ev.reader)
@@ -157,7 +215,11 @@ class Agent:
                 log.info("door %s: PIN entered with no card waiting for it", door)
                 self.feedback(ev.reader, Feedback.DENIED)
                 return
-            self._act(self.decide(door, pending[0], pin=ev.pin, facility=pending[1]), ev.reader)
+            d = self.decide(door, pending[0], pin=ev.pin, facility=pending[1])
+            if d.pin_check is not None:
+                self._check_pin(d, ev.pin, pending[1], ev.reader)
+                return
+            self._act(d, ev.reader)
         elif isinstance(ev, ReaderFault):
             if ev.kind == "cut":
                 self._revoke(door, ev.reader)
@@ -197,7 +259,34 @@ class Agent:
             self.journal.record(ACCESS_REVOKED, door=door, reader=reader, card=d.card, user=d.user,
                                 reason="cut_frame")  # fmt: skip
 
+    def _check_pin(self, d: Decision, pin: str, facility: int | None, reader: str) -> None:
+        """Verify the PIN against `d.pin_check` on the PIN thread; decide and act when the hash completes."""
+        task = asyncio.get_running_loop().create_task(
+            self._pin_task(d, pin, facility, reader), name=f"pin[{d.door}]"
+        )
+        self._pin_tasks.add(task)
+        task.add_done_callback(self._pin_tasks.discard)
+
+    async def _pin_task(self, d: Decision, pin: str, facility: int | None, reader: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(PIN_ROUNDS):
+                stored = d.pin_check
+                if stored is None:
+                    break
+                ok = await loop.run_in_executor(self._pin_pool, verify_pin, pin, stored)
+                # Decided again now: the rights (or the PIN) may have changed while the hash ran.
+                d = self.decide(d.door, d.card, pin=pin, facility=facility, pin_verified=(stored, ok))
+            if d.pin_check is not None:  # the PIN hash kept changing under us: ask for the PIN again
+                d = msgspec.structs.replace(d, pin_check=None)
+            self._act(d, reader)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._tap_failed(d.door, reader, e)
+
     def _act(self, d: Decision, reader: str | None) -> None:
+        self._journal_decision(d, reader)  # first: the access event precedes the door.state it causes
         ctl = self.doors.get(d.door)
         if reader is not None:
             if d.granted:
@@ -210,16 +299,19 @@ class Agent:
             elif d.reason is not Reason.FREE_PASSAGE:
                 ctl.grant(d.strike_s)
         if reader is not None:
-            self.feedback(reader, Feedback.GRANTED if d.granted else Feedback.DENIED)
-        self._journal_decision(d, reader)
+            self.feedback(reader, feedback_for(d))
+        self._log_decision(d)
 
-    def _journal_decision(self, d: Decision, reader: str | None) -> None:
-        self.decisions = [*self.decisions[-19:], d]
+    def _log_decision(self, d: Decision) -> None:
         self.metrics.decisions.inc(door=d.door, result="granted" if d.granted else "denied", reason=d.reason.value)
         log.info(
             "door %s card %s: %s (%s)%s", d.door, mask_card(d.card), "GRANTED" if d.granted else "denied",
             d.reason.value, f" user {d.user}" if d.user else "",
         )  # fmt: skip
+
+    def _journal_decision(self, d: Decision, reader: str | None) -> None:
+        self.decisions = [*self.decisions[-19:], d]
+        self.decided += 1
         if self.journal is None:
             return
         self.journal.record(
@@ -233,6 +325,7 @@ class Agent:
     # --- commands (cloud link, control socket) ----------------------------------------------------------
 
     async def unlock(self, door: str, seconds: float) -> None:
+        """A remote unlock. Refused by the door itself while it is in lockdown (`DoorLockdownError`)."""
         ctl = self.doors.get(door)
         if ctl is None:
             raise ValueError(f"no door {door!r} on this gateway")
@@ -295,14 +388,23 @@ class Agent:
                         {d: m.value for d, m in modes.items()})  # fmt: skip
 
     def _sync_door_holds(self) -> None:
-        """Keep each lock's hold state in line with its mode (unlocked by schedule, lockdown, first card)."""
+        """Keep each lock's hold state in line with its mode (unlocked by schedule, lockdown, first card).
+
+        A door in lockdown (site-wide or its own mode) is told so: the door logic then refuses remote
+        unlocks and holds (see edge/door.py), so the rule "lockdown wins" is enforced in that one place."""
         if self.decider is None:
             return
         ts = self.clock()
+        trusted = self.clock_trusted
         for door_id, ctl in self.doors.items():
             if door_id not in self.decider.index.tables.doors:
                 continue
-            mode, free = self.decider.effective_mode(door_id, ts, clock_trusted=self.clock_trusted)
+            mode, free = self.decider.effective_mode(door_id, ts, clock_trusted=trusted)
+            lockdown = DoorMode.LOCKDOWN if mode is DoorMode.LOCKDOWN else DoorMode.NORMAL
+            if ctl.mode is not lockdown:
+                if lockdown is DoorMode.LOCKDOWN:
+                    ctl.relock()
+                ctl.set_mode(lockdown)
             if free:
                 ctl.hold_unlocked(mode.value)
             else:
@@ -322,10 +424,10 @@ class Agent:
             return
         self.link_online = online
         if online:
-            self.offline_since = None
+            self._offline_mono = None
             log.info("cloud link online")
         else:
-            self.offline_since = self.now()
+            self._offline_mono = time.monotonic()
             log.warning(
                 "cloud link OFFLINE: deciding from the local store (offline policy %s after %.0f s)",
                 self.cfg.policy.offline_policy.value, self.cfg.policy.offline_grace_s,
@@ -334,9 +436,7 @@ class Agent:
 
     def cloud_time(self, server_ts: float, rtt: float) -> None:
         """A time sample from the cloud (an event acknowledgement): skew alarm, time source when untrusted."""
-        if self.trust is None:
-            return
-        self.trust.cloud_time(server_ts, rtt, self.clock(), time.monotonic())
+        self.clock.cloud_time(server_ts, rtt)
         self._drain_clock_alarms()
 
     def _persist_last_online(self) -> None:
@@ -357,11 +457,18 @@ class Agent:
         except Exception as e:  # a full disk must not take the agent down: report it
             log.error("cannot persist %s: %s", key, e)
 
+    @property
+    def offline_since(self) -> datetime | None:
+        """When the link went offline, on the agent's clock now (None while online)."""
+        if self.link_online or self._offline_mono is None:
+            return None
+        return datetime.fromtimestamp(max(0.0, self.clock() - (time.monotonic() - self._offline_mono)), UTC)
+
     def rights_age_s(self) -> float | None:
         """How long the rights have gone without a cloud connection (None while online)."""
-        if self.link_online or self.offline_since is None:
+        if self.link_online or self._offline_mono is None:
             return None
-        return self.clock() - self.offline_since.timestamp()
+        return time.monotonic() - self._offline_mono
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -381,7 +488,7 @@ class Agent:
                 "offline_since": self.offline_since.isoformat() if self.offline_since else None,
             },
             "clock_trusted": self.clock_trusted,
-            "clock": self.trust.status() if self.trust is not None else {"trusted": True, "source": "system"},
+            "clock": self.clock.status(),
             "rights_age_s": self.rights_age_s(),
             "doors": {k: v.status() for k, v in self.doors.items()},
             "readers": {
@@ -401,15 +508,15 @@ class Agent:
         reader = next((r for r, d in self.reader_door.items() if d == req.door), None)
         if reader is None:
             raise ValueError(f"door {req.door!r} has no reader")
-        before = len(self.decisions)
+        # Counted, not measured on `self.decisions` (which keeps only the last few).
+        before = self.decided
         await tap(self, reader, req.card, fmt=req.format, facility=req.facility, pin=req.pin)
-        for _ in range(200):
-            if len(self.decisions) > before and (
-                req.pin is None or self.decisions[-1].reason is not Reason.PIN_REQUIRED
-            ):
+        for _ in range(300):
+            if self.decided > before and (req.pin is None or self.decisions[-1].reason is not Reason.PIN_REQUIRED):
                 break
             await asyncio.sleep(0.01)
-        new = self.decisions[before:]
+        n = min(self.decided - before, len(self.decisions))
+        new = self.decisions[len(self.decisions) - n :]
         return {"decisions": [{"granted": d.granted, "reason": d.reason.value, "user": d.user} for d in new]}
 
     async def _sim_door(self, req: DoorRequest) -> dict[str, Any]:
@@ -470,7 +577,7 @@ class Agent:
             return
         if r.kind == "wiegand":
             ctl = self.doors.get(self.reader_door[reader])
-            if ctl is not None and what is not Feedback.GRANTED:  # grant() already shows "granted"
+            if ctl is not None:
                 ctl.signal(what)
         else:
             r.feedback(what)
@@ -503,10 +610,12 @@ class Agent:
                     interval_s=cfg.storage.journal_flush_s, synchronous=cfg.storage.synchronous,
                 )
             )  # fmt: skip
+            stack.callback(self._pin_pool.shutdown, wait=False, cancel_futures=True)
+            stack.push_async_callback(self._cancel_pin_checks)
             if cfg.policy.clock_source == "ntp":
                 clock_state = await load_clock_state(self.store)
-                self.trust = clock_trust_at_boot(
-                    clock_state, self.boot_id, wall=self.clock(), mono=time.monotonic(),
+                self.clock.trust = clock_trust_at_boot(
+                    clock_state, self.boot_id, wall=self.clock.wall(), mono=self.clock.mono(),
                     max_skew_s=cfg.policy.max_clock_skew_s, adopt_cloud_time=cfg.policy.adopt_cloud_time,
                 )  # fmt: skip
                 self._drain_clock_alarms()
@@ -520,7 +629,12 @@ class Agent:
             self._refresh_door_models()
             self._sync_door_holds()
             last = await self.store.get_meta("last_online")
-            self.offline_since = datetime.fromtimestamp(float(last), UTC) if last is not None else self.now()
+            self._offline_mono = time.monotonic()
+            try:
+                if last is not None and sane_ts(float(last)):  # offline since before this start
+                    self._offline_mono -= max(0.0, self.clock() - float(last))
+            except (TypeError, ValueError):
+                log.warning("ignoring an unreadable last_online time in the store: %r", last)
             self.journal.record(
                 SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version}
             )
@@ -597,7 +711,7 @@ class Agent:
         while True:
             self.heartbeat.beat()
             if self.trust is not None:
-                self.trust.observe(self.clock(), time.monotonic())
+                self.clock.observe()
                 if tick % 30 == 0:
                     await self._check_clock()
                 self._drain_clock_alarms()
@@ -611,18 +725,23 @@ class Agent:
     async def _check_clock(self) -> None:
         """Ask NTP whether the clock is synchronised, and persist the last-good time while trusted."""
         assert self.trust is not None and self.store is not None
-        synced = await read_ntp_synchronised()
+        synced = await self.read_ntp()
         if synced is not None:
-            self.trust.ntp_synchronised(synced, self.clock(), time.monotonic())
+            self.clock.ntp_synchronised(synced)
         try:
             await save_clock_state(self.store, self.trust, self.boot_id)
         except Exception as e:  # a full disk: report, keep deciding
             log.error("cannot persist the last-good time: %s", e)
 
+    async def _cancel_pin_checks(self) -> None:
+        for task in list(self._pin_tasks):
+            task.cancel()
+        for task in list(self._pin_tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
     def _drain_clock_alarms(self) -> None:
-        if self.trust is None:
-            return
-        for a in self.trust.alarms():
+        for a in self.clock.alarms():
             (log.info if a.kind == "clock_trusted" else log.warning)("clock: %s (%s)", a.kind, a.message)
             self.metrics.clock_alarms.inc(kind=a.kind)
             if self.journal is not None:

@@ -22,7 +22,9 @@ Order of checks (the first that fails gives the reason; `docs/model.md` has the 
    none of those groups' schedules allows now -> OUTSIDE_SCHEDULE
 8. PIN (card + PIN doors while their PIN schedule runs): locked out -> PIN_LOCKED_OUT; no PIN given ->
    PIN_REQUIRED; none enrolled -> PIN_NOT_ENROLLED; wrong -> PIN_WRONG (the Nth wrong one in a row locks the
-   credential out and raises an alarm)
+   credential out and raises an alarm). With `defer_pin` the hash is not computed here: the decision comes
+   back PIN_REQUIRED with `pin_check` set to the stored hash, and the caller verifies it off the loop and
+   decides again with `pin_verified=(hash, ok)` (the agent: edge/agent.py)
 9. granted (FIRST_CARD_UNLOCK if it opened a first-card door for the rest of its schedule)
 """
 
@@ -45,7 +47,7 @@ from .index import (
     RightsIndex,
 )
 from .model import CredentialStatus, DoorMode
-from .pin import verify_pin
+from .pin import valid_pin_hash, verify_pin
 
 
 class Reason(enum.StrEnum):
@@ -132,6 +134,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     unlock_until: float | None = None
     #: An alarm this decision raises ("pin_lockout").
     alarm: str | None = None
+    #: Pending, not final (`decide(defer_pin=True)`): the stored PIN hash to verify the PIN against.
+    pin_check: str | None = None
 
 
 class Decider:
@@ -200,7 +204,11 @@ class Decider:
         clock_trusted: bool = True,
         rights_age_s: float | None = None,
         facility: int | None = None,
+        defer_pin: bool = False,
+        pin_verified: tuple[str, bool] | None = None,
     ) -> Decision:
+        """The decision for a tap at `now`. `defer_pin`: never hash a PIN here (see the module docstring);
+        `pin_verified`: (stored hash, whether the PIN matched it) from a check made off the loop."""
         ts = now.timestamp()
         index = self.index
         tables = index.tables
@@ -329,7 +337,18 @@ class Decider:
                 return deny(Reason.PIN_REQUIRED, group)
             if pin_hash is None:
                 return deny(Reason.PIN_NOT_ENROLLED, group)
-            if not verify_pin(pin, pin_hash):
+            if pin_verified is not None and pin_verified[0] == pin_hash:
+                ok = pin_verified[1]
+            elif not valid_pin_hash(pin_hash):
+                ok = False  # malformed, or beyond the iteration bound (edge.pin.MAX_ITERATIONS): never hashed
+            elif defer_pin:
+                return Decision(
+                    granted=False, reason=Reason.PIN_REQUIRED, door=door, card=card, uid=uid, user=user,
+                    group=group, pin_check=pin_hash,
+                )  # fmt: skip
+            else:
+                ok = verify_pin(pin, pin_hash)
+            if not ok:
                 if fails is None:
                     fails = self._pin_fail[card] = [0.0, 0.0]
                 fails[0] += 1

@@ -32,6 +32,14 @@ Door states and alarms (every change goes to the journal):
 * Modes: UNLOCKED holds the door unlocked while its schedule is active; FIRST_CARD arms during the
   schedule and the first grant holds it unlocked until the schedule ends; LOCKED and LOCKDOWN relock at
   once and suspend every hold (grants still work: who may pass in lockdown is decided upstream).
+* **Lockdown wins**, and this is the one place that enforces it: while the door is in LOCKDOWN (the agent
+  sets it for a site lockdown and for a door's own lockdown mode), a remote unlock (`unlock_for`) or a
+  hold is refused with `DoorLockdownError`, whose message the command's result carries. Lifting it is a
+  command of its own: `lockdown` off for the site, or `door_mode` null/normal for a door locked down by
+  its own mode. During a site lockdown a door's mode may be set, but takes effect when the lockdown ends:
+  there is no per-door release of a site lockdown.
+* Feedback (LED, beeper) is never shown by a grant itself: the agent decides what a reader shows for a
+  decision in one place (`edge.agent.feedback_for`), the same for Wiegand and OSDP readers.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from typing import Any, Self
 
 from gpiozero import InputDevice, OutputDevice
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError
 from edge.events import (
     DOOR_FORCED_OPEN,
     DOOR_HELD_OPEN,
@@ -64,6 +72,10 @@ from edge.readers.base import Feedback
 log = logging.getLogger(__name__)
 
 INF = math.inf
+
+
+class DoorLockdownError(EdgeError, ValueError):
+    """A remote unlock or a hold was refused: the door is in lockdown."""
 
 
 class Annunciation(enum.StrEnum):
@@ -221,6 +233,11 @@ class DoorLogic:
             return Annunciation.PREALARM
         return Annunciation.NONE
 
+    @property
+    def remote_until(self) -> float | None:
+        """When a timed unlock (`unlock_for`: remote, or a first-card unlock) ends, on the controller clock."""
+        return self._remote_until
+
     def drain(self) -> list[tuple[str, Detail]]:
         """The journal events produced since the last call, oldest first."""
         out, self._events = self._events, []
@@ -267,7 +284,15 @@ class DoorLogic:
             self._first_card_armed = self.mode == DoorMode.FIRST_CARD and self.schedule_active
         self._recompute(now, "revoked")
 
+    def _refuse_in_lockdown(self, what: str) -> None:
+        if self.mode == DoorMode.LOCKDOWN:
+            raise DoorLockdownError(
+                f"door {self.door.id!r} is in lockdown: {what} refused (lift the lockdown first)"
+            )
+
     def hold(self, now: float, reason: str) -> None:
+        """Hold the door unlocked for `reason`; refused in lockdown."""
+        self._refuse_in_lockdown(f"hold {reason!r}")
         self._holds.add(reason)
         self._recompute(now, f"hold:{reason}")
 
@@ -294,6 +319,7 @@ class DoorLogic:
         """A remote unlock: held unlocked (no relock on close, no held-open alarm) for `seconds`."""
         if not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError(f"unlock time must be a positive number of seconds, got {seconds!r}")
+        self._refuse_in_lockdown("remote unlock")
         self._holds.add("remote")
         self._remote_until = now + seconds
         self._recompute(now, "hold:remote")
@@ -711,11 +737,10 @@ class DoorController:
 
     def grant(self, strike_s: float | None = None, *, extended: bool = False) -> None:
         """Unlock now, in this call, for `strike_s` (default: the door's strike time, or its extended
-        strike time for users with the extended-door-time flag)."""
+        strike time for users with the extended-door-time flag). Shows nothing on the reader: `signal`."""
         core = self._core
         core.grant(self._clock(), strike_s if strike_s is not None else self.strike_time(extended=extended))
         self._apply()
-        self.signal(Feedback.GRANTED)
 
     def revoke_grant(self) -> None:
         """Take the last grant back (see `DoorLogic.revoke_grant`): locks now unless another hold remains."""
@@ -737,8 +762,13 @@ class DoorController:
         self._apply()
 
     def unlock_for(self, seconds: float) -> None:
+        """A remote (or first-card) unlock for `seconds`; `DoorLockdownError` while in lockdown."""
         self._core.unlock_for(self._clock(), seconds)
         self._apply()
+
+    @property
+    def mode(self) -> DoorMode:
+        return self._core.mode
 
     def set_mode(self, mode: DoorMode, *, schedule_active: bool = True) -> None:
         self._core.set_mode(self._clock(), mode, schedule_active=schedule_active)
@@ -770,6 +800,8 @@ class DoorController:
         out: dict[str, Any] = {"door": self.io.door, "started": self._logic is not None}
         if self._logic is not None:
             out.update(self._logic.status())
+            until = self._logic.remote_until
+            out["unlock_remaining_s"] = None if until is None else round(max(0.0, until - self._clock()), 1)
         return out
 
     def signal(self, what: Feedback) -> None:

@@ -19,6 +19,14 @@ door controller that believed it would grant on validity windows and schedules t
   (10 minutes by default). When NTP is not synchronised, the gateway adopts the cloud time as an offset to
   its own clock and trusts that (`adopt_cloud_time`, on by default); NTP, when synchronised, stays the
   authority and the offset is dropped.
+* **Bounds.** Small steps add up: while trusted, the wall clock's progress since trust was established (or
+  last confirmed by NTP) may differ from the monotonic clock's by at most `max_jump_s` + `max_drift_ppm`
+  of the elapsed time, or trust goes. A cloud sample never *moves* a trusted clock: it may correct the
+  offset by `max_step_s` + the same drift bound; a larger disagreement is a `clock_skew` alarm (at most
+  one of a kind a minute), not an adoption. No time outside the sane window (`SANE_WINDOW`) is believed,
+  adopted, loaded as last-good, or returned by `now()`. NTP wins over a stored last-good time more than
+  `max_last_good_lead_s` ahead of it (a bad sample that was persisted), so the clock cannot be locked
+  out for ever.
 * Trust changes raise `clock_untrusted` / `clock_trusted`.
 * `last_good()` is persisted periodically while trusted, with the boot id (see `save_clock_state`).
 * `now()` is the best estimate: the clock plus any cloud offset; while untrusted, never before the last
@@ -57,6 +65,32 @@ CLOCK_SKEW = "clock_skew"
 CLOCK_UNTRUSTED = "clock_untrusted"
 CLOCK_TRUSTED = "clock_trusted"
 
+#: The sane window: no time outside it is believed, adopted or persisted, and `now()` never leaves it
+#: (so no timestamp can overflow a datetime conversion): 2020-01-01 .. 2100-01-01 UTC.
+SANE_MIN_TS = 1_577_836_800.0
+SANE_MAX_TS = 4_102_444_800.0
+SANE_WINDOW = "2020-01-01 .. 2100-01-01 UTC"
+#: A trusted clock is corrected by the cloud by at most this much (plus the drift bound), never moved.
+MAX_STEP_S = 5.0
+#: How fast a wall clock may drift from the monotonic clock without losing trust (a Pi's crystal: < 100 ppm).
+MAX_DRIFT_PPM = 500.0
+#: A persisted last-good time further than this ahead of an NTP-synchronised clock is discarded (NTP wins).
+MAX_LAST_GOOD_LEAD_S = 2 * 86400.0
+#: At most one alarm about the cloud's time samples per this many seconds.
+SKEW_ALARM_EVERY_S = 60.0
+
+
+def sane_ts(ts: float) -> bool:
+    """Is `ts` (UTC seconds) a finite time inside the sane window?"""
+    return math.isfinite(ts) and SANE_MIN_TS <= ts <= SANE_MAX_TS
+
+
+def clamp_ts(ts: float) -> float:
+    """`ts` brought into the sane window (NaN: its start)."""
+    if not ts >= SANE_MIN_TS:  # also NaN
+        return SANE_MIN_TS
+    return min(ts, SANE_MAX_TS)
+
 
 class TrustSource(enum.StrEnum):
     NONE = "none"
@@ -88,15 +122,30 @@ class ClockTrust:
         max_jump_s: float = 30.0,
         max_rtt_s: float = 10.0,
         adopt_cloud_time: bool = True,
+        max_step_s: float = MAX_STEP_S,
+        max_drift_ppm: float = MAX_DRIFT_PPM,
+        max_last_good_lead_s: float = MAX_LAST_GOOD_LEAD_S,
     ) -> None:
-        if max_skew_s <= 0 or max_jump_s <= 0 or max_rtt_s <= 0:
-            raise ValueError("max_skew_s, max_jump_s and max_rtt_s must be positive")
+        limits = (max_skew_s, max_jump_s, max_rtt_s, max_step_s, max_drift_ppm, max_last_good_lead_s)
+        if not all(math.isfinite(x) and x > 0 for x in limits):
+            raise ValueError(
+                "max_skew_s, max_jump_s, max_rtt_s, max_step_s, max_drift_ppm and max_last_good_lead_s must be "
+                "positive"
+            )
         self.max_skew_s = max_skew_s
         self.max_jump_s = max_jump_s
         self.max_rtt_s = max_rtt_s
         self.adopt_cloud_time = adopt_cloud_time
-        self._last_good = last_good if last_good is not None and math.isfinite(last_good) else None
+        self.max_step_s = max_step_s
+        self.max_drift_ppm = max_drift_ppm
+        self.max_last_good_lead_s = max_last_good_lead_s
+        self._last_good = last_good if last_good is not None and sane_ts(last_good) else None
         self._offset = 0.0
+        #: (estimate, mono, offset) when trust was last established or confirmed by NTP: the wall clock's
+        #: progress since then is bounded by the monotonic clock's (`observe`), and so is the cloud's
+        #: correction of the offset (`cloud_time`).
+        self._ref = (wall, mono, 0.0)
+        self._skew_alarm_at: dict[str, float] = {}
         self._ntp = False
         self._trusted = False
         self._source = TrustSource.NONE
@@ -106,7 +155,9 @@ class ClockTrust:
         #: (estimated UTC, mono) when the clock was last trusted: carries the time forward while untrusted.
         self._anchor: tuple[float, float] | None = None
         lg = self._last_good
-        if lg is None:
+        if not sane_ts(wall):
+            self._reason = f"clock reads {wall:.0f}, outside {SANE_WINDOW}: waiting for NTP or the cloud"
+        elif lg is None:
             self._reason = "no last-good time: waiting for NTP or the cloud"
         elif wall < lg:
             self._reason = f"clock is {lg - wall:.0f} s before the last-good time"
@@ -138,14 +189,14 @@ class ClockTrust:
         return self._offset
 
     def now(self, wall: float, mono: float) -> float:
-        """Best estimate of UTC now."""
+        """Best estimate of UTC now, always inside the sane window (`clamp_ts`)."""
         est = wall + self._offset
         if self._trusted:
-            return est
+            return clamp_ts(est)
         floor = self._last_good if self._last_good is not None else -math.inf
         if self._anchor is not None:
             floor = max(floor, self._anchor[0] + (mono - self._anchor[1]))
-        return max(est, floor)
+        return clamp_ts(max(est, floor))
 
     def last_good(self) -> float | None:
         """The latest time known good (to persist while trusted)."""
@@ -181,6 +232,9 @@ class ClockTrust:
         pw, pm = self._prev
         self._prev = (wall, mono)
         drift = (wall - pw) - (mono - pm)
+        if self._trusted and not sane_ts(wall + self._offset):
+            self._set_untrusted(f"clock reads {wall + self._offset:.0f}, outside {SANE_WINDOW}")
+            return
         if abs(drift) > self.max_jump_s:
             if drift < 0:
                 self._alarm(CLOCK_BACKWARDS, f"clock went back {-drift:.0f} s", drift)
@@ -195,6 +249,16 @@ class ClockTrust:
             return
         if self._trusted:
             est = wall + self._offset
+            # Many small steps add up: the wall clock's progress since trust was established (or last
+            # confirmed by NTP) may differ from the monotonic clock's by max_jump_s plus the drift bound.
+            ref_est, ref_mono, _ = self._ref
+            cum = (est - ref_est) - (mono - ref_mono)
+            if abs(cum) > self._drift_bound(mono):
+                what = "back" if cum < 0 else "forward"
+                self._alarm(CLOCK_BACKWARDS if cum < 0 else CLOCK_JUMP,
+                            f"clock went {what} {abs(cum):.0f} s in small steps since it was trusted", cum)  # fmt: skip
+                self._set_untrusted(f"clock went {what} {abs(cum):.0f} s in small steps: waiting for NTP or the cloud")
+                return
             self._last_good = est if self._last_good is None else max(self._last_good, est)
             self._anchor = (est, mono)
 
@@ -203,6 +267,17 @@ class ClockTrust:
         was = self._ntp
         self._ntp = synced
         if synced:
+            if not sane_ts(wall):
+                self._set_untrusted(f"NTP synchronised but the clock reads {wall:.0f}, outside {SANE_WINDOW}")
+                return
+            lg = self._last_good
+            if lg is not None and lg - wall > self.max_last_good_lead_s:
+                # A last-good time this far ahead of a synchronised clock is a bad sample that was persisted,
+                # not a clock set back: NTP wins (else the gateway would stay untrusted for ever).
+                self._alarm(CLOCK_BACKWARDS, f"the last-good time was {lg - wall:.0f} s ahead of NTP: discarded",
+                            wall - lg)  # fmt: skip
+                self._last_good = None
+                self._anchor = None
             if self._last_good is not None and wall < self._last_good - self.max_jump_s:
                 # NTP says synchronised but the clock is before a time we saw as good: believe neither.
                 if not was:
@@ -214,6 +289,7 @@ class ClockTrust:
             if not self._trusted or self._source is not TrustSource.NTP:
                 self._set_trusted(TrustSource.NTP, "NTP synchronised", wall, mono)
             self._prev = (wall, mono)
+            self._ref = (wall, mono, 0.0)  # NTP may slew and step the clock: it is the authority
         elif was and self._source is TrustSource.NTP:
             # Lost sync: the kernel clock keeps running on its last discipline. Stay trusted (jumps are
             # still caught by observe()), but say so.
@@ -225,14 +301,30 @@ class ClockTrust:
         if not (math.isfinite(server_utc) and math.isfinite(rtt)) or rtt < 0 or rtt > self.max_rtt_s:
             return None
         cloud_now = server_utc + rtt / 2
+        if not sane_ts(cloud_now):
+            self._skew_alarm(mono, CLOCK_SKEW, f"cloud time {cloud_now:.0f} is outside {SANE_WINDOW}: ignored")
+            return None
         skew = wall + self._offset - cloud_now
         raw_skew = wall - cloud_now
         if abs(skew) > self.max_skew_s:
-            self._alarm(CLOCK_SKEW, f"clock differs from the cloud's by {skew:+.0f} s", skew)
+            self._skew_alarm(mono, CLOCK_SKEW, f"clock differs from the cloud's by {skew:+.0f} s", skew)
         if self._ntp and self._source is TrustSource.NTP:
             return skew  # NTP is the authority; the skew alarm (if any) tells the operator they disagree
         if self._last_good is not None and cloud_now < self._last_good - self.max_jump_s - rtt:
-            self._alarm(CLOCK_BACKWARDS, "cloud time is before the last-good time", cloud_now - self._last_good)
+            self._skew_alarm(mono, CLOCK_BACKWARDS, "cloud time is before the last-good time",
+                             cloud_now - self._last_good)  # fmt: skip
+            return skew
+        if self._trusted:
+            # A trusted clock is corrected, never moved: the offset may differ from the one trust was
+            # established with by max_step_s plus the drift bound. A larger disagreement is an alarm.
+            if not self.adopt_cloud_time:
+                return skew
+            budget = self.max_step_s + self.max_drift_ppm * 1e-6 * max(0.0, mono - self._ref[1])
+            if abs(-raw_skew - self._ref[2]) > budget:
+                self._skew_alarm(mono, CLOCK_SKEW, f"cloud time differs by {skew:+.1f} s from a trusted clock: "
+                                 f"not adopted (a trusted clock moves at most {budget:.1f} s)", skew)  # fmt: skip
+                return skew
+            self._offset = -raw_skew
             return skew
         if self.adopt_cloud_time:
             self._offset = -raw_skew
@@ -246,6 +338,17 @@ class ClockTrust:
     def _alarm(self, kind: str, message: str, skew: float | None = None) -> None:
         self._alarms.append(ClockAlarm(kind=kind, message=message, skew_s=skew))
 
+    def _skew_alarm(self, mono: float, kind: str, message: str, skew: float | None = None) -> None:
+        """An alarm about a cloud sample: at most one of a kind per SKEW_ALARM_EVERY_S (one per ack would
+        flood the journal)."""
+        if mono - self._skew_alarm_at.get(kind, -math.inf) < SKEW_ALARM_EVERY_S:
+            return
+        self._skew_alarm_at[kind] = mono
+        self._alarm(kind, message, skew)
+
+    def _drift_bound(self, mono: float) -> float:
+        return self.max_jump_s + self.max_drift_ppm * 1e-6 * max(0.0, mono - self._ref[1])
+
     def _set_trusted(self, source: TrustSource, reason: str, wall: float, mono: float) -> None:
         was = self._trusted
         self._trusted = True
@@ -255,6 +358,7 @@ class ClockTrust:
         self._last_good = est if self._last_good is None else max(self._last_good, est)
         self._anchor = (est, mono)
         self._prev = (wall, mono)
+        self._ref = (est, mono, self._offset)
         if not was:
             self._alarm(CLOCK_TRUSTED, reason)
 
@@ -347,7 +451,8 @@ async def load_clock_state(store: Store) -> ClockState:
     except (TypeError, ValueError):
         log.warning("ignoring unreadable %s in the store: %r", META_LAST_GOOD, raw_time)
         last_good = None
-    if last_good is not None and not math.isfinite(last_good):
+    if last_good is not None and not sane_ts(last_good):
+        log.warning("ignoring %s outside %s in the store: %r", META_LAST_GOOD, SANE_WINDOW, raw_time)
         last_good = None
     return ClockState(last_good=last_good, boot_id=str(raw_boot) if raw_boot is not None else None)
 

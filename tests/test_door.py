@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from edge.door import Debouncer, DoorController, DoorLogic
+from edge.door import Debouncer, DoorController, DoorLockdownError, DoorLogic
 from edge.errors import ConfigError
 from edge.events import (
     DOOR_FORCED_OPEN,
@@ -29,6 +29,7 @@ from edge.events import (
 )
 from edge.hw import DoorIO, decode_profile, load_profile, make_factory
 from edge.model import Door, DoorMode
+from edge.readers.base import Feedback
 
 RELAY, CONTACT, REX, LED, BEEPER = 17, 22, 23, 12, 13
 DEBOUNCE = 0.02
@@ -226,9 +227,10 @@ async def test_grant_energises_at_once_and_relocks_after_strike(
     assert levels(relay) == [False, True, False]
     assert journal.lock_changes() == [("unlocked", "grant"), ("locked", "strike_ended")]
     assert not journal.of(DOOR_FORCED_OPEN)
-    # Reader feedback: LED and beeper lines went on for the grant.
-    assert True in levels(factory.pin(LED))
-    assert True in levels(factory.pin(BEEPER))
+    # A grant shows nothing on the reader by itself: the agent decides the feedback (edge.agent.feedback_for).
+    assert levels(factory.pin(LED)) == [False]
+    door.signal(Feedback.GRANTED)
+    assert True in levels(factory.pin(LED)) and True in levels(factory.pin(BEEPER))
 
 
 async def test_extended_strike_time(door: DoorController) -> None:
@@ -524,6 +526,28 @@ async def test_lockdown_relocks_and_suspends_holds(door: DoorController, factory
     assert relay.state
 
 
+async def test_lockdown_refuses_a_remote_unlock_and_holds(door: DoorController, factory: MockFactory) -> None:
+    """Lockdown wins, enforced here: a remote unlock or a hold in lockdown is refused with an error that
+    names the door (the command's result carries it); the relay never moves. A grant still works."""
+    relay = factory.pin(RELAY)
+    door.set_mode(DoorMode.LOCKDOWN)
+    relay.clear_states()
+    with pytest.raises(DoorLockdownError, match=r"door 'door1' is in lockdown: remote unlock refused"):
+        door.unlock_for(5.0)
+    with pytest.raises(DoorLockdownError, match="in lockdown"):
+        door.hold_unlocked("unlocked")
+    assert isinstance(DoorLockdownError("x"), ValueError)  # the link answers it as an "invalid" command
+    assert levels(relay) == [False] and door.locked and door.status()["holds"] == []
+    door.grant(0.05)  # who may pass in lockdown is decided upstream
+    assert relay.state
+    await asyncio.sleep(0.2)
+    door.set_mode(DoorMode.NORMAL)  # lifted: a remote unlock works again
+    door.unlock_for(0.05)
+    assert relay.state
+    await asyncio.sleep(0.2)
+    assert levels(relay) == [False, True, False, True, False]
+
+
 async def test_first_card_unlock(door: DoorController, factory: MockFactory) -> None:
     relay = factory.pin(RELAY)
     door.set_mode(DoorMode.FIRST_CARD, schedule_active=True)
@@ -718,7 +742,10 @@ async def test_status(door: DoorController, factory: MockFactory) -> None:
         "mode": "normal",
         "holds": [],
         "alarms": [DOOR_FORCED_OPEN],
+        "unlock_remaining_s": None,
     }
+    door.unlock_for(60.0)
+    assert 59.0 < door.status()["unlock_remaining_s"] <= 60.0
 
 
 async def test_door_settings_refresh(door: DoorController, factory: MockFactory) -> None:

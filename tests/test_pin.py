@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.pin import check_pin_format, hash_pin, valid_pin_hash, verify_pin
+from edge.errors import ChangeRejected
+from edge.model import ChangeSet, PutUser, User
+from edge.pin import MAX_ITERATIONS, check_pin_format, hash_pin, valid_pin_hash, verify_pin
+from edge.store import Store
 
 IT = 1000
 
@@ -95,3 +100,27 @@ def test_only_the_right_pin_verifies(pin: str, other: str) -> None:
     h = hash_pin(pin, iterations=IT)
     assert verify_pin(pin, h)
     assert verify_pin(other, h) == (other == pin)
+
+
+def test_iteration_bound() -> None:
+    """The documented bound (docs/model.md): a hash at MAX_ITERATIONS verifies, one above is refused without
+    being computed, and `hash_pin` will not make one."""
+    at_bound = hash_pin("2580", iterations=MAX_ITERATIONS)
+    assert valid_pin_hash(at_bound) and verify_pin("2580", at_bound)
+    _, _, salt, digest = at_bound.split("$")
+    for n in (MAX_ITERATIONS + 1, 10**7, 10**18):
+        above = f"pbkdf2_sha256${n}${salt}${digest}"
+        assert not valid_pin_hash(above) and not verify_pin("2580", above)
+    with pytest.raises(ValueError, match="iterations must be 1,000 to 200,000"):
+        hash_pin("2580", iterations=10**7)
+
+
+async def test_the_store_refuses_a_hash_above_the_bound(tmp_path: Path) -> None:
+    _, _, salt, digest = GOOD.split("$")
+    slow = f"pbkdf2_sha256$10000000${salt}${digest}"  # the 10^7 of issue 11: a 2.7 s stall per tap
+    async with Store(tmp_path / "rights.db", "UTC") as store:
+        with pytest.raises(ChangeRejected) as e:
+            await store.apply(ChangeSet(from_version=0, to_version=1, changes=[
+                PutUser(user=User(id="u", pin_hash=slow))]))  # fmt: skip
+        assert e.value.code == "bad_field" and e.value.path == "changes[0].user.pin_hash"
+        assert store.version == 0

@@ -37,6 +37,8 @@ from edge.timetrust import (
     CLOCK_TRUSTED,
     CLOCK_UNTRUSTED,
     META_LAST_GOOD,
+    SANE_MAX_TS,
+    SANE_MIN_TS,
     ClockState,
     ClockTrust,
     TrustSource,
@@ -501,3 +503,107 @@ def test_now_never_before_last_good_over_random_steps() -> None:
         t.observe(c.wall, c.mono)
         assert not t.trusted
         assert t.now(c.wall, c.mono) >= last_good
+
+
+# --- bounds: a sample never moves a trusted clock, nothing leaves the sane window, steps add up ------------
+
+
+def trusted_by(source: str, c: FakeClock) -> ClockTrust:
+    """A clock trusted through `source` ("cloud": 10 h behind, corrected by the cloud's offset)."""
+    if source == "warm_restart":
+        t = ClockTrust(wall=c.wall, mono=c.mono, last_good=c.wall - 5, warm_restart=True)
+    else:
+        t = ClockTrust(wall=c.wall - 36_000, mono=c.mono)
+        c.set_wall(c.wall - 36_000)
+        t.cloud_time(c.wall + 36_000, 0.02, c.wall, c.mono)
+    assert t.trusted and t.source.value == source
+    t.alarms()
+    return t
+
+
+@pytest.mark.parametrize("source", ["cloud", "warm_restart"])
+def test_a_cloud_sample_never_moves_a_trusted_clock(source: str) -> None:
+    true = ts(2026, 11, 23, 23, 2)
+    c = FakeClock(true)
+    t = trusted_by(source, c)
+    for bad in (true + 11.5 * DAY, true - 11.5 * DAY, true + 900, 5e9, 1e12, -1e12):
+        assert t.trusted and t.now(c.wall, c.mono) == pytest.approx(true)
+        t.cloud_time(bad, 0.02, c.wall, c.mono)
+        assert t.trusted and t.now(c.wall, c.mono) == pytest.approx(true), bad
+    alarms = t.alarms()
+    assert {a.kind for a in alarms} <= {CLOCK_SKEW, CLOCK_BACKWARDS} and alarms  # reported...
+    assert len(alarms) <= 2  # ...but not once per sample: at most one of a kind per minute
+    # A small correction (the drift of a free-running clock) is taken, up to the documented step.
+    t.cloud_time(true + 2.0, 0.0, c.wall, c.mono)
+    assert t.now(c.wall, c.mono) == pytest.approx(true + 2.0)
+
+
+def test_a_cloud_sample_outside_the_sane_window_is_never_adopted() -> None:
+    c = FakeClock(ts(2026, 11, 23, 13, 2))
+    t = ClockTrust(wall=c.wall, mono=c.mono)
+    t.alarms()
+    for bad in (1e12, 5e9, 1e9, -5.0, float("inf")):
+        assert t.cloud_time(bad, 0.02, c.wall, c.mono) is None
+        assert not t.trusted
+    assert SANE_MIN_TS <= t.now(c.wall, c.mono) <= SANE_MAX_TS
+    # A wall clock that itself reads nonsense is never trusted and never reaches a datetime conversion.
+    boot = ClockTrust(wall=1e12, mono=1.0, last_good=ts(2026, 11, 23), warm_restart=True)
+    assert not boot.trusted and boot.now(1e12, 1.0) == SANE_MAX_TS
+    datetime.fromtimestamp(boot.now(1e12, 1.0), UTC)
+
+
+@pytest.mark.parametrize("source", ["cloud", "warm_restart"])
+def test_slow_backward_steps_lose_trust(source: str) -> None:
+    """Stepped back 25 s every second for 400 s: each step is under max_jump_s, their sum is not. The card
+    that expired a minute before the true time is never within reach of the clock that went back."""
+    true = ts(2026, 11, 23, 23, 2)
+    c = FakeClock(true)
+    t = trusted_by(source, c)
+    expired_at = true - 60
+    lost_after = None
+    for i in range(400):
+        c.tick(1.0)
+        c.set_wall(c.wall - 25)
+        t.observe(c.wall, c.mono)
+        if not t.trusted and lost_after is None:
+            lost_after = i + 1
+        now = t.now(c.wall, c.mono)
+        assert now >= true - t.max_jump_s  # the estimate never goes back by more than the bound
+        assert now > expired_at
+    print(f"{source}: trust lost after {lost_after} steps")
+    assert lost_after is not None and lost_after <= 2
+    assert CLOCK_BACKWARDS in kinds(t)
+
+
+def test_a_drifting_crystal_keeps_trust() -> None:
+    """A Pi's crystal at 100 ppm (far worse than usual) over a week free-running: still trusted."""
+    c = FakeClock(ts(2026, 11, 23, 9))
+    t = ClockTrust(wall=c.wall, mono=c.mono, last_good=c.wall - 5, warm_restart=True)
+    for _ in range(7 * 24 * 60):
+        c.tick(60)
+        c.set_wall(c.wall + 60 * 100e-6)
+        t.observe(c.wall, c.mono)
+    assert t.trusted
+
+
+def test_ntp_wins_over_a_last_good_time_far_in_the_future() -> None:
+    """A bad sample was persisted as the last-good time 11.5 days ahead: after a restart with NTP right, NTP
+    wins (with an alarm); a last-good time ahead by less than the bound is still not overruled."""
+    true = ts(2026, 11, 23, 9)
+    c = FakeClock(true)
+    t = ClockTrust(wall=c.wall, mono=c.mono, last_good=true + 11.5 * DAY)
+    assert not t.trusted
+    t.alarms()
+    t.ntp_synchronised(True, c.wall, c.mono)
+    assert t.trusted and t.source is TrustSource.NTP and t.last_good() == true
+    assert kinds(t) == [CLOCK_BACKWARDS, CLOCK_TRUSTED]
+    near = ClockTrust(wall=c.wall, mono=c.mono, last_good=true + DAY)
+    near.ntp_synchronised(True, c.wall, c.mono)
+    assert not near.trusted
+
+
+async def test_a_last_good_time_outside_the_sane_window_is_not_loaded(tmp_path: Path) -> None:
+    async with Store(tmp_path / "rights.db") as store:
+        for bad in (1e12, 5e9, -1.0):
+            await store.set_meta(META_LAST_GOOD, bad)
+            assert (await load_clock_state(store)).last_good is None
