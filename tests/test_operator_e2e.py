@@ -95,10 +95,10 @@ async def tap_card(agent: Agent, card: int, door: str = "door1") -> Decision:
     """Tap and return the decision. A frame garbled by a busy loop (the 1.5 ms Wiegand bit timing on a
     shared 2-core machine) gives a reader fault and no decision: the card is tapped again, as a person would."""
     for _ in range(5):
-        n = len(agent.decisions)
+        n = agent.decided
         await tap(agent, f"{door}.wiegand", card)
         for _ in range(50):
-            if len(agent.decisions) > n:
+            if agent.decided > n:
                 return agent.decisions[-1]
             await asyncio.sleep(0.02)
     raise AssertionError(f"no decision for card {card} after 5 taps")
