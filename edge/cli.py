@@ -96,6 +96,7 @@ def _check_secrets(cfg: Config, source: str) -> None:
     not a subsystem failing and restarting for ever."""
     from .config import OsdpReaderConfig
     from .link import link_config
+    from .metrics import metrics_access
     from .readers.registry import read_key
 
     try:
@@ -104,6 +105,7 @@ def _check_secrets(cfg: Config, source: str) -> None:
                 read_key(cfg, r, f"readers[{i}]")
         if cfg.link.enabled:
             link_config(cfg)
+        metrics_access(cfg)  # the token credential, the socket's group
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
