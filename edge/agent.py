@@ -52,7 +52,7 @@ from .events import (
 )
 from .hw import HardwareProfile, load_profile, make_factory
 from .journal import Journal
-from .metrics import EdgeMetrics, MetricsServer
+from .metrics import EdgeMetrics, serve_metrics
 from .model import ChangeSet, Door, DoorMode
 from .pin import verify_pin
 from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
@@ -221,6 +221,7 @@ class Agent:
                 return
             self._act(d, ev.reader)
         elif isinstance(ev, ReaderFault):
+            self.metrics.reader_faults.inc(reader=ev.reader, kind=ev.kind)
             if ev.kind == "cut":
                 self._revoke(door, ev.reader)
             log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
@@ -648,14 +649,9 @@ class Agent:
             if self.simulated:
                 handlers |= {TapRequest: self._sim_tap, DoorRequest: self._sim_door, RexRequest: self._sim_rex}
             await stack.enter_async_context(ControlServer(cfg.control.socket, handlers))
-            if cfg.control.metrics_port:
+            if cfg.metrics.port or cfg.metrics.socket:  # a failure to serve is logged, never fatal
                 self.metrics.registry.on_collect.append(lambda: self.metrics.update_from_status(self.status()))
-                try:
-                    await stack.enter_async_context(
-                        MetricsServer(cfg.control.metrics_port, self.metrics.registry.render)
-                    )
-                except OSError as e:  # metrics are an aid, never a reason to keep doors down
-                    log.error("metrics on 127.0.0.1:%d unavailable: %s", cfg.control.metrics_port, e)
+                await stack.enter_async_context(serve_metrics(cfg, self.metrics.registry.render))
             stack.callback(self.notifier.stopping, "stopping: locks to their safe state")
             log.info(
                 "gateway %s/%s up: %d doors, %d readers, %d credentials, rights version %d%s",
@@ -677,6 +673,7 @@ class Agent:
                 tg.create_task(self._supervise("link", self._run_link), name="link")
                 tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
                 tg.create_task(self._watchdog(), name="watchdog")
+                tg.create_task(self._supervise("loop-lag", self.metrics.track_loop_lag), name="loop-lag")
                 stop = tg.create_task(self._stop.wait(), name="stop")
                 await stop
                 raise _Stop

@@ -96,6 +96,7 @@ def _check_secrets(cfg: Config, source: str, *, ports: bool = False) -> None:
     missing one is a config error at start (exit 2), not a subsystem failing and restarting for ever."""
     from .config import OsdpReaderConfig, check_files
     from .link import link_config
+    from .metrics import metrics_access
     from .readers.registry import read_key
 
     try:
@@ -105,6 +106,7 @@ def _check_secrets(cfg: Config, source: str, *, ports: bool = False) -> None:
         if cfg.link.enabled:
             link_config(cfg)
         check_files(cfg, ports=ports)
+        metrics_access(cfg)  # the token credential, the socket's group
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

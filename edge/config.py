@@ -170,7 +170,34 @@ class LinkSection(Strict, frozen=True, kw_only=True):
 class ControlSection(Strict, frozen=True, kw_only=True):
     #: Unix socket for `edge status` and the simulator commands.
     socket: PathText = "/run/edge/control.sock"
-    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9105
+
+
+class MetricsSection(Strict, frozen=True, kw_only=True):
+    """The Prometheus endpoint (edge/metrics.py; docs/operations.md, "Observability"). The metrics name doors
+    and readers, so they are never open to every local user: a Unix socket (mode 0660) and/or a TCP port on
+    127.0.0.1 that needs a bearer token."""
+
+    #: Unix socket the metrics are served on; a relative path is in control.socket's directory; "" turns it off.
+    socket: Annotated[str, Meta(max_length=4096)] = "metrics.sock"
+    #: The socket's group (the agent must be a member: `SupplementaryGroups=` in a drop-in); None: the agent's.
+    socket_group: Annotated[str, Meta(min_length=1)] | None = None
+    #: TCP port on 127.0.0.1 (0: none). Needs `token`, or `allow_unauthenticated = true`.
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    #: Name of the systemd credential holding the bearer token every scrape must send (socket and TCP).
+    token: Annotated[str, Meta(min_length=1)] | None = None
+    #: Serve TCP without a token: every local user can then read the metrics (warned at every start).
+    allow_unauthenticated: bool = False
+    #: A scrape within this many seconds of the last one gets the same body (rendered once).
+    cache_s: Annotated[float, Meta(ge=0, le=60)] = 1.0
+    #: Connections held at once; a new one past this drops the oldest that has not sent its request yet.
+    max_clients: Annotated[int, Meta(ge=1, le=1024)] = 16
+
+    def __post_init__(self) -> None:
+        if self.port and self.token is None and not self.allow_unauthenticated:
+            raise ValueError(
+                f"port = {self.port} (TCP) needs metrics.token (a systemd credential) or, to let every local "
+                "user read the metrics, metrics.allow_unauthenticated = true"
+            )
 
 
 class DemoSection(Strict, frozen=True, kw_only=True):
@@ -187,6 +214,7 @@ class Config(Strict, frozen=True, kw_only=True):
     readers: list[ReaderConfig] = []
     link: LinkSection = LinkSection()
     control: ControlSection = ControlSection()
+    metrics: MetricsSection = MetricsSection()
     demo: DemoSection = DemoSection()
 
     @property

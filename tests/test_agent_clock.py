@@ -109,7 +109,6 @@ state_dir = "{tmp_path / "state"}"
 synchronous = "NORMAL"
 [control]
 socket = "{sock_dir / "control.sock"}"
-metrics_port = 0
 [link]
 {link}
 """)

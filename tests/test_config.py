@@ -133,6 +133,7 @@ def _full_config(state: Path, **sections: str) -> str:
         "storage": f'state_dir = "{state}"',
         "link": f'host = "127.0.0.1"\ncommand_key = "{RFC8032_PUB}"',
         "control": f'socket = "{state}/control.sock"',
+        "metrics": 'cache_s = 1.0',
         "readers": '[[readers]]\ndriver = "wiegand"\ndoor = "door1"',
     }
     for k, v in sections.items():
@@ -144,7 +145,7 @@ def _full_config(state: Path, **sections: str) -> str:
         base[k] = "\n".join(lines.values())
     return (
         f"{base['top']}\n[site]\n{base['site']}\n[policy]\n{base['policy']}\n[storage]\n{base['storage']}\n"
-        f"[link]\n{base['link']}\n[control]\n{base['control']}\n{base['readers']}\n"
+        f"[link]\n{base['link']}\n[control]\n{base['control']}\n[metrics]\n{base['metrics']}\n{base['readers']}\n"
     )
 
 
@@ -193,7 +194,9 @@ BAD_VALUES: dict[str, tuple[str, str, str]] = {
     "flush_zero": ("storage", "journal_flush_s = 0", "storage.journal_flush_s: expected `float` > 0"),
     "socket_too_long": ("control", f'!socket = "/tmp/{"s" * 120}.sock"', "control.socket: 130 bytes is too long"),
     "socket_dir_is_a_file": ("control", '!socket = "/etc/hostname/control.sock"', "control.socket: /etc/hostname is"),
-    "metrics_port": ("control", "metrics_port = 70000", "control.metrics_port: expected `int` <= 65535"),
+    "metrics_port": ("metrics", "port = 70000", "metrics.port: expected `int` <= 65535"),
+    "window_zero": ("link", "window = 0", "link.window: expected `int` >= 1"),
+    "ack_timeout_inf": ("link", "ack_timeout_s = inf", "link.ack_timeout_s"),
     "hardware_missing": ("top", 'hardware = "nope"', "hardware: hardware profile 'nope': cannot read"),
     "hardware_empty": ("top", 'hardware = ""', "hardware: expected `str` of length >= 1"),
     "reader_unknown_door": ("readers", '[[readers]]\ndriver = "wiegand"\ndoor = "door9"',

@@ -55,7 +55,6 @@ state_dir = "{state}"
 synchronous = "NORMAL"
 [control]
 socket = "{sock}"
-metrics_port = 0
 [link]
 host = "{broker.host}"
 port = {broker.port}
