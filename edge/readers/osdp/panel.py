@@ -143,8 +143,9 @@ def _feedback_commands(what: Feedback, text: str | None, display: bool) -> list[
     return out
 
 
-#: Formats a reader accepts when its config names none (one per length: H10302 is left out for H10304).
-DEFAULT_FORMATS: Final = ("h10301", "h10304", "h10306", "corp1000_35", "corp1000_48", "csn32", "csn56")
+#: Formats a reader accepts when its config names none: the same list as a Wiegand reader's (edge/config.py;
+#: one per length, H10302 left out for H10304, H10306 left out as one bit from Corporate 1000 35).
+DEFAULT_FORMATS: Final = ("h10301", "h10304", "corp1000_35", "corp1000_48", "csn32", "csn56")
 
 
 def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: float) -> CardRead | ReaderFault:
