@@ -30,7 +30,7 @@ from .readers.formats import FormatSpec, FormatTable
 
 DEFAULT_PATH = Path("/etc/edge/edge.toml")
 #: Card formats a reader accepts unless its config says otherwise (H10302 needs an explicit choice).
-DEFAULT_FORMATS = ("h10301", "h10304", "corp1000_35", "corp1000_48", "h10306", "csn32", "csn56")
+DEFAULT_FORMATS = ("h10301", "h10304", "corp1000_35", "corp1000_48", "csn32", "csn56")  # no two one bit apart
 
 
 class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

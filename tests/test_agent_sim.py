@@ -229,14 +229,14 @@ async def test_locks_after_stop_fail_secure_stays_locked_fail_safe_releases(cfg:
 
 
 async def test_a_grant_on_a_read_cut_short_is_taken_back(cfg: Config) -> None:
-    """The last 8 bits of a 34-bit card come late (the thread that delivers edges stalled): its 26-bit head
+    """The last 11 bits of a 37-bit card come late (the thread that delivers edges stalled): its 26-bit head
     reads as an enrolled H10301 card and the door opens. When the late edges arrive, stamped inside that
     read's end-of-frame gap, the grant is taken back at once and the whole (unknown) card is denied."""
     rng = random.Random(5)
     while True:
-        bits = encode("h10306", rng.randrange(65536), rng.randrange(65536))
-        head = BUILTIN["h10301"].decode(bits >> 8, 26)
-        whole = BUILTIN["h10306"].decode(bits, 34)
+        bits = encode("h10304", rng.randrange(65536), rng.randrange(1 << 19))
+        head = BUILTIN["h10301"].decode(bits >> 11, 26)
+        whole = BUILTIN["h10304"].decode(bits, 37)
         if isinstance(head, Decoded) and isinstance(whole, Decoded) and head.card > 5000:
             break
     async with running(cfg) as agent:
@@ -255,7 +255,7 @@ async def test_a_grant_on_a_read_cut_short_is_taken_back(cfg: Config) -> None:
             for i in range(first, last):
                 t = t0 + i * 1.5e-3
                 agent.factory.set_ticks(t + 50e-6)  # never back: the late bits keep their (past) stamps
-                pin = pins[(bits >> (33 - i)) & 1]
+                pin = pins[(bits >> (36 - i)) & 1]
                 pin.drive_at(False, t)
                 pin.drive_at(True, t + 50e-6)
 
@@ -265,7 +265,7 @@ async def test_a_grant_on_a_read_cut_short_is_taken_back(cfg: Config) -> None:
             if agent.doors["door1"].relay_energised:
                 break
         assert agent.doors["door1"].relay_energised
-        send(26, 34)  # the late edges
+        send(26, 37)  # the late edges
         for _ in range(200):
             await asyncio.sleep(0.005)
             if agent.decisions and agent.decisions[-1].card == whole.card:

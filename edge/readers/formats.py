@@ -214,25 +214,32 @@ def _two_halves(name: str, n: int, *, card: BitRange, facility: BitRange | None,
     )
 
 
-def _corporate_1000(name: str, n: int, company_bits: int, card_bits: int) -> FormatSpec:
-    """HID Corporate 1000 (35 and 48 bit), as HID's format descriptions give it (1-based):
+def _two_of_three(n: int, first: int) -> int:
+    """Positions first, first+1, first+3, first+4, ... up to n-2: two of every three (0-based)."""
+    return positions_mask(n, (p for p in range(first, n - 1) if (p - first) % 3 != 2))
 
-    bit 2 = even parity over bits 3,4, 6,7, 9,10, ... (two of every three, starting at bit 3);
-    bit n = odd parity over bits 2,3, 5,6, 8,9, ... (two of every three, starting at bit 2);
-    bit 1 = odd parity over all n bits (computed last, so it covers the other two parity bits).
-    Company ID code from bit 3, card number right after it, ending at bit n-1.
-    In 0-based positions: P(1) covers p in 2..n-2 with p % 3 != 1, P(n-1) covers p in 1..n-2 with
-    p % 3 != 0, P(0) covers everything.
+
+def _corporate_1000(name: str, n: int, company_bits: int, card_bits: int, *, even_first: int,
+                    odd_first: int) -> FormatSpec:
+    """HID Corporate 1000: three parity bits, checked in this order (0-based positions):
+
+    position 1 = even parity over two of every three positions from `even_first` (up to n-2);
+    position n-1 = odd parity over two of every three positions from `odd_first` (up to n-2);
+    position 0 = odd parity over all n bits (computed last, so it covers the other two parity bits).
+    Company ID code from position 2, card number right after it, ending at position n-2.
+
+    The two lengths do not share one phase: the published layout (proxmark3 `client/src/wiegand_formats.c`,
+    Pack_C1k35s / Pack_C1k48s, whose masks 0xB6DB6DB6 / 0x6DB6DB6C over the low word continue into the high
+    word differently for 35 and 48 bits) starts the groups at 2 and 1 for 35 bits (HID bits 3,4,6,7,... and
+    2,3,5,6,...) but at 3 and 2 for 48 bits (HID bits 4,5,7,8,... and 3,4,6,7,...).
     """
     return FormatSpec(
         name=name, length=n,
         facility=BitRange(start=2, length=company_bits),
         card=BitRange(start=2 + company_bits, length=card_bits),
         parity=[
-            ParityCheck(position=1, parity="even",
-                        mask=positions_mask(n, (p for p in range(2, n - 1) if p % 3 != 1))),
-            ParityCheck(position=n - 1, parity="odd",
-                        mask=positions_mask(n, (p for p in range(1, n - 1) if p % 3 != 0))),
+            ParityCheck(position=1, parity="even", mask=_two_of_three(n, even_first)),
+            ParityCheck(position=n - 1, parity="odd", mask=_two_of_three(n, odd_first)),
             ParityCheck(position=0, parity="odd", mask=(1 << n) - 1),
         ],
     )
@@ -254,8 +261,10 @@ BUILTIN_SPECS: dict[str, FormatSpec] = {
         # H10306-style 34 bit: P even over 2-17, FC bits 2-17 (16), card bits 18-33 (16), P odd over 18-33.
         _two_halves("h10306", 34, card=BitRange(start=17, length=16), facility=BitRange(start=1, length=16),
                     even_last=16, odd_first=17),
-        _corporate_1000("corp1000_35", 35, 12, 20),
-        _corporate_1000("corp1000_48", 48, 22, 23),
+        # Corporate 1000 35 bit: company ID bits 3-14 (12), card bits 15-34 (20).
+        _corporate_1000("corp1000_35", 35, 12, 20, even_first=2, odd_first=1),
+        # Corporate 1000 48 bit: company ID bits 3-24 (22), card bits 25-47 (23).
+        _corporate_1000("corp1000_48", 48, 22, 23, even_first=3, odd_first=2),
         # Raw card serial numbers: no parity, no facility; only the length is checked.
         FormatSpec(name="csn32", length=32, card=BitRange(start=0, length=32)),
         FormatSpec(name="csn56", length=56, card=BitRange(start=0, length=56)),

@@ -28,7 +28,11 @@ Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`:
   edges out of time order across a frame boundary;
 * "parity" / "length" / "partial": from the card formats (a frame shorter than the longest accepted
   format is "partial", longer or in between lengths "length"), and a bad 8-bit key complement is "parity";
-* "stuck_line": a line held low longer than `stuck_s` (reported once per low period).
+* "stuck_line": a line held low longer than `stuck_s` (reported once per low period);
+* "bit_gap": an interval between two bits of >= `max_gap_ratio` (1.6) times the frame's median interval,
+  what a lost pulse leaves (a crystal-clocked reader never pauses mid-frame); an interval of <= median /
+  1.6, what a pulse picked up between two bits leaves, is "noise". Checked before the formats, so a frame
+  one pulse short or long is a fault even if its length and parity fit another format.
 
 A frame that begins less than `max(ceiling_s, fixed_gap_s)` after the end of a previous frame that was
 not a card read (a fault or a key) is refused as "noise": noise can shrink the interval estimate and cut
@@ -56,11 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from types import TracebackType
@@ -110,10 +115,16 @@ class FrameTiming(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_bits: int = 128
     #: bit-start intervals shorter than this are noise, not samples of the bit spacing
     min_interval_s: float = 100e-6
+    #: a frame with an interval between two bits >= this many times its median interval is missing a bit
+    #: ("bit_gap"); one <= median / this has an extra pulse ("noise"). A lost pulse leaves 2x (1.73x with
+    #: the simulator's +-0.2 ms jitter at 1.5 ms), the widest regular interval seen in the tests is 1.3x
+    #: (+-30 % jitter): 1.6 sits between them. See `WiegandAssembler._irregular`.
+    max_gap_ratio: float = 1.6
 
     def __post_init__(self) -> None:
         if not (0 < self.floor_s <= self.ceiling_s and self.k > 0 and self.fixed_gap_s > 0
-                and self.glitch_s >= 0 and self.stuck_s > self.ceiling_s and self.max_bits >= 4):
+                and self.glitch_s >= 0 and self.stuck_s > self.ceiling_s and self.max_bits >= 4
+                and self.max_gap_ratio > 1):
             raise ValueError("invalid Wiegand frame timing")
 
 
@@ -388,7 +399,38 @@ class WiegandAssembler:
             self.pinpad.clear()  # the key before may have been the head of this frame
             return self._fault("noise", f"{nbits} bits beginning {self._tainted:.1f} ms after a faulty frame",
                                at)
+        irregular = self._irregular(edges)
+        if irregular is not None:
+            return self._fault(*irregular, at)
         return self._decode(bits, nbits, at)
+
+    def _irregular(self, edges: list[tuple[float, int, bool]]) -> tuple[str, str] | None:
+        """(kind, detail) if the bit spacing of a frame (its edges sorted) shows a missing or an extra bit.
+
+        A reader clocks its bits from a crystal: every interval between two bit starts is the same to a
+        few %. A dropped pulse leaves one interval of ~2x the median ("bit_gap"), an extra pulse between two
+        bits splits one into two whose shorter is at most half of it ("noise"). Either way the bits are
+        not the card's, and the frame is a fault even when its length and parity happen to fit a format
+        (H10306 34 bits and Corporate 1000 35 bits are one pulse apart). Frames under 4 bits have too few
+        intervals for a median; a missing or extra pulse at either end of a frame leaves no trace in the
+        spacing at all (which is why no two default formats are one bit apart: docs/hardware.md).
+        """
+        falls = [ts for ts, _line, level in edges if not level]
+        if len(falls) < 4:
+            return None
+        intervals = [b - a for a, b in itertools.pairwise(falls)]
+        median = sorted(intervals)[len(intervals) // 2]
+        ratio = self.timing.max_gap_ratio
+        widest = max(range(len(intervals)), key=intervals.__getitem__)
+        if intervals[widest] >= ratio * median:
+            return ("bit_gap", f"{intervals[widest] * 1e3:.2f} ms between bits {widest + 1} and {widest + 2} "
+                               f"({intervals[widest] / median:.1f}x the {median * 1e3:.2f} ms bit interval): "
+                               f"a bit is missing ({len(falls)} bits)")
+        narrowest = min(range(len(intervals)), key=intervals.__getitem__)
+        if intervals[narrowest] * ratio <= median:
+            return ("noise", f"extra pulse: {intervals[narrowest] * 1e3:.2f} ms between bits {narrowest + 1} "
+                             f"and {narrowest + 2} in a frame clocked at {median * 1e3:.2f} ms ({len(falls)} bits)")
+        return None
 
     def _decode(self, bits: int, nbits: int, at: float) -> ReaderEvent | _Key | None:
         fmt = self.formats.get(nbits)
@@ -744,14 +786,25 @@ class WiegandTransmitter:
             iv += self.rng.uniform(-self.jitter_s, self.jitter_s)
         return max(iv, self.pulse_s * 2)
 
-    def send_now(self, bits: int, nbits: int, *, interval_s: float | None = None) -> float:
-        """Send a frame with virtual timestamps, all at once; returns the time of its last edge."""
+    def send_now(self, bits: int, nbits: int, *, interval_s: float | None = None, drop: Collection[int] = (),
+                 extra: Collection[tuple[int, int]] = ()) -> float:
+        """Send a frame with virtual timestamps, all at once; returns the time of its last edge.
+
+        Faults of the wire, for tests: `drop` = positions (0 = first bit) whose pulse is lost (its time
+        slot stays empty); `extra` = (position, line) pairs: a full-width pulse on `line` half an interval
+        after that bit (a pulse picked up between two bits).
+        """
         t = self.factory.ticks()
         end = t
         for i in range(nbits - 1, -1, -1):
+            pos = nbits - 1 - i
             start = t
-            end = self._pulse((bits >> i) & 1, start, self.pulse_s)
+            if pos not in drop:
+                end = self._pulse((bits >> i) & 1, start, self.pulse_s)
             iv = self._interval(interval_s)
+            for where, line in extra:
+                if where == pos:
+                    end = self._pulse(line, start + iv / 2, self.pulse_s)
             if i:
                 self._noise_after(start, iv)
             t = start + iv

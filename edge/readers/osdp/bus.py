@@ -66,6 +66,15 @@ class OsdpBus:
     ) -> None:
         self._link.close()
 
+    def set_address(self, session: PdSession, address: int) -> None:
+        """Move one PD of this line to `address` (an address no other PD of the line has)."""
+        if session not in self.sessions:
+            raise ValueError(f"{session.name} is not on {self.port}")
+        taken = [s.name for s in self.sessions if s is not session and s.address == address]
+        if taken:
+            raise ValueError(f"OSDP address {address} on {self.port} is {taken[0]}'s")
+        session.set_address(address, self._link.baudrate)
+
     def kick(self) -> None:
         """Wake the scheduler early (a PD has commands queued)."""
         wake = self._wake

@@ -143,8 +143,9 @@ def _feedback_commands(what: Feedback, text: str | None, display: bool) -> list[
     return out
 
 
-#: Formats a reader accepts when its config names none (one per length: H10302 is left out for H10304).
-DEFAULT_FORMATS: Final = ("h10301", "h10304", "h10306", "corp1000_35", "corp1000_48", "csn32", "csn56")
+#: Formats a reader accepts when its config names none: the same list as a Wiegand reader's (edge/config.py;
+#: one per length, H10302 left out for H10304, H10306 left out as one bit from Corporate 1000 35).
+DEFAULT_FORMATS: Final = ("h10301", "h10304", "corp1000_35", "corp1000_48", "csn32", "csn56")
 
 
 def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: float) -> CardRead | ReaderFault:
@@ -184,6 +185,8 @@ class PdSession:
         self._pending: deque[tuple[int, bytes]] = deque()
         self._retx: bytes | None = None
         self._cmd = 0
+        #: the address our own COMSET in flight asks for (None when the command in flight is not a COMSET)
+        self._asked_address: int | None = None
         self._attempts = 0
         self._key_type = KEY_SCBK
         self._installing = False
@@ -219,6 +222,14 @@ class PdSession:
         self._pending = deque(p for p in self._pending if p[0] not in (c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT))
         for cmd in _feedback_commands(what, text, display):
             self.queue(*cmd)
+
+    def set_address(self, address: int, baud: int) -> None:
+        """Ask the PD to move to `address` (osdp_COMSET at `baud`, the line's rate). The session follows only
+        when the PD answers this very command with an osdp_COM for that address (see `_on_com`); use
+        `OsdpBus.set_address`, which keeps the addresses of one line unique."""
+        if not 0 <= address <= 126:
+            raise ValueError(f"osdp reader {self.name}: address {address} is outside 0..126")
+        self.queue(c.Cmd.COMSET, c.encode_comset(address, baud))
 
     @property
     def has_pending(self) -> bool:
@@ -260,6 +271,7 @@ class PdSession:
             code, data = self._pending.popleft()
         else:
             code, data = c.Cmd.POLL, b""
+        self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
         sc = self.sc
         if sc is not None and sc.established and scb is None:
             if data:
@@ -491,9 +503,24 @@ class PdSession:
             return
         # ONLINE
         self.due = now if self._pending else now + self.timing.poll_interval
-        self._on_event(reply, now)
+        self._on_event(reply, frame, now)
 
-    def _on_event(self, reply: c.Reply, now: float) -> None:
+    def _on_com(self, reply: c.Com, frame: Frame, at: float) -> None:
+        """osdp_COM: the PD's new address. Trusted only as the answer, from the address we polled, to the
+        COMSET we sent ourselves, and only for the address that COMSET asked for. Anything else (a COM
+        answering a POLL, a COM we did not ask for, one naming another address: what a device forging
+        replies on a plaintext line sends to steal another reader's traffic) changes nothing."""
+        asked, self._asked_address = self._asked_address, None
+        if self._cmd == c.Cmd.COMSET and asked is not None and reply.address == asked \
+                and frame.address == self.address:
+            log.info("osdp %s: reader moved from address %d to %d", self.name, self.address, reply.address)
+            self.address = reply.address
+            return
+        why = "not asked for" if asked is None else f"we asked for address {asked}"
+        self.fault("address", f"osdp_COM to address {reply.address} ignored ({why}; answering command "
+                              f"0x{self._cmd:02x}): address stays {self.address}", at)
+
+    def _on_event(self, reply: c.Reply, frame: Frame, now: float) -> None:
         at = time.monotonic()
         if self.pinpad.pending:
             stale = self.pinpad.expire(at)
@@ -528,7 +555,7 @@ class PdSession:
                 if changed and any(reply.states):
                     self.fault("reader_tamper", f"attached reader status {list(reply.states)}", at)
         elif isinstance(reply, c.Com):
-            self.address = reply.address
+            self._on_com(reply, frame, at)
         elif isinstance(reply, c.NakReply):
             self.fault("nak", f"reader refused command 0x{self._cmd:02x}: reason {reply.reason}", at)
             if reply.reason == c.Nak.SEQUENCE:
