@@ -194,7 +194,7 @@ def _doors(out: Output, r: GatewayDoors) -> None:
     out.line(f"gateway {r.gateway}: software {r.software}, rights version {r.rights_version}, "
              f"{len(r.doors)} door(s)")  # fmt: skip
     for d in r.doors:
-        name = f" ({d.name})" if d.name else ""
+        name = f" ({d.name})" if d.name and d.name != d.id else ""
         out.line(f"  door {d.id}{name}: " + (f"groups {', '.join(d.groups)}" if d.groups else "no group opens it"))
     for u in r.unknown_doors:
         out.line(f"  door {u}: named by a group but not announced by the gateway")
