@@ -242,11 +242,13 @@ class _Plan:
     """What a validated change set does: SQL parameter lists and index rows."""
 
     tables: Tables | None = None
-    put_doors: list[Door] = field(default_factory=list)
+    #: The end state of each door, schedule and group the change set touches: an id is either put (its
+    #: last value) or deleted, never both, so the order the writer runs them in cannot matter.
+    put_doors: dict[str, Door] = field(default_factory=dict)
     del_doors: set[str] = field(default_factory=set)
-    put_scheds: list[Schedule] = field(default_factory=list)
+    put_scheds: dict[str, Schedule] = field(default_factory=dict)
     del_scheds: set[str] = field(default_factory=set)
-    put_groups: list[Group] = field(default_factory=list)
+    put_groups: dict[str, Group] = field(default_factory=dict)
     del_groups: set[str] = field(default_factory=set)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
     deleted_users: list[int] = field(default_factory=list)
@@ -557,11 +559,12 @@ class Store:
             if isinstance(ch, PutDoor):
                 doors[ch.door.id] = ch.door
                 plan.del_doors.discard(ch.door.id)
-                plan.put_doors.append(ch.door)
+                plan.put_doors[ch.door.id] = ch.door
                 small_changed = True
             elif isinstance(ch, DeleteDoor):
                 if doors.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no door {ch.id!r}", path=f"{p}.id")
+                plan.put_doors.pop(ch.id, None)
                 plan.del_doors.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutSchedule):
@@ -571,21 +574,23 @@ class Store:
                     raise ChangeRejected("bad_field", f"{p}.schedule: {e}", path=f"{p}.schedule") from None
                 scheds[ch.schedule.id] = ch.schedule
                 plan.del_scheds.discard(ch.schedule.id)
-                plan.put_scheds.append(ch.schedule)
+                plan.put_scheds[ch.schedule.id] = ch.schedule
                 small_changed = True
             elif isinstance(ch, DeleteSchedule):
                 if scheds.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no schedule {ch.id!r}", path=f"{p}.id")
+                plan.put_scheds.pop(ch.id, None)
                 plan.del_scheds.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutGroup):
                 groups[ch.group.id] = ch.group
                 plan.del_groups.discard(ch.group.id)
-                plan.put_groups.append(ch.group)
+                plan.put_groups[ch.group.id] = ch.group
                 small_changed = True
             elif isinstance(ch, DeleteGroup):
                 if groups.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no group {ch.id!r}", path=f"{p}.id")
+                plan.put_groups.pop(ch.id, None)
                 plan.del_groups.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutUser):
@@ -705,9 +710,7 @@ class Store:
                 await pause()
             if entry is not None and plan.users.get(entry[1], True) is None:
                 path = f"changes[{entry[3]}].credential.user"
-                raise ChangeRejected(
-                    "unknown_reference", f"{path}: the user is deleted in this change set", path=path
-                )
+                raise ChangeRejected("unknown_reference", f"{path}: the user is deleted in this change set", path=path)
         await dispose(uid_of, user_models, ext_of, cards_of_user)
         return plan
 
@@ -722,15 +725,15 @@ class Store:
             await db.executemany("DELETE FROM schedules WHERE id=?", [(s,) for s in plan.del_scheds])
             await db.executemany("DELETE FROM groups WHERE id=?", [(g,) for g in plan.del_groups])
             await db.executemany(
-                "INSERT OR REPLACE INTO doors VALUES (?, ?)", [(d.id, _enc.encode(d)) for d in plan.put_doors]
+                "INSERT OR REPLACE INTO doors VALUES (?, ?)", [(d.id, _enc.encode(d)) for d in plan.put_doors.values()]
             )
             await db.executemany(
                 "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
-                [(s.id, _enc.encode(s)) for s in plan.put_scheds],
+                [(s.id, _enc.encode(s)) for s in plan.put_scheds.values()],
             )
             await db.executemany(
                 "INSERT OR REPLACE INTO groups VALUES (?, ?)",
-                [(g.id, _enc.encode(g)) for g in plan.put_groups],
+                [(g.id, _enc.encode(g)) for g in plan.put_groups.values()],
             )
             touched = ((uid,) for uid in plan.users)
             await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
