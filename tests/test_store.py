@@ -190,15 +190,18 @@ async def test_full_disk_applies_nothing_and_recovers(store: Store) -> None:
     assert r.version == 2 and (await store.counts())["users"] == 503
 
 
-async def test_newer_schema_is_refused(db_path: Path) -> None:
+async def test_newer_schema_is_never_read_but_does_not_stop_the_start(db_path: Path) -> None:
     async with Store(db_path) as s:
         assert s.version == 0
+    db_path.with_name("rights.db.verified").unlink()
     con = sqlite3.connect(db_path)
     con.execute("PRAGMA user_version=99")
     con.close()
-    with pytest.raises(StoreError, match="newer than this software"):
-        async with Store(db_path):
-            pass
+    async with Store(db_path) as s:
+        assert s.damage is not None and "newer than this software" in s.damage["error"]
+        assert s.damage["fallback"] == "empty" and s.needs_snapshot == "damaged"
+    kept = list(db_path.parent.glob("rights.db.damaged-*"))
+    assert len(kept) == 1 and sqlite3.connect(kept[0]).execute("PRAGMA user_version").fetchone()[0] == 99
 
 
 async def test_compaction_keeps_every_answer(store: Store) -> None:
@@ -240,7 +243,7 @@ async def test_schema_1_store_is_migrated_in_place(db_path: Path) -> None:
     async with Store(db_path) as s:
         assert s.index.cred(555) == (1, 0, 0, 4294967295)
     con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
     con.close()
 
 
