@@ -212,11 +212,18 @@ class Tables:
         schedules: Iterable[Schedule],
         groups: Iterable[Group],
         gidx: dict[str, int] | None = None,
+        *,
+        compiled: dict[str, CompiledSchedule] | None = None,
     ) -> Tables:
-        """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended)."""
+        """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended);
+        `compiled` holds schedules compiled before, reused when compiled from the very same model object."""
         gidx = dict(gidx or {})
         sched_models = {s.id: s for s in schedules}
-        compiled = {sid: CompiledSchedule(s, site_tz) for sid, s in sched_models.items()}
+        have = compiled or {}
+        compiled = {
+            sid: c if (c := have.get(sid)) is not None and c.model is s else CompiledSchedule(s, site_tz)
+            for sid, s in sched_models.items()
+        }
         group_map = {g.id: g for g in groups}
         for g_id in sorted(group_map):
             if g_id not in gidx:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -55,6 +56,9 @@ from .index import (
     user_hash,
 )
 from .model import (
+    MAX_DOORS,
+    MAX_GROUPS,
+    MAX_SCHEDULES,
     ChangeSet,
     Credential,
     DeleteCredential,
@@ -72,6 +76,7 @@ from .model import (
     Schedule,
     Snapshot,
     User,
+    check_limits,
 )
 from .pin import valid_pin_hash
 from .schedule import CompiledSchedule
@@ -180,6 +185,8 @@ SCHEMA_VERSION = 3
 STAGE_SLICE = 250
 #: Changes validated per loop turn.
 PLAN_SLICE = 50
+#: Intervals (plus holidays) up to which a schedule is compiled on the loop (~0.2 ms); larger ones in a thread.
+INLINE_COMPILE = 64
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
 
@@ -364,6 +371,8 @@ class _Plan:
     del_scheds: set[str] = field(default_factory=set)
     put_groups: dict[str, Group] = field(default_factory=dict)
     del_groups: set[str] = field(default_factory=set)
+    #: (kind, id) -> (encoded body, its `table_hash`) of every door, schedule and group put
+    bodies: dict[tuple[str, str], tuple[bytes, int]] = field(default_factory=dict)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
     deleted_users: list[int] = field(default_factory=list)
     #: card -> (credential, uid, index row, index of its change), or None for a deleted card
@@ -452,7 +461,7 @@ class Store:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text())
                 )
             self._digest = digest
-            self._tab_hash = table_hashes(index.tables)
+            self._tab_hash = await asyncio.to_thread(in_background(table_hashes, index.tables))
             self._swap(index)
         except BaseException:
             await self.close()
@@ -617,7 +626,7 @@ class Store:
         doors = [_dec_door.decode(b) for (b,) in await self._rows("SELECT body FROM doors")]
         scheds = [_dec_sched.decode(b) for (b,) in await self._rows("SELECT body FROM schedules")]
         groups = [_dec_group.decode(b) for (b,) in await self._rows("SELECT body FROM groups")]
-        tables = Tables.build(self.site_tz, doors, scheds, groups)
+        tables = await asyncio.to_thread(in_background(Tables.build, self.site_tz, doors, scheds, groups))
         arrays = await self.load_arrays(tables)
         mx = await self._rows("SELECT max(uid) FROM users")
         self._next_uid = int(mx[0][0] or 0) + 1
@@ -755,7 +764,7 @@ class Store:
         digest = await asyncio.to_thread(in_background(index_digest, new))
         await self._write(plan, snap.version, digest, wipe=True)
         self._next_uid = plan.next_uid
-        self._digest, self._tab_hash = digest, table_hashes(tables)
+        self._digest, self._tab_hash = digest, {k: v[1] for k, v in plan.bodies.items()}
         old = self.index
         self._swap(new)
         await dispose(*old.detach_overlay(), changes, plan.creds, plan.users)
@@ -791,6 +800,7 @@ class Store:
         doors = dict(tables.doors)
         scheds = dict(tables.schedule_models)
         groups = dict(tables.groups)
+        compiled = dict(tables.schedules)  # reused by Tables.build for every schedule the set leaves alone
         small_changed = False
 
         uid_of: dict[str, int | None] = {}
@@ -827,6 +837,7 @@ class Store:
                 await pause()  # validation of a large set must not hold the loop
             p = f"changes[{i}]"
             if isinstance(ch, PutDoor):
+                check_limits(ch.door, f"{p}.door")
                 doors[ch.door.id] = ch.door
                 plan.del_doors.discard(ch.door.id)
                 plan.put_doors[ch.door.id] = ch.door
@@ -838,8 +849,13 @@ class Store:
                 plan.del_doors.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutSchedule):
+                check_limits(ch.schedule, f"{p}.schedule")
+                sc = ch.schedule
                 try:
-                    CompiledSchedule(ch.schedule, self.site_tz)
+                    if len(sc.intervals) + len(sc.holiday_intervals) + len(sc.holidays) <= INLINE_COMPILE:
+                        compiled[sc.id] = CompiledSchedule(sc, self.site_tz)
+                    else:  # a large schedule is compiled beside the loop, never on it
+                        compiled[sc.id] = await asyncio.to_thread(in_background(CompiledSchedule, sc, self.site_tz))
                 except (ValueError, KeyError) as e:
                     raise ChangeRejected("bad_field", f"{p}.schedule: {e}", path=f"{p}.schedule") from None
                 scheds[ch.schedule.id] = ch.schedule
@@ -853,6 +869,7 @@ class Store:
                 plan.del_scheds.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutGroup):
+                check_limits(ch.group, f"{p}.group")
                 groups[ch.group.id] = ch.group
                 plan.del_groups.discard(ch.group.id)
                 plan.put_groups[ch.group.id] = ch.group
@@ -865,6 +882,7 @@ class Store:
                 small_changed = True
             elif isinstance(ch, PutUser):
                 u = ch.user
+                check_limits(u, f"{p}.user")
                 uid = uid_of.get(u.id)
                 if uid is None:
                     uid = plan.next_uid
@@ -894,6 +912,7 @@ class Store:
                 plan.deleted_users.append(uid)
             elif isinstance(ch, PutCredential):
                 c = ch.credential
+                check_limits(c, f"{p}.credential")
                 uid = uid_of.get(c.user)
                 if uid is None:
                     raise ChangeRejected(
@@ -921,30 +940,21 @@ class Store:
             else:  # pragma: no cover - the union is closed
                 raise ChangeRejected("malformed", f"{p}: unknown change")
 
-        # Referential integrity of the end state.
-        for grp in groups.values():
-            for door_id in grp.doors:
-                if door_id not in doors:
-                    raise ChangeRejected(
-                        "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
-                    )
-            if grp.schedule is not None and grp.schedule not in scheds:
-                raise ChangeRejected(
-                    "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
-                )
-        for door in doors.values():
-            for s in (door.unlock_schedule, door.pin_schedule):
-                if s is not None and s not in scheds:
-                    raise ChangeRejected(
-                        "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
-                    )
         if small_changed:
-            try:
-                plan.tables = Tables.build(
-                    self.site_tz, doors.values(), scheds.values(), groups.values(), gidx=tables.gidx
+            # The end state's references and limits, and the new tables: in a worker thread (with the
+            # limits, up to ~10^6 group-door pairs; schedules compiled above are reused, not compiled again).
+            plan.tables = await asyncio.to_thread(
+                in_background(
+                    functools.partial(_small_tables, gidx=tables.gidx, compiled=compiled),
+                    self.site_tz,
+                    doors,
+                    scheds,
+                    groups,
                 )
-            except ValueError as e:
-                raise ChangeRejected("bad_field", str(e)) from None
+            )
+            plan.bodies = await asyncio.to_thread(
+                in_background(_encode_bodies, plan.put_doors, plan.put_scheds, plan.put_groups)
+            )
         new_tables = plan.tables or tables
         for n, (uid, (u, ui)) in enumerate(user_models.items()):
             if n % PLAN_SLICE == PLAN_SLICE - 1:
@@ -1017,8 +1027,8 @@ class Store:
             ):
                 for k in dels:
                     tab.pop((kind, k), None)
-                for k, m in puts.items():
-                    tab[(kind, k)] = table_hash(kind, m)
+                for k in puts:
+                    tab[(kind, k)] = plan.bodies[(kind, k)][1]
         m64 = (1 << 64) - 1
         return Digest(version, nc, nu, c & m64, u & m64, sum(tab.values()) & m64), tab
 
@@ -1032,17 +1042,14 @@ class Store:
             await db.executemany("DELETE FROM doors WHERE id=?", [(d,) for d in plan.del_doors])
             await db.executemany("DELETE FROM schedules WHERE id=?", [(s,) for s in plan.del_scheds])
             await db.executemany("DELETE FROM groups WHERE id=?", [(g,) for g in plan.del_groups])
-            await db.executemany(
-                "INSERT OR REPLACE INTO doors VALUES (?, ?)", [(d.id, _enc.encode(d)) for d in plan.put_doors.values()]
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
-                [(s.id, _enc.encode(s)) for s in plan.put_scheds.values()],
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO groups VALUES (?, ?)",
-                [(g.id, _enc.encode(g)) for g in plan.put_groups.values()],
-            )
+            for kind, table, puts in (
+                ("door", "doors", plan.put_doors),
+                ("schedule", "schedules", plan.put_scheds),
+                ("group", "groups", plan.put_groups),
+            ):
+                await db.executemany(
+                    f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", [(k, plan.bodies[(kind, k)][0]) for k in puts]
+                )
             touched = ((uid,) for uid in plan.users)
             await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
             dead = [(uid,) for uid in plan.deleted_users]
@@ -1145,6 +1152,56 @@ class Store:
             await dispose(*old.detach_overlay())
         if await self._check_locked() is None and await self._copy_version() != self.version:
             await self._save_verified_copy()
+
+
+def _small_tables(
+    site_tz: ZoneInfo,
+    doors: dict[str, Door],
+    scheds: dict[str, Schedule],
+    groups: dict[str, Group],
+    *,
+    gidx: dict[str, int],
+    compiled: dict[str, CompiledSchedule],
+) -> Tables:
+    """Check the end state of doors, schedules and groups (references, per-site limits) and build its tables.
+    Pure and blocking: run in a worker thread."""
+    for what, n, limit in (("doors", len(doors), MAX_DOORS), ("schedules", len(scheds), MAX_SCHEDULES),
+                           ("groups", len(groups), MAX_GROUPS)):  # fmt: skip
+        if n > limit:
+            raise ChangeRejected("bad_field", f"{what}: the site would have {n}, more than the limit of {limit}",
+                                 path=what)  # fmt: skip
+    for grp in groups.values():
+        for door_id in grp.doors:
+            if door_id not in doors:
+                raise ChangeRejected(
+                    "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
+                )
+        if grp.schedule is not None and grp.schedule not in scheds:
+            raise ChangeRejected(
+                "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
+            )
+    for door in doors.values():
+        for s in (door.unlock_schedule, door.pin_schedule):
+            if s is not None and s not in scheds:
+                raise ChangeRejected(
+                    "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
+                )
+    try:
+        return Tables.build(site_tz, doors.values(), scheds.values(), groups.values(), gidx=gidx, compiled=compiled)
+    except ValueError as e:
+        raise ChangeRejected("bad_field", str(e)) from None
+
+
+def _encode_bodies(
+    doors: dict[str, Door], scheds: dict[str, Schedule], groups: dict[str, Group]
+) -> dict[tuple[str, str], tuple[bytes, int]]:
+    """The stored body and checksum hash of each door, schedule and group put (blocking: a worker thread;
+    a schedule at the interval limit takes ~0.2 ms)."""
+    out: dict[tuple[str, str], tuple[bytes, int]] = {}
+    for kind, models in (("door", doors), ("schedule", scheds), ("group", groups)):
+        for k, m in models.items():
+            out[(kind, k)] = (_enc.encode(m), table_hash(kind, m))
+    return out
 
 
 def _index_from_plan(tables: Tables, plan: _Plan, version: int) -> RightsIndex:
