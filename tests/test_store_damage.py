@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,40 @@ async def test_single_bit_flips_are_detected_or_provably_harmless(site: dict[str
                 assert got == site["live"], f"flip at byte {off} opened with changed rights"
     print(f"bit flips: {detected} detected (verified copy in force), {harmless} harmless (rights identical)")
     assert detected + harmless == FLIPS and detected > 0
+
+
+async def test_the_agent_starts_on_damaged_rights_and_journal_and_journals_both_alarms(tmp_path: Path) -> None:
+    """Before: `sqlite3.DatabaseError` at start, a systemd restart loop, every door in its power-off state."""
+    import asyncio
+
+    from edge.agent import Agent, run_agent
+    from edge.config import parse_config
+    from edge.journal import JOURNAL_DAMAGED
+    from edge.store import RIGHTS_DAMAGED
+
+    from .test_agent_sim import config_text, journal_on_disk, running
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="edge-sim-"))  # a short path: Unix socket paths are limited
+    cfg = parse_config(config_text(tmp_path / "state", sock_dir / "control.sock"))
+    async with running(cfg) as agent:  # demo provisioning: doors, users, cards
+        assert agent.store is not None and agent.store.version >= 1
+    damage(cfg.state_dir / "rights.db", "header")
+    (cfg.state_dir / "rights.db.verified").unlink()
+    damage(cfg.state_dir / "journal.db", "zeroed_page")
+    agent = Agent(cfg)  # no demo this time: what runs is what the store recovered
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(run_agent(agent), name="agent")
+        await asyncio.wait_for(agent.started.wait(), 10)
+        try:
+            assert agent.store is not None and agent.store.needs_snapshot == DAMAGED
+            assert agent.store.version == 0 and len(agent.store.index) == 0
+            assert agent.decider is not None  # no door in the rights: every tap refused, every lock stays locked
+            assert all(agent.decider.decide(d, 1001, MONDAY_10).reason is Reason.UNKNOWN_DOOR for d in agent.doors)
+            assert agent.journal is not None
+            await agent.journal.flush()
+        finally:
+            agent.stop()
+    types = [e.type for e in journal_on_disk(cfg)]
+    assert types[0] == JOURNAL_DAMAGED and RIGHTS_DAMAGED in types
+    assert {p.name.split(".damaged-")[0] for p in cfg.state_dir.glob("*.damaged-*")} >= {"rights.db", "journal.db"}
+    shutil.rmtree(sock_dir, ignore_errors=True)
