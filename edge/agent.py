@@ -57,7 +57,7 @@ from .model import ChangeSet, Door, DoorMode
 from .pin import verify_pin
 from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
 from .sdnotify import Heartbeat, Notifier, watchdog_task
-from .store import Store
+from .store import RIGHTS_DAMAGED, Store
 from .timetrust import (
     ClockTrust,
     clock_trust_at_boot,
@@ -639,6 +639,8 @@ class Agent:
             self.journal.record(
                 SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version}
             )
+            if self.store.damage is not None:  # the rights file was damaged: say so where the cloud sees it
+                self.journal.record(RIGHTS_DAMAGED, detail=self.store.damage)
             # 3. Readers (and the OSDP buses that poll them).
             readers, buses = self._make_readers()
             for r in readers:

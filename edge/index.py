@@ -16,12 +16,14 @@ The small tables (doors, schedules, groups) are immutable `Tables` objects swapp
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -55,6 +57,8 @@ FACILITY_SHIFT: Final = 8
 
 def status_word(status: int, facility: int | None) -> int:
     return status | (0 if facility is None else (facility + 1) << FACILITY_SHIFT)
+
+
 #: (group index, valid_from, valid_until)
 AssignRow = tuple[int, int, int]
 #: (external id, flags, valid_from, valid_until, pin hash or None, assignments)
@@ -208,11 +212,18 @@ class Tables:
         schedules: Iterable[Schedule],
         groups: Iterable[Group],
         gidx: dict[str, int] | None = None,
+        *,
+        compiled: dict[str, CompiledSchedule] | None = None,
     ) -> Tables:
-        """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended)."""
+        """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended);
+        `compiled` holds schedules compiled before, reused when compiled from the very same model object."""
         gidx = dict(gidx or {})
         sched_models = {s.id: s for s in schedules}
-        compiled = {sid: CompiledSchedule(s, site_tz) for sid, s in sched_models.items()}
+        have = compiled or {}
+        compiled = {
+            sid: c if (c := have.get(sid)) is not None and c.model is s else CompiledSchedule(s, site_tz)
+            for sid, s in sched_models.items()
+        }
         group_map = {g.id: g for g in groups}
         for g_id in sorted(group_map):
             if g_id not in gidx:
@@ -510,3 +521,183 @@ def _ranges(starts: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> npt
     ends = np.cumsum(counts)
     offsets = np.repeat(ends - counts, counts)
     return np.repeat(starts.astype(np.int64), counts) + (np.arange(total, dtype=np.int64) - offsets)
+
+
+# --- the rights checksum ----------------------------------------------------------------------------------
+#
+# A sum (mod 2^64) of one 64-bit hash per row, per kind (credentials, users, doors/schedules/groups), plus
+# the row counts and the version: an order-free digest that a change set updates row by row (subtract the
+# old row's hash, add the new one's) and that `Store` keeps in `meta`. At open it is recomputed from the
+# rows as decoded (what the index holds and decides on), so a row that changed on disk since it was
+# written, in any field a decision reads, is detected. Not a defence against someone who may write the
+# file (they can recompute it); a defence against a disk that changes bits.
+
+_M64: Final = (1 << 64) - 1
+_K0: Final = 0x9E37_79B9_7F4A_7C15
+_K1: Final = 0xBF58_476D_1CE4_E5B9
+_K2: Final = 0x94D0_49BB_1331_11EB
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser (Python ints; `_mix_np` is the same on uint64 arrays)."""
+    x ^= x >> 30
+    x = (x * _K1) & _M64
+    x ^= x >> 27
+    x = (x * _K2) & _M64
+    return x ^ (x >> 31)
+
+
+def _mix_np(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(_K1)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(_K2)
+    return x ^ (x >> np.uint64(31))
+
+
+def cred_hash(card: int, row: CredRow) -> int:
+    h = _mix((card + _K0) & _M64)
+    h = _mix(h ^ ((row[0] << 32) | row[1]))
+    return _mix(h ^ ((row[2] << 32) | row[3]))
+
+
+def cred_hash_sum(
+    card: npt.NDArray[np.generic],
+    uid: npt.NDArray[np.generic],
+    status: npt.NDArray[np.generic],
+    vfrom: npt.NDArray[np.generic],
+    vuntil: npt.NDArray[np.generic],
+) -> int:
+    """The sum of `cred_hash` over column arrays (vectorised; numpy releases the GIL)."""
+    u64 = np.uint64
+    with np.errstate(over="ignore"):
+        h = _mix_np(card.astype(u64) + u64(_K0))
+        h = _mix_np(h ^ ((uid.astype(u64) << u64(32)) | status.astype(u64)))
+        h = _mix_np(h ^ ((vfrom.astype(u64) << u64(32)) | vuntil.astype(u64)))
+    return int(np.sum(h, dtype=u64)) if len(h) else 0
+
+
+_henc = msgspec.msgpack.Encoder()
+
+
+def _bytes_hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _str_hash(text: str | None) -> int:
+    return 0 if text is None else _bytes_hash(b"\x01" + text.encode())
+
+
+def _group_name(gid: Sequence[str], g: int) -> str:
+    return gid[g] if g < len(gid) and gid[g] else f"#{g}"
+
+
+def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
+    """A user row's hash; assignments by group *id* (`gid` maps the index's group numbers to ids), each
+    bound to its position. `_user_hash_sum` is the same over the base arrays, vectorised."""
+    h = _mix((uid + _K0) & _M64)
+    h = _mix(h ^ ((row[1] << 32) | row[2]))
+    h = _mix(h ^ row[3])
+    h = _mix(h ^ _str_hash(row[0]))
+    h = _mix(h ^ _str_hash(row[4]))
+    for j, (g, f, u) in enumerate(row[5]):
+        a = _mix(_str_hash(_group_name(gid, g)) ^ ((f << 32) | u))
+        h = (h + _mix((a + j) & _M64)) & _M64
+    return _mix(h)
+
+
+def _user_hash_sum(base: _Base, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
+    """(sum of `user_hash`, count) over the base users selected by `keep` (all when None)."""
+    arr = base.arrays
+    u64 = np.uint64
+    n = base.n_users
+    blob = base.u_idblob
+    idoff = arr["u_idoff"].tolist()
+    ext = np.fromiter((_bytes_hash(b"\x01" + blob[idoff[i] : idoff[i + 1]]) for i in range(n)), u64, n)
+    pins = np.zeros(n, u64)
+    if base.pins:
+        pos = np.searchsorted(arr["u_uid"], np.fromiter(base.pins, np.uint32, len(base.pins)))
+        pins[pos] = np.fromiter((_str_hash(p) for p in base.pins.values()), u64, len(base.pins))
+    aoff = arr["u_aoff"].astype(np.int64)
+    counts = aoff[1:] - aoff[:-1]
+    names = np.fromiter((_str_hash(_group_name(gid, g)) for g in range(max(len(gid), 1))), u64, max(len(gid), 1))
+    with np.errstate(over="ignore"):
+        h = _mix_np(arr["u_uid"].astype(u64) + u64(_K0))
+        h = _mix_np(h ^ ((arr["u_flags"].astype(u64) << u64(32)) | arr["u_from"].astype(u64)))
+        h = _mix_np(h ^ arr["u_until"].astype(u64))
+        h = _mix_np(h ^ ext)
+        h = _mix_np(h ^ pins)
+        g = arr["a_gidx"].astype(np.int64)
+        gname = np.where(g < len(names), names[np.minimum(g, len(names) - 1)], 0).astype(u64)
+        if len(g) and (g >= len(gid)).any():  # a group number with no id: hash its "#n" name, as user_hash
+            for k in np.nonzero(g >= len(gid))[0]:
+                gname[k] = u64(_str_hash(f"#{int(g[k])}"))
+        a = _mix_np(gname ^ ((arr["a_from"].astype(u64) << u64(32)) | arr["a_until"].astype(u64)))
+        j = (np.arange(len(g), dtype=np.int64) - np.repeat(aoff[:-1], counts)).astype(u64)
+        a = _mix_np(a + j)
+        cs = np.concatenate([np.zeros(1, u64), np.cumsum(a, dtype=u64)])
+        h = _mix_np(h + (cs[aoff[1:]] - cs[aoff[:-1]]))
+    if keep is not None:
+        h = h[keep]
+    return (int(np.sum(h, dtype=u64)) if len(h) else 0), len(h)
+
+
+def table_hash(kind: str, model: Door | Schedule | Group) -> int:
+    return _bytes_hash(kind.encode() + b"\0" + _henc.encode(model))
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """The rights checksum: see above. `text()` is what `meta.rights_digest` holds."""
+
+    version: int
+    n_creds: int = 0
+    n_users: int = 0
+    creds: int = 0
+    users: int = 0
+    tables: int = 0
+
+    def text(self) -> str:
+        return (
+            f"1:{self.version}:{self.n_creds}:{self.n_users}:"
+            f"{self.creds & _M64:016x}:{self.users & _M64:016x}:{self.tables & _M64:016x}"
+        )
+
+
+def table_hashes(tables: Tables) -> dict[tuple[str, str], int]:
+    out = {("door", k): table_hash("door", d) for k, d in tables.doors.items()}
+    out |= {("schedule", k): table_hash("schedule", s) for k, s in tables.schedule_models.items()}
+    out |= {("group", k): table_hash("group", g) for k, g in tables.groups.items()}
+    return out
+
+
+def index_digest(index: RightsIndex) -> Digest:
+    """The checksum of everything `index` answers with (visible version). Pure; fine in a worker thread."""
+    b = index._base
+    arr = b.arrays
+    over = index._cred_over
+    if over:
+        keep = ~np.isin(arr["c_card"], np.fromiter(over, np.uint64, len(over)), assume_unique=True)
+        cols = [arr[k][keep] for k in ("c_card", "c_uid", "c_status", "c_from", "c_until")]
+    else:
+        cols = [arr[k] for k in ("c_card", "c_uid", "c_status", "c_from", "c_until")]
+    creds = cred_hash_sum(*cols)
+    n_creds = len(cols[0])
+    for card in over:
+        row = index.cred(card)
+        if row is not None:
+            creds += cred_hash(card, row)
+            n_creds += 1
+    gid = index.tables.gid
+    uover = index._user_over
+    ukeep = None
+    if uover:
+        ukeep = ~np.isin(arr["u_uid"], np.fromiter(uover, np.uint32, len(uover)), assume_unique=True)
+    users, n_users = _user_hash_sum(b, ukeep, gid)
+    for uid in uover:
+        urow = index.user(uid)
+        if urow is not None:
+            users += user_hash(uid, urow, gid)
+            n_users += 1
+    tables = sum(table_hashes(index.tables).values())
+    return Digest(index.visible, n_creds, n_users, creds & _M64, users & _M64, tables & _M64)

@@ -36,13 +36,15 @@ import msgspec
 
 from .errors import StoreError
 from .events import JOURNAL_NEAR_FULL, Detail, Event
-from .store import background_connection
+from .store import background_connection, move_aside
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 JOURNAL_OVERFLOW = "alarm.journal_overflow"
 STORAGE_ALARM = "alarm.storage"
+#: The journal file failed its integrity check at open: it was moved aside (kept) and a new one started.
+JOURNAL_DAMAGED = "alarm.journal_damaged"
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Event)
@@ -91,12 +93,40 @@ class Journal:
         self.on_durable: list[Callable[[], None]] = []
 
     async def __aenter__(self) -> Self:
+        """Open the journal. A damaged file (it fails SQLite's `quick_check`, or cannot be read at all) never
+        stops the start: it is moved aside (`journal.db.damaged-<time>`, kept for forensics), a new journal
+        is started, and its first event is a `JOURNAL_DAMAGED` alarm. Sequence numbers go on above the old
+        file's when they can still be read from it, else from the current time in milliseconds (above any
+        journal's count), so the cloud never sees a number twice."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._open(check=True)
+        except sqlite3.DatabaseError as e:
+            reason = f"{type(e).__name__}: {e}"[:300]
+            salvaged = await asyncio.to_thread(_salvage_next_seq, self.path)
+            moved = move_aside(self.path)
+            log.error("journal %s is damaged (%s); moved aside to %s, a new journal is started", self.path,
+                      reason, moved.name)  # fmt: skip
+            await self._open(check=False)
+            self._next_seq = max(self._next_seq, salvaged or int(self.clock() * 1000))
+            self.record(
+                JOURNAL_DAMAGED,
+                detail={"error": reason, "moved_to": moved.name, "seq_from": "old file" if salvaged else "clock"},
+            )
+        self._task = asyncio.get_running_loop().create_task(self._flusher(), name="journal.flush")
+        return self
+
+    async def _open(self, *, check: bool) -> None:
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await background_connection(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            if check:
+                async with self._db.execute("PRAGMA quick_check") as c:
+                    rows = [r[0] for r in await c.fetchall()]
+                if rows != ["ok"]:
+                    raise sqlite3.DatabaseError(f"integrity check failed: {'; '.join(map(str, rows[:5]))}")
             await self._db.execute(
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, body BLOB NOT NULL)"
             )
@@ -115,8 +145,6 @@ class Journal:
             await self._db.close()
             self._db = None
             raise
-        self._task = asyncio.get_running_loop().create_task(self._flusher(), name="journal.flush")
-        return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -315,3 +343,21 @@ class Journal:
         """Wait until the next batch has been written."""
         self._durable.clear()
         await self._durable.wait()
+
+
+def _salvage_next_seq(path: Path) -> int | None:
+    """The next sequence number of a damaged journal, if the file still tells (best effort)."""
+    seqs: list[int] = []
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        for q in ("SELECT max(seq) FROM events", "SELECT value FROM jmeta WHERE key='next_seq'"):
+            with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
+                row = con.execute(q).fetchone()
+                if row and row[0] is not None:
+                    seqs.append(int(row[0]) + (1 if q.startswith("SELECT max") else 0))
+    finally:
+        con.close()
+    return max(seqs) if seqs else None

@@ -4,6 +4,10 @@ These are the msgspec Structs that travel from the cloud to the gateway and are 
 are timezone-aware datetimes on the wire (RFC 3339) and whole UTC seconds inside the index. A missing
 `valid_from` means "since always", a missing `valid_until` means "for ever"; every window is half-open,
 `valid_from <= t < valid_until`.
+
+Limits (documented in docs/model.md, enforced by the decoders through `Meta` and, for the counts over a
+whole site, by `Store` when it plans a change set; a breach is refused as a whole, `bad_field`, naming
+the field): they bound what one message can make the gateway hold or compute.
 """
 
 from __future__ import annotations
@@ -11,10 +15,32 @@ from __future__ import annotations
 import enum
 import re
 from datetime import date, datetime
-from typing import Annotated
+from typing import Annotated, Final
 
 import msgspec
 from msgspec import Meta
+
+from .errors import ChangeRejected
+
+#: Weekly intervals of one schedule (a week has 7 x 1,440 minutes; 1,000 covers any real timetable).
+MAX_INTERVALS: Final = 1000
+#: Holidays of one schedule, and intervals on a holiday.
+MAX_HOLIDAYS: Final = 400
+MAX_HOLIDAY_INTERVALS: Final = 100
+#: Per site (the end state of every change set and every snapshot).
+MAX_SCHEDULES: Final = 500
+MAX_DOORS: Final = 1000
+MAX_GROUPS: Final = 4096
+#: Doors of one group; assignments (groups) of one user.
+MAX_GROUP_DOORS: Final = MAX_DOORS
+MAX_ASSIGNMENTS: Final = 64
+#: Free-text fields: names (characters), a PIN hash, a card format name, a time zone name.
+MAX_NAME: Final = 200
+MAX_PIN_HASH: Final = 256
+MAX_FORMAT: Final = 32
+MAX_TZ: Final = 64
+
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
 
 #: Identifiers of doors, groups, schedules and users: short, printable, no whitespace.
 Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
@@ -75,16 +101,16 @@ class Schedule(Base, frozen=True):
     """
 
     id: Ident
-    name: str = ""
-    intervals: list[Interval] = []
-    holidays: list[date] = []
-    holiday_intervals: list[TimeRange] = []
-    tz: str | None = None
+    name: Name = ""
+    intervals: Annotated[list[Interval], Meta(max_length=MAX_INTERVALS)] = []
+    holidays: Annotated[list[date], Meta(max_length=MAX_HOLIDAYS)] = []
+    holiday_intervals: Annotated[list[TimeRange], Meta(max_length=MAX_HOLIDAY_INTERVALS)] = []
+    tz: Annotated[str, Meta(max_length=MAX_TZ)] | None = None
 
 
 class Door(Base, frozen=True):
     id: Ident
-    name: str = ""
+    name: Name = ""
     strike_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
     extended_strike_s: Annotated[float, Meta(gt=0, le=3600)] = 15.0
     held_open_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
@@ -100,8 +126,8 @@ class Group(Base, frozen=True):
     """An access level: a set of doors, open to its members while the schedule allows (None = always)."""
 
     id: Ident
-    name: str = ""
-    doors: list[Ident] = []
+    name: Name = ""
+    doors: Annotated[list[Ident], Meta(max_length=MAX_GROUP_DOORS)] = []
     schedule: Ident | None = None
 
 
@@ -115,18 +141,18 @@ class Assignment(Base, frozen=True):
 
 class User(Base, frozen=True):
     id: Ident
-    name: str = ""
+    name: Name = ""
     active: bool = True  # "access control activated"
     offline_access: bool = False
     extended_door_time: bool = False
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     #: A salted hash made by `edge.pin.hash_pin` (never the PIN itself).
-    pin_hash: str | None = None
+    pin_hash: Annotated[str, Meta(max_length=MAX_PIN_HASH)] | None = None
     #: An emergency card: still admitted when the clock is not trusted and the policy says
     #: "emergency cards only" (see docs/model.md).
     emergency: bool = False
-    assignments: list[Assignment] = []
+    assignments: Annotated[list[Assignment], Meta(max_length=MAX_ASSIGNMENTS)] = []
 
 
 class Credential(Base, frozen=True):
@@ -134,7 +160,7 @@ class Credential(Base, frozen=True):
 
     card: CardNumber
     user: Ident
-    format: str = "h10301"
+    format: Annotated[str, Meta(max_length=MAX_FORMAT)] = "h10301"
     #: The facility (site / company) code the card carries, for formats that have one. When set, a read
     #: with another facility code (or none) is refused: same card number, different card.
     facility: Annotated[int, Meta(ge=0, lt=2**24 - 1)] | None = None
@@ -216,9 +242,52 @@ class Snapshot(Base, frozen=True):
     """The whole rights state at `version` (replaces everything)."""
 
     version: Annotated[int, Meta(ge=0)]
-    doors: list[Door] = []
-    schedules: list[Schedule] = []
-    groups: list[Group] = []
+    doors: Annotated[list[Door], Meta(max_length=MAX_DOORS)] = []
+    schedules: Annotated[list[Schedule], Meta(max_length=MAX_SCHEDULES)] = []
+    groups: Annotated[list[Group], Meta(max_length=MAX_GROUPS)] = []
     users: list[User] = []
     credentials: list[Credential] = []
 
+
+# --- limits outside the decoder ------------------------------------------------------------------------
+
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def rejection(e: msgspec.ValidationError) -> ChangeRejected:
+    """A decoder's refusal as `ChangeRejected("bad_field")` with the field's path (``changes[3].user.name``)."""
+    text = str(e)
+    m = _AT.search(text)
+    return ChangeRejected("bad_field", text, path=m.group(1) if m else None)
+
+
+def _too_long(path: str, what: str, n: int, limit: int) -> ChangeRejected:
+    return ChangeRejected("bad_field", f"{path}: {n} {what}, more than the limit of {limit}", path=path)
+
+
+def check_limits(obj: Door | Schedule | Group | User | Credential, path: str) -> None:
+    """The per-object limits the decoder enforces, for objects built in code (cheap: lengths only)."""
+    if isinstance(obj, Schedule):
+        for field, limit in (
+            ("intervals", MAX_INTERVALS), ("holidays", MAX_HOLIDAYS), ("holiday_intervals", MAX_HOLIDAY_INTERVALS),
+        ):  # fmt: skip
+            n = len(getattr(obj, field))
+            if n > limit:
+                raise _too_long(f"{path}.{field}", field.replace("_", " "), n, limit)
+        if obj.tz is not None and len(obj.tz) > MAX_TZ:
+            raise _too_long(f"{path}.tz", "characters", len(obj.tz), MAX_TZ)
+    if isinstance(obj, Group) and len(obj.doors) > MAX_GROUP_DOORS:
+        raise _too_long(f"{path}.doors", "doors", len(obj.doors), MAX_GROUP_DOORS)
+    if isinstance(obj, User):
+        if len(obj.assignments) > MAX_ASSIGNMENTS:
+            raise _too_long(f"{path}.assignments", "assignments", len(obj.assignments), MAX_ASSIGNMENTS)
+        if obj.pin_hash is not None and len(obj.pin_hash) > MAX_PIN_HASH:
+            raise _too_long(f"{path}.pin_hash", "characters", len(obj.pin_hash), MAX_PIN_HASH)
+    if isinstance(obj, Credential) and len(obj.format) > MAX_FORMAT:
+        raise _too_long(f"{path}.format", "characters", len(obj.format), MAX_FORMAT)
+    ident = getattr(obj, "id", "")
+    if len(ident) > 64:
+        raise _too_long(f"{path}.id", "characters", len(ident), 64)
+    name = getattr(obj, "name", "")
+    if len(name) > MAX_NAME:
+        raise _too_long(f"{path}.name", "characters", len(name), MAX_NAME)

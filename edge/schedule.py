@@ -48,10 +48,11 @@ class LocalClock:
 class CompiledSchedule:
     """A Schedule as seven minute bitmasks plus a holiday set."""
 
-    __slots__ = ("clock", "holiday_mask", "holidays", "id", "week")
+    __slots__ = ("clock", "holiday_mask", "holidays", "id", "model", "week")
 
     def __init__(self, schedule: Schedule, site_tz: ZoneInfo) -> None:
         self.id = schedule.id
+        self.model = schedule  # what it was compiled from (Tables.build reuses it for the same object)
         tz = ZoneInfo(schedule.tz) if schedule.tz else site_tz
         self.clock = LocalClock(tz)
         week = [0] * 7

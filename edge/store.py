@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
+import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,13 +43,22 @@ from .index import (
     STATUS_CODES,
     AssignRow,
     CredRow,
+    Digest,
     RightsIndex,
     Tables,
     UserRow,
+    cred_hash,
     drain,
+    index_digest,
     status_word,
+    table_hash,
+    table_hashes,
+    user_hash,
 )
 from .model import (
+    MAX_DOORS,
+    MAX_GROUPS,
+    MAX_SCHEDULES,
     ChangeSet,
     Credential,
     DeleteCredential,
@@ -64,6 +76,7 @@ from .model import (
     Schedule,
     Snapshot,
     User,
+    check_limits,
 )
 from .pin import valid_pin_hash
 from .schedule import CompiledSchedule
@@ -167,11 +180,13 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Index entries staged per loop turn while publishing a change set (keeps each turn well under 1 ms).
 STAGE_SLICE = 250
 #: Changes validated per loop turn.
 PLAN_SLICE = 50
+#: Intervals (plus holidays) up to which a schedule is compiled on the loop (~0.2 ms); larger ones in a thread.
+INLINE_COMPILE = 64
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
 
@@ -195,7 +210,113 @@ _MIGRATIONS: dict[int, list[str]] = {
         "INSERT INTO meta (key, value) VALUES ('rights_version', 0)",
     ],
     2: ["ALTER TABLE credentials ADD COLUMN facility INTEGER"],
+    # 3: meta.rights_digest (see `index.Digest`), written after the migration from the rows as loaded.
+    3: [],
 }
+META_DIGEST = "rights_digest"
+#: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
+RIGHTS_DAMAGED = "alarm.rights_damaged"
+#: `Store.needs_snapshot` after a damaged store: the reason the link gives the cloud when asking for one.
+DAMAGED = "damaged"
+
+
+class Damaged(StoreError):
+    """The rights file fails its integrity check (SQLite structure, schema or the rights checksum)."""
+
+
+#: What opening a damaged file raises: SQLite's own errors (not a database, malformed, ...), ours, and
+#: the decoders' (a body that no longer decodes).
+_DAMAGE_ERRORS = (sqlite3.DatabaseError, Damaged, msgspec.DecodeError, msgspec.ValidationError, ValueError,
+                  KeyError, IndexError, TypeError)  # fmt: skip
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def move_aside(path: Path, what: str = "damaged") -> Path:
+    """Rename `path` (and its -wal/-shm files) to `path.<what>-<UTC time>`, kept for forensics."""
+    stamp = _stamp()
+    dest = path.with_name(f"{path.name}.{what}-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{what}-{stamp}.{n}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.replace(src, f"{dest}{suffix}")
+    fsync_dir(path.parent)
+    return dest
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_file_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, "rb") as f, open(tmp, "wb") as g:
+        shutil.copyfileobj(f, g, 1 << 20)
+        g.flush()
+        os.fsync(g.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _quick_check(con: sqlite3.Connection) -> str | None:
+    rows = con.execute("PRAGMA quick_check").fetchall()
+    return None if [r[0] for r in rows] == ["ok"] else "; ".join(str(r[0]) for r in rows[:5])
+
+
+def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, str | None]:
+    """(index, stored digest text, quick_check problem) read from the file with a connection of its own.
+
+    Blocking: for a worker thread (`Store.check_integrity`). Reads the rows the way `Store` loads them."""
+    lower_thread_priority()
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        problem = _quick_check(con)
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('rights_version', ?)", (META_DIGEST,)))
+        doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
+        scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
+        groups = [_dec_group.decode(b) for (b,) in con.execute("SELECT body FROM groups")]
+        tables = Tables.build(site_tz, doors, scheds, groups)
+        c = np.array(
+            con.execute(
+                "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil FROM credentials "
+                "ORDER BY card"
+            ).fetchall(),
+            dtype=np.int64,
+        ).reshape(-1, 5)
+        assigns: dict[int, list[AssignRow]] = {}
+        for uid, g, f, u in con.execute("SELECT uid, group_id, vfrom, vuntil FROM assignments ORDER BY uid, pos"):
+            assigns.setdefault(int(uid), []).append((tables.gidx.get(g, 0xFFFF), f, u))
+        users: list[tuple[int, UserRow]] = [
+            (int(uid), (ext, flags, f, u, pin, tuple(assigns.get(int(uid), ()))))
+            for uid, ext, flags, f, u, pin in con.execute(
+                "SELECT uid, ext_id, flags, vfrom, vuntil, pin_hash FROM users ORDER BY uid"
+            )
+        ]
+    finally:
+        con.close()
+    from .index import build_arrays
+
+    creds: list[tuple[int, CredRow]] = [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4]))) for r in c]
+    idx = RightsIndex(tables, build_arrays(creds, users), version=int(meta.get("rights_version", -1)))
+    digest = meta.get(META_DIGEST)
+    return idx, None if digest is None else str(digest), problem
+
 
 _enc = msgspec.msgpack.Encoder()
 _dec_door = msgspec.msgpack.Decoder(Door)
@@ -242,12 +363,16 @@ class _Plan:
     """What a validated change set does: SQL parameter lists and index rows."""
 
     tables: Tables | None = None
-    put_doors: list[Door] = field(default_factory=list)
+    #: The end state of each door, schedule and group the change set touches: an id is either put (its
+    #: last value) or deleted, never both, so the order the writer runs them in cannot matter.
+    put_doors: dict[str, Door] = field(default_factory=dict)
     del_doors: set[str] = field(default_factory=set)
-    put_scheds: list[Schedule] = field(default_factory=list)
+    put_scheds: dict[str, Schedule] = field(default_factory=dict)
     del_scheds: set[str] = field(default_factory=set)
-    put_groups: list[Group] = field(default_factory=list)
+    put_groups: dict[str, Group] = field(default_factory=dict)
     del_groups: set[str] = field(default_factory=set)
+    #: (kind, id) -> (encoded body, its `table_hash`) of every door, schedule and group put
+    bodies: dict[tuple[str, str], tuple[bytes, int]] = field(default_factory=dict)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
     deleted_users: list[int] = field(default_factory=list)
     #: card -> (credential, uid, index row, index of its change), or None for a deleted card
@@ -269,6 +394,20 @@ class Store:
         self._compacting: asyncio.Task[None] | None = None
         #: Called on the loop thread whenever the index object is replaced (snapshot, compaction).
         self.on_swap: list[Callable[[RightsIndex], None]] = []
+        #: The checksum of the rights in force (kept in step with every change set and snapshot).
+        self._digest = Digest(0)
+        self._tab_hash: dict[tuple[str, str], int] = {}
+        #: Set when the rights are not the ones last written (a damaged file: see `__aenter__`): the link
+        #: must ask the cloud for a snapshot, with this as the reason. Cleared by the next snapshot.
+        self.needs_snapshot: str | None = None
+        #: What was found at open when the file was damaged (the detail of the `RIGHTS_DAMAGED` alarm the
+        #: agent journals), else None.
+        self.damage: dict[str, Any] | None = None
+
+    @property
+    def verified_path(self) -> Path:
+        """The last verified copy of the rights (replaced atomically after each verified snapshot/compaction)."""
+        return self.path.with_name(self.path.name + ".verified")
 
     def _swap(self, new: RightsIndex) -> None:
         self.index = new
@@ -278,19 +417,148 @@ class Store:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        """Open and verify the rights; a damaged file never stops the start.
+
+        The file must pass SQLite's `quick_check`, carry a known schema, decode, and match its rights
+        checksum (`meta.rights_digest`, see `index.Digest`). Failing any of these, it is moved aside
+        (`rights.db.damaged-<time>`, kept) and the last verified copy (`rights.db.verified`) is used instead;
+        with none (or a damaged one too) the store starts empty: no door, no card, every door stays in its
+        safe state. Either way `needs_snapshot` is set and `damage` says what happened, for the alarm.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._open()
+        except _DAMAGE_ERRORS as e:
+            await self._recover(e)
+        if self.damage is None and not self.verified_path.exists():
+            await self._save_verified_copy()
+        return self
+
+    async def _open(self) -> None:
+        existed = self.path.exists()
+        if existed and self.path.stat().st_size == 0:
+            raise Damaged(f"{self.path}: the file is empty (0 bytes)")
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await background_connection(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             await self._db.execute("PRAGMA foreign_keys=OFF")
-            await self._migrate()
-            self._swap(await self._load_index())
+            async with self._db.execute("PRAGMA quick_check") as cur:
+                rows = [r[0] for r in await cur.fetchall()]
+            if rows != ["ok"]:
+                raise Damaged(f"integrity check failed: {'; '.join(map(str, rows[:5]))}")
+            have = await self._migrate(existed)
+            index = await self._load_index()
+            digest = await asyncio.to_thread(in_background(index_digest, index))
+            stored = await self.get_meta(META_DIGEST)
+            if stored is None and have >= 3:
+                raise Damaged("the rights checksum is missing")
+            if stored is not None and stored != digest.text():
+                raise Damaged(f"the rights differ from their checksum (stored {stored}, rows {digest.text()})")
+            if stored is None:  # a new file, or one written before schema 3: checksum what is there
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text())
+                )
+            self._digest = digest
+            self._tab_hash = await asyncio.to_thread(in_background(table_hashes, index.tables))
+            self._swap(index)
         except BaseException:
             await self.close()
             raise
-        return self
+
+    async def _recover(self, error: BaseException) -> None:
+        """The file at `self.path` is damaged: move it aside and open the verified copy, or nothing."""
+        reason = f"{type(error).__name__}: {error}"[:300]
+        moved = move_aside(self.path)
+        log.error("rights store %s is damaged (%s); moved aside to %s", self.path, reason, moved.name)
+        fallback = "empty"
+        copy_error: str | None = None
+        if self.verified_path.exists():
+            await asyncio.to_thread(_copy_file_atomic, self.verified_path, self.path)
+            try:
+                await self._open()
+                fallback = "verified_copy"
+            except _DAMAGE_ERRORS as e:
+                copy_error = f"{type(e).__name__}: {e}"[:300]
+                log.error("the verified copy %s is damaged too (%s)", self.verified_path, copy_error)
+                move_aside(self.path)
+                move_aside(self.verified_path)
+        if fallback == "empty":
+            await self._open()  # a new, empty file
+            log.error(
+                "rights store started EMPTY: no doors, no credentials; every door stays in its safe state "
+                "until the cloud sends a snapshot"
+            )
+        else:
+            log.error("rights store runs on its last verified copy (version %d) until the cloud sends a snapshot",
+                      self.version)  # fmt: skip
+        self.needs_snapshot = DAMAGED
+        self.damage = {
+            "error": reason, "moved_to": moved.name, "fallback": fallback, "version": self.version,
+            "credentials": len(self.index), **({"copy_error": copy_error} if copy_error else {}),
+        }  # fmt: skip
+
+    async def _save_verified_copy(self) -> None:
+        """Write a consistent copy of the rights next to them, atomically (temp file, fsync, rename)."""
+        tmp = self.verified_path.with_name(self.verified_path.name + ".tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            await self.db.execute("VACUUM INTO ?", (str(tmp),))
+            await asyncio.to_thread(_fsync_file, tmp)
+            os.replace(tmp, self.verified_path)
+            await asyncio.to_thread(fsync_dir, self.path.parent)
+        except (sqlite3.Error, OSError) as e:  # no copy is a loss of a fallback, never a reason to stop
+            log.error("could not write the verified copy of the rights: %s", e)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    async def check_integrity(self) -> str | None:
+        """The periodic check (the agent calls it, e.g. hourly): None when the file is sound and holds
+        exactly the rights in memory; else what is wrong (logged as an error; `needs_snapshot` is set).
+
+        Runs SQLite's `quick_check` and recomputes the rights checksum from the rows, in a worker thread at
+        background priority with a read-only connection of its own: the loop never waits on it. When sound
+        and the verified copy is older than the rights, the copy is refreshed.
+        """
+        async with self._lock:
+            problem = await self._check_locked()
+            if problem is None and await self._copy_version() != self.version:
+                await self._save_verified_copy()
+            return problem
+
+    async def _check_locked(self) -> str | None:
+        want = self._digest.text()
+        try:
+            idx, stored, problem = await asyncio.to_thread(read_index, self.path, self.site_tz)
+            got = await asyncio.to_thread(in_background(index_digest, idx))
+        except _DAMAGE_ERRORS as e:
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            if problem is None and stored != want:
+                problem = f"the stored checksum {stored} is not that of the rights in force ({want})"
+            elif problem is None and got.text() != want:
+                problem = f"the rows on disk differ from the rights in force ({got.text()} != {want})"
+        if problem is not None:
+            log.error("rights store %s failed its integrity check: %s", self.path, problem)
+            self.needs_snapshot = DAMAGED
+            return problem[:300]
+        return None
+
+    async def _copy_version(self) -> int | None:
+        def read() -> int | None:
+            if not self.verified_path.exists():
+                return None
+            con = sqlite3.connect(f"file:{self.verified_path}?mode=ro", uri=True)
+            try:
+                row = con.execute("SELECT value FROM meta WHERE key='rights_version'").fetchone()
+                return int(row[0]) if row else None
+            except sqlite3.Error:
+                return None
+            finally:
+                con.close()
+
+        return await asyncio.to_thread(read)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -318,12 +586,16 @@ class Store:
     def version(self) -> int:
         return self.index.visible
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, existed: bool = False) -> int:
+        """Bring the schema up to date; returns the version found. A file that existed but holds no schema
+        (emptied, wiped) and one of an unknown (newer) schema are refused as damaged."""
         async with self.db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         have = int(row[0]) if row else 0
         if have > SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: schema version {have} is newer than this software ({SCHEMA_VERSION})")
+            raise Damaged(f"{self.path}: schema version {have} is newer than this software ({SCHEMA_VERSION})")
+        if have == 0 and existed:
+            raise Damaged(f"{self.path}: the file holds no rights schema (emptied or wiped)")
         for v in range(have + 1, SCHEMA_VERSION + 1):
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -335,6 +607,7 @@ class Store:
                 await self.db.execute("ROLLBACK")
                 raise
             log.info("store schema migrated to version %d", v)
+        return have
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self.db.execute(sql, params) as cur:
@@ -350,10 +623,8 @@ class Store:
 
     async def _load_index(self) -> RightsIndex:
         version = int((await self._rows("SELECT value FROM meta WHERE key='rights_version'"))[0][0])
-        doors = [_dec_door.decode(b) for (b,) in await self._rows("SELECT body FROM doors")]
-        scheds = [_dec_sched.decode(b) for (b,) in await self._rows("SELECT body FROM schedules")]
-        groups = [_dec_group.decode(b) for (b,) in await self._rows("SELECT body FROM groups")]
-        tables = Tables.build(self.site_tz, doors, scheds, groups)
+        bodies = [[b for (b,) in await self._rows(f"SELECT body FROM {t}")] for t in ("doors", "schedules", "groups")]
+        tables = await asyncio.to_thread(in_background(_decode_tables, self.site_tz, *bodies))
         arrays = await self.load_arrays(tables)
         mx = await self._rows("SELECT max(uid) FROM users")
         self._next_uid = int(mx[0][0] or 0) + 1
@@ -450,8 +721,10 @@ class Store:
         if cs.to_version <= cs.from_version:
             raise ChangeRejected("bad_field", "to_version must be greater than from_version", path="to_version")
         plan = await self._plan(cs)
-        await self._write(plan, cs.to_version)
+        digest, tab_hash = await self._digest_after(plan, cs.to_version)
+        await self._write(plan, cs.to_version, digest)
         self._next_uid = plan.next_uid
+        self._digest, self._tab_hash = digest, tab_hash
         await self._stage(plan, cs.to_version)
         self._maybe_compact()
         await dispose(plan.creds, plan.users)
@@ -485,12 +758,18 @@ class Store:
         )
         assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
         tables = plan.tables or Tables(self.site_tz)
-        await self._write(plan, snap.version, wipe=True)
-        self._next_uid = plan.next_uid
         new = await asyncio.to_thread(in_background(_index_from_plan, tables, plan, snap.version))
+        digest = await asyncio.to_thread(in_background(index_digest, new))
+        await self._write(plan, snap.version, digest, wipe=True)
+        self._next_uid = plan.next_uid
+        self._digest, self._tab_hash = digest, {k: v[1] for k, v in plan.bodies.items()}
         old = self.index
         self._swap(new)
         await dispose(*old.detach_overlay(), changes, plan.creds, plan.users)
+        if self.needs_snapshot is not None:
+            log.warning("rights replaced by a snapshot (version %d): the store is whole again", snap.version)
+            self.needs_snapshot = None
+        await self._save_verified_copy()
         return ApplyResult(snap.version, applied=True, changes=len(changes))
 
     async def _uids(self, ext_ids: Iterable[str], out: dict[str, int | None]) -> None:
@@ -519,6 +798,7 @@ class Store:
         doors = dict(tables.doors)
         scheds = dict(tables.schedule_models)
         groups = dict(tables.groups)
+        compiled = dict(tables.schedules)  # reused by Tables.build for every schedule the set leaves alone
         small_changed = False
 
         uid_of: dict[str, int | None] = {}
@@ -555,41 +835,52 @@ class Store:
                 await pause()  # validation of a large set must not hold the loop
             p = f"changes[{i}]"
             if isinstance(ch, PutDoor):
+                check_limits(ch.door, f"{p}.door")
                 doors[ch.door.id] = ch.door
                 plan.del_doors.discard(ch.door.id)
-                plan.put_doors.append(ch.door)
+                plan.put_doors[ch.door.id] = ch.door
                 small_changed = True
             elif isinstance(ch, DeleteDoor):
                 if doors.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no door {ch.id!r}", path=f"{p}.id")
+                plan.put_doors.pop(ch.id, None)
                 plan.del_doors.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutSchedule):
+                check_limits(ch.schedule, f"{p}.schedule")
+                sc = ch.schedule
                 try:
-                    CompiledSchedule(ch.schedule, self.site_tz)
+                    if len(sc.intervals) + len(sc.holiday_intervals) + len(sc.holidays) <= INLINE_COMPILE:
+                        compiled[sc.id] = CompiledSchedule(sc, self.site_tz)
+                    else:  # a large schedule is compiled beside the loop, never on it
+                        compiled[sc.id] = await asyncio.to_thread(in_background(CompiledSchedule, sc, self.site_tz))
                 except (ValueError, KeyError) as e:
                     raise ChangeRejected("bad_field", f"{p}.schedule: {e}", path=f"{p}.schedule") from None
                 scheds[ch.schedule.id] = ch.schedule
                 plan.del_scheds.discard(ch.schedule.id)
-                plan.put_scheds.append(ch.schedule)
+                plan.put_scheds[ch.schedule.id] = ch.schedule
                 small_changed = True
             elif isinstance(ch, DeleteSchedule):
                 if scheds.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no schedule {ch.id!r}", path=f"{p}.id")
+                plan.put_scheds.pop(ch.id, None)
                 plan.del_scheds.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutGroup):
+                check_limits(ch.group, f"{p}.group")
                 groups[ch.group.id] = ch.group
                 plan.del_groups.discard(ch.group.id)
-                plan.put_groups.append(ch.group)
+                plan.put_groups[ch.group.id] = ch.group
                 small_changed = True
             elif isinstance(ch, DeleteGroup):
                 if groups.pop(ch.id, None) is None:
                     raise ChangeRejected("unknown_reference", f"{p}.id: no group {ch.id!r}", path=f"{p}.id")
+                plan.put_groups.pop(ch.id, None)
                 plan.del_groups.add(ch.id)
                 small_changed = True
             elif isinstance(ch, PutUser):
                 u = ch.user
+                check_limits(u, f"{p}.user")
                 uid = uid_of.get(u.id)
                 if uid is None:
                     uid = plan.next_uid
@@ -619,6 +910,7 @@ class Store:
                 plan.deleted_users.append(uid)
             elif isinstance(ch, PutCredential):
                 c = ch.credential
+                check_limits(c, f"{p}.credential")
                 uid = uid_of.get(c.user)
                 if uid is None:
                     raise ChangeRejected(
@@ -646,30 +938,21 @@ class Store:
             else:  # pragma: no cover - the union is closed
                 raise ChangeRejected("malformed", f"{p}: unknown change")
 
-        # Referential integrity of the end state.
-        for grp in groups.values():
-            for door_id in grp.doors:
-                if door_id not in doors:
-                    raise ChangeRejected(
-                        "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
-                    )
-            if grp.schedule is not None and grp.schedule not in scheds:
-                raise ChangeRejected(
-                    "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
-                )
-        for door in doors.values():
-            for s in (door.unlock_schedule, door.pin_schedule):
-                if s is not None and s not in scheds:
-                    raise ChangeRejected(
-                        "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
-                    )
         if small_changed:
-            try:
-                plan.tables = Tables.build(
-                    self.site_tz, doors.values(), scheds.values(), groups.values(), gidx=tables.gidx
+            # The end state's references and limits, and the new tables: in a worker thread (with the
+            # limits, up to ~10^6 group-door pairs; schedules compiled above are reused, not compiled again).
+            plan.tables = await asyncio.to_thread(
+                in_background(
+                    functools.partial(_small_tables, gidx=tables.gidx, compiled=compiled),
+                    self.site_tz,
+                    doors,
+                    scheds,
+                    groups,
                 )
-            except ValueError as e:
-                raise ChangeRejected("bad_field", str(e)) from None
+            )
+            plan.bodies = await asyncio.to_thread(
+                in_background(_encode_bodies, plan.put_doors, plan.put_scheds, plan.put_groups)
+            )
         new_tables = plan.tables or tables
         for n, (uid, (u, ui)) in enumerate(user_models.items()):
             if n % PLAN_SLICE == PLAN_SLICE - 1:
@@ -705,13 +988,49 @@ class Store:
                 await pause()
             if entry is not None and plan.users.get(entry[1], True) is None:
                 path = f"changes[{entry[3]}].credential.user"
-                raise ChangeRejected(
-                    "unknown_reference", f"{path}: the user is deleted in this change set", path=path
-                )
+                raise ChangeRejected("unknown_reference", f"{path}: the user is deleted in this change set", path=path)
         await dispose(uid_of, user_models, ext_of, cards_of_user)
         return plan
 
-    async def _write(self, plan: _Plan, version: int, *, wipe: bool = False) -> None:
+    async def _digest_after(self, plan: _Plan, version: int) -> tuple[Digest, dict[tuple[str, str], int]]:
+        """The rights checksum once `plan` is applied: the old rows' hashes out, the new rows' in."""
+        idx = self.index
+        d = self._digest
+        nc, nu, c, u = d.n_creds, d.n_users, d.creds, d.users
+        for n, (card, e) in enumerate(plan.creds.items()):
+            if n % STAGE_SLICE == STAGE_SLICE - 1:
+                await pause()
+            old = idx.cred(card)
+            if old is not None:
+                c, nc = c - cred_hash(card, old), nc - 1
+            if e is not None:
+                c, nc = c + cred_hash(card, e[2]), nc + 1
+        old_gid = idx.tables.gid
+        new_gid = (plan.tables or idx.tables).gid
+        for n, (uid, v) in enumerate(plan.users.items()):
+            if n % STAGE_SLICE == STAGE_SLICE - 1:
+                await pause()
+            urow = idx.user(uid)
+            if urow is not None:
+                u, nu = u - user_hash(uid, urow, old_gid), nu - 1
+            if v is not None:
+                u, nu = u + user_hash(uid, v[1], new_gid), nu + 1
+        tab = self._tab_hash
+        if plan.tables is not None:
+            tab = dict(tab)
+            for kind, puts, dels in (
+                ("door", plan.put_doors, plan.del_doors),
+                ("schedule", plan.put_scheds, plan.del_scheds),
+                ("group", plan.put_groups, plan.del_groups),
+            ):
+                for k in dels:
+                    tab.pop((kind, k), None)
+                for k in puts:
+                    tab[(kind, k)] = plan.bodies[(kind, k)][1]
+        m64 = (1 << 64) - 1
+        return Digest(version, nc, nu, c & m64, u & m64, sum(tab.values()) & m64), tab
+
+    async def _write(self, plan: _Plan, version: int, digest: Digest, *, wipe: bool = False) -> None:
         db = self.db
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -721,17 +1040,14 @@ class Store:
             await db.executemany("DELETE FROM doors WHERE id=?", [(d,) for d in plan.del_doors])
             await db.executemany("DELETE FROM schedules WHERE id=?", [(s,) for s in plan.del_scheds])
             await db.executemany("DELETE FROM groups WHERE id=?", [(g,) for g in plan.del_groups])
-            await db.executemany(
-                "INSERT OR REPLACE INTO doors VALUES (?, ?)", [(d.id, _enc.encode(d)) for d in plan.put_doors]
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO schedules VALUES (?, ?)",
-                [(s.id, _enc.encode(s)) for s in plan.put_scheds],
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO groups VALUES (?, ?)",
-                [(g.id, _enc.encode(g)) for g in plan.put_groups],
-            )
+            for kind, table, puts in (
+                ("door", "doors", plan.put_doors),
+                ("schedule", "schedules", plan.put_scheds),
+                ("group", "groups", plan.put_groups),
+            ):
+                await db.executemany(
+                    f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", [(k, plan.bodies[(kind, k)][0]) for k in puts]
+                )
             touched = ((uid,) for uid in plan.users)
             await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
             dead = [(uid,) for uid in plan.deleted_users]
@@ -764,6 +1080,7 @@ class Store:
                 ),
             )
             await db.execute("UPDATE meta SET value=? WHERE key='rights_version'", (version,))
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text()))
             await db.execute("COMMIT")
         except BaseException as e:
             try:
@@ -809,20 +1126,90 @@ class Store:
     async def _compact(self) -> None:
         try:
             async with self._lock:
-                old = self.index
-                with gc_paused():
-                    self._swap(await asyncio.to_thread(in_background(old.compacted)))
-                    await dispose(*old.detach_overlay())
+                await self._compact_locked()
         finally:
             self._compacting = None
 
     async def compact(self) -> None:
         """Fold the overlay into the base arrays now (tests and maintenance)."""
         async with self._lock:
-            old = self.index
-            with gc_paused():
-                self._swap(await asyncio.to_thread(in_background(old.compacted)))
-                await dispose(*old.detach_overlay())
+            await self._compact_locked()
+
+    async def _compact_locked(self) -> None:
+        """Compaction, verified: the new base must carry the rights checksum of the old index (else it is
+        dropped, an error logged); then the file is checked and, sound, copied as the verified copy."""
+        old = self.index
+        with gc_paused():
+            new = await asyncio.to_thread(in_background(old.compacted))
+            got = await asyncio.to_thread(in_background(index_digest, new))
+            if got != self._digest:
+                log.error("index compaction dropped: its checksum %s is not the rights' %s", got.text(),
+                          self._digest.text())  # fmt: skip
+                return
+            self._swap(new)
+            await dispose(*old.detach_overlay())
+        if await self._check_locked() is None and await self._copy_version() != self.version:
+            await self._save_verified_copy()
+
+
+def _small_tables(
+    site_tz: ZoneInfo,
+    doors: dict[str, Door],
+    scheds: dict[str, Schedule],
+    groups: dict[str, Group],
+    *,
+    gidx: dict[str, int],
+    compiled: dict[str, CompiledSchedule],
+) -> Tables:
+    """Check the end state of doors, schedules and groups (references, per-site limits) and build its tables.
+    Pure and blocking: run in a worker thread."""
+    for what, n, limit in (("doors", len(doors), MAX_DOORS), ("schedules", len(scheds), MAX_SCHEDULES),
+                           ("groups", len(groups), MAX_GROUPS)):  # fmt: skip
+        if n > limit:
+            raise ChangeRejected("bad_field", f"{what}: the site would have {n}, more than the limit of {limit}",
+                                 path=what)  # fmt: skip
+    for grp in groups.values():
+        for door_id in grp.doors:
+            if door_id not in doors:
+                raise ChangeRejected(
+                    "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
+                )
+        if grp.schedule is not None and grp.schedule not in scheds:
+            raise ChangeRejected(
+                "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
+            )
+    for door in doors.values():
+        for s in (door.unlock_schedule, door.pin_schedule):
+            if s is not None and s not in scheds:
+                raise ChangeRejected(
+                    "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
+                )
+    try:
+        return Tables.build(site_tz, doors.values(), scheds.values(), groups.values(), gidx=gidx, compiled=compiled)
+    except ValueError as e:
+        raise ChangeRejected("bad_field", str(e)) from None
+
+
+def _decode_tables(site_tz: ZoneInfo, doors: list[bytes], scheds: list[bytes], groups: list[bytes]) -> Tables:
+    """Tables from stored bodies (blocking: a worker thread; a schedule at the limit decodes in ~4 ms)."""
+    return Tables.build(
+        site_tz,
+        [_dec_door.decode(b) for b in doors],
+        [_dec_sched.decode(b) for b in scheds],
+        [_dec_group.decode(b) for b in groups],
+    )
+
+
+def _encode_bodies(
+    doors: dict[str, Door], scheds: dict[str, Schedule], groups: dict[str, Group]
+) -> dict[tuple[str, str], tuple[bytes, int]]:
+    """The stored body and checksum hash of each door, schedule and group put (blocking: a worker thread;
+    a schedule at the interval limit takes ~0.2 ms)."""
+    out: dict[tuple[str, str], tuple[bytes, int]] = {}
+    for kind, models in (("door", doors), ("schedule", scheds), ("group", groups)):
+        for k, m in models.items():
+            out[(kind, k)] = (_enc.encode(m), table_hash(kind, m))
+    return out
 
 
 def _index_from_plan(tables: Tables, plan: _Plan, version: int) -> RightsIndex:

@@ -440,3 +440,43 @@ def index_of(model: SiteModel, *, version: int = 1) -> RightsIndex:
         for c in model.credentials.values()
     ]
     return RightsIndex(tables, build_arrays(creds, users), version=version)
+
+
+# --- the store's acceptance rules, the plain way -----------------------------------------------------------
+
+
+def change_set_refusal(model: SiteModel, cs: ChangeSet) -> str | None:
+    """Why the store must refuse `cs` on top of `model` (its `ChangeRejected.code`), or None when it applies.
+
+    The rules of docs/model.md: each change in order (a delete names something that exists at that point,
+    a credential names a user that exists at that point and a card no other user holds), then the end
+    state's references (group -> doors and schedule, door -> schedules, assignment -> group)."""
+    m = model.copy()
+    for ch in cs.changes:
+        if isinstance(ch, DeleteDoor) and ch.id not in m.doors:
+            return "unknown_reference"
+        if isinstance(ch, DeleteSchedule) and ch.id not in m.schedules:
+            return "unknown_reference"
+        if isinstance(ch, DeleteGroup) and ch.id not in m.groups:
+            return "unknown_reference"
+        if isinstance(ch, DeleteUser) and ch.id not in m.users:
+            return "unknown_reference"
+        if isinstance(ch, DeleteCredential) and ch.card not in m.credentials:
+            return "unknown_reference"
+        if isinstance(ch, PutCredential):
+            if ch.credential.user not in m.users:
+                return "unknown_reference"
+            held = m.credentials.get(ch.credential.card)
+            if held is not None and held.user != ch.credential.user:
+                return "duplicate_card"
+        m.apply(ChangeSet(from_version=0, to_version=1, changes=[ch]))
+    for g in m.groups.values():
+        if any(d not in m.doors for d in g.doors) or (g.schedule is not None and g.schedule not in m.schedules):
+            return "unknown_reference"
+    for d in m.doors.values():
+        if any(s is not None and s not in m.schedules for s in (d.unlock_schedule, d.pin_schedule)):
+            return "unknown_reference"
+    for u in m.users.values():
+        if any(a.group not in m.groups for a in u.assignments):
+            return "unknown_reference"
+    return None

@@ -22,6 +22,7 @@ EXPECTED = {
     "wiegand_decode": {"valid_frames_decoded", "corrupted_frames_cardreads"},
     "osdp": {"exchanges_per_second"},
     "fleet": {"import_total_s", "group_change_ack_s", "events_collected_rate"},
+    "tables": {"tables_apply_loop_lag_max", "tables_small_change_loop_lag_max"},
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from edge.errors import StoreError
 from edge.events import ACCESS_GRANTED, JOURNAL_NEAR_FULL
-from edge.journal import JOURNAL_OVERFLOW, STORAGE_ALARM, Journal
+from edge.journal import JOURNAL_DAMAGED, JOURNAL_OVERFLOW, STORAGE_ALARM, Journal
 
 
 async def test_record_is_buffered_then_durable_in_order(tmp_path: Path) -> None:
@@ -94,3 +94,47 @@ async def test_disk_refusing_writes_keeps_events_in_memory_and_recovers(tmp_path
         alarms = [e.detail["state"] for e in evs if e.type == STORAGE_ALARM]
         assert alarms == ["failing", "recovered"]
         assert j.storage_ok
+
+
+# --- a damaged journal never stops the start (issue 12) ---------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    if how == "header":
+        data[0:16] = b"not a database!\0"
+    elif how == "truncated":
+        del data[len(data) // 2 :]
+    elif how == "zeroed_page":
+        pages = len(data) // page
+        k = pages // 2  # a page in the middle of the events table
+        data[k * page : (k + 1) * page] = bytes(page)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["header", "truncated", "zeroed_page"])
+async def test_damaged_journal_is_moved_aside_and_a_new_one_started_with_an_alarm(tmp_path: Path, how: str) -> None:
+    p = tmp_path / "journal.db"
+    async with Journal(p) as j:
+        for i in range(2000):
+            j.record(ACCESS_GRANTED, card=i, detail={"pad": "x" * 50})
+        await j.flush()
+        last = j.next_seq - 1
+    original = p.read_bytes()
+    _damage(p, how)
+    damaged = p.read_bytes()
+    async with Journal(p) as j:  # before: sqlite3.DatabaseError, the agent did not start
+        await j.flush()
+        evs = await j.read(0)
+        assert evs[0].type == JOURNAL_DAMAGED and len(evs) == 1
+        detail = evs[0].detail
+        kept = tmp_path / str(detail["moved_to"])
+        assert kept.name.startswith("journal.db.damaged-") and kept.read_bytes() == damaged != original
+        assert "DatabaseError" in str(detail["error"])
+        assert evs[0].seq > last  # never a sequence number the cloud has seen
+        j.record(ACCESS_GRANTED, card=1)
+        await j.flush()
+        assert [e.type for e in await j.read(0)] == [JOURNAL_DAMAGED, ACCESS_GRANTED]
+    async with Journal(p) as j:  # the new journal is sound: no second alarm
+        assert [e.type for e in await j.read(0)] == [JOURNAL_DAMAGED, ACCESS_GRANTED]

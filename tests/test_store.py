@@ -22,11 +22,15 @@ from edge.model import (
     DeleteSchedule,
     DeleteUser,
     Door,
+    DoorMode,
     Group,
+    Interval,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutSchedule,
     PutUser,
+    Schedule,
     User,
 )
 from edge.store import Store, dispose
@@ -186,15 +190,18 @@ async def test_full_disk_applies_nothing_and_recovers(store: Store) -> None:
     assert r.version == 2 and (await store.counts())["users"] == 503
 
 
-async def test_newer_schema_is_refused(db_path: Path) -> None:
+async def test_newer_schema_is_never_read_but_does_not_stop_the_start(db_path: Path) -> None:
     async with Store(db_path) as s:
         assert s.version == 0
+    db_path.with_name("rights.db.verified").unlink()
     con = sqlite3.connect(db_path)
     con.execute("PRAGMA user_version=99")
     con.close()
-    with pytest.raises(StoreError, match="newer than this software"):
-        async with Store(db_path):
-            pass
+    async with Store(db_path) as s:
+        assert s.damage is not None and "newer than this software" in s.damage["error"]
+        assert s.damage["fallback"] == "empty" and s.needs_snapshot == "damaged"
+    kept = list(db_path.parent.glob("rights.db.damaged-*"))
+    assert len(kept) == 1 and sqlite3.connect(kept[0]).execute("PRAGMA user_version").fetchone()[0] == 99
 
 
 async def test_compaction_keeps_every_answer(store: Store) -> None:
@@ -236,15 +243,20 @@ async def test_schema_1_store_is_migrated_in_place(db_path: Path) -> None:
     async with Store(db_path) as s:
         assert s.index.cred(555) == (1, 0, 0, 4294967295)
     con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
     con.close()
 
 
 async def test_large_change_set_finds_existing_users_in_every_slice(store: Store, db_path: Path) -> None:
     """Users are looked up 500 changes at a time: references far into a set, and deletes, still resolve."""
     n = 1200
-    await store.apply(cs(1, *[PutUser(user=User(id=f"u{i}", assignments=[Assignment(group="lab")])) for i in range(n)],
-                         *[PutCredential(credential=Credential(card=20_000 + i, user=f"u{i}")) for i in range(n)]))
+    await store.apply(
+        cs(
+            1,
+            *[PutUser(user=User(id=f"u{i}", assignments=[Assignment(group="lab")])) for i in range(n)],
+            *[PutCredential(credential=Credential(card=20_000 + i, user=f"u{i}")) for i in range(n)],
+        )
+    )
     users_before = (await store.counts())["users"]
     later: list[object] = [
         PutCredential(credential=Credential(card=30_000 + i, user=f"u{i}")) for i in reversed(range(n))
@@ -285,3 +297,43 @@ async def test_dispose_frees_between_loop_turns() -> None:
     task.cancel()
     assert not big and not lst and not st
     assert turns - start >= 9 + 4 + 2  # steps of 1,000 entries (10, 5 and 3): other tasks ran between any two
+
+
+# --- a door, group or schedule put and deleted in one change set (issue 12) ---------------------------
+
+
+async def test_door_put_and_deleted_in_one_set_stays_deleted_after_restart(store: Store, db_path: Path) -> None:
+    await store.apply(cs(1, PutDoor(door=Door(id="d1", mode=DoorMode.UNLOCKED)), DeleteDoor(id="d1")))
+    assert Decider(store.index).decide("d1", 1001, MONDAY_10).reason is Reason.UNKNOWN_DOOR
+    assert Decider(store.index).decide("d1", 999_999, MONDAY_10).reason is Reason.UNKNOWN_DOOR
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:
+        d = Decider(again.index)
+        assert d.decide("d1", 999_999, MONDAY_10).reason is Reason.UNKNOWN_DOOR  # was free_passage
+        assert d.decide("d1", 1001, MONDAY_10).reason is Reason.UNKNOWN_DOOR
+        assert (await again.counts())["doors"] == 2
+
+
+async def test_group_and_schedule_put_and_deleted_then_later_sets_still_apply(store: Store, db_path: Path) -> None:
+    night = Schedule(id="night", intervals=[Interval(day=0, start="20:00", end="24:00")])
+    await store.apply(
+        cs(
+            1,
+            PutDoor(door=Door(id="tmp")),
+            PutSchedule(schedule=night),
+            PutGroup(group=Group(id="ghost", doors=["tmp"], schedule="night")),
+            DeleteGroup(id="ghost"),
+            DeleteDoor(id="tmp"),
+            DeleteSchedule(id="night"),
+        )
+    )
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:
+        assert (await again.counts())["groups"] == 2 and (await again.counts())["schedules"] == 1
+        # Touching doors, groups and schedules: refused unknown_reference before the fix.
+        r = await again.apply(
+            cs(2, PutDoor(door=Door(id="side")), PutGroup(group=Group(id="g2", doors=["side"], schedule="office")))
+        )
+        assert r.applied
+        r = await again.apply(cs(3, PutSchedule(schedule=night), DeleteGroup(id="g2")))
+        assert r.applied and again.version == 4
