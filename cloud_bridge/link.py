@@ -419,6 +419,7 @@ class CloudLink:
         self._rights_q: asyncio.Queue[bytes] = asyncio.Queue(cfg.rights_queue)
         self._refusals = RefusalLog(cfg.refusal_journal_s)
         self._last_birth = -1e18
+        self._background: set[asyncio.Task[bool]] = set()
         self._wake = asyncio.Event()
         self._acked = 0  # highest seq the cloud acknowledged (this process)
         self._sent = 0  # highest seq sent in the current round
@@ -464,6 +465,9 @@ class CloudLink:
                        "network path, can read events; only signatures protect the doors")  # fmt: skip
         if self._nonces.degraded:
             out.append(f"command nonces: {self._nonces.degraded}")
+        if self.store.needs_snapshot is not None:
+            out.append(f"rights {self.store.needs_snapshot}: running on the last verified copy (or none) until a "
+                       "snapshot arrives")  # fmt: skip
         return out
 
     # --- the command key --------------------------------------------------------------------------------
@@ -580,12 +584,25 @@ class CloudLink:
                     self._set_online(False)
                 await asyncio.sleep(delay())
 
+    def request_snapshot(self) -> None:
+        """Ask the cloud for a snapshot now if connected (and at every connect while the store needs one)."""
+        reason = self.store.needs_snapshot
+        if reason is not None and self._client is not None:
+            msg = ResyncRequest(have=self.store.version, reason=reason)  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(self._publish(Leaf.RIGHTS_REPLY, msg), name="link.resync")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _serve(self, client: aiomqtt.Client) -> None:
         for topic in self.topics.downlink():
             await client.subscribe(topic, qos=1)
         self._client = client
         await self._publish_birth()
         self._set_online(True)
+        if self.store.needs_snapshot is not None:
+            # damaged rights were replaced by the last verified copy (or nothing): the cloud must resend all
+            await self._publish(Leaf.RIGHTS_REPLY, ResyncRequest(have=self.store.version,
+                                                                 reason=self.store.needs_snapshot))  # type: ignore[arg-type]
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._upload(client), name="link.upload")

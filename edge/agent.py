@@ -142,6 +142,8 @@ class Agent:
         self.started = asyncio.Event()
         self.decisions: list[Decision] = []  # the last few, for status
         self.decided = 0  # decisions made in this run (the simulator waits on it)
+        #: How often the rights on disk are checked against memory (Store.check_integrity).
+        self.integrity_check_s = 3600.0
         self._stop = asyncio.Event()
         self._last_mode: dict[str, DoorMode] = {}
 
@@ -674,6 +676,7 @@ class Agent:
                     tg.create_task(self._supervise(f"osdp[{bus.port}]", bus.run), name=f"osdp[{bus.port}]")
                 tg.create_task(self._supervise("link", self._run_link), name="link")
                 tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
+                tg.create_task(self._supervise("integrity", self._check_integrity), name="integrity")
                 tg.create_task(self._watchdog(), name="watchdog")
                 tg.create_task(self._supervise("loop-lag", self.metrics.track_loop_lag), name="loop-lag")
                 stop = tg.create_task(self._stop.wait(), name="stop")
@@ -720,6 +723,19 @@ class Agent:
             if self.link_online and tick % 60 == 0:
                 self._persist_last_online()
             await asyncio.sleep(1.0)
+
+    async def _check_integrity(self) -> None:
+        """Check the rights on disk against the rights in memory every `integrity_check_s` (a cheap
+        `quick_check` and the rights checksum): silently changed rows are an alarm, the verified copy is
+        refreshed when sound, and the link asks the cloud for a snapshot when not."""
+        assert self.store is not None and self.journal is not None
+        while True:
+            await asyncio.sleep(self.integrity_check_s)
+            problem = await self.store.check_integrity()
+            if problem is not None:
+                self.journal.record(RIGHTS_DAMAGED, detail={"error": problem, "when": "periodic"})
+                if self.link is not None:
+                    self.link.request_snapshot()
 
     async def _check_clock(self) -> None:
         """Ask NTP whether the clock is synchronised, and persist the last-good time while trusted."""

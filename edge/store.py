@@ -980,7 +980,7 @@ class Store:
                 raise ChangeRejected(
                     "unknown_reference",
                     f"group {hit[0][1]!r} is still assigned to user {hit[0][0]!r}",
-                    path=f"group {hit[0][1]}",
+                    path=f"users[{hit[0][0]}].assignments",
                 )
         # A credential may only point at a user that exists at the end.
         for n, entry in enumerate(plan.creds.values()):
@@ -1168,22 +1168,21 @@ def _small_tables(
         if n > limit:
             raise ChangeRejected("bad_field", f"{what}: the site would have {n}, more than the limit of {limit}",
                                  path=what)  # fmt: skip
+    # Paths name the object of the resulting site (`groups[staff].doors[1]`): these are end-state checks,
+    # so the change that broke the reference may be any of several.
     for grp in groups.values():
-        for door_id in grp.doors:
+        for i, door_id in enumerate(grp.doors):
             if door_id not in doors:
-                raise ChangeRejected(
-                    "unknown_reference", f"group {grp.id!r}: no door {door_id!r}", path=f"group {grp.id}"
-                )
+                raise ChangeRejected("unknown_reference", f"group {grp.id!r}: no door {door_id!r}",
+                                     path=f"groups[{grp.id}].doors[{i}]")  # fmt: skip
         if grp.schedule is not None and grp.schedule not in scheds:
-            raise ChangeRejected(
-                "unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}", path=f"group {grp.id}"
-            )
+            raise ChangeRejected("unknown_reference", f"group {grp.id!r}: no schedule {grp.schedule!r}",
+                                 path=f"groups[{grp.id}].schedule")  # fmt: skip
     for door in doors.values():
-        for s in (door.unlock_schedule, door.pin_schedule):
+        for attr, s in (("unlock_schedule", door.unlock_schedule), ("pin_schedule", door.pin_schedule)):
             if s is not None and s not in scheds:
-                raise ChangeRejected(
-                    "unknown_reference", f"door {door.id!r}: no schedule {s!r}", path=f"door {door.id}"
-                )
+                raise ChangeRejected("unknown_reference", f"door {door.id!r}: no schedule {s!r}",
+                                     path=f"doors[{door.id}].{attr}")  # fmt: skip
     try:
         return Tables.build(site_tz, doors.values(), scheds.values(), groups.values(), gidx=gidx, compiled=compiled)
     except ValueError as e:

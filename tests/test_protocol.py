@@ -129,8 +129,8 @@ def examples() -> dict[str, Any]:
             version=43,
             error=p.ErrorInfo(
                 code="unknown_reference",
-                message="changes[0].group.doors[1]: no door 'cellar'",
-                path="changes[0].group.doors[1]",
+                message="group 'staff': no door 'cellar'",
+                path="groups[staff].doors[1]",
             ),
         ),
         "result_gap": p.RightsResult(

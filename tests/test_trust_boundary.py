@@ -440,3 +440,30 @@ async def test_a_full_disk_does_not_block_a_signed_lockdown(
         b = await cloud.wait_for(lambda: next((x for x in cloud.births if any("nonces" in w for w in x.warnings)),
                                               None))  # fmt: skip
         assert b.session == first.session  # the same connection all along
+
+
+async def test_damaged_rights_make_the_gateway_ask_the_cloud_for_a_snapshot(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    site, gw = unique("s"), "gw1"
+    state = tmp_path / "gw"
+    async with (
+        gateway(broker, state, site_key, site=site, gw=gw),
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        await cloud.wait_online()
+        assert (await cloud.send_snapshot(small_snapshot(3, range(100, 110)))).applied
+    with open(state / "rights.db", "r+b") as f:  # a bad header: the file is no SQLite database any more
+        f.write(b"this is not sqlite")
+    async with (
+        gateway(broker, state, site_key, site=site, gw=gw) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+    ):
+        birth = await cloud.wait_online()
+        assert g.store.needs_snapshot == "damaged"
+        assert any("rights damaged" in w for w in birth.warnings), birth.warnings
+        rs = await cloud.wait_for(lambda: next((r for r in cloud.resyncs if r.reason == "damaged"), None))
+        assert rs.have == g.store.version
+        r = await cloud.send_snapshot(small_snapshot(rs.have + 1, range(100, 120)))
+        assert r.ok and r.applied and g.store.needs_snapshot is None
+        assert g.store.index.cred(115) is not None
