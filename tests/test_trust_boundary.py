@@ -225,6 +225,7 @@ async def test_one_message_never_kills_the_link(
     field), sent again and again: the link stays up, answers, and a signed lockdown still gets its result."""
     site, gw = unique("s"), "gw1"
     async with (
+        asyncio.timeout(90),  # a hang fails here with the line it hung on, not at pytest's timeout
         gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw) as g,
         cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
     ):
