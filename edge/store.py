@@ -13,25 +13,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
-import shutil
 import sqlite3
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, TypeVar
 from zoneinfo import ZoneInfo
 
-import aiosqlite
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from ._sqlite import (
+    SqliteService,
+    breathing,
+    copy_file_atomic,
+    dispose,
+    fsync_dir,
+    fsync_file,
+    gc_paused,
+    in_background,
+    lower_thread_priority,
+    move_aside,
+    pause,
+    quick_check,
+    quick_check_sync,
+    read_only,
+)
 from .errors import ChangeRejected, StoreError, VersionGap
 from .index import (
     F_ACTIVE,
@@ -48,7 +58,6 @@ from .index import (
     Tables,
     UserRow,
     cred_hash,
-    drain,
     index_digest,
     status_word,
     table_hash,
@@ -85,99 +94,6 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ABSENT: Any = object()
-
-
-#: Nice value of the threads that do bulk work (SQLite, index builds). On a small board the cores are
-#: shared with the thread that delivers GPIO edges and with the event loop: the scheduler must prefer them.
-BACKGROUND_NICE = 10
-
-
-def lower_thread_priority() -> int:
-    """Make the calling thread a background thread (Linux: nice is per thread). Returns 1 when done."""
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        with contextlib.suppress(OSError):
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICE))
-            return 1
-    return 0
-
-
-async def background_connection(db: aiosqlite.Connection) -> None:
-    """Run the connection's worker thread at background priority (via a SQL function it executes)."""
-    await db.create_function("edge_background", 0, lower_thread_priority)
-    async with db.execute("SELECT edge_background()") as cur:
-        await cur.fetchone()
-
-
-def in_background(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-    """`fn(*args)` for `asyncio.to_thread`, run at background priority."""
-
-    def run() -> T:
-        lower_thread_priority()
-        return fn(*args)
-
-    return run
-
-
-#: How long `pause()` lets other threads run, holding neither the GIL nor the loop.
-BREATHE_S = 0.0001
-BREATHE_EVERY_S = 0.002
-_last_breath = 0.0
-
-
-async def pause() -> None:
-    """Between two slices of bulk work on the loop thread: let other tasks and other threads run.
-
-    `await asyncio.sleep(0)` alone hands the loop to other tasks but not the GIL to other threads: the
-    loop releases the GIL in a zero-timeout epoll and takes it back at once, before a waiting thread
-    (the one that delivers GPIO edges) has woken up; and each such release resets that thread's claim
-    to a forced switch. Measured here: a thread that sleeps 1 ms woke up to 118 ms late while a 100k
-    change set was validated. A 100 us real sleep every 2 ms of work gives it the GIL (~7 % of the time).
-    """
-    global _last_breath
-    now = time.perf_counter()
-    if now - _last_breath > BREATHE_EVERY_S:
-        time.sleep(BREATHE_S)  # noqa: TID251, ASYNC251  (intentional: hands the GIL to other threads, 100 us)
-        _last_breath = time.perf_counter()
-    await asyncio.sleep(0)
-
-
-async def dispose(*containers: Any) -> None:
-    """Free large temporaries (dicts, lists, sets of 10^5 entries) a step at a time between loop turns:
-    freed in one go they hold the GIL for 5-20 ms (see `index.drain`)."""
-    for c in containers:
-        while drain(c):
-            await pause()
-
-
-def breathing(rows: Iterable[T]) -> Iterator[T]:
-    """`rows` for an `executemany` in a worker thread, with the same 100 us pause every 2 ms as `pause()`:
-    binding parameters releases the GIL only for a moment per row, too short for a waiting thread."""
-    last = time.perf_counter()
-    for i, row in enumerate(rows):
-        if i & 255 == 0 and time.perf_counter() - last > BREATHE_EVERY_S:
-            time.sleep(BREATHE_S)  # noqa: TID251  (a worker thread, not the loop)
-            last = time.perf_counter()
-        yield row
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No automatic garbage collection while a large change set or snapshot is processed.
-
-    CPython's collector runs while holding the GIL; a full collection over the ~10^5 objects of a large
-    snapshot stops every thread, the event loop (and so the tap path) included, for 100 ms or more.
-    The rights code creates no reference cycles, so refcounting frees everything anyway; the collector
-    resumes afterwards. Nested use is fine (only the outermost re-enables).
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.freeze()  # what survived is long-lived: keep it out of the next collections' scans
-            gc.enable()
 
 
 SCHEMA_VERSION = 3
@@ -230,63 +146,14 @@ _DAMAGE_ERRORS = (sqlite3.DatabaseError, Damaged, msgspec.DecodeError, msgspec.V
                   KeyError, IndexError, TypeError)  # fmt: skip
 
 
-def _stamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-def move_aside(path: Path, what: str = "damaged") -> Path:
-    """Rename `path` (and its -wal/-shm files) to `path.<what>-<UTC time>`, kept for forensics."""
-    stamp = _stamp()
-    dest = path.with_name(f"{path.name}.{what}-{stamp}")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = path.with_name(f"{path.name}.{what}-{stamp}.{n}")
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(f"{path}{suffix}")
-        if src.exists():
-            os.replace(src, f"{dest}{suffix}")
-    fsync_dir(path.parent)
-    return dest
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _copy_file_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(src, "rb") as f, open(tmp, "wb") as g:
-        shutil.copyfileobj(f, g, 1 << 20)
-        g.flush()
-        os.fsync(g.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _quick_check(con: sqlite3.Connection) -> str | None:
-    rows = con.execute("PRAGMA quick_check").fetchall()
-    return None if [r[0] for r in rows] == ["ok"] else "; ".join(str(r[0]) for r in rows[:5])
-
-
 def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, str | None]:
     """(index, stored digest text, quick_check problem) read from the file with a connection of its own.
 
     Blocking: for a worker thread (`Store.check_integrity`). Reads the rows the way `Store` loads them."""
     lower_thread_priority()
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con = read_only(path)
     try:
-        problem = _quick_check(con)
+        problem = quick_check_sync(con)
         meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('rights_version', ?)", (META_DIGEST,)))
         doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
         scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
@@ -380,14 +247,16 @@ class _Plan:
     next_uid: int = 0
 
 
-class Store:
+class Store(SqliteService):
     """Rights on disk + the in-memory index. Use as `async with Store(path, tz) as store`."""
 
+    what = "store"
+
     def __init__(self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL") -> None:
+        super().__init__()
         self.path = Path(path)
         self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
         self.synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._next_uid = 1
         self.index = RightsIndex(Tables(self.site_tz))
@@ -439,15 +308,10 @@ class Store:
         if existed and self.path.stat().st_size == 0:
             raise Damaged(f"{self.path}: the file is empty (0 bytes)")
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await background_connection(self._db)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            await self._db.execute("PRAGMA foreign_keys=OFF")
-            async with self._db.execute("PRAGMA quick_check") as cur:
-                rows = [r[0] for r in await cur.fetchall()]
-            if rows != ["ok"]:
-                raise Damaged(f"integrity check failed: {'; '.join(map(str, rows[:5]))}")
+            db = await self._open_db(self.path, synchronous=self.synchronous, pragmas=("foreign_keys=OFF",))
+            problem = await quick_check(db)
+            if problem is not None:
+                raise Damaged(f"integrity check failed: {problem}")
             have = await self._migrate(existed)
             index = await self._load_index()
             digest = await asyncio.to_thread(in_background(index_digest, index))
@@ -475,7 +339,7 @@ class Store:
         fallback = "empty"
         copy_error: str | None = None
         if self.verified_path.exists():
-            await asyncio.to_thread(_copy_file_atomic, self.verified_path, self.path)
+            await asyncio.to_thread(copy_file_atomic, self.verified_path, self.path)
             try:
                 await self._open()
                 fallback = "verified_copy"
@@ -505,7 +369,7 @@ class Store:
         try:
             tmp.unlink(missing_ok=True)
             await self.db.execute("VACUUM INTO ?", (str(tmp),))
-            await asyncio.to_thread(_fsync_file, tmp)
+            await asyncio.to_thread(fsync_file, tmp)
             os.replace(tmp, self.verified_path)
             await asyncio.to_thread(fsync_dir, self.path.parent)
         except (sqlite3.Error, OSError) as e:  # no copy is a loss of a fallback, never a reason to stop
@@ -549,7 +413,7 @@ class Store:
         def read() -> int | None:
             if not self.verified_path.exists():
                 return None
-            con = sqlite3.connect(f"file:{self.verified_path}?mode=ro", uri=True)
+            con = read_only(self.verified_path)
             try:
                 row = con.execute("SELECT value FROM meta WHERE key='rights_version'").fetchone()
                 return int(row[0]) if row else None
@@ -560,11 +424,6 @@ class Store:
 
         return await asyncio.to_thread(read)
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     async def close(self) -> None:
         if self._compacting is not None:
             try:
@@ -572,15 +431,7 @@ class Store:
             except Exception:  # a failed compaction changes nothing on disk: report it, close anyway
                 log.exception("index compaction failed")
             self._compacting = None
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise StoreError("store is not open")
-        return self._db
+        await self._close_db()
 
     @property
     def version(self) -> int:
