@@ -125,9 +125,7 @@ class Journal(SqliteService):
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, body BLOB NOT NULL)"
             )
             await db.execute("CREATE TABLE IF NOT EXISTS jmeta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
-            async with db.execute(
-                "SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events"
-            ) as c:
+            async with db.execute("SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events") as c:
                 row = await c.fetchone()
             assert row is not None
             async with db.execute("SELECT value FROM jmeta WHERE key='next_seq'") as c:
