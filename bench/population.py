@@ -19,7 +19,7 @@ Two ways into a `Store` file:
 * `write_store_snapshot()`: model objects -> `Snapshot` -> `Store.replace` (the real write path; fine
   up to ~100k users);
 * `write_store_bulk()`: open a `Store` once to create the schema, close it, then bulk-insert the rows
-  with plain sqlite3 `executemany` using the same column meanings as `edge/store.py`. Everything is then
+  with plain sqlite3 `executemany` using the same column meanings as `edge/store/schema.py`. Everything is then
   loaded by the real `Store` boot path. `python bench/population.py --check` builds a small population
   both ways and compares what the two stores load.
 """
@@ -258,7 +258,7 @@ async def create_schema(path: Path) -> None:
 
 
 def bulk_insert(path: Path, pop: Population, *, version: int = 1, chunk: int = 200_000) -> None:
-    """Rows straight into an empty store file made by `create_schema` (same columns as edge/store.py)."""
+    """Rows straight into an empty store file made by `create_schema` (same columns as edge/store/schema.py)."""
     enc = msgspec.msgpack.Encoder()
     db = sqlite3.connect(path, isolation_level=None)
     try:

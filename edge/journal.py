@@ -27,16 +27,14 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 from zoneinfo import ZoneInfo
 
-import aiosqlite
 import msgspec
 
+from ._sqlite import SqliteService, move_aside, quick_check, read_only
 from .errors import StoreError
 from .events import JOURNAL_NEAR_FULL, Detail, Event
-from .store import background_connection, move_aside
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -50,8 +48,10 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Event)
 
 
-class Journal:
+class Journal(SqliteService):
     """Append-only event outbox on SQLite. `async with Journal(path, ...) as j: j.record(...)`."""
+
+    what = "journal"
 
     def __init__(
         self,
@@ -67,6 +67,7 @@ class Journal:
         interval_s: float = 0.05,
         synchronous: str = "FULL",
     ) -> None:
+        super().__init__()
         self.path = Path(path)
         self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
         self.link_up = link_up
@@ -77,7 +78,6 @@ class Journal:
         self.batch = batch
         self.interval_s = interval_s
         self.synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
         self._pending: list[Event] = []
         self._next_seq = 1
         self._on_disk = 0
@@ -117,39 +117,25 @@ class Journal:
         return self
 
     async def _open(self, *, check: bool) -> None:
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        db = await self._open_db(self.path, synchronous=self.synchronous)
         try:
-            await background_connection(self._db)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            if check:
-                async with self._db.execute("PRAGMA quick_check") as c:
-                    rows = [r[0] for r in await c.fetchall()]
-                if rows != ["ok"]:
-                    raise sqlite3.DatabaseError(f"integrity check failed: {'; '.join(map(str, rows[:5]))}")
-            await self._db.execute(
+            if check and (problem := await quick_check(db)) is not None:
+                raise sqlite3.DatabaseError(f"integrity check failed: {problem}")
+            await db.execute(
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, body BLOB NOT NULL)"
             )
-            await self._db.execute("CREATE TABLE IF NOT EXISTS jmeta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
-            async with self._db.execute(
-                "SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events"
-            ) as c:
+            await db.execute("CREATE TABLE IF NOT EXISTS jmeta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
+            async with db.execute("SELECT coalesce(max(seq), 0), count(*), coalesce(min(seq), 0) FROM events") as c:
                 row = await c.fetchone()
             assert row is not None
-            async with self._db.execute("SELECT value FROM jmeta WHERE key='next_seq'") as c:
+            async with db.execute("SELECT value FROM jmeta WHERE key='next_seq'") as c:
                 meta = await c.fetchone()
             self._next_seq = max(int(row[0]) + 1, int(meta[0]) if meta else 1)
             self._on_disk = int(row[1])
             self._lowest = int(row[2]) or self._next_seq
         except BaseException:
-            await self._db.close()
-            self._db = None
+            await self._close_db()
             raise
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -158,8 +144,7 @@ class Journal:
         if self._db is not None:
             with contextlib.suppress(Exception):
                 await self._write_pending()
-            db, self._db = self._db, None
-            await db.close()
+        await self._close_db()
 
     # --- producing ------------------------------------------------------------------------------------
 
@@ -306,9 +291,7 @@ class Journal:
 
     async def read(self, after_seq: int = 0, limit: int = 500) -> list[Event]:
         """Durable events with seq > after_seq, in order, at most `limit`."""
-        if self._db is None:
-            raise StoreError("journal is not open")
-        async with self._db.execute(
+        async with self.db.execute(
             "SELECT body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
         ) as c:
             rows = await c.fetchall()
@@ -316,25 +299,24 @@ class Journal:
 
     async def ack(self, upto_seq: int) -> int:
         """Delete durable events with seq <= upto_seq (the cloud has them). Returns how many went."""
-        if self._db is None:
-            raise StoreError("journal is not open")
+        db = self.db
         async with self._write_lock:
             # The table may become empty: remember the next sequence number so it is never reused (the
             # batches themselves do not write it, to save a page write per batch on an SD card).
-            await self._db.execute("BEGIN IMMEDIATE")
+            await db.execute("BEGIN IMMEDIATE")
             try:
-                cur = await self._db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
+                cur = await db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
                 n = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else 0
                 await cur.close()
-                await self._db.execute(
+                await db.execute(
                     "INSERT OR REPLACE INTO jmeta (key, value) VALUES ('next_seq', "
                     "max(?, coalesce((SELECT value FROM jmeta WHERE key='next_seq'), 0)))",
                     (upto_seq + 1,),
                 )
-                await self._db.execute("COMMIT")
+                await db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._db.execute("ROLLBACK"))
+                    await asyncio.shield(db.execute("ROLLBACK"))
                 raise
         self._on_disk = max(0, self._on_disk - n)
         return n
@@ -349,7 +331,7 @@ def _salvage_next_seq(path: Path) -> int | None:
     """The next sequence number of a damaged journal, if the file still tells (best effort)."""
     seqs: list[int] = []
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = read_only(path)
     except sqlite3.Error:
         return None
     try:

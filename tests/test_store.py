@@ -337,3 +337,14 @@ async def test_group_and_schedule_put_and_deleted_then_later_sets_still_apply(st
         assert r.applied
         r = await again.apply(cs(3, PutSchedule(schedule=night), DeleteGroup(id="g2")))
         assert r.applied and again.version == 4
+
+
+def test_every_change_kind_has_exactly_one_planner_handler() -> None:
+    """The planner picks a handler by the change's type: every member of the closed `Change` union has one
+    (a kind added to the model without one would be refused as malformed), and nothing else does."""
+    import typing
+
+    from edge.model import Change
+    from edge.store import HANDLERS
+
+    assert set(HANDLERS) == set(typing.get_args(Change))

@@ -1,0 +1,307 @@
+"""The rights file: its tables and migrations, the body codecs, reading the rows into a `RightsIndex`, and the
+rights checksum (`meta.rights_digest`, an `index.Digest` of the rows) that proves the file holds what was written.
+
+Every statement that knows a column of the rights tables lives here or in `Store._write` (the one writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from edge._sqlite import in_background, lower_thread_priority, pause, quick_check_sync, read_only
+from edge.errors import StoreError
+from edge.index import (
+    AssignRow,
+    CredRow,
+    Digest,
+    RightsIndex,
+    Tables,
+    UserRow,
+    build_arrays,
+    cred_hash,
+    table_hash,
+    user_hash,
+)
+from edge.model import Door, Group, Schedule
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
+#: Index entries staged (or checksummed) per loop turn while a change set is published (each turn well under 1 ms).
+STAGE_SLICE = 250
+
+#: The statements that bring a file from the previous schema version to each version.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+        "CREATE TABLE doors (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE schedules (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE groups (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE users (
+            uid INTEGER PRIMARY KEY, ext_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+            flags INTEGER NOT NULL, vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL, pin_hash TEXT)""",
+        """CREATE TABLE assignments (
+            uid INTEGER NOT NULL, pos INTEGER NOT NULL, group_id TEXT NOT NULL,
+            vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL, PRIMARY KEY (uid, pos)) WITHOUT ROWID""",
+        "CREATE INDEX assignments_group ON assignments (group_id)",
+        """CREATE TABLE credentials (
+            card INTEGER PRIMARY KEY, uid INTEGER NOT NULL, format TEXT NOT NULL, status INTEGER NOT NULL,
+            vfrom INTEGER NOT NULL, vuntil INTEGER NOT NULL)""",
+        "CREATE INDEX credentials_uid ON credentials (uid)",
+        "INSERT INTO meta (key, value) VALUES ('rights_version', 0)",
+    ],
+    2: ["ALTER TABLE credentials ADD COLUMN facility INTEGER"],
+    # 3: meta.rights_digest (see `index.Digest`), written after the migration from the rows as loaded.
+    3: [],
+}
+#: The meta key of the rights checksum (`Digest.text()`).
+META_DIGEST = "rights_digest"
+
+
+class Damaged(StoreError):
+    """The rights file fails its integrity check (SQLite structure, schema or the rights checksum)."""
+
+
+#: What opening a damaged file raises: SQLite's own errors (not a database, malformed, ...), ours, and
+#: the decoders' (a body that no longer decodes).
+DAMAGE_ERRORS = (sqlite3.DatabaseError, Damaged, msgspec.DecodeError, msgspec.ValidationError, ValueError,
+                  KeyError, IndexError, TypeError)  # fmt: skip
+
+
+async def migrate(db: aiosqlite.Connection, path: Path, *, existed: bool) -> int:
+    """Bring the schema up to date; returns the version found. A file that existed but holds no schema
+    (emptied, wiped) and one of an unknown (newer) schema are refused as damaged."""
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    have = int(row[0]) if row else 0
+    if have > SCHEMA_VERSION:
+        raise Damaged(f"{path}: schema version {have} is newer than this software ({SCHEMA_VERSION})")
+    if have == 0 and existed:
+        raise Damaged(f"{path}: the file holds no rights schema (emptied or wiped)")
+    for v in range(have + 1, SCHEMA_VERSION + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[v]:
+                await db.execute(stmt)
+            await db.execute(f"PRAGMA user_version={v}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        log.info("store schema migrated to version %d", v)
+    return have
+
+
+# --- bodies (doors, schedules, groups are stored as msgpack) -------------------------------------------------
+
+encoder = msgspec.msgpack.Encoder()
+_dec_door = msgspec.msgpack.Decoder(Door)
+_dec_sched = msgspec.msgpack.Decoder(Schedule)
+_dec_group = msgspec.msgpack.Decoder(Group)
+
+
+def decode_tables(site_tz: ZoneInfo, doors: list[bytes], scheds: list[bytes], groups: list[bytes]) -> Tables:
+    """Tables from stored bodies (blocking: a worker thread; a schedule at the limit decodes in ~4 ms)."""
+    return Tables.build(
+        site_tz,
+        [_dec_door.decode(b) for b in doors],
+        [_dec_sched.decode(b) for b in scheds],
+        [_dec_group.decode(b) for b in groups],
+    )
+
+
+def encode_bodies(
+    doors: dict[str, Door], scheds: dict[str, Schedule], groups: dict[str, Group]
+) -> dict[tuple[str, str], tuple[bytes, int]]:
+    """The stored body and checksum hash of each door, schedule and group put (blocking: a worker thread;
+    a schedule at the interval limit takes ~0.2 ms)."""
+    out: dict[tuple[str, str], tuple[bytes, int]] = {}
+    for kind, models in (("door", doors), ("schedule", scheds), ("group", groups)):
+        for k, m in models.items():
+            out[(kind, k)] = (encoder.encode(m), table_hash(kind, m))
+    return out
+
+
+# --- reading the rows -------------------------------------------------------------------------------------
+
+
+async def rows(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async with db.execute(sql, params) as cur:
+        return list(await cur.fetchall())
+
+
+async def _chunks(db: aiosqlite.Connection, sql: str, size: int = 200_000) -> list[npt.NDArray[np.int64]]:
+    out: list[npt.NDArray[np.int64]] = []
+    async with db.execute(sql) as cur:
+        cur.arraysize = size
+        while batch := await cur.fetchmany(size):
+            out.append(np.array(batch, dtype=np.int64))
+    return out
+
+
+async def load_index(db: aiosqlite.Connection, site_tz: ZoneInfo) -> tuple[RightsIndex, int]:
+    """The index of the rows on disk, and the next free internal user id."""
+    version = int((await rows(db, "SELECT value FROM meta WHERE key='rights_version'"))[0][0])
+    bodies = [[b for (b,) in await rows(db, f"SELECT body FROM {t}")] for t in ("doors", "schedules", "groups")]
+    tables = await asyncio.to_thread(in_background(decode_tables, site_tz, *bodies))
+    arrays = await load_arrays(db, tables)
+    mx = await rows(db, "SELECT max(uid) FROM users")
+    return RightsIndex(tables, arrays, version=version), int(mx[0][0] or 0) + 1
+
+
+async def load_arrays(
+    db: aiosqlite.Connection, tables: Tables
+) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+    def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
+        return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
+
+    c = cols(
+        await _chunks(
+            db,
+            "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil FROM credentials ORDER BY card",
+        ),
+        5,
+    )
+    u = cols(await _chunks(db, "SELECT uid, flags, vfrom, vuntil FROM users ORDER BY uid"), 4)
+    await db.execute("CREATE TEMP TABLE IF NOT EXISTS gmap (group_id TEXT PRIMARY KEY, gidx INTEGER)")
+    await db.execute("DELETE FROM temp.gmap")
+    await db.executemany("INSERT INTO temp.gmap VALUES (?, ?)", list(tables.gidx.items()))
+    a = cols(
+        await _chunks(
+            db,
+            "SELECT a.uid, g.gidx, a.vfrom, a.vuntil FROM assignments a "
+            "JOIN temp.gmap g ON g.group_id = a.group_id ORDER BY a.uid, a.pos",
+        ),
+        4,
+    )
+    ids: list[bytes] = []
+    async with db.execute("SELECT ext_id FROM users ORDER BY uid") as cur:
+        cur.arraysize = 200_000
+        while batch := await cur.fetchmany(200_000):
+            ids.extend(r[0].encode() for r in batch)
+    pins = {int(uid): str(h) for uid, h in await rows(db, "SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL")}
+    uid_col = u[:, 0]
+    counts = np.bincount(np.searchsorted(uid_col, a[:, 0]), minlength=len(uid_col))[: len(uid_col)]
+    lens = np.fromiter(map(len, ids), np.int64, len(ids))
+    arrays: dict[str, npt.NDArray[np.generic]] = {
+        "c_card": c[:, 0].astype(np.uint64),
+        "c_uid": c[:, 1].astype(np.uint32),
+        "c_status": c[:, 2].astype(np.uint32),
+        "c_from": c[:, 3].astype(np.uint32),
+        "c_until": c[:, 4].astype(np.uint32),
+        "u_uid": uid_col.astype(np.uint32),
+        "u_flags": u[:, 1].astype(np.uint8),
+        "u_from": u[:, 2].astype(np.uint32),
+        "u_until": u[:, 3].astype(np.uint32),
+        "u_aoff": np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
+        "u_idoff": np.concatenate([[0], np.cumsum(lens)]).astype(np.uint32),
+        "a_gidx": a[:, 1].astype(np.uint16),
+        "a_from": a[:, 2].astype(np.uint32),
+        "a_until": a[:, 3].astype(np.uint32),
+    }
+    return arrays, b"".join(ids), pins
+
+
+def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, str | None]:
+    """(index, stored digest text, quick_check problem) read from the file with a connection of its own.
+
+    Blocking: for a worker thread (`Store.check_integrity`). Reads the rows the way `Store` loads them."""
+    lower_thread_priority()
+    con = read_only(path)
+    try:
+        problem = quick_check_sync(con)
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('rights_version', ?)", (META_DIGEST,)))
+        doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
+        scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
+        groups = [_dec_group.decode(b) for (b,) in con.execute("SELECT body FROM groups")]
+        tables = Tables.build(site_tz, doors, scheds, groups)
+        c = np.array(
+            con.execute(
+                "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil FROM credentials "
+                "ORDER BY card"
+            ).fetchall(),
+            dtype=np.int64,
+        ).reshape(-1, 5)
+        assigns: dict[int, list[AssignRow]] = {}
+        for uid, g, f, u in con.execute("SELECT uid, group_id, vfrom, vuntil FROM assignments ORDER BY uid, pos"):
+            assigns.setdefault(int(uid), []).append((tables.gidx.get(g, 0xFFFF), f, u))
+        users: list[tuple[int, UserRow]] = [
+            (int(uid), (ext, flags, f, u, pin, tuple(assigns.get(int(uid), ()))))
+            for uid, ext, flags, f, u, pin in con.execute(
+                "SELECT uid, ext_id, flags, vfrom, vuntil, pin_hash FROM users ORDER BY uid"
+            )
+        ]
+    finally:
+        con.close()
+    creds: list[tuple[int, CredRow]] = [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4]))) for r in c]
+    idx = RightsIndex(tables, build_arrays(creds, users), version=int(meta.get("rights_version", -1)))
+    digest = meta.get(META_DIGEST)
+    return idx, None if digest is None else str(digest), problem
+
+
+# --- the rights checksum ---------------------------------------------------------------------------------
+
+
+def check_digest(stored: Any, digest: Digest, schema_found: int) -> None:
+    """The stored checksum `stored` (None: not written yet) against `digest`, that of the rows as loaded."""
+    if stored is None and schema_found >= 3:
+        raise Damaged("the rights checksum is missing")
+    if stored is not None and stored != digest.text():
+        raise Damaged(f"the rights differ from their checksum (stored {stored}, rows {digest.text()})")
+
+
+async def digest_after(
+    idx: RightsIndex,
+    digest: Digest,
+    tab_hash: dict[tuple[str, str], int],
+    version: int,
+    *,
+    creds: Mapping[int, tuple[Any, int, CredRow, int] | None],
+    users: Mapping[int, tuple[Any, UserRow] | None],
+    tables: Tables | None,
+    table_changes: Iterable[tuple[tuple[str, str], int | None]],
+) -> tuple[Digest, dict[tuple[str, str], int]]:
+    """The rights checksum once a change set is applied to `idx` (whose checksum is `digest`, with `tab_hash`
+    the hash of each door, schedule and group): the old rows' hashes out, the new rows' in. `creds` and
+    `users` are the rows the set writes (None: deleted), `tables` its new tables (None: unchanged) and
+    `table_changes` the new hash of each door, schedule and group it puts (None: deleted)."""
+    nc, nu, c, u = digest.n_creds, digest.n_users, digest.creds, digest.users
+    for n, (card, e) in enumerate(creds.items()):
+        if n % STAGE_SLICE == STAGE_SLICE - 1:
+            await pause()
+        old = idx.cred(card)
+        if old is not None:
+            c, nc = c - cred_hash(card, old), nc - 1
+        if e is not None:
+            c, nc = c + cred_hash(card, e[2]), nc + 1
+    old_gid = idx.tables.gid
+    new_gid = (tables or idx.tables).gid
+    for n, (uid, v) in enumerate(users.items()):
+        if n % STAGE_SLICE == STAGE_SLICE - 1:
+            await pause()
+        urow = idx.user(uid)
+        if urow is not None:
+            u, nu = u - user_hash(uid, urow, old_gid), nu - 1
+        if v is not None:
+            u, nu = u + user_hash(uid, v[1], new_gid), nu + 1
+    tab = tab_hash
+    if tables is not None:
+        tab = dict(tab)
+        for key, h in table_changes:
+            if h is None:
+                tab.pop(key, None)
+            else:
+                tab[key] = h
+    m64 = (1 << 64) - 1
+    return Digest(version, nc, nu, c & m64, u & m64, sum(tab.values()) & m64), tab

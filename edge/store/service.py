@@ -1,0 +1,482 @@
+"""The rights store service: `Store` owns the rights file and the in-memory index it feeds (open, verify and
+recover; apply a change set; replace by a snapshot; compaction; the periodic integrity check; the verified copy).
+
+`Store.apply(change_set)` validates the whole change set against the current rights first (`plan.py`), writes it
+in one transaction, and only after the commit stages it into the `RightsIndex` in small slices (yielding to
+the event loop between slices) and publishes it in one step: a decision sees either the old rights or
+the new ones, never a mix, and is never held up by more than one slice. A change set that fails
+validation, or whose transaction fails (full disk, read-only file system), leaves both the disk and the
+index exactly as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self
+from zoneinfo import ZoneInfo
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from edge._sqlite import (
+    SqliteService,
+    breathing,
+    copy_file_atomic,
+    dispose,
+    fsync_dir,
+    fsync_file,
+    gc_paused,
+    in_background,
+    move_aside,
+    pause,
+    quick_check,
+    read_only,
+)
+from edge.errors import ChangeRejected, StoreError, VersionGap
+from edge.index import STATUS_CODES, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
+from edge.model import ChangeSet, PutCredential, PutDoor, PutGroup, PutSchedule, PutUser, Snapshot, User
+from edge.tasks import cancel_and_wait
+
+from .plan import Plan, index_from_plan, plan_changes
+from .schema import (
+    DAMAGE_ERRORS,
+    META_DIGEST,
+    STAGE_SLICE,
+    Damaged,
+    check_digest,
+    digest_after,
+    load_arrays,
+    load_index,
+    migrate,
+    read_index,
+    rows,
+)
+
+log = logging.getLogger(__name__)
+
+#: Overlay size that triggers folding it into the base arrays (in a worker thread).
+COMPACT_AT = 200_000
+#: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
+RIGHTS_DAMAGED = "alarm.rights_damaged"
+#: `Store.needs_snapshot` after a damaged store: the reason the link gives the cloud when asking for one.
+DAMAGED = "damaged"
+
+
+class ApplyResult(msgspec.Struct, frozen=True):
+    version: int
+    applied: bool  # False: a duplicate or older change set, acknowledged without applying it again
+    changes: int = 0
+
+
+class Store(SqliteService):
+    """Rights on disk + the in-memory index. Use as `async with Store(path, tz) as store`."""
+
+    what = "store"
+
+    def __init__(self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
+        self.synchronous = synchronous
+        self._lock = asyncio.Lock()
+        self._next_uid = 1
+        self.index = RightsIndex(Tables(self.site_tz))
+        self._compacting: asyncio.Task[None] | None = None
+        #: Called on the loop thread whenever the index object is replaced (snapshot, compaction).
+        self.on_swap: list[Callable[[RightsIndex], None]] = []
+        #: The checksum of the rights in force (kept in step with every change set and snapshot).
+        self._digest = Digest(0)
+        self._tab_hash: dict[tuple[str, str], int] = {}
+        #: Set when the rights are not the ones last written (a damaged file: see `__aenter__`): the link
+        #: must ask the cloud for a snapshot, with this as the reason. Cleared by the next snapshot.
+        self.needs_snapshot: str | None = None
+        #: What was found at open when the file was damaged (the detail of the `RIGHTS_DAMAGED` alarm the
+        #: agent journals), else None.
+        self.damage: dict[str, Any] | None = None
+
+    @property
+    def verified_path(self) -> Path:
+        """The last verified copy of the rights (replaced atomically after each verified snapshot/compaction)."""
+        return self.path.with_name(self.path.name + ".verified")
+
+    def _swap(self, new: RightsIndex) -> None:
+        self.index = new
+        for cb in self.on_swap:
+            cb(new)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Open and verify the rights; a damaged file never stops the start.
+
+        The file must pass SQLite's `quick_check`, carry a known schema, decode, and match its rights
+        checksum (`meta.rights_digest`, see `index.Digest`). Failing any of these, it is moved aside
+        (`rights.db.damaged-<time>`, kept) and the last verified copy (`rights.db.verified`) is used instead;
+        with none (or a damaged one too) the store starts empty: no door, no card, every door stays in its
+        safe state. Either way `needs_snapshot` is set and `damage` says what happened, for the alarm.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._open()
+        except DAMAGE_ERRORS as e:
+            await self._recover(e)
+        if self.damage is None and not self.verified_path.exists():
+            await self._save_verified_copy()
+        return self
+
+    async def _open(self) -> None:
+        existed = self.path.exists()
+        if existed and self.path.stat().st_size == 0:
+            raise Damaged(f"{self.path}: the file is empty (0 bytes)")
+        try:
+            db = await self._open_db(self.path, synchronous=self.synchronous, pragmas=("foreign_keys=OFF",))
+            problem = await quick_check(db)
+            if problem is not None:
+                raise Damaged(f"integrity check failed: {problem}")
+            have = await migrate(db, self.path, existed=existed)
+            index, self._next_uid = await load_index(db, self.site_tz)
+            digest = await asyncio.to_thread(in_background(index_digest, index))
+            stored = await self.get_meta(META_DIGEST)
+            check_digest(stored, digest, have)
+            if stored is None:  # a new file, or one written before schema 3: checksum what is there
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text())
+                )
+            self._digest = digest
+            self._tab_hash = await asyncio.to_thread(in_background(table_hashes, index.tables))
+            self._swap(index)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _recover(self, error: BaseException) -> None:
+        """The file at `self.path` is damaged: move it aside and open the verified copy, or nothing."""
+        reason = f"{type(error).__name__}: {error}"[:300]
+        moved = move_aside(self.path)
+        log.error("rights store %s is damaged (%s); moved aside to %s", self.path, reason, moved.name)
+        fallback = "empty"
+        copy_error: str | None = None
+        if self.verified_path.exists():
+            await asyncio.to_thread(copy_file_atomic, self.verified_path, self.path)
+            try:
+                await self._open()
+                fallback = "verified_copy"
+            except DAMAGE_ERRORS as e:
+                copy_error = f"{type(e).__name__}: {e}"[:300]
+                log.error("the verified copy %s is damaged too (%s)", self.verified_path, copy_error)
+                move_aside(self.path)
+                move_aside(self.verified_path)
+        if fallback == "empty":
+            await self._open()  # a new, empty file
+            log.error(
+                "rights store started EMPTY: no doors, no credentials; every door stays in its safe state "
+                "until the cloud sends a snapshot"
+            )
+        else:
+            log.error("rights store runs on its last verified copy (version %d) until the cloud sends a snapshot",
+                      self.version)  # fmt: skip
+        self.needs_snapshot = DAMAGED
+        self.damage = {
+            "error": reason, "moved_to": moved.name, "fallback": fallback, "version": self.version,
+            "credentials": len(self.index), **({"copy_error": copy_error} if copy_error else {}),
+        }  # fmt: skip
+
+    async def _save_verified_copy(self) -> None:
+        """Write a consistent copy of the rights next to them, atomically (temp file, fsync, rename)."""
+        tmp = self.verified_path.with_name(self.verified_path.name + ".tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            await self.db.execute("VACUUM INTO ?", (str(tmp),))
+            await asyncio.to_thread(fsync_file, tmp)
+            os.replace(tmp, self.verified_path)
+            await asyncio.to_thread(fsync_dir, self.path.parent)
+        except (sqlite3.Error, OSError) as e:  # no copy is a loss of a fallback, never a reason to stop
+            log.error("could not write the verified copy of the rights: %s", e)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    async def check_integrity(self) -> str | None:
+        """The periodic check (the agent calls it, e.g. hourly): None when the file is sound and holds
+        exactly the rights in memory; else what is wrong (logged as an error; `needs_snapshot` is set).
+
+        Runs SQLite's `quick_check` and recomputes the rights checksum from the rows, in a worker thread at
+        background priority with a read-only connection of its own: the loop never waits on it. When sound
+        and the verified copy is older than the rights, the copy is refreshed.
+        """
+        async with self._lock:
+            problem = await self._check_locked()
+            if problem is None and await self._copy_version() != self.version:
+                await self._save_verified_copy()
+            return problem
+
+    async def _check_locked(self) -> str | None:
+        want = self._digest.text()
+        try:
+            idx, stored, problem = await asyncio.to_thread(read_index, self.path, self.site_tz)
+            got = await asyncio.to_thread(in_background(index_digest, idx))
+        except DAMAGE_ERRORS as e:
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            if problem is None and stored != want:
+                problem = f"the stored checksum {stored} is not that of the rights in force ({want})"
+            elif problem is None and got.text() != want:
+                problem = f"the rows on disk differ from the rights in force ({got.text()} != {want})"
+        if problem is not None:
+            log.error("rights store %s failed its integrity check: %s", self.path, problem)
+            self.needs_snapshot = DAMAGED
+            return problem[:300]
+        return None
+
+    async def _copy_version(self) -> int | None:
+        def read() -> int | None:
+            if not self.verified_path.exists():
+                return None
+            con = read_only(self.verified_path)
+            try:
+                row = con.execute("SELECT value FROM meta WHERE key='rights_version'").fetchone()
+                return int(row[0]) if row else None
+            except sqlite3.Error:
+                return None
+            finally:
+                con.close()
+
+        return await asyncio.to_thread(read)
+
+    async def close(self) -> None:
+        if self._compacting is not None:
+            try:
+                await cancel_and_wait(self._compacting)
+            except Exception:  # a failed compaction changes nothing on disk: report it, close anyway
+                log.exception("index compaction failed")
+            self._compacting = None
+        await self._close_db()
+
+    @property
+    def version(self) -> int:
+        return self.index.visible
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await rows(self.db, sql, params)
+
+    async def load_arrays(self, tables: Tables) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+        """The index columns of the rows on disk (see `schema.load_arrays`)."""
+        return await load_arrays(self.db, tables)
+
+    # --- reads for support tools ------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> Any:
+        rows = await self._rows("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: Any) -> None:
+        """Write one meta value durably, in a transaction of its own: under the store's lock, so that it never
+        lands inside a change set's open transaction (and is never rolled back with it)."""
+        async with self._lock:
+            await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for t in ("doors", "schedules", "groups", "users", "credentials", "assignments"):
+            out[t] = int((await self._rows(f"SELECT count(*) FROM {t}"))[0][0])
+        return out
+
+    # --- change sets ------------------------------------------------------------------------------------
+
+    async def apply(self, cs: ChangeSet) -> ApplyResult:
+        """Apply a change set all or nothing. Old or duplicate sets are acknowledged, not re-applied.
+
+        Raises `VersionGap` when the set does not start at the current version, and `ChangeRejected`
+        (naming the change and field) when anything in it is invalid; nothing is applied then.
+        """
+        async with self._lock:
+            with gc_paused():
+                return await self._apply(cs)
+
+    async def _apply(self, cs: ChangeSet) -> ApplyResult:
+        have = self.index.visible
+        if cs.to_version <= have:
+            return ApplyResult(have, applied=False)
+        if cs.from_version != have:
+            raise VersionGap(have, cs.from_version)
+        if cs.to_version <= cs.from_version:
+            raise ChangeRejected("bad_field", "to_version must be greater than from_version", path="to_version")
+        plan = await plan_changes(cs, index=self.index, site_tz=self.site_tz, next_uid=self._next_uid, rows=self._rows)
+        digest, tab_hash = await digest_after(
+            self.index, self._digest, self._tab_hash, cs.to_version, creds=plan.creds, users=plan.users,
+            tables=plan.tables, table_changes=plan.table_changes(),
+        )  # fmt: skip
+        await self._write(plan, cs.to_version, digest)
+        self._next_uid = plan.next_uid
+        self._digest, self._tab_hash = digest, tab_hash
+        await self._stage(plan, cs.to_version)
+        self._maybe_compact()
+        await dispose(plan.creds, plan.users)
+        return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
+
+    async def replace(self, snap: Snapshot) -> ApplyResult:
+        """Replace all rights with a snapshot, atomically on disk and in memory."""
+        async with self._lock:
+            with gc_paused():
+                return await self._replace(snap)
+
+    async def _replace(self, snap: Snapshot) -> ApplyResult:
+        if snap.version < self.index.visible:
+            return ApplyResult(self.index.visible, applied=False)
+
+        def as_changes() -> list[Any]:
+            changes: list[Any] = []
+            changes += [PutSchedule(schedule=s) for s in snap.schedules]
+            changes += [PutDoor(door=d) for d in snap.doors]
+            changes += [PutGroup(group=g) for g in snap.groups]
+            changes += [PutUser(user=u) for u in snap.users]
+            changes += [PutCredential(credential=c) for c in snap.credentials]
+            return changes
+
+        changes = await asyncio.to_thread(in_background(as_changes))  # 100k objects: off the loop thread
+        empty = RightsIndex(Tables(self.site_tz))
+        plan = await plan_changes(
+            ChangeSet(from_version=0, to_version=max(snap.version, 1), changes=changes),
+            index=empty,
+            site_tz=self.site_tz,
+            next_uid=1,
+            rows=None,
+        )
+        assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
+        tables = plan.tables or Tables(self.site_tz)
+        new = await asyncio.to_thread(in_background(index_from_plan, tables, plan, snap.version))
+        digest = await asyncio.to_thread(in_background(index_digest, new))
+        await self._write(plan, snap.version, digest, wipe=True)
+        self._next_uid = plan.next_uid
+        self._digest, self._tab_hash = digest, {k: v[1] for k, v in plan.bodies.items()}
+        old = self.index
+        self._swap(new)
+        await dispose(*old.detach_overlay(), changes, plan.creds, plan.users)
+        if self.needs_snapshot is not None:
+            log.warning("rights replaced by a snapshot (version %d): the store is whole again", snap.version)
+            self.needs_snapshot = None
+        await self._save_verified_copy()
+        return ApplyResult(snap.version, applied=True, changes=len(changes))
+
+    async def _write(self, plan: Plan, version: int, digest: Digest, *, wipe: bool = False) -> None:
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            if wipe:
+                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials"):
+                    await db.execute(f"DELETE FROM {t}")
+            small = plan.small()
+            for _kind, table, _puts, dels in small:
+                await db.executemany(f"DELETE FROM {table} WHERE id=?", [(k,) for k in dels])
+            for kind, table, puts, _dels in small:
+                await db.executemany(
+                    f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", [(k, plan.bodies[(kind, k)][0]) for k in puts]
+                )
+            touched = ((uid,) for uid in plan.users)
+            await db.executemany("DELETE FROM assignments WHERE uid=?", touched)
+            dead = [(uid,) for uid in plan.deleted_users]
+            await db.executemany("DELETE FROM users WHERE uid=?", dead)
+            await db.executemany("DELETE FROM credentials WHERE uid=?", dead)
+
+            def live() -> Iterator[tuple[int, tuple[User, UserRow]]]:
+                return ((uid, v) for uid, v in plan.users.items() if v is not None)
+
+            await db.executemany(
+                "INSERT INTO users (uid, ext_id, name, flags, vfrom, vuntil, pin_hash) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(uid) DO UPDATE SET name=excluded.name, flags=excluded.flags, vfrom=excluded.vfrom, "
+                "vuntil=excluded.vuntil, pin_hash=excluded.pin_hash",
+                breathing((uid, u.id, u.name, r[1], r[2], r[3], u.pin_hash) for uid, (u, r) in live()),
+            )
+            await db.executemany(
+                "INSERT INTO assignments (uid, pos, group_id, vfrom, vuntil) VALUES (?,?,?,?,?)",
+                ((uid, j, u.assignments[j].group, a[1], a[2]) for uid, (u, r) in live() for j, a in enumerate(r[5])),
+            )
+            await db.executemany(
+                "DELETE FROM credentials WHERE card=?", breathing((c,) for c, v in plan.creds.items() if v is None)
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility) "
+                "VALUES (?,?,?,?,?,?,?)",
+                breathing(
+                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility)
+                    for card, v in plan.creds.items()
+                    if v
+                ),
+            )
+            await db.execute("UPDATE meta SET value=? WHERE key='rights_version'", (version,))
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text()))
+            await db.execute("COMMIT")
+        except BaseException as e:
+            try:
+                await db.execute("ROLLBACK")
+            except Exception:  # the transaction may already be gone (e.g. I/O error)
+                pass
+            if isinstance(e, Exception) and not isinstance(e, ChangeRejected):
+                raise StoreError(f"writing the change set failed, nothing applied: {e}") from e
+            raise
+
+    async def _stage(self, plan: Plan, version: int) -> None:
+        idx = self.index
+        idx.begin(version)
+        try:
+            if plan.tables is not None:
+                idx.stage_tables(plan.tables)
+            n = 0
+            for uid, v in plan.users.items():
+                idx.stage_user(uid, None if v is None else v[1])
+                n += 1
+                if n % STAGE_SLICE == 0:
+                    await pause()
+            for card, c in plan.creds.items():
+                idx.stage_cred(card, None if c is None else c[2])
+                n += 1
+                if n % STAGE_SLICE == 0:
+                    await pause()
+        except BaseException:
+            # Cancelled mid-way: the disk already holds the new version, so finish staging synchronously.
+            for uid, v in plan.users.items():
+                idx.stage_user(uid, None if v is None else v[1])
+            for card, c in plan.creds.items():
+                idx.stage_cred(card, None if c is None else c[2])
+            idx.publish()
+            raise
+        idx.publish()
+
+    def _maybe_compact(self) -> None:
+        if self.index.overlay_size < COMPACT_AT or self._compacting is not None:
+            return
+        self._compacting = asyncio.get_running_loop().create_task(self._compact(), name="store.compact")
+
+    async def _compact(self) -> None:
+        try:
+            async with self._lock:
+                await self._compact_locked()
+        finally:
+            self._compacting = None
+
+    async def compact(self) -> None:
+        """Fold the overlay into the base arrays now (tests and maintenance)."""
+        async with self._lock:
+            await self._compact_locked()
+
+    async def _compact_locked(self) -> None:
+        """Compaction, verified: the new base must carry the rights checksum of the old index (else it is
+        dropped, an error logged); then the file is checked and, sound, copied as the verified copy."""
+        old = self.index
+        with gc_paused():
+            new = await asyncio.to_thread(in_background(old.compacted))
+            got = await asyncio.to_thread(in_background(index_digest, new))
+            if got != self._digest:
+                log.error("index compaction dropped: its checksum %s is not the rights' %s", got.text(),
+                          self._digest.text())  # fmt: skip
+                return
+            self._swap(new)
+            await dispose(*old.detach_overlay())
+        if await self._check_locked() is None and await self._copy_version() != self.version:
+            await self._save_verified_copy()
