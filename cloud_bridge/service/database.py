@@ -15,6 +15,7 @@ that runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,6 +65,9 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kw)
         if self.dialect == "sqlite":
             self._sqlite_hooks()
+            # aiosqlite logs every statement with its parameters at DEBUG: session CSRF tokens and hashes
+            # would end up in a debug log. Never below INFO.
+            logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
     def _sqlite_hooks(self) -> None:
         sync = self.engine.sync_engine

@@ -245,7 +245,7 @@ audit_log = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("ts", Float, nullable=False),
     Column("actor", String(ID), nullable=False),
-    Column("via", String(16), nullable=False),  # session | token:<id> | local | setup | login
+    Column("via", String(32), nullable=False),  # session | token:<id> | local | setup | login
     Column("address", String(64), nullable=False, default=""),
     Column("action", String(64), nullable=False),
     Column("object_type", String(32), nullable=False),

@@ -37,7 +37,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('ts', sa.Float(), nullable=False),
     sa.Column('actor', sa.String(length=128), nullable=False),
-    sa.Column('via', sa.String(length=16), nullable=False),
+    sa.Column('via', sa.String(length=32), nullable=False),
     sa.Column('address', sa.String(length=64), nullable=False),
     sa.Column('action', sa.String(length=64), nullable=False),
     sa.Column('object_type', sa.String(length=32), nullable=False),
