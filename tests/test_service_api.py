@@ -2,7 +2,7 @@
 revocation), users and cards (paging, idempotent PUT), permissions (403 naming what is missing), the audit
 log, OpenAPI, and secrets never logged."""
 
-# ruff: noqa: F811
+# ruff: noqa: F811, E501
 
 from __future__ import annotations
 

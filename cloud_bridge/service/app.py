@@ -81,7 +81,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
             description="Every route under /api/v1 needs a login session (cookie + X-CSRF-Token on writes) or "
             "an API token (Authorization: Bearer cbt_...). A refusal is 403 naming the missing permission.",
             path="/schema", render_plugins=[JsonRenderPlugin(), YamlRenderPlugin(), SwaggerRenderPlugin()],
-        ),  # fmt: skip
+        ),
         logging_config=None,
         debug=False,
     )

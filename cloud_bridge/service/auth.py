@@ -177,7 +177,8 @@ async def new_token(c: AsyncConnection, owner: Operator, *, name: str, groups: l
                              "limited, never widened", "body.groups")  # fmt: skip
     tid, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     await c.execute(schema.api_tokens.insert().values(
-        id=tid, secret_hash=sha256(secret), operator_id=owner.id, name=name, groups=msgspec.json.encode(groups).decode(),
+        id=tid, secret_hash=sha256(secret), operator_id=owner.id, name=name,
+        groups=msgspec.json.encode(groups).decode(),
         created=time.time(), expires=expires))  # fmt: skip
     return tid, f"{TOKEN_PREFIX}{tid}_{secret}"
 

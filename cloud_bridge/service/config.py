@@ -32,7 +32,7 @@ class _Strict(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     pass
 
 
-class ServiceSection(_Strict, kw_only=True):
+class ServiceSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     listen: Annotated[str, Meta(min_length=1, max_length=255)] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     #: The address people open (behind a reverse proxy: its https URL); the setup link starts with it.
@@ -41,11 +41,11 @@ class ServiceSection(_Strict, kw_only=True):
     max_body_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
 
 
-class DatabaseSection(_Strict, kw_only=True):
+class DatabaseSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     url: Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
-class AuthSection(_Strict, kw_only=True):
+class AuthSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Login, lockout and token rules; argon2id parameters (docs/operator.md, "Authentication")."""
 
     session_hours: Annotated[float, Meta(gt=0, le=24 * 30)] = 12.0
@@ -61,7 +61,7 @@ class AuthSection(_Strict, kw_only=True):
     argon2_parallelism: Annotated[int, Meta(ge=1, le=16)] = 4
 
 
-class MqttSection(_Strict, kw_only=True):
+class MqttSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The broker the service's site link uses (default: the host and port stored with the site at init)."""
 
     host: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
@@ -71,7 +71,7 @@ class MqttSection(_Strict, kw_only=True):
     workspace: str = ""
 
 
-class ServiceConfig(_Strict, kw_only=True):
+class ServiceConfig(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Annotated[int, Meta(ge=1, le=1)] = 1
     database: DatabaseSection
     service: ServiceSection = ServiceSection()

@@ -98,7 +98,7 @@ async def authenticated(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteH
         raise NotAuthorizedException("not logged in")
     if p.via.startswith("token:"):
         await auth.touch_token(st.db, p.via[6:])
-    if conn.scope["method"] in UNSAFE and not auth.csrf_ok(p, conn.headers.get(CSRF_HEADER)):
+    if conn.scope.get("method") in UNSAFE and not auth.csrf_ok(p, conn.headers.get(CSRF_HEADER)):
         raise PermissionDeniedException("CSRF token missing or wrong")
     conn.scope.setdefault("state", {})["principal"] = p
 
@@ -219,7 +219,8 @@ async def audit_refusal(exc: Exception, scope: Scope) -> None:
         return
     try:
         async with st.db.write() as c:
-            await audit.record(c, p, f"{exc.target.object_type}.{exc.kind or exc.action}", str(exc.target.object_type),
-                               exc.target.object_id, outcome="denied", after={"reason": exc.verdict.reason})  # fmt: skip
+            action = f"{exc.target.object_type}.{exc.kind or exc.action}"
+            await audit.record(c, p, action, str(exc.target.object_type), exc.target.object_id, outcome="denied",
+                               after={"reason": exc.verdict.reason})  # fmt: skip
     except Exception:  # the refusal stands; a failed audit write is logged
         log.exception("audit of a refusal failed")

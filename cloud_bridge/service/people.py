@@ -53,8 +53,8 @@ class NewCard(CardIn, forbid_unknown_fields=True, kw_only=True):
 
 class CardPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     status: Status | UnsetType = UNSET
-    valid_from: float | None | UnsetType = UNSET
-    valid_until: float | None | UnsetType = UNSET
+    valid_from: float | UnsetType | None = UNSET
+    valid_until: float | UnsetType | None = UNSET
 
 
 class UserBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,8 +77,8 @@ class UserPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name | UnsetType = UNSET
     active: bool | UnsetType = UNSET
     offline_access: bool | UnsetType = UNSET
-    valid_from: float | None | UnsetType = UNSET
-    valid_until: float | None | UnsetType = UNSET
+    valid_from: float | UnsetType | None = UNSET
+    valid_until: float | UnsetType | None = UNSET
 
 
 class UserOut(msgspec.Struct, kw_only=True):

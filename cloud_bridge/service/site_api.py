@@ -1,5 +1,7 @@
 """/api/v1/groups, /api/v1/gateways, /api/v1/publish and /api/v1/audit."""
 
+# ruff: noqa: ASYNC109
+
 from __future__ import annotations
 
 from typing import Annotated, Any
