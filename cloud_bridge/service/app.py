@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import aiomqtt
 import uvicorn
 from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
@@ -56,10 +57,14 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
                     pem = await site.meta(c, "site_key")
                 if pem is None:
                     raise ServiceError("the site has no signing key")
-                st.provisioner = await stack.enter_async_context(Provisioner(
+                prov = Provisioner(
                     db, site=info.site, host=cfg.mqtt.host or info.host, port=cfg.mqtt.port or info.port,
                     key=site.decrypt_key(pem, passphrase), workspace=workspace_path(cfg, db),
-                    resend_s=cfg.mqtt.resend_s))  # fmt: skip
+                    resend_s=cfg.mqtt.resend_s)  # fmt: skip
+                try:
+                    st.provisioner = await stack.enter_async_context(prov)
+                except aiomqtt.MqttError as e:  # the API still serves; publish answers 503 until a restart
+                    log.error("provisioning is off: the broker %s:%d is not reachable (%s)", prov.host, prov.port, e)
             elif info is None:
                 log.warning("the database holds no site yet: run `cloud-bridge serve --init`")
             else:
