@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
         "provisioning of the gateways over MQTT, signed commands and event collection.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--db", required=True, type=Path, help="the site database (SQLite file; one site per file)")
+    p.add_argument("--db", type=Path, help="the site database (SQLite file; one site per file); not for serve")
     p.add_argument("--operator", default=os.environ.get("CLOUD_BRIDGE_OPERATOR"),
                    help="the operator this command runs as (default: $CLOUD_BRIDGE_OPERATOR)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of lines")
@@ -156,6 +156,19 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")  # fmt: skip
     k.add_parser("rotate", help="rotate the command key in band (every online gateway moves over)")
     k.add_parser("show", help="print the public command key (link.command_key on the gateways)")
+
+    s = sub.add_parser("serve", help="run the operator service (HTTP API; docs/operator.md)")
+    s.add_argument("config", type=Path, help="the service's TOML file")
+    s.add_argument("--init", action="store_true", help="create the site in the service's database and print "
+                   "the first administrator's one-time setup link, then exit")  # fmt: skip
+    s.add_argument("--site", help="with --init: the site id")
+    s.add_argument("--admin", default="admin", help="with --init: the first operator (default: %(default)s)")
+    s.add_argument("--tz", default="UTC", help="with --init: the site's time zone (default: %(default)s)")
+    s.add_argument("--mqtt-host", default="127.0.0.1", help="with --init: the broker's host (default: %(default)s)")
+    s.add_argument("--mqtt-port", type=int, default=1883, help="with --init: the broker's port (default: %(default)s)")
+    s.add_argument("--import", dest="import_from", type=Path,
+                   help="with --init: migrate this existing site database (cloud-bridge init) instead")
+    s.add_argument("--setup-code", metavar="OPERATOR", help="print a new one-time setup link for OPERATOR, then exit")
     return p
 
 
@@ -200,8 +213,41 @@ def _doors(out: Output, r: GatewayDoors) -> None:
         out.line(f"  door {u}: named by a group but not announced by the gateway")
 
 
+async def serve_setup(args: argparse.Namespace, out: Output) -> int:
+    """`serve --init` / `serve --setup-code`: prepare the service's database, print a one-time setup link."""
+    from .service import site
+    from .service.app import init_site
+    from .service.config import load_config
+    from .service.database import Database
+
+    cfg = load_config(args.config)
+    if args.init:
+        if not args.site and args.import_from is None:
+            raise EdgeError("serve --init needs --site (or --import)")
+        link = await init_site(cfg, site_id=args.site or "", admin=args.admin, tz=args.tz, host=args.mqtt_host,
+                               port=args.mqtt_port, import_from=args.import_from)  # fmt: skip
+        who = args.admin
+    else:
+        db = Database(cfg.database.url)
+        try:
+            await db.migrate()
+            code = await site.setup_code_for(db, args.setup_code, hours=cfg.auth.setup_code_hours)
+        finally:
+            await db.close()
+        base = cfg.service.public_url.rstrip("/") or f"http://{cfg.service.listen}:{cfg.service.port}"
+        link, who = f"{base}/setup#{code}", args.setup_code
+    out.data = {"operator": who, "setup_link": link}
+    out.line(f"one-time setup link for operator {who} (valid {cfg.auth.setup_code_hours:g} h): {link}")
+    out.line("POST its code with a password to /api/v1/auth/setup; it works once.")
+    return 0
+
+
 async def run(args: argparse.Namespace, out: Output) -> int:
     pw = os.environ.get("CLOUD_BRIDGE_PASSPHRASE")
+    if args.cmd == "serve":
+        return await serve_setup(args, out)
+    if args.db is None:
+        raise EdgeError("--db is required")
     if args.cmd == "init":
         if not pw:
             raise EdgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
@@ -301,6 +347,18 @@ async def run(args: argparse.Namespace, out: Output) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Output(args.json)
+    if args.cmd == "serve" and not args.init and not args.setup_code:
+        from .service.app import serve
+        from .service.config import load_config
+
+        try:
+            serve(load_config(args.config))
+        except (EdgeError, OSError) as e:
+            print(f"cloud-bridge: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
     try:
         code = asyncio.run(run(args, out))
     except ImportFailed as e:

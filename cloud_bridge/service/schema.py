@@ -1,0 +1,271 @@
+"""The operator model as SQLAlchemy Core tables: one schema for embedded SQLite and PostgreSQL.
+
+The site-model tables have the names and columns of `cloud_bridge/operator/db.py` (today's SQLite site
+database), so an existing database imports column for column (`importer.py`) and the provisioning code that
+still works on a `Model` can be handed the same rows (`provisioning.py`). New here: operator credentials
+(argon2id hashes), one-time setup codes, login sessions, API tokens (hashed), the append-only audit log and
+alarms. Times are UTC seconds since the epoch (double precision); NULL means "since always" / "for ever".
+
+Alembic migrations (`migrations/versions/`) are generated from this module; change a table here, then add a
+revision (docs/operator.md, "Schema changes").
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ID = 128  # identifiers (ids are at most 64 characters by the model's rules; operator ids 128)
+
+# --- the site model (as in cloud_bridge/operator/db.py) -----------------------------------------------------
+
+meta = Table("meta", metadata, Column("key", String(ID), primary_key=True), Column("value", Text, nullable=False))
+
+gateways = Table(
+    "gateways", metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("session", BigInteger, nullable=False, default=0),
+    Column("reported_version", BigInteger, nullable=False, default=0),
+    Column("version", BigInteger, nullable=False, default=0),
+    Column("acked", BigInteger, nullable=False, default=0),
+    Column("events_upto", BigInteger, nullable=False, default=0),
+    Column("last_seen", Float),
+    Column("software", Text, nullable=False, default=""),
+    Column("error", Text),
+)  # fmt: skip
+
+doors = Table(
+    "doors", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("id", String(ID), primary_key=True),
+    Column("name", Text, nullable=False, default=""),
+)  # fmt: skip
+
+schedules = Table(
+    "schedules", metadata, Column("id", String(ID), primary_key=True), Column("body", LargeBinary, nullable=False)
+)
+
+groups = Table(
+    "groups", metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("name", Text, nullable=False, default=""),
+    Column("schedule", String(ID)),
+    Column("tags", Text, nullable=False, default=""),  # comma-separated, as in db.py
+)  # fmt: skip
+
+group_doors = Table(
+    "group_doors", metadata,
+    Column("group_id", String(ID), ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True),
+    Column("gateway", String(ID), primary_key=True),
+    Column("door", String(ID), primary_key=True),
+)  # fmt: skip
+
+users = Table(
+    "users", metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("name", Text, nullable=False, default=""),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("offline_access", Boolean, nullable=False, default=False),
+    Column("valid_from", Float),
+    Column("valid_until", Float),
+    Column("kind", String(32), nullable=False, default="user"),
+)  # fmt: skip
+Index("ix_users_name", users.c.name)
+
+credentials = Table(
+    "credentials", metadata,
+    Column("card", BigInteger, primary_key=True, autoincrement=False),
+    Column("user_id", String(ID), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("status", String(32), nullable=False, default="active"),
+    Column("format", String(32), nullable=False, default="h10301"),
+    Column("valid_from", Float),
+    Column("valid_until", Float),
+)  # fmt: skip
+
+assignments = Table(
+    "assignments", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", String(ID), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("group_id", String(ID), ForeignKey("groups.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("valid_from", Float),
+    Column("valid_until", Float),
+)  # fmt: skip
+
+badges = Table(
+    "badges", metadata,
+    Column("card", BigInteger, primary_key=True, autoincrement=False),
+    Column("location", String(ID), nullable=False),
+    Column("name", Text, nullable=False, default=""),
+    Column("type", Text, nullable=False, default=""),
+)  # fmt: skip
+
+visits = Table(
+    "visits", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("visitor", Text, nullable=False),
+    Column("badge", BigInteger, nullable=False),
+    Column("location", String(ID), nullable=False),
+    Column("user_id", String(ID), nullable=False),
+    Column("started", Float, nullable=False),
+    Column("ends", Float, nullable=False),
+    Column("signed_out", Float),
+)  # fmt: skip
+
+operators = Table(
+    "operators", metadata, Column("id", String(ID), primary_key=True), Column("body", LargeBinary, nullable=False)
+)
+permission_groups = Table(
+    "permission_groups", metadata,
+    Column("id", String(ID), primary_key=True), Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+
+shadow = Table(
+    "shadow", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    Column("key", String(ID), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+
+outbox = Table(
+    "outbox", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("to_version", BigInteger, primary_key=True, autoincrement=False),
+    Column("from_version", BigInteger, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+
+events = Table(
+    "events", metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("gateway", String(ID), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+Index("ix_events_ts_id", events.c.ts, events.c.id)
+
+event_ranges = Table(
+    "event_ranges", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("gateway", String(ID), nullable=False),
+    Column("prev_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+)  # fmt: skip
+
+site_keys = Table(
+    "site_keys", metadata,
+    Column("fingerprint", String(ID), primary_key=True),
+    Column("public_key", Text, nullable=False),
+    Column("private_pem", Text, nullable=False),
+    Column("created", Float, nullable=False),
+)  # fmt: skip
+
+gateway_keys = Table(
+    "gateway_keys", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("fingerprint", String(ID), nullable=False),
+    Column("acked", Float),
+)  # fmt: skip
+
+#: The tables an existing SQLite site database holds (cloud_bridge/operator/db.py), in an order that keeps
+#: foreign keys satisfied while copying.
+SITE_TABLES: tuple[Table, ...] = (
+    meta, gateways, doors, schedules, groups, group_doors, users, credentials, assignments, badges, visits,
+    operators, permission_groups, shadow, outbox, events, event_ranges, site_keys, gateway_keys,
+)  # fmt: skip
+
+# --- new with the service ------------------------------------------------------------------------------
+
+operator_passwords = Table(
+    "operator_passwords", metadata,
+    Column("operator_id", String(ID), ForeignKey("operators.id", ondelete="CASCADE"), primary_key=True),
+    Column("hash", Text, nullable=False),  # argon2id, PHC string (parameters inside)
+    Column("changed", Float, nullable=False),
+    Column("failures", Integer, nullable=False, default=0),  # consecutive failed logins
+    Column("locked_until", Float),
+)  # fmt: skip
+
+setup_codes = Table(
+    "setup_codes", metadata,
+    Column("code_hash", String(64), primary_key=True),  # sha256 hex of the one-time code
+    Column("operator_id", String(ID), ForeignKey("operators.id", ondelete="CASCADE"), nullable=False),
+    Column("expires", Float, nullable=False),
+)  # fmt: skip
+
+sessions = Table(
+    "sessions", metadata,
+    Column("id_hash", String(64), primary_key=True),  # sha256 hex of the cookie value
+    Column("operator_id", String(ID), ForeignKey("operators.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("csrf", String(64), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("expires", Float, nullable=False),
+    Column("address", String(64), nullable=False, default=""),
+)  # fmt: skip
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", String(32), primary_key=True),  # the public part of the token
+    Column("secret_hash", String(64), nullable=False),  # sha256 hex of the secret part
+    Column("operator_id", String(ID), ForeignKey("operators.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", Text, nullable=False, default=""),
+    Column("groups", Text, nullable=False),  # JSON list of permission group ids (a subset of the owner's)
+    Column("created", Float, nullable=False),
+    Column("expires", Float, nullable=False),
+    Column("revoked", Float),
+    Column("last_used", Float),
+)  # fmt: skip
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("actor", String(ID), nullable=False),
+    Column("via", String(32), nullable=False),  # session | token:<id> | local | setup | login
+    Column("address", String(64), nullable=False, default=""),
+    Column("action", String(64), nullable=False),
+    Column("object_type", String(32), nullable=False),
+    Column("object_id", Text, nullable=False),
+    Column("before", Text),  # JSON
+    Column("after", Text),  # JSON
+    Column("outcome", String(16), nullable=False),  # ok | denied | failed
+)  # fmt: skip
+Index("ix_audit_log_ts", audit_log.c.ts)
+
+alarms = Table(
+    "alarms", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("gateway", String(ID), nullable=False),
+    Column("door", String(ID)),
+    Column("kind", String(32), nullable=False),  # forced | held_open | tamper | pin_lockout | reader_offline | storage
+    Column("event_id", String(ID)),
+    Column("ts", Float, nullable=False),
+    Column("state", String(16), nullable=False, default="open"),  # open | acknowledged
+    Column("acked_by", String(ID)),
+    Column("acked_at", Float),
+    Column("comment", Text),
+)  # fmt: skip
