@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .clock import AgentClock
+from .clock import AgentClock, load_clock_state, read_boot_id, read_ntp_synchronised, save_clock_state
 from .config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from .control import ControlServer, DoorRequest, RexRequest, StatusRequest, TapRequest
 from .decision import Decider, Decision, Reason
@@ -58,15 +58,7 @@ from .pin import verify_pin
 from .readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
 from .sdnotify import Heartbeat, Notifier, watchdog_task
 from .store import RIGHTS_DAMAGED, Store
-from .timetrust import (
-    ClockTrust,
-    clock_trust_at_boot,
-    load_clock_state,
-    read_boot_id,
-    read_ntp_synchronised,
-    sane_ts,
-    save_clock_state,
-)
+from .timetrust import ClockTrust, clock_trust_at_boot, sane_ts
 
 log = logging.getLogger("edge.agent")
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud_bridge.protocol import Lockdown, Unlock
 from cloud_bridge.signing import public_bytes
 from edge.agent import Agent, run_agent
+from edge.clock import META_BOOT_ID, META_LAST_GOOD, read_boot_id
 from edge.config import Config, parse_config
 from edge.control import TapRequest
 from edge.model import (
@@ -41,7 +42,7 @@ from edge.model import (
     User,
 )
 from edge.store import Store
-from edge.timetrust import META_BOOT_ID, META_LAST_GOOD, SANE_MAX_TS, SANE_MIN_TS, TrustSource, read_boot_id
+from edge.timetrust import SANE_MAX_TS, SANE_MIN_TS, TrustSource
 
 from .broker import broker, cloud_peer, site_key, unique  # noqa: F401
 from .mosquitto import Mosquitto

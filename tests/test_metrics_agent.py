@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from edge.agent import Agent, run_agent
+from edge.clock import read_boot_id, save_clock_state
 from edge.config import Config, parse_config
 from edge.readers.wiegand import WiegandTransmitter
 from edge.store import Store
-from edge.timetrust import ClockTrust, read_boot_id, save_clock_state
+from edge.timetrust import ClockTrust
 from tests.test_metrics import get, http, lbl, parse
 
 BEHIND_S = 36_000.0  # the Pi's clock came back 10 h behind after a power cut (issue 12)
