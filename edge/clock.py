@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .timetrust import SANE_WINDOW, ClockAlarm, ClockState, ClockTrust, clamp_ts, sane_ts
+from .timetrust import SANE_WINDOW, ClockAlarm, ClockState, ClockStatus, ClockTrust, clamp_ts, sane_ts
 
 if TYPE_CHECKING:
     from .store import Store
@@ -96,13 +96,12 @@ class AgentClock:
     def alarms(self) -> list[ClockAlarm]:
         return self.trust.alarms() if self.trust is not None else []
 
-    def status(self) -> dict[str, str | float | bool | None]:
+    def status(self) -> ClockStatus:
         if self.trust is not None:
             return self.trust.status()
-        wall = self.wall()
-        ok = sane_ts(wall)
-        return {"trusted": ok, "source": "system", "offset_s": 0.0,
-                "reason": "system clock" if ok else f"system clock outside {SANE_WINDOW}"}  # fmt: skip
+        ok = sane_ts(self.wall())
+        return ClockStatus(trusted=ok, source="system", offset_s=0.0,
+                           reason="system clock" if ok else f"system clock outside {SANE_WINDOW}")  # fmt: skip
 
 
 # --- I/O: the NTP state, the boot id, the persisted last-good time -----------------------------------------

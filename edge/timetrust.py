@@ -94,6 +94,18 @@ class ClockAlarm(msgspec.Struct, frozen=True, kw_only=True):
     skew_s: float | None = None
 
 
+class ClockStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The clock's state for `edge status` and metrics."""
+
+    trusted: bool
+    #: "ntp", "cloud", "warm_restart", "none", or "system" (the system clock trusted as it is).
+    source: str
+    reason: str
+    offset_s: float
+    last_good: float | None = None
+    ntp_synchronised: bool | None = None
+
+
 class ClockTrust:
     """The clock-trust state machine. All times are float seconds: `wall` UTC since the epoch, `mono` from
     a monotonic clock. Call `observe()` every tick, `ntp_synchronised()` when NTP state is read,
@@ -203,15 +215,11 @@ class ClockTrust:
             return None
         return max(0.0, self.now(wall, mono) - synced_at)
 
-    def status(self) -> dict[str, str | float | bool | None]:
-        return {
-            "trusted": self._trusted,
-            "source": self._source.value,
-            "reason": self._reason,
-            "offset_s": self._offset,
-            "last_good": self._last_good,
-            "ntp_synchronised": self._ntp,
-        }
+    def status(self) -> ClockStatus:
+        return ClockStatus(
+            trusted=self._trusted, source=self._source.value, reason=self._reason, offset_s=self._offset,
+            last_good=self._last_good, ntp_synchronised=self._ntp,
+        )  # fmt: skip
 
     # --- inputs -----------------------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ import pytest
 from edge.agent import Agent, run_agent
 from edge.config import Config, parse_config
 from edge.control import DoorRequest, Reply, RexRequest, StatusRequest, TapRequest, request
-from edge.demo import demo_change_set
 from edge.door import DoorLockdownError
 from edge.errors import StoreError
 from edge.events import Event
@@ -51,6 +50,8 @@ from edge.model import (
 from edge.pin import MAX_ITERATIONS, hash_pin
 from edge.readers.base import CardRead, PinEntry
 from edge.readers.formats import BUILTIN, Decoded, encode
+from edge.sim.demo import demo_change_set
+from edge.sim.hands import simulated_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = load_profile("sim")
@@ -91,7 +92,7 @@ def cfg(tmp_path: Path, sock_dir: Path) -> Config:
 @asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[Agent]:
     """The agent with the demo provisioning, under a TaskGroup; stopped (and awaited) on exit."""
-    agent = Agent(cfg)
+    agent = simulated_agent(cfg)
     agent.demo = demo_change_set(agent.profile)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(run_agent(agent), name="agent")
