@@ -54,10 +54,6 @@ class DoorModes:
     def lockdown(self) -> bool:
         return self._decider.lockdown
 
-    @property
-    def overrides(self) -> dict[str, DoorMode]:
-        return dict(self._decider.mode_override)
-
     # --- commands ---------------------------------------------------------------------------------------
 
     async def set_mode(self, door: str, mode: DoorMode | None) -> None:
