@@ -36,7 +36,7 @@ from edge.readers.wiegand import (
     WiegandReader,
     WiegandTransmitter,
 )
-from edge.simulator import card_frame
+from edge.sim.hands import card_frame
 
 FC, CARD = 123, 4567
 FRAME = encode("h10301", FC, CARD)
