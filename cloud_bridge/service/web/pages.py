@@ -293,8 +293,20 @@ class ConsolePages(Controller):
         ctx = await page_context(request, "dashboard")
         a = await inner.call(request, "GET", "/api/v1/gateways")
         gateways = _gateway_rows(a.json()) if a.ok else []
-        return render("dashboard.html", title="Dashboard", gateways=gateways,
+        return render("dashboard.html", title="Dashboard", gateways=gateways, published=None, publish_error=None,
                       refused=None if a.ok else a.detail, **ctx)  # fmt: skip
+
+    @post("/publish")
+    async def publish(self, request: Request[Any, Any, Any]) -> Response[str]:
+        """Send the pending changes to the gateways (POST /api/v1/publish) and show each gateway's answer."""
+        a = await inner.call(request, "POST", "/api/v1/publish", query={"timeout": 30},
+                             principal=principal_of(request))  # fmt: skip
+        ctx = await page_context(request, "dashboard")
+        g = await inner.call(request, "GET", "/api/v1/gateways")
+        result = a.json() if a.ok else None
+        return render("dashboard.html", a.status, title="Dashboard", gateways=_gateway_rows(g.json()) if g.ok else [],
+                      refused=None if g.ok else g.detail, published=result,
+                      publish_error=None if a.ok else a.detail, **ctx)  # fmt: skip
 
     @get("/stream/dashboard")
     async def dashboard_stream(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
