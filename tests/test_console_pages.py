@@ -3,7 +3,6 @@ service on a real SQLite file: first-time setup, login (a wrong password refused
 with a card added through the pages, seen in the list, deactivated; a read-only operator sees no add
 button and a forged POST is refused; keyboard alone; a phone-sized screen; the CSP header."""
 
-
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +17,7 @@ from cloud_bridge.permissions import Action, ObjectType, Operator, PermissionGro
 from cloud_bridge.service import schema, site
 from cloud_bridge.service.database import Database
 
-from .console_browser import chromium, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
 from .service_harness import PASSWORD, Running, config, login, running
 
 
@@ -350,9 +349,10 @@ async def test_keyboard_only_and_a_phone_sized_screen(tmp_path: Path) -> None:
         await expect(page.get_by_role("status")).to_have_text("The person was added.")
         u = (await api.get("/api/v1/users/kb")).json()
         assert u["offline_access"] and u["groups"] == ["staff"] and u["cards"][0]["card"] == 4242
-        for path in ("/people", "/groups", "/people/kb"):
+        for path in ("/", "/people", "/groups", "/people/kb", "/people/new", "/groups/staff"):
             await page.goto(f"{svc.url}{path}")
             assert await sideways_scroll(page) == 0, path
+            assert await low_contrast(page) == [], path
         await shot(page, tmp_path, "groups-375")
         assert violations == []
         await ctx.close()
