@@ -25,13 +25,14 @@ from gpiozero import InputDevice, OutputDevice
 from edge.door.indicator import Indicator
 from edge.errors import ConfigError
 from edge.readers.base import Reader
-from edge.readers.events import CardRead, Feedback, ReaderEvent, ReaderFault
+from edge.readers.events import CardRead, Feedback, ReaderFault
 from edge.readers.formats import FormatTable, encode
 from edge.readers.osdp import Timing
 from edge.readers.registry import BACKENDS, backend
 from edge.sim.pins import VirtualClockFactory
 from edge.sim.transmitter import WiegandTransmitter
 from tests.osdp_peer import PeerBus
+from tests.test_wiegand import Collector
 
 FC, CARD = 123, 4567
 #: H10301 (26 bits) as HID documents it: even parity over bits 1-12, FC 8 bits, card 16 bits, odd parity.
@@ -39,30 +40,6 @@ FRAME = encode("h10301", FC, CARD)
 BAD_PARITY = FRAME ^ 1  # the trailing odd-parity bit flipped
 D0_PIN, D1_PIN, LED_PIN, BEEP_PIN = 17, 27, 22, 23
 FAST = Timing(poll_interval=0.02, reply_timeout=0.06, retries=2, offline_retry=0.1, handshake_retry=0.3)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[ReaderEvent] = []
-        self.threads: set[int] = set()
-        self._changed = asyncio.Event()
-
-    def __call__(self, ev: ReaderEvent) -> None:
-        self.threads.add(threading.get_ident())
-        self.events.append(ev)
-        self._changed.set()
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    async def wait_for(self, pred: Callable[[ReaderEvent], bool], timeout: float = 5.0) -> ReaderEvent:
-        async with asyncio.timeout(timeout):
-            while True:
-                for ev in self.events:
-                    if pred(ev):
-                        return ev
-                self._changed.clear()
-                await self._changed.wait()
 
 
 async def until(cond: Callable[[], Any], what: str, timeout: float = 5.0) -> None:

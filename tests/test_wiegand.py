@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from gpiozero import OutputDevice
@@ -434,9 +436,11 @@ D0_PIN, D1_PIN, LED_PIN, BEEP_PIN = 17, 27, 22, 23
 class Collector:
     def __init__(self) -> None:
         self.events: list[ReaderEvent] = []
+        self.threads: set[int] = set()  # the threads the sink was called on
         self._changed = asyncio.Event()
 
     def __call__(self, ev: ReaderEvent) -> None:
+        self.threads.add(threading.get_ident())
         self.events.append(ev)
         self._changed.set()
 
@@ -452,6 +456,9 @@ class Collector:
     @property
     def cards(self) -> list[CardRead]:
         return [e for e in self.events if isinstance(e, CardRead)]
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
 
 
 @pytest.fixture
