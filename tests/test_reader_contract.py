@@ -25,10 +25,11 @@ from gpiozero import InputDevice, OutputDevice
 from edge.door.indicator import Indicator
 from edge.errors import ConfigError
 from edge.readers.base import Reader
-from edge.readers.events import CardRead, Feedback, ReaderFault
+from edge.readers.events import CardRead, Feedback, PinEntry, ReaderFault
 from edge.readers.formats import FormatTable, encode
 from edge.readers.osdp import Timing
 from edge.readers.registry import BACKENDS, backend
+from edge.readers.virtual import VirtualReader
 from edge.sim.pins import VirtualClockFactory
 from edge.sim.transmitter import WiegandTransmitter
 from tests.osdp_peer import PeerBus
@@ -250,3 +251,16 @@ async def test_close_releases_everything_and_delivers_nothing_more(rig: Rig) -> 
         await rig.frame(FRAME, 26)
         await asyncio.sleep(0.3)
     assert len(rig.sink.events) == seen
+
+
+async def test_the_virtual_feed_from_another_thread_reaches_the_sink_on_the_loop_thread() -> None:
+    sink = Collector()
+    async with VirtualReader("v", sink, formats=FormatTable(["h10301"])) as reader:
+        await asyncio.to_thread(reader.card, CARD, facility=FC)
+        await asyncio.to_thread(reader.keys, "12*34#")  # "*" clears: the PIN is 34
+        await sink.wait_for(lambda e: isinstance(e, PinEntry))
+        with pytest.raises(ValueError, match="keys must be digits"):
+            reader.keys("1a")
+    assert [(e.card, e.facility) for e in sink.of(CardRead)] == [(CARD, FC)]
+    assert [e.pin for e in sink.of(PinEntry)] == ["34"]
+    assert sink.threads == {threading.get_ident()}
