@@ -704,6 +704,31 @@ def test_virtual_clock_only_moves_forward(factory: VirtualClockFactory) -> None:
     assert pin.states[-1].timestamp == pytest.approx(1.0, abs=0.01)
 
 
+class SlowRandom(random.Random):
+    """A sender that loses the CPU for 10 ms at every bit (a busy machine): the jitter draw sleeps."""
+
+    def uniform(self, a: float, b: float) -> float:
+        time.sleep(0.01)  # noqa: TID251 -- stands in for the sending process being descheduled
+        return 0.0
+
+
+async def test_send_now_stamps_exact_times_however_slowly_it_runs(factory: VirtualClockFactory) -> None:
+    """An instant frame is stamped on the virtual clock alone: a sender descheduled between two bits (here
+    for 10 ms, far past the 3.75 ms end-of-frame gap) must not open a gap in the frame. It did on a loaded
+    machine (the clock followed real time mid-frame): the card came out as partial frames, and the reader
+    tests timed out now and then."""
+    col = Collector()
+    reader = WiegandReader("r", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]), pin_factory=factory)
+    async with reader:
+        tx = WiegandTransmitter(factory, D0_PIN, D1_PIN, jitter_s=1e-9, rng=SlowRandom())
+        with factory.frozen() as t0:  # (reentrant: send_now holds the clock at t0 too)
+            end = tx.send_now(FRAME, 26)
+        assert end == pytest.approx(t0 + 25 * 1.5e-3 + 50e-6, abs=1e-9)  # 26 bits 1.5 ms apart, exactly
+        ev = await col.wait_for(lambda e: isinstance(e, CardRead | ReaderFault))
+    assert isinstance(ev, CardRead) and (ev.facility, ev.card) == (FC, CARD)
+    assert factory.ticks() >= end  # and the clock runs on from there, never back
+
+
 def test_assembler_reopens_a_frame_whose_last_edges_arrive_late() -> None:
     """The end-of-frame timer fired while the tail of the frame was still on its way (a starved delivery
     thread): the frame is held, not reported, and completed when the late edges (with their true kernel

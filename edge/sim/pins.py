@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import monotonic
 from typing import Any
 
@@ -59,15 +61,37 @@ class VirtualClockFactory(MockFactory):  # type: ignore[misc]
     """A MockFactory whose clock runs at real speed but can be set forward (never back).
 
     `ticks()` is `monotonic() + skew`; `set_ticks(t)` moves it forward to `t` (an earlier `t` is a no-op),
-    which lets a transmitter stamp each edge exactly where a real kernel timestamp would be.
+    which lets a transmitter stamp each edge exactly where a real kernel timestamp would be. Inside
+    `frozen()` only `set_ticks` moves it: a frame sent all at once is stamped exactly even when the
+    sending process is descheduled half-way (on a busy machine the real clock would otherwise run on
+    between two edges and open a gap in the frame that no reader sends).
     """
 
     def __init__(self, revision: str | None = None) -> None:
         self._skew = 0.0
+        self._frozen: float | None = None
         super().__init__(revision=revision, pin_class=VirtualClockPin)
 
     def ticks(self) -> float:
+        if self._frozen is not None:
+            return self._frozen
         return monotonic() + self._skew
+
+    @contextmanager
+    def frozen(self) -> Iterator[float]:
+        """Hold the clock still (only `set_ticks` moves it) for the block; yields its value. Afterwards it
+        runs on from the later of where the block left it and real time: never back. Reentrant."""
+        if self._frozen is not None:
+            yield self._frozen
+            return
+        self._frozen = self.ticks()
+        try:
+            yield self._frozen
+        finally:
+            t, self._frozen = self._frozen, None
+            now = monotonic()
+            if t > now + self._skew:
+                self._skew = t - now
 
     @staticmethod
     def ticks_diff(later: float, earlier: float) -> float:
@@ -75,6 +99,9 @@ class VirtualClockFactory(MockFactory):  # type: ignore[misc]
 
     def set_ticks(self, t: float) -> float:
         """Move the clock forward to `t`; returns the clock's value afterwards."""
+        if self._frozen is not None:
+            self._frozen = max(self._frozen, t)
+            return self._frozen
         now = monotonic()
         if t > now + self._skew:
             self._skew = t - now

@@ -51,14 +51,14 @@ class WiegandTransmitter:
 
     def _pulse(self, line: int, t: float, width: float) -> float:
         pin = self.pins[line]
-        t = self.factory.set_ticks(t)
-        if self._held[line]:
-            return t  # a line held low cannot pulse
-        # Both edges stamped exactly (a 1 us glitch stays 1 us wide however long the callbacks take).
-        pin.drive_at(False, t)
-        self.factory.set_ticks(t + width)
-        pin.drive_at(True, t + width)
-        return t + width
+        with self.factory.frozen():  # both edges stamped exactly, however long the callbacks take
+            t = self.factory.set_ticks(t)
+            if self._held[line]:
+                return t  # a line held low cannot pulse
+            pin.drive_at(False, t)
+            self.factory.set_ticks(t + width)
+            pin.drive_at(True, t + width)
+            return t + width
 
     def _noise_after(self, t: float, interval: float) -> None:
         if self.noise and self.rng.random() < self.noise:
@@ -76,23 +76,24 @@ class WiegandTransmitter:
 
         Faults of the wire, for tests: `drop` = positions (0 = first bit) whose pulse is lost (its time
         slot stays empty); `extra` = (position, line) pairs: a full-width pulse on `line` half an interval
-        after that bit (a pulse picked up between two bits).
+        after that bit (a pulse picked up between two bits). The clock is held still while the frame is
+        sent (`VirtualClockFactory.frozen`): the timestamps are exact however slowly this code runs.
         """
-        t = self.factory.ticks()
-        end = t
-        for i in range(nbits - 1, -1, -1):
-            pos = nbits - 1 - i
-            start = t
-            if pos not in drop:
-                end = self._pulse((bits >> i) & 1, start, self.pulse_s)
-            iv = self._interval(interval_s)
-            for where, line in extra:
-                if where == pos:
-                    end = self._pulse(line, start + iv / 2, self.pulse_s)
-            if i:
-                self._noise_after(start, iv)
-            t = start + iv
-        return end
+        with self.factory.frozen() as start_t:
+            t = end = start_t
+            for i in range(nbits - 1, -1, -1):
+                pos = nbits - 1 - i
+                start = t
+                if pos not in drop:
+                    end = self._pulse((bits >> i) & 1, start, self.pulse_s)
+                iv = self._interval(interval_s)
+                for where, line in extra:
+                    if where == pos:
+                        end = self._pulse(line, start + iv / 2, self.pulse_s)
+                if i:
+                    self._noise_after(start, iv)
+                t = start + iv
+            return end
 
     async def send(self, bits: int, nbits: int, *, interval_s: float | None = None) -> float:
         """Send a frame in real time (one bit per `interval_s`); returns the time of its last edge.
