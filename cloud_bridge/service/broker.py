@@ -10,13 +10,24 @@ config both this module and tests/mosquitto.py write; `Broker` runs it as an asy
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from .errors import ServiceError
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """preexec_fn for a child of a supervisor: SIGTERM when the supervisor dies (PR_SET_PDEATHSIG, Linux), so
+    that a killed supervisor leaves no process behind."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -90,7 +101,7 @@ class Broker:
         with self.log.open("ab") as logf:
             self.proc = await asyncio.create_subprocess_exec(
                 mosquitto_path(), "-c", str(self.conf), stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                process_group=0)  # fmt: skip
+                process_group=0, preexec_fn=die_with_parent)  # fmt: skip
         try:
             await wait_listening(self.host, self.port, self.proc, what="mosquitto", log=self.log)
         except BaseException:
