@@ -126,7 +126,7 @@ class Supervisor:
         while self.children:
             c = self.children.pop()
             code = await stop_process(c.proc)
-            how = f"on SIGTERM (signal {-code})" if code < 0 else f"exit status {code}"
+            how = f"ended by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             say(f"demo: stopped {c.name} ({how})")
 
 
