@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.errors import EdgeError
 from edge.events import Event
 from edge.model import ChangeSet, Snapshot
 from edge.tasks import cancel_and_wait
 
+from .errors import CloudBridgeError
 from .protocol import (
     Birth,
     ChangeSetMsg,
@@ -68,7 +68,7 @@ log = logging.getLogger("cloud_bridge.cloud")
 _KINDS = ("doors", "schedules", "groups", "users", "credentials")
 
 
-class CloudError(EdgeError):
+class CloudError(CloudBridgeError):
     """A request got no reply in time, or the cloud peer is not connected."""
 
 

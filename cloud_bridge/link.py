@@ -42,12 +42,13 @@ from msgspec import Meta
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.errors import ChangeRejected, EdgeError, StoreError, VersionGap
+from edge.errors import ChangeRejected, StoreError, VersionGap
 from edge.events import SECURITY_COMMAND_REJECTED, Event
 from edge.journal import Journal
 from edge.model import DoorMode, Snapshot
 from edge.store import Store
 
+from .errors import CloudBridgeError
 from .protocol import (
     MAX_VERSION,
     Birth,
@@ -196,7 +197,7 @@ def split_events(
     return out
 
 
-class StagingFull(EdgeError):
+class StagingFull(CloudBridgeError):
     """A snapshot transfer does not fit the staging budget (`code` is `too_large`)."""
 
     code = "too_large"
