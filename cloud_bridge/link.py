@@ -33,12 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Protocol, Self
+from typing import Any, Protocol, Self
 
 import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from msgspec import Meta
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -84,8 +83,8 @@ from .protocol import (
     encode,
     peek_ref,
 )
+from .settings import LinkConfig as LinkConfig  # noqa: PLC0414  (re-exported)
 from .signing import (
-    MAX_TTL_S,
     CommandRejected,
     KeyState,
     NonceStore,
@@ -109,46 +108,6 @@ KEY_ROTATED = "security.key_rotated"
 SECURITY_MESSAGE_REJECTED = "security.message_rejected"
 #: The command key state in the link's state directory.
 KEY_FILE = "link-command-key.json"
-
-
-class LinkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Settings of the cloud link (embedded in the agent config)."""
-
-    site: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
-    gateway: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
-    host: str = "localhost"
-    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    #: TLS: CA bundle that signed the broker's certificate; client certificate and key (PEM paths).
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
-    #: MQTT 5 session expiry: how long the broker keeps our subscriptions and queued QoS 1 messages.
-    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
-    backoff_min_s: Annotated[float, Meta(gt=0)] = 0.5
-    backoff_max_s: Annotated[float, Meta(gt=0)] = 60.0
-    #: Events per EventBatch (fewer when a batch would exceed `max_message_bytes`).
-    batch_events: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    #: EventBatches sent ahead of the cloud's acknowledgement.
-    window: Annotated[int, Meta(ge=1, le=1000)] = 8
-    #: Without an EventAck for this long, the unacknowledged tail is sent again.
-    ack_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
-    #: Largest message read or written (Mosquitto's `message_size_limit`, AWS IoT's 128 KiB...).
-    max_message_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024
-    encoding: Encoding = "msgpack"
-    #: Grace for the clocks of the cloud and the gateway when checking command times.
-    command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
-    command_max_ttl_s: Annotated[float, Meta(gt=0)] = MAX_TTL_S
-    #: SQLite `synchronous` for the link's own state (command nonces).
-    synchronous: str = "FULL"
-    #: Largest snapshot transfer staged on disk (also bounded by the free space less 8 MiB).
-    snapshot_max_bytes: Annotated[int, Meta(ge=4096)] = 512 * 1024 * 1024
-    #: Rights messages waiting to be processed; more are dropped (the cloud resends until answered).
-    rights_queue: Annotated[int, Meta(ge=1, le=100_000)] = 256
-    #: How often a refused downlink message of one kind is journalled (the rest are counted).
-    refusal_journal_s: Annotated[float, Meta(ge=0)] = 60.0
 
 
 class CommandHandler(Protocol):
