@@ -434,3 +434,20 @@ async def test_event_acks_carry_the_cloud_clock(broker: Mosquitto, tmp_path: Pat
     trust.cloud_time(ts, rtt, _time.time(), _time.monotonic())
     assert CLOCK_SKEW in [a.kind for a in trust.alarms()]
     assert abs(trust.now(_time.time(), _time.monotonic()) - (_time.time() + 3600)) < 10
+
+
+async def test_the_link_stops_when_cancelled_as_events_become_durable(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The upload waited with `asyncio.wait_for`, which on Python 3.11 swallows a cancellation that comes while
+    the awaited event is being set: the link's task then never ended (a shutdown hung for ever)."""
+    async with gateway(broker, tmp_path / "gw", site_key, site=unique("s"), gw="gw1") as g:
+        async with asyncio.timeout(10):
+            while not g.link.online:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the upload is idle: nothing to send, waiting to be woken
+        for cb in g.journal.on_durable:  # events became durable ...
+            cb()
+        g.task.cancel()  # ... just as the agent stops
+        done, _ = await asyncio.wait({g.task}, timeout=10)
+        assert g.task in done and g.task.cancelled()
