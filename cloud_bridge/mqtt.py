@@ -7,6 +7,7 @@ and benchmark peer (`cloud.CloudPeer`).
 - `Backoff`: the one reconnect delay formula (jittered exponential).
 - `reconnecting`: the reconnect loop: connect, serve until the connection drops, wait, connect again; it
   returns only when cancelled (aiomqtt `docs/reconnection.md`: reconnect outside the client).
+- `Session`: a client, its reader task and `wait_for(condition)`: the base of `CloudPeer` and `SiteLink`.
 
 No protocol here: topics and messages are `topics.py` and `protocol.py`.
 """
@@ -17,12 +18,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, NoReturn
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from cloud_bridge.errors import CloudBridgeError
+from edge.tasks import cancel_and_wait
 
 #: How long connecting, subscribing and publishing may take before aiomqtt gives up (seconds).
 TIMEOUT_S = 10
@@ -137,3 +141,51 @@ async def reconnecting(
             if c is not None:
                 await close(c)
         await asyncio.sleep(backoff())
+
+
+class Session:
+    """One connected client, the task that reads it, and `wait_for`: the base of the cloud side's clients
+    (`cloud.CloudPeer`, `operator.provision.SiteLink`). A subclass connects (`_client`), starts its reader with
+    `_start_reader`, calls `_changed_now()` after each message it handles, and `_close()` on exit."""
+
+    #: How often `wait_for` re-checks a condition that no message changes.
+    poll_s = 0.05
+
+    def __init__(self) -> None:
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    def _not_connected(self) -> Exception:
+        return CloudBridgeError("not connected to the broker")
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise self._not_connected()
+        return self._client
+
+    def _start_reader(self, reader: Coroutine[Any, Any, None], name: str) -> None:
+        self._reader = asyncio.get_running_loop().create_task(reader, name=name)
+
+    async def _changed_now(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, *, poll_s: float | None = None) -> Any:  # noqa: ASYNC109
+        """Wait until `pred()` returns something truthy (re-checked after every message, and every `poll_s`
+        for conditions that do not depend on messages); return it. Raises TimeoutError."""
+        async with asyncio.timeout(timeout), self._changed:
+            while not (v := pred()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.poll_s if poll_s is None else poll_s)
+            return v
+
+    async def _close(self) -> None:
+        """Stop the reader and disconnect."""
+        if self._reader is not None:
+            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
+            self._reader = None
+        if self._client is not None:
+            c, self._client = self._client, None
+            await close(c)
