@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Self
 
 import aiomqtt
@@ -174,11 +173,6 @@ class CloudPeer(mqtt.Session):
             # "I hold everything up to have_upto": a gateway with batches in flight sends the rest again now
             await self.ack_events(self.have_upto)
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._close()
 
     def _not_connected(self) -> Exception:
         return CloudError("cloud peer is not connected")

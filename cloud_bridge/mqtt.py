@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from types import TracebackType
 from typing import Any, NoReturn
 
 import aiomqtt
@@ -146,7 +147,8 @@ async def reconnecting(
 class Session:
     """One connected client, the task that reads it, and `wait_for`: the base of the cloud side's clients
     (`cloud.CloudPeer`, `operator.provision.SiteLink`). A subclass connects (`_client`), starts its reader with
-    `_start_reader`, calls `_changed_now()` after each message it handles, and `_close()` on exit."""
+    `_start_reader` and calls `_changed_now()` after each message it handles; leaving (`__aexit__`) stops the
+    reader and disconnects."""
 
     #: How often `wait_for` re-checks a condition that no message changes.
     poll_s = 0.05
@@ -180,6 +182,11 @@ class Session:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.poll_s if poll_s is None else poll_s)
             return v
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
 
     async def _close(self) -> None:
         """Stop the reader and disconnect."""

@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Self
 
 import aiomqtt
@@ -286,11 +285,6 @@ class SiteLink(mqtt.Session):
 
         await mqtt.reconnecting(reconnect, self._read, mqtt.Backoff(0.2, 5.0), log=log, what="site link lost",
                                 first=first, down=down)  # fmt: skip
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._close()
 
     def _not_connected(self) -> Exception:
         return ProvisionError("the site link is not connected")
