@@ -209,10 +209,16 @@ class RightsSync:
         log.info("staged snapshot %s kept (%d of %d chunks)", m.id, len(self.staging.staged()), m.count)
         await self._maybe_apply(m)
 
+    async def _answered(self, transfer: str) -> bool:
+        """A transfer that already finished gets its stored result again (a duplicate, the same answer)."""
+        done = self.staging.done(transfer)
+        if done is None:
+            return False
+        await self.replies.publish_raw(Leaf.RIGHTS_REPLY, done)
+        return True
+
     async def _on_manifest(self, m: SnapshotManifest, envelope: bytes) -> None:
-        done = self.staging.done(m.id)
-        if done is not None:
-            await self.replies.publish_raw(Leaf.RIGHTS_REPLY, done)
+        if await self._answered(m.id):
             return
         have = self.rights.version
         if m.version <= have:
@@ -240,9 +246,7 @@ class RightsSync:
         await self._maybe_apply(m)
 
     async def _on_chunk(self, c: SnapshotChunk, payload: bytes) -> None:
-        done = self.staging.done(c.id)
-        if done is not None:
-            await self.replies.publish_raw(Leaf.RIGHTS_REPLY, done)
+        if await self._answered(c.id):
             return
         m = self.staging.manifest
         if m is None or m.id != c.id:
