@@ -14,6 +14,10 @@
     and mutations of the signed body inside an envelope. Every input must decode or raise `ProtocolError`
     (`peek_ref` must return None or a short string): anything else is a crash, saved under --crash-dir.
 
+(c) In process: mutants of signed change sets and snapshot chunks that still decode are applied to a real
+    `Store` as the link would: each must apply or raise `ChangeRejected` with nothing applied (5,000; not
+    counted in the total).
+
 (b) Live: a real Mosquitto; a gateway (Store + Journal + CloudLink, as tests/broker.py) with a task deciding
     a tap every 5 ms on the live index (and journalling it), provisioned by a real `CloudPeer` that sends a
     signed change set every 0.2 s and a snapshot every 25; a publisher *process* sends mutated forged
@@ -126,6 +130,7 @@ def backdoor_change_set(frm: int = 1) -> ChangeSet:
     return ChangeSet(from_version=frm, to_version=frm + 1, changes=[
         PutSchedule(schedule=office),
         PutDoor(door=Door(id="front", mode=DoorMode.UNLOCKED)),
+        PutDoor(door=Door(id="lab", mode=DoorMode.FIRST_CARD, unlock_schedule="office")),
         PutGroup(group=Group(id="all", doors=["front", "lab"], schedule="office")),
         PutUser(user=User(id="mallory", valid_from=when, assignments=[Assignment(group="all", valid_until=when)])),
         *[PutCredential(credential=Credential(card=c, user="mallory", valid_until=when)) for c in BACKDOOR[:3]],
@@ -187,6 +192,9 @@ _INTS = [0, -1, 1, 2**31, 2**32, 2**53 - 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 
 _FLOATS = [0.0, -0.0, 1e308, -1e308, 5e-324, float("inf"), float("-inf"), float("nan"), 1e12, 5e9, 1.5]
 _JSON_NUMS = [b"1" * 400, b"1e400", b"-1e400", b"18446744073709551616", b"9007199254740993", b"-9223372036854775809",
               b"NaN", b"Infinity", b"-0", b"1.0e-400", b"0x10", b"01"]  # fmt: skip
+_STRINGS = ("front", "lab", "all", "office", "mallory", "bob", "nobody", "x" * 64, "08:00", "24:00", "18:00",
+            "00:00", "2026-01-01T00:00:00Z", "2019-12-31", "unlocked", "locked", "revoked", "lost", "h10302",
+            "csn56", "Europe/Berlin", "Mars/Base")  # fmt: skip
 _JSON_NUM = re.compile(rb"(?<=[:\[,])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 
 
@@ -235,7 +243,7 @@ class Mutator:
         self.last: Seed = self.seeds[0]
         self.ops: list[Callable[[Seed], bytes]] = [
             self.flip, self.flip, self.truncate, self.insert, self.delete, self.duplicate, self.splice,
-            self.nest, self.structured, self.structured, self.structured, self.structured, self.json_number,
+            self.nest, self.structured, self.structured, self.structured, self.typed, self.typed, self.json_number,
             self.inner, self.inner, self.stack,
         ]  # fmt: skip
 
@@ -320,6 +328,32 @@ class Mutator:
         except (TypeError, OverflowError, ValueError, msgspec.EncodeError):
             return s.data
 
+    def _same_kind(self, old: Any) -> Any:
+        """A value of the same JSON type as `old` (so that more mutants pass the schema and reach the store)."""
+        if isinstance(old, bool):
+            return not old
+        if isinstance(old, int):
+            return self.rng.choice((*_INTS, 0, 1, 7, 100, 666_000, old + 1, old - 1))
+        if isinstance(old, float):
+            return self.rng.choice((*_FLOATS, old + 86400 * 365, old - 1))
+        if isinstance(old, str):
+            return self.rng.choice(_STRINGS)
+        if isinstance(old, list) and old:
+            return self.rng.choice(([], old + old, old[:1], [old[0]] * 3))
+        if isinstance(old, dict) and old:
+            return {k: v for k, v in old.items() if k != self.rng.choice(list(old))}
+        return self._value(old)
+
+    def typed(self, s: Seed) -> bytes:
+        tree = s.tree
+        for _ in range(self.rng.choice((1, 1, 2, 3))):
+            path = self.rng.choice(s.paths)
+            try:
+                tree = _put(tree, path, self._same_kind(_get(tree, path)))
+            except (KeyError, IndexError, TypeError):
+                break
+        return self._encode(s, tree)
+
     def structured(self, s: Seed) -> bytes:
         path = self.rng.choice(s.paths)
         return self._encode(s, _put(s.tree, path, self._value(_get(s.tree, path))))
@@ -377,6 +411,14 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
+def save_crash(crash_dir: Path, name: str, sig: str, data: bytes) -> None:
+    """Keep the first input of each kind of crash (hex, with the traceback) for reproduction."""
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    f = crash_dir / f"{name}.hex"
+    f.write_text(f"{sig}\n{data.hex()}\n{traceback.format_exc()}")
+    log(f"CRASH {sig} (input saved in {f})")
+
+
 class Fuzz:
     def __init__(self, crash_dir: Path) -> None:
         self.crash_dir = crash_dir
@@ -409,10 +451,7 @@ class Fuzz:
             sig = f"{name}: {type(e).__name__}: {str(e)[:80]}"
             self.crashes[sig] += 1
             if self.crashes[sig] == 1:
-                self.crash_dir.mkdir(parents=True, exist_ok=True)
-                f = self.crash_dir / f"crash-{len(self.crashes):03d}.hex"
-                f.write_text(f"{sig}\n{data.hex()}\n{traceback.format_exc()}")
-                log(f"CRASH {sig} (input saved in {f})")
+                save_crash(self.crash_dir, f"crash-{len(self.crashes):03d}", sig, data)
         else:
             self.decoded[name] += 1
             return out
@@ -435,6 +474,81 @@ def in_process(n: int, seed: int, crash_dir: Path) -> Fuzz:
             log(f"in-process: {i + 1} inputs, {time.perf_counter() - t0:.0f} s, {sum(fz.crashes.values())} crashes")
     fz.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     return fz
+
+
+# --- (c) in process: decoded change sets and snapshots into a real Store -----------------------------------
+
+
+def store_seeds() -> dict[str, list[bytes]]:
+    """Signed bodies (as `decode_provision` reads them) of change sets and snapshot chunks with every kind of
+    change, MessagePack and JSON."""
+    from edge.model import DeleteCredential, DeleteDoor, DeleteGroup, DeleteSchedule, DeleteUser
+
+    cs = backdoor_change_set(0)
+    more = ChangeSet(from_version=1, to_version=2, changes=[
+        *cs.changes, PutDoor(door=Door(id="lab", mode=DoorMode.CARD_AND_PIN, pin_schedule="office")),
+        PutUser(user=User(id="bob", offline_access=True, emergency=True, assignments=[Assignment(group="all")])),
+        PutCredential(credential=Credential(card=7, user="bob", format="h10302", facility=12)),
+        DeleteCredential(card=BACKDOOR[0]), DeleteUser(id="nobody"), DeleteGroup(id="g9"), DeleteDoor(id="d9"),
+        DeleteSchedule(id="s9"),
+    ])  # fmt: skip
+    out: dict[str, list[bytes]] = {"body": [], "chunk": []}
+    for enc in ("msgpack", "json"):
+        for m in (ChangeSetMsg(id="c1", change_set=cs), ChangeSetMsg(id="c2", change_set=more)):
+            out["body"].append(encode(Provision(site=SITE, gateway=GW, issued=time.time(), msg=m), enc))  # type: ignore[arg-type]
+        out["chunk"].append(encode(backdoor_chunk(), enc))  # type: ignore[arg-type]
+    return out
+
+
+async def store_fuzz(n: int, seed: int, crash_dir: Path) -> dict[str, Any]:
+    """Mutated change sets and snapshots that still decode are applied to a real Store, as the link would
+    (versions made to follow the store's in 80 % of them): each must apply, or raise `ChangeRejected`
+    (`VersionGap` included) with nothing applied. Anything else is a crash."""
+    from cloud_bridge.protocol import snapshot_of
+    from edge.errors import ChangeRejected
+    from edge.store import Store
+
+    rng = random.Random(seed + 3)
+    mut = Mutator(rng, store_seeds())
+    mut.ops = [mut.typed, mut.typed, mut.typed, mut.structured, mut.json_number]  # mostly still decodable
+    outcomes: Counter[str] = Counter()
+    crashes: Counter[str] = Counter()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="soak-store-") as d:
+        async with Store(Path(d) / "rights.db", "UTC", synchronous="OFF") as store:
+            for _ in range(n):
+                data = mut()
+                try:
+                    msg: Any = decode_downlink(data) if mut.last.kind == "chunk" else decode_provision(data).msg
+                except ProtocolError:
+                    outcomes["undecodable"] += 1
+                    continue
+                v = store.version
+                try:
+                    if isinstance(msg, SnapshotChunk):
+                        snap = snapshot_of([msg])
+                        if rng.random() < 0.8:
+                            snap = msgspec.structs.replace(snap, version=v + 1)
+                        r = await store.replace(snap)
+                    elif isinstance(msg, ChangeSetMsg):
+                        cs = msg.change_set
+                        if rng.random() < 0.8 or not (cs.from_version >= 0 and cs.to_version <= 2**53 - 1):
+                            cs = msgspec.structs.replace(cs, from_version=v, to_version=v + 1)
+                        r = await store.apply(cs)
+                    else:
+                        outcomes["other_message"] += 1
+                        continue
+                    outcomes["applied" if r.applied else "not_applied"] += 1
+                except ChangeRejected as e:
+                    outcomes[f"rejected.{e.code}"] += 1
+                    if store.version != v:
+                        crashes["version moved by a rejected change"] += 1
+                except Exception as e:
+                    sig = f"store: {type(e).__name__}: {str(e)[:80]}"
+                    crashes[sig] += 1
+                    if crashes[sig] == 1:
+                        save_crash(crash_dir, f"store-crash-{len(crashes):03d}", sig, data)
+    return {"inputs": n, "outcomes": dict(outcomes), "crashes": dict(crashes), "seconds": time.perf_counter() - t0}
 
 
 # --- (b) live: the attacker -----------------------------------------------------------------------
@@ -809,6 +923,8 @@ def main() -> None:
     p.add_argument("--live", type=int, help="of which through the broker (default 100,000; quick 3,000)")
     p.add_argument("--rate", type=float, default=1000.0, help="live payloads per second (default 1000)")
     p.add_argument("--rounds", type=int, help="baseline/fuzz round pairs (default 4; quick 2)")
+    p.add_argument("--store", type=int, help="mutated change sets/snapshots applied to a Store (default 5,000; "
+                   "quick 500)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--crash-dir", type=Path, default=Path(tempfile.gettempdir()) / "soak-fuzz-crashes")
     p.add_argument("--cloud-process", action="store_true", help=argparse.SUPPRESS)
@@ -823,8 +939,13 @@ def main() -> None:
     live_n = args.live if args.live is not None else (3000 if args.quick else 100_000)
     total = args.total if args.total is not None else (53_000 if args.quick else 1_000_000)
     args.rounds = args.rounds or (2 if args.quick else 4)
+    args.store = args.store if args.store is not None else (500 if args.quick else 5000)
     fz = in_process(max(0, total - live_n), args.seed, args.crash_dir)
     report_in_process(fz, args.seed)
+    st = asyncio.run(store_fuzz(args.store, args.seed, args.crash_dir))
+    emit("fuzz_store_crashes", sum(st["crashes"].values()), "count", inputs=st["inputs"], kinds=st["crashes"],
+         outcomes=st["outcomes"], seconds=round(st["seconds"], 1),
+         note="decoded mutated change sets / snapshot chunks applied to a real Store (not counted in the total)")
     if live_n:
         res = asyncio.run(live(args, live_n))
         report_live(res, live_n, args.rate)

@@ -36,6 +36,8 @@ def test_fuzzed_downlink_payloads_crash_nothing_kill_no_link_and_grant_nothing()
     m = run("soak_fuzz.py")
     assert m["fuzz_decoder_inputs"]["value"] == 50_000
     assert m["fuzz_decoder_crashes"]["value"] == 0, m["fuzz_decoder_crashes"]["params"]
+    assert m["fuzz_store_crashes"]["value"] == 0, m["fuzz_store_crashes"]["params"]
+    assert m["fuzz_store_crashes"]["params"]["outcomes"].get("applied", 0) > 0  # mutants did reach the store
     assert m["fuzz_live_payloads"]["value"] == 3000
     assert m["fuzz_live_link_deaths"]["value"] == 0
     assert m["fuzz_live_handler_errors"]["value"] == 0
