@@ -993,6 +993,10 @@ class CloudLink:
     async def _on_event_ack(self, payload: bytes) -> None:
         """Only a signed acknowledgement releases events, and only those actually sent; its clock is used
         only when it answers a batch sent by this process (`ref`), with the round trip measured."""
+        too_large = self._too_large(payload)  # unread: even the depth check of 16 MB held the loop for seconds
+        if too_large is not None:
+            self._refused(Leaf.EVENTS_ACK, "too_large", None, too_large.message)
+            return
         try:
             msg = decode_event_ack(payload)
             if not isinstance(msg, Signed):
