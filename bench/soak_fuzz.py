@@ -691,6 +691,14 @@ async def cloud_process(args: argparse.Namespace) -> None:
                     sent.update(leaf for leaf, _ in batch)
                     await asyncio.sleep(max(0.0, t0 + (i + 10) / args.rate - loop.time()))
                 print(json.dumps({"done": n, "seconds": loop.time() - t0}), flush=True)
+            elif cmd["op"] == "wide":  # largest-allowed messages of empty arrays, the costliest to check
+                n, t0 = cmd["n"], loop.time()
+                k = 256 * 1024 - 5
+                wide = b"\xdd" + k.to_bytes(4, "big") + b"\x90" * k
+                for i in range(n):
+                    await client.publish(topics[Leaf.COMMAND if i % 2 else Leaf.EVENTS_ACK], wide, qos=1)
+                    await asyncio.sleep(max(0.0, t0 + (i + 1) / cmd["rate"] - loop.time()))
+                print(json.dumps({"done": n, "seconds": loop.time() - t0}), flush=True)
             elif cmd["op"] == "stop":
                 stopping.set()
                 await prov_task
@@ -782,7 +790,7 @@ async def live(args: argparse.Namespace, n_live: int) -> dict[str, Any]:
 
                 decider = Decider(store.index)
                 phase = ["setup"]
-                lateness: dict[str, list[list[float]]] = {"baseline": [], "fuzz": []}
+                lateness: dict[str, list[list[float]]] = {"baseline": [], "fuzz": [], "wide": []}
                 wrong: Counter[str] = Counter()
                 taps: Counter[str] = Counter()
                 stop_taps = asyncio.Event()
@@ -831,6 +839,14 @@ async def live(args: argparse.Namespace, n_live: int) -> dict[str, Any]:
                     phase[0] = "baseline"
                     lateness["baseline"].append([])
                     await asyncio.sleep(fuzz_seconds[-1])
+                # apart: the largest messages allowed on command and events/ack, 256 KiB of empty arrays
+                phase[0] = "wide"
+                lateness["wide"] = [[]]
+                refused0 = link.stats["refused"]
+                await child.send(op="wide", n=args.wide, rate=5.0)
+                await child.recv()
+                while link.stats["refused"] < refused0 + args.wide:  # noqa: ASYNC110 (polls a counter)
+                    await asyncio.sleep(0.1)
                 phase[0] = "drain"
                 await child.send(op="stop")
                 await child.recv()
@@ -857,7 +873,7 @@ async def live(args: argparse.Namespace, n_live: int) -> dict[str, Any]:
                     "clock_samples": len(clock_samples), "journal_left": journal.depth,
                     "events_recorded": journal.next_seq - 1, "cloud": report, "version": store.version,
                     "backdoor_in_store": sum(1 for c in BACKDOOR if store.index.cred(c) is not None),
-                    "front_mode": str(store.index.tables.doors["front"].mode), "at": now,
+                    "front_mode": str(store.index.tables.doors["front"].mode), "at": now, "wide": args.wide,
                 }  # fmt: skip
         finally:
             broker.stop()
@@ -914,6 +930,12 @@ def report_live(res: dict[str, Any], n_live: int, rate: float) -> None:
              max_ms=round(max(xs), 3), taps=len(xs), p99_per_round=per_round[name],
              median_round_p99=round(statistics.median(per_round[name]), 3),
              what="lateness of a tap decision after its 5 ms timer, live index, journalled")  # fmt: skip
+    wide = lat["wide"][0]
+    if wide:
+        emit("fuzz_live_tap_p99.wide", pct(wide, 0.99), "ms", p50_ms=round(pct(wide, 0.5), 3),
+             max_ms=round(max(wide), 3), taps=len(wide), messages=res["wide"], rate_per_s=5.0,
+             what="the same while 256 KiB messages of empty MessagePack arrays (the most costly to depth-check) "
+                  "arrive on command and events/ack, 5 a second; not part of the fuzz figures")  # fmt: skip
 
 
 def main() -> None:
@@ -925,6 +947,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, help="baseline/fuzz round pairs (default 4; quick 2)")
     p.add_argument("--store", type=int, help="mutated change sets/snapshots applied to a Store (default 5,000; "
                    "quick 500)")
+    p.add_argument("--wide", type=int, help="256 KiB worst-case messages after the fuzz rounds (default 50; quick 10)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--crash-dir", type=Path, default=Path(tempfile.gettempdir()) / "soak-fuzz-crashes")
     p.add_argument("--cloud-process", action="store_true", help=argparse.SUPPRESS)
@@ -939,6 +962,7 @@ def main() -> None:
     live_n = args.live if args.live is not None else (3000 if args.quick else 100_000)
     total = args.total if args.total is not None else (53_000 if args.quick else 1_000_000)
     args.rounds = args.rounds or (2 if args.quick else 4)
+    args.wide = args.wide if args.wide is not None else (10 if args.quick else 50)
     args.store = args.store if args.store is not None else (500 if args.quick else 5000)
     fz = in_process(max(0, total - live_n), args.seed, args.crash_dir)
     report_in_process(fz, args.seed)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Protocol, Self
+from typing import Annotated, Any, Protocol, Self, TypeVar
 
 import aiomqtt
 import msgspec
@@ -97,6 +97,7 @@ from .signing import (
 from .topics import Leaf, Topics
 
 log = logging.getLogger("cloud_bridge.link")
+_T = TypeVar("_T")
 
 #: Journal event type of every command carried out (user = the operator).
 COMMAND_EXECUTED = "command.executed"
@@ -643,6 +644,21 @@ class CloudLink:
             )
         return None
 
+    async def _peek(self, payload: bytes) -> str | None:
+        """The request id of a refused message (read without trusting it, only to echo it): a large message is
+        read off the loop thread (its depth check walks every item: 256 KiB of empty arrays is ~0.2 s of CPU,
+        16 MB held the loop past the keepalive), one of more than 1 MiB (and 4 x `max_message_bytes`) not at all."""
+        if len(payload) < 16384:
+            return peek_ref(payload)
+        if len(payload) > max(1 << 20, 4 * self.cfg.max_message_bytes):
+            return None
+        return await asyncio.to_thread(peek_ref, payload)
+
+    @staticmethod
+    async def _decode(decoder: Callable[[bytes], _T], payload: bytes) -> _T:
+        """Decode with `decoder`; a large message off the loop thread (see `_peek`), so that taps are not held up."""
+        return decoder(payload) if len(payload) < 16384 else await asyncio.to_thread(decoder, payload)
+
     def _refused(self, leaf: Leaf, code: str, ref: str | None, message: str, *, operator: str | None = None,
                  event: str | None = None) -> None:  # fmt: skip
         """Log and journal one refused message, rate-limited per (topic, code) so that a flood of forged
@@ -681,34 +697,33 @@ class CloudLink:
                     log.error("rights message failed: %s", e)
                 await self._publish(
                     Leaf.RIGHTS_REPLY,
-                    RightsResult(id=peek_ref(payload), ok=False, version=self.store.version, error=_error(e)),
+                    RightsResult(id=await self._peek(payload), ok=False, version=self.store.version, error=_error(e)),
                 )
 
     async def _on_rights(self, payload: bytes) -> None:
         err = self._too_large(payload)
         if err is not None:
-            await self._reply_rights(peek_ref(payload), err)
+            await self._reply_rights(await self._peek(payload), err)
             return
         try:
             # a large message is checked and decoded off the loop thread, so taps are not held up
-            small = len(payload) < 16384
-            msg = decode_downlink(payload) if small else await asyncio.to_thread(decode_downlink, payload)
+            msg = await self._decode(decode_downlink, payload)
         except ProtocolError as e:
-            await self._reply_rights(peek_ref(payload), _error(e))
+            await self._reply_rights(await self._peek(payload), _error(e))
             return
         if isinstance(msg, SnapshotChunk):
             await self._on_chunk(msg, payload)
             return
         if not isinstance(msg, Signed):
             tag = type(msg).__struct_config__.tag
-            await self._refuse_rights(
-                CommandRejected("unsigned", f"{tag} must be signed (inside 'signed')", request_id=peek_ref(payload))
-            )
+            ref = await self._peek(payload)
+            await self._refuse_rights(CommandRejected("unsigned", f"{tag} must be signed (inside 'signed')",
+                                                      request_id=ref))  # fmt: skip
             return
         try:
             p = self._open(msg)
         except CommandRejected as e:
-            e.request_id = e.request_id or peek_ref(payload)
+            e.request_id = e.request_id or await self._peek(payload)
             await self._refuse_rights(e)
             return
         inner = p.msg
@@ -907,14 +922,14 @@ class CloudLink:
         try:
             too_large = self._too_large(payload)
             if too_large is not None:
-                raise CommandRejected("too_large", too_large.message, request_id=peek_ref(payload))
+                raise CommandRejected("too_large", too_large.message, request_id=await self._peek(payload))
             try:
-                signed = decode_command(payload)
+                signed = await self._decode(decode_command, payload)
             except ProtocolError as e:
                 try:
-                    plain = decode_command_body(payload)
+                    plain = await self._decode(decode_command_body, payload)
                 except ProtocolError:
-                    raise CommandRejected("malformed", str(e), request_id=peek_ref(payload)) from None
+                    raise CommandRejected("malformed", str(e), request_id=await self._peek(payload)) from None
                 raise CommandRejected(
                     "unsigned", "command is not signed", request_id=plain.request_id, operator=plain.operator
                 ) from None
@@ -925,7 +940,7 @@ class CloudLink:
                 )  # fmt: skip
             except CommandRejected as e:
                 # name the request (read from the unverified body, only to echo it) so the cloud can match
-                e.request_id = e.request_id or peek_ref(signed.body)
+                e.request_id = e.request_id or await self._peek(signed.body)
                 raise
             fresh, prior = await self._nonces.claim(cmd)
             if self._nonces.degraded:
@@ -998,7 +1013,7 @@ class CloudLink:
             self._refused(Leaf.EVENTS_ACK, "too_large", None, too_large.message)
             return
         try:
-            msg = decode_event_ack(payload)
+            msg = await self._decode(decode_event_ack, payload)
             if not isinstance(msg, Signed):
                 raise CommandRejected("unsigned", "events_ack must be signed (inside 'signed')")
             p = self._open(msg)

@@ -344,7 +344,7 @@ async def test_staging_is_bounded_and_a_newer_transfer_frees_a_full_disk(
                              >= len(chunks) - 1)  # fmt: skip
         staged = sum(f.stat().st_size for f in (state / "link-snapshot").glob("chunk-*"))
         assert staged > 500_000
-        with open(small_fs / "filler", "wb") as f:
+        with open(small_fs / "filler", "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
             try:
                 while True:
                     f.write(b"\0" * 65536)
