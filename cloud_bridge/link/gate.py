@@ -39,7 +39,6 @@ from cloud_bridge.protocol import (
     decode_command_body,
     decode_command_result,
     encode,
-    peek_ref,
 )
 from cloud_bridge.settings import LinkConfig
 from cloud_bridge.signing import (
@@ -57,7 +56,7 @@ from cloud_bridge.topics import Leaf
 from edge.events import SECURITY_COMMAND_REJECTED
 
 from .ports import CommandHandler, Outbox, Rights
-from .reply import Replies, error_info
+from .reply import Replies, decode_off_loop, error_info
 
 log = logging.getLogger("cloud_bridge.link")
 
@@ -155,14 +154,14 @@ class CommandGate:
         try:
             too_large = self.replies.too_large(payload)
             if too_large is not None:
-                raise CommandRejected("too_large", too_large.message, request_id=peek_ref(payload))
+                raise CommandRejected("too_large", too_large.message, request_id=await self.replies.peek(payload))
             try:
-                signed = decode_command(payload)
+                signed = await decode_off_loop(decode_command, payload)
             except ProtocolError as e:
                 try:
-                    plain = decode_command_body(payload)
+                    plain = await decode_off_loop(decode_command_body, payload)
                 except ProtocolError:
-                    raise CommandRejected("malformed", str(e), request_id=peek_ref(payload)) from None
+                    raise CommandRejected("malformed", str(e), request_id=await self.replies.peek(payload)) from None
                 raise CommandRejected(
                     "unsigned", "command is not signed", request_id=plain.request_id, operator=plain.operator
                 ) from None
@@ -173,7 +172,7 @@ class CommandGate:
                 )  # fmt: skip
             except CommandRejected as e:
                 # name the request (read from the unverified body, only to echo it) so the cloud can match
-                e.request_id = e.request_id or peek_ref(signed.body)
+                e.request_id = e.request_id or await self.replies.peek(signed.body)
                 raise
             fresh, prior = await self.nonces.claim(cmd)
             if self.nonces.degraded:

@@ -4,15 +4,17 @@ bounded rate by `RefusalLog`, counted). `error_info` turns an exception into the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiomqtt
 
 from cloud_bridge import mqtt
-from cloud_bridge.protocol import ErrorInfo, ProtocolError, encode
+from cloud_bridge.protocol import ErrorInfo, ProtocolError, encode, peek_ref
 from cloud_bridge.settings import LinkConfig
 from cloud_bridge.topics import Leaf, Topics
 from edge.errors import ChangeRejected, StoreError
@@ -20,6 +22,14 @@ from edge.errors import ChangeRejected, StoreError
 from .ports import Outbox
 
 log = logging.getLogger("cloud_bridge.link")
+_T = TypeVar("_T")
+#: Messages this large or larger are checked and decoded in a worker thread, never on the loop thread.
+OFF_LOOP_BYTES = 16384
+
+
+async def decode_off_loop(decoder: Callable[[bytes], _T], payload: bytes) -> _T:
+    """Decode with `decoder`; a large message off the loop thread, so that taps are not held up."""
+    return decoder(payload) if len(payload) < OFF_LOOP_BYTES else await asyncio.to_thread(decoder, payload)
 
 #: Journal event type of a refused downlink message (rights, events/ack); commands use
 #: `security.command_rejected`. Rate-limited: see `RefusalLog`.
@@ -94,6 +104,17 @@ class Replies:
             return
         with contextlib.suppress(aiomqtt.MqttError):
             await mqtt.publish(client, self.topics[leaf], data)
+
+    async def peek(self, payload: bytes) -> str | None:
+        """The request id of a refused message (read without trusting it, only to echo it). A large message is
+        read off the loop thread (its depth check walks every item: 256 KiB of empty arrays is ~0.2 s of CPU,
+        16 MB held the loop past the keepalive), one of more than 1 MiB (and 4 x `max_message_bytes`) not at
+        all [tests/test_decoder_bounds.py]."""
+        if len(payload) < OFF_LOOP_BYTES:
+            return peek_ref(payload)
+        if len(payload) > max(1 << 20, 4 * self.cfg.max_message_bytes):
+            return None
+        return await asyncio.to_thread(peek_ref, payload)
 
     def too_large(self, payload: bytes) -> ErrorInfo | None:
         if len(payload) > self.cfg.max_message_bytes:

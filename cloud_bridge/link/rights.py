@@ -32,7 +32,6 @@ from cloud_bridge.protocol import (
     decode_downlink,
     decode_staged_chunk,
     encode,
-    peek_ref,
 )
 from cloud_bridge.settings import LinkConfig
 from cloud_bridge.signing import CommandRejected
@@ -105,20 +104,21 @@ class RightsSync:
                     log.error("rights message failed: %s", e)
                 await self.replies.publish(
                     Leaf.RIGHTS_REPLY,
-                    RightsResult(id=peek_ref(payload), ok=False, version=self.rights.version, error=error_info(e)),
+                    RightsResult(id=await self.replies.peek(payload), ok=False, version=self.rights.version,
+                                 error=error_info(e)),
                 )
 
     async def _on_rights(self, payload: bytes) -> None:
         err = self.replies.too_large(payload)
         if err is not None:
-            await self._reply_rights(peek_ref(payload), err)
+            await self._reply_rights(await self.replies.peek(payload), err)
             return
         try:
             # a large message is checked and decoded off the loop thread, so taps are not held up
             small = len(payload) < 16384
             msg = decode_downlink(payload) if small else await asyncio.to_thread(decode_downlink, payload)
         except ProtocolError as e:
-            await self._reply_rights(peek_ref(payload), error_info(e))
+            await self._reply_rights(await self.replies.peek(payload), error_info(e))
             return
         if isinstance(msg, SnapshotChunk):
             await self._on_chunk(msg, payload)
@@ -126,13 +126,14 @@ class RightsSync:
         if not isinstance(msg, Signed):
             tag = type(msg).__struct_config__.tag
             await self._refuse_rights(
-                CommandRejected("unsigned", f"{tag} must be signed (inside 'signed')", request_id=peek_ref(payload))
+                CommandRejected("unsigned", f"{tag} must be signed (inside 'signed')",
+                                request_id=await self.replies.peek(payload))
             )
             return
         try:
             p = self.keys.open(msg)
         except CommandRejected as e:
-            e.request_id = e.request_id or peek_ref(payload)
+            e.request_id = e.request_id or await self.replies.peek(payload)
             await self._refuse_rights(e)
             return
         inner = p.msg

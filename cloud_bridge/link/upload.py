@@ -28,7 +28,7 @@ from edge.events import Event
 
 from .gate import SiteKeys
 from .ports import Outbox
-from .reply import Replies
+from .reply import Replies, decode_off_loop
 
 log = logging.getLogger("cloud_bridge.link")
 
@@ -81,8 +81,12 @@ class EventUpload:
     async def on_event_ack(self, payload: bytes) -> None:
         """Only a signed acknowledgement releases events, and only those actually sent; its clock is used
         only when it answers a batch sent by this process (`ref`), with the round trip measured."""
+        too_large = self.replies.too_large(payload)  # unread: even the depth check of 16 MB held the loop
+        if too_large is not None:
+            self.replies.refused(Leaf.EVENTS_ACK, "too_large", None, too_large.message)
+            return
         try:
-            msg = decode_event_ack(payload)
+            msg = await decode_off_loop(decode_event_ack, payload)
             if not isinstance(msg, Signed):
                 raise CommandRejected("unsigned", "events_ack must be signed (inside 'signed')")
             p = self.keys.open(msg)
