@@ -466,6 +466,8 @@ def test_every_cloud_bridge_error_derives_from_the_package_root() -> None:
 
     found = {}
     for mod in pkgutil.walk_packages(cloud_bridge.__path__, "cloud_bridge."):
+        if mod.name.startswith("cloud_bridge.service.migrations"):
+            continue  # Alembic's scripts run only inside Alembic
         m = importlib.import_module(mod.name)
         for name, obj in vars(m).items():
             if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == m.__name__:
@@ -474,7 +476,10 @@ def test_every_cloud_bridge_error_derives_from_the_package_root() -> None:
                 "cloud_bridge.cloud.CloudError", "cloud_bridge.operator.db.OperatorError",
                 "cloud_bridge.operator.provision.ProvisionError", "cloud_bridge.link.staging.StagingFull"}  # fmt: skip
     assert expected <= found.keys()
-    outside = [n for n, c in found.items() if not issubclass(c, CloudBridgeError)]
+    from litestar.exceptions import HTTPException
+
+    # (a page's redirect to the login is the web framework's own control flow: an HTTPException)
+    outside = [n for n, c in found.items() if not issubclass(c, CloudBridgeError | HTTPException)]
     assert not outside, outside
     assert issubclass(CloudBridgeError, EdgeError)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from edge.errors import EdgeError
+from cloud_bridge.errors import CloudBridgeError
 
 
-class ServiceError(EdgeError):
+class ServiceError(CloudBridgeError):
     """The operator service refused a request or could not start. The message says why."""
 
 
