@@ -5,7 +5,9 @@ port. A thread reads the master and feeds every byte to each simulated reader's 
 `ctx.refresh()` directly (the wrapper's own thread sleeps 20 ms between refreshes, far too slow).
 
 Knobs for fault injection: `Peer.silent` (the reader stops answering: offline), `PeerBus.mangle` (rewrite
-the bytes a reader sends: corrupt or truncate), `PeerBus.baud` (pace both directions as a real line would).
+the bytes a reader sends: corrupt or truncate), `PeerBus.intercept` (take what the control panel wrote away
+from the readers and optionally answer it in their place: a lost command, a BUSY), `PeerBus.baud` (pace
+both directions as a real line would).
 
 libosdp installs a top-level module named `osdp`; our own package is always imported as `edge.readers.osdp`.
 """
@@ -143,6 +145,9 @@ class PeerBus:
         self.peers: list[Peer] = []
         self.lock = threading.RLock()
         self.mangle: Callable[[bytes], bytes] | None = None
+        #: called with each chunk the control panel wrote; None = deliver it to the readers, bytes = do not
+        #: (the readers never see it) and write these bytes back instead (b"": nothing, the command is lost)
+        self.intercept: Callable[[bytes], bytes | None] | None = None
         self.sent: list[tuple[float, bytes]] = []  # what the readers wrote (after mangling)
         self.received: list[tuple[float, bytes]] = []  # what the control panel wrote
         self._stop = threading.Event()
@@ -180,6 +185,13 @@ class PeerBus:
                     self.received.append((time.perf_counter(), data))
                     if self.baud:
                         _pause(len(data) * 10 / self.baud)
+                    intercept = self.intercept
+                    answer = intercept(data) if intercept is not None else None
+                    if answer is not None:
+                        if answer:
+                            self.inject(answer)
+                        data = b""
+                if data:
                     with self.lock:
                         for p in self.peers:
                             if not p.silent:

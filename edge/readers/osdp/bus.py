@@ -95,7 +95,9 @@ class OsdpBus:
                 if item.address != current.address:
                     current.fault("address", f"reply from address {item.address}, expected {current.address}")
                     continue
-                if current.accept(item, self._loop_time()):
+                now = self._loop_time()
+                current.heard(now)
+                if current.accept(item, now):
                     self._waiter.set_result(True)
             elif isinstance(item, FrameError) and current is not None and item.kind != "garbage":
                 current.fault(item.kind, f"{len(item.data)} byte(s) dropped")

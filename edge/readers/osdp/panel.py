@@ -55,10 +55,19 @@ class Timing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     poll_interval: Annotated[float, Meta(gt=0, le=2.0)] = 0.05
     reply_timeout: Annotated[float, Meta(gt=0, le=2.0)] = 0.2
+    #: Retransmissions of an unanswered command before the reader may be declared offline.
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    #: Offline detection: a reader is reported offline only after this long without a valid reply (and
+    #: `retries` retransmissions). Between its retransmissions every other reader of the line is served.
+    offline_after: Annotated[float, Meta(gt=0, le=30)] = 1.5
+    #: An offline reader is probed (one osdp_ID, no retransmission) after `offline_retry`, then at doubling
+    #: intervals up to `offline_retry_max`: a dead reader costs the live ones one exchange per probe.
     offline_retry: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    offline_retry_max: Annotated[float, Meta(gt=0, le=600)] = 8.0
     handshake_retry: Annotated[float, Meta(gt=0, le=600)] = 5.0
     busy_retry: Annotated[float, Meta(ge=0, le=1.0)] = 0.02
+    #: Feedback queued when a secure session had to be rebuilt is re-sent if the session is back within this.
+    feedback_hold: Annotated[float, Meta(ge=0, le=10)] = 2.0
 
 
 class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +115,7 @@ class Phase(enum.Enum):
 
 _NEXT_SQN: Final = (1, 2, 3, 1)
 _MAX_QUEUE: Final = 16
+_FEEDBACK: Final = frozenset({c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT})
 
 
 def _feedback_commands(what: Feedback, text: str | None, display: bool) -> list[tuple[int, bytes]]:
@@ -183,7 +193,17 @@ class PdSession:
         self.outputs: tuple[int, ...] = ()
         self.readers: tuple[int, ...] = ()
         self._pending: deque[tuple[int, bytes]] = deque()
+        #: feedback that was queued (or in flight) when the secure session dropped, and until when it is
+        #: worth showing once the session is back
+        self._carry: list[tuple[int, bytes]] = []
+        self._carry_until = 0.0
+        self._inflight: tuple[int, bytes] = (c.Cmd.POLL, b"")
         self._retx: bytes | None = None
+        self._last_heard = 0.0
+        self._probe_interval = self.timing.offline_retry
+        #: BUSY replies seen (diagnostics)
+        self.busy = 0
+        self._busy_since: float | None = None
         self._cmd = 0
         #: the address our own COMSET in flight asks for (None when the command in flight is not a COMSET)
         self._asked_address: int | None = None
@@ -212,12 +232,16 @@ class PdSession:
         if self.on_queue is not None:
             self.on_queue()
 
-    def feedback(self, what: Feedback, text: str | None = None) -> None:
-        if self.phase is not Phase.ONLINE:
-            return  # nothing to show it on; stale feedback must not flash later
+    def feedback(self, what: Feedback, text: str | None = None, now: float | None = None) -> None:
         display = self.config.display
         if display is None:
             display = self.pdcap is not None and self.pdcap.has(c.Cap.TEXT_OUTPUT)
+        if self.phase is not Phase.ONLINE:
+            if self.online and self.phase in (Phase.CHLNG, Phase.SCRYPT):
+                # the secure session is being rebuilt: shown as soon as it is back (if soon enough)
+                self._carry = _feedback_commands(what, text, display)
+                self._carry_until = (time.monotonic() if now is None else now) + self.timing.feedback_hold
+            return  # otherwise nothing to show it on; stale feedback must not flash later
         # a newer result replaces feedback not yet sent
         self._pending = deque(p for p in self._pending if p[0] not in (c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT))
         for cmd in _feedback_commands(what, text, display):
@@ -271,6 +295,7 @@ class PdSession:
             code, data = self._pending.popleft()
         else:
             code, data = c.Cmd.POLL, b""
+        self._inflight = (code, data)
         self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
         sc = self.sc
         if sc is not None and sc.established and scb is None:
@@ -300,6 +325,11 @@ class PdSession:
         if self._retx is None:
             self.fault("unsolicited", f"reply 0x{frame.code:02x} with no command in flight")
             return False
+        if frame.code == c.Rep.BUSY and frame.scb_type is None and not frame.data and frame.sqn in (0, self.sqn):
+            # osdp_BUSY (spec 5.7 / 7.x): sent with sequence number 0 and always in clear, also inside a
+            # secure session. The PD has not processed the command: send the very same frame again (same
+            # sequence number, same MAC, so the MAC chain stays where it is) a moment later.
+            return self._on_busy(now)
         if frame.sqn != self.sqn:
             self.fault("sequence", f"reply sqn {frame.sqn}, expected {self.sqn}")
             return False
@@ -334,30 +364,50 @@ class PdSession:
             self._go_offline(now, "secure reply with no session")
             return True
         reply = c.decode_reply(code, data)
-        if isinstance(reply, c.Busy):
-            # same command, same sequence number, a moment later
-            self._attempts = 0
-            self.due = now + self.timing.busy_retry
-            return True
+        if isinstance(reply, c.Busy):  # a BUSY inside the session's security block: same handling
+            return self._on_busy(now)
         self._exchange_done()
         self._dispatch(reply, frame, now)
+        return True
+
+    def _on_busy(self, now: float) -> bool:
+        """The PD is busy: the same frame again after `busy_retry`; a PD busy for longer than
+        `offline_after` is treated as one that does not answer."""
+        self.busy += 1
+        if self._busy_since is None:
+            self._busy_since = now
+        elif now - self._busy_since >= self.timing.offline_after:
+            self._busy_since = None
+            self._go_offline(now, "busy for too long")
+            return True
+        self.due = now + self.timing.busy_retry
         return True
 
     def _exchange_done(self) -> None:
         self._retx = None
         self._attempts = 0
+        self._busy_since = None
         self.sqn = _NEXT_SQN[self.sqn]
         self.exchanges += 1
 
+    def heard(self, now: float) -> None:
+        """A well-formed frame from this PD arrived (the bus calls it before `accept`)."""
+        self._last_heard = now
+        self._probe_interval = self.timing.offline_retry
+
     def timeout(self, now: float) -> None:
         """No valid reply within the reply timeout."""
+        t = self.timing
         if self.phase is Phase.OFFLINE:
+            # a probe of an offline reader: no retransmission, the next probe later and later
             self._retx = None
-            self.due = now + self.timing.offline_retry
+            self.due = now + self._probe_interval
+            self._probe_interval = min(self._probe_interval * 2, t.offline_retry_max)
             return
         self._attempts += 1
-        if self._attempts <= self.timing.retries:
-            self.due = now  # retransmit the same bytes
+        if self._attempts <= t.retries or now - self._last_heard < t.offline_after:
+            # retransmit the same bytes in this PD's next slot: every reader already due goes first
+            self.due = now
             return
         self._go_offline(now, "no reply")
 
@@ -365,11 +415,17 @@ class PdSession:
 
     def _go_online(self, now: float, detail: str = "") -> None:
         self.phase = Phase.ONLINE
+        was = self.online
         self.online = True
         self._refused_reported = False
         self._pending.clear()
         self._pending.append((c.Cmd.LSTAT, b""))
+        if self._carry and now <= self._carry_until:
+            self._pending.extend(self._carry)  # feedback of a session that had to be rebuilt: show it now
+        self._carry = []
         self.due = now
+        if was and not detail:
+            return  # a secure session rebuilt without the reader ever being reported offline
         self.sink(ReaderStatus(reader=self.name, online=True, tamper=self.tamper, power_ok=self.power_ok,
                                secure=self.secure, detail=detail))
 
@@ -381,25 +437,30 @@ class PdSession:
         self.sc = None
         self._retx = None
         self._pending.clear()
+        self._carry = []
         self.pinpad.clear()
-        self.due = now + self.timing.offline_retry
+        self._probe_interval = self.timing.offline_retry
+        self.due = now + self._probe_interval
         if was:
             self.sink(ReaderStatus(reader=self.name, online=False, tamper=self.tamper, power_ok=self.power_ok,
                                    secure=False, detail=why))
 
     def _restart_handshake(self, now: float) -> None:
-        was_secure = self.secure
+        """The PD dropped (or we dropped) the secure session: handshake again at once. Feedback that was
+        queued, or in flight when the session went (its reply lost: the PD may not have shown it), is kept
+        and sent once the session is back, if that is within `feedback_hold`."""
         self.sc = None
         self.secure = False
+        if self.phase is Phase.ONLINE:
+            carry = [p for p in (self._inflight, *self._pending) if p[0] in _FEEDBACK]
+            if carry:
+                self._carry = carry
+                self._carry_until = now + self.timing.feedback_hold
         self._pending.clear()
         self.due = now
         if self.config.secure:
             self._key_type = KEY_SCBK if self._key is not None else KEY_SCBK_D
             self.phase = Phase.CHLNG
-            if was_secure and self.online:
-                self.online = False
-                self.sink(ReaderStatus(reader=self.name, online=False, secure=False,
-                                       detail="secure session lost; re-establishing"))
         else:
             self._go_offline(now, "reply out of sequence")
 
