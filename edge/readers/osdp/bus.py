@@ -131,7 +131,8 @@ class OsdpBus:
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
         self._current = session
-        timeout = self.timing.reply_timeout + self._link.wire_time(len(frame))
+        # the command's own bytes and a short reply's (osdp_PDID, 20 bytes) on the wire, then the PD's time
+        timeout = session.reply_timeout + self._link.wire_time(len(frame) + 24)
         handle = loop.call_later(timeout, _expire, waiter)
         self.last_write = time.perf_counter()
         self._link.write(frame)

@@ -63,6 +63,8 @@ class Timing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: An offline reader is probed (one osdp_ID, no retransmission) after `offline_retry`, then at doubling
     #: intervals up to `offline_retry_max`: a dead reader costs the live ones one exchange per probe.
     offline_retry: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    #: How long a probe waits for its answer (one poll slot: a live PD answers osdp_ID in milliseconds).
+    probe_timeout: Annotated[float, Meta(gt=0, le=2.0)] = 0.05
     offline_retry_max: Annotated[float, Meta(gt=0, le=600)] = 8.0
     handshake_retry: Annotated[float, Meta(gt=0, le=600)] = 5.0
     busy_retry: Annotated[float, Meta(ge=0, le=1.0)] = 0.02
@@ -222,6 +224,10 @@ class PdSession:
     def __repr__(self) -> str:
         return f"PdSession({self.name!r}, address={self.address}, phase={self.phase.value}, secure={self.secure})"
 
+    def set_timing(self, timing: Timing) -> None:
+        self.timing = timing
+        self._probe_interval = timing.offline_retry
+
     # --- API used by the reader adapter ---
 
     def queue(self, code: int, data: bytes = b"") -> None:
@@ -254,6 +260,12 @@ class PdSession:
         if not 0 <= address <= 126:
             raise ValueError(f"osdp reader {self.name}: address {address} is outside 0..126")
         self.queue(c.Cmd.COMSET, c.encode_comset(address, baud))
+
+    @property
+    def reply_timeout(self) -> float:
+        """How long the bus waits for this PD's reply to the command `build` gave it."""
+        t = self.timing
+        return min(t.probe_timeout, t.reply_timeout) if self.phase is Phase.OFFLINE else t.reply_timeout
 
     @property
     def has_pending(self) -> bool:

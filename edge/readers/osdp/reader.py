@@ -59,6 +59,7 @@ class OsdpReader(Reader):
             display=display,
         )
         self.session = PdSession(name, config, sink, timing)
+        self._own_timing = timing is not None
         self.bus: OsdpBus | None = None
         if port is not None:
             self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing)
@@ -104,11 +105,14 @@ def osdp_bus(
     direction: Direction = "auto",
     timing: Timing | None = None,
 ) -> OsdpBus:
-    """One bus for several port-less `OsdpReader`s at different addresses."""
+    """One bus for several port-less `OsdpReader`s at different addresses. `timing` is the line's: it
+    applies to every reader made without a timing of its own."""
     for r in readers:
         if r._owns_bus:
             raise ValueError(f"reader {r.name} has its own port; make it without `port` to share a bus")
     bus = OsdpBus(port, [r.session for r in readers], baudrate=baudrate, direction=direction, timing=timing)
     for r in readers:
         r.bus = bus
+        if timing is not None and not r._own_timing:
+            r.session.set_timing(timing)  # the line's timing, unless the reader was given its own
     return bus
