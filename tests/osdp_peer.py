@@ -78,6 +78,8 @@ class Peer:
         self.bus = bus
         self.address = address
         self.silent = False
+        #: the reader's answer to osdp_KEYSET: take the key (0) or refuse it (-1: libosdp NAKs)
+        self.keyset_result = 0
         self.commands: list[dict[str, Any]] = []
         self.command_times: list[float] = []
         self.keys: list[bytes] = []
@@ -101,6 +103,8 @@ class Peer:
         self.command_times.append(time.perf_counter())
         self.commands.append(cmd)
         if cmd.get("command") == osdp.Command.Keyset:
+            if self.keyset_result != 0:
+                return self.keyset_result, None
             self.keys.append(bytes(cmd["data"]))
         return 0, None
 

@@ -4,8 +4,22 @@ Import it absolutely (`edge.readers.osdp`): libosdp, used by the tests, installs
 """
 
 from .bus import OsdpBus
-from .panel import PdConfig, PdSession, Timing
+from .keystore import KeyStore, KeyStoreError, PlainKeyFile, SystemdCredential
+from .panel import KeyRotation, PdConfig, PdSession, Timing
 from .reader import OsdpReader, osdp_bus
 from .transport import TransportError
 
-__all__ = ["OsdpBus", "OsdpReader", "PdConfig", "PdSession", "Timing", "TransportError", "osdp_bus"]
+__all__ = [
+    "KeyRotation",
+    "KeyStore",
+    "KeyStoreError",
+    "OsdpBus",
+    "OsdpReader",
+    "PdConfig",
+    "PdSession",
+    "PlainKeyFile",
+    "SystemdCredential",
+    "Timing",
+    "TransportError",
+    "osdp_bus",
+]

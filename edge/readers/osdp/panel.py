@@ -85,6 +85,9 @@ class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     formats: list[str] | None = None
     #: Send osdp_TEXT with feedback: None = if the reader reports a text display in its capabilities.
     display: bool | None = None
+    #: A key rotation left unresolved (the new key staged, not yet known to be the reader's): the
+    #: handshake tries `scbk` and then this one, and reports which one the reader holds. Never logged.
+    scbk_next: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -94,15 +97,31 @@ class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         )
 
     def key(self) -> bytes | None:
-        if self.scbk is None:
-            return None
-        try:
-            key = bytes.fromhex(self.scbk)
-        except ValueError:
-            raise ConfigError("osdp reader scbk: expected 32 hex digits") from None
-        if len(key) != 16:
-            raise ConfigError("osdp reader scbk: expected 32 hex digits (16 bytes)")
-        return key
+        return _parse_key(self.scbk, "scbk")
+
+    def next_key(self) -> bytes | None:
+        return _parse_key(self.scbk_next, "scbk_next")
+
+
+def _parse_key(text: str | None, what: str) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"osdp reader {what}: expected 32 hex digits") from None
+    if len(key) != 16:
+        raise ConfigError(f"osdp reader {what}: expected 32 hex digits (16 bytes)")
+    return key
+
+
+class KeyRotation(msgspec.Struct, frozen=True, kw_only=True):
+    """How a Secure Channel key rotation ended: `ok` = the reader is secure on the new key (commit it);
+    otherwise it is still on the old one (discard the new). Carries no key material."""
+
+    reader: str
+    ok: bool
+    detail: str = ""
 
 
 class Phase(enum.Enum):
@@ -179,6 +198,13 @@ class PdSession:
         self.timing = timing or Timing()
         self.address = config.address
         self._key = config.key()
+        #: rotation in progress: the key it moves to and the one it moves from (both tried at a handshake
+        #: until the reader is secure on one of them)
+        self._next_key = config.next_key()
+        self._old_key = self._key if self._next_key is not None else None
+        self._tried: set[bytes] = set()
+        #: called when a key rotation is resolved (the reader layer commits or discards the stored key)
+        self.on_key: Callable[[KeyRotation], None] | None = None
         if config.secure and self._key is None and not config.allow_install_mode:
             raise ConfigError(f"osdp reader {name}: secure=true needs an scbk (or allow_install_mode)")
         self.phase = Phase.OFFLINE
@@ -260,6 +286,25 @@ class PdSession:
         if not 0 <= address <= 126:
             raise ValueError(f"osdp reader {self.name}: address {address} is outside 0..126")
         self.queue(c.Cmd.COMSET, c.encode_comset(address, baud))
+
+    def rotate_key(self, new_key: bytes) -> None:
+        """Start moving the reader to `new_key` in session: osdp_KEYSET inside the secure session, then a
+        handshake on the new key. `on_key` is called once the reader is secure on one of the two keys."""
+        if len(new_key) != 16:
+            raise ValueError("an SCBK is 16 bytes")
+        if self.phase is not Phase.ONLINE or not self.secure or self._key_type != KEY_SCBK or self._key is None:
+            raise RuntimeError(f"osdp reader {self.name}: a key rotation needs the reader online in a secure "
+                               "session on its site key")
+        if self._next_key is not None:
+            raise RuntimeError(f"osdp reader {self.name}: a key rotation is already in progress")
+        if new_key == self._key:
+            raise ValueError(f"osdp reader {self.name}: the new key is the current one")
+        self._next_key, self._old_key = new_key, self._key
+        self.queue(c.Cmd.KEYSET, c.encode_keyset(new_key))
+
+    @property
+    def rotating(self) -> bool:
+        return self._next_key is not None
 
     @property
     def reply_timeout(self) -> float:
@@ -351,6 +396,11 @@ class PdSession:
         in_session = sc is not None and sc.established
         if in_session:
             assert sc is not None
+            if frame.scb_type is None and code == c.Rep.ACK and self._cmd == c.Cmd.KEYSET and not data:
+                # a PD may drop the old session keys as soon as it takes the new key and ACK in clear
+                self._exchange_done()
+                self._dispatch(c.Ack(), frame, now)
+                return True
             if frame.scb_type not in (SCS_16, SCS_18) or frame.mac is None:
                 kind = "nak" if code == c.Rep.NAK else "mac"
                 self._exchange_done()
@@ -485,6 +535,16 @@ class PdSession:
     def _handshake_failed(self, now: float, why: str) -> None:
         self.sc = None
         self.secure = False
+        if self._next_key is not None and self._key_type == KEY_SCBK and self._key is not None:
+            # a rotation in progress: the reader holds one of the two keys; try the other one once
+            self._tried.add(self._key)
+            other = self._old_key if self._key == self._next_key else self._next_key
+            if other is not None and other not in self._tried:
+                self._key = other
+                self.phase = Phase.CHLNG
+                self.due = now
+                return
+            self._tried.clear()
         self.fault("handshake", why)
         if self._key_type == KEY_SCBK and self.config.allow_install_mode:
             self._key_type = KEY_SCBK_D
@@ -557,6 +617,8 @@ class PdSession:
                 else:
                     detail = "site key installed" if self._installing else ""
                     self._installing = False
+                    if self._next_key is not None:
+                        detail = self._rotation_done()
                     self._go_online(now, detail)
             else:
                 self._handshake_failed(now, f"server cryptogram answered with {type(reply).__name__}")
@@ -577,6 +639,24 @@ class PdSession:
         # ONLINE
         self.due = now if self._pending else now + self.timing.poll_interval
         self._on_event(reply, frame, now)
+
+    def _rotation_done(self, refused: bool = False) -> str:
+        """The reader is secure on `self._key` (or refused the KEYSET): the rotation is resolved."""
+        ok = self._key == self._next_key and not refused
+        self._next_key = self._old_key = None
+        self._tried.clear()
+        detail = "secure channel key rotated" if ok else "key rotation failed: the reader kept its old key"
+        log.info("osdp %s: %s", self.name, detail)
+        if self.on_key is not None:
+            self.on_key(KeyRotation(reader=self.name, ok=ok, detail=detail))
+        return detail
+
+    def _on_keyset_ack(self, now: float) -> None:
+        """The reader took the new key: handshake on it at once (feedback queued meanwhile is kept)."""
+        assert self._next_key is not None
+        self._key = self._next_key
+        self._tried.clear()
+        self._restart_handshake(now)
 
     def _on_com(self, reply: c.Com, frame: Frame, at: float) -> None:
         """osdp_COM: the PD's new address. Trusted only as the answer, from the address we polled, to the
@@ -600,6 +680,8 @@ class PdSession:
             if stale is not None:
                 self.sink(stale)
         if isinstance(reply, c.Ack):
+            if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
+                self._on_keyset_ack(now)
             return
         if isinstance(reply, c.RawCard):
             self.sink(card_from_raw(self.name, reply, self.formats, at))
@@ -631,6 +713,8 @@ class PdSession:
             self._on_com(reply, frame, at)
         elif isinstance(reply, c.NakReply):
             self.fault("nak", f"reader refused command 0x{self._cmd:02x}: reason {reply.reason}", at)
+            if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
+                self._rotation_done(refused=True)  # still on the old key, and secure on it
             if reply.reason == c.Nak.SEQUENCE:
                 self._go_offline(now, "sequence error")
             elif reply.reason in (c.Nak.SC_REQUIRED, c.Nak.SC_UNSUPPORTED) and self.config.secure:

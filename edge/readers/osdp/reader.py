@@ -15,6 +15,8 @@ Several readers on one line share an `OsdpBus`; the readers are then made withou
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
@@ -22,8 +24,11 @@ from typing import Self
 from edge.readers.base import Feedback, Reader, ReaderSink
 
 from .bus import OsdpBus
-from .panel import PdConfig, PdSession, Timing
+from .keystore import KeyStore, KeyStoreError
+from .panel import KeyRotation, PdConfig, PdSession, Timing
 from .transport import Direction
+
+log = logging.getLogger(__name__)
 
 
 class OsdpReader(Reader):
@@ -40,6 +45,8 @@ class OsdpReader(Reader):
         allow_install_mode: bool = False,
         allow_plaintext: bool = False,
         scbk: str | None = None,
+        scbk_next: str | None = None,
+        key_store: KeyStore | None = None,
         use_crc: bool = True,
         formats: list[str] | None = None,
         display: bool | None = None,
@@ -54,12 +61,18 @@ class OsdpReader(Reader):
             allow_install_mode=allow_install_mode,
             allow_plaintext=allow_plaintext,
             scbk=scbk,
+            scbk_next=scbk_next,
             use_crc=use_crc,
             formats=formats,
             display=display,
         )
         self.session = PdSession(name, config, sink, timing)
         self._own_timing = timing is not None
+        #: where the reader's key is kept across a rotation (None: rotations are refused)
+        self.key_store = key_store
+        self.session.on_key = self._on_key
+        self._key_tasks: set[asyncio.Task[None]] = set()
+        self._rotation: asyncio.Future[KeyRotation] | None = None
         self.bus: OsdpBus | None = None
         if port is not None:
             self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing)
@@ -84,6 +97,58 @@ class OsdpReader(Reader):
             await self.bus.run()
         else:  # driven by a shared OsdpBus: nothing of its own to serve
             await asyncio.Event().wait()
+
+    # --- Secure Channel key rotation ---
+
+    async def rotate_key(self) -> KeyRotation:
+        """Move the reader to a new random SCBK in session (osdp_KEYSET, then a handshake on the new key).
+
+        The new key is staged in `key_store` before the reader is sent it and committed only once the
+        reader is secure on it; if the reader keeps its old key the staged one is discarded. Returns how it
+        ended; raises `RuntimeError` if the reader is not online in a secure session or has no key store,
+        `KeyStoreError` if the key cannot be stored. Bound the wait with `asyncio.timeout`: a cancelled wait
+        leaves the rotation to resolve (commit or discard) whenever the reader is next secure.
+        """
+        store = self.key_store
+        if store is None:
+            raise RuntimeError(f"osdp reader {self.name}: no key store configured: key rotation refused")
+        if self._rotation is not None or self.session.rotating:
+            raise RuntimeError(f"osdp reader {self.name}: a key rotation is already in progress")
+        key = os.urandom(16)
+        await asyncio.to_thread(store.stage, key)
+        fut: asyncio.Future[KeyRotation] = asyncio.get_running_loop().create_future()
+        self._rotation = fut
+        try:
+            self.session.rotate_key(key)
+        except BaseException:
+            self._rotation = None
+            await asyncio.to_thread(store.discard)
+            raise
+        del key
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._rotation = None
+
+    def _on_key(self, result: KeyRotation) -> None:
+        """The session resolved a rotation (loop thread): commit or discard the staged key off the loop."""
+        task = asyncio.get_running_loop().create_task(self._settle_key(result), name=f"reader[{self.name}].key")
+        self._key_tasks.add(task)
+        task.add_done_callback(self._key_tasks.discard)
+
+    async def _settle_key(self, result: KeyRotation) -> None:
+        store = self.key_store
+        fut, self._rotation = self._rotation, None
+        try:
+            if store is not None:
+                await asyncio.to_thread(store.commit if result.ok else store.discard)
+        except KeyStoreError as e:
+            # the reader is on the new key but it is only staged: the next start still tries both keys
+            log.error("osdp %s: %s", self.name, e)
+            result = KeyRotation(reader=result.reader, ok=result.ok, detail=f"{result.detail}; {e}")
+        if fut is not None and not fut.done():
+            fut.set_result(result)
 
     def feedback(self, what: Feedback, *, text: str | None = None) -> None:
         self.session.feedback(what, text)
