@@ -235,6 +235,9 @@ class PdSession:
         self._cmd = 0
         #: the address our own COMSET in flight asks for (None when the command in flight is not a COMSET)
         self._asked_address: int | None = None
+        self._asked_baud: int | None = None
+        #: called with the osdp_COM that answered our own COMSET (the bus waits on it to switch its baud rate)
+        self.on_com: Callable[[c.Com], None] | None = None
         self._attempts = 0
         self._key_type = KEY_SCBK
         self._installing = False
@@ -354,6 +357,7 @@ class PdSession:
             code, data = c.Cmd.POLL, b""
         self._inflight = (code, data)
         self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
+        self._asked_baud = int.from_bytes(data[1:5], "little") if code == c.Cmd.COMSET and data else None
         sc = self.sc
         if sc is not None and sc.established and scb is None:
             if data:
@@ -664,10 +668,16 @@ class PdSession:
         answering a POLL, a COM we did not ask for, one naming another address: what a device forging
         replies on a plaintext line sends to steal another reader's traffic) changes nothing."""
         asked, self._asked_address = self._asked_address, None
+        baud, self._asked_baud = self._asked_baud, None
         if self._cmd == c.Cmd.COMSET and asked is not None and reply.address == asked \
                 and frame.address == self.address:
-            log.info("osdp %s: reader moved from address %d to %d", self.name, self.address, reply.address)
+            if reply.address != self.address:
+                log.info("osdp %s: reader moved from address %d to %d", self.name, self.address, reply.address)
             self.address = reply.address
+            if baud is not None and reply.baud != baud:
+                self.fault("comset", f"asked for {baud} baud, the reader answered {reply.baud}", at)
+            if self.on_com is not None:
+                self.on_com(reply)
             return
         why = "not asked for" if asked is None else f"we asked for address {asked}"
         self.fault("address", f"osdp_COM to address {reply.address} ignored ({why}; answering command "

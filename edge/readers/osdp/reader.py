@@ -53,6 +53,7 @@ class OsdpReader(Reader):
         baudrate: int = 115200,
         direction: Direction = "auto",
         timing: Timing | None = None,
+        mark: bool = True,
     ) -> None:
         super().__init__(name, sink)
         config = PdConfig(
@@ -75,7 +76,8 @@ class OsdpReader(Reader):
         self._rotation: asyncio.Future[KeyRotation] | None = None
         self.bus: OsdpBus | None = None
         if port is not None:
-            self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing)
+            self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing,
+                               mark=mark)
         self._owns_bus = port is not None
 
     def __repr__(self) -> str:
@@ -169,13 +171,15 @@ def osdp_bus(
     baudrate: int = 115200,
     direction: Direction = "auto",
     timing: Timing | None = None,
+    mark: bool = True,
 ) -> OsdpBus:
     """One bus for several port-less `OsdpReader`s at different addresses. `timing` is the line's: it
     applies to every reader made without a timing of its own."""
     for r in readers:
         if r._owns_bus:
             raise ValueError(f"reader {r.name} has its own port; make it without `port` to share a bus")
-    bus = OsdpBus(port, [r.session for r in readers], baudrate=baudrate, direction=direction, timing=timing)
+    bus = OsdpBus(port, [r.session for r in readers], baudrate=baudrate, direction=direction, timing=timing,
+                  mark=mark)
     for r in readers:
         r.bus = bus
         if timing is not None and not r._own_timing:

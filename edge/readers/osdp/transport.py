@@ -99,6 +99,12 @@ class SerialLink:
         if self._serial is not None:
             self._serial.rts = False
 
+    def set_baudrate(self, baud: int) -> None:
+        """Switch the open port's speed (after every PD of the line confirmed it)."""
+        self.baudrate = baud
+        if self._serial is not None:
+            self._serial.baudrate = baud
+
     def wire_time(self, nbytes: int) -> float:
         return nbytes * 10 / self.baudrate
 
