@@ -31,8 +31,8 @@ DEFAULT_CAPS = [
     (osdp.Capability.LEDControl, 1, 1),
     (osdp.Capability.AudibleControl, 1, 1),
     (osdp.Capability.TextOutput, 1, 1),
-    (osdp.Capability.ContactStatusMonitoring, 1, 1),
-    (osdp.Capability.OutputControl, 1, 1),
+    (osdp.Capability.ContactStatusMonitoring, 1, 4),
+    (osdp.Capability.OutputControl, 1, 2),
     (osdp.Capability.CardDataFormat, 1, 1),
     (osdp.Capability.CheckCharacter, 1, 1),
 ]
@@ -80,6 +80,9 @@ class Peer:
         self.silent = False
         #: the reader's answer to osdp_KEYSET: take the key (0) or refuse it (-1: libosdp NAKs)
         self.keyset_result = 0
+        #: the reader's input and output states (ISTATR / OSTATR), one byte each; OUT changes `outputs`
+        self.inputs = bytearray(4)
+        self.outputs = bytearray(2)
         self.commands: list[dict[str, Any]] = []
         self.command_times: list[float] = []
         self.keys: list[bytes] = []
@@ -95,13 +98,22 @@ class Peer:
         )
         self.pd = osdp.PeripheralDevice(
             info, osdp.PDCapabilities(caps if caps is not None else DEFAULT_CAPS),
-            log_level=osdp.LogLevel.Emergency, command_handler=self._on_command,
+            log_level=getattr(osdp.LogLevel, os.environ.get("PEER_LOG", "Emergency")), command_handler=self._on_command,
         )
         self.ctx = self.pd.ctx
 
-    def _on_command(self, cmd: dict[str, Any]) -> tuple[int, None]:
+    def _on_command(self, cmd: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         self.command_times.append(time.perf_counter())
         self.commands.append(cmd)
+        kind = cmd.get("command")
+        if kind == osdp.Command.Status and cmd.get("type") in (osdp.StatusReportType.Input,
+                                                                osdp.StatusReportType.Output):
+            # libosdp 3.2 answers ISTAT / OSTAT with a status event the app submits from this callback
+            states = self.inputs if cmd["type"] == osdp.StatusReportType.Input else self.outputs
+            self.ctx.submit_event({"event": osdp.Event.Status, "type": cmd["type"], "nr_entries": len(states),
+                                   "report": bytes(states)})
+        if kind == osdp.Command.Output and cmd["output_no"] < len(self.outputs):
+            self.outputs[cmd["output_no"]] = 1 if cmd["control_code"] in (2, 4, 5) else 0
         if cmd.get("command") == osdp.Command.Keyset:
             if self.keyset_result != 0:
                 return self.keyset_result, None
@@ -126,6 +138,12 @@ class Peer:
     def local_status(self, *, tamper: bool, power_failure: bool) -> None:
         self.submit({"event": osdp.Event.Status, "type": osdp.StatusReportType.Local, "nr_entries": 2,
                      "report": bytes((int(tamper), int(power_failure)))})
+
+    def input_change(self, states: bytes) -> None:
+        """The reader's inputs (door contact, REX, ...) change: it reports them on the next poll."""
+        self.inputs[:] = states
+        self.submit({"event": osdp.Event.Status, "type": osdp.StatusReportType.Input,
+                     "nr_entries": len(states), "report": bytes(states)})
 
     def submit(self, event: dict[str, Any]) -> None:
         with self.bus.lock:

@@ -4,21 +4,28 @@ Import it absolutely (`edge.readers.osdp`): libosdp, used by the tests, installs
 """
 
 from .bus import OsdpBus
+from .events import InputsChanged, OutputsChanged, PowerChanged, ReaderIoEvent, TamperChanged
 from .keystore import KeyStore, KeyStoreError, PlainKeyFile, SystemdCredential
 from .panel import KeyRotation, PdConfig, PdSession, Timing
-from .reader import OsdpReader, osdp_bus
+from .reader import OsdpReader, ReaderRefused, osdp_bus
 from .transport import TransportError
 
 __all__ = [
+    "InputsChanged",
     "KeyRotation",
     "KeyStore",
     "KeyStoreError",
     "OsdpBus",
     "OsdpReader",
+    "OutputsChanged",
     "PdConfig",
     "PdSession",
     "PlainKeyFile",
+    "PowerChanged",
+    "ReaderIoEvent",
+    "ReaderRefused",
     "SystemdCredential",
+    "TamperChanged",
     "Timing",
     "TransportError",
     "osdp_bus",

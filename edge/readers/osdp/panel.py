@@ -31,6 +31,7 @@ from edge.readers.base import CardRead, Feedback, ReaderFault, ReaderSink, Reade
 from edge.readers.keypad import KEY_CLEAR, KEY_ENTER, PinPad
 
 from . import commands as c
+from .events import InputsChanged, OutputsChanged, PowerChanged, ReaderIoEvent, TamperChanged
 from .frame import Frame, encode
 from .secure import (
     KEY_SCBK,
@@ -188,6 +189,10 @@ def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: f
                     facility=result.facility, at=at)
 
 
+def _moved(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(new) if i >= len(old) or old[i] != v)
+
+
 class PdSession:
     """The control panel's state for one PD (pure: no I/O, time passed in)."""
 
@@ -205,6 +210,11 @@ class PdSession:
         self._tried: set[bytes] = set()
         #: called when a key rotation is resolved (the reader layer commits or discards the stored key)
         self.on_key: Callable[[KeyRotation], None] | None = None
+        #: reader I/O events (inputs, outputs, tamper, power), when they change
+        self.io_sink: Callable[[ReaderIoEvent], None] | None = None
+        #: callers waiting for the reply to one command code (ISTAT, OSTAT, OUT): called with the reply,
+        #: or None if the reader went offline first
+        self._completions: dict[int, Callable[[c.Reply | None], None]] = {}
         if config.secure and self._key is None and not config.allow_install_mode:
             raise ConfigError(f"osdp reader {name}: secure=true needs an scbk (or allow_install_mode)")
         self.phase = Phase.OFFLINE
@@ -304,6 +314,20 @@ class PdSession:
             raise ValueError(f"osdp reader {self.name}: the new key is the current one")
         self._next_key, self._old_key = new_key, self._key
         self.queue(c.Cmd.KEYSET, c.encode_keyset(new_key))
+
+    def request(self, code: int, data: bytes, done: Callable[[c.Reply | None], None]) -> None:
+        """Queue one command whose reply a caller waits for (one at a time per command code)."""
+        if self.phase is not Phase.ONLINE:
+            raise RuntimeError(f"osdp reader {self.name} is not online")
+        if code in self._completions:
+            raise RuntimeError(f"osdp reader {self.name}: command 0x{code:02x} already in flight")
+        self._completions[code] = done
+        self.queue(code, data)
+
+    def _complete_all(self) -> None:
+        done, self._completions = self._completions, {}
+        for f in done.values():
+            f(None)
 
     @property
     def rotating(self) -> bool:
@@ -504,6 +528,7 @@ class PdSession:
         self._retx = None
         self._pending.clear()
         self._carry = []
+        self._complete_all()
         self.pinpad.clear()
         self._probe_interval = self.timing.offline_retry
         self.due = now + self._probe_interval
@@ -684,6 +709,18 @@ class PdSession:
                               f"0x{self._cmd:02x}): address stays {self.address}", at)
 
     def _on_event(self, reply: c.Reply, frame: Frame, now: float) -> None:
+        done = self._completions.pop(self._cmd, None) if self._completions else None
+        try:
+            self._on_reply(reply, frame, now)
+        finally:
+            if done is not None:
+                done(reply)
+
+    def _io(self, event: ReaderIoEvent) -> None:
+        if self.io_sink is not None:
+            self.io_sink(event)
+
+    def _on_reply(self, reply: c.Reply, frame: Frame, now: float) -> None:
         at = time.monotonic()
         if self.pinpad.pending:
             stale = self.pinpad.expire(at)
@@ -706,14 +743,24 @@ class PdSession:
         elif isinstance(reply, c.LocalStatus):
             tamper, power_ok = reply.tamper, not reply.power_failure
             if (tamper, power_ok) != (self.tamper, self.power_ok):
+                if tamper != self.tamper:
+                    self._io(TamperChanged(reader=self.name, tamper=tamper, at=at))
+                if power_ok != self.power_ok:
+                    self._io(PowerChanged(reader=self.name, power_ok=power_ok, at=at))
                 self.tamper, self.power_ok = tamper, power_ok
                 self.sink(ReaderStatus(reader=self.name, online=True, tamper=tamper, power_ok=power_ok,
                                        secure=self.secure))
         elif isinstance(reply, c.IoStatus):
             if reply.kind == "input":
-                self.inputs = reply.states
+                old, self.inputs = self.inputs, reply.states
+                if old != reply.states:
+                    self._io(InputsChanged(reader=self.name, states=reply.states, changed=_moved(old, reply.states),
+                                           at=at))
             elif reply.kind == "output":
-                self.outputs = reply.states
+                old, self.outputs = self.outputs, reply.states
+                if old != reply.states:
+                    self._io(OutputsChanged(reader=self.name, states=reply.states,
+                                            changed=_moved(old, reply.states), at=at))
             else:
                 changed = reply.states != self.readers
                 self.readers = reply.states

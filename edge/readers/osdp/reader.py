@@ -17,18 +17,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
+from edge.errors import EdgeError
 from edge.readers.base import Feedback, Reader, ReaderSink
 
+from . import commands as c
 from .bus import OsdpBus
+from .events import ReaderIoEvent
 from .keystore import KeyStore, KeyStoreError
 from .panel import KeyRotation, PdConfig, PdSession, Timing
 from .transport import Direction
 
 log = logging.getLogger(__name__)
+
+_NAK_REASONS = {1: "check character", 2: "command length", 3: "unknown command", 4: "sequence number",
+                5: "security conditions not met", 6: "encryption required", 9: "unable to process"}
+
+
+class ReaderRefused(EdgeError):
+    """The reader answered a command with osdp_NAK (or went offline before answering)."""
 
 
 class OsdpReader(Reader):
@@ -47,6 +57,7 @@ class OsdpReader(Reader):
         scbk: str | None = None,
         scbk_next: str | None = None,
         key_store: KeyStore | None = None,
+        io_sink: Callable[[ReaderIoEvent], None] | None = None,
         use_crc: bool = True,
         formats: list[str] | None = None,
         display: bool | None = None,
@@ -72,6 +83,7 @@ class OsdpReader(Reader):
         #: where the reader's key is kept across a rotation (None: rotations are refused)
         self.key_store = key_store
         self.session.on_key = self._on_key
+        self.session.io_sink = io_sink
         self._key_tasks: set[asyncio.Task[None]] = set()
         self._rotation: asyncio.Future[KeyRotation] | None = None
         self.bus: OsdpBus | None = None
@@ -99,6 +111,60 @@ class OsdpReader(Reader):
             await self.bus.run()
         else:  # driven by a shared OsdpBus: nothing of its own to serve
             await asyncio.Event().wait()
+
+    # --- reader I/O: outputs, input and output status ---
+
+    def _outputs(self) -> int | None:
+        cap = self.session.pdcap.caps.get(c.Cap.OUTPUT_CONTROL) if self.session.pdcap else None
+        return cap[1] if cap else None
+
+    async def set_output(self, output: int, on: bool, *, pulse: float | None = None) -> tuple[int, ...]:
+        """osdp_OUT: output `output` permanently on or off, or with `pulse` (seconds, 0.1 .. 6553.5) on for
+        that long and then off. Returns the outputs' states when the reader reports them with its answer
+        (osdp_OSTATR), else the last states known. Raises `ReaderRefused` on a NAK or if the reader goes
+        offline first, `RuntimeError` if it is offline, `ValueError` for an output it does not have."""
+        count = self._outputs()
+        if count is not None and not 0 <= output < count:
+            raise ValueError(f"osdp reader {self.name} has {count} output(s): no output {output}")
+        if pulse is None:
+            record = c.OutputCommand(output=output, control=2 if on else 1)
+        else:
+            ticks = round(pulse * 10)
+            if not on or not 1 <= ticks <= 0xFFFF:
+                raise ValueError(f"osdp reader {self.name}: a pulse is on for 0.1 .. 6553.5 s, got {pulse}")
+            record = c.OutputCommand(output=output, control=5, timer=ticks)
+        reply = await self._request(c.Cmd.OUT, record.encode(), "OUT")
+        return reply.states if isinstance(reply, c.IoStatus) else self.session.outputs
+
+    async def read_inputs(self) -> tuple[int, ...]:
+        """osdp_ISTAT: the reader's input states now (an `InputsChanged` also goes to io_sink if they moved)."""
+        return await self._status(c.Cmd.ISTAT, "ISTAT")
+
+    async def read_outputs(self) -> tuple[int, ...]:
+        """osdp_OSTAT: the reader's output states now."""
+        return await self._status(c.Cmd.OSTAT, "OSTAT")
+
+    async def _status(self, code: int, what: str) -> tuple[int, ...]:
+        reply = await self._request(code, b"", what)
+        if not isinstance(reply, c.IoStatus):
+            raise ReaderRefused(f"osdp reader {self.name} answered {what} with {type(reply).__name__}")
+        return reply.states
+
+    async def _request(self, code: int, data: bytes, what: str) -> c.Reply:
+        fut: asyncio.Future[c.Reply | None] = asyncio.get_running_loop().create_future()
+
+        def done(reply: c.Reply | None) -> None:
+            if not fut.done():
+                fut.set_result(reply)
+
+        self.session.request(code, data, done)
+        reply = await fut
+        if reply is None:
+            raise ReaderRefused(f"osdp reader {self.name} went offline before answering {what}")
+        if isinstance(reply, c.NakReply):
+            why = _NAK_REASONS.get(reply.reason, f"reason {reply.reason}")
+            raise ReaderRefused(f"osdp reader {self.name} refused {what}: {why}")
+        return reply
 
     # --- Secure Channel key rotation ---
 
