@@ -74,6 +74,7 @@ class Peer:
         install_mode: bool = False,
         enforce_secure: bool = False,
         caps: list[tuple[int, int, int]] | None = None,
+        file_ops: bool = True,
     ) -> None:
         self.bus = bus
         self.address = address
@@ -101,6 +102,13 @@ class Peer:
             log_level=getattr(osdp.LogLevel, os.environ.get("PEER_LOG", "Emergency")), command_handler=self._on_command,
         )
         self.ctx = self.pd.ctx
+        #: what a file transfer wrote (libosdp's file ops: the PD side of osdp_FILETRANSFER)
+        self.file = bytearray()
+        self.file_opened: list[tuple[int, int]] = []
+        self.file_closed = 0
+        if file_ops:  # without, libosdp NAKs osdp_FILETRANSFER
+            self.ctx.register_file_ops(0, {"open": self._f_open, "read": self._f_read, "write": self._f_write,
+                                           "close": self._f_close})
 
     def _on_command(self, cmd: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         self.command_times.append(time.perf_counter())
@@ -119,6 +127,23 @@ class Peer:
                 return self.keyset_result, None
             self.keys.append(bytes(cmd["data"]))
         return 0, None
+
+    def _f_open(self, file_id: int, size: int) -> int:
+        self.file_opened.append((file_id, size))
+        if len(self.file) != size:
+            self.file = bytearray(size)
+        return size
+
+    def _f_read(self, size: int, offset: int) -> bytes:
+        return bytes(self.file[offset : offset + size])
+
+    def _f_write(self, data: bytes, offset: int) -> int:
+        self.file[offset : offset + len(data)] = data
+        return len(data)
+
+    def _f_close(self, file_id: int) -> int:
+        self.file_closed += 1
+        return 0
 
     def commands_of(self, kind: int) -> list[dict[str, Any]]:
         return [c for c in list(self.commands) if c.get("command") == kind]

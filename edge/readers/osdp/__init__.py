@@ -6,11 +6,12 @@ Import it absolutely (`edge.readers.osdp`): libosdp, used by the tests, installs
 from .bus import OsdpBus
 from .events import InputsChanged, OutputsChanged, PowerChanged, ReaderIoEvent, TamperChanged
 from .keystore import KeyStore, KeyStoreError, PlainKeyFile, SystemdCredential
-from .panel import KeyRotation, PdConfig, PdSession, Timing
+from .panel import FileTransferResult, KeyRotation, PdConfig, PdSession, Timing
 from .reader import OsdpReader, ReaderRefused, osdp_bus
 from .transport import TransportError
 
 __all__ = [
+    "FileTransferResult",
     "InputsChanged",
     "KeyRotation",
     "KeyStore",

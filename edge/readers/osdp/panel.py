@@ -189,6 +189,56 @@ def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: f
                     facility=result.facility, at=at)
 
 
+class FileTransferResult(msgspec.Struct, frozen=True, kw_only=True):
+    """How a file transfer (osdp_FILETRANSFER) ended. `offset` is what the reader acknowledged: a transfer
+    that did not finish can be resumed from there. `firmware` is the version the reader reports after it
+    (its identity - vendor, model, serial - checked to be the same reader)."""
+
+    reader: str
+    ok: bool
+    offset: int
+    total: int
+    status: int = 0
+    detail: str = ""
+    firmware: tuple[int, int, int] | None = None
+
+
+#: Largest fragment when the reader does not advertise its receive buffer (PDCAP function 10).
+FT_FRAGMENT_DEFAULT: Final = 128
+#: Frame bytes around a fragment in a secure session: header, security block, code, FILETRANSFER header,
+#: padding, MAC, CRC, mark.
+_FT_OVERHEAD: Final = 5 + 2 + 1 + 11 + 16 + 4 + 2 + 1
+#: During a transfer one slot in this many is a POLL, so cards and keys still come in.
+FT_POLL_EVERY: Final = 4
+#: A fragment left unanswered this many times (the reader declared offline each time) ends the transfer.
+FT_MAX_FAILURES: Final = 3
+
+
+class _FileTransfer:
+    __slots__ = ("cancel", "data", "done", "failures", "file_type", "fragment", "identity", "in_flight",
+                 "not_before", "offset", "on_done", "on_progress", "since_poll", "status", "verify")
+
+    def __init__(self, data: bytes, file_type: int, offset: int, fragment: int, *,
+                 on_progress: Callable[[int, int], None] | None,
+                 on_done: Callable[[FileTransferResult], None] | None, identity: c.PdId | None) -> None:
+        self.data = data
+        self.file_type = file_type
+        self.offset = offset
+        self.fragment = fragment
+        self.in_flight = 0
+        self.not_before = 0.0
+        self.since_poll = 0
+        self.status = 0
+        self.done = False
+        self.verify = False
+        self.cancel = False
+        #: times the fragment at `offset` went unanswered until the reader was declared offline
+        self.failures = 0
+        self.identity = identity
+        self.on_progress = on_progress
+        self.on_done = on_done
+
+
 def _moved(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(i for i, v in enumerate(new) if i >= len(old) or old[i] != v)
 
@@ -215,6 +265,7 @@ class PdSession:
         #: callers waiting for the reply to one command code (ISTAT, OSTAT, OUT): called with the reply,
         #: or None if the reader went offline first
         self._completions: dict[int, Callable[[c.Reply | None], None]] = {}
+        self._ft: _FileTransfer | None = None
         if config.secure and self._key is None and not config.allow_install_mode:
             raise ConfigError(f"osdp reader {name}: secure=true needs an scbk (or allow_install_mode)")
         self.phase = Phase.OFFLINE
@@ -324,6 +375,92 @@ class PdSession:
         self._completions[code] = done
         self.queue(code, data)
 
+    def send_file(self, data: bytes, *, file_type: int = 1, offset: int = 0,
+                  on_progress: Callable[[int, int], None] | None = None,
+                  on_done: Callable[[FileTransferResult], None] | None = None) -> None:
+        """Start sending `data` (e.g. reader firmware) with osdp_FILETRANSFER from `offset` (0, or where an
+        interrupted transfer stopped). Fragments are interleaved with polls; a reader that goes offline
+        pauses the transfer, which goes on from the last acknowledged offset when it is back."""
+        if self.phase is not Phase.ONLINE:
+            raise RuntimeError(f"osdp reader {self.name} is not online")
+        if self._ft is not None:
+            raise RuntimeError(f"osdp reader {self.name}: a file transfer is already in progress")
+        if not data or len(data) > 0xFFFFFFFF or not 0 <= offset < len(data) or not 0 <= file_type <= 255:
+            raise ValueError(f"osdp reader {self.name}: file of {len(data)} bytes from offset {offset}")
+        cap = self.pdcap.caps.get(c.Cap.RECEIVE_BUFFER) if self.pdcap else None
+        rx = (cap[0] | cap[1] << 8) if cap else 0
+        fragment = min(rx - _FT_OVERHEAD, 1024) if rx > _FT_OVERHEAD + 16 else FT_FRAGMENT_DEFAULT
+        self._ft = _FileTransfer(data, file_type, offset, fragment, on_progress=on_progress, on_done=on_done,
+                                 identity=self.pdid)
+        if self.on_queue is not None:
+            self.on_queue()
+
+    def cancel_file(self) -> None:
+        """Stop the transfer after the fragment in flight (its acknowledgement still counts, so the offset
+        reported through `on_progress` is exactly where to resume)."""
+        ft = self._ft
+        if ft is None:
+            return
+        ft.cancel = True
+        if not ft.in_flight or self._cmd != c.Cmd.FILETRANSFER or self._retx is None:
+            self._ft_finish(False, "cancelled")
+
+    @property
+    def file_offset(self) -> int | None:
+        """The acknowledged offset of the transfer in progress (None: none)."""
+        return None if self._ft is None else self._ft.offset
+
+    def _ft_ready(self, now: float) -> bool:
+        ft = self._ft
+        return (ft is not None and not ft.done and not ft.cancel and now >= ft.not_before
+                and ft.since_poll < FT_POLL_EVERY)
+
+    def _ft_finish(self, ok: bool, detail: str, firmware: tuple[int, int, int] | None = None) -> None:
+        ft, self._ft = self._ft, None
+        if ft is None:
+            return
+        log.info("osdp %s: file transfer %s at %d/%d: %s", self.name, "done" if ok else "stopped", ft.offset,
+                 len(ft.data), detail)
+        if ft.on_done is not None:
+            ft.on_done(FileTransferResult(reader=self.name, ok=ok, offset=ft.offset, total=len(ft.data),
+                                          status=ft.status, detail=detail, firmware=firmware))
+
+    def _ft_identity(self, pdid: c.PdId) -> None:
+        """The reader's identity after a transfer: the same reader (vendor, model, serial), its firmware."""
+        ft = self._ft
+        if ft is None or not ft.verify:
+            return
+        before = ft.identity
+        same = before is None or (before.vendor, before.model, before.serial) == (pdid.vendor, pdid.model,
+                                                                                  pdid.serial)
+        if same:
+            self._ft_finish(True, "file transferred; reader identity checked", pdid.firmware)
+        else:
+            self._ft_finish(False, "file transferred, but another reader answers at this address now")
+
+    def _on_file_status(self, st: c.FileStatus, now: float) -> None:
+        ft = self._ft
+        assert ft is not None
+        ft.status = st.status
+        if st.status < 0:
+            ft.in_flight = 0
+            self._ft_finish(False, f"the reader stopped the transfer (status {st.status})")
+            return
+        ft.offset += ft.in_flight
+        ft.in_flight = 0
+        ft.failures = 0
+        ft.not_before = now + st.delay / 1000
+        if st.update_max > _FT_OVERHEAD + 16:
+            ft.fragment = min(st.update_max - _FT_OVERHEAD, 1024)
+        if ft.on_progress is not None:
+            ft.on_progress(ft.offset, len(ft.data))
+        if ft.cancel and ft.offset < len(ft.data):
+            self._ft_finish(False, "cancelled")
+            return
+        if ft.offset >= len(ft.data) and st.status != 3:  # 3: the reader is finishing; keep it company
+            ft.done = ft.verify = True
+            self._pending.append((c.Cmd.ID, b"\x00"))  # who is there now (status 2: after its restart)
+
     def _complete_all(self) -> None:
         done, self._completions = self._completions, {}
         for f in done.values():
@@ -377,7 +514,15 @@ class PdSession:
             code, data = c.Cmd.KEYSET, c.encode_keyset(self._key)
         elif self._pending:
             code, data = self._pending.popleft()
+        elif self._ft is not None and self._ft_ready(now):
+            ft = self._ft
+            chunk = ft.data[ft.offset : ft.offset + ft.fragment]
+            ft.in_flight = len(chunk)
+            ft.since_poll += 1
+            code, data = c.Cmd.FILETRANSFER, c.encode_filetransfer(ft.file_type, len(ft.data), ft.offset, chunk)
         else:
+            if self._ft is not None:
+                self._ft.since_poll = 0
             code, data = c.Cmd.POLL, b""
         self._inflight = (code, data)
         self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
@@ -529,6 +674,14 @@ class PdSession:
         self._pending.clear()
         self._carry = []
         self._complete_all()
+        ft = self._ft
+        if ft is not None:
+            if ft.in_flight and self._cmd == c.Cmd.FILETRANSFER:
+                ft.failures += 1
+            ft.in_flight = 0  # paused: goes on from the acknowledged offset once the reader is back
+            ft.since_poll = 0
+            if ft.failures >= FT_MAX_FAILURES:
+                self._ft_finish(False, f"the reader does not answer FILETRANSFER at offset {ft.offset}")
         self.pinpad.clear()
         self._probe_interval = self.timing.offline_retry
         self.due = now + self._probe_interval
@@ -542,6 +695,8 @@ class PdSession:
         and sent once the session is back, if that is within `feedback_hold`."""
         self.sc = None
         self.secure = False
+        if self._ft is not None:
+            self._ft.in_flight = 0
         if self.phase is Phase.ONLINE:
             carry = [p for p in (self._inflight, *self._pending) if p[0] in _FEEDBACK]
             if carry:
@@ -600,6 +755,7 @@ class PdSession:
                 self.pdid = reply
                 self.phase = Phase.CAP
                 self.due = now
+                self._ft_identity(reply)
             else:
                 self.fault("protocol", f"ID answered with {type(reply).__name__}")
                 self.due = now + self.timing.offline_retry
@@ -666,7 +822,11 @@ class PdSession:
                 self._handshake_failed(now, f"KEYSET answered with {type(reply).__name__}")
             return
         # ONLINE
-        self.due = now if self._pending else now + self.timing.poll_interval
+        ft = self._ft
+        if self._pending or (ft is not None and not ft.done):
+            self.due = max(now, ft.not_before) if ft is not None and not self._pending else now
+        else:
+            self.due = now + self.timing.poll_interval
         self._on_event(reply, frame, now)
 
     def _rotation_done(self, refused: bool = False) -> str:
@@ -730,6 +890,13 @@ class PdSession:
             if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
                 self._on_keyset_ack(now)
             return
+        if isinstance(reply, c.FileStatus) and self._ft is not None and self._cmd == c.Cmd.FILETRANSFER:
+            self._on_file_status(reply, now)
+            return
+        if isinstance(reply, c.PdId):
+            self.pdid = reply
+            self._ft_identity(reply)
+            return
         if isinstance(reply, c.RawCard):
             self.sink(card_from_raw(self.name, reply, self.formats, at))
         elif isinstance(reply, c.FmtCard):
@@ -770,6 +937,9 @@ class PdSession:
             self._on_com(reply, frame, at)
         elif isinstance(reply, c.NakReply):
             self.fault("nak", f"reader refused command 0x{self._cmd:02x}: reason {reply.reason}", at)
+            if self._cmd == c.Cmd.FILETRANSFER and self._ft is not None:
+                self._ft.in_flight = 0
+                self._ft_finish(False, f"the reader refused FILETRANSFER (NAK reason {reply.reason})")
             if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
                 self._rotation_done(refused=True)  # still on the old key, and secure on it
             if reply.reason == c.Nak.SEQUENCE:

@@ -28,7 +28,7 @@ from . import commands as c
 from .bus import OsdpBus
 from .events import ReaderIoEvent
 from .keystore import KeyStore, KeyStoreError
-from .panel import KeyRotation, PdConfig, PdSession, Timing
+from .panel import FileTransferResult, KeyRotation, PdConfig, PdSession, Timing
 from .transport import Direction
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,30 @@ class OsdpReader(Reader):
             why = _NAK_REASONS.get(reply.reason, f"reason {reply.reason}")
             raise ReaderRefused(f"osdp reader {self.name} refused {what}: {why}")
         return reply
+
+    # --- file transfer (reader firmware) ---
+
+    async def transfer_file(self, data: bytes, *, file_type: int = 1, offset: int = 0,
+                            on_progress: Callable[[int, int], None] | None = None) -> FileTransferResult:
+        """Send `data` to the reader with osdp_FILETRANSFER (its firmware, usually), interleaved with polls.
+        `on_progress(acknowledged, total)` follows each acknowledged fragment. A reader that goes offline
+        pauses it (it goes on when the reader is back); a transfer that did not finish (result `ok` False,
+        or this call cancelled) can be started again from `offset` = the last acknowledged offset (the
+        reader must still be in that transfer: libosdp's PD counts the bytes of one transfer itself). After the
+        last fragment the reader's identity is read again (after its restart, if it restarts to apply the
+        file) and must be the same reader; its new firmware version is in the result."""
+        fut: asyncio.Future[FileTransferResult] = asyncio.get_running_loop().create_future()
+
+        def done(result: FileTransferResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        self.session.send_file(data, file_type=file_type, offset=offset, on_progress=on_progress, on_done=done)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.session.cancel_file()  # stops after the fragment in flight; on_progress has the offset
+            raise
 
     # --- Secure Channel key rotation ---
 
