@@ -199,10 +199,12 @@ class OsdpBus:
             if closed is not None and closed.done():
                 raise TransportError(f"OSDP port {self.port} closed: {closed.result()}")
             now = loop.time()
+            # earliest deadline first; a PD with commands queued (the LED and buzzer of a decision) goes
+            # ahead of every poll due, so feedback is on the wire in the slot after the card's reply
             best = sessions[0]
-            best_due = best.due if not best.has_pending else now
+            best_due = best.due if not best.has_pending else -1.0
             for s in sessions[1:]:
-                due = now if s.has_pending else s.due
+                due = -1.0 if s.has_pending else s.due
                 if due < best_due:
                     best, best_due = s, due
             if best_due > now:
