@@ -47,8 +47,9 @@ from edge.model import (  # noqa: E402
     PutUser,
     User,
 )
-from edge.readers.wiegand import WiegandReader, WiegandTransmitter  # noqa: E402
-from edge.simulator import card_frame  # noqa: E402
+from edge.readers.wiegand.reader import WiegandReader  # noqa: E402
+from edge.sim.hands import card_frame, simulated_agent  # noqa: E402
+from edge.sim.transmitter import WiegandTransmitter  # noqa: E402
 
 CARD = 777
 USERS = 100_000
@@ -213,7 +214,7 @@ def proc_io() -> dict[str, int]:
 async def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tap-") as tmp:
         cfg = parse_config(CONFIG.format(state=tmp, clock=args.clock_source))
-        agent = Agent(cfg, demo=site())
+        agent = simulated_agent(cfg, demo=site())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(run_agent(agent), name="agent")
             await asyncio.wait_for(agent.started.wait(), 30)

@@ -169,6 +169,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--import", dest="import_from", type=Path,
                    help="with --init: migrate this existing site database (cloud-bridge init) instead")
     s.add_argument("--setup-code", metavar="OPERATOR", help="print a new one-time setup link for OPERATOR, then exit")
+
+    s = sub.add_parser("demo", help="run the whole product on this machine, on loopback: a broker, the operator "
+                       "service and its console, a simulated gateway it provisions (Ctrl-C stops all)")  # fmt: skip
+    s.add_argument("--dir", type=Path, default=Path("var/demo"),
+                   help="the demo's folder, wiped at each start (default: %(default)s)")  # fmt: skip
+    s.add_argument("--exit-after-taps", action="store_true",
+                   help="stop everything after the scripted taps (exit status 1 if one was not as expected)")
+    s.add_argument("--no-taps", action="store_true", help="do not tap the scripted demo cards")
     return p
 
 
@@ -347,6 +355,14 @@ async def run(args: argparse.Namespace, out: Output) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Output(args.json)
+    if args.cmd == "demo":
+        from .service.demo import main as demo
+
+        try:
+            return demo(args.dir, exit_after_taps=args.exit_after_taps, taps=not args.no_taps)
+        except (EdgeError, OSError) as e:
+            print(f"cloud-bridge: {e}", file=sys.stderr)
+            return 1
     if args.cmd == "serve" and not args.init and not args.setup_code:
         from .service.app import serve
         from .service.config import load_config

@@ -62,7 +62,6 @@ def _resolve_config(arg: str | None) -> tuple[Config, str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .agent import Agent
-    from .demo import demo_change_set
 
     cfg, source = _resolve_config(args.config)
     _setup_logging(args.verbose)
@@ -70,7 +69,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)  # worker threads (SQLite) must not hold the GIL for 5 ms at a time
     log.info("config: %s", source)
     agent = Agent(cfg)
-    demo = demo_change_set(agent.profile) if cfg.demo.enabled else None
+    if agent.simulated:  # the one place that picks the simulator: its hands on the control socket
+        from .sim.hands import install
+
+        install(agent)
+    demo = None
+    if cfg.demo.enabled:
+        from .sim.demo import demo_change_set
+
+        demo = demo_change_set(agent.profile)
     agent.demo = demo
     try:
         asyncio.run(_run_with_demo(agent, cfg, demo is not None and not args.no_demo_taps))
@@ -81,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _run_with_demo(agent: Any, cfg: Config, taps: bool) -> None:
     from .agent import run_agent
-    from .demo import demo_taps
+    from .sim.demo import demo_taps
 
     async with asyncio.TaskGroup() as tg:
         main = tg.create_task(run_agent(agent), name="agent")

@@ -1,8 +1,9 @@
 """The local control socket: `edge status` and the simulator's commands, as JSON lines over a Unix socket.
 
-The socket is created with mode 0600 in the runtime directory. On real hardware it answers only
-read-only requests (status); the simulator requests (tap, door, rex) are refused unless the agent runs
-a simulated hardware profile, so nothing on the socket can open a real door.
+The socket is created with mode 0600 in the runtime directory. It answers the requests it has handlers for:
+the agent registers status only; the simulator's requests (tap, door, rex) have handlers only when edge/cli.py
+runs a simulated hardware profile and installs them (edge/sim/hands.py), so nothing on the socket can open a
+real door.
 """
 
 from __future__ import annotations
@@ -48,14 +49,17 @@ Request = StatusRequest | TapRequest | DoorRequest | RexRequest
 class Reply(msgspec.Struct, omit_defaults=True):
     ok: bool
     error: str | None = None
-    result: dict[str, Any] | None = None
+    #: A handler's result: a msgspec Struct (e.g. `edge.agent.AgentStatus`) or plain JSON values; decoded
+    #: by `request` as plain JSON (dicts).
+    result: Any = None
 
 
 _req_dec = msgspec.json.Decoder(Request)
 _rep_dec = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
 
-Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+#: A request handler: the request in, its result (anything msgspec encodes as JSON) out.
+Handler = Callable[[Any], Awaitable[object]]
 
 
 class ControlServer:

@@ -24,7 +24,7 @@ Order of checks (the first that fails gives the reason; `docs/model.md` has the 
    PIN_REQUIRED; none enrolled -> PIN_NOT_ENROLLED; wrong -> PIN_WRONG (the Nth wrong one in a row locks the
    credential out and raises an alarm). With `defer_pin` the hash is not computed here: the decision comes
    back PIN_REQUIRED with `pin_check` set to the stored hash, and the caller verifies it off the loop and
-   decides again with `pin_verified=(hash, ok)` (the agent: edge/agent.py)
+   decides again with `pin_verified=(hash, ok)` (the agent: edge/agent/tap.py)
 9. granted (FIRST_CARD_UNLOCK if it opened a first-card door for the rest of its schedule)
 """
 

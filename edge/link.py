@@ -1,4 +1,5 @@
-"""Wires the cloud link (`cloud_bridge.link.CloudLink`) into the agent.
+"""Wires the cloud link (`cloud_bridge.link.CloudLink`) into the agent, through `LinkPorts`: what the link
+needs from the agent (store, journal, clock, command handler, birth, state callbacks), passed in by it.
 
 The link is one supervised task of the agent: when it fails, the doors keep deciding from the index,
 the failure is journalled, and the link is restarted. Its online/offline state feeds the decision's
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cloud_bridge.link import CloudLink, LinkConfig
+from cloud_bridge.link import CloudLink, CommandHandler, LinkConfig
 from cloud_bridge.protocol import Birth, DeviceInfo
 
 from . import __version__
@@ -25,8 +27,9 @@ from .errors import ConfigError
 from .secrets import SecretSource
 
 if TYPE_CHECKING:
-    from .agent import Agent
     from .config import Config
+    from .journal import Journal
+    from .store import Store
 
 log = logging.getLogger("edge.link")
 
@@ -67,38 +70,68 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:16]
 
 
-def birth_info(agent: Agent) -> Birth:
-    """The agent's part of the birth (the link adds versions, depth, limits, key, transport)."""
-    doors = [DeviceInfo(id=d, kind="door", name=c.door.name or d) for d, c in agent.doors.items()]
-    readers = [DeviceInfo(id=r, kind=rd.kind, door=agent.reader_door[r]) for r, rd in agent.readers.items()]
+def birth_info(cfg: Config, doors: Mapping[str, str], readers: Mapping[str, tuple[str, str]]) -> Birth:
+    """The agent's part of the birth (the link adds versions, depth, limits, key, transport): `doors` maps a
+    door to its name, `readers` a reader to (kind, door)."""
     return Birth(
-        site=agent.cfg.site.id, gateway=agent.cfg.site.gateway, software=f"edge {__version__}",
-        config_hash=f"sha256:{config_hash(agent.cfg)}", doors=doors, readers=readers,
+        site=cfg.site.id, gateway=cfg.site.gateway, software=f"edge {__version__}",
+        config_hash=f"sha256:{config_hash(cfg)}",
+        doors=[DeviceInfo(id=d, kind="door", name=name) for d, name in doors.items()],
+        readers=[DeviceInfo(id=r, kind=kind, door=door) for r, (kind, door) in readers.items()],
     )  # fmt: skip
 
 
-async def run_link(agent: Agent) -> None:
-    cfg = agent.cfg
-    assert agent.store is not None and agent.journal is not None
-    key = command_public_key(cfg)
-    if key is None:
-        log.warning("link.command_key is not set: every command from the cloud will be refused")
-        key = (
-            Ed25519PrivateKey.generate()
-            .public_key()
-            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )  # a key nobody holds
-    link = CloudLink(
-        link_config(cfg), store=agent.store, journal=agent.journal, commands=agent, birth=lambda: birth_info(agent),
-        site_public_key=key, state_dir=cfg.state_dir, clock=agent.clock,
-    )  # fmt: skip
-    agent.link = link
-    link.on_state.append(agent.link_state_changed)
-    link.on_cloud_time.append(agent.cloud_time)
-    log.info("cloud link: connecting to %s:%d%s", cfg.link.host, cfg.link.port, " (TLS)" if cfg.link.ca else "")
-    try:
-        async with link:
-            await link.run()
-    finally:
-        agent.link = None
-        agent.link_state_changed(False)
+class LinkPorts(NamedTuple):
+    """What the link needs from the agent, and nothing more."""
+
+    store: Store
+    journal: Journal
+    #: The agent's one clock (`edge.clock.AgentClock`): command validity, offline times.
+    clock: Callable[[], float]
+    #: Cloud commands (unlock, door mode, lockdown, resync).
+    commands: CommandHandler
+    birth: Callable[[], Birth]
+    #: Called with the new state whenever the link goes online or offline.
+    on_state: Callable[[bool], None]
+    #: Called with (cloud UTC time, round trip s) from each timestamped event acknowledgement.
+    on_cloud_time: Callable[[float, float], None]
+
+
+class EdgeLink:
+    """The cloud link as a task of the agent: `run()` connects and serves until cancelled (the agent
+    supervises it: a failure restarts it while the doors keep deciding)."""
+
+    def __init__(self, cfg: Config, ports: LinkPorts) -> None:
+        self.cfg = cfg
+        self.ports = ports
+        self._link: CloudLink | None = None
+
+    def request_snapshot(self) -> None:
+        """Ask the cloud for a snapshot now (if connected; the link asks again at every connect anyway)."""
+        if self._link is not None:
+            self._link.request_snapshot()
+
+    async def run(self) -> None:
+        cfg, ports = self.cfg, self.ports
+        key = command_public_key(cfg)
+        if key is None:
+            log.warning("link.command_key is not set: every command from the cloud will be refused")
+            key = (
+                Ed25519PrivateKey.generate()
+                .public_key()
+                .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            )  # a key nobody holds
+        link = CloudLink(
+            link_config(cfg), store=ports.store, journal=ports.journal, commands=ports.commands, birth=ports.birth,
+            site_public_key=key, state_dir=cfg.state_dir, clock=ports.clock,
+        )  # fmt: skip
+        link.on_state.append(ports.on_state)
+        link.on_cloud_time.append(ports.on_cloud_time)
+        log.info("cloud link: connecting to %s:%d%s", cfg.link.host, cfg.link.port, " (TLS)" if cfg.link.ca else "")
+        self._link = link
+        try:
+            async with link:
+                await link.run()
+        finally:
+            self._link = None
+            ports.on_state(False)

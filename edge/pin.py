@@ -2,7 +2,7 @@
 
 The iteration count is bounded (`MIN_ITERATIONS` .. `MAX_ITERATIONS`, docs/model.md): a hash beyond it is
 refused when the rights are validated and never computed, so no stored hash can stall a gateway. The
-agent runs the check on a worker thread, off the event loop (edge/agent.py).
+agent runs the check on a worker thread, off the event loop (edge/agent/tap.py).
 """
 
 from __future__ import annotations

@@ -35,28 +35,16 @@ door controller that believed it would grant on validity windows and schedules t
 What the agent does with an untrusted clock is `SitePolicy.time_policy` (see `edge.decision.TimePolicy`
 and docs/operations.md): in no case does it grant on a window that may have ended.
 
-The I/O helpers at the end of the module (`read_ntp_synchronised`, `read_boot_id`, `load_clock_state`,
-`save_clock_state`) are the only parts that touch the system.
+The I/O around it (`read_ntp_synchronised`, `read_boot_id`, `load_clock_state`, `save_clock_state`) lives in
+edge/clock.py; this module touches nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
-import ctypes.util
 import enum
-import logging
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
-
-if TYPE_CHECKING:
-    from .store import Store
-
-log = logging.getLogger("edge.timetrust")
 
 # Alarm kinds (the agent journals them as "alarm.<kind>").
 CLOCK_BACKWARDS = "clock_backwards"
@@ -104,6 +92,18 @@ class ClockAlarm(msgspec.Struct, frozen=True, kw_only=True):
     message: str
     #: Clock minus the reference, in seconds, for clock_skew / clock_backwards / clock_jump.
     skew_s: float | None = None
+
+
+class ClockStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The clock's state for `edge status` and metrics."""
+
+    trusted: bool
+    #: "ntp", "cloud", "warm_restart", "none", or "system" (the system clock trusted as it is).
+    source: str
+    reason: str
+    offset_s: float
+    last_good: float | None = None
+    ntp_synchronised: bool | None = None
 
 
 class ClockTrust:
@@ -215,15 +215,11 @@ class ClockTrust:
             return None
         return max(0.0, self.now(wall, mono) - synced_at)
 
-    def status(self) -> dict[str, str | float | bool | None]:
-        return {
-            "trusted": self._trusted,
-            "source": self._source.value,
-            "reason": self._reason,
-            "offset_s": self._offset,
-            "last_good": self._last_good,
-            "ntp_synchronised": self._ntp,
-        }
+    def status(self) -> ClockStatus:
+        return ClockStatus(
+            trusted=self._trusted, source=self._source.value, reason=self._reason, offset_s=self._offset,
+            last_good=self._last_good, ntp_synchronised=self._ntp,
+        )  # fmt: skip
 
     # --- inputs -----------------------------------------------------------------------------------------
 
@@ -371,100 +367,9 @@ class ClockTrust:
             self._alarm(CLOCK_UNTRUSTED, reason)
 
 
-# --- I/O at the edge ----------------------------------------------------------------------------------
-
-TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-META_LAST_GOOD = "clock.last_good"
-META_BOOT_ID = "clock.boot_id"
-TIMEDATECTL_TIMEOUT_S = 5.0
-_TIME_ERROR = 5  # adjtimex() return value: clock not synchronised
-
-
-def adjtimex_synchronised() -> bool | None:
-    """I/O (a read-only syscall): the kernel's NTP state via adjtimex(2) with modes = 0. None when the call
-    is not available (not Linux, or denied by a seccomp filter such as systemd's `ProtectClock=`)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        fn = libc.adjtimex
-    except (OSError, AttributeError):
-        return None
-    buf = ctypes.create_string_buffer(512)  # struct timex is ~208 bytes; modes (offset 0) = 0: read only
-    r = int(fn(buf))
-    if r < 0:
-        return None
-    return r != _TIME_ERROR
-
-
-async def read_ntp_synchronised() -> bool | None:
-    """I/O: is the system clock NTP-synchronised? None when it cannot be told.
-
-    In order: systemd-timesyncd's flag file (created on first sync), `timedatectl show -p NTPSynchronized
-    --value` (timedated asks the kernel, so it works with chrony too), then adjtimex(2) directly.
-    """
-    if await asyncio.to_thread(TIMESYNC_FLAG.exists):
-        return True
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "timedatectl", "show", "-p", "NTPSynchronized", "--value",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-    except OSError:
-        proc = None
-    if proc is not None:
-        try:
-            async with asyncio.timeout(TIMEDATECTL_TIMEOUT_S):
-                out, _ = await proc.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            out = b""
-        answer = out.decode(errors="replace").strip()
-        if proc.returncode == 0 and answer in ("yes", "no"):
-            return answer == "yes"
-    return adjtimex_synchronised()
-
-
-def read_boot_id(path: Path = BOOT_ID) -> str | None:
-    """I/O: the kernel's boot id (changes at every boot; same across agent restarts)."""
-    try:
-        return path.read_text(encoding="ascii").strip() or None
-    except OSError:
-        return None
-
-
 class ClockState(msgspec.Struct, frozen=True):
     last_good: float | None
     boot_id: str | None
-
-
-async def load_clock_state(store: Store) -> ClockState:
-    """I/O: the persisted last-good time and the boot id it was saved in (None when never saved)."""
-    raw_time = await store.get_meta(META_LAST_GOOD)
-    raw_boot = await store.get_meta(META_BOOT_ID)
-    try:
-        last_good = float(raw_time) if raw_time is not None else None
-    except (TypeError, ValueError):
-        log.warning("ignoring unreadable %s in the store: %r", META_LAST_GOOD, raw_time)
-        last_good = None
-    if last_good is not None and not sane_ts(last_good):
-        log.warning("ignoring %s outside %s in the store: %r", META_LAST_GOOD, SANE_WINDOW, raw_time)
-        last_good = None
-    return ClockState(last_good=last_good, boot_id=str(raw_boot) if raw_boot is not None else None)
-
-
-async def save_clock_state(store: Store, trust: ClockTrust, boot_id: str | None) -> bool:
-    """I/O: persist the last-good time with the boot id, only while the clock is trusted. True if saved."""
-    lg = trust.last_good()
-    if not trust.trusted or lg is None:
-        return False
-    await store.set_meta(META_LAST_GOOD, lg)
-    await store.set_meta(META_BOOT_ID, boot_id)
-    return True
 
 
 def clock_trust_at_boot(

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud_bridge.protocol import Lockdown, Unlock
 from cloud_bridge.signing import public_bytes
 from edge.agent import Agent, run_agent
+from edge.clock import META_BOOT_ID, META_LAST_GOOD, read_boot_id
 from edge.config import Config, parse_config
 from edge.control import TapRequest
 from edge.model import (
@@ -40,8 +41,9 @@ from edge.model import (
     Schedule,
     User,
 )
+from edge.sim.hands import simulated_agent
 from edge.store import Store
-from edge.timetrust import META_BOOT_ID, META_LAST_GOOD, SANE_MAX_TS, SANE_MIN_TS, TrustSource, read_boot_id
+from edge.timetrust import SANE_MAX_TS, SANE_MIN_TS, TrustSource
 
 from .broker import broker, cloud_peer, site_key, unique  # noqa: F401
 from .mosquitto import Mosquitto
@@ -147,7 +149,7 @@ async def until(pred: object, timeout: float = 6.0) -> bool:
 
 async def test_the_cloud_offset_moves_every_part_of_the_agent(cfg: Config) -> None:
     pi = PiClock(behind=BEHIND)
-    agent = Agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
+    agent = simulated_agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
     async with running(agent):
         assert not agent.clock_trusted
         agent.cloud_time(pi.true(), 0.02)  # what the link does with an event acknowledgement
@@ -183,7 +185,7 @@ async def test_the_cloud_offset_moves_every_part_of_the_agent(cfg: Config) -> No
 async def test_an_absurd_cloud_time_on_an_untrusted_clock_is_ignored(cfg: Config) -> None:
     """ts = 1e12 (year 33658) once made every tap raise ValueError in the reader sink: no decision at all."""
     pi = PiClock(behind=BEHIND)
-    agent = Agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
+    agent = simulated_agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
     async with running(agent):
         for bad in (1e12, 5e9, float("inf")):
             agent.cloud_time(bad, 0.02)
@@ -206,7 +208,7 @@ async def test_slow_backward_steps_lose_trust_and_no_expired_card_opens(
     pi = PiClock(behind=BEHIND if source == "cloud" else 0.0)
     if source == "warm_restart":  # the agent restarted, the machine did not
         await seed(cfg, **{META_LAST_GOOD: TRUE_START - 5, META_BOOT_ID: read_boot_id()})
-    agent = Agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
+    agent = simulated_agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
     async with running(agent):
         if source == "cloud":
             agent.cloud_time(pi.true(), 0.02)
@@ -231,7 +233,7 @@ async def test_a_bad_last_good_time_does_not_lock_the_clock_out(cfg: Config) -> 
     """A bad sample persisted as the last-good time 11.5 days ahead; after a restart with NTP right, NTP wins."""
     await seed(cfg, **{META_LAST_GOOD: TRUE_START + 11.5 * DAY, META_BOOT_ID: "another-boot"})
     pi = PiClock(behind=0.0)
-    agent = Agent(cfg, clock=pi.wall, ntp=ntp_right, demo=story_site())
+    agent = simulated_agent(cfg, clock=pi.wall, ntp=ntp_right, demo=story_site())
     async with running(agent):
         assert await until(lambda: agent.clock_trusted)
         assert agent.trust is not None and agent.trust.source is TrustSource.NTP
@@ -251,7 +253,7 @@ async def test_signed_commands_are_checked_on_the_corrected_clock(
     cfg = config(tmp_path, sock_dir, link=link, site=site)
     pi = PiClock(behind=BEHIND, start=time.time())  # the cloud's clock is the real one
     start = pi.true()
-    agent = Agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
+    agent = simulated_agent(cfg, clock=pi.wall, ntp=no_ntp, demo=story_site())
     async with running(agent), cloud_peer(broker, site_key, site=site, gw=cfg.site.gateway) as cloud:
         await cloud.wait_online()
         assert await until(lambda: agent.clock_trusted, timeout=15)

@@ -25,11 +25,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from gpiozero.pins.mock import MockFactory
 
 from edge.agent import Agent, run_agent
 from edge.config import Config, parse_config
 from edge.control import DoorRequest, Reply, RexRequest, StatusRequest, TapRequest, request
-from edge.demo import demo_change_set
 from edge.door import DoorLockdownError
 from edge.errors import StoreError
 from edge.events import Event
@@ -51,6 +51,8 @@ from edge.model import (
 from edge.pin import MAX_ITERATIONS, hash_pin
 from edge.readers.base import CardRead, PinEntry
 from edge.readers.formats import BUILTIN, Decoded, encode
+from edge.sim.demo import demo_change_set
+from edge.sim.hands import install, simulated_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = load_profile("sim")
@@ -91,7 +93,7 @@ def cfg(tmp_path: Path, sock_dir: Path) -> Config:
 @asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[Agent]:
     """The agent with the demo provisioning, under a TaskGroup; stopped (and awaited) on exit."""
-    agent = Agent(cfg)
+    agent = simulated_agent(cfg)
     agent.demo = demo_change_set(agent.profile)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(run_agent(agent), name="agent")
@@ -332,6 +334,32 @@ async def test_status_and_unknown_door(cfg: Config) -> None:
         assert st["simulated"] is True and set(st["doors"]) == {"door1", "door2"}
         reply = await request(cfg.control.socket, TapRequest(door="nowhere", card=1001))
         assert not reply.ok and reply.error is not None and "nowhere" in reply.error
+
+
+async def test_the_simulators_hands_exist_only_where_installed(cfg: Config) -> None:
+    """The agent answers status by itself; tap/door/rex come only with the simulator's hands (edge/cli.py
+    installs them for a simulated profile), and real hardware refuses them."""
+    agent = Agent(cfg)  # the sim profile, but no hands installed
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(run_agent(agent), name="agent")
+        await asyncio.wait_for(agent.started.wait(), 10)
+        try:
+            st = await ask(cfg, StatusRequest())
+            reply = await request(cfg.control.socket, TapRequest(door="door1", card=1001))
+            assert not reply.ok and reply.error == "TapRequest is not available on this gateway"
+            assert agent.decided == 0
+        finally:
+            agent.stop()
+    # The typed status keeps the JSON keys `edge status` prints.
+    assert set(st) == {"version", "site", "gateway", "simulated", "rights_version", "credentials", "journal_depth",
+                       "storage_ok", "link", "clock_trusted", "clock", "rights_age_s", "doors", "readers", "lockdown"}
+    assert set(st["link"]) == {"online", "offline_since"}
+    assert set(st["clock"]) == {"trusted", "source", "reason", "offset_s", "last_good", "ntp_synchronised"}
+    assert st["readers"]["door1.wiegand"] == {"door": "door1", "kind": "wiegand", "online": True}
+    real = Agent(cfg, profile=load_profile("pi40-2door"), factory=MockFactory())
+    with pytest.raises(ValueError, match="not simulated"):
+        install(real)
+    assert set(real.control_handlers) == {StatusRequest}
 
 
 def _cli(config: Path, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

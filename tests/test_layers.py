@@ -24,6 +24,7 @@ CORE = (
     "edge.errors",
     "edge.readers.formats",
     "edge.readers.keypad",
+    "edge.readers.events",
     "edge.readers.wiegand.frame",
     "edge.readers.osdp.frame",
     "edge.readers.osdp.secure",

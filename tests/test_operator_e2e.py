@@ -30,7 +30,7 @@ from cloud_bridge.topics import Topics
 from edge.agent import Agent, run_agent
 from edge.config import parse_config
 from edge.decision import Decision
-from edge.simulator import tap
+from edge.sim.hands import simulated_agent, tap
 
 from .broker import broker  # noqa: F401
 from .mosquitto import Mosquitto
@@ -67,7 +67,7 @@ backoff_max_s = 0.5
 keepalive_s = 5
 command_key = "{pub_hex}"
 """)
-    agent = Agent(cfg)
+    agent = simulated_agent(cfg)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(run_agent(agent), name="agent")
         await asyncio.wait_for(agent.started.wait(), 10)

@@ -28,6 +28,7 @@ from cloud_bridge.topics import Leaf
 from edge.agent import Agent, run_agent
 from edge.config import parse_config
 from edge.model import ChangeSet, Credential, Group, PutCredential, PutGroup
+from edge.sim.hands import simulated_agent
 
 from .broker import broker, site_key  # noqa: F401
 from .mosquitto import Mosquitto
@@ -64,7 +65,7 @@ keepalive_s = 5
 encoding = "json"
 command_key = "{pub_hex}"
 """)
-    agent = Agent(cfg)
+    agent = simulated_agent(cfg)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(run_agent(agent), name="agent")
         await asyncio.wait_for(agent.started.wait(), 10)
@@ -125,7 +126,7 @@ async def test_doc_examples_have_the_shape_of_what_a_running_gateway_sends(
             ):
                 await cloud.wait_online()
                 v = cloud.births[-1].rights_version
-                from edge.demo import demo_change_set
+                from edge.sim.demo import demo_change_set
 
                 base = demo_change_set(agent.profile)
                 ok = await cloud.send_change_set(ChangeSet(from_version=v, to_version=v + 1, changes=base.changes))

@@ -204,9 +204,10 @@ async def test_the_agent_starts_on_damaged_rights_and_journal_and_journals_both_
     """Before: `sqlite3.DatabaseError` at start, a systemd restart loop, every door in its power-off state."""
     import asyncio
 
-    from edge.agent import Agent, run_agent
+    from edge.agent import run_agent
     from edge.config import parse_config
     from edge.journal import JOURNAL_DAMAGED
+    from edge.sim.hands import simulated_agent
     from edge.store import RIGHTS_DAMAGED
 
     from .test_agent_sim import config_text, journal_on_disk, running
@@ -218,7 +219,7 @@ async def test_the_agent_starts_on_damaged_rights_and_journal_and_journals_both_
     damage(cfg.state_dir / "rights.db", "header")
     (cfg.state_dir / "rights.db.verified").unlink()
     damage(cfg.state_dir / "journal.db", "zeroed_page")
-    agent = Agent(cfg)  # no demo this time: what runs is what the store recovered
+    agent = simulated_agent(cfg)  # no demo this time: what runs is what the store recovered
     async with asyncio.TaskGroup() as tg:
         tg.create_task(run_agent(agent), name="agent")
         await asyncio.wait_for(agent.started.wait(), 10)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.clock import META_LAST_GOOD, load_clock_state, read_boot_id, save_clock_state
 from edge.decision import Decider, Reason, SitePolicy, TimePolicy
 from edge.model import (
     Assignment,
@@ -36,16 +37,12 @@ from edge.timetrust import (
     CLOCK_SKEW,
     CLOCK_TRUSTED,
     CLOCK_UNTRUSTED,
-    META_LAST_GOOD,
     SANE_MAX_TS,
     SANE_MIN_TS,
     ClockState,
     ClockTrust,
     TrustSource,
     clock_trust_at_boot,
-    load_clock_state,
-    read_boot_id,
-    save_clock_state,
 )
 
 DAY = 86400.0

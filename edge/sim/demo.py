@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
-from .hw import HardwareProfile
-from .model import (
+from edge.agent import Agent
+from edge.hw import HardwareProfile
+from edge.model import (
     Assignment,
     ChangeSet,
     Credential,
@@ -29,8 +29,7 @@ from .model import (
     User,
 )
 
-if TYPE_CHECKING:
-    from .agent import Agent
+from .hands import tap
 
 log = logging.getLogger("edge.demo")
 
@@ -74,8 +73,6 @@ def demo_change_set(profile: HardwareProfile) -> ChangeSet:
 
 async def demo_taps(agent: Agent) -> None:
     """Tap each demo card once at the first door, through the simulated Wiegand reader."""
-    from .simulator import tap
-
     await agent.started.wait()
     await asyncio.sleep(0.5)
     if not agent.reader_door:

@@ -3,20 +3,28 @@
 Everything here drives gpiozero mock pins edge by edge, so the real decoders, the real door logic and
 the real tap path run: a tap is encoded in a card format, sent as 50 us pulses 1.5 ms apart (with a
 little jitter) on the door's D0/D1 lines, and the reader decodes it as it would from a real reader.
+
+`install(agent)` (called by edge/cli.py for a simulated profile; `simulated_agent` in tests) gives an agent
+these hands on its control socket (`edge sim tap|door|rex`) and closes its door contacts at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
-from .readers.formats import FormatError, FormatTable, encode
-from .readers.keypad import KEY_ENTER, encode_key8
-from .readers.wiegand import VirtualClockFactory, WiegandReader, WiegandTransmitter
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from edge.agent import Agent
+from edge.config import Config
+from edge.control import DoorRequest, RexRequest, TapRequest
+from edge.decision import Reason
+from edge.readers.formats import FormatError, FormatTable, encode
+from edge.readers.keypad import KEY_ENTER, encode_key8
+from edge.readers.wiegand.reader import WiegandReader
+from edge.sim.pins import VirtualClockFactory
+from edge.sim.transmitter import WiegandTransmitter
 
 _transmitters: dict[tuple[int, int, int], WiegandTransmitter] = {}
 
@@ -91,3 +99,65 @@ async def press_rex(agent: Agent, door: str, *, hold_s: float = 0.2) -> None:
     (pin.drive_low if io.rex_pressed_is_low else pin.drive_high)()
     await asyncio.sleep(hold_s)
     (pin.drive_high if io.rex_pressed_is_low else pin.drive_low)()
+
+
+# --- the control socket's simulator requests ----------------------------------------------------------
+
+
+async def sim_tap(agent: Agent, req: TapRequest) -> dict[str, Any]:
+    """`edge sim tap`: the card (and PIN) at the door's reader; the decisions it caused."""
+    if req.door not in agent.doors:
+        raise ValueError(f"no door {req.door!r} on this gateway")
+    reader = next((r for r, d in agent.reader_door.items() if d == req.door), None)
+    if reader is None:
+        raise ValueError(f"door {req.door!r} has no reader")
+    # Counted, not measured on `agent.decisions` (which keeps only the last few).
+    before = agent.decided
+    await tap(agent, reader, req.card, fmt=req.format, facility=req.facility, pin=req.pin)
+    for _ in range(300):
+        if agent.decided > before and (req.pin is None or agent.decisions[-1].reason is not Reason.PIN_REQUIRED):
+            break
+        await asyncio.sleep(0.01)
+    n = min(agent.decided - before, len(agent.decisions))
+    new = agent.decisions[len(agent.decisions) - n :]
+    return {"decisions": [{"granted": d.granted, "reason": d.reason.value, "user": d.user} for d in new]}
+
+
+async def sim_door(agent: Agent, req: DoorRequest) -> dict[str, Any]:
+    """`edge sim door open|close`: the door's position switch."""
+    set_contact(agent, req.door, opened=req.action == "open")
+    await asyncio.sleep(0.1)
+    return {"door": agent.doors[req.door].status()}
+
+
+async def sim_rex(agent: Agent, req: RexRequest) -> dict[str, Any]:
+    """`edge sim rex`: a press of the door's exit button."""
+    await press_rex(agent, req.door)
+    return {"door": agent.doors[req.door].status()}
+
+
+async def close_contacts(agent: Agent) -> None:
+    """Simulated doors start closed (the contact must hold past its debounce)."""
+    for io in agent.profile.doors:
+        if io.contact_pin is not None:
+            set_contact(agent, io.door, opened=False)
+    await asyncio.sleep(max((io.debounce_s for io in agent.profile.doors), default=0.0) + 0.02)
+
+
+def install(agent: Agent) -> Agent:
+    """Give a simulated agent its hands: the tap/door/rex requests on its control socket, and closed door
+    contacts once its doors have started. Refused for real hardware: nothing here may open a real door."""
+    if not agent.simulated:
+        raise ValueError(f"hardware profile {agent.profile.name!r} is not simulated: no simulator hands")
+    handlers: dict[type, Callable[[Any], Awaitable[object]]] = {
+        TapRequest: partial(sim_tap, agent), DoorRequest: partial(sim_door, agent), RexRequest: partial(sim_rex, agent),
+    }  # fmt: skip
+    agent.control_handlers |= handlers
+    agent.after_doors.append(close_contacts)
+    return agent
+
+
+def simulated_agent(cfg: Config, **kwargs: Any) -> Agent:
+    """`Agent(cfg, **kwargs)` with the simulator's hands installed (what `edge run` builds for a simulated
+    profile)."""
+    return install(Agent(cfg, **kwargs))
