@@ -260,7 +260,7 @@ class PdSession:
         self._tried: set[bytes] = set()
         #: called when a key rotation is resolved (the reader layer commits or discards the stored key)
         self.on_key: Callable[[KeyRotation], None] | None = None
-        #: reader I/O events (inputs, outputs, tamper, power), when they change
+        #: where reader I/O events (inputs, outputs, tamper, power) go when they change (None: `sink`)
         self.io_sink: Callable[[ReaderIoEvent], None] | None = None
         #: callers waiting for the reply to one command code (ISTAT, OSTAT, OUT): called with the reply,
         #: or None if the reader went offline first
@@ -877,8 +877,7 @@ class PdSession:
                 done(reply)
 
     def _io(self, event: ReaderIoEvent) -> None:
-        if self.io_sink is not None:
-            self.io_sink(event)
+        (self.io_sink or self.sink)(event)
 
     def _on_reply(self, reply: c.Reply, frame: Frame, now: float) -> None:
         at = time.monotonic()
