@@ -25,6 +25,7 @@ from typing import Any
 
 from edge.errors import EdgeError
 
+from .errors import CloudBridgeError
 from .operator.csvimport import ImportFailed
 from .operator.db import parse_card
 from .operator.service import GatewayDoors, Service
@@ -258,14 +259,14 @@ async def run(args: argparse.Namespace, out: Output) -> int:
         raise EdgeError("--db is required")
     if args.cmd == "init":
         if not pw:
-            raise EdgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
+            raise CloudBridgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
         svc = Service.init(args.db, site=args.site, admin=args.admin, host=args.host, port=args.port, tz=args.tz,
                            passphrase=pw)  # fmt: skip
         out.data = {"site": args.site, "command_key": svc.public_key_hex()}
         out.line(f"site {args.site}: command key {svc.public_key_hex()} (set it as link.command_key on every gateway)")
         return 0
     if not args.operator:
-        raise EdgeError("--operator is required (or CLOUD_BRIDGE_OPERATOR)")
+        raise CloudBridgeError("--operator is required (or CLOUD_BRIDGE_OPERATOR)")
     async with Service(args.db, operator=args.operator, passphrase=pw) as svc:
         c = args.cmd
         if c == "import":
@@ -288,7 +289,7 @@ async def run(args: argparse.Namespace, out: Output) -> int:
         elif c == "group":
             doors = [tuple(d.split("/", 1)) for d in args.door]
             if any(len(d) != 2 for d in doors):
-                raise EdgeError("--door takes GATEWAY/DOOR")
+                raise CloudBridgeError("--door takes GATEWAY/DOOR")
             svc.put_group(args.id, [(d[0], d[1]) for d in doors], schedule=args.schedule, tags=args.tag)
             out.data = {"group": args.id, "doors": args.door}
             out.line(f"group {args.id}: {len(doors)} door(s) (run `publish` to send)")

@@ -22,9 +22,10 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from edge.errors import EdgeError
 from edge.events import Event
 from edge.model import ChangeSet, Credential, Door, DoorMode, Group, Ident, Schedule, Snapshot, User
+
+from .errors import CloudBridgeError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -80,7 +81,7 @@ Timestamp = Annotated[float, Meta(ge=MIN_TS, le=MAX_TS)]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
 
-class ProtocolError(EdgeError):
+class ProtocolError(CloudBridgeError):
     """A message could not be decoded; `str(e)` names the field, `code` is "malformed", `path` the field's
     path when the decoder knew it (``change_set.to_version``, ``change_set.changes[0].door.id``)."""
 
