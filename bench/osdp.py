@@ -5,6 +5,15 @@
 Metrics:
   * cpu_per_exchange (plain / secure): event-loop thread CPU time per POLL/ACK exchange, polling back to back
     (the peer runs in another thread and is not counted).
+  * cpu_per_exchange_vs_libosdp (plain / secure): ours and libosdp's own ControlPanel (its C core, driven
+    from a Python thread through a Python channel, as ours is driven by asyncio) against the same libosdp PD,
+    both at libosdp's own poll rate; CPU of the CP's thread per exchange and the ratio (target <= 2x).
+  * line8_polls_per_reader / line8_card_to_led_p99 / line8_dead_ratio: 8 secure readers on one line paced
+    at 115,200 baud, 50 ms poll interval: the slowest reader's polls/s (target >= 18), card to LED p99
+    (target <= 60 ms), and with one of the 8 dead the live readers' rate over the rate without (target
+    >= 0.9), measured once the dead reader's probing has backed off.
+  * file_transfer_64k: 64 KiB over osdp_FILETRANSFER to a libosdp PD in a secure session at 115,200 baud,
+    byte-exact (checked), seconds.
   * card_to_led (plain / secure): card presented at the peer -> our LED command read off the wire by the peer,
     with the default poll interval; p50 / p95 / max.
   * exchanges_per_second: ours vs the pure-Python `osdp` 1.6 control panel, counted the same way at the peer
@@ -131,6 +140,191 @@ async def card_to_led(secure: bool, taps: int) -> list[float]:
     return lat
 
 
+# --- libosdp's own control panel, side by side ------------------------------------------------------
+
+
+def libosdp_cp(secure: bool, seconds: float) -> tuple[float, float, float]:
+    """(CPU ms per exchange inside libosdp's ControlPanel.refresh(), exchanges/s, CPU ms per exchange of the
+    whole thread driving it) against a libosdp PD."""
+    import select
+    import threading
+    import tty
+
+    import osdp as libosdp
+
+    with PeerBus() as pb:
+        pb.add(1, scbk=SITE_KEY if secure else None)
+        fd = os.open(pb.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(fd)
+
+        class Channel(libosdp.Channel):  # type: ignore[misc]
+            def read(self, max_bytes: int) -> bytes:
+                try:
+                    return os.read(fd, max_bytes)
+                except BlockingIOError:
+                    return b""
+
+            def write(self, buf: bytes) -> int:
+                return os.write(fd, bytes(buf))
+
+            def flush(self) -> None:
+                pass
+
+        flags = [libosdp.LibFlag.EnforceSecure] if secure else []
+        info = libosdp.PDInfo(1, Channel(), scbk=SITE_KEY if secure else None, flags=flags)
+        cp = libosdp.ControlPanel([info], log_level=libosdp.LogLevel.Emergency)
+        stop = threading.Event()
+        cpu: dict[str, float] = {}
+        mark = threading.Event()
+        done = threading.Event()
+
+        def drive() -> None:
+            # the thread's CPU in the window, and the part spent inside refresh() (libosdp's own work and
+            # our channel callbacks, without this loop's select): the ratio uses the smaller one
+            inside = 0.0
+            while not stop.is_set():
+                if mark.is_set() and "t0" not in cpu:
+                    cpu["t0"] = time.thread_time()
+                    inside = 0.0
+                if done.is_set() and "t1" not in cpu:
+                    cpu["t1"] = time.thread_time()
+                    cpu["inside"] = inside
+                c = time.thread_time()
+                cp.ctx.refresh()
+                inside += time.thread_time() - c
+                select.select([fd], [], [], 0.001)
+
+        th = threading.Thread(target=drive, name="libosdp-cp", daemon=True)
+        th.start()
+        end = time.monotonic() + 10
+        while not (cp.ctx.sc_status() if secure else cp.ctx.status()) & 1:
+            if time.monotonic() > end:
+                stop.set()
+                raise RuntimeError("libosdp CP did not come online")
+            time.sleep(0.01)  # noqa: TID251 (bench driver thread, not an event loop)
+        time.sleep(0.3)  # noqa: TID251
+        t0 = time.perf_counter()
+        mark.set()
+        time.sleep(seconds)  # noqa: TID251
+        done.set()
+        t1 = time.perf_counter()
+        time.sleep(0.05)  # noqa: TID251
+        stop.set()
+        th.join(2)
+        os.close(fd)
+        n = frames_in(pb.received, t0, t1)
+    return cpu["inside"] * 1000 / max(1, n), n / (t1 - t0), (cpu["t1"] - cpu["t0"]) * 1000 / max(1, n)
+
+
+async def ours_at(secure: bool, seconds: float, poll_interval: float) -> tuple[float, float]:
+    events: list[ReaderEvent] = []
+    with PeerBus() as pb:
+        pb.add(1, scbk=SITE_KEY if secure else None)
+        reader = OsdpReader("bench", events.append, port=pb.path, address=1, secure=secure,
+                            scbk=SITE_KEY.hex() if secure else None, timing=Timing(poll_interval=poll_interval))
+        async with reader:
+            task = asyncio.create_task(reader.run(), name="bench.osdp")
+            await wait_online(events, secure)
+            await asyncio.sleep(0.3)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            await asyncio.sleep(seconds)
+            c1, t1 = time.thread_time(), time.perf_counter()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        n = frames_in(pb.received, t0, t1)
+    return (c1 - c0) * 1000 / max(1, n), n / (t1 - t0)
+
+
+# --- 8 readers on one line --------------------------------------------------------------------------
+
+
+def per_address(chunks: list[tuple[float, bytes]], t0: float, t1: float) -> dict[int, list[tuple[float, int]]]:
+    p = FrameParser()
+    out: dict[int, list[tuple[float, int]]] = {}
+    for t, data in chunks:
+        for item in p.feed(data):
+            if isinstance(item, Frame) and t0 <= t <= t1:
+                out.setdefault(item.address, []).append((t, item.code))
+    return out
+
+
+async def line8(dead: bool, seconds: float, settle: float, taps: int) -> tuple[dict[int, float], list[float]]:
+    """Polls/s of each live reader, and card-to-LED latencies (ms) of cards shown at live readers."""
+    from edge.readers.base import CardRead, Feedback
+    from edge.readers.osdp import osdp_bus
+
+    addresses = list(range(1, 9))
+    live = addresses[:-1] if dead else addresses
+    events: list[ReaderEvent] = []
+    readers: dict[str, OsdpReader] = {}
+
+    def sink(ev: ReaderEvent) -> None:
+        events.append(ev)
+        if isinstance(ev, CardRead):
+            readers[ev.reader].feedback(Feedback.GRANTED)
+
+    with PeerBus(baud=115200) as pb:
+        peers = {a: pb.add(a, scbk=SITE_KEY) for a in addresses}
+        if dead:
+            peers[8].silent = True
+        for a in addresses:
+            readers[f"r{a}"] = OsdpReader(f"r{a}", sink, address=a, scbk=SITE_KEY.hex())
+        async with osdp_bus(pb.path, list(readers.values())) as bus:
+            task = asyncio.create_task(bus.run(), name="bench.osdp.line8")
+            end = time.monotonic() + 20
+            while not all(readers[f"r{a}"].online and readers[f"r{a}"].secure for a in live):
+                if time.monotonic() > end:
+                    raise RuntimeError("8-reader line did not come online")
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(settle)  # a dead reader's probing backs off meanwhile
+            t0 = time.perf_counter()
+            await asyncio.sleep(seconds)
+            t1 = time.perf_counter()
+            lat: list[float] = []
+            bits = formats.encode("h10301", 12, 3456)
+            for i in range(taps):
+                a = live[i % len(live)]
+                await asyncio.sleep(0.011 * (i % 5) + 0.03)
+                start = len(pb.received)
+                c0 = time.perf_counter()
+                peers[a].card(bits, 26)
+                found = None
+                deadline = time.monotonic() + 2
+                while found is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                    for t, code in per_address(pb.received[start:], c0, time.perf_counter() + 1).get(a, []):
+                        if code == 0x69:
+                            found = t
+                            break
+                if found is not None:
+                    lat.append((found - c0) * 1000)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        seen = per_address(pb.received, t0, t1)
+    return {a: len(seen.get(a, [])) / (t1 - t0) for a in live}, lat
+
+
+async def file_64k() -> tuple[float, bool]:
+    events: list[ReaderEvent] = []
+    image = os.urandom(64 * 1024)
+    with PeerBus(baud=115200) as pb:
+        peer = pb.add(1, scbk=SITE_KEY)
+        reader = OsdpReader("bench", events.append, port=pb.path, address=1, scbk=SITE_KEY.hex())
+        async with reader:
+            task = asyncio.create_task(reader.run(), name="bench.osdp.file")
+            await wait_online(events, True)
+            t0 = time.perf_counter()
+            result = await asyncio.wait_for(reader.transfer_file(image), 120)
+            took = time.perf_counter() - t0
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        exact = result.ok and bytes(peer.file) == image
+    return took, exact
+
+
 BASELINE = textwrap.dedent(
     """
     import sys, time, logging
@@ -201,6 +395,32 @@ def main() -> None:
             emit("card_to_led_p95", lat[int(0.95 * (len(lat) - 1))], "ms", mode=mode, poll_interval_ms=poll)
             emit("card_to_led_max", lat[-1], "ms", mode=mode, poll_interval_ms=poll, target_ms=poll + 2)
         emit("card_to_led_missed", taps - len(lat), "taps", mode=mode)
+
+    for secure in (False, True):
+        mode = "secure" if secure else "plain"
+        theirs_cpu, theirs_rate, theirs_thread = libosdp_cp(secure, seconds)
+        ours_cpu, ours_rate = asyncio.run(ours_at(secure, seconds, 0.05))
+        emit("cpu_per_exchange_vs_libosdp", ours_cpu / theirs_cpu, "x", mode=mode, target_x=2.0,
+             ours_ms=round(ours_cpu, 4), libosdp_refresh_ms=round(theirs_cpu, 4),
+             libosdp_thread_ms=round(theirs_thread, 4), ours_per_s=round(ours_rate, 1),
+             libosdp_per_s=round(theirs_rate, 1), seconds=seconds)
+
+    settle = 8.0 if args.quick else 16.0  # probes of a dead reader at 1, 2, 4, 8 s: steady state after ~15 s
+    window = 4.0 if args.quick else 10.0
+    base, lat = asyncio.run(line8(False, window, 0.5, taps))
+    with_dead, _ = asyncio.run(line8(True, window, settle, 0))
+    emit("line8_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
+         target_min=18, max=round(max(base.values()), 1), seconds=window)
+    if lat:
+        lat.sort()
+        emit("line8_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
+             target_ms=60, p50=round(statistics.median(lat), 1), taps=len(lat))
+    emit("line8_dead_ratio", min(with_dead.values()) / max(1e-9, statistics.mean(base.values())), "x",
+         readers=8, dead=1, target_min=0.9, live_min=round(min(with_dead.values()), 1),
+         live_mean_without=round(statistics.mean(base.values()), 1), settle_s=settle, seconds=window)
+
+    took, exact = asyncio.run(file_64k())
+    emit("file_transfer_64k", took, "s", baud=115200, secure=True, byte_exact=exact)
 
     py = ensure_baseline(args.baseline_python)
     if py is None:

@@ -127,7 +127,12 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_o
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
     #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
     direction: Literal["auto", "kernel", "rts"] = "auto"
-    #: One OSDP line is polled by one bus: readers with the same `port` share it (and its baud rate).
+    #: Send the 0xFF mark byte before every command (SIA OSDP 2.2; SIA test 050-07-01). A line setting.
+    mark: bool = True
+    #: A reader is reported offline after this long without a valid reply (docs/hardware.md). A line setting.
+    offline_after_s: Annotated[float, Meta(gt=0, le=30)] = 1.5
+    #: One OSDP line is polled by one bus: readers with the same `port` share it (and its baud rate, mark
+    #: and offline_after_s).
 
 
 ReaderConfig = WiegandReaderConfig | OsdpReaderConfig
@@ -299,6 +304,12 @@ def _check_values(cfg: Config) -> None:
         if line[0] != r.baud:
             raise ConfigError(f"{where}.baud: {r.baud} differs from readers[{line[1]}] on the same port {r.port} "
                               f"({line[0]}): one OSDP line has one speed")  # fmt: skip
+        first = cfg.readers[line[1]]
+        assert isinstance(first, OsdpReaderConfig)
+        for key in ("mark", "offline_after_s"):
+            if getattr(first, key) != getattr(r, key):
+                raise ConfigError(f"{where}.{key}: differs from readers[{line[1]}] on the same port {r.port}: "
+                                  "a line setting")  # fmt: skip
         other = osdp_addresses.setdefault((r.port, r.address), i)
         if other != i:
             raise ConfigError(f"{where}.address: {r.address} is already readers[{other}] on {r.port}")

@@ -5,7 +5,9 @@ port. A thread reads the master and feeds every byte to each simulated reader's 
 `ctx.refresh()` directly (the wrapper's own thread sleeps 20 ms between refreshes, far too slow).
 
 Knobs for fault injection: `Peer.silent` (the reader stops answering: offline), `PeerBus.mangle` (rewrite
-the bytes a reader sends: corrupt or truncate), `PeerBus.baud` (pace both directions as a real line would).
+the bytes a reader sends: corrupt or truncate), `PeerBus.intercept` (take what the control panel wrote away
+from the readers and optionally answer it in their place: a lost command, a BUSY), `PeerBus.baud` (pace
+both directions as a real line would).
 
 libosdp installs a top-level module named `osdp`; our own package is always imported as `edge.readers.osdp`.
 """
@@ -29,8 +31,8 @@ DEFAULT_CAPS = [
     (osdp.Capability.LEDControl, 1, 1),
     (osdp.Capability.AudibleControl, 1, 1),
     (osdp.Capability.TextOutput, 1, 1),
-    (osdp.Capability.ContactStatusMonitoring, 1, 1),
-    (osdp.Capability.OutputControl, 1, 1),
+    (osdp.Capability.ContactStatusMonitoring, 1, 4),
+    (osdp.Capability.OutputControl, 1, 2),
     (osdp.Capability.CardDataFormat, 1, 1),
     (osdp.Capability.CheckCharacter, 1, 1),
 ]
@@ -72,10 +74,16 @@ class Peer:
         install_mode: bool = False,
         enforce_secure: bool = False,
         caps: list[tuple[int, int, int]] | None = None,
+        file_ops: bool = True,
     ) -> None:
         self.bus = bus
         self.address = address
         self.silent = False
+        #: the reader's answer to osdp_KEYSET: take the key (0) or refuse it (-1: libosdp NAKs)
+        self.keyset_result = 0
+        #: the reader's input and output states (ISTATR / OSTATR), one byte each; OUT changes `outputs`
+        self.inputs = bytearray(4)
+        self.outputs = bytearray(2)
         self.commands: list[dict[str, Any]] = []
         self.command_times: list[float] = []
         self.keys: list[bytes] = []
@@ -91,16 +99,51 @@ class Peer:
         )
         self.pd = osdp.PeripheralDevice(
             info, osdp.PDCapabilities(caps if caps is not None else DEFAULT_CAPS),
-            log_level=osdp.LogLevel.Emergency, command_handler=self._on_command,
+            log_level=getattr(osdp.LogLevel, os.environ.get("PEER_LOG", "Emergency")), command_handler=self._on_command,
         )
         self.ctx = self.pd.ctx
+        #: what a file transfer wrote (libosdp's file ops: the PD side of osdp_FILETRANSFER)
+        self.file = bytearray()
+        self.file_opened: list[tuple[int, int]] = []
+        self.file_closed = 0
+        if file_ops:  # without, libosdp NAKs osdp_FILETRANSFER
+            self.ctx.register_file_ops(0, {"open": self._f_open, "read": self._f_read, "write": self._f_write,
+                                           "close": self._f_close})
 
-    def _on_command(self, cmd: dict[str, Any]) -> tuple[int, None]:
+    def _on_command(self, cmd: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         self.command_times.append(time.perf_counter())
         self.commands.append(cmd)
+        kind = cmd.get("command")
+        if kind == osdp.Command.Status and cmd.get("type") in (osdp.StatusReportType.Input,
+                                                                osdp.StatusReportType.Output):
+            # libosdp 3.2 answers ISTAT / OSTAT with a status event the app submits from this callback
+            states = self.inputs if cmd["type"] == osdp.StatusReportType.Input else self.outputs
+            self.ctx.submit_event({"event": osdp.Event.Status, "type": cmd["type"], "nr_entries": len(states),
+                                   "report": bytes(states)})
+        if kind == osdp.Command.Output and cmd["output_no"] < len(self.outputs):
+            self.outputs[cmd["output_no"]] = 1 if cmd["control_code"] in (2, 4, 5) else 0
         if cmd.get("command") == osdp.Command.Keyset:
+            if self.keyset_result != 0:
+                return self.keyset_result, None
             self.keys.append(bytes(cmd["data"]))
         return 0, None
+
+    def _f_open(self, file_id: int, size: int) -> int:
+        self.file_opened.append((file_id, size))
+        if len(self.file) != size:
+            self.file = bytearray(size)
+        return size
+
+    def _f_read(self, size: int, offset: int) -> bytes:
+        return bytes(self.file[offset : offset + size])
+
+    def _f_write(self, data: bytes, offset: int) -> int:
+        self.file[offset : offset + len(data)] = data
+        return len(data)
+
+    def _f_close(self, file_id: int) -> int:
+        self.file_closed += 1
+        return 0
 
     def commands_of(self, kind: int) -> list[dict[str, Any]]:
         return [c for c in list(self.commands) if c.get("command") == kind]
@@ -120,6 +163,12 @@ class Peer:
     def local_status(self, *, tamper: bool, power_failure: bool) -> None:
         self.submit({"event": osdp.Event.Status, "type": osdp.StatusReportType.Local, "nr_entries": 2,
                      "report": bytes((int(tamper), int(power_failure)))})
+
+    def input_change(self, states: bytes) -> None:
+        """The reader's inputs (door contact, REX, ...) change: it reports them on the next poll."""
+        self.inputs[:] = states
+        self.submit({"event": osdp.Event.Status, "type": osdp.StatusReportType.Input,
+                     "nr_entries": len(states), "report": bytes(states)})
 
     def submit(self, event: dict[str, Any]) -> None:
         with self.bus.lock:
@@ -143,6 +192,9 @@ class PeerBus:
         self.peers: list[Peer] = []
         self.lock = threading.RLock()
         self.mangle: Callable[[bytes], bytes] | None = None
+        #: called with each chunk the control panel wrote; None = deliver it to the readers, bytes = do not
+        #: (the readers never see it) and write these bytes back instead (b"": nothing, the command is lost)
+        self.intercept: Callable[[bytes], bytes | None] | None = None
         self.sent: list[tuple[float, bytes]] = []  # what the readers wrote (after mangling)
         self.received: list[tuple[float, bytes]] = []  # what the control panel wrote
         self._stop = threading.Event()
@@ -180,6 +232,13 @@ class PeerBus:
                     self.received.append((time.perf_counter(), data))
                     if self.baud:
                         _pause(len(data) * 10 / self.baud)
+                    intercept = self.intercept
+                    answer = intercept(data) if intercept is not None else None
+                    if answer is not None:
+                        if answer:
+                            self.inject(answer)
+                        data = b""
+                if data:
                     with self.lock:
                         for p in self.peers:
                             if not p.silent:

@@ -19,7 +19,8 @@ from edge.readers.osdp import OsdpReader, Timing, osdp_bus
 from edge.readers.osdp.frame import crc16
 from tests.osdp_peer import SITE_KEY, Peer, PeerBus
 
-FAST = Timing(poll_interval=0.02, reply_timeout=0.06, retries=2, offline_retry=0.1, handshake_retry=0.3)
+FAST = Timing(poll_interval=0.02, reply_timeout=0.06, retries=2, offline_retry=0.1, offline_retry_max=0.4,
+              handshake_retry=0.3)
 GRANTED_CARD = formats.encode("h10301", 12, 3456)
 OTHER_CARD = formats.encode("h10301", 12, 999)
 WRONG_KEY = bytes.fromhex("00112233445566778899AABBCCDDEEFF")

@@ -230,7 +230,7 @@ class Agent:
     def _make_readers(self) -> tuple[list[Reader], list[Any]]:
         """The configured readers (one Wiegand reader per wired door if none are configured), and the
         OSDP buses that poll them: readers on the same serial port share one bus."""
-        from edge.readers.osdp import osdp_bus
+        from edge.readers.osdp import Timing, osdp_bus
         from edge.readers.registry import build_reader
 
         assert self.tap is not None
@@ -259,7 +259,8 @@ class Agent:
                 by_port.setdefault(rc.port, []).append(r)
                 port_cfg.setdefault(rc.port, rc)
         buses = [
-            osdp_bus(port, rs, baudrate=port_cfg[port].baud, direction=port_cfg[port].direction)
+            osdp_bus(port, rs, baudrate=port_cfg[port].baud, direction=port_cfg[port].direction,
+                     mark=port_cfg[port].mark, timing=Timing(offline_after=port_cfg[port].offline_after_s))
             for port, rs in by_port.items()
         ]
         return readers, buses

@@ -28,13 +28,17 @@ from edge.events import (
     ACCESS_REVOKED,
     ALARM_PIN_LOCKOUT,
     READER_FAULT,
+    READER_IO,
+    READER_POWER,
     READER_STATUS,
+    READER_TAMPER,
     SYSTEM,
 )
 from edge.journal import Journal
 from edge.metrics import EdgeMetrics
 from edge.pin import verify_pin
 from edge.readers.base import CardRead, Feedback, PinEntry, ReadCut, Reader, ReaderEvent, ReaderFault, ReaderStatus
+from edge.readers.events import InputsChanged, OutputsChanged, PowerChanged, TamperChanged
 
 from .connectivity import Connectivity
 from .modes import DoorModes
@@ -181,6 +185,20 @@ class TapHandler:
                 READER_STATUS, door=door, reader=ev.reader,
                 detail={"online": ev.online, "tamper": ev.tamper, "power_ok": ev.power_ok, "secure": ev.secure},
             )  # fmt: skip
+        elif isinstance(ev, InputsChanged | OutputsChanged):
+            kind = "input" if isinstance(ev, InputsChanged) else "output"
+            self.journal.record(
+                READER_IO, door=door, reader=ev.reader, reason=kind,
+                detail={"states": "".join(map(str, ev.states)), "changed": ",".join(map(str, ev.changed))},
+            )  # fmt: skip
+        elif isinstance(ev, TamperChanged):
+            log.log(logging.WARNING if ev.tamper else logging.INFO, "reader %s: tamper %s", ev.reader,
+                    "on" if ev.tamper else "off")
+            self.journal.record(READER_TAMPER, door=door, reader=ev.reader, detail={"tamper": ev.tamper})
+        elif isinstance(ev, PowerChanged):
+            log.log(logging.INFO if ev.power_ok else logging.WARNING, "reader %s: power %s", ev.reader,
+                    "ok" if ev.power_ok else "failed")
+            self.journal.record(READER_POWER, door=door, reader=ev.reader, detail={"power_ok": ev.power_ok})
 
     def _revoke(self, door: str, reader: str) -> None:
         """The last card read of `reader` was the head of a longer frame (its last edges came late): take

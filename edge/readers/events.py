@@ -60,7 +60,45 @@ class ReaderStatus(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
 
-ReaderEvent = CardRead | PinEntry | ReaderFault | ReaderStatus
+class InputsChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A reader's inputs (door contact, REX, ... wired to an OSDP reader: osdp_ISTATR), one state each
+    (0 = inactive, 1 = active); `changed` are the inputs that moved (every one at the first report)."""
+
+    reader: str
+    states: tuple[int, ...]
+    changed: tuple[int, ...] = ()
+    at: float = 0.0
+
+
+class OutputsChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A reader's outputs (an aux relay: osdp_OSTATR), one state each (0 = off, 1 = on)."""
+
+    reader: str
+    states: tuple[int, ...]
+    changed: tuple[int, ...] = ()
+    at: float = 0.0
+
+
+class TamperChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A reader's tamper switch moved (osdp_LSTATR)."""
+
+    reader: str
+    tamper: bool
+    at: float = 0.0
+
+
+class PowerChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """A reader's power supply failed or came back (osdp_LSTATR)."""
+
+    reader: str
+    power_ok: bool
+    at: float = 0.0
+
+
+#: Reader I/O: what a reader reports besides credentials and its own health.
+ReaderIoEvent = InputsChanged | OutputsChanged | TamperChanged | PowerChanged
+ReaderEvent = CardRead | PinEntry | ReaderFault | ReaderStatus | InputsChanged | OutputsChanged | TamperChanged \
+    | PowerChanged
 ReaderSink = Callable[[ReaderEvent], None]
 
 
@@ -75,10 +113,15 @@ class Feedback(enum.StrEnum):
 __all__ = [
     "CardRead",
     "Feedback",
+    "InputsChanged",
+    "OutputsChanged",
     "PinEntry",
+    "PowerChanged",
     "ReadCut",
     "ReaderEvent",
     "ReaderFault",
+    "ReaderIoEvent",
     "ReaderSink",
     "ReaderStatus",
+    "TamperChanged",
 ]

@@ -4,8 +4,30 @@ Import it absolutely (`edge.readers.osdp`): libosdp, used by the tests, installs
 """
 
 from .bus import OsdpBus
-from .panel import PdConfig, PdSession, Timing
-from .reader import OsdpReader, osdp_bus
+from .events import InputsChanged, OutputsChanged, PowerChanged, ReaderIoEvent, TamperChanged
+from .keystore import KeyStore, KeyStoreError, PlainKeyFile, SystemdCredential
+from .panel import FileTransferResult, KeyRotation, PdConfig, PdSession, Timing
+from .reader import OsdpReader, ReaderRefused, osdp_bus
 from .transport import TransportError
 
-__all__ = ["OsdpBus", "OsdpReader", "PdConfig", "PdSession", "Timing", "TransportError", "osdp_bus"]
+__all__ = [
+    "FileTransferResult",
+    "InputsChanged",
+    "KeyRotation",
+    "KeyStore",
+    "KeyStoreError",
+    "OsdpBus",
+    "OsdpReader",
+    "OutputsChanged",
+    "PdConfig",
+    "PdSession",
+    "PlainKeyFile",
+    "PowerChanged",
+    "ReaderIoEvent",
+    "ReaderRefused",
+    "SystemdCredential",
+    "TamperChanged",
+    "Timing",
+    "TransportError",
+    "osdp_bus",
+]

@@ -20,6 +20,9 @@ from .transport import Direction, SerialLink, TransportError
 
 log = logging.getLogger(__name__)
 
+#: Serial speeds of osdp_COMSET (SIA OSDP 2.2).
+BAUDS = (9600, 19200, 38400, 57600, 115200, 230400)
+
 
 class OsdpBus:
     """`async with OsdpBus(port, sessions) as bus: await bus.run()`."""
@@ -32,6 +35,7 @@ class OsdpBus:
         baudrate: int = 115200,
         direction: Direction = "auto",
         timing: Timing | None = None,
+        mark: bool = True,
     ) -> None:
         addresses = [s.address for s in sessions]
         if len(set(addresses)) != len(addresses):
@@ -41,6 +45,8 @@ class OsdpBus:
         self.timing = timing or Timing()
         self._parser = FrameParser()
         self._link = SerialLink(port, self._on_data, baudrate=baudrate, direction=direction)
+        #: send the 0xFF mark byte before every command (SIA OSDP 2.2 section 5.9; SIA test 050-07-01)
+        self.mark = mark
         self._current: PdSession | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -75,6 +81,36 @@ class OsdpBus:
             raise ValueError(f"OSDP address {address} on {self.port} is {taken[0]}'s")
         session.set_address(address, self._link.baudrate)
 
+    @property
+    def baudrate(self) -> int:
+        return self._link.baudrate
+
+    async def set_baud(self, baud: int, *, within: float = 2.0) -> None:
+        """Move the whole line to `baud`: osdp_COMSET (same address, new speed) to every reader, and once
+        each has confirmed with osdp_COM, our own port. Every reader must be online: one that is not would be
+        left on the old speed. Raises `ValueError` (not an OSDP speed, a reader offline) or `TimeoutError`
+        (a reader did not confirm within `within`; the port then stays on the old speed)."""
+        if baud not in BAUDS:
+            raise ValueError(f"{baud} baud is not an OSDP speed ({', '.join(map(str, BAUDS))})")
+        offline = [s.name for s in self.sessions if not s.online]
+        if offline:
+            raise ValueError(f"cannot change the speed of {self.port}: {', '.join(offline)} offline")
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        for s in self.sessions:
+            fut: asyncio.Future[None] = loop.create_future()
+            waits.append(fut)
+            s.on_com = lambda com, f=fut, b=baud: _resolve(f) if com.baud == b else None
+            s.set_address(s.address, baud)
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*waits)
+        finally:
+            for s in self.sessions:
+                s.on_com = None
+        self._link.set_baudrate(baud)
+        log.info("osdp %s: line moved to %d baud", self.port, baud)
+
     def kick(self) -> None:
         """Wake the scheduler early (a PD has commands queued)."""
         wake = self._wake
@@ -95,7 +131,9 @@ class OsdpBus:
                 if item.address != current.address:
                     current.fault("address", f"reply from address {item.address}, expected {current.address}")
                     continue
-                if current.accept(item, self._loop_time()):
+                now = self._loop_time()
+                current.heard(now)
+                if current.accept(item, now):
                     self._waiter.set_result(True)
             elif isinstance(item, FrameError) and current is not None and item.kind != "garbage":
                 current.fault(item.kind, f"{len(item.data)} byte(s) dropped")
@@ -129,10 +167,11 @@ class OsdpBus:
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
         self._current = session
-        timeout = self.timing.reply_timeout + self._link.wire_time(len(frame))
+        # the command's own bytes and a short reply's (osdp_PDID, 20 bytes) on the wire, then the PD's time
+        timeout = session.reply_timeout + self._link.wire_time(len(frame) + 26)
         handle = loop.call_later(timeout, _expire, waiter)
         self.last_write = time.perf_counter()
-        self._link.write(frame)
+        self._link.write(b"\xff" + frame if self.mark else frame)
         try:
             replied = await waiter
         finally:
@@ -160,10 +199,12 @@ class OsdpBus:
             if closed is not None and closed.done():
                 raise TransportError(f"OSDP port {self.port} closed: {closed.result()}")
             now = loop.time()
+            # earliest deadline first; a PD with commands queued (the LED and buzzer of a decision) goes
+            # ahead of every poll due, so feedback is on the wire in the slot after the card's reply
             best = sessions[0]
-            best_due = best.due if not best.has_pending else now
+            best_due = best.due if not best.has_pending else -1.0
             for s in sessions[1:]:
-                due = now if s.has_pending else s.due
+                due = -1.0 if s.has_pending else s.due
                 if due < best_due:
                     best, best_due = s, due
             if best_due > now:

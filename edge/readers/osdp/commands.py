@@ -30,6 +30,7 @@ class Cmd(enum.IntEnum):
     CHLNG = 0x76
     SCRYPT = 0x77
     ACURXSIZE = 0x7B
+    FILETRANSFER = 0x7C
     MFG = 0x80
 
 
@@ -49,6 +50,7 @@ class Rep(enum.IntEnum):
     CCRYPT = 0x76
     RMAC_I = 0x78
     BUSY = 0x79
+    FTSTAT = 0x7A
     MFGREP = 0x90
 
 
@@ -177,6 +179,12 @@ def encode_comset(address: int, baud: int) -> bytes:
     return bytes((address,)) + baud.to_bytes(4, "little")
 
 
+def encode_filetransfer(file_type: int, total: int, offset: int, fragment: bytes) -> bytes:
+    """osdp_FILETRANSFER: FtType, FtSizeTotal (u32), FtOffset (u32), FtFragmentSize (u16), the fragment."""
+    return (bytes((file_type,)) + total.to_bytes(4, "little") + offset.to_bytes(4, "little")
+            + len(fragment).to_bytes(2, "little") + fragment)
+
+
 def encode_keyset(scbk: bytes) -> bytes:
     """osdp_KEYSET for the Secure Channel Base Key (key type 1)."""
     if len(scbk) != 16:
@@ -272,6 +280,17 @@ class MfgReply(msgspec.Struct, frozen=True):
     data: bytes
 
 
+class FileStatus(msgspec.Struct, frozen=True):
+    """osdp_FTSTAT: `status` 0 = go on, 1 = file processed, 2 = rebooting to apply it, 3 = finishing (keep
+    sending), < 0 = an error (-1 abort, -2 unrecognised contents, -3 malformed); `delay` ms before the next
+    fragment; `update_max` a new largest fragment (0 = unchanged); `action` bit 0 = polls may interleave."""
+
+    action: int
+    delay: int
+    status: int
+    update_max: int
+
+
 class Malformed(msgspec.Struct, frozen=True):
     code: int
     reason: str
@@ -297,6 +316,7 @@ Reply = (
     | CCrypt
     | RMacI
     | MfgReply
+    | FileStatus
     | Malformed
     | Unknown
 )
@@ -419,6 +439,14 @@ def _mfgrep(data: bytes) -> Reply:
     return MfgReply(vendor=int.from_bytes(data[0:3], "little"), data=bytes(data[3:]))
 
 
+def _ftstat(data: bytes) -> Reply:
+    if len(data) != 7:
+        return Malformed(Rep.FTSTAT, f"FTSTAT is 7 bytes, got {len(data)}")
+    return FileStatus(action=data[0], delay=int.from_bytes(data[1:3], "little"),
+                      status=int.from_bytes(data[3:5], "little", signed=True),
+                      update_max=int.from_bytes(data[5:7], "little"))
+
+
 DECODERS: Final[dict[int, Decoder]] = {
     Rep.ACK: _ack,
     Rep.NAK: _nak,
@@ -436,6 +464,7 @@ DECODERS: Final[dict[int, Decoder]] = {
     Rep.RMAC_I: _rmac_i,
     Rep.BUSY: _busy,
     Rep.MFGREP: _mfgrep,
+    Rep.FTSTAT: _ftstat,
 }
 
 

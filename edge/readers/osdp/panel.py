@@ -31,6 +31,7 @@ from edge.readers.base import CardRead, Feedback, ReaderFault, ReaderSink, Reade
 from edge.readers.keypad import KEY_CLEAR, KEY_ENTER, PinPad
 
 from . import commands as c
+from .events import InputsChanged, OutputsChanged, PowerChanged, ReaderIoEvent, TamperChanged
 from .frame import Frame, encode
 from .secure import (
     KEY_SCBK,
@@ -55,10 +56,21 @@ class Timing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     poll_interval: Annotated[float, Meta(gt=0, le=2.0)] = 0.05
     reply_timeout: Annotated[float, Meta(gt=0, le=2.0)] = 0.2
+    #: Retransmissions of an unanswered command before the reader may be declared offline.
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    #: Offline detection: a reader is reported offline only after this long without a valid reply (and
+    #: `retries` retransmissions). Between its retransmissions every other reader of the line is served.
+    offline_after: Annotated[float, Meta(gt=0, le=30)] = 1.5
+    #: An offline reader is probed (one osdp_ID, no retransmission) after `offline_retry`, then at doubling
+    #: intervals up to `offline_retry_max`: a dead reader costs the live ones one exchange per probe.
     offline_retry: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    #: How long a probe waits for its answer (one poll slot: a live PD answers osdp_ID in milliseconds).
+    probe_timeout: Annotated[float, Meta(gt=0, le=2.0)] = 0.05
+    offline_retry_max: Annotated[float, Meta(gt=0, le=600)] = 8.0
     handshake_retry: Annotated[float, Meta(gt=0, le=600)] = 5.0
     busy_retry: Annotated[float, Meta(ge=0, le=1.0)] = 0.02
+    #: Feedback queued when a secure session had to be rebuilt is re-sent if the session is back within this.
+    feedback_hold: Annotated[float, Meta(ge=0, le=10)] = 2.0
 
 
 class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -74,6 +86,9 @@ class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     formats: list[str] | None = None
     #: Send osdp_TEXT with feedback: None = if the reader reports a text display in its capabilities.
     display: bool | None = None
+    #: A key rotation left unresolved (the new key staged, not yet known to be the reader's): the
+    #: handshake tries `scbk` and then this one, and reports which one the reader holds. Never logged.
+    scbk_next: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -83,15 +98,31 @@ class PdConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         )
 
     def key(self) -> bytes | None:
-        if self.scbk is None:
-            return None
-        try:
-            key = bytes.fromhex(self.scbk)
-        except ValueError:
-            raise ConfigError("osdp reader scbk: expected 32 hex digits") from None
-        if len(key) != 16:
-            raise ConfigError("osdp reader scbk: expected 32 hex digits (16 bytes)")
-        return key
+        return _parse_key(self.scbk, "scbk")
+
+    def next_key(self) -> bytes | None:
+        return _parse_key(self.scbk_next, "scbk_next")
+
+
+def _parse_key(text: str | None, what: str) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"osdp reader {what}: expected 32 hex digits") from None
+    if len(key) != 16:
+        raise ConfigError(f"osdp reader {what}: expected 32 hex digits (16 bytes)")
+    return key
+
+
+class KeyRotation(msgspec.Struct, frozen=True, kw_only=True):
+    """How a Secure Channel key rotation ended: `ok` = the reader is secure on the new key (commit it);
+    otherwise it is still on the old one (discard the new). Carries no key material."""
+
+    reader: str
+    ok: bool
+    detail: str = ""
 
 
 class Phase(enum.Enum):
@@ -106,6 +137,7 @@ class Phase(enum.Enum):
 
 _NEXT_SQN: Final = (1, 2, 3, 1)
 _MAX_QUEUE: Final = 16
+_FEEDBACK: Final = frozenset({c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT})
 
 
 def _feedback_commands(what: Feedback, text: str | None, display: bool) -> list[tuple[int, bytes]]:
@@ -157,6 +189,60 @@ def card_from_raw(reader: str, raw: c.RawCard, table: formats.FormatTable, at: f
                     facility=result.facility, at=at)
 
 
+class FileTransferResult(msgspec.Struct, frozen=True, kw_only=True):
+    """How a file transfer (osdp_FILETRANSFER) ended. `offset` is what the reader acknowledged: a transfer
+    that did not finish can be resumed from there. `firmware` is the version the reader reports after it
+    (its identity - vendor, model, serial - checked to be the same reader)."""
+
+    reader: str
+    ok: bool
+    offset: int
+    total: int
+    status: int = 0
+    detail: str = ""
+    firmware: tuple[int, int, int] | None = None
+
+
+#: Largest fragment when the reader does not advertise its receive buffer (PDCAP function 10).
+FT_FRAGMENT_DEFAULT: Final = 128
+#: Frame bytes around a fragment in a secure session: header, security block, code, FILETRANSFER header,
+#: padding, MAC, CRC, mark.
+_FT_OVERHEAD: Final = 5 + 2 + 1 + 11 + 16 + 4 + 2 + 1
+#: During a transfer one slot in this many is a POLL, so cards and keys still come in.
+FT_POLL_EVERY: Final = 4
+#: A fragment left unanswered this many times (the reader declared offline each time) ends the transfer.
+FT_MAX_FAILURES: Final = 3
+
+
+class _FileTransfer:
+    __slots__ = ("cancel", "data", "done", "failures", "file_type", "fragment", "identity", "in_flight",
+                 "not_before", "offset", "on_done", "on_progress", "since_poll", "status", "verify")
+
+    def __init__(self, data: bytes, file_type: int, offset: int, fragment: int, *,
+                 on_progress: Callable[[int, int], None] | None,
+                 on_done: Callable[[FileTransferResult], None] | None, identity: c.PdId | None) -> None:
+        self.data = data
+        self.file_type = file_type
+        self.offset = offset
+        self.fragment = fragment
+        self.in_flight = 0
+        self.not_before = 0.0
+        self.since_poll = 0
+        self.status = 0
+        self.done = False
+        self.verify = False
+        self.cancel = False
+        #: times the fragment at `offset` went unanswered until the reader was declared offline
+        self.failures = 0
+        self.identity = identity
+        self.on_progress = on_progress
+        self.on_done = on_done
+
+
+def _moved(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(new) if i >= len(old) or old[i] != v)
+
+
 class PdSession:
     """The control panel's state for one PD (pure: no I/O, time passed in)."""
 
@@ -167,6 +253,19 @@ class PdSession:
         self.timing = timing or Timing()
         self.address = config.address
         self._key = config.key()
+        #: rotation in progress: the key it moves to and the one it moves from (both tried at a handshake
+        #: until the reader is secure on one of them)
+        self._next_key = config.next_key()
+        self._old_key = self._key if self._next_key is not None else None
+        self._tried: set[bytes] = set()
+        #: called when a key rotation is resolved (the reader layer commits or discards the stored key)
+        self.on_key: Callable[[KeyRotation], None] | None = None
+        #: where reader I/O events (inputs, outputs, tamper, power) go when they change (None: `sink`)
+        self.io_sink: Callable[[ReaderIoEvent], None] | None = None
+        #: callers waiting for the reply to one command code (ISTAT, OSTAT, OUT): called with the reply,
+        #: or None if the reader went offline first
+        self._completions: dict[int, Callable[[c.Reply | None], None]] = {}
+        self._ft: _FileTransfer | None = None
         if config.secure and self._key is None and not config.allow_install_mode:
             raise ConfigError(f"osdp reader {name}: secure=true needs an scbk (or allow_install_mode)")
         self.phase = Phase.OFFLINE
@@ -183,10 +282,23 @@ class PdSession:
         self.outputs: tuple[int, ...] = ()
         self.readers: tuple[int, ...] = ()
         self._pending: deque[tuple[int, bytes]] = deque()
+        #: feedback that was queued (or in flight) when the secure session dropped, and until when it is
+        #: worth showing once the session is back
+        self._carry: list[tuple[int, bytes]] = []
+        self._carry_until = 0.0
+        self._inflight: tuple[int, bytes] = (c.Cmd.POLL, b"")
         self._retx: bytes | None = None
+        self._last_heard = 0.0
+        self._probe_interval = self.timing.offline_retry
+        #: BUSY replies seen (diagnostics)
+        self.busy = 0
+        self._busy_since: float | None = None
         self._cmd = 0
         #: the address our own COMSET in flight asks for (None when the command in flight is not a COMSET)
         self._asked_address: int | None = None
+        self._asked_baud: int | None = None
+        #: called with the osdp_COM that answered our own COMSET (the bus waits on it to switch its baud rate)
+        self.on_com: Callable[[c.Com], None] | None = None
         self._attempts = 0
         self._key_type = KEY_SCBK
         self._installing = False
@@ -202,6 +314,10 @@ class PdSession:
     def __repr__(self) -> str:
         return f"PdSession({self.name!r}, address={self.address}, phase={self.phase.value}, secure={self.secure})"
 
+    def set_timing(self, timing: Timing) -> None:
+        self.timing = timing
+        self._probe_interval = timing.offline_retry
+
     # --- API used by the reader adapter ---
 
     def queue(self, code: int, data: bytes = b"") -> None:
@@ -212,12 +328,16 @@ class PdSession:
         if self.on_queue is not None:
             self.on_queue()
 
-    def feedback(self, what: Feedback, text: str | None = None) -> None:
-        if self.phase is not Phase.ONLINE:
-            return  # nothing to show it on; stale feedback must not flash later
+    def feedback(self, what: Feedback, text: str | None = None, now: float | None = None) -> None:
         display = self.config.display
         if display is None:
             display = self.pdcap is not None and self.pdcap.has(c.Cap.TEXT_OUTPUT)
+        if self.phase is not Phase.ONLINE:
+            if self.online and self.phase in (Phase.CHLNG, Phase.SCRYPT):
+                # the secure session is being rebuilt: shown as soon as it is back (if soon enough)
+                self._carry = _feedback_commands(what, text, display)
+                self._carry_until = (time.monotonic() if now is None else now) + self.timing.feedback_hold
+            return  # otherwise nothing to show it on; stale feedback must not flash later
         # a newer result replaces feedback not yet sent
         self._pending = deque(p for p in self._pending if p[0] not in (c.Cmd.LED, c.Cmd.BUZ, c.Cmd.TEXT))
         for cmd in _feedback_commands(what, text, display):
@@ -230,6 +350,131 @@ class PdSession:
         if not 0 <= address <= 126:
             raise ValueError(f"osdp reader {self.name}: address {address} is outside 0..126")
         self.queue(c.Cmd.COMSET, c.encode_comset(address, baud))
+
+    def rotate_key(self, new_key: bytes) -> None:
+        """Start moving the reader to `new_key` in session: osdp_KEYSET inside the secure session, then a
+        handshake on the new key. `on_key` is called once the reader is secure on one of the two keys."""
+        if len(new_key) != 16:
+            raise ValueError("an SCBK is 16 bytes")
+        if self.phase is not Phase.ONLINE or not self.secure or self._key_type != KEY_SCBK or self._key is None:
+            raise RuntimeError(f"osdp reader {self.name}: a key rotation needs the reader online in a secure "
+                               "session on its site key")
+        if self._next_key is not None:
+            raise RuntimeError(f"osdp reader {self.name}: a key rotation is already in progress")
+        if new_key == self._key:
+            raise ValueError(f"osdp reader {self.name}: the new key is the current one")
+        self._next_key, self._old_key = new_key, self._key
+        self.queue(c.Cmd.KEYSET, c.encode_keyset(new_key))
+
+    def request(self, code: int, data: bytes, done: Callable[[c.Reply | None], None]) -> None:
+        """Queue one command whose reply a caller waits for (one at a time per command code)."""
+        if self.phase is not Phase.ONLINE:
+            raise RuntimeError(f"osdp reader {self.name} is not online")
+        if code in self._completions:
+            raise RuntimeError(f"osdp reader {self.name}: command 0x{code:02x} already in flight")
+        self._completions[code] = done
+        self.queue(code, data)
+
+    def send_file(self, data: bytes, *, file_type: int = 1, offset: int = 0,
+                  on_progress: Callable[[int, int], None] | None = None,
+                  on_done: Callable[[FileTransferResult], None] | None = None) -> None:
+        """Start sending `data` (e.g. reader firmware) with osdp_FILETRANSFER from `offset` (0, or where an
+        interrupted transfer stopped). Fragments are interleaved with polls; a reader that goes offline
+        pauses the transfer, which goes on from the last acknowledged offset when it is back."""
+        if self.phase is not Phase.ONLINE:
+            raise RuntimeError(f"osdp reader {self.name} is not online")
+        if self._ft is not None:
+            raise RuntimeError(f"osdp reader {self.name}: a file transfer is already in progress")
+        if not data or len(data) > 0xFFFFFFFF or not 0 <= offset < len(data) or not 0 <= file_type <= 255:
+            raise ValueError(f"osdp reader {self.name}: file of {len(data)} bytes from offset {offset}")
+        cap = self.pdcap.caps.get(c.Cap.RECEIVE_BUFFER) if self.pdcap else None
+        rx = (cap[0] | cap[1] << 8) if cap else 0
+        fragment = min(rx - _FT_OVERHEAD, 1024) if rx > _FT_OVERHEAD + 16 else FT_FRAGMENT_DEFAULT
+        self._ft = _FileTransfer(data, file_type, offset, fragment, on_progress=on_progress, on_done=on_done,
+                                 identity=self.pdid)
+        if self.on_queue is not None:
+            self.on_queue()
+
+    def cancel_file(self) -> None:
+        """Stop the transfer after the fragment in flight (its acknowledgement still counts, so the offset
+        reported through `on_progress` is exactly where to resume)."""
+        ft = self._ft
+        if ft is None:
+            return
+        ft.cancel = True
+        if not ft.in_flight or self._cmd != c.Cmd.FILETRANSFER or self._retx is None:
+            self._ft_finish(False, "cancelled")
+
+    @property
+    def file_offset(self) -> int | None:
+        """The acknowledged offset of the transfer in progress (None: none)."""
+        return None if self._ft is None else self._ft.offset
+
+    def _ft_ready(self, now: float) -> bool:
+        ft = self._ft
+        return (ft is not None and not ft.done and not ft.cancel and now >= ft.not_before
+                and ft.since_poll < FT_POLL_EVERY)
+
+    def _ft_finish(self, ok: bool, detail: str, firmware: tuple[int, int, int] | None = None) -> None:
+        ft, self._ft = self._ft, None
+        if ft is None:
+            return
+        log.info("osdp %s: file transfer %s at %d/%d: %s", self.name, "done" if ok else "stopped", ft.offset,
+                 len(ft.data), detail)
+        if ft.on_done is not None:
+            ft.on_done(FileTransferResult(reader=self.name, ok=ok, offset=ft.offset, total=len(ft.data),
+                                          status=ft.status, detail=detail, firmware=firmware))
+
+    def _ft_identity(self, pdid: c.PdId) -> None:
+        """The reader's identity after a transfer: the same reader (vendor, model, serial), its firmware."""
+        ft = self._ft
+        if ft is None or not ft.verify:
+            return
+        before = ft.identity
+        same = before is None or (before.vendor, before.model, before.serial) == (pdid.vendor, pdid.model,
+                                                                                  pdid.serial)
+        if same:
+            self._ft_finish(True, "file transferred; reader identity checked", pdid.firmware)
+        else:
+            self._ft_finish(False, "file transferred, but another reader answers at this address now")
+
+    def _on_file_status(self, st: c.FileStatus, now: float) -> None:
+        ft = self._ft
+        assert ft is not None
+        ft.status = st.status
+        if st.status < 0:
+            ft.in_flight = 0
+            self._ft_finish(False, f"the reader stopped the transfer (status {st.status})")
+            return
+        ft.offset += ft.in_flight
+        ft.in_flight = 0
+        ft.failures = 0
+        ft.not_before = now + st.delay / 1000
+        if st.update_max > _FT_OVERHEAD + 16:
+            ft.fragment = min(st.update_max - _FT_OVERHEAD, 1024)
+        if ft.on_progress is not None:
+            ft.on_progress(ft.offset, len(ft.data))
+        if ft.cancel and ft.offset < len(ft.data):
+            self._ft_finish(False, "cancelled")
+            return
+        if ft.offset >= len(ft.data) and st.status != 3:  # 3: the reader is finishing; keep it company
+            ft.done = ft.verify = True
+            self._pending.append((c.Cmd.ID, b"\x00"))  # who is there now (status 2: after its restart)
+
+    def _complete_all(self) -> None:
+        done, self._completions = self._completions, {}
+        for f in done.values():
+            f(None)
+
+    @property
+    def rotating(self) -> bool:
+        return self._next_key is not None
+
+    @property
+    def reply_timeout(self) -> float:
+        """How long the bus waits for this PD's reply to the command `build` gave it."""
+        t = self.timing
+        return min(t.probe_timeout, t.reply_timeout) if self.phase is Phase.OFFLINE else t.reply_timeout
 
     @property
     def has_pending(self) -> bool:
@@ -269,9 +514,19 @@ class PdSession:
             code, data = c.Cmd.KEYSET, c.encode_keyset(self._key)
         elif self._pending:
             code, data = self._pending.popleft()
+        elif self._ft is not None and self._ft_ready(now):
+            ft = self._ft
+            chunk = ft.data[ft.offset : ft.offset + ft.fragment]
+            ft.in_flight = len(chunk)
+            ft.since_poll += 1
+            code, data = c.Cmd.FILETRANSFER, c.encode_filetransfer(ft.file_type, len(ft.data), ft.offset, chunk)
         else:
+            if self._ft is not None:
+                self._ft.since_poll = 0
             code, data = c.Cmd.POLL, b""
+        self._inflight = (code, data)
         self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
+        self._asked_baud = int.from_bytes(data[1:5], "little") if code == c.Cmd.COMSET and data else None
         sc = self.sc
         if sc is not None and sc.established and scb is None:
             if data:
@@ -300,6 +555,11 @@ class PdSession:
         if self._retx is None:
             self.fault("unsolicited", f"reply 0x{frame.code:02x} with no command in flight")
             return False
+        if frame.code == c.Rep.BUSY and frame.scb_type is None and not frame.data and frame.sqn in (0, self.sqn):
+            # osdp_BUSY (spec 5.7 / 7.x): sent with sequence number 0 and always in clear, also inside a
+            # secure session. The PD has not processed the command: send the very same frame again (same
+            # sequence number, same MAC, so the MAC chain stays where it is) a moment later.
+            return self._on_busy(now)
         if frame.sqn != self.sqn:
             self.fault("sequence", f"reply sqn {frame.sqn}, expected {self.sqn}")
             return False
@@ -309,6 +569,11 @@ class PdSession:
         in_session = sc is not None and sc.established
         if in_session:
             assert sc is not None
+            if frame.scb_type is None and code == c.Rep.ACK and self._cmd == c.Cmd.KEYSET and not data:
+                # a PD may drop the old session keys as soon as it takes the new key and ACK in clear
+                self._exchange_done()
+                self._dispatch(c.Ack(), frame, now)
+                return True
             if frame.scb_type not in (SCS_16, SCS_18) or frame.mac is None:
                 kind = "nak" if code == c.Rep.NAK else "mac"
                 self._exchange_done()
@@ -334,30 +599,50 @@ class PdSession:
             self._go_offline(now, "secure reply with no session")
             return True
         reply = c.decode_reply(code, data)
-        if isinstance(reply, c.Busy):
-            # same command, same sequence number, a moment later
-            self._attempts = 0
-            self.due = now + self.timing.busy_retry
-            return True
+        if isinstance(reply, c.Busy):  # a BUSY inside the session's security block: same handling
+            return self._on_busy(now)
         self._exchange_done()
         self._dispatch(reply, frame, now)
+        return True
+
+    def _on_busy(self, now: float) -> bool:
+        """The PD is busy: the same frame again after `busy_retry`; a PD busy for longer than
+        `offline_after` is treated as one that does not answer."""
+        self.busy += 1
+        if self._busy_since is None:
+            self._busy_since = now
+        elif now - self._busy_since >= self.timing.offline_after:
+            self._busy_since = None
+            self._go_offline(now, "busy for too long")
+            return True
+        self.due = now + self.timing.busy_retry
         return True
 
     def _exchange_done(self) -> None:
         self._retx = None
         self._attempts = 0
+        self._busy_since = None
         self.sqn = _NEXT_SQN[self.sqn]
         self.exchanges += 1
 
+    def heard(self, now: float) -> None:
+        """A well-formed frame from this PD arrived (the bus calls it before `accept`)."""
+        self._last_heard = now
+        self._probe_interval = self.timing.offline_retry
+
     def timeout(self, now: float) -> None:
         """No valid reply within the reply timeout."""
+        t = self.timing
         if self.phase is Phase.OFFLINE:
+            # a probe of an offline reader: no retransmission, the next probe later and later
             self._retx = None
-            self.due = now + self.timing.offline_retry
+            self.due = now + self._probe_interval
+            self._probe_interval = min(self._probe_interval * 2, t.offline_retry_max)
             return
         self._attempts += 1
-        if self._attempts <= self.timing.retries:
-            self.due = now  # retransmit the same bytes
+        if self._attempts <= t.retries or now - self._last_heard < t.offline_after:
+            # retransmit the same bytes in this PD's next slot: every reader already due goes first
+            self.due = now
             return
         self._go_offline(now, "no reply")
 
@@ -365,11 +650,17 @@ class PdSession:
 
     def _go_online(self, now: float, detail: str = "") -> None:
         self.phase = Phase.ONLINE
+        was = self.online
         self.online = True
         self._refused_reported = False
         self._pending.clear()
         self._pending.append((c.Cmd.LSTAT, b""))
+        if self._carry and now <= self._carry_until:
+            self._pending.extend(self._carry)  # feedback of a session that had to be rebuilt: show it now
+        self._carry = []
         self.due = now
+        if was and not detail:
+            return  # a secure session rebuilt without the reader ever being reported offline
         self.sink(ReaderStatus(reader=self.name, online=True, tamper=self.tamper, power_ok=self.power_ok,
                                secure=self.secure, detail=detail))
 
@@ -381,25 +672,41 @@ class PdSession:
         self.sc = None
         self._retx = None
         self._pending.clear()
+        self._carry = []
+        self._complete_all()
+        ft = self._ft
+        if ft is not None:
+            if ft.in_flight and self._cmd == c.Cmd.FILETRANSFER:
+                ft.failures += 1
+            ft.in_flight = 0  # paused: goes on from the acknowledged offset once the reader is back
+            ft.since_poll = 0
+            if ft.failures >= FT_MAX_FAILURES:
+                self._ft_finish(False, f"the reader does not answer FILETRANSFER at offset {ft.offset}")
         self.pinpad.clear()
-        self.due = now + self.timing.offline_retry
+        self._probe_interval = self.timing.offline_retry
+        self.due = now + self._probe_interval
         if was:
             self.sink(ReaderStatus(reader=self.name, online=False, tamper=self.tamper, power_ok=self.power_ok,
                                    secure=False, detail=why))
 
     def _restart_handshake(self, now: float) -> None:
-        was_secure = self.secure
+        """The PD dropped (or we dropped) the secure session: handshake again at once. Feedback that was
+        queued, or in flight when the session went (its reply lost: the PD may not have shown it), is kept
+        and sent once the session is back, if that is within `feedback_hold`."""
         self.sc = None
         self.secure = False
+        if self._ft is not None:
+            self._ft.in_flight = 0
+        if self.phase is Phase.ONLINE:
+            carry = [p for p in (self._inflight, *self._pending) if p[0] in _FEEDBACK]
+            if carry:
+                self._carry = carry
+                self._carry_until = now + self.timing.feedback_hold
         self._pending.clear()
         self.due = now
         if self.config.secure:
             self._key_type = KEY_SCBK if self._key is not None else KEY_SCBK_D
             self.phase = Phase.CHLNG
-            if was_secure and self.online:
-                self.online = False
-                self.sink(ReaderStatus(reader=self.name, online=False, secure=False,
-                                       detail="secure session lost; re-establishing"))
         else:
             self._go_offline(now, "reply out of sequence")
 
@@ -412,6 +719,16 @@ class PdSession:
     def _handshake_failed(self, now: float, why: str) -> None:
         self.sc = None
         self.secure = False
+        if self._next_key is not None and self._key_type == KEY_SCBK and self._key is not None:
+            # a rotation in progress: the reader holds one of the two keys; try the other one once
+            self._tried.add(self._key)
+            other = self._old_key if self._key == self._next_key else self._next_key
+            if other is not None and other not in self._tried:
+                self._key = other
+                self.phase = Phase.CHLNG
+                self.due = now
+                return
+            self._tried.clear()
         self.fault("handshake", why)
         if self._key_type == KEY_SCBK and self.config.allow_install_mode:
             self._key_type = KEY_SCBK_D
@@ -438,6 +755,7 @@ class PdSession:
                 self.pdid = reply
                 self.phase = Phase.CAP
                 self.due = now
+                self._ft_identity(reply)
             else:
                 self.fault("protocol", f"ID answered with {type(reply).__name__}")
                 self.due = now + self.timing.offline_retry
@@ -484,6 +802,8 @@ class PdSession:
                 else:
                     detail = "site key installed" if self._installing else ""
                     self._installing = False
+                    if self._next_key is not None:
+                        detail = self._rotation_done()
                     self._go_online(now, detail)
             else:
                 self._handshake_failed(now, f"server cryptogram answered with {type(reply).__name__}")
@@ -502,8 +822,30 @@ class PdSession:
                 self._handshake_failed(now, f"KEYSET answered with {type(reply).__name__}")
             return
         # ONLINE
-        self.due = now if self._pending else now + self.timing.poll_interval
+        ft = self._ft
+        if self._pending or (ft is not None and not ft.done):
+            self.due = max(now, ft.not_before) if ft is not None and not self._pending else now
+        else:
+            self.due = now + self.timing.poll_interval
         self._on_event(reply, frame, now)
+
+    def _rotation_done(self, refused: bool = False) -> str:
+        """The reader is secure on `self._key` (or refused the KEYSET): the rotation is resolved."""
+        ok = self._key == self._next_key and not refused
+        self._next_key = self._old_key = None
+        self._tried.clear()
+        detail = "secure channel key rotated" if ok else "key rotation failed: the reader kept its old key"
+        log.info("osdp %s: %s", self.name, detail)
+        if self.on_key is not None:
+            self.on_key(KeyRotation(reader=self.name, ok=ok, detail=detail))
+        return detail
+
+    def _on_keyset_ack(self, now: float) -> None:
+        """The reader took the new key: handshake on it at once (feedback queued meanwhile is kept)."""
+        assert self._next_key is not None
+        self._key = self._next_key
+        self._tried.clear()
+        self._restart_handshake(now)
 
     def _on_com(self, reply: c.Com, frame: Frame, at: float) -> None:
         """osdp_COM: the PD's new address. Trusted only as the answer, from the address we polled, to the
@@ -511,22 +853,48 @@ class PdSession:
         answering a POLL, a COM we did not ask for, one naming another address: what a device forging
         replies on a plaintext line sends to steal another reader's traffic) changes nothing."""
         asked, self._asked_address = self._asked_address, None
+        baud, self._asked_baud = self._asked_baud, None
         if self._cmd == c.Cmd.COMSET and asked is not None and reply.address == asked \
                 and frame.address == self.address:
-            log.info("osdp %s: reader moved from address %d to %d", self.name, self.address, reply.address)
+            if reply.address != self.address:
+                log.info("osdp %s: reader moved from address %d to %d", self.name, self.address, reply.address)
             self.address = reply.address
+            if baud is not None and reply.baud != baud:
+                self.fault("comset", f"asked for {baud} baud, the reader answered {reply.baud}", at)
+            if self.on_com is not None:
+                self.on_com(reply)
             return
         why = "not asked for" if asked is None else f"we asked for address {asked}"
         self.fault("address", f"osdp_COM to address {reply.address} ignored ({why}; answering command "
                               f"0x{self._cmd:02x}): address stays {self.address}", at)
 
     def _on_event(self, reply: c.Reply, frame: Frame, now: float) -> None:
+        done = self._completions.pop(self._cmd, None) if self._completions else None
+        try:
+            self._on_reply(reply, frame, now)
+        finally:
+            if done is not None:
+                done(reply)
+
+    def _io(self, event: ReaderIoEvent) -> None:
+        (self.io_sink or self.sink)(event)
+
+    def _on_reply(self, reply: c.Reply, frame: Frame, now: float) -> None:
         at = time.monotonic()
         if self.pinpad.pending:
             stale = self.pinpad.expire(at)
             if stale is not None:
                 self.sink(stale)
         if isinstance(reply, c.Ack):
+            if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
+                self._on_keyset_ack(now)
+            return
+        if isinstance(reply, c.FileStatus) and self._ft is not None and self._cmd == c.Cmd.FILETRANSFER:
+            self._on_file_status(reply, now)
+            return
+        if isinstance(reply, c.PdId):
+            self.pdid = reply
+            self._ft_identity(reply)
             return
         if isinstance(reply, c.RawCard):
             self.sink(card_from_raw(self.name, reply, self.formats, at))
@@ -541,14 +909,24 @@ class PdSession:
         elif isinstance(reply, c.LocalStatus):
             tamper, power_ok = reply.tamper, not reply.power_failure
             if (tamper, power_ok) != (self.tamper, self.power_ok):
+                if tamper != self.tamper:
+                    self._io(TamperChanged(reader=self.name, tamper=tamper, at=at))
+                if power_ok != self.power_ok:
+                    self._io(PowerChanged(reader=self.name, power_ok=power_ok, at=at))
                 self.tamper, self.power_ok = tamper, power_ok
                 self.sink(ReaderStatus(reader=self.name, online=True, tamper=tamper, power_ok=power_ok,
                                        secure=self.secure))
         elif isinstance(reply, c.IoStatus):
             if reply.kind == "input":
-                self.inputs = reply.states
+                old, self.inputs = self.inputs, reply.states
+                if old != reply.states:
+                    self._io(InputsChanged(reader=self.name, states=reply.states, changed=_moved(old, reply.states),
+                                           at=at))
             elif reply.kind == "output":
-                self.outputs = reply.states
+                old, self.outputs = self.outputs, reply.states
+                if old != reply.states:
+                    self._io(OutputsChanged(reader=self.name, states=reply.states,
+                                            changed=_moved(old, reply.states), at=at))
             else:
                 changed = reply.states != self.readers
                 self.readers = reply.states
@@ -558,6 +936,11 @@ class PdSession:
             self._on_com(reply, frame, at)
         elif isinstance(reply, c.NakReply):
             self.fault("nak", f"reader refused command 0x{self._cmd:02x}: reason {reply.reason}", at)
+            if self._cmd == c.Cmd.FILETRANSFER and self._ft is not None:
+                self._ft.in_flight = 0
+                self._ft_finish(False, f"the reader refused FILETRANSFER (NAK reason {reply.reason})")
+            if self._cmd == c.Cmd.KEYSET and self._next_key is not None:
+                self._rotation_done(refused=True)  # still on the old key, and secure on it
             if reply.reason == c.Nak.SEQUENCE:
                 self._go_offline(now, "sequence error")
             elif reply.reason in (c.Nak.SC_REQUIRED, c.Nak.SC_UNSUPPORTED) and self.config.secure:

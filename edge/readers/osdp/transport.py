@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -57,6 +58,7 @@ class SerialLink:
         self.direction = direction
         self._transport: asyncio.Transport | None = None
         self._serial: Any = None
+        self._fd = -1
         self._rts_off: asyncio.TimerHandle | None = None
         self.closed: asyncio.Future[Exception | None] | None = None
 
@@ -72,6 +74,7 @@ class SerialLink:
             raise TransportError(f"cannot open OSDP port {self.port}: {e}") from e
         self._transport = transport
         self._serial = transport.serial
+        self._fd = self._serial.fileno()
         if self.direction == "kernel":
             from serial.rs485 import RS485Settings
 
@@ -87,17 +90,37 @@ class SerialLink:
             if self._rts_off is not None:
                 self._rts_off.cancel()
             self._serial.rts = True
-            transport.write(frame)
+            self._send(transport, frame)
             # 10 bits per byte (8N1); drop RTS after the last stop bit, with one byte of margin
             delay = (len(frame) + 1) * 10 / self.baudrate
             self._rts_off = asyncio.get_running_loop().call_later(delay, self._drop_rts)
         else:
+            self._send(transport, frame)
+
+    def _send(self, transport: asyncio.Transport, frame: bytes) -> None:
+        """Straight to the (non-blocking) port when nothing is buffered: one syscall, no writer callback a
+        loop turn later (the transport would add and remove an epoll writer for every command)."""
+        if transport.get_write_buffer_size() == 0:
+            try:
+                n = os.write(self._fd, frame)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = 0  # the transport reports the error (and connection_lost) on its own write
+            frame = frame[n:]
+        if frame:
             transport.write(frame)
 
     def _drop_rts(self) -> None:
         self._rts_off = None
         if self._serial is not None:
             self._serial.rts = False
+
+    def set_baudrate(self, baud: int) -> None:
+        """Switch the open port's speed (after every PD of the line confirmed it)."""
+        self.baudrate = baud
+        if self._serial is not None:
+            self._serial.baudrate = baud
 
     def wire_time(self, nbytes: int) -> float:
         return nbytes * 10 / self.baudrate
