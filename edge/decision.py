@@ -426,9 +426,13 @@ class Decider:
                 passage=passage, interlock=interlock,
             )  # fmt: skip
 
+        rules = tables.door_rules.get(door)
+        src = dst = None
+        if rules is not None and rules.linked:
+            src, dst = (rules.from_area, rules.to_area) if side != "out" else (rules.to_area, rules.from_area)
+            passage = (src, dst)
         if limited and state is not None and state.used.get(card, 0) >= limited:
             return refuse(Reason.USES_EXHAUSTED)
-        rules = tables.door_rules.get(door)
         if rules is not None:
             if rules.interlock is not None:
                 interlock = rules.interlock
@@ -438,8 +442,6 @@ class Decider:
                             return refuse(Reason.INTERLOCK)
             gmask = -1  # the user's groups in their window (computed when a rule needs them)
             if rules.linked:
-                src, dst = (rules.from_area, rules.to_area) if side != "out" else (rules.to_area, rules.from_area)
-                passage = (src, dst)
                 loc = state.where.get(user) if state is not None else None
                 worst = 0
                 for a_id in (dst, src):
