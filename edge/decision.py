@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -59,8 +59,21 @@ from .index import (
 from .model import AntiPassback, CredentialStatus, DoorMode, DuressMode
 from .pin import valid_pin_hash, verify_pin
 
-if TYPE_CHECKING:
-    from .access_state import AccessState
+
+class RuleState(Protocol):
+    """What `decide()` reads of the access rules' runtime state (`edge.access_state.AccessState`)."""
+
+    @property
+    def where(self) -> dict[str, tuple[str | None, float]]: ...
+    @property
+    def occupancy(self) -> dict[str, int]: ...
+    @property
+    def pending(self) -> dict[str, tuple[str, float]]: ...
+    @property
+    def escort(self) -> dict[str, tuple[str, float]]: ...
+    @property
+    def used(self) -> dict[int, int]: ...
+    def busy(self, door: str, ts: float) -> bool: ...
 
 #: The reader side of a tap at a door between areas: "in" passes from `from_area` into `to_area`.
 Side = Literal["in", "out"]
@@ -241,7 +254,7 @@ class Decider:
         defer_pin: bool = False,
         pin_verified: tuple[str, bool] | None = None,
         duress_verified: tuple[str, str, bool] | None = None,
-        state: AccessState | None = None,
+        state: RuleState | None = None,
         side: Side = "in",
     ) -> Decision:
         """The decision for a tap at `now`. `defer_pin`: never hash a PIN here (see the module docstring);

@@ -34,9 +34,11 @@ from edge.model import (
     ChangeSet,
     Credential,
     CredentialStatus,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
@@ -45,10 +47,13 @@ from edge.model import (
     Group,
     Interlock,
     Interval,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
     SiteRules,
@@ -413,6 +418,12 @@ def diff(old: SiteModel, new: SiteModel, frm: int) -> ChangeSet:
     ]
     ch += [DeleteUser(id=k) for k in gone_users]
     ch += [PutCredential(credential=c) for k, c in new.credentials.items() if old.credentials.get(k) != c]
+    ch += [PutArea(area=a) for k, a in new.areas.items() if old.areas.get(k) != a]
+    ch += [PutInterlock(interlock=il) for k, il in new.interlocks.items() if old.interlocks.get(k) != il]
+    if new.site_rules != old.site_rules:
+        ch.append(PutSiteRules(rules=new.site_rules))
+    ch += [DeleteInterlock(id=k) for k in old.interlocks if k not in new.interlocks]
+    ch += [DeleteArea(id=k) for k in old.areas if k not in new.areas]
     ch += [DeleteGroup(id=k) for k in old.groups if k not in new.groups]
     ch += [DeleteDoor(id=k) for k in old.doors if k not in new.doors]
     ch += [DeleteSchedule(id=k) for k in old.schedules if k not in new.schedules]
@@ -462,10 +473,10 @@ AREA_IDS = ["a0", "a1", "a2"]
 
 
 @st.composite
-def rule_sites(draw: st.DrawFn) -> SiteModel:
+def rule_sites(draw: st.DrawFn, zone: str | None = None) -> SiteModel:
     """A random site with access rules: areas behind doors, two-person and escort doors, interlocks,
     use-limited credentials and a duress setting."""
-    model = draw(sites())
+    model = draw(sites(zone))
     group_ids = list(model.groups)
     # Mostly people who may pass (the rules come after every other check): open groups, plain users and cards.
     if draw(st.booleans()):
@@ -594,3 +605,26 @@ def test_decide_with_access_rules_agrees_with_reference(data: st.DataObject) -> 
     model = data.draw(rule_sites(), label="site")
     start, probes = data.draw(rule_probes(model), label="probes")
     check_rule_probes(model, Decider(index_of(model)), start, probes)
+
+
+@STORE_SETTINGS
+@given(st.data())
+def test_store_with_access_rules_agrees_with_reference(data: st.DataObject) -> None:
+    """Sites with rules through change sets into the real store (and a reopen): the same decisions."""
+    zone = data.draw(st.sampled_from(ZONES), label="zone")
+    models = [SiteModel(ZoneInfo(zone))]
+    for i in range(data.draw(st.integers(1, 3), label="change sets")):
+        models.append(data.draw(rule_sites(zone), label=f"site {i}"))
+    start, probes = data.draw(rule_probes(models[-1], n=30), label="probes")
+
+    async def scenario(path: Path) -> None:
+        async with Store(path, zone) as store:
+            for v in range(1, len(models)):
+                await store.apply(diff(models[v - 1], models[v], v - 1))
+            check_rule_probes(models[-1], Decider(store.index), start, probes)
+        async with Store(path, zone) as again:
+            assert again.damage is None
+            check_rule_probes(models[-1], Decider(again.index), start, probes)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp) / "rights.db"))
