@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in ("population", "fleetsim"))
 # population.py is the decide bench's data generator, fleetsim.py the fleet bench's worker process.
 EXPECTED = {
-    "decide": {"decide_p99", "changeset_apply_time", "changeset_loop_stall_max"},
+    "decide": {"decide_p99", "decide_rules_p99", "changeset_apply_time", "changeset_loop_stall_max"},
     "tap": {"tap_to_relay_p99.idle.adaptive", "tap_to_relay_p99.loaded.adaptive", "tap_to_relay_p99.loaded.fixed"},
     "sync": {"first_sync", "tap_p99_during_snapshot"},
     "wiegand_decode": {"valid_frames_decoded", "corrupted_frames_cardreads"},
