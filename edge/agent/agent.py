@@ -312,7 +312,8 @@ class Agent:
             self.tap = TapHandler(
                 decider=decider, doors=self.doors, readers=self.readers, reader_door=self.reader_door,
                 modes=self.modes, journal=self.journal, clock=self.clock, connectivity=self.connectivity,
-                metrics=self.metrics, emit=self._emit,
+                metrics=self.metrics, emit=self._emit, access=await self.store.load_access_state(),
+                save_access=self.store.save_access_state,
             )  # fmt: skip
             stack.push_async_callback(self.tap.close)
             self.journal.record(
@@ -381,6 +382,8 @@ class Agent:
         )
         if self.journal is not None:
             self.journal.record(type, **fields)
+        if self.tap is not None:
+            self.tap.door_event(type, fields)
 
     def _refresh_door_models(self) -> None:
         assert self.decider is not None

@@ -6,6 +6,14 @@ precedes the `door.state` it causes. Only a PIN check leaves that turn: its hash
 thread (`hashlib.pbkdf2_hmac` releases the GIL), so the other doors keep deciding, and the door waiting on it
 gets its decision when the hash completes. A read that proves cut short (`ReaderFault(kind="cut")`) takes
 back the grant made on it.
+
+Access rules (issue 19): `decide()` reads the `AccessState` (read only). After the relay acted,
+`access_state.on_decision` records what the decision leaves (a first person waiting, an escort's tap, an
+interlocked door released); a grant that moves a user between areas or uses a use-limited credential is
+applied by `access_state.update` when its door opens (the contact's `door.state`), or at once for a door without
+a contact; a grant whose door never opened (relocked unopened) moves nobody. The changed entries are saved by a
+task of their own afterwards (`Store.save_access_state`), never before the relay acts. A duress PIN is
+journalled as `alarm.duress` right after its `access.granted`.
 """
 
 from __future__ import annotations
@@ -14,19 +22,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import msgspec
 
+from edge.access_state import AccessState, Delta, door_contact, on_decision, update
 from edge.clock import AgentClock
-from edge.decision import Decider, Decision, Reason
+from edge.decision import Decider, Decision, Reason, Side
 from edge.door import DoorController
 from edge.events import (
     ACCESS_DENIED,
     ACCESS_GRANTED,
     ACCESS_REVOKED,
     ALARM_PIN_LOCKOUT,
+    DOOR_STATE,
     READER_FAULT,
     READER_STATUS,
     SYSTEM,
@@ -47,6 +58,9 @@ PIN_WAIT_S = 20.0
 REVOKE_WITHIN_S = 5.0
 #: A PIN check whose stored hash changes while it runs is redone against the new hash at most this often.
 PIN_ROUNDS = 3
+#: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
+ALARM_DURESS = "alarm.duress"
+ALARM_ANTI_PASSBACK = "alarm.anti_passback"
 
 
 def feedback_for(d: Decision) -> Feedback:
@@ -82,6 +96,9 @@ class TapHandler:
         connectivity: Connectivity,
         metrics: EdgeMetrics,
         emit: Callable[..., None],
+        access: AccessState | None = None,
+        save_access: Callable[[AccessState, Delta], Awaitable[None]] | None = None,
+        reader_side: Mapping[str, Side] | None = None,
     ) -> None:
         self.decider = decider
         self.doors = doors
@@ -101,19 +118,33 @@ class TapHandler:
         self._last_grant: dict[str, tuple[Decision, str, float]] = {}
         self.decisions: list[Decision] = []  # the last few, for status
         self.decided = 0  # decisions made in this run (the simulator waits on it)
+        #: The access rules' state (read by every decision) and where its changes are saved.
+        self.access = access if access is not None else AccessState()
+        self._save_access = save_access
+        self.reader_side: Mapping[str, Side] = reader_side or {}
+        #: door -> a grant waiting for its door to open (it moves the user / counts a use when it does)
+        self._awaiting_open: dict[str, Decision] = {}
+        self._unsaved = Delta()
+        self._saver: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Cancel the PIN checks in flight and stop the PIN thread."""
+        """Cancel the PIN checks in flight, stop the PIN thread, write the access state still unsaved."""
         for task in list(self._pin_tasks):
             task.cancel()
         for task in list(self._pin_tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._pin_pool.shutdown(wait=False, cancel_futures=True)
+        if self._saver is not None:
+            with contextlib.suppress(Exception):
+                await self._saver
+        if self._unsaved:
+            await self._flush_access()
 
     def decide(
         self, door: str, card: int, *, pin: str | None = None, facility: int | None = None,
-        pin_verified: tuple[str, bool] | None = None,
+        pin_verified: tuple[str, bool] | None = None, duress_verified: tuple[str, str, bool] | None = None,
+        reader: str | None = None,
     ) -> Decision:  # fmt: skip
         """Decide now. A PIN is never hashed here: a decision that needs it comes back with `pin_check`
         set (see `Decider.decide`), for `_check_pin` to run off the loop."""
@@ -121,7 +152,8 @@ class TapHandler:
         return self.decider.decide(
             door, card, self.clock.datetime(), pin=pin, link_online=link.online, offline_since=link.offline_since,
             clock_trusted=self.clock.trusted, rights_age_s=link.rights_age_s(), facility=facility, defer_pin=True,
-            pin_verified=pin_verified,
+            pin_verified=pin_verified, duress_verified=duress_verified, state=self.access,
+            side=self.reader_side.get(reader, "in") if reader is not None else "in",
         )  # fmt: skip
 
     def on_reader_event(self, ev: ReaderEvent) -> None:
@@ -149,7 +181,7 @@ class TapHandler:
 
     def _on_reader_event(self, door: str, ev: ReaderEvent) -> None:
         if isinstance(ev, CardRead):
-            d = self.decide(door, ev.card, facility=ev.facility)
+            d = self.decide(door, ev.card, facility=ev.facility, reader=ev.reader)
             if d.reason is Reason.PIN_REQUIRED:
                 self._pending_pin[door] = (ev.card, ev.facility, ev.reader, time.monotonic() + PIN_WAIT_S)
                 self._journal_decision(d, ev.reader)
@@ -164,7 +196,7 @@ class TapHandler:
                 log.info("door %s: PIN entered with no card waiting for it", door)
                 self.feedback(ev.reader, Feedback.DENIED)
                 return
-            d = self.decide(door, pending[0], pin=ev.pin, facility=pending[1])
+            d = self.decide(door, pending[0], pin=ev.pin, facility=pending[1], reader=ev.reader)
             if d.pin_check is not None:
                 self._check_pin(d, ev.pin, pending[1], ev.reader)
                 return
@@ -216,8 +248,13 @@ class TapHandler:
                 if stored is None:
                     break
                 ok = await loop.run_in_executor(self._pin_pool, verify_pin, pin, stored)
+                dv = None
+                if not ok and d.duress_check is not None:  # the site's duress PIN: checked on the same thread
+                    dpin, dhash = d.duress_check
+                    dv = (dpin, dhash, await loop.run_in_executor(self._pin_pool, verify_pin, dpin, dhash))
                 # Decided again now: the rights (or the PIN) may have changed while the hash ran.
-                d = self.decide(d.door, d.card, pin=pin, facility=facility, pin_verified=(stored, ok))
+                d = self.decide(d.door, d.card, pin=pin, facility=facility, pin_verified=(stored, ok),
+                                duress_verified=dv, reader=reader)  # fmt: skip
             if d.pin_check is not None:  # the PIN hash kept changing under us: ask for the PIN again
                 d = msgspec.structs.replace(d, pin_check=None)
             self._act(d, reader)
@@ -242,6 +279,55 @@ class TapHandler:
         if reader is not None:
             self.feedback(reader, feedback_for(d))
         self._log_decision(d)
+        self._after(d, ctl)
+
+    # --- the access rules' state (after the relay acted) ---------------------------------------------------
+
+    def _after(self, d: Decision, ctl: DoorController | None) -> None:
+        now = self.clock()
+        on_decision(self.access, d, now)
+        if not d.granted or (d.passage is None and not d.count_use):
+            return
+        if ctl is not None and ctl.is_open is False and d.reason is not Reason.FREE_PASSAGE:
+            self._awaiting_open[d.door] = d  # moves the user when the contact opens; nobody if it relocks first
+        else:  # no contact (or the door stands open already): the grant is the passage
+            self._save(update(self.access, d, True, now))
+
+    def door_event(self, type: str, fields: Mapping[str, Any]) -> None:
+        """A door's event (the agent's sink passes each one): its contact edges and relocking."""
+        if type != DOOR_STATE:
+            return
+        door = fields.get("door")
+        detail = fields.get("detail") or {}
+        if not isinstance(door, str):
+            return
+        now = self.clock()
+        contact = detail.get("contact")
+        if contact in ("open", "closed"):
+            door_contact(self.access, door, contact == "open", now)
+        if contact == "open":
+            d = self._awaiting_open.pop(door, None)
+            if d is not None:
+                self._save(update(self.access, d, True, now))
+        elif detail.get("lock") == "locked" and door in self._awaiting_open:
+            update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+
+    def _save(self, delta: Delta) -> None:
+        if not delta or self._save_access is None:
+            return
+        self._unsaved.merge(delta)
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._flush_access(), name="access_state.save")
+
+    async def _flush_access(self) -> None:
+        while self._unsaved and self._save_access is not None:
+            delta, self._unsaved = self._unsaved, Delta()
+            try:
+                await self._save_access(self.access, delta)
+            except Exception:  # the state stays right in memory; the next save writes these entries again
+                log.exception("the access state could not be saved")
+                self._unsaved.merge(delta)
+                return
 
     def feedback(self, reader: str, what: Feedback) -> None:
         """Show a result on a reader. A Wiegand reader's LED and beeper lines belong to its door controller."""
@@ -272,5 +358,10 @@ class TapHandler:
         if d.alarm == "pin_lockout":
             log.warning("door %s: PIN lockout for card %s", d.door, mask_card(d.card))
             self.journal.record(ALARM_PIN_LOCKOUT, door=d.door, reader=reader, card=d.card, user=d.user)
+        if d.duress:  # silent: the reader shows the decision as usual
+            self.journal.record(ALARM_DURESS, door=d.door, reader=reader, card=d.card, user=d.user,
+                                reason=d.reason.value)  # fmt: skip
+        if d.alarm == "anti_passback":
+            self.journal.record(ALARM_ANTI_PASSBACK, door=d.door, reader=reader, card=d.card, user=d.user)
 
 
