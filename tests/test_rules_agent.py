@@ -24,9 +24,11 @@ from edge.model import (
     Door,
     DoorMode,
     DuressMode,
+    Interlock,
     PutArea,
     PutCredential,
     PutDoor,
+    PutInterlock,
     PutSiteRules,
     PutUser,
     SiteRules,
@@ -134,3 +136,21 @@ async def test_duress_pin_opens_and_journals_a_silent_alarm(rcfg: Config) -> Non
     events = [(e.type, e.reason) for e in journal_on_disk(rcfg) if e.card == 1001]
     assert events[-2:] == [("access.granted", "granted"), ("alarm.duress", "granted")]
     assert b"2581" not in (rcfg.state_dir / "journal.db").read_bytes()
+
+
+async def test_interlock_keeps_the_second_door_locked_until_the_first_closes(rcfg: Config) -> None:
+    async with running(rcfg) as agent:
+        await provision(
+            agent, PutDoor(door=Door(id="door1", strike_s=5.0)), PutDoor(door=Door(id="door2", strike_s=5.0)),
+            PutInterlock(interlock=Interlock(id="trap", doors=["door1", "door2"])),
+        )  # fmt: skip
+        door2 = relay_changes(agent, "door2")
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["granted"]
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["interlock"]  # door1 released
+        await ask(rcfg, DoorRequest(door="door1", action="open"))
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["interlock"]  # door1 open
+        assert relay_changes(agent, "door2") == door2  # (fail-safe: energised = locked) never moved
+        await ask(rcfg, DoorRequest(door="door1", action="close"))
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["granted"]
+        assert relay_changes(agent, "door2")[len(door2) :] == [False]  # released
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["interlock"]
