@@ -217,6 +217,7 @@ class Agent:
             link=LinkStatus(online=self.link_online, offline_since=since.isoformat() if since else None),
             clock_trusted=self.clock_trusted, clock=self.clock.status(), rights_age_s=self.rights_age_s(),
             doors={k: v.status() for k, v in self.doors.items()},
+            occupancy=dict(self.tap.access.occupancy) if self.tap is not None else {},
             readers={k: ReaderInfo(door=self.reader_door[k], kind=r.kind, online=bool(getattr(r, "online", True)))
                      for k, r in self.readers.items()},
             lockdown=self.modes.lockdown if self.modes else False,
