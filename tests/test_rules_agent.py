@@ -16,7 +16,9 @@ import pytest
 from edge.agent import Agent
 from edge.config import Config, parse_config
 from edge.control import DoorRequest, StatusRequest, TapRequest
+from edge.decision import Reason
 from edge.model import (
+    KEYPAD_CODE_FORMAT,
     AntiPassback,
     Area,
     ChangeSet,
@@ -33,9 +35,11 @@ from edge.model import (
     PutUser,
     SiteRules,
     User,
+    code_card,
 )
 from edge.model import Assignment as Assign
 from edge.pin import hash_pin
+from edge.readers.base import PinEntry
 
 from .test_agent_sim import ask, config_text, journal_on_disk, relay_changes, running
 
@@ -154,3 +158,22 @@ async def test_interlock_keeps_the_second_door_locked_until_the_first_closes(rcf
         assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["granted"]
         assert relay_changes(agent, "door2")[len(door2) :] == [False]  # released
         assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["interlock"]
+
+
+async def test_a_keypad_only_delivery_code_opens_once(rcfg: Config) -> None:
+    async with running(rcfg) as agent:
+        await provision(agent, PutDoor(door=Door(id="door1", strike_s=0.5)), PutCredential(credential=Credential(
+            card=code_card("0424"), user="bob", format=KEYPAD_CODE_FORMAT, max_uses=1)))  # fmt: skip
+        assert agent.tap is not None
+        reader = next(r for r, d in agent.reader_door.items() if d == "door1")
+        before = relay_changes(agent, "door1")
+        agent.tap.on_reader_event(PinEntry(reader=reader, pin="0424"))  # the keypad's Enter, no card
+        assert agent.tap.decisions[-1].reason is Reason.GRANTED
+        assert relay_changes(agent, "door1")[len(before) :] == [True]
+        await ask(rcfg, DoorRequest(door="door1", action="open"))
+        await ask(rcfg, DoorRequest(door="door1", action="close"))
+        agent.tap.on_reader_event(PinEntry(reader=reader, pin="0424"))
+        assert agent.tap.decisions[-1].reason is Reason.USES_EXHAUSTED
+        n = len(agent.tap.decisions)
+        agent.tap.on_reader_event(PinEntry(reader=reader, pin="424"))  # another code: nobody's
+        assert len(agent.tap.decisions) == n

@@ -44,6 +44,7 @@ from edge.events import (
 )
 from edge.journal import Journal
 from edge.metrics import EdgeMetrics
+from edge.model import code_card
 from edge.pin import verify_pin
 from edge.readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
 
@@ -193,6 +194,10 @@ class TapHandler:
         elif isinstance(ev, PinEntry):
             pending = self._pending_pin.pop(door, None)
             if pending is None or pending[3] < time.monotonic():
+                code = self._keypad_code(door, ev)  # a keypad-only code (a delivery), if the rights hold one
+                if code is not None:
+                    self._act(code, ev.reader)
+                    return
                 log.info("door %s: PIN entered with no card waiting for it", door)
                 self.feedback(ev.reader, Feedback.DENIED)
                 return
@@ -213,6 +218,16 @@ class TapHandler:
                 READER_STATUS, door=door, reader=ev.reader,
                 detail={"online": ev.online, "tamper": ev.tamper, "power_ok": ev.power_ok, "secure": ev.secure},
             )  # fmt: skip
+
+    def _keypad_code(self, door: str, ev: PinEntry) -> Decision | None:
+        """The decision on a keypad-only code (`edge.model.code_card`), or None when no credential is stored
+        under it (then the entry is a PIN nobody asked for, as before)."""
+        try:
+            card = code_card(ev.pin)
+        except ValueError:
+            return None
+        d = self.decide(door, card, reader=ev.reader)
+        return None if d.reason is Reason.UNKNOWN_CARD else d
 
     def _revoke(self, door: str, reader: str) -> None:
         """The last card read of `reader` was the head of a longer frame (its last edges came late): take
