@@ -10,7 +10,8 @@ functions here, each deterministic in its arguments:
   a door without a contact: `door_opened=True`): the user moves to the area behind the door, the
   occupancy counts follow, a use of a use-limited credential is counted. A grant whose door never opened
   (`door_opened=False`) moves nobody and uses nothing;
-* `door_contact(state, door, is_open, now)` on each contact edge (interlocks);
+* `door_contact(state, door, is_open, now)` on each contact edge, `door_relocked(state, door)` when the lock
+  closes again (interlocks);
 * `reset(state, user=..., area=...)` the anti-passback reset (signed command, or a schedule).
 
 Each returns a `Delta` naming the persistent entries it changed (user locations, credential uses), for the
@@ -126,6 +127,11 @@ def door_contact(state: AccessState, door: str, is_open: bool, now: float) -> No
     else:
         state.open_doors.discard(door)
         state.unlocked_until.pop(door, None)
+
+
+def door_relocked(state: AccessState, door: str) -> None:
+    """The door's lock closed again (strike over, or a grant taken back): its interlock release ends."""
+    state.unlocked_until.pop(door, None)
 
 
 def reset(state: AccessState, *, user: str | None = None, area: str | None = None) -> Delta:

@@ -177,3 +177,15 @@ async def test_a_keypad_only_delivery_code_opens_once(rcfg: Config) -> None:
         n = len(agent.tap.decisions)
         agent.tap.on_reader_event(PinEntry(reader=reader, pin="424"))  # another code: nobody's
         assert len(agent.tap.decisions) == n
+
+
+async def test_a_grant_taken_back_frees_the_interlock_at_once(rcfg: Config) -> None:
+    async with running(rcfg) as agent:
+        await provision(
+            agent, PutDoor(door=Door(id="door1", strike_s=30.0)), PutDoor(door=Door(id="door2", strike_s=5.0)),
+            PutInterlock(interlock=Interlock(id="trap", doors=["door1", "door2"])),
+        )  # fmt: skip
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["granted"]
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["interlock"]
+        agent.doors["door1"].relock()  # the strike ends long before its 30 s
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["granted"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from edge.access_state import AccessState, Delta, door_contact, on_decision, update
+from edge.access_state import AccessState, Delta, door_contact, door_relocked, on_decision, update
 from edge.clock import AgentClock
 from edge.decision import Decider, Decision, Reason, Side
 from edge.door import DoorController
@@ -324,8 +324,10 @@ class TapHandler:
             d = self._awaiting_open.pop(door, None)
             if d is not None:
                 self._save(update(self.access, d, True, now))
-        elif detail.get("lock") == "locked" and door in self._awaiting_open:
-            update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+        elif detail.get("lock") == "locked":
+            door_relocked(self.access, door)
+            if door in self._awaiting_open:
+                update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
 
     def _save(self, delta: Delta) -> None:
         if not delta or self._save_access is None:
