@@ -380,5 +380,3 @@ class TapHandler:
                                 reason=d.reason.value)  # fmt: skip
         if d.alarm == "anti_passback":
             self.journal.record(ALARM_ANTI_PASSBACK, door=d.door, reader=reader, card=d.card, user=d.user)
-
-
