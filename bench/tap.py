@@ -47,8 +47,9 @@ from edge.model import (  # noqa: E402
     PutUser,
     User,
 )
-from edge.readers.wiegand import WiegandReader, WiegandTransmitter  # noqa: E402
+from edge.readers.wiegand.reader import WiegandReader  # noqa: E402
 from edge.sim.hands import card_frame, simulated_agent  # noqa: E402
+from edge.sim.transmitter import WiegandTransmitter  # noqa: E402
 
 CARD = 777
 USERS = 100_000

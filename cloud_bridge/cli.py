@@ -25,6 +25,7 @@ from typing import Any
 
 from edge.errors import EdgeError
 
+from .errors import CloudBridgeError
 from .operator.csvimport import ImportFailed
 from .operator.db import parse_card
 from .operator.service import GatewayDoors, Service
@@ -169,6 +170,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--import", dest="import_from", type=Path,
                    help="with --init: migrate this existing site database (cloud-bridge init) instead")
     s.add_argument("--setup-code", metavar="OPERATOR", help="print a new one-time setup link for OPERATOR, then exit")
+
+    s = sub.add_parser("demo", help="run the whole product on this machine, on loopback: a broker, the operator "
+                       "service and its console, a simulated gateway it provisions (Ctrl-C stops all)")  # fmt: skip
+    s.add_argument("--dir", type=Path, default=Path("var/demo"),
+                   help="the demo's folder, wiped at each start (default: %(default)s)")  # fmt: skip
+    s.add_argument("--exit-after-taps", action="store_true",
+                   help="stop everything after the scripted taps (exit status 1 if one was not as expected)")
+    s.add_argument("--no-taps", action="store_true", help="do not tap the scripted demo cards")
     return p
 
 
@@ -250,14 +259,14 @@ async def run(args: argparse.Namespace, out: Output) -> int:
         raise EdgeError("--db is required")
     if args.cmd == "init":
         if not pw:
-            raise EdgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
+            raise CloudBridgeError("set CLOUD_BRIDGE_PASSPHRASE: it encrypts the site's signing key")
         svc = Service.init(args.db, site=args.site, admin=args.admin, host=args.host, port=args.port, tz=args.tz,
                            passphrase=pw)  # fmt: skip
         out.data = {"site": args.site, "command_key": svc.public_key_hex()}
         out.line(f"site {args.site}: command key {svc.public_key_hex()} (set it as link.command_key on every gateway)")
         return 0
     if not args.operator:
-        raise EdgeError("--operator is required (or CLOUD_BRIDGE_OPERATOR)")
+        raise CloudBridgeError("--operator is required (or CLOUD_BRIDGE_OPERATOR)")
     async with Service(args.db, operator=args.operator, passphrase=pw) as svc:
         c = args.cmd
         if c == "import":
@@ -280,7 +289,7 @@ async def run(args: argparse.Namespace, out: Output) -> int:
         elif c == "group":
             doors = [tuple(d.split("/", 1)) for d in args.door]
             if any(len(d) != 2 for d in doors):
-                raise EdgeError("--door takes GATEWAY/DOOR")
+                raise CloudBridgeError("--door takes GATEWAY/DOOR")
             svc.put_group(args.id, [(d[0], d[1]) for d in doors], schedule=args.schedule, tags=args.tag)
             out.data = {"group": args.id, "doors": args.door}
             out.line(f"group {args.id}: {len(doors)} door(s) (run `publish` to send)")
@@ -347,6 +356,14 @@ async def run(args: argparse.Namespace, out: Output) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Output(args.json)
+    if args.cmd == "demo":
+        from .service.demo import main as demo
+
+        try:
+            return demo(args.dir, exit_after_taps=args.exit_after_taps, taps=not args.no_taps)
+        except (EdgeError, OSError) as e:
+            print(f"cloud-bridge: {e}", file=sys.stderr)
+            return 1
     if args.cmd == "serve" and not args.init and not args.setup_code:
         from .service.app import serve
         from .service.config import load_config

@@ -22,20 +22,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Self
 
 import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edge.errors import EdgeError
 from edge.events import Event
 from edge.model import ChangeSet, Snapshot
-from edge.tasks import cancel_and_wait
 
+from . import mqtt
+from .errors import CloudBridgeError
 from .protocol import (
     Birth,
     ChangeSetMsg,
@@ -68,7 +65,7 @@ log = logging.getLogger("cloud_bridge.cloud")
 _KINDS = ("doors", "schedules", "groups", "users", "credentials")
 
 
-class CloudError(EdgeError):
+class CloudError(CloudBridgeError):
     """A request got no reply in time, or the cloud peer is not connected."""
 
 
@@ -118,7 +115,7 @@ def is_final(r: RightsResult) -> bool:
     return r.ok or r.error is None or r.error.code not in TRANSIENT_CHUNK_ERRORS
 
 
-class CloudPeer:
+class CloudPeer(mqtt.Session):
     """The cloud's end of one gateway's link (async context manager)."""
 
     def __init__(
@@ -139,20 +136,18 @@ class CloudPeer:
         resend_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.host, self.port = host, port
         #: The cloud's clock, sent in event acknowledgements (tests move it to make a skewed cloud).
         self.clock = clock
         self.topics = Topics(site, gateway)
         self.signing_key = signing_key
-        self.tls = aiomqtt.TLSParameters(ca_certs=ca, certfile=cert, keyfile=key) if (ca or cert) else None
+        self.tls = mqtt.tls_params(ca, cert, key)
         self.identifier = identifier or f"cloud-{site}-{gateway}-{os.urandom(4).hex()}"
         self.encoding: Encoding = encoding
         self.max_message_bytes = max_message_bytes
         self.auto_ack = auto_ack
         self.resend_s = resend_s
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
         #: The last retained/live status message (Birth or Death).
         self.status: Birth | Death | None = None
         self.births: list[Birth] = []
@@ -171,54 +166,30 @@ class CloudPeer:
     # --- lifecycle --------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._client = aiomqtt.Client(
-            self.host, self.port, identifier=self.identifier, protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=self.tls, timeout=10,
-        )  # fmt: skip
-        await self._client.__aenter__()
-        try:
-            for t in self.topics.uplink():
-                await self._client.subscribe(t, qos=1)
-        except BaseException:
-            await self._client.__aexit__(None, None, None)
-            raise
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._client), name="cloud.read")
+        c = mqtt.client(self.host, self.port, identifier=self.identifier, tls=self.tls)
+        self._client = await mqtt.connect(c, self.topics.uplink())
+        self._start_reader(self._read(self._client), "cloud.read")
         if self.auto_ack:
             # "I hold everything up to have_upto": a gateway with batches in flight sends the rest again now
             await self.ack_events(self.have_upto)
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
-            self._reader = None
-        if self._client is not None:
-            client, self._client = self._client, None
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(et, e, tb)
-
-    @property
-    def client(self) -> aiomqtt.Client:
-        if self._client is None:
-            raise CloudError("cloud peer is not connected")
-        return self._client
+    def _not_connected(self) -> Exception:
+        return CloudError("cloud peer is not connected")
 
     # --- receiving --------------------------------------------------------------------------------------
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for m in client.messages:
             leaf = self.topics.parse(m.topic.value)
-            data = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            data = mqtt.payload(m)
             if not data:
                 continue  # a cleared retained message
             try:
                 await self._dispatch(leaf, data)
             except ProtocolError as e:
                 log.warning("bad message on %s: %s", m.topic.value, e)
-            async with self._changed:
-                self._changed.notify_all()
+            await self._changed_now()
 
     async def _dispatch(self, leaf: Leaf | None, data: bytes) -> None:
         if leaf is Leaf.STATUS:
@@ -250,15 +221,6 @@ class CloudPeer:
         elif leaf is Leaf.COMMAND_RESULT:
             self.command_results.append(decode_command_result(data))
 
-    async def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, *, poll_s: float = 0.05) -> Any:
-        """Wait until `pred()` returns something truthy (re-checked after every message, and every `poll_s`
-        for conditions that do not depend on messages); return it. Raises TimeoutError."""
-        async with asyncio.timeout(timeout), self._changed:
-            while not (v := pred()):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), poll_s)
-            return v
-
     async def wait_online(self, timeout: float = 30.0, *, after: int = 0) -> Birth:
         """Wait for a Birth (with session > `after`) as the current status."""
 
@@ -286,16 +248,12 @@ class CloudPeer:
 
     async def ack_events(self, upto_seq: int) -> None:
         ack = EventAck(upto_seq=upto_seq, ts=self.clock(), ref=self._last_ref)
-        await self.client.publish(self.topics.events_ack, self.seal(ack), qos=1)
+        await mqtt.publish(self.client, self.topics.events_ack, self.seal(ack))
 
     # --- provisioning -----------------------------------------------------------------------------------
 
     async def publish_raw(self, leaf: Leaf, data: bytes, *, expiry_s: int | None = None) -> None:
-        props = None
-        if expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = expiry_s
-        await self.client.publish(self.topics[leaf], data, qos=1, properties=props)
+        await mqtt.publish(self.client, self.topics[leaf], data, expiry_s=expiry_s)
 
     def _result_for(self, rid: str, start: int) -> RightsResult | None:
         for r in self.rights_replies[start:]:

@@ -45,8 +45,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from edge.errors import EdgeError
 from edge.model import Ident
+
+from .errors import CloudBridgeError
 
 __all__ = [
     "ALL_ACTIONS",
@@ -118,11 +119,11 @@ class CommandKind(enum.StrEnum):
     REBIRTH = "rebirth"
 
 
-class PermissionsInvalid(EdgeError, ValueError):
+class PermissionsInvalid(CloudBridgeError, ValueError):
     """A permission, target or group set is malformed (a ValueError too, so msgspec reports it on decode)."""
 
 
-class PermissionDenied(EdgeError):
+class PermissionDenied(CloudBridgeError):
     """An operator may not do what was asked. The message names the operator, the action and the object;
     `verdict` says why (and which permission lines matched)."""
 

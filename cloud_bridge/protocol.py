@@ -22,9 +22,10 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from edge.errors import EdgeError
 from edge.events import Event
 from edge.model import ChangeSet, Credential, Door, DoorMode, Group, Ident, Schedule, Snapshot, User
+
+from .errors import CloudBridgeError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -80,7 +81,7 @@ Timestamp = Annotated[float, Meta(ge=MIN_TS, le=MAX_TS)]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
 
-class ProtocolError(EdgeError):
+class ProtocolError(CloudBridgeError):
     """A message could not be decoded; `str(e)` names the field, `code` is "malformed", `path` the field's
     path when the decoder knew it (``change_set.to_version``, ``change_set.changes[0].door.id``)."""
 
@@ -426,7 +427,10 @@ def _json_depth(data: bytes | bytearray | memoryview) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+#: A JSON string, or an unterminated one up to the end of the text. The closing quote is optional so that a
+#: string that never ends matches once, to the end: a required quote made every later quote start a new scan
+#: to the end (quadratic: 64 KB of `"\` held the loop thread 68 s).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 
 
 def _msgpack_depth(data: bytes | bytearray | memoryview, limit: int) -> int:

@@ -31,8 +31,9 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.errors import EdgeError, StoreError
+from edge.errors import StoreError
 
+from .errors import CloudBridgeError
 from .protocol import (
     Command,
     CommandAction,
@@ -55,7 +56,7 @@ DOWNLINK_DOMAIN = b"acs/v1/downlink\0"
 MAX_TTL_S = 24 * 3600.0
 
 
-class CommandRejected(EdgeError):
+class CommandRejected(CloudBridgeError):
     """A command was refused. `code`: unsigned, bad_signature, malformed, wrong_target, expired,
     not_yet_valid, ttl_too_long, replayed."""
 
@@ -242,7 +243,7 @@ class NonceStore:
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise EdgeError("nonce store is not open")
+            raise CloudBridgeError("nonce store is not open")
         return self._db
 
     async def claim(self, cmd: Command) -> tuple[bool, bytes | None]:

@@ -3,6 +3,9 @@
 Every error names the key (`policy.pin_max_attempts: expected int, got str`). Unknown keys are errors,
 so a typo never silently falls back to a default. Default path: /etc/edge/edge.toml (EDGE_CONFIG or
 --config override it).
+The top-level `version` names the file's format (1, the default); a file of another version is refused
+before any key is checked. The `[link]` keys shared with the link are defined once, in
+`cloud_bridge.settings.LinkSettings`.
 
 Validation has two layers, both run by `edge run` and `edge check-config` before anything starts (exit 2):
 `parse_config` checks every value on its own and against the others without touching the disk (types,
@@ -24,11 +27,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from msgspec import Meta
 
+from cloud_bridge.settings import LinkSettings
+
 from .decision import OfflinePolicy, SitePolicy, TimePolicy
 from .errors import ConfigError
 from .readers.formats import FormatSpec, FormatTable
 
 DEFAULT_PATH = Path("/etc/edge/edge.toml")
+#: The format of the config file this agent reads (the top-level `version` key; absent means this one).
+CONFIG_VERSION = 1
 #: Card formats a reader accepts unless its config says otherwise (H10302 needs an explicit choice).
 DEFAULT_FORMATS = ("h10301", "h10304", "corp1000_35", "corp1000_48", "csn32", "csn56")  # no two one bit apart
 
@@ -126,45 +133,17 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_o
 ReaderConfig = WiegandReaderConfig | OsdpReaderConfig
 
 
-class LinkSection(Strict, frozen=True, kw_only=True):
-    """The cloud link (see docs/protocol.md). Secrets are files, never values in this config."""
+class LinkSection(LinkSettings, Strict, frozen=True, kw_only=True):
+    """The cloud link (see docs/protocol.md): the settings shared with the link itself are defined once, in
+    `cloud_bridge.settings.LinkSettings`; these are the file's own. Secrets are files, never values here."""
 
     enabled: bool = True
-    host: Annotated[str, Meta(min_length=1, max_length=253)] = "localhost"
-    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate and key
-    #: (the key, and the password below, are systemd credential names: see edge/secrets.py).
-    ca: PathText | None = None
-    cert: PathText | None = None
+    #: This gateway's TLS client key (and the password below): systemd credential names (see edge/secrets.py).
     key: PathText | None = None
-    username: Text | None = None
     password_file: PathText | None = None
-    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
-    #: MQTT 5 session expiry (a 32-bit count of seconds).
-    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600
-    backoff_min_s: Annotated[float, Meta(gt=0, le=3600)] = 0.5
-    backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
-    batch_events: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    #: The largest message either side sends (MQTT's own limit is 256 MiB; 16 MiB is plenty for a Pi).
-    max_message_bytes: Annotated[int, Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
-    encoding: Literal["msgpack", "json"] = "msgpack"
     #: The site's Ed25519 public key that signs commands and provisioning: 64 hex digits, or a path to a PEM
     #: file. Without it every command and change set is refused; set, it must be a valid key (checked at start).
     command_key: Annotated[str, Meta(max_length=4096)] | None = None
-    #: Event batches sent ahead of the cloud's acknowledgement.
-    window: Annotated[int, Meta(ge=1, le=1000)] = 8
-    #: Without an event acknowledgement for this long, the unacknowledged tail is sent again.
-    ack_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
-    #: Grace for the clocks of the cloud and the gateway when checking a command's issue and expiry times.
-    command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
-    #: Longest lifetime (expires - issued) a command may claim.
-    command_max_ttl_s: Annotated[float, Meta(gt=0, le=7 * 86400)] = 86400.0
-    #: Largest snapshot transfer staged on disk (also bounded by the free space).
-    snapshot_max_bytes: Annotated[int, Meta(ge=4096, le=2**40)] = 512 * 1024 * 1024
-    #: Rights messages waiting to be processed; more are dropped (the cloud resends until answered).
-    rights_queue: Annotated[int, Meta(ge=1, le=100_000)] = 256
-    #: A refused downlink message of one kind is journalled at most once per this many seconds.
-    refusal_journal_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
 
 
 class ControlSection(Strict, frozen=True, kw_only=True):
@@ -207,6 +186,8 @@ class DemoSection(Strict, frozen=True, kw_only=True):
 
 
 class Config(Strict, frozen=True, kw_only=True):
+    #: The config file's format (`CONFIG_VERSION`); a file written for another version is refused at start.
+    version: int = CONFIG_VERSION
     site: SiteSection
     hardware: PathText = "sim"  # a profile name under hw/ or a path to a profile file
     policy: PolicySection = PolicySection()
@@ -269,6 +250,11 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    version = raw.get("version", CONFIG_VERSION)
+    if type(version) is int and version != CONFIG_VERSION:
+        # before the keys are checked: a file for another version would otherwise fail on a key it renamed
+        raise ConfigError(f"{source}: version: {version} is not a config version this agent reads (it reads "
+                          f"version {CONFIG_VERSION}; see docs/operations.md)")  # fmt: skip
     try:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as e:

@@ -6,12 +6,14 @@ so that the board's power-on pull would energise it before the agent runs (see `
 docs/hardware.md). Every error is a `ConfigError` whose message names the key, e.g.
 ``hw/site.toml: doors[1].relay_pin: GPIO17 is already doors[0].relay_pin``.
 
-`make_factory(profile)` returns the gpiozero pin factory the profile names; `sim` profiles use gpiozero's
-own `MockFactory`, whose pins tests and the simulator drive edge by edge.
+`make_factory(profile)` returns the gpiozero pin factory the profile names, looked up by name in
+`PIN_FACTORIES`; `sim` profiles use a gpiozero `MockFactory` (edge.sim.pins), whose pins tests and the
+simulator drive edge by edge.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -179,25 +181,22 @@ def load_profile(path_or_name: str | Path) -> HardwareProfile:
     return decode_profile(data, source=str(path))
 
 
+#: Pin factories by name, as gpiozero names its own (``GPIOZERO_PIN_FACTORY``): "module:attr", resolved
+#: when a profile asks for one, so this module imports no GPIO library and no simulator code. "mock" is a
+#: MockFactory whose clock the simulator's Wiegand transmitter stamps edges with.
+PIN_FACTORIES: dict[FactoryName, str] = {
+    "mock": "edge.sim.pins:VirtualClockFactory",
+    "lgpio": "gpiozero.pins.lgpio:LGPIOFactory",
+    "rpigpio": "gpiozero.pins.rpigpio:RPiGPIOFactory",
+    "native": "gpiozero.pins.native:NativeFactory",
+}
+
+
 def make_factory(profile: HardwareProfile) -> Any:
-    """The gpiozero pin factory for `profile` (a fresh `MockFactory` for ``factory = "mock"``)."""
+    """A fresh gpiozero pin factory of the kind `profile.factory` names (`PIN_FACTORIES`)."""
     name = profile.factory
+    module, _, attr = PIN_FACTORIES[name].partition(":")
     try:
-        if name == "mock":
-            # A MockFactory whose clock the simulator's Wiegand transmitter can stamp edges with.
-            from edge.readers.wiegand import VirtualClockFactory
-
-            return VirtualClockFactory()
-        if name == "lgpio":
-            from gpiozero.pins.lgpio import LGPIOFactory
-
-            return LGPIOFactory()
-        if name == "rpigpio":
-            from gpiozero.pins.rpigpio import RPiGPIOFactory
-
-            return RPiGPIOFactory()
-        from gpiozero.pins.native import NativeFactory
-
-        return NativeFactory()
+        return getattr(importlib.import_module(module), attr)()
     except (ImportError, OSError, RuntimeError) as e:
         raise ConfigError(f"factory: cannot start the {name!r} pin factory: {e}") from e

@@ -55,15 +55,8 @@ def link_config(cfg: Config) -> LinkConfig:
     secrets = SecretSource.from_env(plaintext=cfg.storage.plaintext_secrets)
     password = secrets.read(lk.password_file, "link.password_file") if lk.password_file else None
     key = str(secrets.path(lk.key, "link.key")) if lk.key else None
-    return LinkConfig(
-        site=cfg.site.id, gateway=cfg.site.gateway, host=lk.host, port=lk.port, ca=lk.ca, cert=lk.cert,
-        key=key, username=lk.username, password=password, keepalive_s=lk.keepalive_s,
-        session_expiry_s=lk.session_expiry_s, backoff_min_s=lk.backoff_min_s, backoff_max_s=lk.backoff_max_s,
-        batch_events=lk.batch_events, max_message_bytes=lk.max_message_bytes, encoding=lk.encoding,
-        synchronous=cfg.storage.synchronous, window=lk.window, ack_timeout_s=lk.ack_timeout_s,
-        command_skew_s=lk.command_skew_s, command_max_ttl_s=lk.command_max_ttl_s,
-        snapshot_max_bytes=lk.snapshot_max_bytes, rights_queue=lk.rights_queue, refusal_journal_s=lk.refusal_journal_s,
-    )  # fmt: skip
+    return LinkConfig.of(lk, site=cfg.site.id, gateway=cfg.site.gateway, key=key, password=password,
+                         synchronous=cfg.storage.synchronous)  # fmt: skip
 
 
 def config_hash(cfg: Config) -> str:

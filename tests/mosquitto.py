@@ -1,16 +1,15 @@
 """A real Mosquitto for the tests and benchmarks: free loopback port, own config, stop/start for outages.
 
-Mosquitto cannot bind port 0, so a free port is picked first; the config is written to a temp folder
-(`user root` when run as root). `Mosquitto.tls(...)` makes a TLS listener with `require_certificate`, the
-certificate's CN as user name, and an ACL file. Certificates come from `make_pki()` (a throwaway CA).
+The port, the executable and the config come from cloud_bridge/service/broker.py (what `cloud-bridge demo`
+runs); the config is written to a temp folder. `tls_extra(...)` makes a TLS listener with
+`require_certificate`, the certificate's CN as user name, and an ACL file. Certificates come from `make_pki()`
+(a throwaway CA).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -22,18 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cloud_bridge.service.broker import config_text, free_port, mosquitto_path
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def mosquitto_path() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe is None:
-        raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
-    return exe
+__all__ = ["Mosquitto", "Pki", "free_port", "make_pki", "mosquitto_path", "tls_extra"]
 
 
 class Mosquitto:
@@ -50,18 +40,7 @@ class Mosquitto:
         self.log = workdir / "mosquitto.log"
 
     def write_config(self) -> None:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "persistence false",
-            "max_queued_messages 100000",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        self.conf.write_text("\n".join(lines) + "\n" + self.extra + "\n")
+        self.conf.write_text(config_text(self.port, self.extra))
 
     def start(self, timeout: float = 10.0) -> None:
         self.write_config()

@@ -340,3 +340,58 @@ def test_check_config_refuses_a_bad_hardware_profile_naming_the_key(
     code, out = _check_config(tmp_path, _full_config(tmp_path / "state", top=f'hardware = "{prof}"'), capsys)
     assert code == 2, out
     assert f"hardware: {prof}: {message}" in out, out
+
+
+# --- the config's version (issue 13) and the link settings defined once -------------------------------------
+
+VERSIONS = {
+    "other": ("version = 2", "version: 2 is not a config version this agent reads (it reads version 1"),
+    "zero": ("version = 0", "version: 0 is not a config version"),
+    "text": ('version = "1"', "version: expected `int`, got `str`"),
+    "bool": ("version = true", "version: expected `int`, got `bool`"),
+    # a file written for another version is refused for its version, not for a key that version renamed
+    "other_with_new_keys": ("version = 2\n[doors]\nfront = {}", "version: 2 is not a config version"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VERSIONS))
+def test_a_config_of_another_version_is_refused_naming_the_version(name: str) -> None:
+    top, message = VERSIONS[name]
+    with pytest.raises(ConfigError) as ei:
+        parse_config(f"{top}\n{GOOD.format(state='/tmp/x')}", source="edge.toml")
+    assert str(ei.value).startswith(f"edge.toml: {message}"), str(ei.value)
+
+
+def test_version_1_and_no_version_are_the_same_config(tmp_path: Path) -> None:
+    plain = parse_config(GOOD.format(state=tmp_path))
+    assert plain.version == 1
+    assert parse_config("version = 1\n" + GOOD.format(state=tmp_path)) == plain
+
+
+def test_every_shared_link_setting_reaches_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `[link]` keys shared with `cloud_bridge.settings.LinkSettings` are one definition: a value set in the
+    file arrives unchanged in the link's `LinkConfig`, for every shared key (none is copied by hand)."""
+    from cloud_bridge.settings import LinkSettings
+    from edge.link import link_config
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "gw.key").write_text("not a real key")
+    (creds / "gw.password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    defaults = LinkSettings()
+    values: dict[str, str] = {"host": '"mqtt.example.net"', "ca": '"/etc/ca.pem"', "cert": '"/etc/gw.pem"',
+                              "username": '"gw-1"', "encoding": '"json"'}  # fmt: skip
+    for f in LinkSettings.__struct_fields__:
+        d = getattr(defaults, f)
+        if f not in values:
+            assert isinstance(d, int | float) and not isinstance(d, bool), f
+            values[f] = repr(d + 1 if isinstance(d, int) else d + 0.5)
+    lines = "\n".join(f"{k} = {v}" for k, v in values.items())
+    secrets = 'key = "gw.key"\npassword_file = "gw.password"'
+    cfg = parse_config(GOOD.format(state=tmp_path) + f"[link]\n{lines}\n{secrets}\n")
+    lc = link_config(cfg)
+    for f in LinkSettings.__struct_fields__:
+        assert getattr(lc, f) == getattr(cfg.link, f) != getattr(defaults, f), f
+    assert (lc.site, lc.gateway, lc.password, lc.key) == ("hq", "gw-1", "s3cret", str(creds / "gw.key"))
+    assert lc.synchronous == cfg.storage.synchronous

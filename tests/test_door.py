@@ -482,9 +482,10 @@ def test_core_rejects_bad_times() -> None:
 # --- modes ----------------------------------------------------------------------------------------------
 
 
-async def test_unlocked_mode_free_passage(door: DoorController, factory: MockFactory, journal: Journal) -> None:
+async def test_a_hold_is_free_passage(door: DoorController, factory: MockFactory, journal: Journal) -> None:
+    """The agent's unlock schedule (or first-card unlock) is a hold: no relock on close, no held-open alarm."""
     relay, contact = factory.pin(RELAY), factory.pin(CONTACT)
-    door.set_mode(DoorMode.UNLOCKED, schedule_active=True)
+    door.hold_unlocked("unlocked")
     assert relay.state
     contact.drive_high()
     await asyncio.sleep(0.5)  # past held_open_s: no held-open alarm during free passage
@@ -492,18 +493,18 @@ async def test_unlocked_mode_free_passage(door: DoorController, factory: MockFac
     contact.drive_low()
     await asyncio.sleep(SETTLE)
     assert relay.state  # no relock on close while held unlocked
-    door.set_mode(DoorMode.UNLOCKED, schedule_active=False)  # the schedule ends
+    door.release_hold("unlocked")  # the schedule ends
     assert not relay.state
-    assert ("locked", "mode:unlocked") in journal.lock_changes()
+    assert ("locked", "release:unlocked") in journal.lock_changes()
 
 
 async def test_held_open_counts_from_end_of_free_passage(
     door: DoorController, factory: MockFactory, journal: Journal
 ) -> None:
-    door.set_mode(DoorMode.UNLOCKED)
+    door.hold_unlocked("unlocked")
     factory.pin(CONTACT).drive_high()
     await asyncio.sleep(SETTLE)
-    door.set_mode(DoorMode.NORMAL)
+    door.release_hold("unlocked")
     assert door.locked
     await asyncio.sleep(0.6)
     assert not journal.of(DOOR_FORCED_OPEN)
@@ -548,34 +549,30 @@ async def test_lockdown_refuses_a_remote_unlock_and_holds(door: DoorController, 
     assert levels(relay) == [False, True, False, True, False]
 
 
-async def test_first_card_unlock(door: DoorController, factory: MockFactory) -> None:
-    relay = factory.pin(RELAY)
-    door.set_mode(DoorMode.FIRST_CARD, schedule_active=True)
-    assert not relay.state  # armed, still locked
-    door.grant(0.03)
-    await asyncio.sleep(0.2)  # the strike is over, the first-card hold keeps it open
-    assert relay.state
-    door.set_mode(DoorMode.FIRST_CARD, schedule_active=False)
-    assert not relay.state
-
-
-async def test_a_revoked_grant_relocks_and_rearms_first_card(door: DoorController, factory: MockFactory) -> None:
+async def test_a_revoked_grant_relocks_and_spares_holds(door: DoorController, factory: MockFactory) -> None:
     relay = factory.pin(RELAY)
     door.grant(5.0)
     assert relay.state
     door.revoke_grant()
     assert not relay.state  # the strike ended at once
-    door.set_mode(DoorMode.FIRST_CARD, schedule_active=True)
-    door.grant(5.0)  # the first grant of the day also starts the first-card unlock...
-    door.revoke_grant()
-    assert not relay.state  # ...both are undone
-    door.grant(0.03)  # and the next grant starts it again
-    await asyncio.sleep(0.2)
-    assert relay.state
     door.hold_unlocked("remote")
     door.grant(5.0)
-    door.revoke_grant()  # holds of other origins stay
+    door.revoke_grant()  # holds stay (a first-card unlock is the agent's to undo)
     assert relay.state
+
+
+async def test_the_door_applies_lockdown_only(door: DoorController, factory: MockFactory, journal: Journal) -> None:
+    """Door modes are the agent's (holds, relocks); the door keeps lockdown only. A mode given with the
+    door's settings changes nothing, and any mode but LOCKDOWN/NORMAL is refused by name."""
+    assert door.mode is DoorMode.NORMAL and not door.lockdown
+    for mode in (DoorMode.UNLOCKED, DoorMode.FIRST_CARD, DoorMode.LOCKED):
+        with pytest.raises(ValueError, match=f"mode '{mode.value}' is applied by the agent"):
+            door.set_mode(mode)
+    door.set_lockdown(True)
+    assert door.mode is DoorMode.LOCKDOWN and door.status()["mode"] == "lockdown"
+    door.set_lockdown(False)
+    assert [d for d in journal.of(DOOR_STATE) if "mode" in d] == [{"mode": "lockdown"}, {"mode": "normal"}]
+    assert not factory.pin(RELAY).state
 
 
 async def test_unlock_for_relocks(door: DoorController, factory: MockFactory, journal: Journal) -> None:
@@ -592,15 +589,11 @@ async def test_unlock_for_relocks(door: DoorController, factory: MockFactory, jo
     assert journal.lock_changes() == [("unlocked", "hold:remote"), ("locked", "unlock_ended")]
 
 
-async def test_door_mode_from_model_applies_at_start(factory: MockFactory, journal: Journal) -> None:
+async def test_door_mode_from_model_is_not_applied_by_the_door(factory: MockFactory, journal: Journal) -> None:
     async with DoorController(
         make_door(mode=DoorMode.UNLOCKED), make_io(), factory=factory, emit=journal
     ) as ctl:
-        assert not ctl.locked  # unlocked with no schedule = around the clock
-    async with DoorController(
-        make_door(mode=DoorMode.UNLOCKED, unlock_schedule="office"), make_io(), factory=factory, emit=journal
-    ) as ctl:
-        assert ctl.locked  # until the caller says the schedule is active
+        assert ctl.locked and ctl.mode is DoorMode.NORMAL  # the agent holds it unlocked, if it must
 
 
 async def test_not_started_is_an_error(factory: MockFactory, journal: Journal) -> None:
@@ -751,7 +744,7 @@ async def test_status(door: DoorController, factory: MockFactory) -> None:
 async def test_door_settings_refresh(door: DoorController, factory: MockFactory) -> None:
     door.door = make_door(strike_s=0.04, mode=DoorMode.UNLOCKED)
     assert door.strike_time() == 0.04
-    assert door.locked  # a new mode is applied by set_mode / holds, never by a settings refresh
+    assert door.locked  # a new mode is applied by the agent (holds), never by a settings refresh
     door.grant()
     await asyncio.sleep(0.25)
     assert not factory.pin(RELAY).state  # relocked after the new, shorter strike

@@ -25,10 +25,12 @@ CORE = (
     "edge.errors",
     "edge.readers.formats",
     "edge.readers.keypad",
+    "edge.readers.events",
     "edge.readers.wiegand.frame",
     "edge.readers.osdp.frame",
     "edge.readers.osdp.secure",
     "edge.door.logic",
+    "cloud_bridge.errors",
     "cloud_bridge.protocol",
     "cloud_bridge.topics",
     "cloud_bridge.permissions",
@@ -143,7 +145,6 @@ def test_no_import_cycles() -> None:
 
 def test_cloud_bridge_has_its_own_exception_root() -> None:
     from cloud_bridge.errors import CloudBridgeError
-
     from cloud_bridge.protocol import ProtocolError
     from cloud_bridge.signing import CommandRejected
 

@@ -434,3 +434,58 @@ async def test_event_acks_carry_the_cloud_clock(broker: Mosquitto, tmp_path: Pat
     trust.cloud_time(ts, rtt, _time.time(), _time.monotonic())
     assert CLOCK_SKEW in [a.kind for a in trust.alarms()]
     assert abs(trust.now(_time.time(), _time.monotonic()) - (_time.time() + 3600)) < 10
+
+
+async def test_the_link_stops_when_cancelled_as_events_become_durable(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The upload waited with `asyncio.wait_for`, which on Python 3.11 swallows a cancellation that comes while
+    the awaited event is being set: the link's task then never ended (a shutdown hung for ever)."""
+    async with gateway(broker, tmp_path / "gw", site_key, site=unique("s"), gw="gw1") as g:
+        async with asyncio.timeout(10):
+            while not g.link.online:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the upload is idle: nothing to send, waiting to be woken
+        for cb in g.journal.on_durable:  # events became durable ...
+            cb()
+        g.task.cancel()  # ... just as the agent stops
+        done, _ = await asyncio.wait({g.task}, timeout=10)
+        assert g.task in done and g.task.cancelled()
+
+
+def test_every_cloud_bridge_error_derives_from_the_package_root() -> None:
+    """Every exception class cloud_bridge defines is a CloudBridgeError (and so an EdgeError, which the gateway's
+    and the operator's command lines report)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import cloud_bridge
+    from cloud_bridge.errors import CloudBridgeError
+    from edge.errors import EdgeError
+
+    found = {}
+    for mod in pkgutil.walk_packages(cloud_bridge.__path__, "cloud_bridge."):
+        m = importlib.import_module(mod.name)
+        for name, obj in vars(m).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == m.__name__:
+                found[f"{m.__name__}.{name}"] = obj
+    expected = {"cloud_bridge.protocol.ProtocolError", "cloud_bridge.signing.CommandRejected",
+                "cloud_bridge.cloud.CloudError", "cloud_bridge.operator.db.OperatorError",
+                "cloud_bridge.operator.provision.ProvisionError", "cloud_bridge.link.staging.StagingFull"}  # fmt: skip
+    assert expected <= found.keys()
+    outside = [n for n, c in found.items() if not issubclass(c, CloudBridgeError)]
+    assert not outside, outside
+    assert issubclass(CloudBridgeError, EdgeError)
+
+
+def test_the_one_backoff_grows_to_its_cap_and_resets() -> None:
+    import random
+
+    from cloud_bridge.mqtt import Backoff
+
+    b = Backoff(0.5, 8.0, random.Random(7))
+    first = [b() for _ in range(12)]
+    assert all(0.25 <= d <= 8.0 for d in first) and max(first[6:]) > 4.0
+    b.reset()
+    assert 0.25 <= b() <= 0.5  # the first delay after a success is at most `lo` again

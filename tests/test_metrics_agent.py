@@ -18,8 +18,8 @@ import pytest
 from edge.agent import Agent, run_agent
 from edge.clock import read_boot_id, save_clock_state
 from edge.config import Config, parse_config
-from edge.readers.wiegand import WiegandTransmitter
 from edge.sim.hands import simulated_agent
+from edge.sim.transmitter import WiegandTransmitter
 from edge.store import Store
 from edge.timetrust import ClockTrust
 from tests.test_metrics import get, http, lbl, parse

@@ -452,7 +452,7 @@ async def test_damaged_rights_make_the_gateway_ask_the_cloud_for_a_snapshot(
         gateway(broker, state, site_key, site=site, gw=gw),
         cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
     ):
-        await cloud.wait_online()
+        before = await cloud.wait_online()
         assert (await cloud.send_snapshot(small_snapshot(3, range(100, 110)))).applied
     with open(state / "rights.db", "r+b") as f:  # a bad header: the file is no SQLite database any more
         f.write(b"this is not sqlite")
@@ -460,7 +460,7 @@ async def test_damaged_rights_make_the_gateway_ask_the_cloud_for_a_snapshot(
         gateway(broker, state, site_key, site=site, gw=gw) as g,
         cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
     ):
-        birth = await cloud.wait_online()
+        birth = await cloud.wait_online(after=before.session)  # not the retained birth of the first run
         assert g.store.needs_snapshot == "damaged"
         assert any("rights damaged" in w for w in birth.warnings), birth.warnings
         rs = await cloud.wait_for(lambda: next((r for r in cloud.resyncs if r.reason == "damaged"), None))

@@ -1,20 +1,25 @@
-"""Wiegand: keypad codes, the PIN pad, the pure assembler, and the gpiozero reader driven edge by edge
-through MockFactory pins (VirtualClockFactory) by the WiegandTransmitter."""
+"""Wiegand: keypad codes, the PIN pad, the pure assembler (edge.readers.wiegand.frame), and the gpiozero reader
+(edge.readers.wiegand.reader) driven edge by edge through MockFactory pins (edge.sim.pins.VirtualClockFactory) by
+the simulator's WiegandTransmitter (edge.sim.transmitter)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+from gpiozero import OutputDevice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.config import DEFAULT_FORMATS
-from edge.readers.base import CardRead, Feedback, PinEntry, ReaderEvent, ReaderFault
+from edge.door.indicator import Indicator
+from edge.readers.events import CardRead, Feedback, PinEntry, ReadCut, ReaderEvent, ReaderFault
 from edge.readers.formats import BUILTIN, Decoded, FormatTable, encode
 from edge.readers.keypad import (
     KEY_CLEAR,
@@ -26,17 +31,11 @@ from edge.readers.keypad import (
     encode_key8,
 )
 from edge.readers.osdp.panel import DEFAULT_FORMATS as OSDP_DEFAULT_FORMATS
-from edge.readers.wiegand import (
-    D0,
-    D1,
-    FrameTiming,
-    KeypadOptions,
-    VirtualClockFactory,
-    WiegandAssembler,
-    WiegandReader,
-    WiegandTransmitter,
-)
+from edge.readers.wiegand.frame import D0, D1, FrameTiming, KeypadOptions, WiegandAssembler
+from edge.readers.wiegand.reader import WiegandReader
 from edge.sim.hands import card_frame
+from edge.sim.pins import VirtualClockFactory
+from edge.sim.transmitter import WiegandTransmitter
 
 FC, CARD = 123, 4567
 FRAME = encode("h10301", FC, CARD)
@@ -377,8 +376,8 @@ def test_assembler_read_cut_short_by_late_edges_is_reported_and_read_whole() -> 
     for e in edges[52:]:
         out += asm.edge(*e)
     out += asm.poll(edges[-1][0] + 0.2)
-    assert [type(e).__name__ for e in out] == ["ReaderFault", "CardRead"]
-    assert isinstance(out[0], ReaderFault) and out[0].kind == "cut"
+    assert [type(e).__name__ for e in out] == ["ReadCut", "CardRead"]
+    assert isinstance(out[0], ReadCut) and isinstance(out[0], ReaderFault) and out[0].kind == "cut"
     assert isinstance(out[1], CardRead)
     assert (out[1].bits, out[1].facility, out[1].card) == (34, whole.facility, whole.card)
     # a frame after the gap is a new frame, not a continuation
@@ -437,9 +436,11 @@ D0_PIN, D1_PIN, LED_PIN, BEEP_PIN = 17, 27, 22, 23
 class Collector:
     def __init__(self) -> None:
         self.events: list[ReaderEvent] = []
+        self.threads: set[int] = set()  # the threads the sink was called on
         self._changed = asyncio.Event()
 
     def __call__(self, ev: ReaderEvent) -> None:
+        self.threads.add(threading.get_ident())
         self.events.append(ev)
         self._changed.set()
 
@@ -456,6 +457,9 @@ class Collector:
     def cards(self) -> list[CardRead]:
         return [e for e in self.events if isinstance(e, CardRead)]
 
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
 
 @pytest.fixture
 def factory() -> VirtualClockFactory:
@@ -467,7 +471,7 @@ async def rig(factory: VirtualClockFactory) -> AsyncIterator[tuple[WiegandReader
     col = Collector()
     reader = WiegandReader(
         "door1.in", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301", "h10304", "corp1000_48"]),
-        keypad=KeypadOptions(order="key_low"), led=LED_PIN, beeper=BEEP_PIN, pin_factory=factory,
+        keypad=KeypadOptions(order="key_low"), pin_factory=factory,
     )
     async with reader:
         tx = WiegandTransmitter(factory, D0_PIN, D1_PIN, rng=random.Random(1))
@@ -606,36 +610,45 @@ async def test_reader_pin_entry_4bit_and_timeout(
     assert isinstance(ev, PinEntry) and ev.pin == "86"
 
 
-async def test_reader_feedback_patterns(factory: VirtualClockFactory,
-                                        rig: tuple[WiegandReader, WiegandTransmitter, Collector]) -> None:
-    reader, _, _ = rig
+async def test_reader_feedback_is_played_by_its_indicator(factory: VirtualClockFactory) -> None:
+    """The reader has no LED/beeper code of its own: feedback goes to the indicator it is given (the door's
+    player, edge.door.indicator), here on active-low reader control lines."""
+    led_dev = OutputDevice(LED_PIN, active_high=False, initial_value=False, pin_factory=factory)
+    beep_dev = OutputDevice(BEEP_PIN, active_high=False, initial_value=False, pin_factory=factory)
+    ind = Indicator(asyncio.get_running_loop(), led=led_dev, beeper=beep_dev)
+    reader = WiegandReader("r", Collector(), d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
+                           indicator=ind, pin_factory=factory)
     led, beep = factory.pin(LED_PIN), factory.pin(BEEP_PIN)
-    assert led.state and beep.state  # active low: high = off
-    led.clear_states()
-    beep.clear_states()
-    reader.feedback(Feedback.DENIED)
-    await asyncio.sleep(0.8)
-    assert [s.state for s in beep.states] == [True, False, True, False, True, False, True]
-    assert [s.state for s in led.states] == [True]
-    reader.feedback(Feedback.GRANTED)
-    await asyncio.sleep(0.05)
-    assert not led.state and not beep.state  # both on
-    reader.feedback(Feedback.IDLE)  # cancels the rest
-    assert led.state and beep.state
-    await asyncio.sleep(0)
-
-
-async def test_reader_exit_turns_outputs_off(factory: VirtualClockFactory) -> None:
-    col = Collector()
-    reader = WiegandReader("r", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
-                           led=LED_PIN, pin_factory=factory)
     async with reader:
-        reader.feedback(Feedback.ALARM)
-        await asyncio.sleep(0.01)
-        assert not factory.pin(LED_PIN).state  # on (active low)
-    led = factory.pin(LED_PIN)
-    assert led.states[-1].state is True  # driven off (high) before it was released
-    assert led.state is True
+        assert led.state and beep.state  # active low: high = off
+        led.clear_states()
+        beep.clear_states()
+        reader.feedback(Feedback.DENIED)
+        await asyncio.sleep(0.8)
+        assert [s.state for s in beep.states] == [True, False, True, False, True, False, True]
+        assert [s.state for s in led.states] == [True]
+        reader.feedback(Feedback.GRANTED)
+        await asyncio.sleep(0.05)
+        assert not led.state and not beep.state  # both on
+        reader.feedback(Feedback.IDLE)  # cuts the rest short
+        assert led.state and beep.state
+    assert led_dev.value == 0 and beep_dev.value == 0  # the lines are the indicator owner's, not the reader's
+    ind.close()
+    led_dev.close()
+    beep_dev.close()
+
+
+async def test_reader_without_an_indicator_accepts_feedback_and_owns_no_outputs(
+        factory: VirtualClockFactory) -> None:
+    reader = WiegandReader("r", Collector(), d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]),
+                           pin_factory=factory)
+    async with reader:
+        for what in Feedback:
+            reader.feedback(what, text="ignored")
+        assert factory.pin(LED_PIN).function == "input"  # never claimed
+    # Both inputs were released: they can be claimed again.
+    OutputDevice(D0_PIN, pin_factory=factory).close()
+    OutputDevice(D1_PIN, pin_factory=factory).close()
 
 
 async def test_reader_run_serves_until_cancelled(
@@ -689,6 +702,31 @@ def test_virtual_clock_only_moves_forward(factory: VirtualClockFactory) -> None:
     factory.set_ticks(factory.ticks() + 1.0)
     pin.drive_high()
     assert pin.states[-1].timestamp == pytest.approx(1.0, abs=0.01)
+
+
+class SlowRandom(random.Random):
+    """A sender that loses the CPU for 10 ms at every bit (a busy machine): the jitter draw sleeps."""
+
+    def uniform(self, a: float, b: float) -> float:
+        time.sleep(0.01)  # noqa: TID251 -- stands in for the sending process being descheduled
+        return 0.0
+
+
+async def test_send_now_stamps_exact_times_however_slowly_it_runs(factory: VirtualClockFactory) -> None:
+    """An instant frame is stamped on the virtual clock alone: a sender descheduled between two bits (here
+    for 10 ms, far past the 3.75 ms end-of-frame gap) must not open a gap in the frame. It did on a loaded
+    machine (the clock followed real time mid-frame): the card came out as partial frames, and the reader
+    tests timed out now and then."""
+    col = Collector()
+    reader = WiegandReader("r", col, d0=D0_PIN, d1=D1_PIN, formats=FormatTable(["h10301"]), pin_factory=factory)
+    async with reader:
+        tx = WiegandTransmitter(factory, D0_PIN, D1_PIN, jitter_s=1e-9, rng=SlowRandom())
+        with factory.frozen() as t0:  # (reentrant: send_now holds the clock at t0 too)
+            end = tx.send_now(FRAME, 26)
+        assert end == pytest.approx(t0 + 25 * 1.5e-3 + 50e-6, abs=1e-9)  # 26 bits 1.5 ms apart, exactly
+        ev = await col.wait_for(lambda e: isinstance(e, CardRead | ReaderFault))
+    assert isinstance(ev, CardRead) and (ev.facility, ev.card) == (FC, CARD)
+    assert factory.ticks() >= end  # and the clock runs on from there, never back
 
 
 def test_assembler_reopens_a_frame_whose_last_edges_arrive_late() -> None:

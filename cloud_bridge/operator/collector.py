@@ -20,6 +20,7 @@ import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_bridge import mqtt
 from cloud_bridge.protocol import EventAck, EventBatch, ProtocolError, decode_events, encode
 from cloud_bridge.signing import sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
@@ -73,12 +74,11 @@ class Collector:
         return f"$share/{self.group}/{site_wildcard(self.site, Leaf.EVENTS)}"
 
     async def run(self) -> None:
-        async with aiomqtt.Client(self.host, self.port, identifier=self.identifier,
-                                  protocol=aiomqtt.ProtocolVersion.V5, timeout=10) as client:  # fmt: skip
+        async with mqtt.client(self.host, self.port, identifier=self.identifier) as client:
             await client.subscribe(self.topic, qos=1)
             async for m in client.messages:
                 p = parse(m.topic.value)
-                data = m.payload if isinstance(m.payload, bytes) else b""
+                data = mqtt.payload(m)
                 if p is None or p[2] is not Leaf.EVENTS or not data:
                     continue
                 try:
@@ -92,4 +92,4 @@ class Collector:
                 with contextlib.suppress(aiomqtt.MqttError):
                     ack = EventAck(upto_seq=upto, ts=time.time(), ref=batch.ref)
                     signed = sign_downlink(self.signing_key, ack, site=self.site, gateway=p[1])
-                    await client.publish(Topics(self.site, p[1]).events_ack, encode(signed), qos=1)
+                    await mqtt.publish(client, Topics(self.site, p[1]).events_ack, encode(signed))

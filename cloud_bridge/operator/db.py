@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edge.errors import EdgeError
+from cloud_bridge.errors import CloudBridgeError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,7 +91,7 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-class OperatorError(EdgeError):
+class OperatorError(CloudBridgeError):
     """An operator request was refused: bad input, unknown object, or a conflict. Nothing was changed."""
 
 

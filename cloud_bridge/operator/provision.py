@@ -24,15 +24,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from cloud_bridge import mqtt
 from cloud_bridge.cloud import chunk_snapshot, is_final, manifest_of
 from cloud_bridge.protocol import (
     Birth,
@@ -55,7 +53,6 @@ from cloud_bridge.protocol import (
 from cloud_bridge.signing import sign_command, sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 from edge.model import ChangeSet, Schedule, Snapshot
-from edge.tasks import cancel_and_wait
 
 from . import identity
 from .db import Model, OperatorError
@@ -215,14 +212,17 @@ class ProvisionError(OperatorError):
     """A gateway refused a change set (its model and ours disagree), or did not answer in time."""
 
 
-class SiteLink:
+class SiteLink(mqtt.Session):
     """The operator side's MQTT client for a whole site (async context manager)."""
+
+    poll_s = 0.25
 
     def __init__(
         self, db: Model, *, host: str, port: int, site: str, identifier: str | None = None,
         max_message_bytes: int = 256 * 1024, resend_s: float = 5.0, tls: aiomqtt.TLSParameters | None = None,
         username: str | None = None, password: str | None = None, signing_key: Ed25519PrivateKey | None = None,
     ) -> None:  # fmt: skip
+        super().__init__()
         self.db = db
         #: The site key: signs every change set, snapshot manifest, rebirth and command this link sends.
         self.signing_key = signing_key
@@ -233,9 +233,6 @@ class SiteLink:
         #: How long entering waits at most for the broker's retained gateway status.
         self.retained_wait_s = 5.0
         self.tls, self.username, self.password = tls, username, password
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
         self.status: dict[str, Birth | Death] = {}
         self.replies: dict[str, list[RightsResult | ChunkAck | ResyncRequest]] = {}
         self.results: list[tuple[str, CommandResult]] = []
@@ -245,23 +242,11 @@ class SiteLink:
         self._probe: str | None = None  # this link's probe gateway name while it waits for the retained births
         self._probe_back = False
 
-    def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.host, self.port, identifier=self.identifier, protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=self.tls, username=self.username, password=self.password, timeout=10,
-        )  # fmt: skip
-
     async def _connect(self) -> aiomqtt.Client:
-        client = self._make_client()
-        await client.__aenter__()
-        try:
-            for leaf in (Leaf.STATUS, Leaf.RIGHTS_REPLY, Leaf.COMMAND_RESULT):
-                await client.subscribe(site_wildcard(self.site, leaf), qos=1)
-        except BaseException:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
-            raise
-        return client
+        c = mqtt.client(self.host, self.port, identifier=self.identifier, tls=self.tls, username=self.username,
+                        password=self.password)  # fmt: skip
+        return await mqtt.connect(c, [site_wildcard(self.site, leaf)
+                                      for leaf in (Leaf.STATUS, Leaf.RIGHTS_REPLY, Leaf.COMMAND_RESULT)])  # fmt: skip
 
     async def __aenter__(self) -> Self:
         """Connect, subscribe, and wait until the broker has delivered every retained gateway status.
@@ -273,10 +258,10 @@ class SiteLink:
         own (`PROBE_PREFIX` + random: no gateway name), comes back after every retained status. A gateway
         seen by its birth is registered in the database (`Model.record_birth`)."""
         self._client = await self._connect()
-        self._reader = asyncio.get_running_loop().create_task(self._run_reader(), name="sitelink.read")
+        self._start_reader(self._run_reader(self._client), "sitelink.read")
         try:
             self._probe, self._probe_back = f"{PROBE_PREFIX}{os.urandom(4).hex()}", False
-            await self._client.publish(Topics(self.site, self._probe).status, b"probe", qos=1)
+            await mqtt.publish(self._client, Topics(self.site, self._probe).status, b"probe")
             with contextlib.suppress(TimeoutError):  # a broker that drops it (ACL): go on after the wait
                 await self.wait_for(lambda: self._probe_back, self.retained_wait_s)
             if not self._probe_back:
@@ -287,58 +272,36 @@ class SiteLink:
             raise
         return self
 
-    async def _run_reader(self) -> None:
+    async def _run_reader(self, first: aiomqtt.Client) -> None:
         """Read messages; when the broker connection drops, reconnect (backoff 0.2 .. 5 s) and resubscribe
         (the retained births then tell which gateways are online)."""
-        delay = 0.2
-        while True:
-            client = self._client
-            if client is not None:
-                try:
-                    await self._read(client)
-                except aiomqtt.MqttError as e:
-                    log.warning("site link lost: %s", e)
-                self._client = None
-                with contextlib.suppress(aiomqtt.MqttError, Exception):
-                    await client.__aexit__(None, None, None)
-            await asyncio.sleep(delay)
-            try:
-                self._client = await self._connect()
-                delay = 0.2
-            except aiomqtt.MqttError:
-                delay = min(delay * 2, 5.0)
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
-            self._reader = None
-        if self._client is not None:
-            client, self._client = self._client, None
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(et, e, tb)
+        async def reconnect() -> aiomqtt.Client:
+            self._client = await self._connect()
+            return self._client
 
-    @property
-    def client(self) -> aiomqtt.Client:
-        if self._client is None:
-            raise ProvisionError("the site link is not connected")
-        return self._client
+        def down() -> None:
+            self._client = None
+
+        await mqtt.reconnecting(reconnect, self._read, mqtt.Backoff(0.2, 5.0), log=log, what="site link lost",
+                                first=first, down=down)  # fmt: skip
+
+    def _not_connected(self) -> Exception:
+        return ProvisionError("the site link is not connected")
 
     # receiving
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for m in client.messages:
             p = parse(m.topic.value)
-            data = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            data = mqtt.payload(m)
             if p is None or p[0] != self.site or not data:
                 continue
             try:
                 self._dispatch(p[1], p[2], data)
             except (ProtocolError, OperatorError) as e:
                 log.warning("bad message on %s: %s", m.topic.value, e)
-            async with self._changed:
-                self._changed.notify_all()
+            await self._changed_now()
 
     def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
         if gw.startswith(PROBE_PREFIX):  # a site link's probe (ours or another's), never a gateway
@@ -379,13 +342,6 @@ class SiteLink:
             else:
                 c.execute("UPDATE gateways SET acked=? WHERE id=?", (have, gw))
 
-    async def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, *, poll_s: float = 0.25) -> Any:
-        async with asyncio.timeout(timeout), self._changed:
-            while not (v := pred()):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), poll_s)
-            return v
-
     def online(self, gw: str) -> bool:
         return isinstance(self.status.get(gw), Birth)
 
@@ -400,11 +356,7 @@ class SiteLink:
     # provisioning
 
     async def _publish(self, gw: str, leaf: Leaf, data: bytes, *, expiry_s: int | None = None) -> None:
-        props = None
-        if expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = expiry_s
-        await self.client.publish(Topics(self.site, gw)[leaf], data, qos=1, properties=props)
+        await mqtt.publish(self.client, Topics(self.site, gw)[leaf], data, expiry_s=expiry_s)
         if leaf is Leaf.RIGHTS:
             self.rights_published += 1
 

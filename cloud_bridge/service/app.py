@@ -29,6 +29,7 @@ from .errors import ServiceError
 from .people import CardController, UserController
 from .provisioning import Provisioner
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .web import console_routers
 
 log = logging.getLogger("cloud_bridge.service")
 API_VERSION = "1"
@@ -76,7 +77,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
         AuditController])  # fmt: skip
     return Litestar(
-        route_handlers=[AuthController, api],
+        route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         after_exception=[audit_refusal],
@@ -118,5 +119,6 @@ async def init_site(cfg: ServiceConfig, *, site_id: str, admin: str, tz: str, ho
 def serve(cfg: ServiceConfig) -> None:
     """Run the service until stopped (SIGINT/SIGTERM)."""
     config = uvicorn.Config(create_app(cfg), host=cfg.service.listen, port=cfg.service.port, log_level="info",
-                            access_log=False, lifespan="on", server_header=False)  # fmt: skip
+                            access_log=False, lifespan="on", server_header=False,
+                            timeout_graceful_shutdown=5)  # an open dashboard stream never holds a stop  # fmt: skip
     asyncio.run(uvicorn.Server(config).serve())

@@ -249,9 +249,11 @@ class Agent:
         by_port: dict[str, list[Any]] = {}
         port_cfg: dict[str, OsdpReaderConfig] = {}
         for i, (name, rc) in enumerate(configs):
+            door_ctl = self.doors.get(rc.door)
             r = build_reader(
-                rc, name, self.tap.on_reader_event, profile=self.profile, factory=self.factory, cfg=self.cfg, index=i
-            )
+                rc, name, self.tap.on_reader_event, profile=self.profile, factory=self.factory, cfg=self.cfg, index=i,
+                indicator=door_ctl.indicator if door_ctl is not None else None,
+            )  # fmt: skip
             readers.append(r)
             self.reader_door[name] = rc.door
             if isinstance(rc, OsdpReaderConfig):

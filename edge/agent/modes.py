@@ -89,11 +89,11 @@ class DoorModes:
             if door_id not in decider.index.tables.doors:
                 continue
             mode, free = decider.effective_mode(door_id, ts, clock_trusted=trusted)
-            lockdown = DoorMode.LOCKDOWN if mode is DoorMode.LOCKDOWN else DoorMode.NORMAL
-            if ctl.mode is not lockdown:
-                if lockdown is DoorMode.LOCKDOWN:
+            lockdown = mode is DoorMode.LOCKDOWN
+            if (ctl.mode is DoorMode.LOCKDOWN) is not lockdown:
+                if lockdown:
                     ctl.relock()
-                ctl.set_mode(lockdown)
+                ctl.set_lockdown(lockdown)
             if free:
                 ctl.hold_unlocked(mode.value)
             else:

@@ -46,7 +46,7 @@ from edge.journal import Journal
 from edge.metrics import EdgeMetrics
 from edge.model import code_card
 from edge.pin import verify_pin
-from edge.readers.base import CardRead, Feedback, PinEntry, Reader, ReaderEvent, ReaderFault, ReaderStatus
+from edge.readers.base import CardRead, Feedback, PinEntry, ReadCut, Reader, ReaderEvent, ReaderFault, ReaderStatus
 
 from .connectivity import Connectivity
 from .modes import DoorModes
@@ -208,7 +208,7 @@ class TapHandler:
             self._act(d, ev.reader)
         elif isinstance(ev, ReaderFault):
             self.metrics.reader_faults.inc(reader=ev.reader, kind=ev.kind)
-            if ev.kind == "cut":
+            if isinstance(ev, ReadCut):
                 self._revoke(door, ev.reader)
             log.warning("reader %s fault: %s %s", ev.reader, ev.kind, ev.detail)
             self.journal.record(READER_FAULT, door=door, reader=ev.reader, reason=ev.kind, detail={"detail": ev.detail})
@@ -347,15 +347,10 @@ class TapHandler:
                 return
 
     def feedback(self, reader: str, what: Feedback) -> None:
-        """Show a result on a reader. A Wiegand reader's LED and beeper lines belong to its door controller."""
+        """Show a result on a reader, the same call for every kind: a Wiegand reader plays it on its door's
+        LED/beeper lines through the indicator it was built with, an OSDP reader on the reader itself."""
         r = self.readers.get(reader)
-        if r is None:
-            return
-        if r.kind == "wiegand":
-            ctl = self.doors.get(self.reader_door[reader])
-            if ctl is not None:
-                ctl.signal(what)
-        else:
+        if r is not None:
             r.feedback(what)
 
     def _log_decision(self, d: Decision) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from edge.readers.base import PinEntry, ReaderFault
+from edge.readers.events import PinEntry, ReaderFault
 
 KEY_CLEAR = 10
 KEY_ENTER = 11

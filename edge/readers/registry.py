@@ -1,18 +1,45 @@
-"""Reader backends by name: builds the reader drivers a config asks for (the `driver` tag)."""
+"""Reader backends by name, as python-can's BACKENDS: the `driver` of a reader's config names its class.
+
+`BACKENDS` maps a driver name to "module:Class", imported only when a config asks for it (an OSDP site never
+loads the GPIO driver, a Wiegand-only one never loads the OSDP stack). `build_reader` makes the reader a config
+entry describes, with every error a `ConfigError` that names the entry (``readers[1].door: ...``).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge.errors import ConfigError
-from edge.readers.base import Reader, ReaderSink
+from edge.readers.base import FeedbackPlayer, Reader, ReaderSink
 from edge.readers.formats import FormatTable
 from edge.secrets import SecretSource
 
 if TYPE_CHECKING:
     from edge.config import Config, OsdpReaderConfig, ReaderConfig
     from edge.hw import HardwareProfile
+
+#: Reader drivers by name: "module:Class" of a `Reader` subclass.
+BACKENDS: dict[str, str] = {
+    "wiegand": "edge.readers.wiegand.reader:WiegandReader",
+    "osdp": "edge.readers.osdp.reader:OsdpReader",
+    "virtual": "edge.readers.virtual:VirtualReader",
+}
+
+
+def backend(driver: str) -> Callable[..., Reader]:
+    """The reader class `driver` names in `BACKENDS` (its keyword arguments are the driver's own); a
+    `ConfigError` for an unknown name."""
+    target = BACKENDS.get(driver)
+    if target is None:
+        raise ConfigError(f"driver: unknown reader driver {driver!r} (known: {', '.join(sorted(BACKENDS))})")
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Reader)):
+        raise TypeError(f"reader backend {driver!r} ({target}) is not a Reader")
+    return cls
 
 
 def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
@@ -36,12 +63,15 @@ def build_reader(
     factory: Any,
     cfg: Config,
     index: int = 0,
+    indicator: FeedbackPlayer | None = None,
 ) -> Reader:
+    """The reader `rc` describes. `indicator` plays a Wiegand reader's feedback (its door's LED/beeper
+    lines: `DoorController.indicator`); an OSDP reader shows feedback on the reader itself."""
     from edge.config import OsdpReaderConfig, WiegandReaderConfig
 
     where = f"readers[{index}]"
     if isinstance(rc, WiegandReaderConfig):
-        from edge.readers.wiegand import FrameTiming, KeypadOptions, WiegandReader
+        from edge.readers.wiegand.frame import FrameTiming, KeypadOptions
 
         try:
             io = profile.door(rc.door)
@@ -54,18 +84,19 @@ def build_reader(
         except ConfigError as e:
             raise ConfigError(f"{where}.formats: {e}") from None
         # The door controller owns the reader's LED and beeper lines (it also shows door alarms on them).
-        return WiegandReader(
+        return backend("wiegand")(
             name, sink, d0=io.reader_d0_pin, d1=io.reader_d1_pin, formats=table,
             timing=FrameTiming(mode=rc.end_of_frame),
             keypad=KeypadOptions(enabled=rc.keypad, order=rc.keypad_order, timeout_s=rc.pin_timeout_s),
-            pin_factory=factory,
+            indicator=indicator, pin_factory=factory,
         )  # fmt: skip
     if isinstance(rc, OsdpReaderConfig):
-        from edge.readers.osdp import OsdpReader
-
-        return OsdpReader(
+        return backend("osdp")(
             name, sink, address=rc.address, secure=rc.secure, allow_install_mode=rc.allow_install_mode,
             allow_plaintext=rc.allow_plaintext, scbk=read_key(cfg, rc, where), formats=list(rc.formats),
             baudrate=rc.baud, direction=rc.direction,
         )  # fmt: skip
     raise ConfigError(f"{where}.driver: unknown reader driver")
+
+
+__all__ = ["BACKENDS", "backend", "build_reader", "read_key"]

@@ -22,7 +22,9 @@ from edge.control import DoorRequest, RexRequest, TapRequest
 from edge.decision import Reason
 from edge.readers.formats import FormatError, FormatTable, encode
 from edge.readers.keypad import KEY_ENTER, encode_key8
-from edge.readers.wiegand import VirtualClockFactory, WiegandReader, WiegandTransmitter
+from edge.readers.wiegand.reader import WiegandReader
+from edge.sim.pins import VirtualClockFactory
+from edge.sim.transmitter import WiegandTransmitter
 
 _transmitters: dict[tuple[int, int, int], WiegandTransmitter] = {}
 

@@ -1,0 +1,274 @@
+"""The connection owner: `CloudLink`, the gateway's one MQTT 5 session to the site's broker.
+
+Nothing here trusts the broker to keep or deliver anything: aiomqtt acknowledges a QoS 1 message as soon
+as it is queued in memory, so every change set, snapshot chunk and command is answered by the gateway's
+own reply once its effect is committed to disk, and the cloud resends until it sees that reply. Replies
+are idempotent (a duplicate change set, chunk or command gets the same answer again without a second
+effect). Events go the other way on the same principle: rows leave the journal only when the cloud's
+`EventAck` says it has them; after a reconnect the unacknowledged tail is sent again.
+
+`CloudLink` owns the connection and hands each message to the part that handles it:
+
+- `run()`: the reconnect loop (`mqtt.reconnecting`, jittered backoff); per connection a new session id, the
+  retained birth (and the will: a death), the message reader and the event upload; the rights worker lives
+  across connections.
+- rights topic -> `rights.RightsSync` (change sets, manifests, chunks; `staging.SnapshotStaging`);
+  events/ack -> `upload.EventUpload` (go-back-N); command -> `gate.CommandGate` (signature, nonce, key
+  rotation, execution; `gate.SiteKeys` verifies every signed message).
+
+What it needs from the gateway are the ports of `ports.py` (`Rights`, `Outbox`, `CommandHandler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiomqtt
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cloud_bridge import mqtt
+from cloud_bridge.protocol import Birth, Death, ResyncRequest, encode
+from cloud_bridge.settings import LinkConfig
+from cloud_bridge.signing import KeyState, NonceStore, fingerprint
+from cloud_bridge.topics import Leaf, Topics
+
+from .gate import KEY_FILE, CommandGate, SiteKeys
+from .ports import CommandHandler, Outbox, Rights
+from .reply import Replies
+from .rights import RightsSync
+from .staging import SnapshotStaging
+from .upload import EventUpload
+
+log = logging.getLogger("cloud_bridge.link")
+
+
+class CloudLink:
+    """The gateway's MQTT link. `async with CloudLink(...) as link: await link.run()`."""
+
+    def __init__(
+        self,
+        cfg: LinkConfig,
+        *,
+        store: Rights,
+        journal: Outbox,
+        commands: CommandHandler,
+        birth: Callable[[], Birth],
+        site_public_key: bytes,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.journal = journal
+        self.commands = commands
+        self.birth = birth
+        self.state_dir = Path(state_dir)
+        self.key_path = self.state_dir / KEY_FILE
+        self.clock = clock
+        self.topics = Topics(cfg.site, cfg.gateway)
+        self._keys = SiteKeys(cfg, site_public_key, self.key_path, self._now)
+        self.config_key = self._keys.configured
+        #: Called with the new state whenever the link goes online or offline.
+        self.on_state: list[Callable[[bool], None]] = []
+        self._online = False
+        self._offline_since: datetime | None = datetime.fromtimestamp(clock(), UTC)
+        self._session = 0
+        self._last_birth = -1e18
+        self._background: set[asyncio.Task[bool]] = set()
+        self._replies = Replies(cfg, self.topics, journal)
+        self.stats = self._replies.stats
+        self._nonces = NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
+        self._staging = SnapshotStaging(self.state_dir / "link-snapshot", max_bytes=cfg.snapshot_max_bytes)
+        self._gate = CommandGate(cfg, keys=self._keys, nonces=self._nonces, replies=self._replies,
+                                 outbox=journal, rights=store, commands=commands, rebirth=self._publish_birth,
+                                 clock=self._now)  # fmt: skip
+        self._rights = RightsSync(cfg, rights=store, staging=self._staging, keys=self._keys, replies=self._replies,
+                                  rebirth=self._rebirth, clock=self._now)  # fmt: skip
+        self._upload = EventUpload(cfg, outbox=journal, keys=self._keys, replies=self._replies)
+        #: Called with (cloud UTC time, round trip s) from each timestamped event acknowledgement.
+        self.on_cloud_time: list[Callable[[float, float], None]] = self._upload.on_cloud_time
+
+    def _now(self) -> float:
+        """`clock()`, read at each use (the parts of the link keep this, so a new `clock` reaches them all)."""
+        return self.clock()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self._keys.load()
+        await self._nonces.__aenter__()
+        await self._staging.__aenter__()
+        await self._nonces.purge(self.clock())
+        self.journal.on_durable.append(self._upload.wake)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(ValueError):
+            self.journal.on_durable.remove(self._upload.wake)
+        await self._staging.close()
+        await self._nonces.close()
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cfg.ca or self.cfg.cert)
+
+    def warnings(self) -> list[str]:
+        """What the link itself must tell the operator (in the birth, and logged at start)."""
+        out = []
+        if not self.tls:
+            out.append(f"plain MQTT without TLS to {self.cfg.host}:{self.cfg.port}: the broker, and anyone on the "
+                       "network path, can read events; only signatures protect the doors")  # fmt: skip
+        if self._nonces.degraded:
+            out.append(f"command nonces: {self._nonces.degraded}")
+        if self.store.needs_snapshot is not None:
+            out.append(f"rights {self.store.needs_snapshot}: running on the last verified copy (or none) until a "
+                       "snapshot arrives")  # fmt: skip
+        return out
+
+    @property
+    def key_state(self) -> KeyState:
+        """The command key(s) this gateway holds (public keys only)."""
+        return self._keys.state
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The key commands must be signed with now."""
+        return self._keys.public_key
+
+    @property
+    def offline_since(self) -> datetime | None:
+        return self._offline_since
+
+    def _set_online(self, up: bool) -> None:
+        if up == self._online:
+            return
+        self._online = up
+        self._offline_since = None if up else datetime.fromtimestamp(self.clock(), UTC)
+        log.info("cloud link %s", "online" if up else "offline")
+        for cb in self.on_state:
+            cb(up)
+
+    # --- the reconnect loop -----------------------------------------------------------------------------
+
+    async def _connect(self) -> aiomqtt.Client:
+        cfg = self.cfg
+        self._session = int(self.clock() * 1000)
+        death = Death(site=cfg.site, gateway=cfg.gateway, session=self._session, ts=self.clock())
+        c = mqtt.client(
+            cfg.host, cfg.port, identifier=f"acs-{cfg.site}-{cfg.gateway}",
+            tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
+            keepalive=cfg.keepalive_s,
+            clean_start=False,  # keep the broker session across restarts (the default wipes it)
+            session_expiry_s=cfg.session_expiry_s,
+            will=aiomqtt.Will(self.topics.status, encode(death, cfg.encoding), qos=1, retain=True),
+        )  # fmt: skip
+        return await mqtt.connect(c)
+
+    def _down(self) -> None:
+        self._replies.client = None
+        self._set_online(False)
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with jittered backoff; returns only when cancelled."""
+        for w in self.warnings():
+            log.warning("cloud link: %s", w)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._rights.run(), name="link.rights")
+            await mqtt.reconnecting(self._connect, self._serve, mqtt.Backoff(self.cfg.backoff_min_s,
+                                    self.cfg.backoff_max_s), log=log, what="cloud link", down=self._down)  # fmt: skip
+
+    def request_snapshot(self) -> None:
+        """Ask the cloud for a snapshot now if connected (and at every connect while the store needs one)."""
+        reason = self.store.needs_snapshot
+        if reason is not None and self._replies.client is not None:
+            msg = ResyncRequest(have=self.store.version, reason=reason)  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(self._replies.publish(Leaf.RIGHTS_REPLY, msg),
+                                                          name="link.resync")  # fmt: skip
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        for topic in self.topics.downlink():
+            await client.subscribe(topic, qos=1)
+        self._replies.client = client
+        await self._publish_birth()
+        self._set_online(True)
+        if self.store.needs_snapshot is not None:
+            # damaged rights were replaced by the last verified copy (or nothing): the cloud must resend all
+            await self._replies.publish(Leaf.RIGHTS_REPLY, ResyncRequest(
+                have=self.store.version, reason=self.store.needs_snapshot))  # type: ignore[arg-type]  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._upload.run(client), name="link.upload")
+                tg.create_task(self._read(client), name="link.read")
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                d = Death(site=self.cfg.site, gateway=self.cfg.gateway, session=self._session, ts=self.clock(),
+                          reason="shutdown")  # fmt: skip
+                await asyncio.wait_for(
+                    mqtt.publish(client, self.topics.status, encode(d, self.cfg.encoding), retain=True), 2.0
+                )
+            raise
+
+    async def _publish_birth(self) -> None:
+        b = msgspec.structs.replace(
+            self.birth(),
+            site=self.cfg.site,
+            gateway=self.cfg.gateway,
+            session=self._session,
+            ts=self.clock(),
+            rights_version=self.store.version,
+            journal_depth=self.journal.depth,
+            encoding=self.cfg.encoding,
+            max_message_bytes=self.cfg.max_message_bytes,
+            key=fingerprint(self._keys.in_use()),
+            tls=self.tls,
+            warnings=[*self.birth().warnings, *self.warnings()],
+        )
+        await self._replies.publish(Leaf.STATUS, b, retain=True)
+
+    async def _rebirth(self) -> None:
+        """A birth on request, at most once a second (a replayed signed rebirth cannot flood the broker)."""
+        now = time.monotonic()
+        if now - self._last_birth < 1.0:
+            return
+        self._last_birth = now
+        await self._publish_birth()
+
+    # --- incoming ---------------------------------------------------------------------------------------
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            leaf = self.topics.parse(m.topic.value)
+            payload = mqtt.payload(m)
+            try:
+                if leaf is Leaf.RIGHTS:
+                    self._rights.offer(payload)
+                elif leaf is Leaf.EVENTS_ACK:
+                    await self._upload.on_event_ack(payload)
+                elif leaf is Leaf.COMMAND:
+                    await self._gate.on_command(payload)
+                else:
+                    log.warning("message on unexpected topic %s ignored", m.topic.value)
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                raise
+            except Exception:
+                # One message never takes the link down: say so loudly and read the next one.
+                self.stats["handler_errors"] += 1
+                log.exception("message on %s failed", m.topic.value)

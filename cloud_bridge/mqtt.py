@@ -1,0 +1,198 @@
+"""The MQTT plumbing every cloud_bridge client shares: the gateway's link (`link.CloudLink`), the operator's
+site link (`operator.provision.SiteLink`), the event collector (`operator.collector.Collector`) and the test
+and benchmark peer (`cloud.CloudPeer`).
+
+- `client`: an MQTT 5 client (aiomqtt) with TLS, credentials, keepalive, session and will as given.
+- `publish`: QoS 1, optionally retained, optionally with an MQTT message expiry.
+- `Backoff`: the one reconnect delay formula (jittered exponential).
+- `reconnecting`: the reconnect loop: connect, serve until the connection drops, wait, connect again; it
+  returns only when cancelled (aiomqtt `docs/reconnection.md`: reconnect outside the client).
+- `Session`: a client, its reader task and `wait_for(condition)`: the base of `CloudPeer` and `SiteLink`.
+
+No protocol here: topics and messages are `topics.py` and `protocol.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from types import TracebackType
+from typing import Any, NoReturn
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cloud_bridge.errors import CloudBridgeError
+from edge.tasks import cancel_and_wait
+
+#: How long connecting, subscribing and publishing may take before aiomqtt gives up (seconds).
+TIMEOUT_S = 10
+
+
+def tls_params(ca: str | None, cert: str | None, key: str | None) -> aiomqtt.TLSParameters | None:
+    """TLS when a CA bundle or a client certificate is given (PEM paths), else None (plain MQTT)."""
+    if ca or cert:
+        return aiomqtt.TLSParameters(ca_certs=ca, certfile=cert, keyfile=key)
+    return None
+
+
+def client(
+    host: str, port: int, *, identifier: str, tls: aiomqtt.TLSParameters | None = None, username: str | None = None,
+    password: str | None = None, keepalive: int | None = None, clean_start: bool | None = None,
+    session_expiry_s: int | None = None, will: aiomqtt.Will | None = None,
+) -> aiomqtt.Client:  # fmt: skip
+    """An MQTT 5 client (not connected yet: `async with` it, or `connect`). Options left None keep aiomqtt's
+    defaults; `session_expiry_s` is the MQTT 5 session expiry sent with the CONNECT."""
+    kw: dict[str, object] = {}
+    if keepalive is not None:
+        kw["keepalive"] = keepalive
+    if clean_start is not None:
+        kw["clean_start"] = clean_start
+    if session_expiry_s is not None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+        kw["properties"] = props
+    return aiomqtt.Client(
+        host, port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will, tls_params=tls,
+        username=username, password=password, timeout=TIMEOUT_S, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = ()) -> aiomqtt.Client:
+    """Connect `c` and subscribe to `subscriptions` (QoS 1); when a subscription fails, disconnect and raise."""
+    await c.__aenter__()
+    try:
+        for topic in subscriptions:
+            await c.subscribe(topic, qos=1)
+    except BaseException:
+        await close(c)
+        raise
+    return c
+
+
+async def close(c: aiomqtt.Client) -> None:
+    """Disconnect (a connection already lost is not an error)."""
+    with contextlib.suppress(aiomqtt.MqttError):
+        await c.__aexit__(None, None, None)
+
+
+async def publish(c: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool = False,
+                  expiry_s: int | None = None) -> None:  # fmt: skip
+    """Publish at QoS 1; with `expiry_s`, the broker drops the message when it is not delivered in time
+    (MQTT 5 message expiry: a command is never delivered after its lifetime)."""
+    props = None
+    if expiry_s is not None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.MessageExpiryInterval = expiry_s
+    await c.publish(topic, payload, qos=1, retain=retain, properties=props)
+
+
+def payload(m: aiomqtt.Message) -> bytes:
+    """A received message's payload as bytes."""
+    return m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+
+
+class Backoff:
+    """Jittered exponential backoff: the n-th delay (from 0) is uniform in [lo/2, min(hi, lo * 2**n)] (full
+    jitter above a floor of lo/2, so that a fleet reconnecting after a broker restart spreads out and never
+    spins). `reset()` after a success starts again from `lo`."""
+
+    def __init__(self, lo: float, hi: float, rng: random.Random | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self._rng = rng or random.Random()
+        self._n = 0
+
+    def __call__(self) -> float:
+        """The next delay."""
+        cap = min(self.hi, self.lo * (2**self._n))
+        self._n = min(self._n + 1, 30)
+        return self._rng.uniform(self.lo / 2, cap)
+
+    def reset(self) -> None:
+        self._n = 0
+
+
+async def reconnecting(
+    connect: Callable[[], Awaitable[aiomqtt.Client]], serve: Callable[[aiomqtt.Client], Awaitable[None]],
+    backoff: Backoff, *, log: logging.Logger, what: str, first: aiomqtt.Client | None = None,
+    down: Callable[[], None] | None = None,
+) -> NoReturn:  # fmt: skip
+    """Serve MQTT connections for ever: `connect()` (a connected client; or `first`, already connected), then
+    `serve(client)` until the connection drops (an `aiomqtt.MqttError`, also inside an exception group, is
+    logged as "`what`: error"; anything else propagates), then `down()`, disconnect, and wait `backoff()`
+    before the next attempt. The backoff is reset by every successful connect. Returns only when cancelled
+    (the client is disconnected then too)."""
+    pending = first
+    while True:
+        c, pending = pending, None
+        try:
+            if c is None:
+                c = await connect()
+                backoff.reset()
+            await serve(c)
+        except* aiomqtt.MqttError as eg:
+            log.warning("%s: %s", what, eg.exceptions[0])
+        finally:
+            if down is not None:
+                down()
+            if c is not None:
+                await close(c)
+        await asyncio.sleep(backoff())
+
+
+class Session:
+    """One connected client, the task that reads it, and `wait_for`: the base of the cloud side's clients
+    (`cloud.CloudPeer`, `operator.provision.SiteLink`). A subclass connects (`_client`), starts its reader with
+    `_start_reader` and calls `_changed_now()` after each message it handles; leaving (`__aexit__`) stops the
+    reader and disconnects."""
+
+    #: How often `wait_for` re-checks a condition that no message changes.
+    poll_s = 0.05
+
+    def __init__(self) -> None:
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    def _not_connected(self) -> Exception:
+        return CloudBridgeError("not connected to the broker")
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise self._not_connected()
+        return self._client
+
+    def _start_reader(self, reader: Coroutine[Any, Any, None], name: str) -> None:
+        self._reader = asyncio.get_running_loop().create_task(reader, name=name)
+
+    async def _changed_now(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, pred: Callable[[], Any], timeout: float = 30.0, *, poll_s: float | None = None) -> Any:  # noqa: ASYNC109
+        """Wait until `pred()` returns something truthy (re-checked after every message, and every `poll_s`
+        for conditions that do not depend on messages); return it. Raises TimeoutError."""
+        async with asyncio.timeout(timeout), self._changed:
+            while not (v := pred()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.poll_s if poll_s is None else poll_s)
+            return v
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        """Stop the reader and disconnect."""
+        if self._reader is not None:
+            await cancel_and_wait(self._reader, ignore=(aiomqtt.MqttError,))
+            self._reader = None
+        if self._client is not None:
+            c, self._client = self._client, None
+            await close(c)

@@ -1,0 +1,82 @@
+"""The settings of the gateway's cloud link, defined once.
+
+`LinkSettings` holds every setting the gateway's config file (`[link]`, `edge.config.LinkSection`) and the
+link itself (`LinkConfig`) share: one field, one default, one limit each. `LinkSection` adds what only the
+file knows (whether the link is on, secrets by credential name, the command key); `LinkConfig` adds what the
+agent resolves at start (site and gateway names, the client key's path, the password, the SQLite
+`synchronous` of the link's state). `LinkConfig.of` builds one from the other without naming fields.
+
+Limits (`Meta`) are checked when a config is decoded (`msgspec.convert`), not when a Struct is built in code.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Self
+
+import msgspec
+from msgspec import Meta
+
+#: A site or gateway name (also a topic level: docs/protocol.md §2).
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+#: A path or a credential name: never empty, never unbounded.
+PathText = Annotated[str, Meta(min_length=1, max_length=4096)]
+Text = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The cloud link's settings (docs/protocol.md); the `[link]` keys of the gateway's config file."""
+
+    host: Annotated[str, Meta(min_length=1, max_length=253)] = "localhost"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate (PEM paths).
+    ca: PathText | None = None
+    cert: PathText | None = None
+    username: Text | None = None
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    #: MQTT 5 session expiry (a 32-bit count of seconds): how long the broker keeps our subscriptions and
+    #: queued QoS 1 messages.
+    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600
+    #: Reconnect delays: full-jitter exponential backoff between these bounds (`cloud_bridge.mqtt.Backoff`).
+    backoff_min_s: Annotated[float, Meta(gt=0, le=3600)] = 0.5
+    backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    #: Events per EventBatch (fewer when a batch would exceed `max_message_bytes`).
+    batch_events: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    #: The largest message either side sends or reads (Mosquitto's `message_size_limit`, AWS IoT's 128 KiB;
+    #: MQTT's own limit is 256 MiB; 16 MiB is plenty for a Pi).
+    max_message_bytes: Annotated[int, Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
+    encoding: Literal["msgpack", "json"] = "msgpack"
+    #: Event batches sent ahead of the cloud's acknowledgement.
+    window: Annotated[int, Meta(ge=1, le=1000)] = 8
+    #: Without an event acknowledgement for this long, the unacknowledged tail is sent again.
+    ack_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    #: Grace for the clocks of the cloud and the gateway when checking a command's issue and expiry times.
+    command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    #: Longest lifetime (expires - issued) a command may claim.
+    command_max_ttl_s: Annotated[float, Meta(gt=0, le=7 * 86400)] = 86400.0
+    #: Largest snapshot transfer staged on disk (also bounded by the free space less 8 MiB).
+    snapshot_max_bytes: Annotated[int, Meta(ge=4096, le=2**40)] = 512 * 1024 * 1024
+    #: Rights messages waiting to be processed; more are dropped (the cloud resends until answered).
+    rights_queue: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    #: A refused downlink message of one kind is journalled at most once per this many seconds (the rest
+    #: are counted).
+    refusal_journal_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+
+
+class LinkConfig(LinkSettings, kw_only=True, frozen=True):
+    """Everything `CloudLink` needs: the shared settings, resolved for this gateway."""
+
+    site: Name
+    gateway: Name
+    #: The TLS client key (a PEM path) and the broker password, read from their credentials at start.
+    key: str | None = None
+    password: str | None = None
+    #: SQLite `synchronous` for the link's own state (command nonces).
+    synchronous: str = "FULL"
+
+    @classmethod
+    def of(cls, settings: LinkSettings, *, site: str, gateway: str, key: str | None = None,
+           password: str | None = None, synchronous: str = "FULL") -> Self:  # fmt: skip
+        """The link's config from the shared settings of `settings` (a `LinkSection`, or any `LinkSettings`)."""
+        shared: dict[str, Any] = {f: getattr(settings, f) for f in LinkSettings.__struct_fields__}
+        return cls(site=site, gateway=gateway, key=key, password=password, synchronous=synchronous, **shared)
