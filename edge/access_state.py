@@ -24,7 +24,9 @@ Keys are external user ids and card numbers (stable across snapshots, unlike the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta, tzinfo
 
 from .decision import Decision, Reason
 
@@ -150,6 +152,26 @@ def reset(state: AccessState, *, user: str | None = None, area: str | None = Non
                 state.occupancy.pop(a, None)
         delta.users.add(u)
     return delta
+
+
+def due_resets(resets: Iterable[tuple[str, str]], tz: tzinfo, since: datetime, now: datetime) -> list[str]:
+    """The areas whose daily reset time ("HH:MM" local in `tz`; `resets` holds (area, time)) fell in
+    (`since`, `now`]. A reset time the clocks skip (spring forward) happens at the same wall time's instant
+    as `zoneinfo` resolves it; one repeated (fall back) happens once, at its first occurrence."""
+    if now <= since:
+        return []
+    out = []
+    first, last = since.astimezone(tz).date(), now.astimezone(tz).date()
+    for area, hhmm in resets:
+        h, m = int(hhmm[:2]), int(hhmm[3:])
+        day = first
+        while day <= last:
+            at = datetime.combine(day, time(h % 24, m), tz) + timedelta(days=h // 24)
+            if since < at <= now:
+                out.append(area)
+                break
+            day += timedelta(days=1)
+    return out
 
 
 def reset_uses(state: AccessState, card: int) -> Delta:

@@ -181,6 +181,9 @@ class Area(Base, frozen=True):
     exempt_groups: Annotated[list[Ident], Meta(max_length=MAX_EXEMPT_GROUPS)] = []
     #: At most this many users inside (None = no limit): more are refused `area_full`.
     max_occupancy: Annotated[int, Meta(ge=1, le=MAX_OCCUPANCY)] | None = None
+    #: Every day at this local time (the site's zone) the locations in the area are forgotten (the nightly
+    #: anti-passback reset); None = never.
+    reset_daily: ClockTime | None = None
 
 
 class Interlock(Base, frozen=True):

@@ -311,3 +311,22 @@ def test_without_state_the_rules_read_an_empty_state() -> None:
     r = Rig()
     assert r.decider.decide("main", 1, T0).granted
     assert r.decider.decide("vault", 1, T0).reason is Reason.AWAITING_SECOND_PERSON
+
+
+def test_due_resets_at_local_time_across_dst() -> None:
+    from edge.access_state import due_resets
+
+    berlin = ZoneInfo("Europe/Berlin")
+    resets = [("building", "03:00"), ("lab", "02:30"), ("yard", "24:00")]
+    # 2026-03-29: Berlin springs forward at 02:00 -> 03:00 (02:30 never happens on the wall clock)
+    before = datetime(2026, 3, 28, 23, 0, tzinfo=UTC)  # 00:00 local
+    after = datetime(2026, 3, 29, 2, 0, tzinfo=UTC)  # 04:00 local (CEST)
+    assert sorted(due_resets(resets, berlin, before, after)) == ["building", "lab"]
+    assert due_resets(resets, berlin, after, after) == []
+    # a day's span covers each area once; 24:00 is the next midnight
+    day = (datetime(2026, 6, 1, 12, tzinfo=UTC), datetime(2026, 6, 2, 12, tzinfo=UTC))
+    assert sorted(due_resets(resets, berlin, *day)) == ["building", "lab", "yard"]
+    # just before and just at the instant
+    at = datetime(2026, 6, 2, 1, 0, tzinfo=UTC)  # 03:00 CEST
+    assert due_resets([("building", "03:00")], berlin, at - timedelta(seconds=1), at) == ["building"]
+    assert due_resets([("building", "03:00")], berlin, at, at + timedelta(hours=23)) == []

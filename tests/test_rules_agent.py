@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,31 @@ async def test_a_grant_taken_back_frees_the_interlock_at_once(rcfg: Config) -> N
         assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["interlock"]
         agent.doors["door1"].relock()  # the strike ends long before its 30 s
         assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["granted"]
+
+
+async def test_the_nightly_reset_forgets_who_is_inside(tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="edge-rules-") as d:  # the system clock, trusted: resets run
+        text = config_text(tmp_path / "state", Path(d) / "control.sock") + '[policy]\nclock_source = "system"\n'
+        await nightly_reset(parse_config(text))
+
+
+async def nightly_reset(rcfg: Config) -> None:
+    async with running(rcfg) as agent:
+        await provision(
+            agent,
+            PutArea(area=Area(id="building", anti_passback=AntiPassback.HARD, reset_daily="03:00")),
+            PutDoor(door=Door(id="door1", strike_s=0.5, to_area="building")),
+        )
+        assert agent.tap is not None
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1001)) == ["granted"]
+        await ask(rcfg, DoorRequest(door="door1", action="open"))
+        await ask(rcfg, DoorRequest(door="door1", action="close"))
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1001)) == ["anti_passback"]
+        night = datetime(2026, 11, 24, 1, 59, 59, tzinfo=UTC)  # 02:59:59 in Berlin
+        agent.tap.scheduled_resets(night)
+        assert agent.tap.scheduled_resets(night + timedelta(seconds=1)) == ["building"]
+        assert agent.tap.access.occupancy == {}
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1001)) == ["granted"]
+    async with running(rcfg) as agent:  # the reset was saved
+        assert agent.tap is not None and agent.tap.access.where == {}
+    assert any(e.detail.get("event") == "anti_passback_reset" for e in journal_on_disk(rcfg) if e.detail)

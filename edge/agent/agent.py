@@ -409,6 +409,8 @@ class Agent:
             self._refresh_door_models()
             if self.modes is not None:
                 self.modes.sync()
+            if self.tap is not None:
+                self.tap.scheduled_resets(self.clock.datetime())
             tick += 1
             if self.link_online and tick % 60 == 0:
                 self._persist_last_online()

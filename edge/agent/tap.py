@@ -24,11 +24,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from edge.access_state import AccessState, Delta, door_contact, door_relocked, on_decision, update
+from edge.access_state import (
+    AccessState,
+    Delta,
+    door_contact,
+    door_relocked,
+    due_resets,
+    on_decision,
+    reset,
+    update,
+)
 from edge.clock import AgentClock
 from edge.decision import Decider, Decision, Reason, Side
 from edge.door import DoorController
@@ -127,6 +137,7 @@ class TapHandler:
         self._awaiting_open: dict[str, Decision] = {}
         self._unsaved = Delta()
         self._saver: asyncio.Task[None] | None = None
+        self._reset_checked: datetime | None = None
 
     async def close(self) -> None:
         """Cancel the PIN checks in flight, stop the PIN thread, write the access state still unsaved."""
@@ -328,6 +339,20 @@ class TapHandler:
             door_relocked(self.access, door)
             if door in self._awaiting_open:
                 update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+
+    def scheduled_resets(self, now: datetime) -> list[str]:
+        """The nightly anti-passback resets (`Area.reset_daily`) due since the last call (the agent calls it
+        every second); returns the areas reset. Nothing runs while the clock is not trusted."""
+        last, self._reset_checked = self._reset_checked, now
+        if last is None or not self.clock.trusted:
+            return []
+        tables = self.decider.index.tables
+        resets = [(a.id, a.reset_daily) for a in tables.areas.values() if a.reset_daily is not None]
+        due = due_resets(resets, tables.site_tz, last, now) if resets else []
+        for area in due:
+            self._save(reset(self.access, area=area))
+            self._emit(SYSTEM, detail={"event": "anti_passback_reset", "area": area, "cause": "schedule"})
+        return due
 
     def _save(self, delta: Delta) -> None:
         if not delta or self._save_access is None:
