@@ -18,6 +18,11 @@ and then, in this one process:
   perf_counter_ns (not corrected for the timer's own cost, which is given in params); several rounds;
   p50 / p99 / p99.9 are medians over rounds, `*_max_round` the worst round. A second series with the clock
   moving forward 10 ms per tap (like a live door) is reported as `decide_p99_live_clock`;
+* access rules (issue 19): the same probes through a Decider over the same base arrays with every rule enabled
+  (areas with hard, soft and timed anti-passback, exempt groups and occupancy limits on six doors, a two-person
+  door, an escort door, an interlock, duress by PIN + 1, 10% of credentials use-limited) and an `AccessState`
+  holding a location for 20% of the users, beside the same run without them, rounds interleaved:
+  `decide_rules_p50` / `decide_rules_p99` and their ratio to the run without (target: p99 within 1.5x);
 * baseline: the same decisions answered by an indexed SQLite query through aiosqlite (credential -> user
   -> assignments joined with a group->door table on the door, windows and schedules checked in Python),
   what a design without an in-memory index does; answers checked against `decide()`; ratio of p50s/p99s;
@@ -67,9 +72,22 @@ from population import (
     schedules,
 )
 
+from edge.access_state import AccessState
 from edge.decision import Decider, Reason
-from edge.index import NO_END, STATUS_NAMES, RightsIndex
-from edge.model import ChangeSet, Credential, CredentialStatus, DeleteCredential, Group, PutCredential
+from edge.index import NO_END, STATUS_NAMES, USES_SHIFT, RightsIndex, Tables
+from edge.model import (
+    AntiPassback,
+    Area,
+    ChangeSet,
+    Credential,
+    CredentialStatus,
+    DeleteCredential,
+    DuressMode,
+    Group,
+    Interlock,
+    PutCredential,
+    SiteRules,
+)
 from edge.schedule import CompiledSchedule
 from edge.store import Store
 
@@ -167,6 +185,55 @@ def time_decisions(decide: Callable[[str, int, datetime], Any], probes: list[Pro
         out[i] = pc() - t0
     out.sort()
     return out
+
+
+# --- access rules (issue 19) ----------------------------------------------------------------------------
+
+
+def rules_decider(index: RightsIndex, pop: Population, seed: int) -> tuple[Decider, AccessState]:
+    """A Decider over `index`'s base arrays with every access rule enabled, and a populated state."""
+    t = index.tables
+    gids = [g for g in t.gid if g]
+    areas = [
+        Area(id="building", anti_passback=AntiPassback.HARD, exempt_groups=gids[:2], max_occupancy=1_000_000),
+        Area(id="yard", anti_passback=AntiPassback.SOFT),
+        Area(id="lab", anti_passback=AntiPassback.TIMED, timed_s=600.0, exempt_groups=gids[2:3], max_occupancy=500),
+    ]
+    ds = dict(t.doors)
+    rules = {
+        "door0": {"to_area": "building"}, "door1": {"to_area": "building", "from_area": "yard"},
+        "door2": {"to_area": "lab", "from_area": "building"}, "door3": {"to_area": "yard"},
+        "door4": {"two_person_s": 10.0, "to_area": "lab"}, "door5": {"escort_group": gids[0],
+        "visitor_groups": gids[1:4], "to_area": "building"},
+    }  # fmt: skip
+    for d, kw in rules.items():
+        ds[d] = msgspec.structs.replace(ds[d], **kw)
+    tables = Tables.build(
+        t.site_tz, ds.values(), t.schedule_models.values(), t.groups.values(), t.gidx, compiled=t.schedules,
+        areas=areas, interlocks=[Interlock(id="trap", doors=["door6", "door7"])],
+        site_rules=SiteRules(duress=DuressMode.PIN_PLUS_ONE),
+    )  # fmt: skip
+    base = index._base
+    arrays = dict(base.arrays)
+    rng = np.random.default_rng([seed, pop.n, 19])
+    limited = rng.random(base.n_creds) < 0.1
+    arrays["c_status"] = np.where(limited, arrays["c_status"] | np.uint32(3 << USES_SHIFT), arrays["c_status"]).astype(
+        np.uint32
+    )
+    rindex = RightsIndex(tables, (arrays, base.u_idblob, base.pins), version=index.visible)
+    state = AccessState()
+    uid_rows = rng.choice(base.n_users, size=max(1, base.n_users // 5), replace=False)
+    for n, i in enumerate(uid_rows.tolist()):
+        row = base.user(int(base.u_uid[i]))
+        assert row is not None
+        area = ("building", "yard", "lab", None)[n % 4]
+        state.where[row[0]] = (area, float(WEEK_START_TS + (n % 1000)))
+        if area is not None:
+            state.occupancy[area] = state.occupancy.get(area, 0) + 1
+    cards = base.arrays["c_card"][limited]
+    state.used = {int(c): int(k) for c, k in zip(cards.tolist(), rng.integers(0, 4, len(cards)).tolist(), strict=True)}
+    state.unlocked_until["door6"] = float(WEEK_START_TS + WEEK_S / 2)
+    return Decider(rindex), state
 
 
 # --- the aiosqlite baseline ------------------------------------------------------------------------------
@@ -532,6 +599,46 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     lv = time_decisions(decider.decide, live_probes(probes))
     emit("decide_p99_live_clock", pct(lv, 0.99) / 1e3, "us", **base, probes=m, p50_us=pct(lv, 0.5) / 1e3,
          times="Tue 10:00 local, +10 ms per tap (local-clock cache hits)")  # fmt: skip
+
+    # (c2) every access rule enabled, beside the same run without them (rounds interleaved)
+    rdecider, rstate = rules_decider(store.index, pop, args.seed)
+    plain_decide, rules_decide = decider.decide, rdecider.decide
+
+    def without(door: str, card: int, now: datetime) -> Any:
+        return plain_decide(door, card, now, state=None)
+
+    def with_rules(door: str, card: int, now: datetime) -> Any:
+        return rules_decide(door, card, now, state=rstate)
+
+    rmix = Counter(str(with_rules(*p).reason) for p in probes[:20_000])
+    off: list[tuple[float, float]] = []
+    on: list[tuple[float, float]] = []
+    for _ in range(rounds):
+        v = time_decisions(without, probes)
+        off.append((pct(v, 0.5), pct(v, 0.99)))
+        v = time_decisions(with_rules, probes)
+        on.append((pct(v, 0.5), pct(v, 0.99)))
+    o50, o99 = (statistics.median(s[k] for s in off) / 1e3 for k in (0, 1))
+    r50, r99 = (statistics.median(s[k] for s in on) / 1e3 for k in (0, 1))
+    rcommon = {**common, "rules": "areas x3 (hard/soft/timed, exempt groups, occupancy) on 6 doors, two-person, "
+               "escort, interlock, duress, 10% use-limited; 20% of users located",
+               "reasons": {k: round(v / 20_000, 4) for k, v in rmix.most_common()}}  # fmt: skip
+    emit("decide_no_rules_p50", o50, "us", **common)
+    emit("decide_no_rules_p99", o99, "us", **common)
+    emit("decide_rules_p50", r50, "us", **rcommon, ratio=round(r50 / o50, 3))
+    emit("decide_rules_p99", r99, "us", **rcommon, ratio=round(r99 / o99, 3), target_ratio=1.5, target_n=2_000_000)
+    note(f"N={n}: decide() p50/p99 without rules {o50:.2f}/{o99:.2f} us, with every rule {r50:.2f}/{r99:.2f} us "
+         f"(x{r50 / o50:.2f} / x{r99 / o99:.2f})")  # fmt: skip
+    # Only taps that pass every other check reach the rules: the same comparison on those alone.
+    gprobes = [p for p in probes if plain_decide(*p).granted]
+    goff = [time_decisions(without, gprobes) for _ in range(rounds)]
+    gon = [time_decisions(with_rules, gprobes) for _ in range(rounds)]
+    g_o99 = statistics.median(pct(v, 0.99) for v in goff) / 1e3
+    g_r99 = statistics.median(pct(v, 0.99) for v in gon) / 1e3
+    emit("decide_rules_granted_only_p99", g_r99, "us", **rcommon, probes_granted=len(gprobes),
+         no_rules_p99_us=g_o99, ratio=round(g_r99 / g_o99, 3), target_ratio=1.5)  # fmt: skip
+    note(f"N={n}: on the {len(gprobes)} taps granted without rules: p99 {g_o99:.2f} -> {g_r99:.2f} us "
+         f"(x{g_r99 / g_o99:.2f})")  # fmt: skip
 
     # (d) aiosqlite baseline on the same file (a second connection, like a second reader)
     nb = 500 if quick else 2_000

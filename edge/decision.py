@@ -25,13 +25,21 @@ Order of checks (the first that fails gives the reason; `docs/model.md` has the 
    credential out and raises an alarm). With `defer_pin` the hash is not computed here: the decision comes
    back PIN_REQUIRED with `pin_check` set to the stored hash, and the caller verifies it off the loop and
    decides again with `pin_verified=(hash, ok)` (the agent: edge/agent/tap.py)
-9. granted (FIRST_CARD_UNLOCK if it opened a first-card door for the rest of its schedule)
+9. access rules (issue 19; the door's `DoorRules` and the `AccessState` the caller passes, read only):
+   a use-limited credential used up -> USES_EXHAUSTED; another door of the door's interlock unlocked or
+   open -> INTERLOCK; anti-passback of the area entered or left (hard, timed) -> ANTI_PASSBACK (soft:
+   granted with the alarm "anti_passback"); the area entered full -> AREA_FULL; a visitor group's user
+   without an escort's tap within the window -> AWAITING_ESCORT; the first of two persons ->
+   AWAITING_SECOND_PERSON. A duress PIN (site setting) passes the PIN step and flags the decision `duress`
+   whatever follows
+10. granted (FIRST_CARD_UNLOCK if it opened a first-card door for the rest of its schedule)
 """
 
 from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -44,10 +52,31 @@ from .index import (
     NO_END,
     STATUS_MASK,
     STATUS_NAMES,
+    USES_MASK,
+    USES_SHIFT,
     RightsIndex,
 )
-from .model import CredentialStatus, DoorMode
+from .model import AntiPassback, CredentialStatus, DoorMode, DuressMode
 from .pin import valid_pin_hash, verify_pin
+
+
+class RuleState(Protocol):
+    """What `decide()` reads of the access rules' runtime state (`edge.access_state.AccessState`)."""
+
+    @property
+    def where(self) -> dict[str, tuple[str | None, float]]: ...
+    @property
+    def occupancy(self) -> dict[str, int]: ...
+    @property
+    def pending(self) -> dict[str, tuple[str, float]]: ...
+    @property
+    def escort(self) -> dict[str, tuple[str, float]]: ...
+    @property
+    def used(self) -> dict[int, int]: ...
+    def busy(self, door: str, ts: float) -> bool: ...
+
+#: The reader side of a tap at a door between areas: "in" passes from `from_area` into `to_area`.
+Side = Literal["in", "out"]
 
 
 class Reason(enum.StrEnum):
@@ -77,6 +106,12 @@ class Reason(enum.StrEnum):
     PIN_REQUIRED = "pin_required"
     PIN_NOT_ENROLLED = "pin_not_enrolled"
     PIN_WRONG = "pin_wrong"
+    USES_EXHAUSTED = "uses_exhausted"
+    INTERLOCK = "interlock"
+    ANTI_PASSBACK = "anti_passback"
+    AREA_FULL = "area_full"
+    AWAITING_ESCORT = "awaiting_escort"
+    AWAITING_SECOND_PERSON = "awaiting_second_person"
 
 
 _STATUS_REASON = {
@@ -132,10 +167,22 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     strike_s: float = 0.0
     #: First-card unlock: the door stays unlocked until this UTC timestamp.
     unlock_until: float | None = None
-    #: An alarm this decision raises ("pin_lockout").
+    #: An alarm this decision raises ("pin_lockout", "anti_passback" for a soft anti-passback grant).
     alarm: str | None = None
     #: Pending, not final (`decide(defer_pin=True)`): the stored PIN hash to verify the PIN against.
     pin_check: str | None = None
+    #: With `pin_check`, when the site has a duress PIN: (PIN, hash) to verify as well; the caller decides
+    #: again with `duress_verified=(PIN, hash, matched)`.
+    duress_check: tuple[str, str] | None = None
+    #: The PIN given was the duress PIN: the silent alarm `alarm.duress` (granted or not).
+    duress: bool = False
+    #: Access rules, for `access_state.on_decision` / `update`: (area left, area entered) at a door between
+    #: areas (None = outside); the user is an escort at this door; the credential is use-limited (a use
+    #: counts once the door opened); the interlock the door is in.
+    passage: tuple[str | None, str | None] | None = None
+    escort: bool = False
+    count_use: bool = False
+    interlock: str | None = None
 
 
 class Decider:
@@ -206,9 +253,14 @@ class Decider:
         facility: int | None = None,
         defer_pin: bool = False,
         pin_verified: tuple[str, bool] | None = None,
+        duress_verified: tuple[str, str, bool] | None = None,
+        state: RuleState | None = None,
+        side: Side = "in",
     ) -> Decision:
         """The decision for a tap at `now`. `defer_pin`: never hash a PIN here (see the module docstring);
-        `pin_verified`: (stored hash, whether the PIN matched it) from a check made off the loop."""
+        `pin_verified`: (stored hash, whether the PIN matched it) from a check made off the loop, and
+        `duress_verified` the same for `Decision.duress_check`. `state`: the access rules' runtime state
+        (read only; None reads as empty); `side`: the reader's side of a door between areas."""
         ts = now.timestamp()
         index = self.index
         tables = index.tables
@@ -230,6 +282,7 @@ class Decider:
             return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
         uid, status, c_from, c_until = cred
         fac = status >> FACILITY_SHIFT
+        limited = (status >> USES_SHIFT) & USES_MASK
         status &= STATUS_MASK
         urow = index.user(uid)
         if urow is None:  # cannot happen in a consistent store; deny rather than guess
@@ -329,6 +382,7 @@ class Decider:
         group = tables.gid[granted_group]
 
         alarm = None
+        duress = False
         if mode is DoorMode.CARD_AND_PIN:
             fails = self._pin_fail.get(card)
             if fails is not None and fails[1] > ts:
@@ -337,6 +391,7 @@ class Decider:
                 return deny(Reason.PIN_REQUIRED, group)
             if pin_hash is None:
                 return deny(Reason.PIN_NOT_ENROLLED, group)
+            dcheck = self._duress_candidate(pin, pin_hash)
             if pin_verified is not None and pin_verified[0] == pin_hash:
                 ok = pin_verified[1]
             elif not valid_pin_hash(pin_hash):
@@ -344,10 +399,21 @@ class Decider:
             elif defer_pin:
                 return Decision(
                     granted=False, reason=Reason.PIN_REQUIRED, door=door, card=card, uid=uid, user=user,
-                    group=group, pin_check=pin_hash,
+                    group=group, pin_check=pin_hash, duress_check=dcheck,
                 )  # fmt: skip
             else:
                 ok = verify_pin(pin, pin_hash)
+            if not ok and dcheck is not None:
+                if duress_verified is not None and duress_verified[:2] == dcheck:
+                    duress = duress_verified[2]
+                elif defer_pin:
+                    return Decision(
+                        granted=False, reason=Reason.PIN_REQUIRED, door=door, card=card, uid=uid, user=user,
+                        group=group, pin_check=pin_hash, duress_check=dcheck,
+                    )  # fmt: skip
+                else:
+                    duress = valid_pin_hash(dcheck[1]) and verify_pin(*dcheck)
+                ok = duress
             if not ok:
                 if fails is None:
                     fails = self._pin_fail[card] = [0.0, 0.0]
@@ -362,6 +428,76 @@ class Decider:
                 )  # fmt: skip
             self._pin_fail.pop(card, None)
 
+        # Access rules (issue 19), on the state the caller passes (read only here).
+        passage: tuple[str | None, str | None] | None = None
+        escort = False
+        interlock = None
+
+        def refuse(reason: Reason) -> Decision:
+            return Decision(
+                granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group, duress=duress,
+                passage=passage, interlock=interlock,
+            )  # fmt: skip
+
+        rules = tables.door_rules.get(door)
+        src = dst = None
+        if rules is not None and rules.linked:
+            src, dst = (rules.from_area, rules.to_area) if side != "out" else (rules.to_area, rules.from_area)
+            passage = (src, dst)
+        if limited and state is not None and state.used.get(card, 0) >= limited:
+            return refuse(Reason.USES_EXHAUSTED)
+        if rules is not None:
+            if rules.interlock is not None:
+                interlock = rules.interlock
+                if state is not None:
+                    for peer in rules.peers:
+                        if state.busy(peer, ts):
+                            return refuse(Reason.INTERLOCK)
+            gmask = -1  # the user's groups in their window (computed when a rule needs them)
+            if rules.linked:
+                loc = state.where.get(user) if state is not None else None
+                worst = 0
+                for a_id in (dst, src):
+                    ar = rules.areas.get(a_id)
+                    if ar is None or ar.mode is AntiPassback.NONE:
+                        continue
+                    if ar.exempt:
+                        if gmask < 0:
+                            gmask = _groups_now(assignments, ts)
+                        if gmask & ar.exempt:
+                            continue
+                    if ar.mode is AntiPassback.TIMED:
+                        if a_id == dst and loc is not None and loc[0] == dst and ts - loc[1] < ar.timed_s:
+                            worst = 2
+                    elif loc is not None and loc[0] != src:
+                        worst = max(worst, 2 if ar.mode is AntiPassback.HARD else 1)
+                if worst == 2:
+                    return refuse(Reason.ANTI_PASSBACK)
+                if worst == 1:
+                    alarm = "anti_passback"
+                ard = rules.areas.get(dst)
+                if (
+                    ard is not None
+                    and ard.max_occupancy is not None
+                    and (loc is None or loc[0] != dst)
+                    and state is not None
+                    and state.occupancy.get(ard.id, 0) >= ard.max_occupancy
+                ):
+                    return refuse(Reason.AREA_FULL)
+            if rules.escort_gidx >= 0:
+                if gmask < 0:
+                    gmask = _groups_now(assignments, ts)
+                if (gmask >> rules.escort_gidx) & 1:
+                    escort = True
+                elif (rules.visitor_mask >> granted_group) & 1:
+                    e = state.escort.get(door) if state is not None else None
+                    if e is None or e[0] == user or ts - e[1] > rules.escort_s:
+                        return refuse(Reason.AWAITING_ESCORT)
+            if rules.two_person_s is not None:
+                p = state.pending.get(door) if state is not None else None
+                if p is None or p[0] == user or ts - p[1] > rules.two_person_s:
+                    return refuse(Reason.AWAITING_SECOND_PERSON)
+
         strike = d.extended_strike_s if flags & F_EXTENDED else d.strike_s
         if mode is DoorMode.FIRST_CARD:
             sched = tables.schedules[d.unlock_schedule] if d.unlock_schedule else None
@@ -371,9 +507,31 @@ class Decider:
                 self.first_card_until[door] = until
                 return Decision(
                     granted=True, reason=Reason.FIRST_CARD_UNLOCK, door=door, card=card, uid=uid, user=user,
-                    group=group, strike_s=strike, unlock_until=until,
+                    group=group, strike_s=strike, unlock_until=until, alarm=alarm, duress=duress, passage=passage,
+                    escort=escort, count_use=bool(limited), interlock=interlock,
                 )  # fmt: skip
         return Decision(
             granted=True, reason=Reason.GRANTED, door=door, card=card, uid=uid, user=user, group=group,
-            strike_s=strike,
+            strike_s=strike, alarm=alarm, duress=duress, passage=passage, escort=escort, count_use=bool(limited),
+            interlock=interlock,
         )  # fmt: skip
+
+    def _duress_candidate(self, pin: str, pin_hash: str) -> tuple[str, str] | None:
+        """(PIN, hash) whose match means duress, under the site's setting; None when there is none."""
+        rules = self.index.tables.site_rules
+        if rules.duress is DuressMode.PIN_PLUS_ONE:
+            if not pin or not pin[-1].isdigit():
+                return None
+            return pin[:-1] + str((int(pin[-1]) - 1) % 10), pin_hash
+        if rules.duress is DuressMode.CODE and rules.duress_code_hash is not None:
+            return pin, rules.duress_code_hash
+        return None
+
+
+def _groups_now(assignments: tuple[tuple[int, int, int], ...], ts: float) -> int:
+    """Bitmask of the groups the user is assigned to at `ts` (assignment windows only, schedules aside)."""
+    m = 0
+    for g, a_from, a_until in assignments:
+        if a_from <= ts < a_until:
+            m |= 1 << g
+    return m

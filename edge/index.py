@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from .model import CredentialStatus, Door, Group, Schedule
+from .model import AntiPassback, Area, CredentialStatus, Door, Group, Interlock, Schedule, SiteRules
 from .schedule import CompiledSchedule
 
 NO_START: Final = 0
@@ -48,15 +48,19 @@ F_OFFLINE: Final = 2
 F_EXTENDED: Final = 4
 F_EMERGENCY: Final = 8
 
-#: (uid, status word, valid_from, valid_until). The status word packs the status code (low 8 bits) and
-#: the credential's facility code plus one (bits 8-31; 0 = any facility): see `status_word`.
+#: (uid, status word, valid_from, valid_until). The status word packs the status code (bits 0-1), the
+#: credential's use limit (bits 2-7; 0 = unlimited) and its facility code plus one (bits 8-31; 0 = any
+#: facility): see `status_word`.
 CredRow = tuple[int, int, int, int]
-STATUS_MASK: Final = 0xFF
+STATUS_MASK: Final = 0x03
+USES_SHIFT: Final = 2
+USES_MASK: Final = 0x3F
 FACILITY_SHIFT: Final = 8
 
 
-def status_word(status: int, facility: int | None) -> int:
-    return status | (0 if facility is None else (facility + 1) << FACILITY_SHIFT)
+def status_word(status: int, facility: int | None, max_uses: int | None = None) -> int:
+    uses = 0 if max_uses is None else max_uses << USES_SHIFT
+    return status | uses | (0 if facility is None else (facility + 1) << FACILITY_SHIFT)
 
 
 #: (group index, valid_from, valid_until)
@@ -188,6 +192,80 @@ def _array(values: list[int], dtype: type[np.generic]) -> npt.NDArray[np.generic
 
 
 @dataclass(frozen=True, slots=True)
+class AreaRule:
+    """An area as `decide()` reads it: its anti-passback mode, the bitmask (over group indices) of the groups
+    exempt from it, and its occupancy limit."""
+
+    id: str
+    mode: AntiPassback
+    timed_s: float
+    exempt: int
+    max_occupancy: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DoorRules:
+    """The access rules of one door, compiled (only doors with at least one rule have an entry)."""
+
+    from_area: str | None = None
+    to_area: str | None = None
+    #: The door's areas as rules, by area id (None = outside).
+    areas: dict[str | None, AreaRule | None] = field(default_factory=dict)
+    linked: bool = False  # the door is between areas
+    two_person_s: float | None = None
+    #: Escort: the escort group's index (-1: no escort rule), the visitor groups' bitmask, the window.
+    escort_gidx: int = -1
+    visitor_mask: int = 0
+    escort_s: float = 0.0
+    #: The interlock the door is in, and the other doors of it.
+    interlock: str | None = None
+    peers: tuple[str, ...] = ()
+
+
+def _mask(gidx: dict[str, int], groups: Iterable[str]) -> int:
+    m = 0
+    for g in groups:
+        i = gidx.get(g)
+        if i is not None:
+            m |= 1 << i
+    return m
+
+
+def compile_rules(
+    doors: dict[str, Door], areas: dict[str, Area], interlocks: dict[str, Interlock], gidx: dict[str, int]
+) -> dict[str, DoorRules]:
+    """The `DoorRules` of every door that has a rule."""
+    arules = {
+        a.id: AreaRule(a.id, a.anti_passback, a.timed_s, _mask(gidx, a.exempt_groups), a.max_occupancy)
+        for a in areas.values()
+    }
+    lock_of: dict[str, Interlock] = {}
+    for lock in interlocks.values():
+        for door_id in lock.doors:
+            lock_of.setdefault(door_id, lock)
+    out: dict[str, DoorRules] = {}
+    for d in doors.values():
+        il = lock_of.get(d.id)
+        linked = d.to_area is not None or d.from_area is not None
+        escort = d.escort_group is not None and bool(d.visitor_groups)
+        if not (linked or il is not None or d.two_person_s is not None or escort):
+            continue
+        out[d.id] = DoorRules(
+            from_area=d.from_area,
+            to_area=d.to_area,
+            areas={a: (arules.get(a) if a is not None else None) for a in (d.from_area, d.to_area)},
+            linked=linked,
+            two_person_s=d.two_person_s,
+            escort_gidx=gidx.get(d.escort_group, -1) if escort and d.escort_group is not None else -1,
+            visitor_mask=_mask(gidx, d.visitor_groups) if escort else 0,
+            escort_s=d.escort_s,
+            interlock=il.id if il is not None else None,
+            peers=tuple(x for x in il.doors if x != d.id) if il is not None else (),
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class Tables:
     """Doors, schedules and groups: small, immutable, replaced whole on change."""
 
@@ -204,6 +282,12 @@ class Tables:
     gsched: tuple[CompiledSchedule | None, ...] = ()
     #: door id -> bitmask over group indices of the groups that open it
     door_groups: dict[str, int] = field(default_factory=dict)
+    #: Access rules (docs/model.md, "Access rules"): areas, interlocks, the site's settings, and per door
+    #: the rules compiled for `decide()`.
+    areas: dict[str, Area] = field(default_factory=dict)
+    interlocks: dict[str, Interlock] = field(default_factory=dict)
+    site_rules: SiteRules = field(default_factory=SiteRules)
+    door_rules: dict[str, DoorRules] = field(default_factory=dict)
 
     @staticmethod
     def build(
@@ -214,6 +298,9 @@ class Tables:
         gidx: dict[str, int] | None = None,
         *,
         compiled: dict[str, CompiledSchedule] | None = None,
+        areas: Iterable[Area] = (),
+        interlocks: Iterable[Interlock] = (),
+        site_rules: SiteRules | None = None,
     ) -> Tables:
         """Compile the tables. `gidx` carries the existing group numbering forward (new groups appended);
         `compiled` holds schedules compiled before, reused when compiled from the very same model object."""
@@ -241,9 +328,16 @@ class Tables:
             gsched[i] = compiled[g.schedule] if g.schedule is not None else None
             for d in g.doors:
                 door_groups[d] = door_groups.get(d, 0) | (1 << i)
+        door_map = {d.id: d for d in doors}
+        area_map = {a.id: a for a in areas}
+        lock_map = {il.id: il for il in interlocks}
         return Tables(
             site_tz=site_tz,
-            doors={d.id: d for d in doors},
+            doors=door_map,
+            areas=area_map,
+            interlocks=lock_map,
+            site_rules=site_rules or SiteRules(),
+            door_rules=compile_rules(door_map, area_map, lock_map, gidx),
             schedules=compiled,
             schedule_models=sched_models,
             groups=group_map,
@@ -642,7 +736,20 @@ def _user_hash_sum(base: _Base, keep: npt.NDArray[np.bool_] | None, gid: Sequenc
     return (int(np.sum(h, dtype=u64)) if len(h) else 0), len(h)
 
 
-def table_hash(kind: str, model: Door | Schedule | Group) -> int:
+#: Door fields added by the access rules (issue 19): left out of a door's hash while at their defaults, so
+#: that the checksum of a file written before them is unchanged.
+_DOOR_RULE_DEFAULTS: Final[dict[str, Any]] = {
+    "to_area": None, "from_area": None, "two_person_s": None, "escort_group": None, "visitor_groups": [],
+    "escort_s": 30.0,
+}  # fmt: skip
+
+
+def table_hash(kind: str, model: Door | Schedule | Group | Area | Interlock | SiteRules) -> int:
+    if isinstance(model, Door) and all(getattr(model, k) == v for k, v in _DOOR_RULE_DEFAULTS.items()):
+        body = msgspec.to_builtins(model)
+        for k in _DOOR_RULE_DEFAULTS:
+            body.pop(k, None)
+        return _bytes_hash(kind.encode() + b"\0" + _henc.encode(body))
     return _bytes_hash(kind.encode() + b"\0" + _henc.encode(model))
 
 
@@ -668,6 +775,10 @@ def table_hashes(tables: Tables) -> dict[tuple[str, str], int]:
     out = {("door", k): table_hash("door", d) for k, d in tables.doors.items()}
     out |= {("schedule", k): table_hash("schedule", s) for k, s in tables.schedule_models.items()}
     out |= {("group", k): table_hash("group", g) for k, g in tables.groups.items()}
+    out |= {("area", k): table_hash("area", a) for k, a in tables.areas.items()}
+    out |= {("interlock", k): table_hash("interlock", il) for k, il in tables.interlocks.items()}
+    if tables.site_rules != SiteRules():
+        out[("site", "site")] = table_hash("site", tables.site_rules)
     return out
 
 

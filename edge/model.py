@@ -39,6 +39,16 @@ MAX_NAME: Final = 200
 MAX_PIN_HASH: Final = 256
 MAX_FORMAT: Final = 32
 MAX_TZ: Final = 64
+#: Access rules (issue 19): areas and interlocks per site, doors of one interlock, exempt groups of an area,
+#: the uses of a use-limited credential (they live in 6 bits of the index's status word), occupancy.
+MAX_AREAS: Final = 500
+MAX_INTERLOCKS: Final = 500
+MAX_INTERLOCK_DOORS: Final = 16
+MAX_EXEMPT_GROUPS: Final = 64
+MAX_USES: Final = 63
+MAX_OCCUPANCY: Final = 1_000_000
+#: Two-person and escort windows, and the timed anti-passback forgiveness, in seconds.
+MAX_RULE_WINDOW_S: Final = 86_400.0
 
 Name = Annotated[str, Meta(max_length=MAX_NAME)]
 
@@ -67,6 +77,23 @@ class DoorMode(enum.StrEnum):
     LOCKED = "locked"  # nobody
     LOCKDOWN = "lockdown"  # nobody but the site's override group
     FIRST_CARD = "first_card"  # during `unlock_schedule` the first valid tap unlocks until it ends
+
+
+class AntiPassback(enum.StrEnum):
+    """An area's anti-passback mode (docs/model.md, "Access rules")."""
+
+    NONE = "none"
+    SOFT = "soft"  # grant, and raise the alarm `anti_passback`
+    HARD = "hard"  # deny `anti_passback`
+    TIMED = "timed"  # re-entry to the area refused for `timed_s` after entering it
+
+
+class DuressMode(enum.StrEnum):
+    """How a site recognises a duress PIN at a card + PIN door."""
+
+    OFF = "off"
+    PIN_PLUS_ONE = "pin_plus_one"  # the user's PIN with its last digit + 1 (9 -> 0)
+    CODE = "code"  # a separate site-wide duress code (`SiteRules.duress_code_hash`) in place of the PIN
 
 
 class CredentialStatus(enum.StrEnum):
@@ -120,6 +147,17 @@ class Door(Base, frozen=True):
     unlock_schedule: Ident | None = None
     #: For CARD_AND_PIN: the schedule during which a PIN is asked (card only outside it). None = always.
     pin_schedule: Ident | None = None
+    #: Areas: passing the door on its "in" reader leads from `from_area` into `to_area`, on its "out" reader
+    #: back (None = outside). Both None: the door is not between areas (no anti-passback, no occupancy).
+    to_area: Ident | None = None
+    from_area: Ident | None = None
+    #: Two-person rule: two different users' valid taps within this many seconds; the second opens.
+    two_person_s: Annotated[float, Meta(gt=0, le=MAX_RULE_WINDOW_S)] | None = None
+    #: Escort: a user granted through one of `visitor_groups` passes only within `escort_s` after a tap of a
+    #: member of `escort_group` at this door.
+    escort_group: Ident | None = None
+    visitor_groups: Annotated[list[Ident], Meta(max_length=MAX_EXEMPT_GROUPS)] = []
+    escort_s: Annotated[float, Meta(gt=0, le=MAX_RULE_WINDOW_S)] = 30.0
 
 
 class Group(Base, frozen=True):
@@ -129,6 +167,41 @@ class Group(Base, frozen=True):
     name: Name = ""
     doors: Annotated[list[Ident], Meta(max_length=MAX_GROUP_DOORS)] = []
     schedule: Ident | None = None
+
+
+class Area(Base, frozen=True):
+    """A part of the site behind doors (`Door.to_area` / `from_area`), with its anti-passback rule and
+    occupancy limit. Members of `exempt_groups` are never held by the anti-passback rule."""
+
+    id: Ident
+    name: Name = ""
+    anti_passback: AntiPassback = AntiPassback.NONE
+    #: TIMED: how long after entering the area a second entry is refused.
+    timed_s: Annotated[float, Meta(gt=0, le=MAX_RULE_WINDOW_S)] = 900.0
+    exempt_groups: Annotated[list[Ident], Meta(max_length=MAX_EXEMPT_GROUPS)] = []
+    #: At most this many users inside (None = no limit): more are refused `area_full`.
+    max_occupancy: Annotated[int, Meta(ge=1, le=MAX_OCCUPANCY)] | None = None
+    #: Every day at this local time (the site's zone) the locations in the area are forgotten (the nightly
+    #: anti-passback reset); None = never.
+    reset_daily: ClockTime | None = None
+
+
+class Interlock(Base, frozen=True):
+    """A mantrap: of these doors only one may be unlocked or open at a time (a door is in one interlock)."""
+
+    id: Ident
+    name: Name = ""
+    doors: Annotated[list[Ident], Meta(min_length=2, max_length=MAX_INTERLOCK_DOORS)] = []
+    #: REX (request to exit) ignores the interlock when True (egress safety); the door module reads it.
+    rex_overrides: bool = True
+
+
+class SiteRules(Base, frozen=True):
+    """Site-wide access-rule settings (one per site, `put_site_rules`)."""
+
+    duress: DuressMode = DuressMode.OFF
+    #: DuressMode.CODE: the duress code's hash (`edge.pin.hash_pin`, never the code itself).
+    duress_code_hash: Annotated[str, Meta(max_length=MAX_PIN_HASH)] | None = None
 
 
 class Assignment(Base, frozen=True):
@@ -167,6 +240,20 @@ class Credential(Base, frozen=True):
     status: CredentialStatus = CredentialStatus.ACTIVE
     valid_from: datetime | None = None
     valid_until: datetime | None = None
+    #: Use-limited: the credential opens at most this many times (1 = one-time), counted at the gateway.
+    max_uses: Annotated[int, Meta(ge=1, le=MAX_USES)] | None = None
+
+
+#: The format of a keypad-only code (a delivery code typed on the keypad with no card).
+KEYPAD_CODE_FORMAT: Final = "keypad_code"
+
+
+def code_card(code: str) -> int:
+    """The card number a keypad-only code is stored under: its digits behind a leading 1 (so "0042" and
+    "42" are different codes). Codes of 1 to 18 digits."""
+    if not (1 <= len(code) <= 18 and code.isdigit()):
+        raise ValueError("a keypad code is 1 to 18 digits")
+    return int("1" + code)
 
 
 # --- change sets --------------------------------------------------------------------------------------
@@ -216,6 +303,26 @@ class DeleteCredential(Base, tag="delete_credential", frozen=True):
     card: CardNumber
 
 
+class PutArea(Base, tag="put_area", frozen=True):
+    area: Area
+
+
+class DeleteArea(Base, tag="delete_area", frozen=True):
+    id: Ident
+
+
+class PutInterlock(Base, tag="put_interlock", frozen=True):
+    interlock: Interlock
+
+
+class DeleteInterlock(Base, tag="delete_interlock", frozen=True):
+    id: Ident
+
+
+class PutSiteRules(Base, tag="put_site_rules", frozen=True):
+    rules: SiteRules
+
+
 Change = (
     PutDoor
     | DeleteDoor
@@ -227,6 +334,11 @@ Change = (
     | DeleteUser
     | PutCredential
     | DeleteCredential
+    | PutArea
+    | DeleteArea
+    | PutInterlock
+    | DeleteInterlock
+    | PutSiteRules
 )
 
 
@@ -247,6 +359,10 @@ class Snapshot(Base, frozen=True):
     groups: Annotated[list[Group], Meta(max_length=MAX_GROUPS)] = []
     users: list[User] = []
     credentials: list[Credential] = []
+    areas: Annotated[list[Area], Meta(max_length=MAX_AREAS)] = []
+    interlocks: Annotated[list[Interlock], Meta(max_length=MAX_INTERLOCKS)] = []
+    #: The site's rule settings: none (defaults) or one (a list, like every other part of a snapshot).
+    site_rules: Annotated[list[SiteRules], Meta(max_length=1)] = []
 
 
 # --- limits outside the decoder ------------------------------------------------------------------------
@@ -265,7 +381,7 @@ def _too_long(path: str, what: str, n: int, limit: int) -> ChangeRejected:
     return ChangeRejected("bad_field", f"{path}: {n} {what}, more than the limit of {limit}", path=path)
 
 
-def check_limits(obj: Door | Schedule | Group | User | Credential, path: str) -> None:
+def check_limits(obj: Door | Schedule | Group | User | Credential | Area | Interlock | SiteRules, path: str) -> None:
     """The per-object limits the decoder enforces, for objects built in code (cheap: lengths only)."""
     if isinstance(obj, Schedule):
         for field, limit in (
@@ -285,6 +401,15 @@ def check_limits(obj: Door | Schedule | Group | User | Credential, path: str) ->
             raise _too_long(f"{path}.pin_hash", "characters", len(obj.pin_hash), MAX_PIN_HASH)
     if isinstance(obj, Credential) and len(obj.format) > MAX_FORMAT:
         raise _too_long(f"{path}.format", "characters", len(obj.format), MAX_FORMAT)
+    if isinstance(obj, Credential) and obj.max_uses is not None and not 1 <= obj.max_uses <= MAX_USES:
+        raise ChangeRejected("bad_field", f"{path}.max_uses: must be 1 to {MAX_USES}", path=f"{path}.max_uses")
+    if isinstance(obj, Area) and len(obj.exempt_groups) > MAX_EXEMPT_GROUPS:
+        raise _too_long(f"{path}.exempt_groups", "groups", len(obj.exempt_groups), MAX_EXEMPT_GROUPS)
+    if isinstance(obj, Door) and len(obj.visitor_groups) > MAX_EXEMPT_GROUPS:
+        raise _too_long(f"{path}.visitor_groups", "groups", len(obj.visitor_groups), MAX_EXEMPT_GROUPS)
+    if isinstance(obj, Interlock) and not 2 <= len(obj.doors) <= MAX_INTERLOCK_DOORS:
+        raise ChangeRejected("bad_field", f"{path}.doors: an interlock has 2 to {MAX_INTERLOCK_DOORS} doors",
+                             path=f"{path}.doors")  # fmt: skip
     ident = getattr(obj, "id", "")
     if len(ident) > 64:
         raise _too_long(f"{path}.id", "characters", len(ident), 64)

@@ -33,23 +33,33 @@ from edge.index import (
     status_word,
 )
 from edge.model import (
+    AntiPassback,
+    Area,
     ChangeSet,
     Credential,
     CredentialStatus,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
     DoorMode,
+    DuressMode,
     Group,
+    Interlock,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
+    SiteRules,
     User,
 )
 from edge.pin import verify_pin
@@ -68,6 +78,9 @@ class SiteModel:
     groups: dict[str, Group] = field(default_factory=dict)
     users: dict[str, User] = field(default_factory=dict)
     credentials: dict[int, Credential] = field(default_factory=dict)
+    areas: dict[str, Area] = field(default_factory=dict)
+    interlocks: dict[str, Interlock] = field(default_factory=dict)
+    site_rules: SiteRules = field(default_factory=SiteRules)
 
     def apply(self, cs: ChangeSet) -> None:
         """Apply a (valid) change set the plain way."""
@@ -94,13 +107,23 @@ class SiteModel:
                 self.credentials[ch.credential.card] = ch.credential
             elif isinstance(ch, DeleteCredential):
                 del self.credentials[ch.card]
+            elif isinstance(ch, PutArea):
+                self.areas[ch.area.id] = ch.area
+            elif isinstance(ch, DeleteArea):
+                del self.areas[ch.id]
+            elif isinstance(ch, PutInterlock):
+                self.interlocks[ch.interlock.id] = ch.interlock
+            elif isinstance(ch, DeleteInterlock):
+                del self.interlocks[ch.id]
+            elif isinstance(ch, PutSiteRules):
+                self.site_rules = ch.rules
             else:  # pragma: no cover
                 raise TypeError(ch)
 
     def copy(self) -> SiteModel:
         return SiteModel(
             self.tz, dict(self.doors), dict(self.schedules), dict(self.groups), dict(self.users),
-            dict(self.credentials),
+            dict(self.credentials), dict(self.areas), dict(self.interlocks), self.site_rules,
         )  # fmt: skip
 
 
@@ -165,6 +188,83 @@ _STATUS = {
 
 
 @dataclass
+class RefState:
+    """The access rules' runtime state, the plain way: a user's last (area, time) and nothing derived
+    (occupancy is counted from `where` on every question)."""
+
+    where: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    pending: dict[str, tuple[str, float]] = field(default_factory=dict)  # door -> first person
+    escort: dict[str, tuple[str, float]] = field(default_factory=dict)  # door -> escort's tap
+    released: dict[str, float] = field(default_factory=dict)  # interlocked door -> lock released until
+    open_doors: set[str] = field(default_factory=set)
+    used: dict[int, int] = field(default_factory=dict)
+
+    def occupancy(self, area: str) -> int:
+        return sum(1 for a, _ in self.where.values() if a == area)
+
+
+def interlock_of(model: SiteModel, door: str) -> Interlock | None:
+    """The interlock a door is in (the first, in the site's order, that names it)."""
+    for il in model.interlocks.values():
+        if door in il.doors:
+            return il
+    return None
+
+
+def groups_now(user: User, now: datetime) -> set[str]:
+    return {a.group for a in user.assignments if in_window(now, a.valid_from, a.valid_until)}
+
+
+def ref_on_decision(model: SiteModel, state: RefState, r: RefResult, door: str, card: int, now: datetime) -> None:
+    """What a decision leaves behind when acted on: a first person waiting, an escort's tap, a released lock."""
+    t = whole(now).timestamp()
+    if r.reason == Reason.AWAITING_SECOND_PERSON and r.user is not None:
+        state.pending[door] = (r.user, t)
+    if not r.granted:
+        return
+    state.pending.pop(door, None)
+    d = model.doors[door]
+    user = model.users[r.user] if r.user is not None else None
+    if (
+        user is not None and d.escort_group is not None and d.visitor_groups
+        and d.escort_group in groups_now(user, now)
+    ):  # fmt: skip
+        state.escort[door] = (user.id, t)
+    if r.user is not None and interlock_of(model, door) is not None:
+        until = r.unlock_until if r.unlock_until is not None else t + r.strike_s
+        state.released[door] = max(until, state.released.get(door, 0.0))
+
+
+def ref_update(model: SiteModel, state: RefState, r: RefResult, card: int, opened: bool, now: datetime) -> None:
+    """A granted door opened (or not): the user is where the door led; a use is counted."""
+    if not r.granted or not opened or r.user is None:
+        return
+    if r.passage is not None:
+        state.where[r.user] = (r.passage[1], whole(now).timestamp())
+    if model.credentials[card].max_uses is not None:
+        state.used[card] = state.used.get(card, 0) + 1
+
+
+def ref_contact(state: RefState, door: str, is_open: bool) -> None:
+    if is_open:
+        state.open_doors.add(door)
+    else:
+        state.open_doors.discard(door)
+        state.released.pop(door, None)
+
+
+def duress_match(model: SiteModel, user: User, pin: str) -> bool:
+    """The site's duress PIN: the user's PIN with its last digit one more (9 -> 0), or the site's code."""
+    rules = model.site_rules
+    if rules.duress == DuressMode.PIN_PLUS_ONE and user.pin_hash is not None and pin and pin[-1].isdigit():
+        real = pin[:-1] + "9012345678"[int(pin[-1])]
+        return verify_pin(real, user.pin_hash)
+    if rules.duress == DuressMode.CODE and rules.duress_code_hash is not None:
+        return verify_pin(pin, rules.duress_code_hash)
+    return False
+
+
+@dataclass
 class RefResult:
     granted: bool
     reason: Reason
@@ -173,6 +273,8 @@ class RefResult:
     strike_s: float = 0.0
     unlock_until: float | None = None
     alarm: str | None = None
+    duress: bool = False
+    passage: tuple[str | None, str | None] | None = None
 
     def triple(self) -> tuple[bool, Reason, str | None]:
         return self.granted, self.reason, self.group
@@ -195,12 +297,15 @@ def reference_decide(
     first_card_until: dict[str, float] | None = None,
     pin_failures: dict[int, list[float]] | None = None,
     facility: int | None = None,
+    state: RefState | None = None,
+    side: str = "in",
 ) -> tuple[bool, Reason, str | None]:
     """(granted, reason, group). `first_card_until` and `pin_failures` are updated like the Decider's state."""
     return reference_decision(
         model, door, card, now, pin=pin, link_online=link_online, offline_since=offline_since,
         clock_trusted=clock_trusted, rights_age_s=rights_age_s, policy=policy, mode_override=mode_override,
         lockdown=lockdown, first_card_until=first_card_until, pin_failures=pin_failures, facility=facility,
+        state=state, side=side,
     ).triple()  # fmt: skip
 
 
@@ -221,6 +326,8 @@ def reference_decision(
     first_card_until: dict[str, float] | None = None,
     pin_failures: dict[int, list[float]] | None = None,
     facility: int | None = None,
+    state: RefState | None = None,
+    side: str = "in",
 ) -> RefResult:
     """Like `reference_decide`, with the user, strike time, unlock end and alarm as well."""
     policy = policy or SitePolicy()
@@ -375,7 +482,8 @@ def reference_decision(
         if granted_group is None:
             return deny(Reason.OUTSIDE_SCHEDULE)
 
-    # 8. PIN
+    # 8. PIN. A duress PIN (the site's setting) is a right PIN that raises the silent alarm.
+    duress = False
     if mode == DoorMode.CARD_AND_PIN:
         fails = pin_failures.get(card)
         if fails is not None and fails[1] > now_s:
@@ -385,6 +493,8 @@ def reference_decision(
         if user.pin_hash is None:
             return deny(Reason.PIN_NOT_ENROLLED, granted_group)
         if not verify_pin(pin, user.pin_hash):
+            duress = duress_match(model, user, pin)
+        if not duress and not verify_pin(pin, user.pin_hash):
             fails = pin_failures.setdefault(card, [0.0, 0.0])
             fails[0] += 1
             alarm = None
@@ -395,14 +505,71 @@ def reference_decision(
             return RefResult(False, Reason.PIN_WRONG, granted_group, user.id, alarm=alarm)
         pin_failures.pop(card, None)
 
-    # 9. granted
+    # 9. the access rules, on `state` (the reference's own: where users are, who waits, what is open)
+    st = state if state is not None else RefState()
+    passage: tuple[str | None, str | None] | None = None
+    if d.to_area is not None or d.from_area is not None:
+        passage = (d.from_area, d.to_area) if side == "in" else (d.to_area, d.from_area)
+
+    def refuse(reason: Reason) -> RefResult:
+        return RefResult(False, reason, granted_group, user.id, duress=duress, passage=passage)
+
+    if cred.max_uses is not None and st.used.get(card, 0) >= cred.max_uses:
+        return refuse(Reason.USES_EXHAUSTED)
+    lock = interlock_of(model, door)
+    if lock is not None:
+        for other in lock.doors:
+            if other != door and (other in st.open_doors or st.released.get(other, 0.0) > now_s):
+                return refuse(Reason.INTERLOCK)
+    alarm = None
+    if passage is not None:
+        src, dst = passage
+        here = st.where.get(user.id)
+        mine = groups_now(user, now)
+        # The rule of the area entered and of the area left each apply (hard over soft); an exempt user is
+        # not held by that area's rule. Hard/soft: a user seen somewhere other than the side they come from.
+        # Timed: a user who entered the area `timed_s` ago or less and was not seen leaving it.
+        verdicts = []
+        for area_id in (dst, src):
+            area = model.areas.get(area_id) if area_id is not None else None
+            if area is None or area.anti_passback == AntiPassback.NONE or mine & set(area.exempt_groups):
+                continue
+            if area.anti_passback == AntiPassback.TIMED:
+                if area_id == dst and here is not None and here[0] == dst and now_s - here[1] < area.timed_s:
+                    verdicts.append("hard")
+            elif here is not None and here[0] != src:
+                verdicts.append("hard" if area.anti_passback == AntiPassback.HARD else "soft")
+        if "hard" in verdicts:
+            return refuse(Reason.ANTI_PASSBACK)
+        if "soft" in verdicts:
+            alarm = "anti_passback"
+        target = model.areas.get(dst) if dst is not None else None
+        already_there = here is not None and here[0] == dst
+        if (
+            target is not None and target.max_occupancy is not None and not already_there
+            and st.occupancy(target.id) >= target.max_occupancy
+        ):  # fmt: skip
+            return refuse(Reason.AREA_FULL)
+    is_escort = d.escort_group is not None and d.escort_group in groups_now(user, now)
+    if d.escort_group is not None and d.visitor_groups and not is_escort and granted_group in d.visitor_groups:
+        e = st.escort.get(door)
+        if e is None or e[0] == user.id or now_s - e[1] > d.escort_s:
+            return refuse(Reason.AWAITING_ESCORT)
+    if d.two_person_s is not None:
+        first = st.pending.get(door)
+        if first is None or first[0] == user.id or now_s - first[1] > d.two_person_s:
+            return refuse(Reason.AWAITING_SECOND_PERSON)
+
+    # 10. granted
     strike = d.extended_strike_s if user.extended_door_time else d.strike_s
     if mode == DoorMode.FIRST_CARD:
         assert d.unlock_schedule is not None
         end = schedule_end(model, model.schedules[d.unlock_schedule], now).timestamp()
         first_card_until[door] = end
-        return RefResult(True, Reason.FIRST_CARD_UNLOCK, granted_group, user.id, strike, unlock_until=end)
-    return RefResult(True, Reason.GRANTED, granted_group, user.id, strike)
+        return RefResult(True, Reason.FIRST_CARD_UNLOCK, granted_group, user.id, strike, unlock_until=end,
+                         alarm=alarm, duress=duress, passage=passage)  # fmt: skip
+    return RefResult(True, Reason.GRANTED, granted_group, user.id, strike, alarm=alarm, duress=duress,
+                     passage=passage)  # fmt: skip
 
 
 # --- test support: the real index built straight from a SiteModel (no store) ---------------------------
@@ -410,7 +577,10 @@ def reference_decision(
 
 def index_of(model: SiteModel, *, version: int = 1) -> RightsIndex:
     """A `RightsIndex` over `model` through `Tables.build` + `build_arrays` (uids in user-id order)."""
-    tables = Tables.build(model.tz, model.doors.values(), model.schedules.values(), model.groups.values())
+    tables = Tables.build(
+        model.tz, model.doors.values(), model.schedules.values(), model.groups.values(),
+        areas=model.areas.values(), interlocks=model.interlocks.values(), site_rules=model.site_rules,
+    )  # fmt: skip
     uid_of = {u: i + 1 for i, u in enumerate(sorted(model.users))}
 
     def secs(v: datetime | None, default: int) -> int:
@@ -432,7 +602,7 @@ def index_of(model: SiteModel, *, version: int = 1) -> RightsIndex:
             c.card,
             (
                 uid_of[c.user],
-                status_word(STATUS_CODES[c.status], c.facility),
+                status_word(STATUS_CODES[c.status], c.facility, c.max_uses),
                 secs(c.valid_from, NO_START),
                 secs(c.valid_until, NO_END),
             ),
@@ -479,4 +649,19 @@ def change_set_refusal(model: SiteModel, cs: ChangeSet) -> str | None:
     for u in m.users.values():
         if any(a.group not in m.groups for a in u.assignments):
             return "unknown_reference"
+    for d in m.doors.values():
+        if any(a is not None and a not in m.areas for a in (d.to_area, d.from_area)):
+            return "unknown_reference"
+        if any(g not in m.groups for g in [*d.visitor_groups, *([d.escort_group] if d.escort_group else [])]):
+            return "unknown_reference"
+    for area in m.areas.values():
+        if any(g not in m.groups for g in area.exempt_groups):
+            return "unknown_reference"
+    seen: set[str] = set()
+    for il in m.interlocks.values():
+        if any(x not in m.doors for x in il.doors):
+            return "unknown_reference"
+        if seen & set(il.doors) or len(set(il.doors)) != len(il.doors):
+            return "bad_field"  # a door is in one interlock only
+        seen |= set(il.doors)
     return None

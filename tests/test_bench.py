@@ -18,7 +18,7 @@ BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py")
 # population.py is the decide bench's data generator, fleetsim.py the fleet bench's worker process; the soak
 # scripts run (and their failure counters are asserted) in tests/test_soak.py.
 EXPECTED = {
-    "decide": {"decide_p99", "changeset_apply_time", "changeset_loop_stall_max"},
+    "decide": {"decide_p99", "decide_rules_p99", "changeset_apply_time", "changeset_loop_stall_max"},
     "tap": {"tap_to_relay_p99.idle.adaptive", "tap_to_relay_p99.loaded.adaptive", "tap_to_relay_p99.loaded.fixed"},
     "sync": {"first_sync", "tap_p99_during_snapshot"},
     "wiegand_decode": {"valid_frames_decoded", "corrupted_frames_cardreads"},

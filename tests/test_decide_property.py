@@ -20,38 +20,59 @@ from functools import cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import msgspec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from edge.access_state import AccessState, door_contact, on_decision, update
 from edge.decision import Decider, Decision, OfflinePolicy, SitePolicy, TimePolicy
 from edge.model import (
+    AntiPassback,
+    Area,
     Assignment,
     Change,
     ChangeSet,
     Credential,
     CredentialStatus,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
     DoorMode,
+    DuressMode,
     Group,
+    Interlock,
     Interval,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
+    SiteRules,
     TimeRange,
     User,
 )
 from edge.pin import hash_pin
 from edge.store import Store
 
-from .reference import RefResult, SiteModel, index_of, reference_decision
+from .reference import (
+    RefResult,
+    RefState,
+    SiteModel,
+    index_of,
+    ref_contact,
+    ref_on_decision,
+    ref_update,
+    reference_decision,
+)
 
 ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC"]
 PERIOD_START = datetime(2026, 2, 20, tzinfo=UTC)
@@ -397,6 +418,12 @@ def diff(old: SiteModel, new: SiteModel, frm: int) -> ChangeSet:
     ]
     ch += [DeleteUser(id=k) for k in gone_users]
     ch += [PutCredential(credential=c) for k, c in new.credentials.items() if old.credentials.get(k) != c]
+    ch += [PutArea(area=a) for k, a in new.areas.items() if old.areas.get(k) != a]
+    ch += [PutInterlock(interlock=il) for k, il in new.interlocks.items() if old.interlocks.get(k) != il]
+    if new.site_rules != old.site_rules:
+        ch.append(PutSiteRules(rules=new.site_rules))
+    ch += [DeleteInterlock(id=k) for k in old.interlocks if k not in new.interlocks]
+    ch += [DeleteArea(id=k) for k in old.areas if k not in new.areas]
     ch += [DeleteGroup(id=k) for k in old.groups if k not in new.groups]
     ch += [DeleteDoor(id=k) for k in old.doors if k not in new.doors]
     ch += [DeleteSchedule(id=k) for k in old.schedules if k not in new.schedules]
@@ -435,6 +462,169 @@ def test_store_change_sets_compaction_and_reopen_agree_with_reference(data: st.D
         async with Store(path, zone) as again:
             assert again.version == len(models) - 1
             check_probes(final, Decider(again.index), last, "after reopening: ")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp) / "rights.db"))
+
+
+# --- properties: the access rules (issue 19) -------------------------------------------------------------
+
+AREA_IDS = ["a0", "a1", "a2"]
+
+
+@st.composite
+def rule_sites(draw: st.DrawFn, zone: str | None = None) -> SiteModel:
+    """A random site with access rules: areas behind doors, two-person and escort doors, interlocks,
+    use-limited credentials and a duress setting."""
+    model = draw(sites(zone))
+    group_ids = list(model.groups)
+    # Mostly people who may pass (the rules come after every other check): open groups, plain users and cards.
+    if draw(st.booleans()):
+        for gid, g in list(model.groups.items()):
+            model.groups[gid] = msgspec.structs.replace(g, doors=list(model.doors), schedule=None)
+        for uid, u in list(model.users.items()):
+            if draw(st.integers(0, 4)):
+                gs = draw(st.lists(st.sampled_from(group_ids), min_size=1, max_size=2, unique=True))
+                model.users[uid] = msgspec.structs.replace(
+                    u, active=True, valid_from=None, valid_until=None,
+                    assignments=[Assignment(group=g) for g in gs],
+                )  # fmt: skip
+        for card, c in list(model.credentials.items()):
+            if draw(st.integers(0, 4)):
+                model.credentials[card] = msgspec.structs.replace(
+                    c, status=CredentialStatus.ACTIVE, valid_from=None, valid_until=None
+                )
+    for aid in draw(st.lists(st.sampled_from(AREA_IDS), min_size=1, max_size=3, unique=True)):
+        model.areas[aid] = Area(
+            id=aid,
+            anti_passback=draw(st.sampled_from(list(AntiPassback))),
+            timed_s=draw(st.sampled_from([30.0, 120.0])),
+            exempt_groups=draw(st.lists(st.sampled_from(group_ids), max_size=1, unique=True)),
+            max_occupancy=draw(st.sampled_from([None, 1, 2, 3])),
+        )
+    areas = [None, *model.areas]
+    for did, d in list(model.doors.items()):
+        model.doors[did] = msgspec.structs.replace(
+            d,
+            mode=draw(st.sampled_from([DoorMode.NORMAL, DoorMode.NORMAL, DoorMode.CARD_AND_PIN, d.mode])),
+            to_area=draw(st.sampled_from(areas)),
+            from_area=draw(st.sampled_from(areas)),
+            two_person_s=draw(st.sampled_from([None, None, 10.0, 60.0])),
+            escort_group=draw(st.sampled_from([None, None, *group_ids])),
+            visitor_groups=draw(st.lists(st.sampled_from(group_ids), max_size=2, unique=True)),
+            escort_s=draw(st.sampled_from([10.0, 30.0])),
+        )
+    doors = draw(st.permutations(list(model.doors)))
+    k = 0
+    for n in range(draw(st.integers(0, 2))):
+        size = draw(st.integers(2, 3))
+        if k + size <= len(doors):
+            model.interlocks[f"i{n}"] = Interlock(id=f"i{n}", doors=list(doors[k : k + size]))
+            k += size
+    for card, c in list(model.credentials.items()):
+        model.credentials[card] = msgspec.structs.replace(c, max_uses=draw(st.sampled_from([None, None, None, 1, 2])))
+    mode = draw(st.sampled_from(list(DuressMode)))
+    model.site_rules = SiteRules(duress=mode, duress_code_hash=PINS["98765"] if mode is DuressMode.CODE else None)
+    return model
+
+
+@dataclass
+class RuleProbe:
+    door: str
+    card: int
+    at: int  # seconds after the start
+    pin: str | None
+    side: str
+    opened: bool | None  # None: the door's fate is never reported
+    contact: tuple[str, bool] | None  # a contact edge just before the tap
+
+
+@st.composite
+def rule_probes(draw: st.DrawFn, model: SiteModel, n: int = 60) -> tuple[datetime, list[RuleProbe]]:
+    start = draw(instants)
+    t = 0
+    out = []
+    cards = list(model.credentials)
+    for _ in range(draw(st.integers(1, n))):
+        t += draw(st.sampled_from([0, 1, 2, 5, 9, 10, 11, 29, 31, 60, 121, 3600]))
+        out.append(
+            RuleProbe(
+                door=draw(st.sampled_from(list(model.doors))),
+                card=draw(st.sampled_from(cards)),
+                at=t,
+                pin=draw(st.sampled_from([None, "1234", "1235", "98765", "98766", WRONG_PIN])),
+                side=draw(st.sampled_from(["in", "in", "out"])),
+                opened=draw(st.sampled_from([True, True, False, None])),
+                contact=draw(st.one_of(st.none(), st.tuples(st.sampled_from(list(model.doors)), st.booleans()))),
+            )
+        )
+    return start, out
+
+
+def check_rule_probes(model: SiteModel, decider: Decider, start: datetime, probes: list[RuleProbe]) -> None:
+    state = AccessState()
+    ref = RefState()
+    first_card: dict[str, float] = {}
+    pin_fail: dict[int, list[float]] = {}
+    for i, p in enumerate(probes):
+        now = start + timedelta(seconds=p.at)
+        ts = now.timestamp()
+        if p.contact is not None:
+            door_contact(state, p.contact[0], p.contact[1], ts)
+            ref_contact(ref, p.contact[0], p.contact[1])
+        got = decider.decide(p.door, p.card, now, pin=p.pin, state=state, side=p.side)  # type: ignore[arg-type]
+        want = reference_decision(
+            model, p.door, p.card, now, pin=p.pin, state=ref, side=p.side, first_card_until=first_card,
+            pin_failures=pin_fail,
+        )  # fmt: skip
+        what = f"probe {i}: {p}"
+        assert_same(got, want, what)
+        assert (got.duress, got.passage) == (want.duress, want.passage), f"{what}\n  {got}\n  {want}"
+        on_decision(state, got, ts)
+        ref_on_decision(model, ref, want, p.door, p.card, now)
+        if p.opened is not None:
+            update(state, got, p.opened, ts)
+            ref_update(model, ref, want, p.card, p.opened, now)
+        for area in model.areas:
+            assert state.occupancy.get(area, 0) == ref.occupancy(area), what
+        event(f"reason: {got.reason}")
+        if got.duress:
+            event("duress")
+        if got.alarm == "anti_passback":
+            event("soft anti-passback alarm")
+
+
+RULE_SETTINGS = settings(
+    max_examples=2000 if EXPLORE else 200, deadline=None, derandomize=not EXPLORE, suppress_health_check=SLOW_OK
+)
+
+
+@RULE_SETTINGS
+@given(st.data())
+def test_decide_with_access_rules_agrees_with_reference(data: st.DataObject) -> None:
+    model = data.draw(rule_sites(), label="site")
+    start, probes = data.draw(rule_probes(model), label="probes")
+    check_rule_probes(model, Decider(index_of(model)), start, probes)
+
+
+@STORE_SETTINGS
+@given(st.data())
+def test_store_with_access_rules_agrees_with_reference(data: st.DataObject) -> None:
+    """Sites with rules through change sets into the real store (and a reopen): the same decisions."""
+    zone = data.draw(st.sampled_from(ZONES), label="zone")
+    models = [SiteModel(ZoneInfo(zone))]
+    for i in range(data.draw(st.integers(1, 3), label="change sets")):
+        models.append(data.draw(rule_sites(zone), label=f"site {i}"))
+    start, probes = data.draw(rule_probes(models[-1], n=30), label="probes")
+
+    async def scenario(path: Path) -> None:
+        async with Store(path, zone) as store:
+            for v in range(1, len(models)):
+                await store.apply(diff(models[v - 1], models[v], v - 1))
+            check_rule_probes(models[-1], Decider(store.index), start, probes)
+        async with Store(path, zone) as again:
+            assert again.damage is None
+            check_rule_probes(models[-1], Decider(again.index), start, probes)
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp) / "rights.db"))

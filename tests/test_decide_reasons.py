@@ -29,6 +29,7 @@ from edge.model import (
 from edge.pin import hash_pin
 
 from .reference import SiteModel, index_of, reference_decision
+from .test_rules import DELIVERY, Rig
 
 BERLIN = ZoneInfo("Europe/Berlin")
 MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)  # Monday 11:00 in Berlin
@@ -137,6 +138,32 @@ def _pin_locked_out() -> Decision:
     return h.tap("vault", 1, pin=PIN)
 
 
+def _uses_exhausted() -> Decision:
+    r = Rig()
+    r.tap("dock", DELIVERY, 0)
+    r.tap("dock", DELIVERY, 1)
+    return r.tap("dock", DELIVERY, 2)
+
+
+def _interlock() -> Decision:
+    r = Rig()
+    r.tap("ma", 1, 0)
+    return r.tap("mb", 2, 1)
+
+
+def _anti_passback() -> Decision:
+    r = Rig()
+    r.tap("main", 1, 0)
+    return r.tap("main", 1, 1)
+
+
+def _area_full() -> Decision:
+    r = Rig()
+    r.tap("labdoor", 1, 0)
+    r.tap("labdoor", 2, 0)
+    return r.tap("labdoor", 3, 0)
+
+
 CASES: dict[Reason, Case] = {
     Reason.GRANTED: lambda: harness().tap("front", 1),
     Reason.FREE_PASSAGE: lambda: harness().tap("lobby", 999),
@@ -164,6 +191,12 @@ CASES: dict[Reason, Case] = {
     Reason.PIN_REQUIRED: lambda: harness().tap("vault", 1),
     Reason.PIN_NOT_ENROLLED: lambda: harness().tap("vault", 7, pin=PIN),
     Reason.PIN_WRONG: lambda: harness().tap("vault", 1, pin="4321"),
+    Reason.USES_EXHAUSTED: _uses_exhausted,
+    Reason.INTERLOCK: _interlock,
+    Reason.ANTI_PASSBACK: _anti_passback,
+    Reason.AREA_FULL: _area_full,
+    Reason.AWAITING_ESCORT: lambda: Rig().tap("clean", 6, 0),
+    Reason.AWAITING_SECOND_PERSON: lambda: Rig().tap("vault", 1, 0),
 }
 
 

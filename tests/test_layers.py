@@ -18,6 +18,7 @@ CORE = (
     "edge.schedule",
     "edge.index",
     "edge.decision",
+    "edge.access_state",
     "edge.pin",
     "edge.timetrust",
     "edge.events",

@@ -33,7 +33,7 @@ from edge.model import (
     Schedule,
     User,
 )
-from edge.store import Store, dispose
+from edge.store import SCHEMA_VERSION, Store, dispose
 
 from .conftest import MONDAY_10, basic_site
 
@@ -243,7 +243,7 @@ async def test_schema_1_store_is_migrated_in_place(db_path: Path) -> None:
     async with Store(db_path) as s:
         assert s.index.cred(555) == (1, 0, 0, 4294967295)
     con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     con.close()
 
 

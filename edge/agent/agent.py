@@ -217,6 +217,7 @@ class Agent:
             link=LinkStatus(online=self.link_online, offline_since=since.isoformat() if since else None),
             clock_trusted=self.clock_trusted, clock=self.clock.status(), rights_age_s=self.rights_age_s(),
             doors={k: v.status() for k, v in self.doors.items()},
+            occupancy=dict(self.tap.access.occupancy) if self.tap is not None else {},
             readers={k: ReaderInfo(door=self.reader_door[k], kind=r.kind, online=bool(getattr(r, "online", True)))
                      for k, r in self.readers.items()},
             lockdown=self.modes.lockdown if self.modes else False,
@@ -315,7 +316,8 @@ class Agent:
             self.tap = TapHandler(
                 decider=decider, doors=self.doors, readers=self.readers, reader_door=self.reader_door,
                 modes=self.modes, journal=self.journal, clock=self.clock, connectivity=self.connectivity,
-                metrics=self.metrics, emit=self._emit,
+                metrics=self.metrics, emit=self._emit, access=await self.store.load_access_state(),
+                save_access=self.store.save_access_state,
             )  # fmt: skip
             stack.push_async_callback(self.tap.close)
             self.journal.record(
@@ -384,6 +386,8 @@ class Agent:
         )
         if self.journal is not None:
             self.journal.record(type, **fields)
+        if self.tap is not None:
+            self.tap.door_event(type, fields)
 
     def _refresh_door_models(self) -> None:
         assert self.decider is not None
@@ -406,6 +410,8 @@ class Agent:
             self._refresh_door_models()
             if self.modes is not None:
                 self.modes.sync()
+            if self.tap is not None:
+                self.tap.scheduled_resets(self.clock.datetime())
             tick += 1
             if self.link_online and tick % 60 == 0:
                 self._persist_last_online()

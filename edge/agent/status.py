@@ -40,3 +40,5 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     doors: dict[str, dict[str, Any]]
     readers: dict[str, ReaderInfo]
     lockdown: bool
+    #: Users counted in each area (access rules), on this gateway.
+    occupancy: dict[str, int] = {}

@@ -6,6 +6,14 @@ precedes the `door.state` it causes. Only a PIN check leaves that turn: its hash
 thread (`hashlib.pbkdf2_hmac` releases the GIL), so the other doors keep deciding, and the door waiting on it
 gets its decision when the hash completes. A read that proves cut short (`ReaderFault(kind="cut")`) takes
 back the grant made on it.
+
+Access rules (issue 19): `decide()` reads the `AccessState` (read only). After the relay acted,
+`access_state.on_decision` records what the decision leaves (a first person waiting, an escort's tap, an
+interlocked door released); a grant that moves a user between areas or uses a use-limited credential is
+applied by `access_state.update` when its door opens (the contact's `door.state`), or at once for a door without
+a contact; a grant whose door never opened (relocked unopened) moves nobody. The changed entries are saved by a
+task of their own afterwards (`Store.save_access_state`), never before the relay acts. A duress PIN is
+journalled as `alarm.duress` right after its `access.granted`.
 """
 
 from __future__ import annotations
@@ -14,19 +22,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
 
 import msgspec
 
+from edge.access_state import (
+    AccessState,
+    Delta,
+    door_contact,
+    door_relocked,
+    due_resets,
+    on_decision,
+    reset,
+    update,
+)
 from edge.clock import AgentClock
-from edge.decision import Decider, Decision, Reason
+from edge.decision import Decider, Decision, Reason, Side
 from edge.door import DoorController
 from edge.events import (
     ACCESS_DENIED,
     ACCESS_GRANTED,
     ACCESS_REVOKED,
     ALARM_PIN_LOCKOUT,
+    DOOR_STATE,
     READER_FAULT,
     READER_IO,
     READER_POWER,
@@ -36,6 +57,7 @@ from edge.events import (
 )
 from edge.journal import Journal
 from edge.metrics import EdgeMetrics
+from edge.model import code_card
 from edge.pin import verify_pin
 from edge.readers.base import CardRead, Feedback, PinEntry, ReadCut, Reader, ReaderEvent, ReaderFault, ReaderStatus
 from edge.readers.events import InputsChanged, OutputsChanged, PowerChanged, TamperChanged
@@ -51,6 +73,9 @@ PIN_WAIT_S = 20.0
 REVOKE_WITHIN_S = 5.0
 #: A PIN check whose stored hash changes while it runs is redone against the new hash at most this often.
 PIN_ROUNDS = 3
+#: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
+ALARM_DURESS = "alarm.duress"
+ALARM_ANTI_PASSBACK = "alarm.anti_passback"
 
 
 def feedback_for(d: Decision) -> Feedback:
@@ -86,6 +111,9 @@ class TapHandler:
         connectivity: Connectivity,
         metrics: EdgeMetrics,
         emit: Callable[..., None],
+        access: AccessState | None = None,
+        save_access: Callable[[AccessState, Delta], Awaitable[None]] | None = None,
+        reader_side: Mapping[str, Side] | None = None,
     ) -> None:
         self.decider = decider
         self.doors = doors
@@ -105,19 +133,34 @@ class TapHandler:
         self._last_grant: dict[str, tuple[Decision, str, float]] = {}
         self.decisions: list[Decision] = []  # the last few, for status
         self.decided = 0  # decisions made in this run (the simulator waits on it)
+        #: The access rules' state (read by every decision) and where its changes are saved.
+        self.access = access if access is not None else AccessState()
+        self._save_access = save_access
+        self.reader_side: Mapping[str, Side] = reader_side or {}
+        #: door -> a grant waiting for its door to open (it moves the user / counts a use when it does)
+        self._awaiting_open: dict[str, Decision] = {}
+        self._unsaved = Delta()
+        self._saver: asyncio.Task[None] | None = None
+        self._reset_checked: datetime | None = None
 
     async def close(self) -> None:
-        """Cancel the PIN checks in flight and stop the PIN thread."""
+        """Cancel the PIN checks in flight, stop the PIN thread, write the access state still unsaved."""
         for task in list(self._pin_tasks):
             task.cancel()
         for task in list(self._pin_tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._pin_pool.shutdown(wait=False, cancel_futures=True)
+        if self._saver is not None:
+            with contextlib.suppress(Exception):
+                await self._saver
+        if self._unsaved:
+            await self._flush_access()
 
     def decide(
         self, door: str, card: int, *, pin: str | None = None, facility: int | None = None,
-        pin_verified: tuple[str, bool] | None = None,
+        pin_verified: tuple[str, bool] | None = None, duress_verified: tuple[str, str, bool] | None = None,
+        reader: str | None = None,
     ) -> Decision:  # fmt: skip
         """Decide now. A PIN is never hashed here: a decision that needs it comes back with `pin_check`
         set (see `Decider.decide`), for `_check_pin` to run off the loop."""
@@ -125,7 +168,8 @@ class TapHandler:
         return self.decider.decide(
             door, card, self.clock.datetime(), pin=pin, link_online=link.online, offline_since=link.offline_since,
             clock_trusted=self.clock.trusted, rights_age_s=link.rights_age_s(), facility=facility, defer_pin=True,
-            pin_verified=pin_verified,
+            pin_verified=pin_verified, duress_verified=duress_verified, state=self.access,
+            side=self.reader_side.get(reader, "in") if reader is not None else "in",
         )  # fmt: skip
 
     def on_reader_event(self, ev: ReaderEvent) -> None:
@@ -153,7 +197,7 @@ class TapHandler:
 
     def _on_reader_event(self, door: str, ev: ReaderEvent) -> None:
         if isinstance(ev, CardRead):
-            d = self.decide(door, ev.card, facility=ev.facility)
+            d = self.decide(door, ev.card, facility=ev.facility, reader=ev.reader)
             if d.reason is Reason.PIN_REQUIRED:
                 self._pending_pin[door] = (ev.card, ev.facility, ev.reader, time.monotonic() + PIN_WAIT_S)
                 self._journal_decision(d, ev.reader)
@@ -165,10 +209,14 @@ class TapHandler:
         elif isinstance(ev, PinEntry):
             pending = self._pending_pin.pop(door, None)
             if pending is None or pending[3] < time.monotonic():
+                code = self._keypad_code(door, ev)  # a keypad-only code (a delivery), if the rights hold one
+                if code is not None:
+                    self._act(code, ev.reader)
+                    return
                 log.info("door %s: PIN entered with no card waiting for it", door)
                 self.feedback(ev.reader, Feedback.DENIED)
                 return
-            d = self.decide(door, pending[0], pin=ev.pin, facility=pending[1])
+            d = self.decide(door, pending[0], pin=ev.pin, facility=pending[1], reader=ev.reader)
             if d.pin_check is not None:
                 self._check_pin(d, ev.pin, pending[1], ev.reader)
                 return
@@ -199,6 +247,16 @@ class TapHandler:
             log.log(logging.INFO if ev.power_ok else logging.WARNING, "reader %s: power %s", ev.reader,
                     "ok" if ev.power_ok else "failed")
             self.journal.record(READER_POWER, door=door, reader=ev.reader, detail={"power_ok": ev.power_ok})
+
+    def _keypad_code(self, door: str, ev: PinEntry) -> Decision | None:
+        """The decision on a keypad-only code (`edge.model.code_card`), or None when no credential is stored
+        under it (then the entry is a PIN nobody asked for, as before)."""
+        try:
+            card = code_card(ev.pin)
+        except ValueError:
+            return None
+        d = self.decide(door, card, reader=ev.reader)
+        return None if d.reason is Reason.UNKNOWN_CARD else d
 
     def _revoke(self, door: str, reader: str) -> None:
         """The last card read of `reader` was the head of a longer frame (its last edges came late): take
@@ -234,8 +292,13 @@ class TapHandler:
                 if stored is None:
                     break
                 ok = await loop.run_in_executor(self._pin_pool, verify_pin, pin, stored)
+                dv = None
+                if not ok and d.duress_check is not None:  # the site's duress PIN: checked on the same thread
+                    dpin, dhash = d.duress_check
+                    dv = (dpin, dhash, await loop.run_in_executor(self._pin_pool, verify_pin, dpin, dhash))
                 # Decided again now: the rights (or the PIN) may have changed while the hash ran.
-                d = self.decide(d.door, d.card, pin=pin, facility=facility, pin_verified=(stored, ok))
+                d = self.decide(d.door, d.card, pin=pin, facility=facility, pin_verified=(stored, ok),
+                                duress_verified=dv, reader=reader)  # fmt: skip
             if d.pin_check is not None:  # the PIN hash kept changing under us: ask for the PIN again
                 d = msgspec.structs.replace(d, pin_check=None)
             self._act(d, reader)
@@ -260,6 +323,71 @@ class TapHandler:
         if reader is not None:
             self.feedback(reader, feedback_for(d))
         self._log_decision(d)
+        self._after(d, ctl)
+
+    # --- the access rules' state (after the relay acted) ---------------------------------------------------
+
+    def _after(self, d: Decision, ctl: DoorController | None) -> None:
+        now = self.clock()
+        on_decision(self.access, d, now)
+        if not d.granted or (d.passage is None and not d.count_use):
+            return
+        if ctl is not None and ctl.is_open is False and d.reason is not Reason.FREE_PASSAGE:
+            self._awaiting_open[d.door] = d  # moves the user when the contact opens; nobody if it relocks first
+        else:  # no contact (or the door stands open already): the grant is the passage
+            self._save(update(self.access, d, True, now))
+
+    def door_event(self, type: str, fields: Mapping[str, Any]) -> None:
+        """A door's event (the agent's sink passes each one): its contact edges and relocking."""
+        if type != DOOR_STATE:
+            return
+        door = fields.get("door")
+        detail = fields.get("detail") or {}
+        if not isinstance(door, str):
+            return
+        now = self.clock()
+        contact = detail.get("contact")
+        if contact in ("open", "closed"):
+            door_contact(self.access, door, contact == "open", now)
+        if contact == "open":
+            d = self._awaiting_open.pop(door, None)
+            if d is not None:
+                self._save(update(self.access, d, True, now))
+        elif detail.get("lock") == "locked":
+            door_relocked(self.access, door)
+            if door in self._awaiting_open:
+                update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+
+    def scheduled_resets(self, now: datetime) -> list[str]:
+        """The nightly anti-passback resets (`Area.reset_daily`) due since the last call (the agent calls it
+        every second); returns the areas reset. Nothing runs while the clock is not trusted."""
+        last, self._reset_checked = self._reset_checked, now
+        if last is None or not self.clock.trusted:
+            return []
+        tables = self.decider.index.tables
+        resets = [(a.id, a.reset_daily) for a in tables.areas.values() if a.reset_daily is not None]
+        due = due_resets(resets, tables.site_tz, last, now) if resets else []
+        for area in due:
+            self._save(reset(self.access, area=area))
+            self._emit(SYSTEM, detail={"event": "anti_passback_reset", "area": area, "cause": "schedule"})
+        return due
+
+    def _save(self, delta: Delta) -> None:
+        if not delta or self._save_access is None:
+            return
+        self._unsaved.merge(delta)
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._flush_access(), name="access_state.save")
+
+    async def _flush_access(self) -> None:
+        while self._unsaved and self._save_access is not None:
+            delta, self._unsaved = self._unsaved, Delta()
+            try:
+                await self._save_access(self.access, delta)
+            except Exception:  # the state stays right in memory; the next save writes these entries again
+                log.exception("the access state could not be saved")
+                self._unsaved.merge(delta)
+                return
 
     def feedback(self, reader: str, what: Feedback) -> None:
         """Show a result on a reader, the same call for every kind: a Wiegand reader plays it on its door's
@@ -285,5 +413,8 @@ class TapHandler:
         if d.alarm == "pin_lockout":
             log.warning("door %s: PIN lockout for card %s", d.door, mask_card(d.card))
             self.journal.record(ALARM_PIN_LOCKOUT, door=d.door, reader=reader, card=d.card, user=d.user)
-
-
+        if d.duress:  # silent: the reader shows the decision as usual
+            self.journal.record(ALARM_DURESS, door=d.door, reader=reader, card=d.card, user=d.user,
+                                reason=d.reason.value)  # fmt: skip
+        if d.alarm == "anti_passback":
+            self.journal.record(ALARM_ANTI_PASSBACK, door=d.door, reader=reader, card=d.card, user=d.user)

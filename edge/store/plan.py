@@ -34,24 +34,34 @@ from edge.index import (
     status_word,
 )
 from edge.model import (
+    MAX_AREAS,
     MAX_DOORS,
     MAX_GROUPS,
+    MAX_INTERLOCKS,
     MAX_SCHEDULES,
+    Area,
     ChangeSet,
     Credential,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
     Group,
+    Interlock,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
+    SiteRules,
     User,
     check_limits,
 )
@@ -112,6 +122,14 @@ class Plan:
     del_scheds: set[str] = field(default_factory=set)
     put_groups: dict[str, Group] = field(default_factory=dict)
     del_groups: set[str] = field(default_factory=set)
+    put_areas: dict[str, Area] = field(default_factory=dict)
+    del_areas: set[str] = field(default_factory=set)
+    put_interlocks: dict[str, Interlock] = field(default_factory=dict)
+    del_interlocks: set[str] = field(default_factory=set)
+    #: {"site": the site's rule settings} when the set puts them
+    put_site: dict[str, SiteRules] = field(default_factory=dict)
+    #: {"site"} when the set puts the default settings (stored as no row, checksummed as none)
+    del_site: set[str] = field(default_factory=set)
     #: (kind, id) -> (encoded body, its `table_hash`) of every door, schedule and group put
     bodies: dict[tuple[str, str], tuple[bytes, int]] = field(default_factory=dict)
     users: dict[int, tuple[User, UserRow] | None] = field(default_factory=dict)
@@ -121,11 +139,14 @@ class Plan:
     next_uid: int = 0
 
     def small(self) -> tuple[tuple[str, str, dict[str, Any], set[str]], ...]:
-        """(kind, table, puts, deletes) of the doors, schedules and groups."""
+        """(kind, table, puts, deletes) of the doors, schedules, groups and the access rules' tables."""
         return (
             ("door", "doors", self.put_doors, self.del_doors),
             ("schedule", "schedules", self.put_scheds, self.del_scheds),
             ("group", "groups", self.put_groups, self.del_groups),
+            ("area", "areas", self.put_areas, self.del_areas),
+            ("interlock", "interlocks", self.put_interlocks, self.del_interlocks),
+            ("site", "site_rules", self.put_site, self.del_site),
         )
 
     def table_changes(self) -> Iterator[tuple[tuple[str, str], int | None]]:
@@ -206,6 +227,9 @@ class _Planner:
         self.doors = dict(tables.doors)
         self.scheds = dict(tables.schedule_models)
         self.groups = dict(tables.groups)
+        self.areas = dict(tables.areas)
+        self.interlocks = dict(tables.interlocks)
+        self.site = tables.site_rules
         self.compiled = dict(tables.schedules)  # reused by Tables.build for every schedule the set leaves alone
         self.small_changed = False
         self.uid_of = uid_of
@@ -266,6 +290,37 @@ class _Planner:
     async def delete_group(self, ch: DeleteGroup, i: int, p: str) -> None:
         self._delete(self.groups, self.plan.put_groups, self.plan.del_groups, ch.id, what="group", p=p)
 
+    async def put_area(self, ch: PutArea, i: int, p: str) -> None:
+        check_limits(ch.area, f"{p}.area")
+        self._put(self.areas, self.plan.put_areas, self.plan.del_areas, ch.area.id, ch.area)
+
+    async def delete_area(self, ch: DeleteArea, i: int, p: str) -> None:
+        self._delete(self.areas, self.plan.put_areas, self.plan.del_areas, ch.id, what="area", p=p)
+
+    async def put_interlock(self, ch: PutInterlock, i: int, p: str) -> None:
+        check_limits(ch.interlock, f"{p}.interlock")
+        self._put(self.interlocks, self.plan.put_interlocks, self.plan.del_interlocks, ch.interlock.id, ch.interlock)
+
+    async def delete_interlock(self, ch: DeleteInterlock, i: int, p: str) -> None:
+        self._delete(self.interlocks, self.plan.put_interlocks, self.plan.del_interlocks, ch.id, what="interlock", p=p)
+
+    async def put_site_rules(self, ch: PutSiteRules, i: int, p: str) -> None:
+        r = ch.rules
+        if r.duress_code_hash is not None and not valid_pin_hash(r.duress_code_hash):
+            raise ChangeRejected("bad_field", f"{p}.rules.duress_code_hash: not a pbkdf2_sha256 PIN hash",
+                                 path=f"{p}.rules.duress_code_hash")  # fmt: skip
+        if r.duress.value == "code" and r.duress_code_hash is None:
+            raise ChangeRejected("bad_field", f"{p}.rules.duress_code_hash: duress 'code' needs the code's hash",
+                                 path=f"{p}.rules.duress_code_hash")  # fmt: skip
+        self.site = r
+        if r == SiteRules():  # the defaults: no row (as before any was put), so the checksum is that of none
+            self.plan.put_site.pop("site", None)
+            self.plan.del_site.add("site")
+        else:
+            self.plan.del_site.discard("site")
+            self.plan.put_site["site"] = r
+        self.small_changed = True
+
     # --- users and credentials ---------------------------------------------------------------------------
 
     async def put_user(self, ch: PutUser, i: int, p: str) -> None:
@@ -322,7 +377,7 @@ class _Planner:
         f, un = _window(c, f"{p}.credential")
         if self.track_cards:
             self.cards_of_user.setdefault(uid, set()).add(c.card)
-        self.creds[c.card] = (c, uid, (uid, status_word(STATUS_CODES[c.status], c.facility), f, un), i)
+        self.creds[c.card] = (c, uid, (uid, status_word(STATUS_CODES[c.status], c.facility, c.max_uses), f, un), i)
 
     async def delete_credential(self, ch: DeleteCredential, i: int, p: str) -> None:
         if self.owner(ch.card) is None:
@@ -340,16 +395,24 @@ class _Planner:
             # limits, up to ~10^6 group-door pairs; schedules compiled above are reused, not compiled again).
             plan.tables = await asyncio.to_thread(
                 in_background(
-                    functools.partial(_small_tables, gidx=tables.gidx, compiled=self.compiled),
+                    functools.partial(
+                        _small_tables, gidx=tables.gidx, compiled=self.compiled, areas=self.areas,
+                        interlocks=self.interlocks, site=self.site,
+                    ),
                     self.site_tz,
                     self.doors,
                     self.scheds,
                     self.groups,
                 )
-            )
+            )  # fmt: skip
             plan.bodies = await asyncio.to_thread(
-                in_background(encode_bodies, plan.put_doors, plan.put_scheds, plan.put_groups)
-            )
+                in_background(
+                    functools.partial(
+                        encode_bodies, areas=plan.put_areas, interlocks=plan.put_interlocks, site=plan.put_site
+                    ),
+                    plan.put_doors, plan.put_scheds, plan.put_groups,
+                )
+            )  # fmt: skip
         new_tables = plan.tables or tables
         for n, (uid, (u, ui)) in enumerate(self.user_models.items()):
             if n % PLAN_SLICE == PLAN_SLICE - 1:
@@ -401,6 +464,11 @@ HANDLERS: dict[type, Callable[[_Planner, Any, int, str], Awaitable[None]]] = {
     DeleteUser: _Planner.delete_user,
     PutCredential: _Planner.put_credential,
     DeleteCredential: _Planner.delete_credential,
+    PutArea: _Planner.put_area,
+    DeleteArea: _Planner.delete_area,
+    PutInterlock: _Planner.put_interlock,
+    DeleteInterlock: _Planner.delete_interlock,
+    PutSiteRules: _Planner.put_site_rules,
 }
 
 
@@ -412,11 +480,17 @@ def _small_tables(
     *,
     gidx: dict[str, int],
     compiled: dict[str, CompiledSchedule],
+    areas: dict[str, Area] | None = None,
+    interlocks: dict[str, Interlock] | None = None,
+    site: SiteRules | None = None,
 ) -> Tables:
     """Check the end state of doors, schedules and groups (references, per-site limits) and build its tables.
     Pure and blocking: run in a worker thread."""
+    areas = areas or {}
+    interlocks = interlocks or {}
     for what, n, limit in (("doors", len(doors), MAX_DOORS), ("schedules", len(scheds), MAX_SCHEDULES),
-                           ("groups", len(groups), MAX_GROUPS)):  # fmt: skip
+                           ("groups", len(groups), MAX_GROUPS), ("areas", len(areas), MAX_AREAS),
+                           ("interlocks", len(interlocks), MAX_INTERLOCKS)):  # fmt: skip
         if n > limit:
             raise ChangeRejected("bad_field", f"{what}: the site would have {n}, more than the limit of {limit}",
                                  path=what)  # fmt: skip
@@ -435,10 +509,49 @@ def _small_tables(
             if s is not None and s not in scheds:
                 raise ChangeRejected("unknown_reference", f"door {door.id!r}: no schedule {s!r}",
                                      path=f"doors[{door.id}].{attr}")  # fmt: skip
+    _check_rules(doors, groups, areas, interlocks)
     try:
-        return Tables.build(site_tz, doors.values(), scheds.values(), groups.values(), gidx=gidx, compiled=compiled)
+        return Tables.build(
+            site_tz, doors.values(), scheds.values(), groups.values(), gidx=gidx, compiled=compiled,
+            areas=areas.values(), interlocks=interlocks.values(), site_rules=site,
+        )  # fmt: skip
     except ValueError as e:
         raise ChangeRejected("bad_field", str(e)) from None
+
+
+def _check_rules(
+    doors: dict[str, Door], groups: dict[str, Group], areas: dict[str, Area], interlocks: dict[str, Interlock]
+) -> None:
+    """The access rules' references in the end state: a door's areas, escort and visitor groups, an area's
+    exempt groups, an interlock's doors; and a door in one interlock only."""
+    for door in doors.values():
+        for attr in ("to_area", "from_area"):
+            a = getattr(door, attr)
+            if a is not None and a not in areas:
+                raise ChangeRejected("unknown_reference", f"door {door.id!r}: no area {a!r}",
+                                     path=f"doors[{door.id}].{attr}")  # fmt: skip
+        if door.escort_group is not None and door.escort_group not in groups:
+            raise ChangeRejected("unknown_reference", f"door {door.id!r}: no group {door.escort_group!r}",
+                                 path=f"doors[{door.id}].escort_group")  # fmt: skip
+        for i, g in enumerate(door.visitor_groups):
+            if g not in groups:
+                raise ChangeRejected("unknown_reference", f"door {door.id!r}: no group {g!r}",
+                                     path=f"doors[{door.id}].visitor_groups[{i}]")  # fmt: skip
+    for area in areas.values():
+        for i, g in enumerate(area.exempt_groups):
+            if g not in groups:
+                raise ChangeRejected("unknown_reference", f"area {area.id!r}: no group {g!r}",
+                                     path=f"areas[{area.id}].exempt_groups[{i}]")  # fmt: skip
+    lock_of: dict[str, str] = {}
+    for il in interlocks.values():
+        for i, d in enumerate(il.doors):
+            if d not in doors:
+                raise ChangeRejected("unknown_reference", f"interlock {il.id!r}: no door {d!r}",
+                                     path=f"interlocks[{il.id}].doors[{i}]")  # fmt: skip
+            if d in lock_of:
+                raise ChangeRejected("bad_field", f"interlock {il.id!r}: door {d!r} is in interlock {lock_of[d]!r}",
+                                     path=f"interlocks[{il.id}].doors[{i}]")  # fmt: skip
+            lock_of[d] = il.id
 
 
 def index_from_plan(tables: Tables, plan: Plan, version: int) -> RightsIndex:

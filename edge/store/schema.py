@@ -7,6 +7,7 @@ Every statement that knows a column of the rights tables lives here or in `Store
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge._sqlite import in_background, lower_thread_priority, pause, quick_check_sync, read_only
+from edge.access_state import AccessState, Delta, Location
 from edge.errors import StoreError
 from edge.index import (
     AssignRow,
@@ -33,11 +35,11 @@ from edge.index import (
     table_hash,
     user_hash,
 )
-from edge.model import Door, Group, Schedule
+from edge.model import Area, Door, Group, Interlock, Schedule, SiteRules
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Index entries staged (or checksummed) per loop turn while a change set is published (each turn well under 1 ms).
 STAGE_SLICE = 250
 
@@ -64,7 +66,20 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE credentials ADD COLUMN facility INTEGER"],
     # 3: meta.rights_digest (see `index.Digest`), written after the migration from the rows as loaded.
     3: [],
+    # 4: the access rules (issue 19): areas, interlocks, the site's rule settings (bodies, in the checksum as
+    # the doors are), credentials' use limits; and the access state (not rights: outside the checksum),
+    # written after each door opening.
+    4: [
+        "CREATE TABLE areas (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE interlocks (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE site_rules (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID",
+        "ALTER TABLE credentials ADD COLUMN max_uses INTEGER",
+        "CREATE TABLE access_where (user_id TEXT PRIMARY KEY, area TEXT, since REAL NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE access_uses (card INTEGER PRIMARY KEY, used INTEGER NOT NULL)",
+    ],
 }
+#: The rule tables (id, body) beside doors, schedules and groups.
+RULE_TABLES = ("areas", "interlocks", "site_rules")
 #: The meta key of the rights checksum (`Digest.text()`).
 META_DIGEST = "rights_digest"
 
@@ -109,25 +124,40 @@ encoder = msgspec.msgpack.Encoder()
 _dec_door = msgspec.msgpack.Decoder(Door)
 _dec_sched = msgspec.msgpack.Decoder(Schedule)
 _dec_group = msgspec.msgpack.Decoder(Group)
+_dec_area = msgspec.msgpack.Decoder(Area)
+_dec_interlock = msgspec.msgpack.Decoder(Interlock)
+_dec_site = msgspec.msgpack.Decoder(SiteRules)
 
 
-def decode_tables(site_tz: ZoneInfo, doors: list[bytes], scheds: list[bytes], groups: list[bytes]) -> Tables:
+def decode_tables(
+    site_tz: ZoneInfo, doors: list[bytes], scheds: list[bytes], groups: list[bytes], *,
+    areas: list[bytes] | None = None, interlocks: list[bytes] | None = None, site: list[bytes] | None = None,
+) -> Tables:  # fmt: skip
     """Tables from stored bodies (blocking: a worker thread; a schedule at the limit decodes in ~4 ms)."""
     return Tables.build(
         site_tz,
         [_dec_door.decode(b) for b in doors],
         [_dec_sched.decode(b) for b in scheds],
         [_dec_group.decode(b) for b in groups],
+        areas=[_dec_area.decode(b) for b in areas or ()],
+        interlocks=[_dec_interlock.decode(b) for b in interlocks or ()],
+        site_rules=_dec_site.decode(site[0]) if site else None,
     )
 
 
 def encode_bodies(
-    doors: dict[str, Door], scheds: dict[str, Schedule], groups: dict[str, Group]
-) -> dict[tuple[str, str], tuple[bytes, int]]:
-    """The stored body and checksum hash of each door, schedule and group put (blocking: a worker thread;
-    a schedule at the interval limit takes ~0.2 ms)."""
+    doors: dict[str, Door], scheds: dict[str, Schedule], groups: dict[str, Group], *,
+    areas: dict[str, Area] | None = None, interlocks: dict[str, Interlock] | None = None,
+    site: dict[str, SiteRules] | None = None,
+) -> dict[tuple[str, str], tuple[bytes, int]]:  # fmt: skip
+    """The stored body and checksum hash of each door, schedule, group, area, interlock and site setting put
+    (blocking: a worker thread; a schedule at the interval limit takes ~0.2 ms)."""
     out: dict[tuple[str, str], tuple[bytes, int]] = {}
-    for kind, models in (("door", doors), ("schedule", scheds), ("group", groups)):
+    kinds: tuple[tuple[str, Mapping[str, Any]], ...] = (
+        ("door", doors), ("schedule", scheds), ("group", groups), ("area", areas or {}),
+        ("interlock", interlocks or {}), ("site", site or {}),
+    )  # fmt: skip
+    for kind, models in kinds:
         for k, m in models.items():
             out[(kind, k)] = (encoder.encode(m), table_hash(kind, m))
     return out
@@ -150,11 +180,18 @@ async def _chunks(db: aiosqlite.Connection, sql: str, size: int = 200_000) -> li
     return out
 
 
+#: The index's status word of a credential row (`index.status_word`): status, use limit, facility + 1.
+STATUS_WORD = "status | (coalesce(max_uses, 0) << 2) | (coalesce(facility + 1, 0) << 8)"
+
+
 async def load_index(db: aiosqlite.Connection, site_tz: ZoneInfo) -> tuple[RightsIndex, int]:
     """The index of the rows on disk, and the next free internal user id."""
     version = int((await rows(db, "SELECT value FROM meta WHERE key='rights_version'"))[0][0])
-    bodies = [[b for (b,) in await rows(db, f"SELECT body FROM {t}")] for t in ("doors", "schedules", "groups")]
-    tables = await asyncio.to_thread(in_background(decode_tables, site_tz, *bodies))
+    bodies = [
+        [b for (b,) in await rows(db, f"SELECT body FROM {t}")] for t in ("doors", "schedules", "groups", *RULE_TABLES)
+    ]
+    decode = functools.partial(decode_tables, areas=bodies[3], interlocks=bodies[4], site=bodies[5])
+    tables = await asyncio.to_thread(in_background(decode, site_tz, *bodies[:3]))
     arrays = await load_arrays(db, tables)
     mx = await rows(db, "SELECT max(uid) FROM users")
     return RightsIndex(tables, arrays, version=version), int(mx[0][0] or 0) + 1
@@ -169,7 +206,7 @@ async def load_arrays(
     c = cols(
         await _chunks(
             db,
-            "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil FROM credentials ORDER BY card",
+            f"SELECT card, uid, {STATUS_WORD}, vfrom, vuntil FROM credentials ORDER BY card",
         ),
         5,
     )
@@ -225,12 +262,13 @@ def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, 
         doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
         scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
         groups = [_dec_group.decode(b) for (b,) in con.execute("SELECT body FROM groups")]
-        tables = Tables.build(site_tz, doors, scheds, groups)
+        areas = [_dec_area.decode(b) for (b,) in con.execute("SELECT body FROM areas")]
+        interlocks = [_dec_interlock.decode(b) for (b,) in con.execute("SELECT body FROM interlocks")]
+        site = [_dec_site.decode(b) for (b,) in con.execute("SELECT body FROM site_rules")]
+        tables = Tables.build(site_tz, doors, scheds, groups, areas=areas, interlocks=interlocks,
+                              site_rules=site[0] if site else None)  # fmt: skip
         c = np.array(
-            con.execute(
-                "SELECT card, uid, status | (coalesce(facility + 1, 0) << 8), vfrom, vuntil FROM credentials "
-                "ORDER BY card"
-            ).fetchall(),
+            con.execute(f"SELECT card, uid, {STATUS_WORD}, vfrom, vuntil FROM credentials ORDER BY card").fetchall(),
             dtype=np.int64,
         ).reshape(-1, 5)
         assigns: dict[int, list[AssignRow]] = {}
@@ -305,3 +343,34 @@ async def digest_after(
                 tab[key] = h
     m64 = (1 << 64) - 1
     return Digest(version, nc, nu, c & m64, u & m64, sum(tab.values()) & m64), tab
+
+
+# --- the access state (issue 19: where users are, uses of use-limited credentials) ---------------------------
+
+
+async def load_access_state(db: aiosqlite.Connection) -> AccessState:
+    """The persistent access state as last written (occupancy follows from the locations)."""
+    where: dict[str, Location] = {
+        str(u): (None if a is None else str(a), float(t))
+        for u, a, t in await rows(db, "SELECT user_id, area, since FROM access_where")
+    }
+    used = {int(c): int(n) for c, n in await rows(db, "SELECT card, used FROM access_uses")}
+    return AccessState.restore(where, used)
+
+
+async def write_access_state(db: aiosqlite.Connection, state: AccessState, delta: Delta) -> None:
+    """Write the entries `delta` names, as `state` holds them now, in one transaction."""
+    gone = [(u,) for u in delta.users if u not in state.where]
+    live = [(u, *state.where[u]) for u in delta.users if u in state.where]
+    unused = [(c,) for c in delta.cards if c not in state.used]
+    used = [(c, state.used[c]) for c in delta.cards if c in state.used]
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.executemany("DELETE FROM access_where WHERE user_id=?", gone)
+        await db.executemany("INSERT OR REPLACE INTO access_where (user_id, area, since) VALUES (?,?,?)", live)
+        await db.executemany("DELETE FROM access_uses WHERE card=?", unused)
+        await db.executemany("INSERT OR REPLACE INTO access_uses (card, used) VALUES (?,?)", used)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise

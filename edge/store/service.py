@@ -39,24 +39,40 @@ from edge._sqlite import (
     quick_check,
     read_only,
 )
+from edge.access_state import AccessState, Delta
 from edge.errors import ChangeRejected, StoreError, VersionGap
 from edge.index import STATUS_CODES, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
-from edge.model import ChangeSet, PutCredential, PutDoor, PutGroup, PutSchedule, PutUser, Snapshot, User
+from edge.model import (
+    ChangeSet,
+    PutArea,
+    PutCredential,
+    PutDoor,
+    PutGroup,
+    PutInterlock,
+    PutSchedule,
+    PutSiteRules,
+    PutUser,
+    Snapshot,
+    User,
+)
 from edge.tasks import cancel_and_wait
 
 from .plan import Plan, index_from_plan, plan_changes
 from .schema import (
     DAMAGE_ERRORS,
     META_DIGEST,
+    RULE_TABLES,
     STAGE_SLICE,
     Damaged,
     check_digest,
     digest_after,
+    load_access_state,
     load_arrays,
     load_index,
     migrate,
     read_index,
     rows,
+    write_access_state,
 )
 
 log = logging.getLogger(__name__)
@@ -287,6 +303,20 @@ class Store(SqliteService):
             out[t] = int((await self._rows(f"SELECT count(*) FROM {t}"))[0][0])
         return out
 
+    # --- the access state (issue 19; not rights: outside the checksum) -----------------------------------
+
+    async def load_access_state(self) -> AccessState:
+        """The access rules' state as last saved (user locations, credential uses)."""
+        return await load_access_state(self.db)
+
+    async def save_access_state(self, state: AccessState, delta: Delta) -> None:
+        """Write the entries `delta` names (after a door opened; never on the tap path before the relay
+        acts). Under the store's lock, so it never lands inside a change set's transaction."""
+        if not delta:
+            return
+        async with self._lock:
+            await write_access_state(self.db, state, delta)
+
     # --- change sets ------------------------------------------------------------------------------------
 
     async def apply(self, cs: ChangeSet) -> ApplyResult:
@@ -335,6 +365,9 @@ class Store(SqliteService):
             changes += [PutSchedule(schedule=s) for s in snap.schedules]
             changes += [PutDoor(door=d) for d in snap.doors]
             changes += [PutGroup(group=g) for g in snap.groups]
+            changes += [PutArea(area=a) for a in snap.areas]
+            changes += [PutInterlock(interlock=il) for il in snap.interlocks]
+            changes += [PutSiteRules(rules=r) for r in snap.site_rules]
             changes += [PutUser(user=u) for u in snap.users]
             changes += [PutCredential(credential=c) for c in snap.credentials]
             return changes
@@ -348,7 +381,8 @@ class Store(SqliteService):
             next_uid=1,
             rows=None,
         )
-        assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups)
+        assert plan.tables is not None or not (snap.doors or snap.schedules or snap.groups or snap.areas
+                                                or snap.interlocks or snap.site_rules)  # fmt: skip
         tables = plan.tables or Tables(self.site_tz)
         new = await asyncio.to_thread(in_background(index_from_plan, tables, plan, snap.version))
         digest = await asyncio.to_thread(in_background(index_digest, new))
@@ -369,7 +403,7 @@ class Store(SqliteService):
         try:
             await db.execute("BEGIN IMMEDIATE")
             if wipe:
-                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials"):
+                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials", *RULE_TABLES):
                     await db.execute(f"DELETE FROM {t}")
             small = plan.small()
             for _kind, table, _puts, dels in small:
@@ -401,10 +435,11 @@ class Store(SqliteService):
                 "DELETE FROM credentials WHERE card=?", breathing((c,) for c, v in plan.creds.items() if v is None)
             )
             await db.executemany(
-                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility) "
-                "VALUES (?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility, max_uses) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 breathing(
-                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility)
+                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility,
+                     v[0].max_uses)
                     for card, v in plan.creds.items()
                     if v
                 ),
