@@ -62,7 +62,9 @@ from .topics import Leaf, Topics
 
 log = logging.getLogger("cloud_bridge.cloud")
 
-_KINDS = ("doors", "schedules", "groups", "users", "credentials")
+#: The parts of a snapshot, each a list spread over the chunks (cloud_bridge.link.rights.join_chunks joins them).
+SNAPSHOT_PARTS = ("doors", "schedules", "groups", "users", "credentials", "areas", "interlocks", "site_rules")
+_KINDS = SNAPSHOT_PARTS
 
 
 class CloudError(CloudBridgeError):

@@ -23,7 +23,20 @@ import numpy as np
 from msgspec import Meta
 
 from edge.events import Event
-from edge.model import ChangeSet, Credential, Door, DoorMode, Group, Ident, Schedule, Snapshot, User
+from edge.model import (
+    Area,
+    ChangeSet,
+    Credential,
+    Door,
+    DoorMode,
+    Group,
+    Ident,
+    Interlock,
+    Schedule,
+    SiteRules,
+    Snapshot,
+    User,
+)
 
 from .errors import CloudBridgeError
 
@@ -193,6 +206,9 @@ class SnapshotChunk(Msg, tag="snapshot_chunk", frozen=True):
     groups: list[Group] = []
     users: list[User] = []
     credentials: list[Credential] = []
+    areas: list[Area] = []
+    interlocks: list[Interlock] = []
+    site_rules: list[SiteRules] = []
 
 
 class SnapshotManifest(Msg, tag="snapshot_manifest", frozen=True):
@@ -662,4 +678,7 @@ def snapshot_of(chunks: list[SnapshotChunk]) -> Snapshot:
         groups=[g for c in ordered for g in c.groups],
         users=[u for c in ordered for u in c.users],
         credentials=[x for c in ordered for x in c.credentials],
+        areas=[a for c in ordered for a in c.areas],
+        interlocks=[i for c in ordered for i in c.interlocks],
+        site_rules=[r for c in ordered for r in c.site_rules],
     )

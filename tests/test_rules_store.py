@@ -193,3 +193,41 @@ async def test_site_rules_back_to_the_defaults_keep_the_checksum(tmp_path: Path)
         await store.apply(cs(1, PutSiteRules(rules=SiteRules())))
     async with Store(path) as again:
         assert again.damage is None and again.index.tables.site_rules == SiteRules()
+
+
+async def test_a_chunked_snapshot_over_the_link_carries_the_rules(tmp_path: Path) -> None:
+    """Areas, interlocks and the site rules travel in snapshot chunks like every other part (a real broker,
+    chunks small enough that the rules land in chunks of their own)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from .broker import cloud_peer, gateway, unique
+    from .mosquitto import Mosquitto
+
+    ch = rule_changes()
+    snap = Snapshot(
+        version=5,
+        doors=[c.door for c in ch if isinstance(c, PutDoor)],
+        groups=[c.group for c in ch if isinstance(c, PutGroup)],
+        users=[c.user for c in ch if isinstance(c, PutUser)],
+        credentials=[c.credential for c in ch if isinstance(c, PutCredential)],
+        areas=[c.area for c in ch if isinstance(c, PutArea)],
+        interlocks=[c.interlock for c in ch if isinstance(c, PutInterlock)],
+        site_rules=[c.rules for c in ch if isinstance(c, PutSiteRules)],
+    )
+    key = Ed25519PrivateKey.generate()
+    m = Mosquitto(tmp_path / "broker")
+    m.start()
+    try:
+        site = unique("s")
+        async with (
+            gateway(m, tmp_path / "gw", key, site=site, gw="gw1", max_message_bytes=4096) as g,
+            cloud_peer(m, key, site=site, gw="gw1", max_message_bytes=4096) as cloud,
+        ):
+            await cloud.wait_online()
+            r = await cloud.send_snapshot(snap)
+            assert r.ok and r.applied, r
+            t = g.store.index.tables
+            assert t.site_rules.duress is DuressMode.PIN_PLUS_ONE
+            assert t.door_rules and any("ma" in str(v) for v in t.door_rules.values())
+    finally:
+        m.stop()

@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from cloud_bridge.cloud import SNAPSHOT_PARTS
 from cloud_bridge.protocol import (
     MAX_VERSION,
     ChangeSetMsg,
@@ -50,7 +51,7 @@ log = logging.getLogger("cloud_bridge.link")
 def join_chunks(bodies: Iterable[bytes]) -> Snapshot:
     """Decode the staged chunks one at a time into one snapshot (each chunk's bytes are dropped as soon as
     it is decoded, so the peak is the decoded rights plus one chunk)."""
-    lists: dict[str, list[Any]] = {k: [] for k in ("doors", "schedules", "groups", "users", "credentials")}
+    lists: dict[str, list[Any]] = {k: [] for k in SNAPSHOT_PARTS}
     version = 0
     for body in bodies:
         c = decode_staged_chunk(body)
