@@ -66,3 +66,20 @@ JOURNAL_NEAR_FULL = "alarm.journal_near_full"
 SECURITY_COMMAND_REJECTED = "security.command_rejected"
 SYSTEM = "system"
 
+# Alarms and audit events raised outside the tap path (the whole catalogue is docs/protocol.md, "Event types").
+#: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
+ALARM_DURESS = "alarm.duress"
+ALARM_ANTI_PASSBACK = "alarm.anti_passback"
+#: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
+RIGHTS_DAMAGED = "alarm.rights_damaged"
+JOURNAL_OVERFLOW = "alarm.journal_overflow"
+STORAGE_ALARM = "alarm.storage"
+#: The journal file failed its integrity check at open: it was moved aside (kept) and a new one started.
+JOURNAL_DAMAGED = "alarm.journal_damaged"
+#: Journal event type of every command carried out (user = the operator).
+COMMAND_EXECUTED = "command.executed"
+#: Journal event type of an accepted key rotation (detail: old and new key fingerprints).
+KEY_ROTATED = "security.key_rotated"
+#: Journal event type of a refused downlink message (rights, events/ack); commands use
+#: `security.command_rejected`. Rate-limited: see `RefusalLog`.
+SECURITY_MESSAGE_REJECTED = "security.message_rejected"

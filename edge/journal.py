@@ -32,6 +32,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from edge.events import JOURNAL_DAMAGED, JOURNAL_OVERFLOW, STORAGE_ALARM
+
 from ._sqlite import SqliteService, move_aside, quick_check, read_only
 from .errors import StoreError
 from .events import JOURNAL_NEAR_FULL, Detail, Event
@@ -39,10 +41,6 @@ from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-JOURNAL_OVERFLOW = "alarm.journal_overflow"
-STORAGE_ALARM = "alarm.storage"
-#: The journal file failed its integrity check at open: it was moved aside (kept) and a new one started.
-JOURNAL_DAMAGED = "alarm.journal_damaged"
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Event)

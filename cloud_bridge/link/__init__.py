@@ -18,11 +18,12 @@ from collections.abc import Callable
 
 from cloud_bridge.mqtt import Backoff
 from cloud_bridge.settings import LinkConfig
+from edge.events import COMMAND_EXECUTED, KEY_ROTATED, SECURITY_MESSAGE_REJECTED
 
 from .connection import CloudLink
-from .gate import COMMAND_EXECUTED, KEY_FILE, KEY_ROTATED, CommandGate, SiteKeys
+from .gate import KEY_FILE, CommandGate, SiteKeys
 from .ports import Applied, CommandHandler, Outbox, Rights
-from .reply import SECURITY_MESSAGE_REJECTED, RefusalLog, Replies
+from .reply import RefusalLog, Replies
 from .rights import RightsSync, join_chunks
 from .staging import SnapshotStaging, StagingFull
 from .upload import EventUpload, split_events

@@ -53,17 +53,13 @@ from cloud_bridge.signing import (
     save_key_state,
 )
 from cloud_bridge.topics import Leaf
-from edge.events import SECURITY_COMMAND_REJECTED
+from edge.events import COMMAND_EXECUTED, KEY_ROTATED, SECURITY_COMMAND_REJECTED
 
 from .ports import CommandHandler, Outbox, Rights
 from .reply import Replies, decode_off_loop, error_info
 
 log = logging.getLogger("cloud_bridge.link")
 
-#: Journal event type of every command carried out (user = the operator).
-COMMAND_EXECUTED = "command.executed"
-#: Journal event type of an accepted key rotation (detail: old and new key fingerprints).
-KEY_ROTATED = "security.key_rotated"
 #: The command key state in the link's state directory.
 KEY_FILE = "link-command-key.json"
 

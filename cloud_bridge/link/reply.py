@@ -18,6 +18,7 @@ from cloud_bridge.protocol import ErrorInfo, ProtocolError, encode, peek_ref
 from cloud_bridge.settings import LinkConfig
 from cloud_bridge.topics import Leaf, Topics
 from edge.errors import ChangeRejected, StoreError
+from edge.events import SECURITY_MESSAGE_REJECTED
 
 from .ports import Outbox
 
@@ -31,9 +32,6 @@ async def decode_off_loop(decoder: Callable[[bytes], _T], payload: bytes) -> _T:
     """Decode with `decoder`; a large message off the loop thread, so that taps are not held up."""
     return decoder(payload) if len(payload) < OFF_LOOP_BYTES else await asyncio.to_thread(decoder, payload)
 
-#: Journal event type of a refused downlink message (rights, events/ack); commands use
-#: `security.command_rejected`. Rate-limited: see `RefusalLog`.
-SECURITY_MESSAGE_REJECTED = "security.message_rejected"
 
 
 class RefusalLog:

@@ -46,6 +46,8 @@ from edge.events import (
     ACCESS_DENIED,
     ACCESS_GRANTED,
     ACCESS_REVOKED,
+    ALARM_ANTI_PASSBACK,
+    ALARM_DURESS,
     ALARM_PIN_LOCKOUT,
     DOOR_STATE,
     READER_FAULT,
@@ -73,9 +75,6 @@ PIN_WAIT_S = 20.0
 REVOKE_WITHIN_S = 5.0
 #: A PIN check whose stored hash changes while it runs is redone against the new hash at most this often.
 PIN_ROUNDS = 3
-#: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
-ALARM_DURESS = "alarm.duress"
-ALARM_ANTI_PASSBACK = "alarm.anti_passback"
 
 
 def feedback_for(d: Decision) -> Feedback:

@@ -21,10 +21,11 @@ from edge._sqlite import (
     move_aside,
     pause,
 )
+from edge.events import RIGHTS_DAMAGED
 
 from .plan import HANDLERS, INLINE_COMPILE, PLAN_SLICE, Plan, plan_changes, user_flags
 from .schema import DAMAGE_ERRORS, META_DIGEST, MIGRATIONS, SCHEMA_VERSION, STAGE_SLICE, Damaged, read_index
-from .service import COMPACT_AT, DAMAGED, RIGHTS_DAMAGED, ApplyResult, Store
+from .service import COMPACT_AT, DAMAGED, ApplyResult, Store
 
 #: The name the migrations had in the single-module store (tests build old files from it).
 _MIGRATIONS = MIGRATIONS

@@ -41,6 +41,7 @@ from edge._sqlite import (
 )
 from edge.access_state import AccessState, Delta
 from edge.errors import ChangeRejected, StoreError, VersionGap
+from edge.events import RIGHTS_DAMAGED  # noqa: F401  (re-exported)
 from edge.index import STATUS_CODES, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
 from edge.model import (
     ChangeSet,
@@ -79,8 +80,6 @@ log = logging.getLogger(__name__)
 
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
-#: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
-RIGHTS_DAMAGED = "alarm.rights_damaged"
 #: `Store.needs_snapshot` after a damaged store: the reason the link gives the cloud when asking for one.
 DAMAGED = "damaged"
 
