@@ -273,7 +273,8 @@ class Agent:
         async with AsyncExitStack() as journal_stack, AsyncExitStack() as door_stack, AsyncExitStack() as stack:
             # 1. Locks to their safe state before anything else.
             for io in self.profile.doors:
-                ctl = DoorController(Door(id=io.door), io, factory=self.factory, emit=self._emit, clock=time.monotonic)
+                ctl = DoorController(Door(id=io.door), io, factory=self.factory, emit=self._journal,
+                                     clock=time.monotonic)  # fmt: skip
                 self.doors[io.door] = await door_stack.enter_async_context(ctl)
             for hook in self.after_doors:
                 await hook(self)
@@ -302,7 +303,7 @@ class Agent:
             self.decider = decider = Decider(self.store.index, cfg.site_policy())
             self.store.on_swap.append(lambda idx: setattr(decider, "index", idx))
             self.modes = DoorModes(decider, self.doors, self.store, clock=self.clock,
-                                   clock_trusted=lambda: self.clock.trusted, emit=self._emit)  # fmt: skip
+                                   clock_trusted=lambda: self.clock.trusted, emit=self._journal)  # fmt: skip
             await self.modes.restore()
             self._refresh_door_models()
             self.modes.sync()
@@ -316,7 +317,7 @@ class Agent:
             self.tap = TapHandler(
                 decider=decider, doors=self.doors, readers=self.readers, reader_door=self.reader_door,
                 modes=self.modes, journal=self.journal, clock=self.clock, connectivity=self.connectivity,
-                metrics=self.metrics, emit=self._emit, access=await self.store.load_access_state(),
+                metrics=self.metrics, emit=self._journal, access=await self.store.load_access_state(),
                 save_access=self.store.save_access_state,
             )  # fmt: skip
             stack.push_async_callback(self.tap.close)
@@ -374,7 +375,7 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    def _emit(self, type: str, **fields: Any) -> None:
+    def _journal(self, type: str, **fields: Any) -> None:
         detail = fields.get("detail") or {}
         level = logging.WARNING if type in ("door.forced_open", "door.held_open") else logging.INFO
         log.log(
@@ -469,7 +470,7 @@ class Agent:
                 raise
             except Exception as e:
                 log.exception("%s failed; restarting", name)
-                self._emit(SYSTEM, detail={"event": "subsystem_failed", "subsystem": name, "error": str(e)[:200]})
+                self._journal(SYSTEM, detail={"event": "subsystem_failed", "subsystem": name, "error": str(e)[:200]})
             if time.monotonic() - started > 60:
                 delay = 0.5
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))

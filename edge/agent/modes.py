@@ -47,7 +47,7 @@ class DoorModes:
         self._store = store
         self._clock = clock
         self._clock_trusted = clock_trusted
-        self._emit = emit
+        self._journal = emit
         self._last_mode: dict[str, DoorMode] = {}
 
     @property
@@ -115,7 +115,7 @@ class DoorModes:
             await self._store.set_meta(META_DOOR_MODES, json.dumps(state))
         except (StoreError, sqlite3.Error, OSError) as e:
             log.error("door modes are in force but could not be saved: %s", e)
-            self._emit(SYSTEM, detail={"event": "door_modes_not_saved", "error": str(e)[:200]})
+            self._journal(SYSTEM, detail={"event": "door_modes_not_saved", "error": str(e)[:200]})
             raise StoreError(f"applied, but not saved (it will not survive a restart): {e}") from e
 
     async def restore(self) -> None:
@@ -132,7 +132,7 @@ class DoorModes:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             # Unreadable: neither invent a lockdown nor drop one silently; the cloud must set the modes again.
             log.error("the saved door modes are unreadable (%s): starting without overrides", e)
-            self._emit(SYSTEM, detail={"event": "door_modes_unreadable", "error": str(e)[:200]})
+            self._journal(SYSTEM, detail={"event": "door_modes_unreadable", "error": str(e)[:200]})
             return
         self._decider.lockdown = lockdown
         for door, mode in modes.items():

@@ -123,7 +123,7 @@ class TapHandler:
         self.clock = clock
         self.connectivity = connectivity
         self.metrics = metrics
-        self._emit = emit
+        self._journal = emit
         #: The PIN hashes run here, off the loop (one thread: a PIN check never competes with another's).
         self._pin_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pin-check")
         self._pin_tasks: set[asyncio.Task[None]] = set()
@@ -189,7 +189,7 @@ class TapHandler:
         try:
             if reader is not None:
                 self.feedback(reader, Feedback.DENIED)
-            self._emit(SYSTEM, door=door, reader=reader,
+            self._journal(SYSTEM, door=door, reader=reader,
                        detail={"event": "tap_failed", "error": f"{type(e).__name__}: {e}"[:200]})  # fmt: skip
         except Exception:
             log.exception("door %s: the failure could not be reported", door)
@@ -368,7 +368,7 @@ class TapHandler:
         due = due_resets(resets, tables.site_tz, last, now) if resets else []
         for area in due:
             self._save(reset(self.access, area=area))
-            self._emit(SYSTEM, detail={"event": "anti_passback_reset", "area": area, "cause": "schedule"})
+            self._journal(SYSTEM, detail={"event": "anti_passback_reset", "area": area, "cause": "schedule"})
         return due
 
     def _save(self, delta: Delta) -> None:

@@ -56,7 +56,7 @@ class DoorController:
         self.io = io
         self._door = door
         self._factory = factory
-        self._emit = emit
+        self._record_event = emit
         self._clock = clock
         self._fail_safe = io.lock_type == "fail_safe"
         self._relay: Any = None
@@ -296,7 +296,7 @@ class DoorController:
 
     def _record(self, type: str, detail: Detail) -> None:
         try:
-            self._emit(type, door=self.door.id, detail=detail)
+            self._record_event(type, door=self.door.id, detail=detail)
         except Exception:
             # The journal failing must never stop the door from working.
             log.exception("door %s: could not record %s", self.door.id, type)

@@ -162,7 +162,7 @@ class DoorLogic:
         self._prealarm = False
         self._held = False
         self._unlocked = False
-        self._emit(DOOR_STATE, lock="locked", cause="start", contact=_contact_word(contact_open))
+        self._record_event(DOOR_STATE, lock="locked", cause="start", contact=_contact_word(contact_open))
         if contact_open:
             # Open at start: we cannot know why. No forced alarm, but the held-open timer runs.
             self._opened_at = now
@@ -296,7 +296,7 @@ class DoorLogic:
         if on:
             self._end_strike(now)
         if changed:
-            self._emit(DOOR_STATE, mode=str(self.mode))
+            self._record_event(DOOR_STATE, mode=str(self.mode))
         self._recompute(now, f"mode:{self.mode}")
 
     def update_door(self, door: Door) -> None:
@@ -342,16 +342,16 @@ class DoorLogic:
             self._recompute(now, "unlock_ended")
         if self._prealarm_at is not None and not self._prealarm and now >= self._prealarm_at:
             self._prealarm = True
-            self._emit(DOOR_HELD_OPEN_PREALARM, state="active", open_s=self._open_s(now))
+            self._record_event(DOOR_HELD_OPEN_PREALARM, state="active", open_s=self._open_s(now))
         if self._held_at is not None and not self._held and now >= self._held_at:
             self._held = True
-            self._emit(DOOR_HELD_OPEN, state="active", open_s=self._open_s(now))
+            self._record_event(DOOR_HELD_OPEN, state="active", open_s=self._open_s(now))
         cutoff = now - self.WINDOW_MEMORY_S
         self._windows = [w for w in self._windows if w[1] >= cutoff]
 
     # -- internals --
 
-    def _emit(self, type: str, **detail: str | int | float | bool | None) -> None:
+    def _record_event(self, type: str, **detail: str | int | float | bool | None) -> None:
         self._events.append((type, detail))
 
     def _open_s(self, now: float) -> float:
@@ -386,7 +386,7 @@ class DoorLogic:
         unlocked = hold or self._strike_until is not None
         if unlocked != self._unlocked:
             self._unlocked = unlocked
-            self._emit(DOOR_STATE, lock="unlocked" if unlocked else "locked", cause=cause)
+            self._record_event(DOOR_STATE, lock="unlocked" if unlocked else "locked", cause=cause)
 
     def _arm_held(self, start: float) -> None:
         if self._hold_open:
@@ -397,14 +397,14 @@ class DoorLogic:
 
     def _clear_held(self, now: float) -> None:
         if self._held:
-            self._emit(DOOR_HELD_OPEN, state="cleared", open_s=self._open_s(now))
+            self._record_event(DOOR_HELD_OPEN, state="cleared", open_s=self._open_s(now))
         if self._prealarm:
-            self._emit(DOOR_HELD_OPEN_PREALARM, state="cleared", open_s=self._open_s(now))
+            self._record_event(DOOR_HELD_OPEN_PREALARM, state="cleared", open_s=self._open_s(now))
         self._held = self._prealarm = False
         self._held_at = self._prealarm_at = None
 
     def _contact_changed(self, start: float, now: float, is_open: bool) -> None:
-        self._emit(DOOR_STATE, contact=_contact_word(is_open))
+        self._record_event(DOOR_STATE, contact=_contact_word(is_open))
         if is_open:
             self._opened_at = start
             if self._allowed(start):
@@ -413,11 +413,11 @@ class DoorLogic:
                 self._arm_held(start)
             else:
                 self._forced = True
-                self._emit(DOOR_FORCED_OPEN, state="active")
+                self._record_event(DOOR_FORCED_OPEN, state="active")
             return
         if self._forced:
             self._forced = False
-            self._emit(DOOR_FORCED_OPEN, state="cleared", open_s=self._open_s(now))
+            self._record_event(DOOR_FORCED_OPEN, state="cleared", open_s=self._open_s(now))
         self._clear_held(now)
         self._opened_at = None
         if self._strike_until is not None and self._strike_opened:
@@ -428,7 +428,7 @@ class DoorLogic:
         if not pressed:
             return
         window = self.rex_window_s if self.rex_window_s is not None else self.door.strike_s
-        self._emit(DOOR_REX, mode=self.rex_mode)
+        self._record_event(DOOR_REX, mode=self.rex_mode)
         if self.rex_mode == "unlock":
             self.grant(now, window, cause="rex")
         else:

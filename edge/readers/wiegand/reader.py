@@ -127,7 +127,7 @@ class WiegandReader(Reader):
         off = loop.time() - ticks
         if not self.assembler.frame_open or off < self._offset:
             self._offset = off
-        self._emit(self.assembler.edge(ticks, line, bool(state)))
+        self._deliver(self.assembler.edge(ticks, line, bool(state)))
         self._arm()
 
     def _arm(self) -> None:
@@ -165,10 +165,10 @@ class WiegandReader(Reader):
         loop = self._loop
         if loop is None:
             return
-        self._emit(self.assembler.poll(loop.time() - self._offset))
+        self._deliver(self.assembler.poll(loop.time() - self._offset))
         self._arm()
 
-    def _emit(self, events: Sequence[ReaderEvent]) -> None:
+    def _deliver(self, events: Sequence[ReaderEvent]) -> None:
         for ev in events:
             mapped: ReaderEvent = ev
             if isinstance(ev, CardRead | PinEntry | ReaderFault):
