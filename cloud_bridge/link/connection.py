@@ -209,10 +209,6 @@ class CloudLink:
         self._replies.client = client
         await self._publish_birth()
         self._set_online(True)
-        if self.store.needs_snapshot is not None:
-            # damaged rights were replaced by the last verified copy (or nothing): the cloud must resend all
-            await self._replies.publish(Leaf.RIGHTS_REPLY, ResyncRequest(
-                have=self.store.version, reason=self.store.needs_snapshot))  # type: ignore[arg-type]  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._upload.run(client), name="link.upload")
@@ -242,6 +238,12 @@ class CloudLink:
             warnings=[*self.birth().warnings, *self.warnings()],
         )
         await self._replies.publish(Leaf.STATUS, b, retain=True)
+        if self.store.needs_snapshot is not None:
+            # damaged rights were replaced by the last verified copy (or nothing): the cloud must resend all.
+            # Asked with every birth (at connect and on a rebirth request), so a cloud that was not yet
+            # subscribed when the gateway connected learns it by asking for a birth.
+            await self._replies.publish(Leaf.RIGHTS_REPLY, ResyncRequest(
+                have=self.store.version, reason=self.store.needs_snapshot))  # type: ignore[arg-type]  # fmt: skip
 
     async def _rebirth(self) -> None:
         """A birth on request, at most once a second (a replayed signed rebirth cannot flood the broker)."""
