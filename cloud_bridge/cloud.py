@@ -34,6 +34,7 @@ from edge.model import ChangeSet, Snapshot
 from . import mqtt
 from .errors import CloudBridgeError
 from .protocol import (
+    SNAPSHOT_PARTS,
     Birth,
     ChangeSetMsg,
     ChunkAck,
@@ -62,9 +63,6 @@ from .topics import Leaf, Topics
 
 log = logging.getLogger("cloud_bridge.cloud")
 
-#: The parts of a snapshot, each a list spread over the chunks (cloud_bridge.link.rights.join_chunks joins them).
-SNAPSHOT_PARTS = ("doors", "schedules", "groups", "users", "credentials", "areas", "interlocks", "site_rules")
-_KINDS = SNAPSHOT_PARTS
 
 
 class CloudError(CloudBridgeError):
@@ -75,7 +73,7 @@ def chunk_snapshot(snap: Snapshot, transfer: str, max_bytes: int, encoding: Enco
     """Split a snapshot into encoded `SnapshotChunk`s of at most `max_bytes` each."""
     budget = max_bytes - 256  # room for the header fields, whose size depends on index and count
     pieces: list[dict[str, list[Any]]] = []
-    for kind in _KINDS:
+    for kind in SNAPSHOT_PARTS:
         items: list[Any] = getattr(snap, kind)
         if not items:
             continue

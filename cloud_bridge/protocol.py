@@ -211,6 +211,10 @@ class SnapshotChunk(Msg, tag="snapshot_chunk", frozen=True):
     site_rules: list[SiteRules] = []
 
 
+#: The parts of a snapshot: each is a list spread over the chunks of a transfer (any split).
+SNAPSHOT_PARTS = ("doors", "schedules", "groups", "users", "credentials", "areas", "interlocks", "site_rules")
+
+
 class SnapshotManifest(Msg, tag="snapshot_manifest", frozen=True):
     """The signed description of snapshot transfer `id`: its version, its `count` chunks and the SHA-256 of
     each chunk's exact payload bytes (`hashes[i]` for chunk `index` i), and their total size. Sent (signed)
@@ -671,14 +675,5 @@ def peek_ref(data: bytes | bytearray | memoryview, *, _inner: bool = True) -> st
 def snapshot_of(chunks: list[SnapshotChunk]) -> Snapshot:
     """Join the chunks of one transfer (any order) into the snapshot they carry."""
     ordered = sorted(chunks, key=lambda c: c.index)
-    return Snapshot(
-        version=ordered[0].version,
-        doors=[d for c in ordered for d in c.doors],
-        schedules=[s for c in ordered for s in c.schedules],
-        groups=[g for c in ordered for g in c.groups],
-        users=[u for c in ordered for u in c.users],
-        credentials=[x for c in ordered for x in c.credentials],
-        areas=[a for c in ordered for a in c.areas],
-        interlocks=[i for c in ordered for i in c.interlocks],
-        site_rules=[r for c in ordered for r in c.site_rules],
-    )
+    parts = {k: [x for c in ordered for x in getattr(c, k)] for k in SNAPSHOT_PARTS}
+    return Snapshot(version=ordered[0].version, **parts)

@@ -85,10 +85,10 @@ async def test_rules_are_stored_and_reloaded(tmp_path: Path) -> None:
         assert d.decide("safe", 1, NOW, pin="1234").reason is Reason.AWAITING_SECOND_PERSON
 
 
-async def test_snapshot_carries_the_rules(tmp_path: Path) -> None:
-    ch = rule_changes()
-    snap = Snapshot(
-        version=5,
+def rules_snapshot(ch: list[Any], version: int = 5) -> Snapshot:
+    """The site that `rule_changes()` builds, as one snapshot."""
+    return Snapshot(
+        version=version,
         doors=[c.door for c in ch if isinstance(c, PutDoor)],
         groups=[c.group for c in ch if isinstance(c, PutGroup)],
         users=[c.user for c in ch if isinstance(c, PutUser)],
@@ -97,6 +97,11 @@ async def test_snapshot_carries_the_rules(tmp_path: Path) -> None:
         interlocks=[c.interlock for c in ch if isinstance(c, PutInterlock)],
         site_rules=[c.rules for c in ch if isinstance(c, PutSiteRules)],
     )
+
+
+async def test_snapshot_carries_the_rules(tmp_path: Path) -> None:
+    ch = rule_changes()
+    snap = rules_snapshot(ch)
     path = tmp_path / "rights.db"
     async with Store(path) as store:
         await store.apply(cs(0, *ch))
@@ -204,16 +209,7 @@ async def test_a_chunked_snapshot_over_the_link_carries_the_rules(tmp_path: Path
     from .mosquitto import Mosquitto
 
     ch = rule_changes()
-    snap = Snapshot(
-        version=5,
-        doors=[c.door for c in ch if isinstance(c, PutDoor)],
-        groups=[c.group for c in ch if isinstance(c, PutGroup)],
-        users=[c.user for c in ch if isinstance(c, PutUser)],
-        credentials=[c.credential for c in ch if isinstance(c, PutCredential)],
-        areas=[c.area for c in ch if isinstance(c, PutArea)],
-        interlocks=[c.interlock for c in ch if isinstance(c, PutInterlock)],
-        site_rules=[c.rules for c in ch if isinstance(c, PutSiteRules)],
-    )
+    snap = rules_snapshot(ch)
     key = Ed25519PrivateKey.generate()
     m = Mosquitto(tmp_path / "broker")
     m.start()

@@ -17,9 +17,9 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from cloud_bridge.cloud import SNAPSHOT_PARTS
 from cloud_bridge.protocol import (
     MAX_VERSION,
+    SNAPSHOT_PARTS,
     ChangeSetMsg,
     ChunkAck,
     ErrorInfo,
