@@ -26,8 +26,10 @@ from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
 from .database import Database
 from .errors import ServiceError
+from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
 from .provisioning import Provisioner
+from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
 from .web import console_routers
 
@@ -75,7 +77,8 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController])  # fmt: skip
+        AuditController,
+        ScheduleController, OperatorController, PermissionGroupController, ReauthController])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
