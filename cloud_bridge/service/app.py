@@ -26,6 +26,7 @@ from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
 from .database import Database
 from .errors import ServiceError
+from .imports import ImportController
 from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
 from .provisioning import Provisioner
@@ -77,8 +78,8 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController,
-        ScheduleController, OperatorController, PermissionGroupController, ReauthController])  # fmt: skip
+        AuditController, ScheduleController, OperatorController, PermissionGroupController, ReauthController,
+        ImportController])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
