@@ -29,8 +29,11 @@ from .database import Database
 from .doors import DoorController, LockdownController
 from .errors import ServiceError
 from .events import EventController, collecting
+from .imports import ImportController
+from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
 from .provisioning import Provisioner
+from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
 from .web import console_routers
 
@@ -80,7 +83,9 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController, EventController, DoorController, LockdownController, AlarmController])  # fmt: skip
+        AuditController, EventController, DoorController, LockdownController, AlarmController,
+        ScheduleController, OperatorController, PermissionGroupController, ReauthController,
+        ImportController])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],

@@ -237,6 +237,7 @@ sessions = Table(
     Column("created", Float, nullable=False),
     Column("expires", Float, nullable=False),
     Column("address", String(64), nullable=False, default=""),
+    Column("reauth_until", Float),  # the password was given again: operator changes allowed until then
 )  # fmt: skip
 
 api_tokens = Table(
