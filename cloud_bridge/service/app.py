@@ -26,9 +26,12 @@ from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
 from .database import Database
 from .errors import ServiceError
+from .integrations import IdentityController
 from .people import CardController, UserController
 from .provisioning import Provisioner
+from .reports import ReportController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .visitors import VisitorController
 from .web import console_routers
 
 log = logging.getLogger("cloud_bridge.service")
@@ -75,7 +78,8 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController])  # fmt: skip
+        AuditController,
+        IdentityController, VisitorController, ReportController])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
