@@ -182,7 +182,8 @@ def _field_of(e: ValidationException) -> tuple[str, str]:
     if extra and isinstance(extra[0], dict):
         first = extra[0]
         msg = str(first.get("message", e.detail))
-        source, key = str(first.get("source", "body")), first.get("key")
+        src = first.get("source", "body")
+        source, key = str(getattr(src, "value", src)), first.get("key")  # a ParamType enum for query/path
         if " - at `$" in msg:  # msgspec's path: `$.cards[0].card`
             msg, _, path = msg.partition(" - at `$")
             return msg, f"{source}{path.rstrip('`')}"
