@@ -14,6 +14,9 @@ The rules (seed 000, see docs/operator.md):
   the window from the moment it is known until it has ended"; the record of an ended one is removed by
   the next publish (the gateway already refuses it).
 * All of a user's tokens carry all of the user's assignments (the gateway model does exactly that).
+
+`export_of` is the rule for one user; the planner (operator/provision.py) applies it per gateway, the
+service's integration API (service/integrations.py) reports it with every PUT, from the service's tables.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ def when(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
+#: (card, status, format, valid_from, valid_until) and (group, valid_from, valid_until)
+Token = tuple[int, str, str, float | None, float | None]
+Entitlement = tuple[str, float | None, float | None]
+
+
 @dataclass
 class UserRow:
     id: str
@@ -78,9 +86,9 @@ class UserRow:
     valid_from: float | None
     valid_until: float | None
     #: (group, valid_from, valid_until)
-    assignments: list[tuple[str, float | None, float | None]] = field(default_factory=list)
+    assignments: list[Entitlement] = field(default_factory=list)
     #: (card, status, format, valid_from, valid_until)
-    credentials: list[tuple[int, str, str, float | None, float | None]] = field(default_factory=list)
+    credentials: list[Token] = field(default_factory=list)
 
 
 @dataclass
@@ -136,31 +144,52 @@ def gateway_state(
     return out
 
 
+@dataclass(frozen=True)
+class Export:
+    """Whether one user goes to a gateway (`reason` None) and with which tokens and assignments."""
+
+    tokens: list[Token]
+    assignments: list[Entitlement]
+    reason: str | None = None
+
+    @property
+    def exported(self) -> bool:
+        return self.reason is None
+
+
+def export_of(u: UserRow, groups_here: set[str] | frozenset[str], rules: ExportRules, now: float) -> Export:
+    """Seed 000's rules for one user on a gateway whose doors `groups_here` open: the exportable tokens
+    (ACTIVE, not ended), the unended assignments to those groups, and why the user is not exported (None:
+    it is). Used by the planner (`gateway_state`) and by the service's integration API, which reports it."""
+    tokens = [c for c in u.credentials if c[1] == CredentialStatus.ACTIVE.value and (c[4] is None or c[4] > now)]
+    assigns = [a for a in u.assignments if a[0] in groups_here and (a[2] is None or a[2] > now)]
+    reason = None
+    if u.valid_until is not None and u.valid_until <= now:
+        reason = "the user's validity has ended"
+    elif rules.delete_user_on_no_token and not tokens:
+        reason = "no active access token (deleteUserOnNoAccessToken)"
+    elif rules.delete_user_on_no_entitlement and not assigns:
+        reason = "no active entitlement assignment here (deleteUserOnNoEntitlement)"
+    return Export(tokens, assigns, reason)
+
+
 def _people(site: SiteModel, groups_here: set[str], now: float) -> Desired:
     """The users and credentials of a gateway whose doors are opened by `groups_here`."""
     out: Desired = {}
-    rules = site.rules
     for u in site.users:
-        if u.valid_until is not None and u.valid_until <= now:
-            continue
-        tokens = [
-            c for c in u.credentials
-            if c[1] == CredentialStatus.ACTIVE.value and (c[4] is None or c[4] > now)
-        ]  # fmt: skip
-        assigns = [a for a in u.assignments if a[0] in groups_here and (a[2] is None or a[2] > now)]
-        if rules.delete_user_on_no_token and not tokens:
-            continue
-        if rules.delete_user_on_no_entitlement and not assigns:
+        ex = export_of(u, groups_here, site.rules, now)
+        if not ex.exported:
             continue
         user = User(
             id=u.id, name=u.name, active=u.active, offline_access=u.offline_access,
             valid_from=when(u.valid_from), valid_until=when(u.valid_until),
             assignments=[
-                Assignment(group=g, valid_from=when(f), valid_until=when(t)) for g, f, t in sorted(assigns, key=_akey)
+                Assignment(group=g, valid_from=when(f), valid_until=when(t))
+                for g, f, t in sorted(ex.assignments, key=_akey)
             ],
         )  # fmt: skip
         _put(out, "user", u.id, user)
-        for card, _status, fmt, f, t in tokens:
+        for card, _status, fmt, f, t in ex.tokens:
             _put(out, "credential", str(card), Credential(card=card, user=u.id, format=fmt, valid_from=when(f),
                                                           valid_until=when(t)))  # fmt: skip
     return out

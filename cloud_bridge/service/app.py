@@ -30,11 +30,14 @@ from .doors import DoorController, LockdownController
 from .errors import ServiceError
 from .events import EventController, collecting
 from .imports import ImportController
+from .integrations import IdentityController
 from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
 from .provisioning import Provisioner
+from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .visitors import VisitorController
 from .web import console_routers
 
 log = logging.getLogger("cloud_bridge.service")
@@ -82,10 +85,27 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
             yield
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
-        TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController, EventController, DoorController, LockdownController, AlarmController,
-        ScheduleController, OperatorController, PermissionGroupController, ReauthController,
-        ImportController])  # fmt: skip
+        # one controller per line (helpers add theirs side by side)
+        TokenController,
+        UserController,
+        CardController,
+        GroupController,
+        GatewayController,
+        PublishController,
+        AuditController,
+        EventController,
+        DoorController,
+        LockdownController,
+        AlarmController,
+        ScheduleController,
+        OperatorController,
+        PermissionGroupController,
+        ReauthController,
+        ImportController,
+        IdentityController,
+        VisitorController,
+        ReportController,
+    ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],

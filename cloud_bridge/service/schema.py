@@ -318,3 +318,14 @@ door_state = Table(
     Column("seq", BigInteger, nullable=False, default=0),  # the newest event applied
     Column("ts", Float),
 )  # fmt: skip
+
+# --- integrations (service/integrations.py) --------------------------------------------------------------
+
+#: An identity manager's entitlement assignment, by its own (external) id: the `assignments` row it is.
+#: A separate table, so the site tables keep the columns of operator/db.py (the workspace and the importer).
+assignment_refs = Table(
+    "assignment_refs", metadata,
+    Column("external_id", String(ID), primary_key=True),
+    Column("assignment_id", Integer, ForeignKey("assignments.id", ondelete="CASCADE"), nullable=False,
+           unique=True),
+)  # fmt: skip
