@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -27,6 +28,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
+from cloud_bridge.operator.service import Service
 from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey
 from cloud_bridge.signing import public_bytes
 from edge.agent import Agent, run_agent
@@ -40,6 +42,7 @@ from tests.test_osdp_bus import until
 
 from .broker import broker, site_key  # noqa: F401
 from .mosquitto import Mosquitto
+from .test_operator_cli import PW, cli
 
 SITE, GW, READER = "s1", "gw-osdp", "door1.osdp0"
 
@@ -83,10 +86,9 @@ def key_dir(tmp_path: Path, key: bytes) -> Path:
 
 
 @asynccontextmanager
-async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, key: Ed25519PrivateKey) -> AsyncIterator[Agent]:
+async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str) -> AsyncIterator[Agent]:
     keys = key_dir(tmp_path, SITE_KEY)
-    cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path,
-                                   public_bytes(key).hex()))  # fmt: skip
+    cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path, pub_hex))
     check_files(cfg)
     agent = simulated_agent(cfg)
     async with asyncio.TaskGroup() as tg:
@@ -116,7 +118,7 @@ async def test_rotate_key_output_and_firmware_through_the_broker(
     with PeerBus() as pb:
         peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
         async with (
-            gateway(broker, tmp_path, pb, site_key) as agent,
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex()) as agent,
             CloudPeer(
                 host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key, resend_s=5.0
             ) as cloud,  # fmt: skip
@@ -235,3 +237,36 @@ key_file = "door1.scbk"
         check_files(cfg, ports=False)
     open_dir.chmod(0o700)
     check_files(cfg, ports=False)
+
+
+async def test_the_operator_cli_sends_them(broker: Mosquitto, tmp_path: Path) -> None:
+    """`cloud-bridge osdp output|rotate-key|firmware` as its own process, signed with the site's key from the
+    site database, authorised as the operator, against the running gateway."""
+    db = tmp_path / "site.db"
+    svc = Service.init(db, site=SITE, admin="root", host=broker.host, port=broker.port, tz="Europe/Berlin",
+                       passphrase=PW)  # fmt: skip
+    pub = svc.public_key_hex()
+    svc.close()
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with gateway(broker, tmp_path, pb, pub) as agent:
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure and agent.link_online, timeout=15, what="up")
+            code, out, err = await cli("osdp", "output", "--gateway", GW, "--reader", READER, "--output", "1",
+                                       db=db)  # fmt: skip
+            assert code == 0, err
+            assert out.startswith(f"{GW}/{READER}: reader {READER}, output 1, states ") and peer.outputs[1] == 1
+            code, out, err = await cli("--json", "osdp", "rotate-key", "--gateway", GW, "--reader", READER, db=db)
+            assert code == 0, err
+            assert json.loads(out) == {"ok": True, "error": None, "detail": {"reader": READER, "committed": True}}
+            assert len(peer.keys) == 1 and (tmp_path / "keys" / "door1.scbk").read_text() == peer.keys[0].hex()
+            image = os.urandom(40 * 1024)  # two chunks of the CLI's 32 KiB
+            (tmp_path / "fw.bin").write_bytes(image)
+            code, out, err = await cli("osdp", "firmware", "--gateway", GW, "--reader", READER,
+                                       str(tmp_path / "fw.bin"), db=db)  # fmt: skip
+            assert code == 0, err
+            assert "state started" in out, out
+            await until(lambda: bytes(peer.file) == image, timeout=60, what="file on the reader")
+            code, out, err = await cli("osdp", "output", "--gateway", GW, "--reader", "nope", db=db)
+            assert code == 1 and "no OSDP reader 'nope'" in out, (out, err)
