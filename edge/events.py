@@ -62,6 +62,11 @@ READER_STATUS = "reader.status"
 READER_IO = "reader.io"
 READER_TAMPER = "reader.tamper"
 READER_POWER = "reader.power"
+#: An OSDP reader's Secure Channel key rotation resolved (detail: committed, request_id; never a key).
+READER_KEY_ROTATED = "security.reader_key_rotated"
+#: A firmware file for OSDP readers: reason "staged" (all of it on the gateway, hash checked), "progress",
+#: "done" (the reader's identity checked, detail firmware), "failed" (detail offset: where to resume).
+READER_FIRMWARE = "reader.firmware"
 JOURNAL_NEAR_FULL = "alarm.journal_near_full"
 SECURITY_COMMAND_REJECTED = "security.command_rejected"
 SYSTEM = "system"

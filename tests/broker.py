@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
 from cloud_bridge.link import CloudLink, LinkConfig
-from cloud_bridge.protocol import Birth, DeviceInfo
+from cloud_bridge.protocol import Birth, DeviceInfo, ReaderAction
 from cloud_bridge.signing import public_bytes
+from edge.events import Detail
 from edge.journal import Journal
 from edge.model import DoorMode
 from edge.store import Store
@@ -75,6 +76,10 @@ class RecordingCommands:
 
     async def resync(self) -> None:
         self.calls.append(("resync",))
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        self.calls.append(("reader_command", action))
+        raise ValueError("no OSDP reader on this gateway")
 
 
 def birth_info() -> Birth:

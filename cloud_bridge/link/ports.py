@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cloud_bridge.protocol import ReaderAction
 from edge.events import Detail, Event
 from edge.model import ChangeSet, DoorMode, Snapshot
 
@@ -74,3 +75,8 @@ class CommandHandler(Protocol):
     async def lockdown(self, active: bool) -> None: ...
 
     async def resync(self) -> None: ...
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        """An OSDP reader command; returns the result's detail. Raise `edge.errors.CommandFailed` (a code and
+        a message) when it was tried and did not succeed."""
+        ...

@@ -53,7 +53,9 @@ from .status import AgentStatus, LinkStatus, ReaderInfo
 from .tap import TapHandler
 
 if TYPE_CHECKING:
-    from cloud_bridge.protocol import Birth
+    from cloud_bridge.protocol import Birth, ReaderAction
+    from edge.events import Detail
+    from edge.readers.osdp.remote import ReaderCommands
 
 log = logging.getLogger("edge.agent")
 
@@ -88,6 +90,8 @@ class Agent:
         self.tap: TapHandler | None = None
         #: The cloud link's wiring while the agent runs (the integrity check asks it for a snapshot).
         self.link: EdgeLink | None = None
+        #: the signed commands for OSDP readers (key rotation, outputs, firmware), once the readers are up
+        self.reader_commands: ReaderCommands | None = None
         self.connectivity = Connectivity(self.clock)
         self.boot_id = read_boot_id()
         self.heartbeat = Heartbeat(max_age_s=4.0)
@@ -148,6 +152,12 @@ class Agent:
     async def resync(self) -> None:
         """The cloud asked for a resync: the link requests the rights again; nothing to do locally."""
         log.info("resync requested by the cloud")
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        """A signed command for an OSDP reader (edge/readers/osdp/remote.py)."""
+        if self.reader_commands is None:
+            raise ValueError("no OSDP reader on this gateway")
+        return await self.reader_commands.run(action)
 
     # --- the link's state -------------------------------------------------------------------------------
 
@@ -332,6 +342,14 @@ class Agent:
                 self.readers[r.name] = await stack.enter_async_context(r)
             for bus in buses:
                 await stack.enter_async_context(bus)
+            if buses:
+                from edge.readers.osdp import OsdpReader
+                from edge.readers.osdp.remote import ReaderCommands
+
+                self.reader_commands = await stack.enter_async_context(ReaderCommands(
+                    {n: r for n, r in self.readers.items() if isinstance(r, OsdpReader)},
+                    firmware_dir=state / "firmware", journal=self._journal, doors=self.reader_door,
+                ))  # fmt: skip
             await stack.enter_async_context(ControlServer(cfg.control.socket, dict(self.control_handlers)))
             if cfg.metrics.port or cfg.metrics.socket:  # a failure to serve is logged, never fatal
                 self.metrics.registry.on_collect.append(
