@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud_bridge.protocol import (
+    AreaMoves,
     Command,
     CommandResult,
     ErrorInfo,
@@ -29,6 +30,7 @@ from cloud_bridge.protocol import (
     ProtocolError,
     Provision,
     RebirthAction,
+    ResetAntiPassback,
     Resync,
     ResyncRequest,
     RotateKey,
@@ -222,6 +224,12 @@ class CommandGate:
                 )
             elif isinstance(a, RebirthAction):
                 await self.rebirth()
+            elif isinstance(a, ResetAntiPassback):
+                detail.update(user=a.user, area=a.area)
+                detail["forgotten"] = await self.commands.reset_anti_passback(a.user, a.area)
+            elif isinstance(a, AreaMoves):  # the cloud's relay: frequent, and journalled by the gateway that saw it
+                await self.commands.area_moves(a.moves)
+                return CommandResult(request_id=cmd.request_id, ok=True)
         except ValueError as e:
             log.warning("command %s (%s) failed: %s", cmd.request_id, action, e)
             return CommandResult(request_id=cmd.request_id, ok=False, error=ErrorInfo(code="invalid", message=str(e)))
