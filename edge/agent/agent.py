@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import random
@@ -335,6 +336,8 @@ class Agent:
                 save_access=self.store.save_access_state, reader_side=self.reader_side,
             )  # fmt: skip
             stack.push_async_callback(self.tap.close)
+            for door_id, ctl in self.doors.items():  # REX honours the interlocks (unless they let it override)
+                ctl.rex_allowed = functools.partial(self.tap.rex_allowed, door_id)
             self.journal.record(
                 SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version}
             )

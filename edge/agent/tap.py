@@ -138,7 +138,7 @@ class TapHandler:
         #: The access rules' state (read by every decision) and where its changes are saved.
         self.access = access if access is not None else AccessState()
         self._save_access = save_access
-        self.reader_side: Mapping[str, Side] = reader_side or {}
+        self.reader_side: Mapping[str, Side] = reader_side if reader_side is not None else {}
         #: door -> a grant waiting for its door to open (it moves the user / counts a use when it does)
         self._awaiting_open: dict[str, Decision] = {}
         self._unsaved = Delta()
@@ -363,10 +363,39 @@ class TapHandler:
             d = self._awaiting_open.pop(door, None)
             if d is not None:
                 self._passed(d, now)
+        elif detail.get("lock") == "unlocked" and detail.get("cause") == "rex":
+            if self._interlock_of(door) is not None:  # a REX unlock holds the interlock like a grant, till it relocks
+                self.access.unlocked_until[door] = float("inf")
         elif detail.get("lock") == "locked":
             door_relocked(self.access, door)
             if door in self._awaiting_open:
                 update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+
+    def _interlock_of(self, door: str) -> tuple[bool, tuple[str, ...]] | None:
+        """(REX overrides it, the other doors) of the interlock `door` is in, or None."""
+        tables = self.decider.index.tables
+        rules = tables.door_rules.get(door)
+        if rules is None or rules.interlock is None:
+            return None
+        il = tables.interlocks.get(rules.interlock)
+        return (il is None or il.rex_overrides), tuple(rules.peers)
+
+    def rex_allowed(self, door: str) -> bool:
+        """Whether a REX press may unlock `door` now (the door module asks): not while another door of its
+        interlock is released or open, unless the interlock lets REX override it (`rex_overrides`, egress
+        safety, the default). Any failure here lets the REX through: egress wins."""
+        try:
+            il = self._interlock_of(door)
+            if il is None or il[0]:
+                return True
+            now = self.clock()
+            if any(self.access.busy(p, now) for p in il[1]):
+                log.info("door %s: REX refused: another door of its interlock is released or open", door)
+                return False
+            return True
+        except Exception:
+            log.exception("door %s: REX interlock check failed; REX allowed", door)
+            return True
 
     def _passed(self, d: Decision, now: float) -> None:
         """The granted door opened: move the user, count the use, journal the passage (`area.passage`, which
