@@ -42,6 +42,8 @@ from .errors import CloudBridgeError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AreaMove",
+    "AreaMoves",
     "Birth",
     "ChangeSetMsg",
     "ChunkAck",
@@ -62,6 +64,7 @@ __all__ = [
     "Provision",
     "ReaderAction",
     "Rebirth",
+    "ResetAntiPassback",
     "Resync",
     "ResyncRequest",
     "RightsReply",
@@ -165,6 +168,8 @@ class Birth(Msg, tag="birth", frozen=True):
     tls: bool = False
     #: Conditions an operator must see (plain MQTT, rights damaged and waiting for a snapshot, ...).
     warnings: list[str] = []
+    #: Access rules (issue 19): users counted in each area on this gateway now (areas with nobody: absent).
+    occupancy: dict[str, int] = {}
 
 
 class Death(Msg, tag="death", frozen=True):
@@ -291,6 +296,9 @@ class EventBatch(Msg, tag="events", frozen=True):
     #: A random name of this sending of the batch, echoed in the acknowledgement that answers it: the
     #: gateway takes the cloud's clock only from an ack that names a batch it sent (a fresh answer).
     ref: str = ""
+    #: An urgent copy sent ahead of the backlog (the priority lane: `alarm.duress`): its events travel again in
+    #: order later; it says nothing about the events before it, and the cloud does not acknowledge it.
+    priority: bool = False
 
 
 class EventAck(Msg, tag="events_ack", frozen=True, omit_defaults=True):
@@ -439,7 +447,34 @@ class OsdpFirmware(Action, tag="osdp_firmware", frozen=True):
 
 #: The commands for OSDP readers (`CommandHandler.reader_command`).
 ReaderAction = OsdpRotateKey | OsdpOutput | OsdpFirmwareChunk | OsdpFirmware
-CommandAction = Unlock | SetDoorMode | Lockdown | Resync | RebirthAction | RotateKey | ReaderAction
+
+class ResetAntiPassback(Action, tag="reset_anti_passback", frozen=True):
+    """Anti-passback reset (issue 19): forget where `user` was seen, or everyone seen in `area`, or (both
+    None) everyone; with both, that user only if seen in that area. A forgotten user passes any door once."""
+
+    user: Ident | None = None
+    area: Ident | None = None
+
+
+class AreaMove(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+    """One user's passage into `area` (None: outside) at `ts`, seen by `gateway` (an `area.passage` event)."""
+
+    user: Ident
+    area: Ident | None = None
+    ts: Timestamp
+    gateway: Name
+
+
+class AreaMoves(Action, tag="area_moves", frozen=True):
+    """Passages seen by the site's other gateways, relayed by the cloud (cross-gateway anti-passback): each
+    is applied unless this gateway saw that user pass later (the latest `ts` wins)."""
+
+    moves: Annotated[list[AreaMove], Meta(min_length=1, max_length=1000)]
+
+
+CommandAction = (
+    Unlock | SetDoorMode | Lockdown | Resync | RebirthAction | RotateKey | ResetAntiPassback | AreaMoves | ReaderAction
+)
 
 
 class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):

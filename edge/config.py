@@ -118,6 +118,9 @@ class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True
     #: Nibble order of 8-bit keypad bursts; vendors differ and one byte cannot tell (docs/hardware.md).
     keypad_order: Literal["key_low", "key_high"] = "key_low"
     pin_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 10.0
+    #: The side of its door this reader reads (access rules): "in" passes from the door's `from_area` into its
+    #: `to_area`, "out" back. A door with one reader has it "in".
+    side: Literal["in", "out"] = "in"
 
 
 class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_only=True):
@@ -134,6 +137,8 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_o
     #: storage.plaintext_secrets a file under the state directory's `keys/`; never the key itself.
     key_file: Text | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
+    #: The side of its door this reader reads (as for a Wiegand reader).
+    side: Literal["in", "out"] = "in"
     #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
     direction: Literal["auto", "kernel", "rts"] = "auto"
     #: Send the 0xFF mark byte before every command (SIA OSDP 2.2; SIA test 050-07-01). A line setting.

@@ -75,6 +75,9 @@ SYSTEM = "system"
 #: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
 ALARM_DURESS = "alarm.duress"
 ALARM_ANTI_PASSBACK = "alarm.anti_passback"
+#: A user passed a door between areas (access rules): detail `from`, `to` (area ids, None = outside), `occupancy`
+#: (users in `to` now), `at` (UTC seconds of the passage). The cloud relays these to the site's other gateways.
+AREA_PASSAGE = "area.passage"
 #: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
 RIGHTS_DAMAGED = "alarm.rights_damaged"
 JOURNAL_OVERFLOW = "alarm.journal_overflow"

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud_bridge.protocol import (
+    AreaMoves,
     Command,
     CommandResult,
     ErrorInfo,
@@ -30,6 +31,7 @@ from cloud_bridge.protocol import (
     Provision,
     ReaderAction,
     RebirthAction,
+    ResetAntiPassback,
     Resync,
     ResyncRequest,
     RotateKey,
@@ -228,6 +230,12 @@ class CommandGate:
             elif isinstance(a, ReaderAction):
                 out = await self.commands.reader_command(a)
                 detail.update(out)
+            elif isinstance(a, ResetAntiPassback):
+                detail.update(user=a.user, area=a.area)
+                detail["forgotten"] = await self.commands.reset_anti_passback(a.user, a.area)
+            elif isinstance(a, AreaMoves):  # the cloud's relay: frequent, and journalled by the gateway that saw it
+                await self.commands.area_moves(a.moves)
+                return CommandResult(request_id=cmd.request_id, ok=True)
         except CommandFailed as e:
             log.warning("command %s (%s) failed: %s", cmd.request_id, action, e)
             return CommandResult(request_id=cmd.request_id, ok=False, error=ErrorInfo(code=e.code, message=str(e)),
