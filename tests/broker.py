@@ -80,6 +80,7 @@ class RecordingCommands:
     async def reader_command(self, action: ReaderAction) -> Detail:
         self.calls.append(("reader_command", action))
         raise ValueError("no OSDP reader on this gateway")
+
     async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
         self.calls.append(("reset_anti_passback", user, area))
         return 0

@@ -82,6 +82,8 @@ class CommandHandler(Protocol):
     async def reader_command(self, action: ReaderAction) -> Detail:
         """An OSDP reader command; returns the result's detail. Raise `edge.errors.CommandFailed` (a code and
         a message) when it was tried and did not succeed."""
+        ...
+
     async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
         """Forget locations (access rules); returns how many users were forgotten."""
         ...

@@ -161,6 +161,7 @@ class Agent:
         if self.reader_commands is None:
             raise ValueError("no OSDP reader on this gateway")
         return await self.reader_commands.run(action)
+
     async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
         """The signed anti-passback reset (access rules, `TapHandler.reset_command`)."""
         assert self.tap is not None
@@ -168,6 +169,7 @@ class Agent:
 
     async def area_moves(self, moves: Sequence[AreaMove]) -> int:
         """Passages the site's other gateways saw, relayed by the cloud (`TapHandler.remote_moves`)."""
+        assert self.tap is not None
         return self.tap.remote_moves((m.user, m.area, m.ts) for m in moves)
 
     # --- the link's state -------------------------------------------------------------------------------
