@@ -42,10 +42,10 @@ from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+import edge.events as kinds
 from cloud_bridge.operator.collector import Collector
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, Operator, Target
 from cloud_bridge.protocol import Birth, Death, EventBatch
-from edge import events as kinds
 from edge.events import Event
 from edge.tasks import cancel_and_wait
 
