@@ -177,6 +177,8 @@ class Collector:
                       batch.last_seq, gw, e)  # fmt: skip
             return
         self.batches += 1
+        log.debug("batch %d..%d (after %d) of %s stored: acknowledging %d", batch.first_seq, batch.last_seq,
+                  batch.prev_seq, gw, upto)  # fmt: skip
         self.events += len(batch.events)
         with contextlib.suppress(aiomqtt.MqttError):
             ack = EventAck(upto_seq=upto, ts=time.time(), ref=batch.ref)

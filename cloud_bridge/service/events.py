@@ -506,7 +506,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
         op = p.operator
         refresh = time.monotonic() + 30
         end = time.monotonic() + seconds
-        yield ServerSentEventMessage(comment="connected")
+        yield ServerSentEventMessage(comment="connected", data=None)
         while time.monotonic() < end:
             if time.monotonic() > refresh:
                 authz = await authorizer(db)
@@ -521,7 +521,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
                 if e is None:
                     return  # fell behind: the client reconnects
             if e is None:
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
                 continue
             if f.matches(e) and may_read(authz, op, e):
                 yield ServerSentEventMessage(event=event, id=e.id, data=render(e))

@@ -1,5 +1,14 @@
 """The web console (issue 15): pages served by `cloud-bridge serve` beside /api/v1, under its authorisation."""
 
-from .pages import console_routers
+from litestar import Router
+
+from .live_pages import live_router
+from .pages import console_routers as _pages
+
+
+def console_routers() -> list[Router]:
+    """The console's routes, to register beside the API (app.py): pages.py's and live_pages.py's."""
+    return [*_pages(), live_router()]
+
 
 __all__ = ["console_routers"]

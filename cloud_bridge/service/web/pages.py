@@ -32,6 +32,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
+from litestar.types import ExceptionHandlersMap
 
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, PermissionDenied, Target
 from cloud_bridge.service import auth
@@ -515,11 +516,16 @@ def _form_field(api_field: str | None) -> str:
     return ""
 
 
+def page_handlers() -> ExceptionHandlersMap:
+    """How a page answers a refusal: the login page, a "not allowed" page, a "not found" page."""
+    return {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
+            NotFound: _not_found}  # fmt: skip
+
+
 def console_routers() -> list[Router]:
     """The console's routes, to register beside the API (app.py)."""
-    handlers = {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
-                NotFound: _not_found}
+    handlers = page_handlers()
     pages = Router(path="/", route_handlers=[PublicPages, ConsolePages], response_headers=SECURITY_HEADERS,
-                   exception_handlers=handlers, include_in_schema=False)  # type: ignore[arg-type]  # fmt: skip
+                   exception_handlers=handlers, include_in_schema=False)  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
     return [pages, static]
