@@ -189,8 +189,15 @@ async def test_schedules_assignments_access_delete_tokens_and_audit_pages(tmp_pa
         assert len(s["intervals"]) == 9 and s["holidays"] == ["2026-12-24", "2026-12-25"]
         await shot(page, tmp_path, "schedules-1280")
 
-        assert (await api.put("/api/v1/groups/staff", json={"schedule": "office", "doors": [
-            {"gateway": "gw1", "door": "front"}]})).status_code == 200  # fmt: skip
+        # a group limited by it, through the group form
+        await page.get_by_role("link", name="Groups", exact=True).click()
+        await page.get_by_role("link", name="Add a group").click()
+        await page.get_by_label("Id", exact=True).fill("staff")
+        await page.get_by_label("Schedule").select_option("office")
+        await page.get_by_label("Other doors").fill("gw1/front\ngw2/gate")
+        await page.get_by_role("button", name="Add group").click()
+        await expect(page.get_by_role("row", name="staff")).to_contain_text("office")
+        assert (await api.get("/api/v1/groups/staff")).json()["schedule"] == "office"
         assert (
             await api.put("/api/v1/groups/night", json={"doors": [{"gateway": "gw1", "door": "back"}]})
         ).status_code == 200
@@ -203,6 +210,7 @@ async def test_schedules_assignments_access_delete_tokens_and_audit_pages(tmp_pa
         await page.get_by_role("link", name="Access of alice").click()
         access = page.locator("#access")
         await expect(access.get_by_role("row", name="gw1/front")).to_contain_text("Mon 08:00-12:00")
+        await expect(access.get_by_role("row", name="gw2/gate")).to_contain_text("2 holiday(s): 10:00-12:00")
         await page.get_by_label("Add to group").select_option("night")
         await page.get_by_label("From").fill("2030-01-01T08:00")
         await page.get_by_label("Until").fill("2030-01-31T18:00")
