@@ -28,6 +28,7 @@ EXPECTED = {
     "events_stream": {"tap_to_sse_p99.sqlite", "tap_to_sse_p99.postgresql", "events_list_p99.sqlite.filtered",
                       "events_list_p99.sqlite.all", "events_list_p99.postgresql.filtered",
                       "events_list_p99.postgresql.all"},
+    "operator_import": {"import_dry_run", "import_commit_publish_ack"},
 }
 
 
