@@ -29,6 +29,7 @@ from .errors import CloudBridgeError
 from .operator.csvimport import ImportFailed
 from .operator.db import parse_card
 from .operator.service import GatewayDoors, Service
+from .protocol import OsdpOutput, OsdpRotateKey
 
 EPILOG = """\
 environment:
@@ -128,6 +129,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway", required=True, help="gateway id")
     s.add_argument("--door", required=True, help="door id on that gateway")
     s.add_argument("--seconds", type=float, default=5.0, help="how long the door stays unlocked (default: 5)")
+
+    o = sub.add_parser("osdp", help="OSDP reader commands (signed): key rotation, an output, firmware").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    for name, what in (("rotate-key", "move a reader to a new Secure Channel key (made on the gateway)"),
+                       ("output", "switch a reader's output (osdp_OUT), e.g. its aux relay"),
+                       ("firmware", "send a file (the reader's firmware) to a reader")):  # fmt: skip
+        a = o.add_parser(name, help=what)
+        a.add_argument("--gateway", required=True, help="gateway id")
+        a.add_argument("--reader", required=True, help="the reader's name on that gateway")
+        if name == "output":
+            a.add_argument("--output", type=int, default=0, help="output number (default: 0)")
+            a.add_argument("--off", action="store_true", help="switch it off (default: on)")
+            a.add_argument("--seconds", type=float, help="on for this long, then off")
+        if name == "firmware":
+            a.add_argument("file", type=Path, help="the file")
+            a.add_argument("--file-type", type=int, default=1, help="osdp_FILETRANSFER file type (default: 1)")
 
     s = sub.add_parser("refresh", help="ask a gateway to announce itself again; list its doors and their groups")
     s.add_argument("--gateway", required=True, help="gateway id")
@@ -317,6 +334,20 @@ async def run(args: argparse.Namespace, out: Output) -> int:
             out.data = {"ok": r.ok, "error": None if r.error is None else {"code": r.error.code,
                                                                          "message": r.error.message}}  # fmt: skip
             out.line(f"{args.gateway}/{args.door}: unlocked" if r.ok else f"refused by the gateway: {r.error}")
+            return 0 if r.ok else 1
+        elif c == "osdp":
+            if args.action == "firmware":
+                r = await svc.send_firmware(args.gateway, args.reader, args.file.read_bytes(),
+                                            file_type=args.file_type, progress=_progress)  # fmt: skip
+            elif args.action == "output":
+                r = await svc.reader_command(args.gateway, OsdpOutput(reader=args.reader, output=args.output,
+                                                                      on=not args.off, seconds=args.seconds))
+            else:
+                r = await svc.reader_command(args.gateway, OsdpRotateKey(reader=args.reader))
+            err = None if r.error is None else {"code": r.error.code, "message": r.error.message}
+            out.data = {"ok": r.ok, "error": err, "detail": r.detail}
+            what = ", ".join(f"{k} {v}" for k, v in r.detail.items())
+            out.line(f"{args.gateway}/{args.reader}: {what}" if r.ok else f"refused by the gateway: {r.error}")
             return 0 if r.ok else 1
         elif c == "refresh":
             _doors(out, await svc.refresh(args.gateway))

@@ -12,6 +12,10 @@ problem of its line like any other.
 
 `validate` is pure: it returns the rows and a report listing every bad row with the reason; `load` writes
 them in one transaction, only when the report is clean: nothing of a bad file is applied.
+
+A file with other column names (the bulk-load wizard's "map fields" step) is read through a mapping:
+`header_of` gives the file's own columns, `suggest_mapping` guesses one, `mapped` renames the header so that
+`validate` reads the mapped columns (and no other) under our field names.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from dataclasses import dataclass, field
 
 from .db import MAX_GROUPS_PER_USER, MAX_NAME_CHARS, Model, OperatorError
 
+FIELDS = ("id", "card", "name", "groups", "active", "offline_access")
+REQUIRED = ("id", "card")
+_SYNONYMS = {"id": ("id", "user id", "user_id", "external id", "employee id", "username"),
+             "card": ("card", "card id", "card_id", "card number", "badge", "credential"),
+             "name": ("name", "full name", "display name"), "groups": ("groups", "group", "access groups"),
+             "active": ("active", "enabled", "access control"),
+             "offline_access": ("offline_access", "offline access", "offline")}  # fmt: skip
 _IDENT = re.compile(r"^[A-Za-z0-9_.:@\-]{1,64}$")
 _BOOL = {"1": True, "true": True, "yes": True, "y": True, "0": False, "false": False, "no": False, "n": False, "": None}
 Progress = Callable[[int, int], None]
@@ -125,6 +136,56 @@ def _records(reader: Iterator[list[str]], line_num: Callable[[], int]) -> Iterat
         else:
             yield start, rec
         start = line_num() + 1
+
+
+def header_of(text: str) -> list[str]:
+    """The file's first record (its column names), stripped; [] for an empty file."""
+    try:
+        first = next(csv.reader(io.StringIO(text.removeprefix("\ufeff"))), [])
+    except csv.Error:
+        return []
+    return [h.strip() for h in first]
+
+
+def suggest_mapping(header: list[str]) -> dict[str, str]:
+    """field -> column for the columns whose name says what they hold (case and spacing ignored)."""
+    norm = {h.strip().lower().replace("-", " "): h for h in header}
+    out: dict[str, str] = {}
+    for f, names in _SYNONYMS.items():
+        for n in names:
+            if n in norm:
+                out[f] = norm[n]
+                break
+    return out
+
+
+def check_mapping(header: list[str], mapping: dict[str, str]) -> None:
+    """OperatorError naming the field of a mapping that does not fit the file."""
+    for f, col in mapping.items():
+        if f not in FIELDS:
+            raise OperatorError(f"{f!r} is not a field (fields: {', '.join(FIELDS)})")
+        if col not in header:
+            raise OperatorError(f"field {f}: the file has no column {col!r} (columns: {', '.join(header)})")
+    for f in REQUIRED:
+        if f not in mapping:
+            raise OperatorError(f"field {f}: map a column to it (it is required)")
+    cols = list(mapping.values())
+    for col in cols:
+        if cols.count(col) > 1:
+            raise OperatorError(f"column {col!r} is mapped to two fields")
+
+
+def mapped(text: str, mapping: dict[str, str]) -> Iterator[str]:
+    """The file's lines with its header renamed: the column mapped to a field carries the field's name,
+    every other column a name `validate` ignores. Line numbers stay those of the file."""
+    lines = io.StringIO(text.removeprefix("\ufeff"))
+    first = lines.readline()
+    header = [h.strip() for h in next(csv.reader([first]), [])]
+    by_col = {col: f for f, col in mapping.items()}
+    out = io.StringIO()
+    csv.writer(out).writerow([by_col.get(h, f"_unmapped_{i}") for i, h in enumerate(header)])
+    yield out.getvalue()
+    yield from lines
 
 
 def validate(

@@ -1,5 +1,10 @@
 """/api/v1/users and /api/v1/cards: the people of a site and their cards (seed 001; seed 000's PUT by id).
 
+A user's assignments are windows in groups (`/api/v1/users/{id}/assignments`: a group from/until, the same
+group may have several windows); `/api/v1/users/{id}/access` answers "which doors, when": every door of
+every assigned group per gateway, with the group's schedule and the window (the assignment's window cut to
+the user's own validity), and why none of it works today if so (deactivated, no usable card, ...).
+
 A user's id is its external id (the identity manager's): `PUT /api/v1/users/{id}` creates or replaces it,
 cards and groups included, and answers the same for the same body (idempotent). The rules are the site
 model's (cloud_bridge/operator/db.py): ids, name length, numeric card numbers unique per site (badge pools
@@ -9,6 +14,7 @@ included), at most 256 groups.
 from __future__ import annotations
 
 import base64
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -20,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from cloud_bridge.operator.db import MAX_GROUPS_PER_USER, MAX_NAME_CHARS
 from cloud_bridge.permissions import Action, ObjectType, Target
 
-from . import audit, schema
-from .core import authorizer, permitted, principal_of, require, state_of
+from . import audit, schedules, schema
+from .core import authorizer, permitted, principal_of, require, state_of, target_for
 from .errors import BadRequest, Conflict, NotFound
 
 Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
@@ -91,6 +97,45 @@ class UserOut(msgspec.Struct, kw_only=True):
     kind: str
     cards: list[CardOut]
     groups: list[str]
+
+
+class AssignmentIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    group: Ident
+    #: UTC seconds; None: since always / for ever.
+    valid_from: float | None = None
+    valid_until: float | None = None
+
+
+class AssignmentOut(AssignmentIn, kw_only=True):
+    id: int
+    user_id: str
+
+
+class AccessLine(msgspec.Struct, kw_only=True):
+    """One door the user may open: through `group`, during `schedule` (None: always), inside the window."""
+
+    gateway: str
+    door: str
+    door_name: str
+    group: str
+    schedule: str | None
+    #: The schedule for people ("Mon 08:00-18:00, ...; on 2 holiday(s): closed"), "always" without one.
+    when: str
+    valid_from: float | None
+    valid_until: float | None
+    #: Whether the window holds now (the schedule is the gateway's to apply at the door).
+    in_window: bool
+
+
+class EffectiveAccess(msgspec.Struct, kw_only=True):
+    user_id: str
+    active: bool
+    offline_access: bool
+    #: The cards that open doors (status active, inside their own validity now).
+    usable_cards: list[int]
+    doors: list[AccessLine]
+    #: Why this user opens nothing now, if so (empty: the doors above open within their windows).
+    blocked: list[str]
 
 
 class UserPage(msgspec.Struct, kw_only=True):
@@ -175,6 +220,69 @@ async def _write_user(c: AsyncConnection, uid: str, body: UserBody, *, replace: 
     new = [g for g in body.groups if g not in have]
     if new:
         await c.execute(a.insert(), [{"user_id": uid, "group_id": g} for g in new])
+
+
+def _assignment_out(r: Any) -> AssignmentOut:
+    return AssignmentOut(id=int(r.id), user_id=r.user_id, group=r.group_id, valid_from=r.valid_from,
+                         valid_until=r.valid_until)  # fmt: skip
+
+
+async def assignments_of(c: AsyncConnection, uid: str) -> list[AssignmentOut]:
+    a = schema.assignments
+    rows = (await c.execute(select(a).where(a.c.user_id == uid).order_by(a.c.group_id, a.c.id))).all()
+    return [_assignment_out(r) for r in rows]
+
+
+def _window(*spans: tuple[float | None, float | None]) -> tuple[float | None, float | None]:
+    starts = [f for f, _ in spans if f is not None]
+    ends = [u for _, u in spans if u is not None]
+    return (max(starts) if starts else None), (min(ends) if ends else None)
+
+
+def _inside(ts: float, frm: float | None, until: float | None) -> bool:
+    return (frm is None or frm <= ts) and (until is None or ts < until)
+
+
+async def effective_access(c: AsyncConnection, uid: str, now: float) -> EffectiveAccess | None:
+    """Which doors, when, for one user (see the module docstring)."""
+    u = await user(c, uid)
+    if u is None:
+        return None
+    gd, d, g = schema.group_doors, schema.doors, schema.groups
+    assigned = await assignments_of(c, uid)
+    gids = sorted({x.group for x in assigned})
+    sched_of: dict[str, str | None] = {}
+    if gids:
+        sched_of = {r.id: r.schedule for r in (await c.execute(select(g.c.id, g.c.schedule).where(g.c.id.in_(gids))))}
+    scheds = await schedules.load(c, [s for s in sched_of.values() if s]) if sched_of else {}
+    doors: dict[str, list[tuple[str, str]]] = {}
+    if gids:
+        q = select(gd.c.group_id, gd.c.gateway, gd.c.door).where(gd.c.group_id.in_(gids))
+        for gid, gw, door in (await c.execute(q.order_by(gd.c.gateway, gd.c.door))).all():
+            doors.setdefault(gid, []).append((gw, door))
+    names = {(gw, i): n for gw, i, n in (await c.execute(select(d.c.gateway, d.c.id, d.c.name))).all()}
+    lines: list[AccessLine] = []
+    for x in assigned:
+        frm, until = _window((u.valid_from, u.valid_until), (x.valid_from, x.valid_until))
+        sid = sched_of.get(x.group)
+        for gw, door in doors.get(x.group, []):
+            lines.append(AccessLine(gateway=gw, door=door, door_name=names.get((gw, door), ""), group=x.group,
+                                    schedule=sid, when=schedules.describe(scheds.get(sid) if sid else None),
+                                    valid_from=frm, valid_until=until,
+                                    in_window=_inside(now, frm, until)))  # fmt: skip
+    lines.sort(key=lambda ln: (ln.gateway, ln.door, ln.group))
+    usable = [k.card for k in u.cards if k.status == "active" and _inside(now, k.valid_from, k.valid_until)]
+    blocked = []
+    if not u.active:
+        blocked.append("access control is deactivated for this user")
+    if not _inside(now, u.valid_from, u.valid_until):
+        blocked.append("outside the user's validity")
+    if not usable:
+        blocked.append("no usable card (none, or none active and valid now)")
+    if not lines:
+        blocked.append("no group assigned opens a door")
+    return EffectiveAccess(user_id=uid, active=u.active, offline_access=u.offline_access, usable_cards=usable,
+                           doors=lines, blocked=blocked)  # fmt: skip
 
 
 def _cursor(value: str) -> str:
@@ -311,6 +419,66 @@ class UserController(Controller):
             await c.execute(schema.users.delete().where(schema.users.c.id == uid))
             await audit.record(c, p, "user.delete", "user", uid, before=before)
         return before
+
+    # --- assignments with windows, effective access ---------------------------------------------------
+
+    @get("/{uid:str}/assignments", opt={"perm": (ObjectType.USER, READ), "id": "uid"}, guards=[permitted])
+    async def list_assignments(self, request: Request[Any, Any, Any], uid: str) -> list[AssignmentOut]:
+        async with state_of(request).db.read() as c:
+            if await user(c, uid) is None:
+                raise NotFound(f"no user {uid!r}")
+            return await assignments_of(c, uid)
+
+    @post("/{uid:str}/assignments", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"}, guards=[permitted],
+          status_code=201)  # fmt: skip
+    async def add_assignment(self, request: Request[Any, Any, Any], uid: str, data: AssignmentIn) -> AssignmentOut:
+        """Assign the user to a group for a window (from/until, UTC seconds; None: open-ended). The same group
+        may hold several windows; the same window twice is a conflict."""
+        p, st = principal_of(request), state_of(request)
+        if data.valid_from is not None and data.valid_until is not None and not data.valid_from < data.valid_until:
+            raise BadRequest("valid_from must be before valid_until", "body.valid_until")
+        await require(st.db, p, READ, await target_for(st.db, ObjectType.GROUP, data.group))
+        a = schema.assignments
+        async with st.db.write() as c:
+            if await user(c, uid) is None:
+                raise NotFound(f"no user {uid!r}")
+            await _check_groups(c, [data.group])
+            have = await assignments_of(c, uid)
+            if len(have) >= MAX_GROUPS_PER_USER:
+                raise Conflict(f"user {uid!r} already has {len(have)} assignments (at most {MAX_GROUPS_PER_USER})")
+            for x in have:
+                if (x.group, x.valid_from, x.valid_until) == (data.group, data.valid_from, data.valid_until):
+                    raise Conflict(f"user {uid!r} already has this window in group {data.group!r} (id {x.id})")
+            res = await c.execute(a.insert().values(user_id=uid, group_id=data.group, valid_from=data.valid_from,
+                                                    valid_until=data.valid_until).returning(a.c.id))  # fmt: skip
+            aid = int(res.scalar_one())
+            out = _assignment_out((await c.execute(select(a).where(a.c.id == aid))).one())
+            await audit.record(c, p, "assignment.create", "user", uid, after=out)
+        return out
+
+    @delete("/{uid:str}/assignments/{aid:int}", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"},
+            guards=[permitted], status_code=200)  # fmt: skip
+    async def delete_assignment(self, request: Request[Any, Any, Any], uid: str, aid: int) -> AssignmentOut:
+        p, st = principal_of(request), state_of(request)
+        a = schema.assignments
+        async with st.db.write() as c:
+            row = (await c.execute(select(a).where(a.c.id == aid, a.c.user_id == uid))).one_or_none()
+            if row is None:
+                raise NotFound(f"user {uid!r} has no assignment {aid}")
+            await c.execute(a.delete().where(a.c.id == aid))
+            out = _assignment_out(row)
+            await audit.record(c, p, "assignment.delete", "user", uid, before=out)
+        return out
+
+    @get("/{uid:str}/access", opt={"perm": (ObjectType.USER, READ), "id": "uid"}, guards=[permitted])
+    async def access(self, request: Request[Any, Any, Any], uid: str, at: float | None = None) -> EffectiveAccess:
+        """Which doors, when: every door the user's groups open per gateway, with schedule and window
+        (`at`: the instant the windows are judged at, UTC seconds; default now)."""
+        async with state_of(request).db.read() as c:
+            out = await effective_access(c, uid, time.time() if at is None else at)
+        if out is None:
+            raise NotFound(f"no user {uid!r}")
+        return out
 
 
 class CardController(Controller):

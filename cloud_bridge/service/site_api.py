@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import csv
+import io
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, delete, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -48,6 +51,14 @@ class GatewayOut(msgspec.Struct, kw_only=True):
     acked: int
     error: str | None
     doors: list[DoorRef]
+    #: From the collector (events.py): the journal depth in its last birth, its warnings, events stored and
+    #: acknowledged (contiguous up to `events_upto`), repeats received and not stored twice, lockdown.
+    journal_depth: int = 0
+    warnings: list[str] = []
+    events_upto: int = 0
+    events_stored: int = 0
+    duplicates: int = 0
+    lockdown: bool = False
 
 
 class AuditEntry(msgspec.Struct, kw_only=True):
@@ -104,18 +115,20 @@ class GroupController(Controller):
 
     @put("/{gid:str}", opt={"perm": (ObjectType.GROUP, Action.UPDATE), "id": "gid"}, guards=[permitted])
     async def put_group(self, request: Request[Any, Any, Any], gid: str, data: GroupBody) -> GroupOut:
-        """Create or replace a group: its doors (per gateway), schedule and tags. Creating needs create, and
-        the new tags must be ones the operator may update."""
+        """Create or replace a group: its doors (per gateway), schedule and tags. Creating needs create;
+        the operator must be allowed the change on the group with its old tags and with its new ones."""
         p, st = principal_of(request), state_of(request)
         msgspec.convert(gid, Ident)
         authz = await authorizer(st.db)
         async with st.db.write() as c:
             before = await _group(c, gid)
             action = Action.UPDATE if before is not None else Action.CREATE
-            tags = frozenset(data.tags) | frozenset(before.tags if before else ())
-            authz.require(p.operator, action, Target(ObjectType.GROUP, gid, tags))
-            if data.schedule is not None and (await c.execute(
-                    select(schema.schedules.c.id).where(schema.schedules.c.id == data.schedule))).scalar() is None:
+            # as it is and as it will be: nobody moves a group into (or out of) tags they may not update
+            if before is not None:
+                authz.require(p.operator, action, Target(ObjectType.GROUP, gid, frozenset(before.tags)))
+            authz.require(p.operator, action, Target(ObjectType.GROUP, gid, frozenset(data.tags)))
+            known = select(schema.schedules.c.id).where(schema.schedules.c.id == data.schedule)
+            if data.schedule is not None and (await c.execute(known)).scalar() is None:
                 raise NotFound(f"unknown schedule {data.schedule!r} (body.schedule)")
             pairs = {(d.gateway, d.door) for d in data.doors}
             if len(pairs) != len(data.doors):
@@ -159,9 +172,19 @@ async def _gateways(c: AsyncConnection, ids: list[str] | None = None) -> list[Ga
     doors: dict[str, list[DoorRef]] = {}
     for gw, did in (await c.execute(select(d.c.gateway, d.c.id).order_by(d.c.gateway, d.c.id))).all():
         doors.setdefault(gw, []).append(DoorRef(gw, did))
-    return [GatewayOut(id=r.id, online=bool(r.online), software=r.software, last_seen=r.last_seen,
-                       reported_version=int(r.reported_version), version=int(r.version), acked=int(r.acked),
-                       error=r.error, doors=doors.get(r.id, [])) for r in rows]  # fmt: skip
+    status = {r.gateway: r for r in (await c.execute(select(schema.gateway_status))).all()}
+    out = []
+    for r in rows:
+        st = status.get(r.id)
+        extra: dict[str, Any] = {} if st is None else {
+            "journal_depth": int(st.journal_depth), "warnings": msgspec.json.decode(st.warnings or "[]"),
+            "events_upto": int(st.events_upto), "events_stored": int(st.events_stored),
+            "duplicates": int(st.duplicates), "lockdown": bool(st.lockdown)}  # fmt: skip
+        seen = max((t for t in (r.last_seen, st.last_seen if st else None) if t is not None), default=None)
+        out.append(GatewayOut(id=r.id, online=bool(r.online), software=r.software, last_seen=seen,
+                              reported_version=int(r.reported_version), version=int(r.version), acked=int(r.acked),
+                              error=r.error, doors=doors.get(r.id, []), **extra))  # fmt: skip
+    return out
 
 
 class GatewayController(Controller):
@@ -217,28 +240,96 @@ class PublishController(Controller):
         return out
 
 
+AUDIT_CSV_MAX = 100_000
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """A cell a spreadsheet shows as text: one that would start a formula gets a leading apostrophe."""
+    text = "" if value is None else value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
+def _audit_query(a: Any, *, actor: str | None, action: str | None, object_type: str | None, object_id: str | None,
+                 outcome: str | None, since: float | None, until: float | None) -> Any:  # fmt: skip
+    q = select(a)
+    if actor:
+        q = q.where(a.c.actor == actor)
+    if action:  # "user.*": every user action
+        if action.endswith("*"):
+            q = q.where(a.c.action.like(action[:-1].replace("%", "") + "%"))
+        else:
+            q = q.where(a.c.action == action)
+    if object_type:
+        q = q.where(a.c.object_type == object_type)
+    if object_id:
+        q = q.where(a.c.object_id == object_id)
+    if outcome:
+        q = q.where(a.c.outcome == outcome)
+    if since is not None:
+        q = q.where(a.c.ts >= since)
+    if until is not None:
+        q = q.where(a.c.ts < until)
+    return q
+
+
+def _entry(r: Any) -> AuditEntry:
+    return AuditEntry(id=r.id, ts=r.ts, actor=r.actor, via=r.via, address=r.address, action=r.action,
+                      object_type=r.object_type, object_id=r.object_id,
+                      before=None if r.before is None else msgspec.json.decode(r.before),
+                      after=None if r.after is None else msgspec.json.decode(r.after), outcome=r.outcome)  # fmt: skip
+
+
+Filter = Annotated[str, Meta(max_length=128)]
+Outcome = Literal["ok", "denied", "failed"]
+
+
 class AuditController(Controller):
     path = "/api/v1/audit"
     tags = ["audit"]
 
     @get("/", opt={"perm": (ObjectType.OPERATOR, Action.READ)}, guards=[permitted])
-    async def list_audit(self, request: Request[Any, Any, Any], cursor: int | None = None,
-                         limit: Annotated[int, Meta(ge=1, le=1000)] = 100, actor: str | None = None,
-                         action: str | None = None) -> AuditPage:  # fmt: skip
-        """The audit log, newest first; `cursor`: the `next_cursor` of the page before."""
+    async def list_audit(self, request: Request[Any, Any, Any], *, cursor: int | None = None,
+                         limit: Annotated[int, Meta(ge=1, le=1000)] = 100, actor: Filter | None = None,
+                         action: Filter | None = None, object_type: Filter | None = None,
+                         object_id: Filter | None = None, outcome: Outcome | None = None,
+                         since: float | None = None, until: float | None = None) -> AuditPage:  # fmt: skip
+        """The audit log, newest first; `cursor`: the `next_cursor` of the page before. Filters: `actor`,
+        `action` (exact, or a prefix ending in `*`: `user.*`), `object_type`, `object_id`, `outcome`
+        (ok / denied / failed), `since` / `until` (UTC seconds)."""
         a = schema.audit_log
-        q = select(a).order_by(a.c.id.desc()).limit(limit)
+        q = _audit_query(a, actor=actor, action=action, object_type=object_type, object_id=object_id,
+                         outcome=outcome, since=since, until=until).order_by(a.c.id.desc()).limit(limit)  # fmt: skip
         if cursor is not None:
             q = q.where(a.c.id < cursor)
-        if actor is not None:
-            q = q.where(a.c.actor == actor)
-        if action is not None:
-            q = q.where(a.c.action == action)
         async with state_of(request).db.read() as c:
             rows = (await c.execute(q)).all()
-        items = [AuditEntry(id=r.id, ts=r.ts, actor=r.actor, via=r.via, address=r.address, action=r.action,
-                            object_type=r.object_type, object_id=r.object_id,
-                            before=None if r.before is None else msgspec.json.decode(r.before),
-                            after=None if r.after is None else msgspec.json.decode(r.after),
-                            outcome=r.outcome) for r in rows]  # fmt: skip
+        items = [_entry(r) for r in rows]
         return AuditPage(items=items, next_cursor=items[-1].id if len(items) == limit else None)
+
+    @get("/export.csv", opt={"perm": (ObjectType.OPERATOR, Action.READ)}, guards=[permitted],
+         media_type="text/csv")  # fmt: skip
+    async def export_audit(self, request: Request[Any, Any, Any], *, actor: Filter | None = None,
+                           action: Filter | None = None, object_type: Filter | None = None,
+                           object_id: Filter | None = None, outcome: Outcome | None = None,
+                           since: float | None = None, until: float | None = None) -> Response[bytes]:  # fmt: skip
+        """The audit log as CSV (the same filters; oldest first; at most 100,000 entries). Cells that a
+        spreadsheet would run as a formula start with an apostrophe."""
+        p, st = principal_of(request), state_of(request)
+        a = schema.audit_log
+        q = _audit_query(a, actor=actor, action=action, object_type=object_type, object_id=object_id,
+                         outcome=outcome, since=since, until=until).order_by(a.c.id).limit(AUDIT_CSV_MAX)  # fmt: skip
+        async with st.db.read() as c:
+            rows = (await c.execute(q)).all()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", "time_utc", "actor", "via", "address", "action", "object_type", "object_id", "outcome",
+                    "before", "after"])  # fmt: skip
+        for r in rows:
+            when = datetime.fromtimestamp(r.ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            w.writerow([r.id, when, *(csv_cell(x) for x in (r.actor, r.via, r.address, r.action, r.object_type,
+                        r.object_id, r.outcome, r.before, r.after))])  # fmt: skip
+        async with st.db.write() as c:
+            await audit.record(c, p, "audit.export", "operator", "audit", after={"rows": len(rows)})
+        return Response(buf.getvalue().encode(), media_type="text/csv", headers={
+            "content-disposition": 'attachment; filename="audit.csv"'})  # fmt: skip

@@ -25,6 +25,7 @@ from edge.access_state import AccessState, Delta, Location
 from edge.errors import StoreError
 from edge.index import (
     AssignRow,
+    Columns,
     CredRow,
     Digest,
     RightsIndex,
@@ -32,6 +33,7 @@ from edge.index import (
     UserRow,
     build_arrays,
     cred_hash,
+    pack,
     table_hash,
     user_hash,
 )
@@ -197,9 +199,9 @@ async def load_index(db: aiosqlite.Connection, site_tz: ZoneInfo) -> tuple[Right
     return RightsIndex(tables, arrays, version=version), int(mx[0][0] or 0) + 1
 
 
-async def load_arrays(
-    db: aiosqlite.Connection, tables: Tables
-) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+async def load_arrays(db: aiosqlite.Connection, tables: Tables) -> Columns:
+    """The index columns (`index.pack`) of the rows on disk, numbered by `tables.gidx`."""
+
     def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
         return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
 
@@ -227,11 +229,12 @@ async def load_arrays(
         cur.arraysize = 200_000
         while batch := await cur.fetchmany(200_000):
             ids.extend(r[0].encode() for r in batch)
-    pins = {int(uid): str(h) for uid, h in await rows(db, "SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL")}
+    pins = await rows(db, "SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL ORDER BY uid")
     uid_col = u[:, 0]
     counts = np.bincount(np.searchsorted(uid_col, a[:, 0]), minlength=len(uid_col))[: len(uid_col)]
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    arrays: dict[str, npt.NDArray[np.generic]] = {
+    p_hash = [str(h).encode() for _, h in pins]
+    lg: Columns = {
         "c_card": c[:, 0].astype(np.uint64),
         "c_uid": c[:, 1].astype(np.uint32),
         "c_status": c[:, 2].astype(np.uint32),
@@ -243,11 +246,15 @@ async def load_arrays(
         "u_until": u[:, 3].astype(np.uint32),
         "u_aoff": np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
         "u_idoff": np.concatenate([[0], np.cumsum(lens)]).astype(np.uint32),
+        "u_id": np.frombuffer(b"".join(ids), np.uint8),
         "a_gidx": a[:, 1].astype(np.uint16),
         "a_from": a[:, 2].astype(np.uint32),
         "a_until": a[:, 3].astype(np.uint32),
+        "p_uid": np.array([int(uid) for uid, _ in pins], np.uint32),
+        "p_off": np.concatenate([[0], np.cumsum([len(h) for h in p_hash])]).astype(np.uint32),
+        "p_hash": np.frombuffer(b"".join(p_hash), np.uint8),
     }
-    return arrays, b"".join(ids), pins
+    return await asyncio.to_thread(in_background(pack, lg))
 
 
 def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, str | None]:

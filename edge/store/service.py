@@ -22,8 +22,6 @@ from typing import Any, Self
 from zoneinfo import ZoneInfo
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 
 from edge._sqlite import (
     SqliteService,
@@ -42,7 +40,7 @@ from edge._sqlite import (
 from edge.access_state import AccessState, Delta
 from edge.errors import ChangeRejected, StoreError, VersionGap
 from edge.events import RIGHTS_DAMAGED  # noqa: F401  (re-exported)
-from edge.index import STATUS_CODES, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
+from edge.index import STATUS_CODES, Columns, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
 from edge.model import (
     ChangeSet,
     PutArea,
@@ -280,7 +278,7 @@ class Store(SqliteService):
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await rows(self.db, sql, params)
 
-    async def load_arrays(self, tables: Tables) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+    async def load_arrays(self, tables: Tables) -> Columns:
         """The index columns of the rows on disk (see `schema.load_arrays`)."""
         return await load_arrays(self.db, tables)
 
@@ -437,8 +435,7 @@ class Store(SqliteService):
                 "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility, max_uses) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 breathing(
-                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility,
-                     v[0].max_uses)
+                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility, v[0].max_uses)
                     for card, v in plan.creds.items()
                     if v
                 ),
