@@ -181,7 +181,8 @@ async def test_visitor_api_badges_visits_and_validation(db_url: str, tmp_path: P
         assert [g["id"] for g in (await c.get(f"{VIS}/cardholder-groups")).json()] == ["guests"]
 
         # numeric-only badge ids (seed 004): anything else is a validation error
-        assert (await c.put(f"{VIS}/badges/12A", json={"location": "hq"})).status_code in (400, 404)
+        r = await c.put(f"{VIS}/badges/12A", json={"location": "hq"})
+        assert r.status_code == 400 and r.json()["field"] == "path.badge" and "not numeric" in r.json()["detail"]
         r = await c.put(f"{VIS}/badges/900001", json={"location": "hq", "name": "Visitor 1", "type": "visitor"})
         assert r.status_code == 200, r.text
         assert r.json()["visit"] is None

@@ -1,28 +1,23 @@
 """Seeds 000, 004 and 003 end to end on both databases: through the HTTP API of a running service, published
 (signed with the site key) to a real simulated gateway on a real Mosquitto, and the card granted or denied at
-the simulated door afterwards. The seed-003 report reads the events the gateway sent for those taps."""
+the simulated door afterwards. The seed-003 report reads the events the gateway sent for those taps
+(stored by the service's collector)."""
 
 # ruff: noqa: F811
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import msgspec
-from sqlalchemy import select
 
-from cloud_bridge import mqtt
-from cloud_bridge.protocol import ProtocolError, decode_events
-from cloud_bridge.service import schema, site
+from cloud_bridge.service import site
 from cloud_bridge.service.app import init_site
 from cloud_bridge.service.database import Database
-from cloud_bridge.topics import Leaf, parse, site_wildcard
 from edge.agent.agent import Agent
 
 from .broker import broker  # noqa: F401
@@ -34,7 +29,6 @@ from .test_service_e2e import _public_key
 
 ID = "/api/v1/integrations/identity"
 VIS = "/api/v1/visitors"
-_enc = msgspec.msgpack.Encoder()
 
 
 @asynccontextmanager
@@ -118,81 +112,46 @@ async def test_seed000_identity_connector_to_the_door(broker: Mosquitto, db_url:
         assert not (await tap_card(agent, 5001)).granted
 
 
-async def collect(db_url: str, host: str, port: int, stop: asyncio.Event) -> None:
-    """Stores the gateway's event batches in `events` as they come (de-duplicated on the id; the encoding
-    the collector uses: the event's msgpack). Not acknowledged: the gateway resends, the ids repeat."""
-    db = Database(db_url)
-    try:
-        async with mqtt.client(host, port, identifier="test-events") as client:
-            await client.subscribe(site_wildcard(SITE, Leaf.EVENTS), qos=1)
-            async for m in client.messages:
-                p = parse(m.topic.value)
-                if p is None or p[2] is not Leaf.EVENTS:
-                    continue
-                try:
-                    batch = decode_events(mqtt.payload(m))
-                except ProtocolError:
-                    continue
-                async with db.write() as c:
-                    have = set((await c.execute(select(schema.events.c.id).where(
-                        schema.events.c.id.in_([e.id for e in batch.events])))).scalars())  # fmt: skip
-                    rows = [{"id": e.id, "gateway": p[1], "seq": e.seq, "type": e.type, "ts": e.ts,
-                             "body": _enc.encode(e)} for e in batch.events if e.id not in have]  # fmt: skip
-                    if rows:
-                        await c.execute(schema.events.insert(), rows)
-                if stop.is_set():
-                    return
-    finally:
-        await db.close()
-
-
 async def test_seed004_visitor_badge_then_seed003_report(broker: Mosquitto, db_url: str, tmp_path: Path,
                                                           sock_dir: Path) -> None:  # fmt: skip
     async with site_with_gateway(broker, db_url, tmp_path, sock_dir) as (c, agent):
-        stop = asyncio.Event()
-        events = asyncio.get_running_loop().create_task(collect(db_url, broker.host, broker.port, stop))
-        try:
-            assert (await c.put("/api/v1/groups/guests", json={"name": "Guests", "doors": [
-                {"gateway": GW, "door": "door1"}]})).status_code == 200  # fmt: skip
-            t = (await c.get(f"{VIS}/test-connection")).json()
-            assert (
-                t["ok"]
-                and t["provisioning"]
-                and t["gateways"] == [{"id": GW, "online": True, "last_seen": t["gateways"][0]["last_seen"]}]
-            )
-            r = await c.post(f"{VIS}/refresh", params={"timeout": 20})
-            assert r.status_code == 200, r.text
-            assert r.json()["gateways"] == {GW: "ok"} and r.json()["groups"][0]["id"] == "guests"
-            assert (await c.put(f"{VIS}/badges/7001", json={"location": "hq", "name": "V1"})).status_code == 200
+        # the gateway's events are stored by the service's own collector (service/events.py)
+        assert (await c.put("/api/v1/groups/guests", json={"name": "Guests", "doors": [
+            {"gateway": GW, "door": "door1"}]})).status_code == 200  # fmt: skip
+        t = (await c.get(f"{VIS}/test-connection")).json()
+        assert (
+            t["ok"]
+            and t["provisioning"]
+            and t["gateways"] == [{"id": GW, "online": True, "last_seen": t["gateways"][0]["last_seen"]}]
+        )
+        r = await c.post(f"{VIS}/refresh", params={"timeout": 20})
+        assert r.status_code == 200, r.text
+        assert r.json()["gateways"] == {GW: "ok"} and r.json()["groups"][0]["id"] == "guests"
+        assert (await c.put(f"{VIS}/badges/7001", json={"location": "hq", "name": "V1"})).status_code == 200
 
-            r = await c.post(f"{VIS}/visits", json={"visitor": "Grace Hopper", "location": "hq", "badge": 7001,
-                                                    "groups": ["guests"]})  # fmt: skip
-            assert r.status_code == 201, r.text
-            assert isinstance(r.json()["published"][GW], int), r.json()  # published with the sign-in
-            vid, uid = r.json()["visit"]["id"], r.json()["visit"]["user_id"]
-            d = await tap_card(agent, 7001)
-            assert d.granted and d.user == uid
+        r = await c.post(f"{VIS}/visits", json={"visitor": "Grace Hopper", "location": "hq", "badge": 7001,
+                                                "groups": ["guests"]})  # fmt: skip
+        assert r.status_code == 201, r.text
+        assert isinstance(r.json()["published"][GW], int), r.json()  # published with the sign-in
+        vid, uid = r.json()["visit"]["id"], r.json()["visit"]["user_id"]
+        d = await tap_card(agent, 7001)
+        assert d.granted and d.user == uid
 
-            r = await c.post(f"{VIS}/visits/{vid}/sign-out")
-            assert r.status_code == 200, r.text
-            assert isinstance(r.json()["published"][GW], int), r.json()
-            assert (await tap_card(agent, 7001)).reason.value == "unknown_card"
+        r = await c.post(f"{VIS}/visits/{vid}/sign-out")
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["published"][GW], int), r.json()
+        assert (await tap_card(agent, 7001)).reason.value == "unknown_card"
 
-            # seed 003: the day's access request report shows the grant and the refusal at door1
-            async with asyncio.timeout(30):
-                while True:
-                    rep = (await c.get("/api/v1/reports/access-requests", params={"reader": f"{GW}/door1"})).json()
-                    if rep["totals"]["granted"] >= 1 and rep["totals"]["denied"] >= 1:
-                        break
-                    await asyncio.sleep(0.2)
-            assert [(x["card"], x["result"]) for x in rep["rows"]][-2:] == [(7001, "granted"), (7001, "denied")]
-            assert rep["rows"][-2]["person"] == uid and rep["rows"][-1]["reason"] == "unknown_card"
-            r = await c.get("/api/v1/reports/access-requests", params={"person": uid, "format": "csv"})
-            assert r.headers["content-type"].startswith("text/csv")
-            lines = r.text.strip().split("\r\n")
-            assert lines[0].startswith("time,gateway,door") and len(lines) == 2 and "granted" in lines[1]
-        finally:
-            stop.set()
-            events.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await events
+        # seed 003: the day's access request report shows the grant and the refusal at door1
+        async with asyncio.timeout(30):
+            while True:
+                rep = (await c.get("/api/v1/reports/access-requests", params={"reader": f"{GW}/door1"})).json()
+                if rep["totals"]["granted"] >= 1 and rep["totals"]["denied"] >= 1:
+                    break
+                await asyncio.sleep(0.2)
+        assert [(x["card"], x["result"]) for x in rep["rows"]][-2:] == [(7001, "granted"), (7001, "denied")]
+        assert rep["rows"][-2]["person"] == uid and rep["rows"][-1]["reason"] == "unknown_card"
+        r = await c.get("/api/v1/reports/access-requests", params={"person": uid, "format": "csv"})
+        assert r.headers["content-type"].startswith("text/csv")
+        lines = r.text.strip().split("\r\n")
+        assert lines[0].startswith("time,gateway,door") and len(lines) == 2 and "granted" in lines[1]

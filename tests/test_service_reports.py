@@ -14,11 +14,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
-import msgspec
 
 from cloud_bridge.permissions import Action, ObjectType, PermissionGroup, grant
-from cloud_bridge.service import schema
+from cloud_bridge.protocol import EventBatch
 from cloud_bridge.service.database import Database
+from cloud_bridge.service.events import EventService
 from cloud_bridge.service.reports import neutralise
 from edge.events import Event
 
@@ -27,7 +27,6 @@ from .service_harness import PASSWORD, admin_client, config, login, running
 from .test_service_integ import add_operator, announce
 
 TZ = ZoneInfo("Europe/Berlin")  # the harness's site time zone
-_enc = msgspec.msgpack.Encoder()
 EVIL = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
 
 
@@ -36,28 +35,13 @@ def at(day: str, hhmm: str) -> float:
 
 
 async def store_events(db_url: str, rows: list[tuple[float, str, str, int, str | None, str | None]]) -> None:
-    """(ts, type, door, card, user, reason) on gw1, stored as the collector stores a batch (msgpack)."""
+    """(ts, type, door, card, user, reason) on gw1, stored as the service's collector stores a batch."""
     db = Database(db_url)
     try:
-        async with db.write() as c:
-            out = []
-            for i, (ts, typ, door, card, user, reason) in enumerate(rows, 1):
-                e = Event(
-                    id=f"{i:032x}",
-                    seq=i,
-                    type=typ,
-                    ts=ts,
-                    local=datetime.fromtimestamp(ts, TZ).isoformat(),
-                    link_up=True,
-                    door=door,
-                    reader=f"{door}.wiegand",
-                    card=card,
-                    user=user,
-                    reason=reason,
-                )
-                out.append({"id": e.id, "gateway": "gw1", "seq": e.seq, "type": e.type, "ts": e.ts,
-                            "body": _enc.encode(e)})  # fmt: skip
-            await c.execute(schema.events.insert(), out)
+        events = [Event(id=f"{i:032x}", seq=i, type=typ, ts=ts, local=datetime.fromtimestamp(ts, TZ).isoformat(),
+                        link_up=True, door=door, reader=f"{door}.wiegand", card=card, user=user, reason=reason)
+                  for i, (ts, typ, door, card, user, reason) in enumerate(rows, 1)]  # fmt: skip
+        await EventService(db).store_batch("gw1", EventBatch(first_seq=1, last_seq=len(rows), events=events))
     finally:
         await db.close()
 

@@ -28,7 +28,7 @@ from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cloud_bridge.operator.db import MAX_GROUPS_PER_USER, MAX_NAME_CHARS, OperatorError
+from cloud_bridge.operator.db import MAX_GROUPS_PER_USER, MAX_NAME_CHARS, OperatorError, parse_card
 from cloud_bridge.operator.visitors import visit_end
 from cloud_bridge.permissions import Action, ObjectType, Target
 
@@ -316,11 +316,14 @@ class VisitorController(Controller):
             rows = await badges(c, location)
         return [r for r in rows if authz.check(p.operator, Action.READ, Target(POOL, r.location)).allowed]
 
-    @put("/badges/{card:int}", opt={"perm": (POOL, Action.UPDATE)}, guards=[permitted])
-    async def put_badge(self, request: Request[Any, Any, Any], card: int, data: BadgeIn) -> BadgeOut:
+    @put("/badges/{badge:str}", opt={"perm": (POOL, Action.UPDATE)}, guards=[permitted])
+    async def put_badge(self, request: Request[Any, Any, Any], badge: str, data: BadgeIn) -> BadgeOut:
         """Add a badge to a location's pool, or rename it. The badge id is a number (the path: digits only)."""
         p, st = principal_of(request), state_of(request)
-        card = msgspec.convert(card, Card)
+        try:
+            card = parse_card(badge)  # seed 004: numeric only, anything else a validation error
+        except OperatorError as e:
+            raise BadRequest(str(e).replace("card ID", "badge ID"), "path.badge") from None
         b = schema.badges
         async with st.db.write() as c:
             before = (await c.execute(select(b).where(b.c.card == card))).one_or_none()

@@ -529,9 +529,11 @@ def page_handlers() -> ExceptionHandlersMap:
 def console_routers() -> list[Router]:
     """The console's routes, to register beside the API (app.py)."""
     handlers = page_handlers()
-    from .admin_pages import AdminPages  # the administration pages build on this module's helpers
+    # the administration and visitor pages build on this module's helpers
+    from .admin_pages import AdminPages
+    from .visitor_pages import VisitorPages
 
-    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, AdminPages],
+    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, AdminPages, VisitorPages],
                    response_headers=SECURITY_HEADERS, include_in_schema=False,
                    exception_handlers=handlers)  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
