@@ -607,6 +607,11 @@ class RightsIndex:
 
     # --- writes (staged, then published at once) -----------------------------------------------------
 
+    def rebase(self, columns: Columns) -> None:
+        """Read the base from `columns` from now on: the same rows in other buffers (the index image's
+        mapping of what this base holds). One assignment: a lookup sees the old buffers or the new."""
+        self._base = _Base(columns)
+
     def detach_overlay(self) -> tuple[dict[int, tuple[int, object, object]], dict[int, tuple[int, object, object]]]:
         """Take the overlay out (for `drain()`), leaving this index answering from its base only.
 
@@ -905,6 +910,14 @@ class Digest:
     creds: int = 0
     users: int = 0
     tables: int = 0
+
+    @staticmethod
+    def parse(text: str) -> Digest:
+        """The digest `text()` wrote (ValueError when `text` is not one)."""
+        fmt, version, nc, nu, c, u, t = text.split(":")
+        if fmt != "1":
+            raise ValueError(f"unknown rights checksum format {fmt!r}")
+        return Digest(int(version), int(nc), int(nu), int(c, 16), int(u, 16), int(t, 16))
 
     def text(self) -> str:
         return (
