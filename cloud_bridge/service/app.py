@@ -21,6 +21,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, Yaml
 
 from . import site
 from .api_auth import AuthController, TokenController
+from .areas import CONTROLLERS as RULE_CONTROLLERS
 from .auth import Passwords
 from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
@@ -75,7 +76,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
         TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController])  # fmt: skip
+        AuditController, *RULE_CONTROLLERS])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
