@@ -17,6 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
+from cloud_bridge.operator.collector import Collector
+from cloud_bridge.operator.service import Service
 from cloud_bridge.protocol import AreaMove, AreaMoves, ResetAntiPassback
 from cloud_bridge.relay import AreaRelay
 from cloud_bridge.signing import public_bytes
@@ -150,7 +152,7 @@ async def test_anti_passback_holds_across_two_gateways_through_the_cloud(
     async with (
         cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud_a,
         cloud_peer(broker, site_key, site=site, gw="gw-b") as cloud_b,
-        AreaRelay({"gw-a": cloud_a, "gw-b": cloud_b}, retry_s=0.3) as relay,
+        AreaRelay.over_peers({"gw-a": cloud_a, "gw-b": cloud_b}, retry_s=0.3) as relay,
         running(cfg_a) as a,
     ):
         async with running(cfg_b) as b:
@@ -250,3 +252,36 @@ async def test_the_duress_alarm_overtakes_the_event_backlog(
                 break
         assert cloud.have_upto >= duress.seq
         assert cloud.duplicates >= 1  # the in-order copy of the alarm, de-duplicated on its id
+
+
+async def test_the_event_collector_relays_passages_between_gateways(
+    tmp_path: Path, sock_dir: Path, broker: Mosquitto
+) -> None:
+    """The production path (`cloud-bridge collect --relay-areas`): the operator's event collector stores each
+    batch and hands it to the relay, whose commands go out through the operator's site link."""
+    svc = Service.init(tmp_path / "cloud.db", site="s1", admin="root", host=broker.host, port=broker.port,
+                       tz="Europe/Berlin", passphrase="correct horse")  # fmt: skip
+    svc.resend_s = 1.0
+    key = svc.signing_key()
+    cfg_a = link_cfg(tmp_path, sock_dir, broker, key, site="s1", gw="gw-a")
+    cfg_b = link_cfg(tmp_path, sock_dir, broker, key, site="s1", gw="gw-b")
+    try:
+        async with svc:
+            link = await svc.link()
+            collector = Collector(svc.db, host=broker.host, port=broker.port, site="s1", signing_key=key)
+            relay = AreaRelay.over_site_link(link, key, [], retry_s=0.3)
+            collector.on_batch.append(relay.observe)
+            async with asyncio.TaskGroup() as tg, relay, running(cfg_a) as a, running(cfg_b) as b:
+                task = tg.create_task(collector.run(), name="collector")
+                await link.wait_online("gw-a", 20)
+                await link.wait_online("gw-b", 20)
+                await provision(a, *BUILDING)
+                await provision(b, *BUILDING)
+                assert await tap(cfg_a, "door1", 1002) == ["granted"]
+                await walk_through(cfg_a, "door1")
+                await until(lambda: b.tap is not None and b.tap.access.where.get("bob", (None,))[0] == "building")
+                assert await tap(cfg_b, "door1", 1002) == ["anti_passback"]
+                assert svc.db.con.execute("SELECT count(*) FROM events WHERE type='area.passage'").fetchone()[0] >= 1
+                task.cancel()
+    finally:
+        svc.close()

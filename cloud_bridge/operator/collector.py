@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 
 import aiomqtt
 import msgspec
@@ -68,6 +69,8 @@ class Collector:
         self.identifier = identifier or f"collector-{site}-{os.urandom(4).hex()}"
         self.batches = 0
         self.events = 0
+        #: Called with (gateway, batch) after each batch is stored (e.g. `relay.AreaRelay.observe`).
+        self.on_batch: list[Callable[[str, EventBatch], None]] = []
 
     @property
     def topic(self) -> str:
@@ -89,6 +92,11 @@ class Collector:
                 upto = store_batch(self.db, p[1], batch)
                 self.batches += 1
                 self.events += len(batch.events)
+                for cb in self.on_batch:
+                    try:
+                        cb(p[1], batch)
+                    except Exception:  # a consumer's failure never stops the collection
+                        log.exception("batch consumer failed on a batch from %s", p[1])
                 with contextlib.suppress(aiomqtt.MqttError):
                     ack = EventAck(upto_seq=upto, ts=time.time(), ref=batch.ref)
                     signed = sign_downlink(self.signing_key, ack, site=self.site, gateway=p[1])
