@@ -27,10 +27,12 @@ from edge.control import DoorRequest, TapRequest
 from edge.model import (
     AntiPassback,
     Area,
+    Credential,
     Door,
     DoorMode,
     DuressMode,
     PutArea,
+    PutCredential,
     PutDoor,
     PutSiteRules,
     PutUser,
@@ -285,3 +287,55 @@ async def test_the_event_collector_relays_passages_between_gateways(
                 task.cancel()
     finally:
         svc.close()
+
+
+async def test_the_rules_hold_online_offline_and_across_a_restart_offline(
+    tmp_path: Path, sock_dir: Path, broker: Mosquitto, site_key: Ed25519PrivateKey
+) -> None:
+    """Occupancy, two-person and a one-time code with the cloud connected, then with the broker gone (the link
+    offline: the gateway's own state decides), then after a restart still offline; the cloud gets what was
+    decided offline once the link is back."""
+    site = unique("s")
+    cfg = link_cfg(tmp_path, sock_dir, broker, site_key, site=site, gw="gw-a")
+    rules = (
+        PutArea(area=Area(id="lab", max_occupancy=1)),
+        PutDoor(door=Door(id="door1", strike_s=0.5, to_area="lab")),
+        PutDoor(door=Door(id="door2", strike_s=0.5, two_person_s=30.0)),
+        PutUser(user=User(id="frank", assignments=[Assign(group="everywhere")])),
+        PutCredential(credential=Credential(card=1010, user="frank")),
+        PutCredential(credential=Credential(card=4711, user="bob", max_uses=1)),
+    )
+    async with cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud, running(cfg) as agent:
+        await cloud.wait_online()
+        await provision(agent, *rules)
+        assert await tap(cfg, "door1", 1001) == ["granted"]  # alice into the lab
+        await walk_through(cfg, "door1")
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 1002) == ["granted"]
+        assert await tap(cfg, "door1", 4711) == ["area_full"]  # a refusal uses nothing
+        await until(lambda: any(e.type == "area.passage" for e in cloud.events.values()))
+        broker.stop()  # the link goes down
+        await until(lambda: not agent.link_online)
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 1002) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 1002) == ["awaiting_second_person"]  # the same person twice: still one
+        assert await tap(cfg, "door2", 1010) == ["granted"]
+        await walk_through(cfg, "door2")
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 4711) == ["granted"]  # bob's one-time code as the second: its one use
+        await walk_through(cfg, "door2")
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 4711) == ["uses_exhausted"]
+    async with running(cfg) as agent:  # restarted, still offline
+        assert not agent.link_online
+        assert agent.tap is not None and agent.tap.access.occupancy == {"lab": 1}
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 4711) == ["uses_exhausted"]
+        broker.start()
+        async with cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud:
+            await until(lambda: agent.link_online, timeout=30)
+            # what was decided offline reaches the cloud, marked so
+            await until(lambda: any(e.reason == "uses_exhausted" and not e.link_up for e in cloud.events.values()),
+                        timeout=30)  # fmt: skip
+            assert await tap(cfg, "door1", 1002) == ["area_full"]
