@@ -17,7 +17,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -526,14 +526,10 @@ def page_handlers() -> ExceptionHandlersMap:
             NotFound: _not_found}  # fmt: skip
 
 
-def console_routers() -> list[Router]:
-    """The console's routes, to register beside the API (app.py)."""
+def console_routers(more: Sequence[type[Controller]] = ()) -> list[Router]:
+    """The console's routes, with the page controllers of the modules that build on this one (`more`)."""
     handlers = page_handlers()
-    # the administration and visitor pages build on this module's helpers
-    from .admin_pages import AdminPages
-    from .visitor_pages import VisitorPages
-
-    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, AdminPages, VisitorPages],
+    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more],
                    response_headers=SECURITY_HEADERS, include_in_schema=False,
                    exception_handlers=handlers)  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
