@@ -86,6 +86,21 @@ async def test_every_event_once_out_of_order_acknowledged_when_the_gap_closes(db
         await db.close()
 
 
+async def test_an_imported_high_water_mark_carries_over(db_url: str) -> None:
+    """A site database of `cloud-bridge collect` imported into the service: its collector acknowledged up to
+    10, so the gateway's next batch starts after 10 and is acknowledged (not held for a gap that never closes)."""
+    db = await _db(db_url)
+    try:
+        async with db.write() as c:
+            await c.execute(schema.gateways.insert().values(
+                id="gw1", online=False, session=0, reported_version=0, version=0, acked=0, events_upto=10,
+                software=""))  # fmt: skip
+        s = await EventService(db).store_batch("gw1", batch([ev(11), ev(12)], 10))
+        assert s.upto == 12
+    finally:
+        await db.close()
+
+
 async def test_door_state_alarms_and_gateway_status(db_url: str) -> None:
     db = await _db(db_url)
     try:

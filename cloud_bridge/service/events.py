@@ -172,7 +172,9 @@ class EventService:
         ev, gs = schema.events, schema.gateway_status
         now = time.time()
         async with self.db.write() as c:
-            await insert_ignore(c, gs, [_status_row(gw)])
+            # a site database imported from `cloud-bridge collect` carries its high-water mark in gateways
+            known = (await c.execute(select(schema.gateways.c.events_upto).where(schema.gateways.c.id == gw))).scalar()
+            await insert_ignore(c, gs, [{**_status_row(gw), "events_upto": int(known or 0)}])
             await c.execute(select(gs.c.gateway).where(gs.c.gateway == gw).with_for_update())
             seqs = [e.seq for e in batch.events]
             ids = [e.id for e in batch.events]
