@@ -236,6 +236,16 @@ def _status_row(gw: str) -> dict[str, Any]:
             "duplicates": 0}  # fmt: skip
 
 
+def filter_columns(body: bytes) -> dict[str, Any]:
+    """The filter columns of a stored event body (for rows copied from a `cloud-bridge collect` database)."""
+    try:
+        e = _ev_dec.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+    row = _event_row("", e)
+    return {k: row[k] for k in ("door", "reader", "user_id", "card", "result", "reason")}
+
+
 def _event_row(gw: str, e: Event) -> dict[str, Any]:
     return {"id": e.id, "gateway": gw, "seq": e.seq, "type": e.type[:64], "ts": e.ts, "body": _enc.encode(e),
             "door": e.door, "reader": e.reader, "user_id": e.user, "card": e.card if e.card is None or
