@@ -81,8 +81,13 @@ async def test_doors_events_and_alarms_pages(broker: Mosquitto, tmp_path: Path, 
         await expect(alarm_row).to_contain_text("Checked on camera: the wind")
         await shot(page, tmp_path, "alarms-1280")
 
-        # the events page: a denied tap, filtered; the CSV export
+        # a denied tap shows in the dashboard's live events (SSE), then on the events page, filtered; the CSV
+        await page.get_by_role("link", name="Dashboard").click()
+        await expect(page.locator("#live-events")).to_be_attached()
+        await page.wait_for_timeout(500)  # the EventSource connects
         assert not (await tap_card(agent, 7777)).granted
+        await expect(page.locator("#live-events")).to_contain_text("card 7777", timeout=15_000)
+        await expect(page.locator("#live-events")).to_contain_text("access.denied")
         await page.get_by_role("link", name="Events", exact=True).click()
         await page.get_by_label("Kind (e.g. access.*, door.forced_open)").fill("access.*")
         await page.get_by_label("Result").select_option("denied")

@@ -76,8 +76,9 @@ async def setup_admin(url: str, svc: Running) -> httpx.AsyncClient:
 
 
 async def read_stream(client: httpx.AsyncClient, params: dict[str, str], out: list[dict[str, Any]],
-                      ready: asyncio.Event) -> None:  # fmt: skip
-    async with client.stream("GET", "/api/v1/events/stream", params=params) as r:
+                      ready: asyncio.Event, *, last_id: str | None = None) -> None:  # fmt: skip
+    headers = {"last-event-id": last_id} if last_id else {}
+    async with client.stream("GET", "/api/v1/events/stream", params=params, headers=headers) as r:
         assert r.status_code == 200, await r.aread()
         assert r.headers["content-type"].startswith("text/event-stream")
         async for line in r.aiter_lines():
@@ -129,6 +130,20 @@ async def test_events_doors_and_alarms_through_the_api(
         assert r.status_code == 200, r.text
         assert tapped["id"] in [e["id"] for e in r.json()["items"]]
         assert (await client.get("/api/v1/events", params={"result": "granted"})).json()["items"] == []
+        # a stream that reconnects with Last-Event-ID is first sent what was stored after that event
+        assert not (await tap_card(agent, 4243)).granted
+        await until(lambda: _has(client, 4243), 15, "the second tap stored")
+        again: list[dict[str, Any]] = []
+        ready2 = asyncio.Event()
+        reader = asyncio.get_running_loop().create_task(read_stream(client, {"kind": "access.*"}, again, ready2,
+                                                                    last_id=tapped["id"]))  # fmt: skip
+        try:
+            await until(_true(lambda: any(e["card"] == 4243 for e in again) or reader.done()), 15, "replayed")
+            assert not reader.done(), reader
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        assert tapped["id"] not in [e["id"] for e in again]
         bad = await client.get("/api/v1/events", params={"cursor": "not-a-cursor"})
         assert bad.status_code == 400 and bad.json()["field"] == "query.cursor"
         # cursor pages: every event once, newest first, the same as one big page
@@ -229,3 +244,8 @@ def _true(pred: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 async def _get(client: httpx.AsyncClient, path: str, **want: Any) -> bool:
     r = await client.get(path)
     return r.status_code == 200 and all(r.json().get(k) == v for k, v in want.items())
+
+
+async def _has(client: httpx.AsyncClient, card: int) -> bool:
+    items = (await client.get("/api/v1/events", params={"kind": "access.*"})).json()["items"]
+    return any(e["card"] == card for e in items)

@@ -17,7 +17,8 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
-from cloud_bridge.operator.collector import Collector
+from cloud_bridge.operator.collector import Collector, store_batch
+from cloud_bridge.operator.db import Model
 from cloud_bridge.permissions import (
     SYSTEM_ADMINISTRATOR,
     Action,
@@ -31,11 +32,13 @@ from cloud_bridge.protocol import Birth, Death, EventBatch
 from cloud_bridge.service import schema
 from cloud_bridge.service.database import Database
 from cloud_bridge.service.events import CSV_COLUMNS, EventService, Filters, csv_cell, csv_rows, event_out, page
+from cloud_bridge.service.importer import import_site_db
 from edge.events import Event
 
 from .broker import broker, gateway, site_key  # noqa: F401
 from .mosquitto import Mosquitto
 from .postgres import db_url, postgres_server  # noqa: F401
+from .test_service_db import make_site_db
 
 T0 = 1_795_425_700.0
 ADMIN = Operator(id="root", groups=[SYSTEM_ADMINISTRATOR.id])
@@ -82,6 +85,21 @@ async def test_every_event_once_out_of_order_acknowledged_when_the_gap_closes(db
             st = (await c.execute(select(schema.gateway_status).where(schema.gateway_status.c.gateway == "gw1"))).one()
         assert n == 8
         assert (st.events_upto, st.events_stored, st.duplicates) == (7, 7, 3)
+    finally:
+        await db.close()
+
+
+async def test_an_imported_high_water_mark_carries_over(db_url: str) -> None:
+    """A site database of `cloud-bridge collect` imported into the service: its collector acknowledged up to
+    10, so the gateway's next batch starts after 10 and is acknowledged (not held for a gap that never closes)."""
+    db = await _db(db_url)
+    try:
+        async with db.write() as c:
+            await c.execute(schema.gateways.insert().values(
+                id="gw1", online=False, session=0, reported_version=0, version=0, acked=0, events_upto=10,
+                software=""))  # fmt: skip
+        s = await EventService(db).store_batch("gw1", batch([ev(11), ev(12)], 10))
+        assert s.upto == 12
     finally:
         await db.close()
 
@@ -261,4 +279,24 @@ async def test_a_batch_is_acknowledged_only_after_it_is_committed(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await db.close()
+
+
+async def test_events_of_an_imported_site_database_are_found_by_the_filters(db_url: str, tmp_path: Path) -> None:
+    """`serve --init --import site.db`: the events `cloud-bridge collect` stored get the filter columns, and
+    the gateway's next batch (after what that collector acknowledged) is acknowledged by the service."""
+    src = tmp_path / "site.db"
+    make_site_db(src)
+    m = Model(src)
+    assert store_batch(m, "gw1", batch([ev(1), ev(2, "access.granted", door="lab", user="alice")], 0)) == 2
+    m.close()
+    db = await _db(db_url)
+    try:
+        await import_site_db(src, db)
+        async with db.read() as c:
+            p = await page(c, Authorizer(), ADMIN, Filters(door="lab", result="granted", user="alice"), limit=10,
+                           cursor=None)  # fmt: skip
+        assert [e.seq for e in p.items] == [2]
+        assert (await EventService(db).store_batch("gw1", batch([ev(3)], 2))).upto == 3
+    finally:
         await db.close()

@@ -172,7 +172,9 @@ class EventService:
         ev, gs = schema.events, schema.gateway_status
         now = time.time()
         async with self.db.write() as c:
-            await insert_ignore(c, gs, [_status_row(gw)])
+            # a site database imported from `cloud-bridge collect` carries its high-water mark in gateways
+            known = (await c.execute(select(schema.gateways.c.events_upto).where(schema.gateways.c.id == gw))).scalar()
+            await insert_ignore(c, gs, [{**_status_row(gw), "events_upto": int(known or 0)}])
             await c.execute(select(gs.c.gateway).where(gs.c.gateway == gw).with_for_update())
             seqs = [e.seq for e in batch.events]
             ids = [e.id for e in batch.events]
@@ -232,6 +234,16 @@ def _status_row(gw: str) -> dict[str, Any]:
     return {"gateway": gw, "online": False, "session": 0, "software": "", "rights_version": 0, "journal_depth": 0,
             "warnings": "[]", "last_seen": None, "lockdown": False, "events_upto": 0, "events_stored": 0,
             "duplicates": 0}  # fmt: skip
+
+
+def filter_columns(body: bytes) -> dict[str, Any]:
+    """The filter columns of a stored event body (for rows copied from a `cloud-bridge collect` database)."""
+    try:
+        e = _ev_dec.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+    row = _event_row("", e)
+    return {k: row[k] for k in ("door", "reader", "user_id", "card", "result", "reason")}
 
 
 def _event_row(gw: str, e: Event) -> dict[str, Any]:
@@ -482,10 +494,12 @@ class EventController(Controller):
                      user: str | None = None, kind: str | None = None,
                      result: str | None = None) -> ServerSentEvent:  # fmt: skip
         """Live events as Server-Sent Events (`event: event`, data: the event as JSON), with the same filters
-        as the history; each stream lasts at most 10 minutes (EventSource reconnects on its own)."""
+        as the history; each stream lasts at most 10 minutes (EventSource reconnects on its own, and with
+        `Last-Event-ID` is first sent what was stored after that event, up to 1000)."""
         p, st = principal_of(request), state_of(request)
         f = filters_of(since=None, until=None, gateway=gateway, door=door, user=user, kind=kind, result=result)
-        return ServerSentEvent(live(st.db, event_hub(request), p, f, lambda e: _json.encode(e).decode()))
+        return ServerSentEvent(live(st.db, event_hub(request), p, f, lambda e: _json.encode(e).decode(),
+                                    last_id=request.headers.get("last-event-id")))  # fmt: skip
 
 
 def event_hub(request: Request[Any, Any, Any]) -> EventHub:
@@ -496,10 +510,30 @@ def event_hub(request: Request[Any, Any, Any]) -> EventHub:
     return hub
 
 
+#: Most events a reconnecting stream is sent again (`Last-Event-ID`) before it goes live.
+REPLAY_MAX = 1000
+
+
+async def _replay(db: Database, after: str, f: Filters) -> list[EventOut]:
+    """The stored events newer (by time) than event `after`, oldest first, at most `REPLAY_MAX`."""
+    ev = schema.events
+    async with db.read() as c:
+        ts = (await c.execute(select(ev.c.ts).where(ev.c.id == after))).scalar()
+        if ts is None:
+            return []
+        q = select(ev.c.gateway, ev.c.body).where(*f.where(), or_(ev.c.ts > ts, and_(ev.c.ts == ts, ev.c.id > after)))
+        rows = (await c.execute(q.order_by(ev.c.ts, ev.c.id).limit(REPLAY_MAX))).all()
+    return [event_out(r.gateway, _ev_dec.decode(r.body)) for r in rows]
+
+
+SSE = AsyncGenerator[ServerSentEventMessage, None]
+
+
 async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, render: Any, *, seconds: float = 600.0,
-               event: str = "event") -> AsyncGenerator[ServerSentEventMessage, None]:  # fmt: skip
+               event: str = "event", last_id: str | None = None) -> SSE:  # fmt: skip
     """What an SSE stream sends: each new event `p` may read and `f` selects, rendered by `render`. The
-    operator's permissions are read again every 30 s (a changed group, a deactivated operator)."""
+    operator's permissions are read again every 30 s (a changed group, a deactivated operator). A client
+    that reconnects with `Last-Event-ID` (`last_id`) is first sent what was stored after that event."""
     q = hub.subscribe()
     try:
         authz = await authorizer(db)
@@ -507,6 +541,12 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
         refresh = time.monotonic() + 30
         end = time.monotonic() + seconds
         yield ServerSentEventMessage(comment="connected", data=None)
+        sent: set[str] = set()
+        if last_id is not None and len(last_id) <= 128:
+            for old in await _replay(db, last_id, f):  # subscribed first: nothing falls between the two
+                sent.add(old.id)
+                if may_read(authz, op, old):
+                    yield ServerSentEventMessage(event=event, id=old.id, data=render(old))
         while time.monotonic() < end:
             if time.monotonic() > refresh:
                 authz = await authorizer(db)
@@ -515,7 +555,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
                 if fresh is None or not fresh.active:
                     return
                 op, refresh = fresh, time.monotonic() + 30
-            e = None
+            e: EventOut | None = None
             with contextlib.suppress(TimeoutError):
                 e = await asyncio.wait_for(q.get(), 15.0)
                 if e is None:
@@ -523,7 +563,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
             if e is None:
                 yield ServerSentEventMessage(comment="keep-alive", data=None)
                 continue
-            if f.matches(e) and may_read(authz, op, e):
+            if e.id not in sent and f.matches(e) and may_read(authz, op, e):
                 yield ServerSentEventMessage(event=event, id=e.id, data=render(e))
     finally:
         hub.unsubscribe(q)

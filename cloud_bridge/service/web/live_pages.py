@@ -15,10 +15,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from litestar import Controller, Request, Response, Router, get, post
+from litestar.response import ServerSentEvent
 
 from cloud_bridge.permissions import Action, Authorizer, Operator
 from cloud_bridge.service.alarms import alarm_target
 from cloud_bridge.service.core import authorizer, principal_of, state_of
+from cloud_bridge.service.events import EventOut, Filters, event_hub, live
 from edge.model import DoorMode
 
 from . import inner
@@ -27,6 +29,7 @@ from .pages import (
     _api_id,
     _htmx_fragment,
     _see_other,
+    env,
     page_context,
     page_handlers,
     page_session,
@@ -198,6 +201,18 @@ class LivePages(Controller):
         ctx = await page_context(request, "dashboard")
         doors, refused = await _doors(request)
         return render("_doors_panel.html", doors=doors, refused=refused, **ctx)
+
+    @get("/stream/events")
+    async def events_stream(self, request: Request[Any, Any, Any]) -> ServerSentEvent:
+        """The dashboard's live events: each new event the operator may read, as one list item (SSE)."""
+        st, p = state_of(request), principal_of(request)
+        tz = st.site.tz if st.site else "UTC"
+        item = env.get_template("_event_item.html")
+
+        def html(e: EventOut) -> str:
+            return " ".join(item.render(e=e, tz=tz).split("\n"))
+
+        return ServerSentEvent(live(st.db, event_hub(request), p, Filters(), html))
 
     @get("/panels/alarms")
     async def alarms_panel(self, request: Request[Any, Any, Any]) -> Response[str]:
