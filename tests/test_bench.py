@@ -25,6 +25,7 @@ EXPECTED = {
     "osdp": {"exchanges_per_second"},
     "fleet": {"import_total_s", "group_change_ack_s", "events_collected_rate"},
     "tables": {"tables_apply_loop_lag_max", "tables_small_change_loop_lag_max"},
+    "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
 }
 
 
