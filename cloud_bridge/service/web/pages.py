@@ -515,15 +515,11 @@ def _form_field(api_field: str | None) -> str:
     return ""
 
 
-def console_routers() -> list[Router]:
-    """The console's routes, to register beside the API (app.py)."""
+def console_routers(*more: type[Controller]) -> list[Router]:
+    """The console's routes, to register beside the API (app.py); `more`: page controllers of other modules."""
     handlers = {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
                 NotFound: _not_found}
-    from .visitor_pages import VisitorPages  # it builds on this module
-
-    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, VisitorPages],
-                   response_headers=SECURITY_HEADERS,
-                   exception_handlers=handlers,  # type: ignore[arg-type]
-                   include_in_schema=False)  # fmt: skip
+    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more], response_headers=SECURITY_HEADERS,
+                   exception_handlers=handlers, include_in_schema=False)  # type: ignore[arg-type]  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
     return [pages, static]
