@@ -160,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("collect", help="collect the gateways' events into the database (runs until stopped)")
     s.add_argument("--group", default="collectors",
                    help="the MQTT shared-subscription group: collectors in one group split the load")
+    s.add_argument("--relay-areas", action="store_true",
+                   help="relay each gateway's area passages to the site's other gateways (cross-gateway "
+                        "anti-passback, docs/model.md)")  # fmt: skip
 
     o = sub.add_parser("operator", help="add operators and grant them permission groups").add_subparsers(
         dest="action", required=True, metavar="ACTION")  # fmt: skip
@@ -362,8 +365,16 @@ async def run(args: argparse.Namespace, out: Output) -> int:
             from .operator.collector import Collector
 
             svc.require_collect()
-            await Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group,
-                            signing_key=svc.signing_key()).run()
+            collector = Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group,
+                                  signing_key=svc.signing_key())  # fmt: skip
+            if not args.relay_areas:
+                await collector.run()
+            else:
+                from .relay import AreaRelay
+
+                async with AreaRelay.over_site_link(await svc.link(), svc.signing_key(), svc.db.gateways()) as relay:
+                    collector.on_batch.append(relay.observe)
+                    await collector.run()
         elif c == "operator":
             if args.action == "add":
                 svc.add_operator(args.id, args.group)

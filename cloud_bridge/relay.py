@@ -2,7 +2,8 @@
 
 A gateway journals every passage between areas as an `area.passage` event (user, `to` area, `at`); it reaches
 the cloud with the event upload. `AreaRelay` watches the event batches of every gateway of a site (one
-`CloudPeer` each) and sends each passage to every other gateway of the site as a signed `AreaMoves` command
+`CloudPeer` each, or the event collector's: `cloud-bridge collect --relay-areas`) and sends each passage to
+every other gateway of the site as a signed `AreaMoves` command
 (signed like every downlink, replay-checked by its nonce, answered by a `CommandResult`). The gateway applies
 a move unless it saw that user pass later (the latest passage wins), so resends and reordering are harmless.
 
@@ -18,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.events import AREA_PASSAGE
 
-from .cloud import CloudError, CloudPeer
-from .protocol import AreaMove, AreaMoves, Birth, EventBatch
+from .cloud import CloudPeer
+from .errors import CloudBridgeError
+from .operator.provision import SiteLink
+from .protocol import AreaMove, AreaMoves, Birth, CommandResult, EventBatch
 
 log = logging.getLogger("cloud_bridge.relay")
 
@@ -46,25 +50,58 @@ def move_of(gateway: str, ev_user: str | None, detail: Mapping[str, object]) -> 
         return None
 
 
-class AreaRelay:
-    """Relays passages between the gateways of one site; `peers` maps each gateway to its `CloudPeer`.
-    `async with` it (or run `run()` as a task) while the peers are connected."""
+#: Sends one `AreaMoves` command to a gateway (signed with the site key) and returns its result.
+Send = Callable[[str, AreaMoves], Awaitable[CommandResult]]
 
-    def __init__(self, peers: Mapping[str, CloudPeer], *, operator: str = "area-relay", ttl_s: float = 300.0,
+
+class AreaRelay:
+    """Relays passages between the gateways of one site. `observe(gateway, batch)` takes each event batch a
+    gateway sent; `send` carries a signed `AreaMoves` to a gateway and returns its result, `online` says
+    whether a gateway is connected. `over_peers` builds one over `CloudPeer`s (one per gateway);
+    `cloud-bridge collect --relay-areas` runs one beside the event collector. `async with` it (or run
+    `run()` as a task)."""
+
+    def __init__(self, gateways: Iterable[str], *, send: Send, online: Callable[[str], bool],
                  retry_s: float = 2.0) -> None:  # fmt: skip
-        self.peers = dict(peers)
-        self.operator = operator
-        self.ttl_s = ttl_s
+        self.send = send
+        self.online = online
         self.retry_s = retry_s
         #: target gateway -> user -> the latest passage it has not confirmed yet
-        self.pending: dict[str, dict[str, AreaMove]] = {gw: {} for gw in self.peers}
+        self.pending: dict[str, dict[str, AreaMove]] = {gw: {} for gw in gateways}
         self.relayed = 0  # moves confirmed by their target
-        self._wake = {gw: asyncio.Event() for gw in self.peers}
+        self._wake = {gw: asyncio.Event() for gw in self.pending}
         self._task: asyncio.Task[None] | None = None
-        for gw, peer in self.peers.items():
-            peer.on_events.append(partial(self._batch, gw))
+        self._tg: asyncio.TaskGroup | None = None
 
-    def _batch(self, gw: str, b: EventBatch) -> None:
+    @classmethod
+    def over_peers(cls, peers: Mapping[str, CloudPeer], *, operator: str = "area-relay", ttl_s: float = 300.0,
+                   retry_s: float = 2.0) -> AreaRelay:  # fmt: skip
+        """A relay over one `CloudPeer` per gateway (their event batches in, their commands out)."""
+
+        async def send(gw: str, moves: AreaMoves) -> CommandResult:
+            return await peers[gw].command(moves, operator=operator, ttl_s=ttl_s, timeout=ttl_s)
+
+        relay = cls(peers, send=send, online=lambda gw: isinstance(peers[gw].status, Birth), retry_s=retry_s)
+        for gw, peer in peers.items():
+            peer.on_events.append(partial(relay.observe, gw))
+        return relay
+
+    @classmethod
+    def over_site_link(cls, link: SiteLink, key: Ed25519PrivateKey, gateways: Iterable[str], *,
+                       operator: str = "area-relay", ttl_s: float = 300.0,
+                       retry_s: float = 2.0) -> AreaRelay:  # fmt: skip
+        """A relay whose commands go through the operator's `SiteLink` (signed with the site key `key`); feed
+        it the event collector's batches (`Collector.on_batch`)."""
+
+        async def send(gw: str, moves: AreaMoves) -> CommandResult:
+            return await link.command(gw, key, moves, operator=operator, ttl_s=ttl_s, timeout=ttl_s)
+
+        return cls(gateways, send=send, online=link.online, retry_s=retry_s)
+
+    def observe(self, gw: str, b: EventBatch) -> None:
+        """An event batch from gateway `gw`: its passages are queued for the site's other gateways."""
+        if gw not in self.pending:
+            self.add_gateway(gw)
         for ev in b.events:
             if ev.type != AREA_PASSAGE:
                 continue
@@ -79,10 +116,20 @@ class AreaRelay:
                     pending[move.user] = move
                     self._wake[other].set()
 
+    def add_gateway(self, gw: str) -> None:
+        """A gateway the relay did not know (a new one of the site): it gets the passages seen from now on."""
+        if gw not in self.pending:
+            self.pending[gw] = {}
+            self._wake[gw] = asyncio.Event()
+            if self._tg is not None:
+                self._tg.create_task(self._serve(gw), name=f"relay[{gw}]")
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for gw in self.peers:
+            self._tg = tg
+            for gw in self.pending:
                 tg.create_task(self._serve(gw), name=f"relay[{gw}]")
+            await asyncio.Event().wait()  # until cancelled: `add_gateway` adds tasks to this group
 
     async def __aenter__(self) -> AreaRelay:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="area-relay")
@@ -95,21 +142,19 @@ class AreaRelay:
                 await self._task
 
     async def _serve(self, gw: str) -> None:
-        peer, pending, wake = self.peers[gw], self.pending[gw], self._wake[gw]
+        pending, wake = self.pending[gw], self._wake[gw]
         while True:
             if not pending:
                 wake.clear()
                 await wake.wait()
                 continue
-            if not isinstance(peer.status, Birth):  # offline: wait for its birth (the moves stay pending)
-                with contextlib.suppress(TimeoutError):
-                    await peer.wait_online(timeout=self.retry_s)
+            if not self.online(gw):  # offline: the moves stay pending until it is back
+                await asyncio.sleep(self.retry_s)
                 continue
             moves = list(pending.values())[:MAX_MOVES]
             try:
-                r = await peer.command(AreaMoves(moves=moves), operator=self.operator, ttl_s=self.ttl_s,
-                                       timeout=self.ttl_s)  # fmt: skip
-            except (CloudError, TimeoutError) as e:
+                r = await self.send(gw, AreaMoves(moves=moves))
+            except (CloudBridgeError, TimeoutError, OSError) as e:
                 log.info("relay to %s: %s; retrying", gw, e or type(e).__name__)
                 await asyncio.sleep(self.retry_s)
                 continue

@@ -80,6 +80,9 @@ ALARM_ANTI_PASSBACK = "alarm.anti_passback"
 AREA_PASSAGE = "area.passage"
 #: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
 RIGHTS_DAMAGED = "alarm.rights_damaged"
+#: The index image found at open was damaged (discarded) or stale: the index was built from the rights file
+#: instead (`Store.image_problem` is its detail).
+INDEX_IMAGE_DAMAGED = "alarm.index_image"
 JOURNAL_OVERFLOW = "alarm.journal_overflow"
 STORAGE_ALARM = "alarm.storage"
 #: The journal file failed its integrity check at open: it was moved aside (kept) and a new one started.

@@ -239,8 +239,31 @@ def _empty_arrays() -> Columns:
     return build_arrays([], [])
 
 
-#: Longest assignment list that `pack` shares between users (longer ones are stored per user).
-SHARE_MAX: Final = 8
+def _share_lists(
+    cnt: npt.NDArray[np.int64], aoff: npt.NDArray[np.int64], gidx: npt.NDArray[np.uint16], win: npt.NDArray[np.uint32]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[np.uint16], npt.NDArray[np.uint32]]:
+    """(u_list, l_off, a_gidx, a_win): one list per distinct (group, window) sequence. Lists are grouped by a
+    64-bit hash (a sort of integers, not of rows), then every user's list is compared with its group's
+    first; on a collision (never seen, but possible) nothing is shared."""
+    u64, i64 = np.uint64, np.int64
+    n_u, n_a = len(cnt), len(gidx)
+    if n_u == 0:
+        return np.zeros(0, i64), np.zeros(1, i64), gidx, win
+    pos = (np.arange(n_a, dtype=i64) - np.repeat(aoff[:-1], cnt)).astype(u64)
+    key = (gidx.astype(u64) << u64(32)) | win.astype(u64)
+    with np.errstate(over="ignore"):
+        v = _mix_np(key ^ (pos * u64(_K1) + u64(_K0)))
+        cs = np.concatenate([np.zeros(1, u64), np.cumsum(v, dtype=u64)])
+        lh = _mix_np((cs[aoff[1:]] - cs[aoff[:-1]]) ^ (cnt.astype(u64) * u64(_K2)))
+    _, first, inv = np.unique(lh, return_index=True, return_inverse=True)
+    inv = np.asarray(inv).reshape(-1)
+    rep = first[inv]
+    same = np.array_equal(cnt[rep], cnt) and np.array_equal(key[_ranges(aoff[:-1][rep], cnt)], key)
+    if not same:
+        return np.arange(n_u), aoff, gidx, win
+    lcnt = cnt[first]
+    sel = _ranges(aoff[:-1][first], lcnt)
+    return inv, np.concatenate([[0], np.cumsum(lcnt)]), gidx[sel], win[sel]
 
 
 def pack(lg: Columns) -> Columns:
@@ -256,7 +279,7 @@ def pack(lg: Columns) -> Columns:
     bucket = h[order] >> u64(64 - bits)
     c_dir = np.searchsorted(bucket, np.arange((1 << bits) + 1, dtype=u64)).astype(u32)
     # one table of validity windows; the open window is number 0
-    n_u, n_a = len(lg["u_flags"]), len(lg["a_gidx"])
+    n_u = len(lg["u_flags"])
     keys = np.concatenate([
         (lg[f"{p}_from"].astype(u64) << u64(32)) | lg[f"{p}_until"].astype(u64) for p in ("c", "u", "a")
     ])  # fmt: skip
@@ -269,22 +292,8 @@ def pack(lg: Columns) -> Columns:
     # assignment lists, shared between users with the same (group, window) sequence
     aoff = lg["u_aoff"].astype(i64)
     cnt = aoff[1:] - aoff[:-1]
-    k = int(cnt.max()) if n_u else 0
     a_gidx = lg["a_gidx"].astype(np.uint16)
-    if 0 < k <= SHARE_MAX:
-        m = np.zeros((n_u, k + 1), u64)
-        m[:, 0] = cnt
-        rows = np.repeat(np.arange(n_u), cnt)
-        m[rows, np.arange(n_a) - aoff[:-1][rows] + 1] = (a_gidx.astype(u64) << u64(32)) | a_win
-        v = np.ascontiguousarray(m).view(np.dtype((np.void, 8 * (k + 1)))).ravel()
-        _, first, u_list = np.unique(v, return_index=True, return_inverse=True)
-        lcnt = cnt[first]
-        sel = _ranges(aoff[:-1][first], lcnt)
-        l_off = np.concatenate([[0], np.cumsum(lcnt)])
-        a_gidx, a_win = a_gidx[sel], a_win[sel]
-    else:
-        u_list = np.arange(n_u)
-        l_off = aoff
+    u_list, l_off, a_gidx, a_win = _share_lists(cnt, aoff, a_gidx, a_win)
     uid = lg["u_uid"].astype(u32)
     dense = n_u == 0 or (int(uid[0]) == 1 and int(uid[-1]) == n_u)
     flags = lg["u_flags"].astype(np.uint8) & np.uint8(0x7F)
@@ -296,7 +305,7 @@ def pack(lg: Columns) -> Columns:
         "c_status": lg["c_status"].astype(u32)[order], "c_win": c_win[order], "c_dir": c_dir,
         "w_from": (wk >> u64(32)).astype(u32), "w_until": (wk & u64(0xFFFF_FFFF)).astype(u32),
         "u_uid": np.zeros(0, u32) if dense else uid, "u_flags": flags, "u_win": u_win,
-        "u_list": np.asarray(u_list, i64).reshape(-1).astype(u32),
+        "u_list": u_list.astype(u32),
         "u_idoff": lg["u_idoff"].astype(u32), "u_id": lg["u_id"].astype(np.uint8),
         "l_off": l_off.astype(u32), "a_gidx": a_gidx, "a_win": a_win.astype(u32),
         "p_uid": p_uid, "p_off": lg["p_off"].astype(u32), "p_hash": lg["p_hash"].astype(np.uint8),
@@ -607,6 +616,11 @@ class RightsIndex:
 
     # --- writes (staged, then published at once) -----------------------------------------------------
 
+    def rebase(self, columns: Columns) -> None:
+        """Read the base from `columns` from now on: the same rows in other buffers (the index image's
+        mapping of what this base holds). One assignment: a lookup sees the old buffers or the new."""
+        self._base = _Base(columns)
+
     def detach_overlay(self) -> tuple[dict[int, tuple[int, object, object]], dict[int, tuple[int, object, object]]]:
         """Take the overlay out (for `drain()`), leaving this index answering from its base only.
 
@@ -905,6 +919,14 @@ class Digest:
     creds: int = 0
     users: int = 0
     tables: int = 0
+
+    @staticmethod
+    def parse(text: str) -> Digest:
+        """The digest `text()` wrote (ValueError when `text` is not one)."""
+        fmt, version, nc, nu, c, u, t = text.split(":")
+        if fmt != "1":
+            raise ValueError(f"unknown rights checksum format {fmt!r}")
+        return Digest(int(version), int(nc), int(nu), int(c, 16), int(u, 16), int(t, 16))
 
     def text(self) -> str:
         return (

@@ -86,8 +86,11 @@ def key_dir(tmp_path: Path, key: bytes) -> Path:
 
 
 @asynccontextmanager
-async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str) -> AsyncIterator[Agent]:
+async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str, staged: bytes | None = None
+                  ) -> AsyncIterator[Agent]:  # fmt: skip
     keys = key_dir(tmp_path, SITE_KEY)
+    if staged is not None:
+        PlainKeyFile(keys / "door1.scbk").stage(staged)  # a rotation the last run left open
     cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path, pub_hex))
     check_files(cfg)
     agent = simulated_agent(cfg)
@@ -270,3 +273,25 @@ async def test_the_operator_cli_sends_them(broker: Mosquitto, tmp_path: Path) ->
             await until(lambda: bytes(peer.file) == image, timeout=60, what="file on the reader")
             code, out, err = await cli("osdp", "output", "--gateway", GW, "--reader", "nope", db=db)
             assert code == 1 and "no OSDP reader 'nope'" in out, (out, err)
+
+
+async def test_a_rotation_left_open_by_the_last_run_is_settled_at_start(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The agent stopped after the reader took the new key, before the key store committed it: at the next
+    start the staged key is tried too, the reader is secure on it, and it is committed (and journalled)."""
+    new = bytes.fromhex("0F1E2D3C4B5A69788796A5B4C3D2E1F0")
+    with PeerBus() as pb:
+        pb.add(1, scbk=new, enforce_secure=True)
+        async with (
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex(), staged=new) as agent,
+            CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key) as cloud,
+        ):
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure, timeout=10, what="secure on the staged key")
+            store = PlainKeyFile(tmp_path / "keys" / "door1.scbk")
+            await until(lambda: not store.next.exists(), what="staged key committed")
+            assert store.path.read_text() == new.hex()
+            ev = await wait_event(cloud, "security.reader_key_rotated")
+            assert (ev.reader, ev.reason, ev.detail["committed"]) == (READER, "committed", True)

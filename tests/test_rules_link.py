@@ -17,6 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
+from cloud_bridge.operator.collector import Collector
+from cloud_bridge.operator.service import Service
 from cloud_bridge.protocol import AreaMove, AreaMoves, ResetAntiPassback
 from cloud_bridge.relay import AreaRelay
 from cloud_bridge.signing import public_bytes
@@ -25,10 +27,12 @@ from edge.control import DoorRequest, TapRequest
 from edge.model import (
     AntiPassback,
     Area,
+    Credential,
     Door,
     DoorMode,
     DuressMode,
     PutArea,
+    PutCredential,
     PutDoor,
     PutSiteRules,
     PutUser,
@@ -150,7 +154,7 @@ async def test_anti_passback_holds_across_two_gateways_through_the_cloud(
     async with (
         cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud_a,
         cloud_peer(broker, site_key, site=site, gw="gw-b") as cloud_b,
-        AreaRelay({"gw-a": cloud_a, "gw-b": cloud_b}, retry_s=0.3) as relay,
+        AreaRelay.over_peers({"gw-a": cloud_a, "gw-b": cloud_b}, retry_s=0.3) as relay,
         running(cfg_a) as a,
     ):
         async with running(cfg_b) as b:
@@ -250,3 +254,88 @@ async def test_the_duress_alarm_overtakes_the_event_backlog(
                 break
         assert cloud.have_upto >= duress.seq
         assert cloud.duplicates >= 1  # the in-order copy of the alarm, de-duplicated on its id
+
+
+async def test_the_event_collector_relays_passages_between_gateways(
+    tmp_path: Path, sock_dir: Path, broker: Mosquitto
+) -> None:
+    """The production path (`cloud-bridge collect --relay-areas`): the operator's event collector stores each
+    batch and hands it to the relay, whose commands go out through the operator's site link."""
+    svc = Service.init(tmp_path / "cloud.db", site="s1", admin="root", host=broker.host, port=broker.port,
+                       tz="Europe/Berlin", passphrase="correct horse")  # fmt: skip
+    svc.resend_s = 1.0
+    key = svc.signing_key()
+    cfg_a = link_cfg(tmp_path, sock_dir, broker, key, site="s1", gw="gw-a")
+    cfg_b = link_cfg(tmp_path, sock_dir, broker, key, site="s1", gw="gw-b")
+    try:
+        async with svc:
+            link = await svc.link()
+            collector = Collector(svc.db, host=broker.host, port=broker.port, site="s1", signing_key=key)
+            relay = AreaRelay.over_site_link(link, key, [], retry_s=0.3)
+            collector.on_batch.append(relay.observe)
+            async with asyncio.TaskGroup() as tg, relay, running(cfg_a) as a, running(cfg_b) as b:
+                task = tg.create_task(collector.run(), name="collector")
+                await link.wait_online("gw-a", 20)
+                await link.wait_online("gw-b", 20)
+                await provision(a, *BUILDING)
+                await provision(b, *BUILDING)
+                assert await tap(cfg_a, "door1", 1002) == ["granted"]
+                await walk_through(cfg_a, "door1")
+                await until(lambda: b.tap is not None and b.tap.access.where.get("bob", (None,))[0] == "building")
+                assert await tap(cfg_b, "door1", 1002) == ["anti_passback"]
+                assert svc.db.con.execute("SELECT count(*) FROM events WHERE type='area.passage'").fetchone()[0] >= 1
+                task.cancel()
+    finally:
+        svc.close()
+
+
+async def test_the_rules_hold_online_offline_and_across_a_restart_offline(
+    tmp_path: Path, sock_dir: Path, broker: Mosquitto, site_key: Ed25519PrivateKey
+) -> None:
+    """Occupancy, two-person and a one-time code with the cloud connected, then with the broker gone (the link
+    offline: the gateway's own state decides), then after a restart still offline; the cloud gets what was
+    decided offline once the link is back."""
+    site = unique("s")
+    cfg = link_cfg(tmp_path, sock_dir, broker, site_key, site=site, gw="gw-a")
+    rules = (
+        PutArea(area=Area(id="lab", max_occupancy=1)),
+        PutDoor(door=Door(id="door1", strike_s=0.5, to_area="lab")),
+        PutDoor(door=Door(id="door2", strike_s=0.5, two_person_s=30.0)),
+        PutUser(user=User(id="frank", assignments=[Assign(group="everywhere")])),
+        PutCredential(credential=Credential(card=1010, user="frank")),
+        PutCredential(credential=Credential(card=4711, user="bob", max_uses=1)),
+    )
+    async with cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud, running(cfg) as agent:
+        await cloud.wait_online()
+        await provision(agent, *rules)
+        assert await tap(cfg, "door1", 1001) == ["granted"]  # alice into the lab
+        await walk_through(cfg, "door1")
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 1002) == ["granted"]
+        assert await tap(cfg, "door1", 4711) == ["area_full"]  # a refusal uses nothing
+        await until(lambda: any(e.type == "area.passage" for e in cloud.events.values()))
+        broker.stop()  # the link goes down
+        await until(lambda: not agent.link_online)
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 1002) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 1002) == ["awaiting_second_person"]  # the same person twice: still one
+        assert await tap(cfg, "door2", 1010) == ["granted"]
+        await walk_through(cfg, "door2")
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 4711) == ["granted"]  # bob's one-time code as the second: its one use
+        await walk_through(cfg, "door2")
+        assert await tap(cfg, "door2", 1010) == ["awaiting_second_person"]
+        assert await tap(cfg, "door2", 4711) == ["uses_exhausted"]
+    async with running(cfg) as agent:  # restarted, still offline
+        assert not agent.link_online
+        assert agent.tap is not None and agent.tap.access.occupancy == {"lab": 1}
+        assert await tap(cfg, "door1", 1002) == ["area_full"]
+        assert await tap(cfg, "door2", 4711) == ["uses_exhausted"]
+        broker.start()
+        async with cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud:
+            await until(lambda: agent.link_online, timeout=30)
+            # what was decided offline reaches the cloud, marked so
+            await until(lambda: any(e.reason == "uses_exhausted" and not e.link_up for e in cloud.events.values()),
+                        timeout=30)  # fmt: skip
+            assert await tap(cfg, "door1", 1002) == ["area_full"]

@@ -225,3 +225,40 @@ async def _until(pred: object, timeout: float) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+async def test_a_batch_is_acknowledged_only_after_it_is_committed(
+    broker: Mosquitto, site_key: Ed25519PrivateKey, tmp_path: Path, db_url: str
+) -> None:
+    """The database refuses the events (a trigger): nothing is acknowledged, the gateway keeps them; once the
+    database takes them again, the gateway's resend is stored and acknowledged."""
+    db = await _db(db_url)
+    pg = db.dialect == "postgresql"
+    async with db.write() as c:
+        if pg:
+            await c.exec_driver_sql("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                                    "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$")  # fmt: skip
+            await c.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION "
+                                    "refuse()")  # fmt: skip
+        else:
+            await c.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN "
+                                    "SELECT RAISE(ABORT, 'disk full'); END")  # fmt: skip
+    svc = EventService(db)
+    col = Collector(svc, host=broker.host, port=broker.port, site="s1", signing_key=site_key)
+    task = asyncio.get_running_loop().create_task(col.run(), name="collector")
+    try:
+        async with gateway(broker, tmp_path / "gw", site_key, site="s1", gw="gw1", ack_timeout_s=1.0) as g:
+            await asyncio.wait_for(col.connected.wait(), 10)
+            g.journal.record("access.denied", door="front", card=7)
+            await _until(lambda: col.failures >= 2, 20)  # refused, and refused again when resent
+            assert g.journal.depth == 1  # never acknowledged
+            async with db.write() as c:
+                await c.exec_driver_sql("DROP TRIGGER refuse ON events" if pg else "DROP TRIGGER refuse")
+            await _until(lambda: g.journal.depth == 0, 20)
+        async with db.read() as c:
+            rows = (await c.execute(select(schema.events.c.card))).scalars().all()
+        assert list(rows) == [7]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await db.close()

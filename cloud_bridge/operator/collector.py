@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import aiomqtt
@@ -120,6 +121,8 @@ class Collector:
         self.failures = 0
         self.connects = 0
         self.connected = asyncio.Event()
+        #: Called with (gateway, batch) after each batch is stored (e.g. `relay.AreaRelay.observe`).
+        self.on_batch: list[Callable[[str, EventBatch], None]] = []
 
     @property
     def topic(self) -> str:
@@ -177,7 +180,14 @@ class Collector:
                       batch.last_seq, gw, e)  # fmt: skip
             return
         self.batches += 1
+        log.debug("batch %d..%d (after %d) of %s stored: acknowledging %d", batch.first_seq, batch.last_seq,
+                  batch.prev_seq, gw, upto)  # fmt: skip
         self.events += len(batch.events)
+        for cb in self.on_batch:
+            try:
+                cb(gw, batch)
+            except Exception:  # a consumer's failure never stops the collection
+                log.exception("batch consumer failed on a batch from %s", gw)
         with contextlib.suppress(aiomqtt.MqttError):
             ack = EventAck(upto_seq=upto, ts=time.time(), ref=batch.ref)
             signed = sign_downlink(self.signing_key, ack, site=self.site, gateway=gw)

@@ -29,29 +29,39 @@ from typing import Any
 import msgspec
 
 from edge.model import (
+    Area,
     Assignment,
     Change,
     ChangeSet,
     Credential,
     CredentialStatus,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
     Group,
+    Interlock,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
+    SiteRules,
     Snapshot,
     User,
 )
 
-KINDS = ("door", "schedule", "group", "user", "credential")
+from . import rules as access_rules
+
+KINDS = ("area", "door", "schedule", "group", "user", "credential", "interlock", "site_rules")
 _enc = msgspec.msgpack.Encoder()
 _DEC: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "door": msgspec.msgpack.Decoder(Door),
@@ -59,6 +69,9 @@ _DEC: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "group": msgspec.msgpack.Decoder(Group),
     "user": msgspec.msgpack.Decoder(User),
     "credential": msgspec.msgpack.Decoder(Credential),
+    "area": msgspec.msgpack.Decoder(Area),
+    "interlock": msgspec.msgpack.Decoder(Interlock),
+    "site_rules": msgspec.msgpack.Decoder(SiteRules),
 }
 
 
@@ -101,6 +114,8 @@ class SiteModel:
     group_doors: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # id -> [(gateway, door)]
     users: list[UserRow] = field(default_factory=list)
     rules: ExportRules = ExportRules()
+    #: Areas, door rules, interlocks, site settings (cloud_bridge/operator/rules.py).
+    access: access_rules.AccessRules = field(default_factory=access_rules.AccessRules)
 
 
 Desired = dict[tuple[str, str], tuple[Any, bytes]]
@@ -120,12 +135,11 @@ def gateway_state(
     gateways sharing groups costs one pass over the users, not one per gateway."""
     out: Desired = {}
     doors = site.doors.get(gateway, {})
-    for did in sorted(doors):
-        _put(out, "door", did, Door(id=did, name=doors[did]))
+    escorts = access_rules.escort_groups(site.access, gateway, set(doors))
     groups_here: set[str] = set()
     for gid in sorted(site.groups):
         gdoors = sorted(d for gw, d in site.group_doors.get(gid, []) if gw == gateway and d in doors)
-        if not gdoors:
+        if not gdoors and gid not in escorts:
             continue
         name, sched = site.groups[gid]
         if sched is not None and sched not in site.schedules:
@@ -134,6 +148,10 @@ def gateway_state(
         _put(out, "group", gid, Group(id=gid, name=name, doors=gdoors, schedule=sched))
         if sched is not None and ("schedule", sched) not in out:
             _put(out, "schedule", sched, site.schedules[sched])
+    for did in sorted(doors):
+        _put(out, "door", did, access_rules.door_of(site.access, gateway, did, doors[did], groups_here))
+    for kind, k, obj in access_rules.objects_for(site.access, gateway, set(doors), groups_here):
+        _put(out, kind, k, obj)
     key = frozenset(groups_here)
     cached = people.get(key) if people is not None else None
     if cached is None:
@@ -240,6 +258,12 @@ def _put_change(kind: str, obj: Any) -> Change:
         return PutGroup(group=obj)
     if kind == "user":
         return PutUser(user=obj)
+    if kind == "area":
+        return PutArea(area=obj)
+    if kind == "interlock":
+        return PutInterlock(interlock=obj)
+    if kind == "site_rules":
+        return PutSiteRules(rules=obj)
     return PutCredential(credential=obj)
 
 
@@ -252,6 +276,12 @@ def _del_change(kind: str, key: str) -> Change:
         return DeleteGroup(id=key)
     if kind == "user":
         return DeleteUser(id=key)
+    if kind == "area":
+        return DeleteArea(id=key)
+    if kind == "interlock":
+        return DeleteInterlock(id=key)
+    if kind == "site_rules":
+        return PutSiteRules(rules=SiteRules())  # back to the defaults (no duress PIN)
     return DeleteCredential(card=int(key))
 
 
@@ -266,7 +296,8 @@ def snapshot(version: int, objs: Iterable[tuple[str, Any]]) -> Snapshot:
         lists[kind].append(obj)
     return Snapshot(
         version=version, doors=lists["door"], schedules=lists["schedule"], groups=lists["group"],
-        users=lists["user"], credentials=lists["credential"],
+        users=lists["user"], credentials=lists["credential"], areas=lists["area"], interlocks=lists["interlock"],
+        site_rules=lists["site_rules"],
     )  # fmt: skip
 
 

@@ -30,8 +30,8 @@ from msgspec import Meta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+import edge.events as kinds
 from cloud_bridge.permissions import Action, ObjectType, Target
-from edge import events as kinds
 from edge.events import Event
 
 from . import audit, schema

@@ -22,6 +22,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, Yaml
 from . import site
 from .alarms import AlarmController
 from .api_auth import AuthController, TokenController
+from .areas import CONTROLLERS as RULE_CONTROLLERS
 from .auth import Passwords
 from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
@@ -105,6 +106,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         IdentityController,
         VisitorController,
         ReportController,
+        *RULE_CONTROLLERS,
     ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API

@@ -42,10 +42,10 @@ from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+import edge.events as kinds
 from cloud_bridge.operator.collector import Collector
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, Operator, Target
 from cloud_bridge.protocol import Birth, Death, EventBatch
-from edge import events as kinds
 from edge.events import Event
 from edge.tasks import cancel_and_wait
 
@@ -506,7 +506,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
         op = p.operator
         refresh = time.monotonic() + 30
         end = time.monotonic() + seconds
-        yield ServerSentEventMessage(comment="connected")
+        yield ServerSentEventMessage(comment="connected", data=None)
         while time.monotonic() < end:
             if time.monotonic() > refresh:
                 authz = await authorizer(db)
@@ -521,7 +521,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
                 if e is None:
                     return  # fell behind: the client reconnects
             if e is None:
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
                 continue
             if f.matches(e) and may_read(authz, op, e):
                 yield ServerSentEventMessage(event=event, id=e.id, data=render(e))

@@ -329,3 +329,24 @@ assignment_refs = Table(
     Column("assignment_id", Integer, ForeignKey("assignments.id", ondelete="CASCADE"), nullable=False,
            unique=True),
 )  # fmt: skip
+
+# --- access rules (issue 19; cloud_bridge/service/areas.py) ---------------------------------------------
+
+#: Areas (site-wide): `body` is the encoded `edge.model.Area` (MessagePack).
+areas = Table(
+    "areas", metadata, Column("id", String(ID), primary_key=True), Column("body", LargeBinary, nullable=False)
+)
+#: The access-rule fields of a door (`cloud_bridge.operator.rules.DoorRules`, MessagePack).
+door_rules = Table(
+    "door_rules", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("door", String(ID), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+#: Interlocks, per gateway (`edge.model.Interlock`, MessagePack).
+interlocks = Table(
+    "interlocks", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("id", String(ID), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip

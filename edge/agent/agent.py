@@ -37,7 +37,7 @@ from edge.config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderCon
 from edge.control import ControlServer, Handler, StatusRequest
 from edge.decision import Decider, Decision, Side
 from edge.door import DoorController
-from edge.events import SYSTEM
+from edge.events import INDEX_IMAGE_DAMAGED, SYSTEM
 from edge.hw import HardwareProfile, load_profile, make_factory
 from edge.journal import Journal
 from edge.link import EdgeLink, LinkPorts, birth_info
@@ -306,7 +306,7 @@ class Agent:
             # 2. Rights and journal.
             state = cfg.state_dir
             self.store = await stack.enter_async_context(
-                Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous)
+                Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous, verify_at_open=False)
             )
             self.journal = await journal_stack.enter_async_context(
                 Journal(
@@ -353,6 +353,8 @@ class Agent:
             )
             if self.store.damage is not None:  # the rights file was damaged: say so where the cloud sees it
                 self.journal.record(RIGHTS_DAMAGED, detail=self.store.damage)
+            if self.store.image_problem is not None:
+                self.journal.record(INDEX_IMAGE_DAMAGED, detail=self.store.image_problem)
             # 3. Readers (and the OSDP buses that poll them).
             readers, buses = self._make_readers()
             for r in readers:
@@ -459,8 +461,11 @@ class Agent:
         `quick_check` and the rights checksum): silently changed rows are an alarm, the verified copy is
         refreshed when sound, and the link asks the cloud for a snapshot when not."""
         assert self.store is not None and self.journal is not None
+        # Booted from the index image, the file itself was not checked at open: the first check comes soon.
+        first = min(self.integrity_check_s, 60.0) if self.store.booted_from == "image" else self.integrity_check_s
         while True:
-            await asyncio.sleep(self.integrity_check_s)
+            await asyncio.sleep(first)
+            first = self.integrity_check_s
             problem = await self.store.check_integrity()
             if problem is not None:
                 self.journal.record(RIGHTS_DAMAGED, detail={"error": problem, "when": "periodic"})

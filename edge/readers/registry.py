@@ -8,6 +8,7 @@ entry describes, with every error a `ConfigError` that names the entry (``reader
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from edge.readers.osdp.keystore import KeyStore
 
 #: Reader drivers by name: "module:Class" of a `Reader` subclass.
+log = logging.getLogger(__name__)
+
 BACKENDS: dict[str, str] = {
     "wiegand": "edge.readers.wiegand.reader:WiegandReader",
     "osdp": "edge.readers.osdp.reader:OsdpReader",
@@ -109,7 +112,9 @@ def build_reader(
         try:
             staged = store.staged() if store is not None else None  # a rotation the last run left open
         except EdgeError as e:
-            raise ConfigError(f"{where}.key_file: {e}") from None
+            # the doors must still work: start on the current key (the reader may be refused until fixed)
+            log.error("%s.key_file: a key rotation was left open and its staged key cannot be read: %s", where, e)
+            staged = None
         return backend("osdp")(
             name, sink, address=rc.address, secure=rc.secure, allow_install_mode=rc.allow_install_mode,
             allow_plaintext=rc.allow_plaintext, scbk=read_key(cfg, rc, where), formats=list(rc.formats),

@@ -2,13 +2,16 @@
 
 from litestar import Router
 
-from . import pages
+from .admin_pages import AdminPages
+from .live_pages import live_router
+from .pages import console_routers as _pages
 from .visitor_pages import VisitorPages
 
 
 def console_routers() -> list[Router]:
-    """Every page controller of the console, with its static assets."""
-    return pages.console_routers(VisitorPages)
+    """The console's routes, to register beside the API (app.py): pages.py's (with admin_pages and
+    visitor_pages) and live_pages.py's."""
+    return [*_pages(AdminPages, VisitorPages), live_router()]
 
 
 __all__ = ["console_routers"]

@@ -57,10 +57,12 @@ class Answer:
 
 
 async def call(request: Request[Any, Any, Any], method: str, path: str, *, json: Any = None,
-               query: dict[str, Any] | None = None, principal: Principal | None = None) -> Answer:  # fmt: skip
-    """`method path` on this application, as the browser behind `request` (its cookies, its address)."""
-    body = b"" if json is None else msgspec.json.encode(json)
-    headers: list[tuple[bytes, bytes]] = [(b"host", b"console.internal"), (b"content-type", b"application/json"),
+               query: dict[str, Any] | None = None, principal: Principal | None = None,
+               content: bytes | None = None, content_type: str = "application/json") -> Answer:  # fmt: skip
+    """`method path` on this application, as the browser behind `request` (its cookies, its address).
+    The body is `json` encoded, or `content` as it is (of `content_type`, e.g. an uploaded CSV file)."""
+    body = content if content is not None else b"" if json is None else msgspec.json.encode(json)
+    headers: list[tuple[bytes, bytes]] = [(b"host", b"console.internal"), (b"content-type", content_type.encode()),
                                           (b"content-length", str(len(body)).encode())]  # fmt: skip
     if cookie := request.headers.get("cookie"):
         headers.append((b"cookie", cookie.encode("latin-1")))

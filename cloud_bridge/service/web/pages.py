@@ -32,6 +32,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
+from litestar.types import ExceptionHandlersMap
 
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, PermissionDenied, Target
 from cloud_bridge.service import auth
@@ -452,7 +453,8 @@ class ConsolePages(Controller):
         for d in doors:
             gw, _, door = d.partition("/")
             values["doors"].append({"gateway": gw.strip(), "door": door.strip()})
-        body = {k: values[k] for k in ("name", "tags", "doors")}
+        values["schedule"] = str(form.get("schedule") or "") or None
+        body = {k: values[k] for k in ("name", "tags", "doors", "schedule")}
         new = form.get("new") == "1"
         if not _IDENT.fullmatch(gid):  # the API's Ident, checked here only to build its path
             detail = b"a group id is 1-64 letters, digits or _.:@-"
@@ -468,12 +470,15 @@ class ConsolePages(Controller):
                           values: dict[str, Any], answer: inner.Answer | None = None) -> Response[str]:  # fmt: skip
         gws = await inner.call(request, "GET", "/api/v1/gateways")
         known = [f"{d['gateway']}/{d['door']}" for g in (gws.json() if gws.ok else []) for d in g["doors"]]
+        sch = await inner.call(request, "GET", "/api/v1/schedules")
+        ctx = {**ctx, "schedules": [x["id"] for x in sch.json()] if sch.ok else []}
         chosen = [f"{d['gateway']}/{d['door']}" for d in values["doors"]]
         errors: dict[str, str] = {}
         if answer is not None:
             f = answer.field or ""
             key = ("id" if f.startswith("path") else "doors" if ".doors" in f else "tags" if ".tags" in f
-                   else "name" if ".name" in f else "")  # fmt: skip
+                   else "name" if ".name" in f else "schedule" if "schedule" in f + answer.detail
+                   else "")  # fmt: skip
             errors[key] = answer.detail
         return render("group_form.html", answer.status if answer else 200, title="Add a group" if new else
                       f"Edit group {values.get('id')}", new=new, v=values, known=sorted(set(known) | set(chosen)),
@@ -515,11 +520,18 @@ def _form_field(api_field: str | None) -> str:
     return ""
 
 
+def page_handlers() -> ExceptionHandlersMap:
+    """How a page answers a refusal: the login page, a "not allowed" page, a "not found" page."""
+    return {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
+            NotFound: _not_found}  # fmt: skip
+
+
 def console_routers(*more: type[Controller]) -> list[Router]:
-    """The console's routes, to register beside the API (app.py); `more`: page controllers of other modules."""
-    handlers = {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
-                NotFound: _not_found}
-    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more], response_headers=SECURITY_HEADERS,
-                   exception_handlers=handlers, include_in_schema=False)  # type: ignore[arg-type]  # fmt: skip
+    """The console's routes, to register beside the API (web/__init__.py); `more`: the page controllers of the
+    modules that build on this one's helpers (admin_pages, visitor_pages)."""
+    handlers = page_handlers()
+    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more],
+                   response_headers=SECURITY_HEADERS, include_in_schema=False,
+                   exception_handlers=handlers)  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
     return [pages, static]
