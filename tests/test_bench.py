@@ -29,6 +29,7 @@ EXPECTED = {
                       "events_list_p99.sqlite.all", "events_list_p99.postgresql.filtered",
                       "events_list_p99.postgresql.all"},
     "operator_import": {"import_dry_run", "import_commit_publish_ack"},
+    "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from cloud_bridge.permissions import Action, ObjectType, Operator, PermissionGroup, grant
+from cloud_bridge.permissions import Action, ObjectType, Operator, PermissionGroup, deny, grant
 from cloud_bridge.service import auth, schema
 from cloud_bridge.service.auth import Passwords
 from cloud_bridge.service.database import Database
@@ -221,4 +221,41 @@ async def test_visitor_api_badges_visits_and_validation(db_url: str, tmp_path: P
         assert (await c.get(f"{VIS}/badges", params={"location": "hq"})).json()[0]["visit"] is None
         assert (await c.post(f"{VIS}/visits/{v['id']}/sign-out")).status_code == 409
         assert await audit_count(c, "visit.sign_in") == 1 and await audit_count(c, "visit.sign_out") == 1
+        await c.aclose()
+
+
+async def test_a_receptionist_is_held_to_its_locations_and_groups(db_url: str, tmp_path: Path) -> None:
+    cfg = config(db_url, tmp_path)
+    async with running(cfg) as svc:
+        await announce(db_url, "gw1", {"front": "Front door", "vault": "Vault"})
+        c = await admin_client(svc)
+        await c.put("/api/v1/groups/guests", json={"doors": [{"gateway": "gw1", "door": "front"}]})
+        await c.put("/api/v1/groups/vault", json={"tags": ["secure"], "doors": [{"gateway": "gw1", "door": "vault"}]})
+        for card, loc in ((900001, "lobby"), (900002, "hq")):
+            assert (await c.put(f"{VIS}/badges/{card}", json={"location": loc})).status_code == 200
+        # visitors, the lobby's pool only, every group but those tagged secure (a deny line wins)
+        await add_operator(db_url, cfg, "desk", PermissionGroup(id="lobby-desk", permissions=[
+            grant(ObjectType.VISITOR, Action.CREATE, Action.READ, Action.UPDATE),
+            grant(ObjectType.BADGE_POOL, Action.READ, applies_to=["badge_pool:lobby"]),
+            grant(ObjectType.GROUP, Action.READ), deny(ObjectType.GROUP, Action.READ, tags=["secure"])]))  # fmt: skip
+        d = httpx.AsyncClient(base_url=svc.url, timeout=30)
+        await login(d, "desk", PASSWORD)
+        assert [g["id"] for g in (await d.get(f"{VIS}/cardholder-groups")).json()] == ["guests"]
+        assert [b["card"] for b in (await d.get(f"{VIS}/badges")).json()] == [900001]
+        visit = {"visitor": "V", "location": "hq", "badge": 900002, "groups": ["guests"]}
+        r = await d.post(f"{VIS}/visits", json=visit)
+        assert r.status_code == 403 and r.json()["missing"] == {"action": "read", "object_type": "badge_pool",
+                                                                "object_id": "hq"}  # fmt: skip
+        r = await d.post(f"{VIS}/visits", json={**visit, "location": "lobby", "badge": 900001, "groups": ["vault"]})
+        assert r.status_code == 403 and r.json()["missing"]["object_id"] == "vault"
+        r = await d.put(f"{VIS}/badges/900003", json={"location": "lobby"})
+        assert r.status_code == 403 and r.json()["missing"]["object_type"] == "badge_pool"
+        assert (await d.get(f"{VIS}/visits")).json() == []  # nothing was applied
+        r = await d.post(f"{VIS}/visits", json={**visit, "location": "lobby", "badge": 900001})
+        assert r.status_code == 201, r.text
+        # refusals are in the audit log
+        denied = [e for e in (await c.get("/api/v1/audit", params={"actor": "desk"})).json()["items"]
+                  if e["outcome"] == "denied"]  # fmt: skip
+        assert len(denied) == 3
+        await d.aclose()
         await c.aclose()
