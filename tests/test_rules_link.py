@@ -23,7 +23,7 @@ from cloud_bridge.protocol import AreaMove, AreaMoves, ResetAntiPassback
 from cloud_bridge.relay import AreaRelay
 from cloud_bridge.signing import public_bytes
 from edge.config import Config, parse_config
-from edge.control import DoorRequest, TapRequest
+from edge.control import TapRequest
 from edge.model import (
     AntiPassback,
     Area,
@@ -45,7 +45,7 @@ from edge.pin import hash_pin
 from .broker import broker, cloud_peer, site_key, unique  # noqa: F401
 from .mosquitto import Mosquitto
 from .test_agent_sim import ask, relay_changes, running
-from .test_rules_agent import provision
+from .test_rules_agent import provision, walk_through
 
 
 @pytest.fixture
@@ -81,11 +81,6 @@ command_key = "{public_bytes(key).hex()}"
 
 async def tap(cfg: Config, door: str, card: int, pin: str | None = None) -> list[str]:
     return [d["reason"] for d in (await ask(cfg, TapRequest(door=door, card=card, pin=pin)))["decisions"]]
-
-
-async def walk_through(cfg: Config, door: str) -> None:
-    await ask(cfg, DoorRequest(door=door, action="open"))
-    await ask(cfg, DoorRequest(door=door, action="close"))
 
 
 async def until(pred: Any, timeout: float = 15.0) -> None:

@@ -137,7 +137,8 @@ async def permitted(conn: ASGIConnection[Any, Any, Any, Any], handler: BaseRoute
     if id_param is None:
         v = may_some(authz, p.operator, object_type, action)
         if not v.allowed:
-            raise PermissionDenied(p.operator.id, action, Target(object_type, "*"), v)
+            any_one = Target.for_gateway("*") if object_type is ObjectType.GATEWAY else Target(object_type, "*")
+            raise PermissionDenied(p.operator.id, action, any_one, v)  # (a gateway target names its gateway)
         return
     oid = str(conn.path_params[id_param])
     target = await target_for(st.db, object_type, oid)
