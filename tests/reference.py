@@ -245,6 +245,19 @@ def ref_update(model: SiteModel, state: RefState, r: RefResult, card: int, opene
         state.used[card] = state.used.get(card, 0) + 1
 
 
+def ref_remote_move(state: RefState, user: str, area: str | None, t: float) -> None:
+    """A passage another gateway saw at `t` (relayed): it wins unless this gateway saw one later."""
+    if user not in state.where or state.where[user][1] <= t:
+        state.where[user] = (area, t)
+
+
+def ref_reset(state: RefState, user: str | None, area: str | None) -> None:
+    """Forget the matching users (both None: everyone)."""
+    for u, (a, _t) in list(state.where.items()):
+        if (user is None or u == user) and (area is None or a == area):
+            del state.where[u]
+
+
 def ref_contact(state: RefState, door: str, is_open: bool) -> None:
     if is_open:
         state.open_doors.add(door)

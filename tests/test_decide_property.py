@@ -24,7 +24,7 @@ import msgspec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from edge.access_state import AccessState, door_contact, on_decision, update
+from edge.access_state import AccessState, door_contact, on_decision, remote_move, reset, update
 from edge.decision import Decider, Decision, OfflinePolicy, SitePolicy, TimePolicy
 from edge.model import (
     AntiPassback,
@@ -70,8 +70,11 @@ from .reference import (
     index_of,
     ref_contact,
     ref_on_decision,
+    ref_remote_move,
+    ref_reset,
     ref_update,
     reference_decision,
+    whole,
 )
 
 ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC"]
@@ -537,6 +540,9 @@ class RuleProbe:
     side: str
     opened: bool | None  # None: the door's fate is never reported
     contact: tuple[str, bool] | None  # a contact edge just before the tap
+    #: before the tap: a passage relayed from another gateway (user, area, seconds from now), a reset (user, area)
+    remote: tuple[str, str | None, int] | None = None
+    reset: tuple[str | None, str | None] | None = None
 
 
 @st.composite
@@ -545,6 +551,11 @@ def rule_probes(draw: st.DrawFn, model: SiteModel, n: int = 60) -> tuple[datetim
     t = 0
     out = []
     cards = list(model.credentials)
+    users = sorted(model.users)
+    areas: list[str | None] = [None, *sorted(model.areas)]
+    moved = st.tuples(st.sampled_from(users), st.sampled_from(areas), st.sampled_from([-3600, -1, 0, 1]))
+    remotes = st.one_of(st.none(), st.none(), moved)  # relayed passages (cross-gateway anti-passback)
+    resets = st.one_of(*[st.none()] * 6, st.tuples(st.sampled_from([None, *users]), st.sampled_from(areas)))
     for _ in range(draw(st.integers(1, n))):
         t += draw(st.sampled_from([0, 1, 2, 5, 9, 10, 11, 29, 31, 60, 121, 3600]))
         out.append(
@@ -556,6 +567,8 @@ def rule_probes(draw: st.DrawFn, model: SiteModel, n: int = 60) -> tuple[datetim
                 side=draw(st.sampled_from(["in", "in", "out"])),
                 opened=draw(st.sampled_from([True, True, False, None])),
                 contact=draw(st.one_of(st.none(), st.tuples(st.sampled_from(list(model.doors)), st.booleans()))),
+                remote=draw(remotes),
+                reset=draw(resets),
             )
         )
     return start, out
@@ -572,6 +585,12 @@ def check_rule_probes(model: SiteModel, decider: Decider, start: datetime, probe
         if p.contact is not None:
             door_contact(state, p.contact[0], p.contact[1], ts)
             ref_contact(ref, p.contact[0], p.contact[1])
+        if p.remote is not None:
+            remote_move(state, p.remote[0], p.remote[1], ts + p.remote[2])
+            ref_remote_move(ref, p.remote[0], p.remote[1], whole(now).timestamp() + p.remote[2])
+        if p.reset is not None:
+            reset(state, user=p.reset[0], area=p.reset[1])
+            ref_reset(ref, p.reset[0], p.reset[1])
         got = decider.decide(p.door, p.card, now, pin=p.pin, state=state, side=p.side)  # type: ignore[arg-type]
         want = reference_decision(
             model, p.door, p.card, now, pin=p.pin, state=ref, side=p.side, first_card_until=first_card,

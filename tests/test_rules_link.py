@@ -23,7 +23,7 @@ from cloud_bridge.protocol import AreaMove, AreaMoves, ResetAntiPassback
 from cloud_bridge.relay import AreaRelay
 from cloud_bridge.signing import public_bytes
 from edge.config import Config, parse_config
-from edge.control import DoorRequest, TapRequest
+from edge.control import TapRequest
 from edge.model import (
     AntiPassback,
     Area,
@@ -31,9 +31,11 @@ from edge.model import (
     Door,
     DoorMode,
     DuressMode,
+    Group,
     PutArea,
     PutCredential,
     PutDoor,
+    PutGroup,
     PutSiteRules,
     PutUser,
     SiteRules,
@@ -44,8 +46,8 @@ from edge.pin import hash_pin
 
 from .broker import broker, cloud_peer, site_key, unique  # noqa: F401
 from .mosquitto import Mosquitto
-from .test_agent_sim import ask, relay_changes, running
-from .test_rules_agent import provision
+from .test_agent_sim import ask, journal_on_disk, relay_changes, running
+from .test_rules_agent import provision, walk_through
 
 
 @pytest.fixture
@@ -81,11 +83,6 @@ command_key = "{public_bytes(key).hex()}"
 
 async def tap(cfg: Config, door: str, card: int, pin: str | None = None) -> list[str]:
     return [d["reason"] for d in (await ask(cfg, TapRequest(door=door, card=card, pin=pin)))["decisions"]]
-
-
-async def walk_through(cfg: Config, door: str) -> None:
-    await ask(cfg, DoorRequest(door=door, action="open"))
-    await ask(cfg, DoorRequest(door=door, action="close"))
 
 
 async def until(pred: Any, timeout: float = 15.0) -> None:
@@ -339,3 +336,50 @@ async def test_the_rules_hold_online_offline_and_across_a_restart_offline(
             await until(lambda: any(e.reason == "uses_exhausted" and not e.link_up for e in cloud.events.values()),
                         timeout=30)  # fmt: skip
             assert await tap(cfg, "door1", 1002) == ["area_full"]
+
+
+async def test_escort_and_soft_anti_passback_online_offline_and_after_a_restart(
+    tmp_path: Path, sock_dir: Path, broker: Mosquitto, site_key: Ed25519PrivateKey
+) -> None:
+    """A visitor's card opens only after an escort's (door2); a soft area lets a second entry through with an
+    alarm the cloud sees (door1). Online, then offline, then restarted offline (the escort's tap is not kept)."""
+    site = unique("s")
+    cfg = link_cfg(tmp_path, sock_dir, broker, site_key, site=site, gw="gw-a")
+    rules = (
+        PutGroup(group=Group(id="guards", doors=["door2"])),
+        PutGroup(group=Group(id="visitors", doors=["door2"])),
+        PutUser(user=User(id="victor", assignments=[Assign(group="visitors")])),
+        PutUser(user=User(id="gina", assignments=[Assign(group="guards")])),
+        PutCredential(credential=Credential(card=2001, user="victor")),
+        PutCredential(credential=Credential(card=2002, user="gina")),
+        PutArea(area=Area(id="hall", anti_passback=AntiPassback.SOFT)),
+        PutDoor(door=Door(id="door1", strike_s=0.5, to_area="hall")),
+        PutDoor(door=Door(id="door2", strike_s=0.5, escort_group="guards", visitor_groups=["visitors"],
+                          escort_s=5.0)),
+    )  # fmt: skip
+
+    async def escorted() -> None:
+        assert await tap(cfg, "door2", 2001) == ["awaiting_escort"]
+        assert await tap(cfg, "door2", 2002) == ["granted"]  # the escort opens for herself ...
+        assert await tap(cfg, "door2", 2001) == ["granted"]  # ... and the visitor may follow
+
+    async with cloud_peer(broker, site_key, site=site, gw="gw-a") as cloud, running(cfg) as agent:
+        await cloud.wait_online()
+        await provision(agent, *rules)
+        await escorted()
+        for _ in range(2):
+            assert await tap(cfg, "door1", 1001) == ["granted"]
+            await walk_through(cfg, "door1")
+        await until(lambda: any(e.type == "alarm.anti_passback" and e.user == "alice" for e in cloud.events.values()))
+        broker.stop()
+        await until(lambda: not agent.link_online)
+        await asyncio.sleep(5.0)  # the escort's tap of before has run out
+        await escorted()
+        assert await tap(cfg, "door1", 1001) == ["granted"]  # soft: still granted, alarm journalled
+    async with running(cfg) as agent:
+        assert not agent.link_online
+        assert await tap(cfg, "door2", 2001) == ["awaiting_escort"]  # the escort's tap was not kept
+        assert await tap(cfg, "door2", 2002) == ["granted"]
+        assert await tap(cfg, "door2", 2001) == ["granted"]
+    alarms = [e for e in journal_on_disk(cfg) if e.type == "alarm.anti_passback"]
+    assert [(e.user, e.link_up) for e in alarms] == [("alice", False)]  # (the online one: acknowledged, gone)

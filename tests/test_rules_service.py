@@ -14,10 +14,10 @@ import httpx
 
 from cloud_bridge.operator import identity
 from cloud_bridge.operator.rules import AccessRules, DoorRules, GatewayRules
+from cloud_bridge.permissions import Action, ObjectType, PermissionGroup, grant
 from cloud_bridge.service import site
 from cloud_bridge.service.app import init_site
 from cloud_bridge.service.database import Database
-from edge.control import DoorRequest
 from edge.model import AntiPassback, Area, Interlock, PutArea, PutDoor, PutGroup, PutInterlock, SiteRules
 from edge.pin import verify_pin
 from edge.store import Store
@@ -25,9 +25,10 @@ from edge.store import Store
 from .broker import broker  # noqa: F401
 from .mosquitto import Mosquitto
 from .postgres import db_url, postgres_server  # noqa: F401
-from .service_harness import admin_client, config, running
-from .test_agent_sim import ask
+from .service_harness import PASSWORD, admin_client, config, login, running
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
+from .test_rules_link import walk_through
+from .test_service_api import _add_operator
 from .test_service_e2e import _public_key
 
 
@@ -89,8 +90,7 @@ async def test_rules_in_the_api_reach_the_gateway_and_the_reset_is_a_signed_comm
         assert "9111" not in (tmp_path / "gw" / "rights.db").read_bytes().decode("latin-1")
         # enforced at the gateway, with real pin edges
         assert (await tap_card(agent, 1001)).granted
-        await ask(agent.cfg, DoorRequest(door="door1", action="open"))
-        await ask(agent.cfg, DoorRequest(door="door1", action="close"))
+        await walk_through(agent.cfg, "door1")
         assert (await tap_card(agent, 1001)).reason.value == "anti_passback"
         # the reset: a signed command, answered per gateway
         r = await client.post("/api/v1/areas/reset", json={"user": "alice"})
@@ -145,3 +145,47 @@ async def test_each_gateway_gets_its_own_cut_of_the_rules(tmp_path: Path) -> Non
         async with Store(tmp_path / f"{gw}.db", "Europe/Berlin") as store:
             await store.apply(identity.change_set(0, identity.diff(desired, {})))
             assert set(store.index.tables.areas) == {"in"}
+
+
+async def test_rules_api_permissions_conflicts_and_audit(db_url: str, tmp_path: Path) -> None:
+    cfg = config(db_url, tmp_path)
+    async with running(cfg) as svc:
+        admin = await admin_client(svc)
+        await ok(await admin.put("/api/v1/areas/lab", json={"anti_passback": "timed", "timed_s": 60}))
+        lock = await ok(await admin.put("/api/v1/gateways/gw1/interlocks/trap", json={"doors": ["d1", "d2"]}))
+        assert lock == {"id": "trap", "name": "", "doors": ["d1", "d2"], "rex_overrides": True}
+        r = await admin.put("/api/v1/gateways/gw1/interlocks/other", json={"doors": ["d2", "d3"]})
+        assert r.status_code == 409 and "body.doors[0]" in r.text and "trap" in r.text, r.text
+        await ok(await admin.put("/api/v1/gateways/gw2/interlocks/other", json={"doors": ["d2", "d3"]}))  # other gw
+        r = await admin.put("/api/v1/gateways/gw1/doors/d1/rules", json={"escort_group": "nobody"})
+        assert r.status_code == 400 and "visitor_groups" in r.text, r.text
+        r = await admin.put("/api/v1/site-rules", json={"duress": "code"})
+        assert r.status_code == 400 and "duress_code" in r.text, r.text
+        r = await admin.put("/api/v1/site-rules", json={"duress": "code", "duress_code": "12"})
+        assert r.status_code == 400, r.text
+        assert await ok(await admin.get("/api/v1/site-rules")) == {"duress": "off", "duress_code_set": False}
+        r = await admin.post("/api/v1/areas/reset", json={})
+        assert r.status_code == 503 and "provisioning" in r.text, r.text  # no site link in this service
+        viewer = PermissionGroup(id="viewer", permissions=[grant(ObjectType.GATEWAY, Action.READ)])
+        code = await _add_operator(db_url, "guard", [viewer], ["viewer"])
+        async with httpx.AsyncClient(base_url=svc.url, timeout=60) as c:
+            await ok(await c.post("/api/v1/auth/setup", json={"code": code, "password": PASSWORD}))
+            await login(c, "guard", PASSWORD)
+            assert [a["id"] for a in await ok(await c.get("/api/v1/areas"))] == ["lab"]
+            assert [i["id"] for i in await ok(await c.get("/api/v1/gateways/gw1/interlocks"))] == ["trap"]
+            for method, path, body in (
+                ("PUT", "/api/v1/areas/lab", {"anti_passback": "none"}),
+                ("DELETE", "/api/v1/areas/lab", None),
+                ("PUT", "/api/v1/gateways/gw1/doors/d1/rules", {}),
+                ("DELETE", "/api/v1/gateways/gw1/interlocks/trap", None),
+                ("PUT", "/api/v1/site-rules", {"duress": "pin_plus_one"}),
+                ("POST", "/api/v1/areas/reset", {"user": "alice"}),
+            ):
+                r = await c.request(method, path, json=body)
+                assert r.status_code == 403 and r.json()["missing"]["action"] == "update", (path, r.text)
+        assert (await ok(await admin.get("/api/v1/areas/lab")))["anti_passback"] == "timed"  # unchanged
+        await ok(await admin.delete("/api/v1/gateways/gw1/interlocks/trap"))
+        assert await ok(await admin.get("/api/v1/gateways/gw1/interlocks")) == []
+        actions = [e["action"] for e in (await ok(await admin.get("/api/v1/audit")))["items"]]
+        assert {"area.create", "interlock.create", "interlock.delete"} <= set(actions)
+        await admin.aclose()
