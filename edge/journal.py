@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Self
 from zoneinfo import ZoneInfo
 
+import aiosqlite
 import msgspec
 
 from edge.events import JOURNAL_DAMAGED, JOURNAL_OVERFLOW, STORAGE_ALARM
@@ -227,22 +228,20 @@ class Journal(SqliteService):
             if not self._pending or self._db is None:
                 return
             batch = self._pending[:]
-            db = self._db
+            write = asyncio.ensure_future(self._insert(self._db, batch))
             try:
-                await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(
-                    "INSERT INTO events (seq, id, body) VALUES (?, ?, ?)",
-                    ((e.seq, e.id, _enc.encode(e)) for e in batch),
-                )
-                await db.execute("COMMIT")
+                await asyncio.shield(write)
             except asyncio.CancelledError:
-                # Cancelled mid-transaction (shutdown): the batch stays pending; close() writes it again.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(db.execute("ROLLBACK"))
+                # Shutdown while the write is in flight: SQLite's thread runs it to the end whatever we do,
+                # so wait for that end (a few ms) and account for it: the batch is then on disk exactly once,
+                # or (it failed) still pending for close() to write. Never both.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await write
+                if write.done() and not write.cancelled() and write.exception() is None:
+                    del self._pending[: len(batch)]
+                    self._on_disk += len(batch)
                 raise
             except (sqlite3.Error, OSError) as e:
-                with contextlib.suppress(Exception):
-                    await db.execute("ROLLBACK")
                 self.last_error = str(e)
                 if self.storage_ok:
                     self.storage_ok = False
@@ -260,6 +259,20 @@ class Journal(SqliteService):
         self._durable.set()
         for cb in self.on_durable:
             cb()
+
+    @staticmethod
+    async def _insert(db: aiosqlite.Connection, batch: list[Event]) -> None:
+        """One transaction; rolled back when SQLite or the disk refuses it."""
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(
+                "INSERT INTO events (seq, id, body) VALUES (?, ?, ?)", ((e.seq, e.id, _enc.encode(e)) for e in batch)
+            )
+            await db.execute("COMMIT")
+        except (sqlite3.Error, OSError):
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
 
     async def _enforce_bound(self) -> None:
         assert self._db is not None

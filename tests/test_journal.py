@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,30 @@ async def test_damaged_journal_is_moved_aside_and_a_new_one_started_with_an_alar
         assert [e.type for e in await j.read(0)] == [JOURNAL_DAMAGED, ACCESS_GRANTED]
     async with Journal(p) as j:  # the new journal is sound: no second alarm
         assert [e.type for e in await j.read(0)] == [JOURNAL_DAMAGED, ACCESS_GRANTED]
+
+
+async def test_a_write_cancelled_at_any_point_is_on_disk_once_or_still_pending(tmp_path: Path) -> None:
+    """Shutdown cancels the flusher wherever it is. Cancelled while SQLite's thread finishes the COMMIT, the
+    batch used to stay pending although it was on disk: close() wrote it again, hit the seq's UNIQUE
+    constraint, and the events recorded after it were lost with it. Each cancel point is tried: the loop is
+    blocked for a moment before the cancel, so a statement in flight completes in its thread first."""
+    import time
+
+    for k in range(16):
+        p = tmp_path / f"j{k}.db"
+        async with Journal(p, interval_s=60) as j:
+            for i in range(20):
+                j.record(ACCESS_GRANTED, door="front", user=f"u{i}")
+            w = asyncio.get_running_loop().create_task(j.flush())
+            for _ in range(k):  # k steps: each lets SQLite's thread finish its statement, then the loop turn
+                time.sleep(0.003)  # noqa: TID251 (the loop is stopped on purpose)
+                await asyncio.sleep(0)
+            time.sleep(0.02)  # noqa: TID251 (the loop stands still; SQLite's thread runs its statement)
+            w.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+            j.record(ACCESS_GRANTED, door="front", user="after")
+        async with Journal(p) as j:
+            events = await j.read(limit=100)
+        users = [e.user for e in events]
+        assert users == [f"u{i}" for i in range(20)] + ["after"], (k, users)
