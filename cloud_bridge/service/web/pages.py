@@ -17,7 +17,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -519,13 +519,12 @@ def _form_field(api_field: str | None) -> str:
     return ""
 
 
-def console_routers() -> list[Router]:
-    """The console's routes, to register beside the API (app.py)."""
+def console_routers(more: Sequence[type[Controller]] = ()) -> list[Router]:
+    """The console's routes, to register beside the API (app.py); `more`: page controllers of other modules
+    (web/__init__.py names them), under the same guards, headers and error pages."""
     handlers = {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
                 NotFound: _not_found}
-    from .admin_pages import AdminPages  # the administration pages build on this module's helpers
-
-    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, AdminPages],
+    pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more],
                    response_headers=SECURITY_HEADERS, include_in_schema=False,
                    exception_handlers=handlers)  # type: ignore[arg-type]  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
