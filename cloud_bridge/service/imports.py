@@ -252,13 +252,17 @@ async def _commit(st: ServiceState, job: Job, p: auth.Principal, body: Commit) -
                 job.done = i + len(part)
             await audit.record(c, p, "user.import", "user", job.filename[:200] or job.id, after={
                 "job": job.id, "rows": len(rows), "users": [r.id for r in rows[:20]]})  # fmt: skip
-        job.result = {"imported": len(rows)}
-        if body.publish:
-            job.state, job.phase = "publishing", "publishing"
-            job.result["published"] = await _publish(st, p, body.timeout)
-        job.state, job.phase = "done", "done"
     except Exception as e:  # the transaction rolled back: nothing applied; the job says why
         job.state, job.error = "failed", f"{type(e).__name__}: {str(e)[:500]}"
+        return
+    job.result = {"imported": len(rows)}
+    if body.publish:  # the rows are in; a publish that fails is said per gateway (publish again later)
+        job.state, job.phase = "publishing", "publishing"
+        try:
+            job.result["published"] = await _publish(st, p, body.timeout)
+        except Exception as e:
+            job.result["published"] = {"*": f"error: {type(e).__name__}: {str(e)[:300]}"}
+    job.state, job.phase = "done", "done"
 
 
 async def _publish(st: ServiceState, p: auth.Principal, timeout: float) -> dict[str, int | str]:
