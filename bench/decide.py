@@ -220,11 +220,11 @@ def rules_decider(index: RightsIndex, pop: Population, seed: int) -> tuple[Decid
     arrays["c_status"] = np.where(limited, arrays["c_status"] | np.uint32(3 << USES_SHIFT), arrays["c_status"]).astype(
         np.uint32
     )
-    rindex = RightsIndex(tables, (arrays, base.u_idblob, base.pins), version=index.visible)
+    rindex = RightsIndex(tables, arrays, version=index.visible)
     state = AccessState()
     uid_rows = rng.choice(base.n_users, size=max(1, base.n_users // 5), replace=False)
     for n, i in enumerate(uid_rows.tolist()):
-        row = base.user(int(base.u_uid[i]))
+        row = base.user(base.uid_at(int(i)))
         assert row is not None
         area = ("building", "yard", "lab", None)[n % 4]
         state.where[row[0]] = (area, float(WEEK_START_TS + (n % 1000)))

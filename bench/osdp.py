@@ -216,12 +216,15 @@ def libosdp_cp(secure: bool, seconds: float) -> tuple[float, float, float]:
     return cpu["inside"] * 1000 / max(1, n), n / (t1 - t0), (cpu["t1"] - cpu["t0"]) * 1000 / max(1, n)
 
 
-async def ours_at(secure: bool, seconds: float, poll_interval: float) -> tuple[float, float]:
+async def ours_at(secure: bool, seconds: float, poll_interval: float, pkg: Any = None) -> tuple[float, float]:
+    """(CPU ms per exchange on the loop thread, exchanges/s) at `poll_interval`; `pkg` another copy of the
+    edge.readers.osdp package to measure instead (--before)."""
     events: list[ReaderEvent] = []
+    reader_cls, timing_cls = (OsdpReader, Timing) if pkg is None else (pkg.OsdpReader, pkg.Timing)
     with PeerBus() as pb:
         pb.add(1, scbk=SITE_KEY if secure else None)
-        reader = OsdpReader("bench", events.append, port=pb.path, address=1, secure=secure,
-                            scbk=SITE_KEY.hex() if secure else None, timing=Timing(poll_interval=poll_interval))
+        reader = reader_cls("bench", events.append, port=pb.path, address=1, secure=secure,
+                            scbk=SITE_KEY.hex() if secure else None, timing=timing_cls(poll_interval=poll_interval))
         async with reader:
             task = asyncio.create_task(reader.run(), name="bench.osdp")
             await wait_online(events, secure)
@@ -369,13 +372,64 @@ def baseline_rate(python: str, seconds: float) -> float:
         return frames_in(pb.received, t0, t1) / (t1 - t0)
 
 
+def load_before(path: str | None) -> Any:
+    """The package `osdp_before` under `path`: a copy of an older edge/readers/osdp (its absolute imports of
+    edge.* resolve to this tree), e.g. ``git show REV:edge/readers/osdp/X.py > DIR/osdp_before/X.py``."""
+    if path is None:
+        return None
+    import importlib
+
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module("osdp_before")
+    finally:
+        sys.path.remove(path)
+
+
+def vs_libosdp(seconds: float, rounds: int, before: Any = None) -> None:
+    """Ours (and `before`, an older copy) and libosdp's ControlPanel, one after the other in each round (the
+    same load); the median ratio per mode. The load average is printed with each result."""
+    for secure in (False, True):
+        mode = "secure" if secure else "plain"
+        rows, old = [], []
+        load0 = os.getloadavg()[0]
+        for _ in range(rounds):
+            theirs_cpu, theirs_rate, theirs_thread = libosdp_cp(secure, seconds)
+            ours_cpu, ours_rate = asyncio.run(ours_at(secure, seconds, 0.05))
+            rows.append((ours_cpu / theirs_cpu, ours_cpu, theirs_cpu, theirs_thread, ours_rate, theirs_rate))
+            if before is not None:
+                b_cpu, _ = asyncio.run(ours_at(secure, seconds, 0.05, before))
+                old.append((b_cpu / theirs_cpu, b_cpu))
+        ratio, ours_cpu, theirs_cpu, theirs_thread, ours_rate, theirs_rate = sorted(rows)[len(rows) // 2]
+        load = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        emit("cpu_per_exchange_vs_libosdp", ratio, "x", mode=mode, target_x=2.0,
+             ours_ms=round(ours_cpu, 4), libosdp_refresh_ms=round(theirs_cpu, 4),
+             libosdp_thread_ms=round(theirs_thread, 4), ours_per_s=round(ours_rate, 1),
+             libosdp_per_s=round(theirs_rate, 1), seconds=seconds, rounds=rounds,
+             all_x=[round(r[0], 2) for r in rows], load1=load)
+        if old:
+            b_ratio, b_cpu = sorted(old)[len(old) // 2]
+            emit("cpu_per_exchange_vs_libosdp_before", b_ratio, "x", mode=mode, before_ms=round(b_cpu, 4),
+                 all_x=[round(r[0], 2) for r in old], rounds=rounds, load1=load)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baseline-python", default=None)
+    ap.add_argument("--only", choices=["vs_libosdp"], default=None,
+                    help="run one part: vs_libosdp = CPU per exchange against libosdp's ControlPanel")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the vs_libosdp part (median reported)")
+    ap.add_argument("--before", default=None,
+                    help="a directory holding an older copy of edge/readers/osdp as package 'osdp_before': "
+                    "measured in the same rounds as the vs_libosdp part")  # fmt: skip
     args = ap.parse_args()
     seconds = 2.0 if args.quick else 5.0
     taps = 15 if args.quick else 40
+    before = load_before(args.before)
+    if args.only == "vs_libosdp":
+        vs_libosdp(seconds, args.rounds, before)
+        return
 
     for secure in (False, True):
         cpu, rate = asyncio.run(cpu_and_rate(secure, seconds))
@@ -396,14 +450,7 @@ def main() -> None:
             emit("card_to_led_max", lat[-1], "ms", mode=mode, poll_interval_ms=poll, target_ms=poll + 2)
         emit("card_to_led_missed", taps - len(lat), "taps", mode=mode)
 
-    for secure in (False, True):
-        mode = "secure" if secure else "plain"
-        theirs_cpu, theirs_rate, theirs_thread = libosdp_cp(secure, seconds)
-        ours_cpu, ours_rate = asyncio.run(ours_at(secure, seconds, 0.05))
-        emit("cpu_per_exchange_vs_libosdp", ours_cpu / theirs_cpu, "x", mode=mode, target_x=2.0,
-             ours_ms=round(ours_cpu, 4), libosdp_refresh_ms=round(theirs_cpu, 4),
-             libosdp_thread_ms=round(theirs_thread, 4), ours_per_s=round(ours_rate, 1),
-             libosdp_per_s=round(theirs_rate, 1), seconds=seconds)
+    vs_libosdp(seconds, args.rounds, before)
 
     settle = 8.0 if args.quick else 16.0  # probes of a dead reader at 1, 2, 4, 8 s: steady state after ~15 s
     window = 4.0 if args.quick else 10.0

@@ -37,11 +37,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import aiosqlite
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from edge.index import NO_END, NO_START, STATUS_CODES, STATUS_NAMES
+from edge.index import NO_END, NO_START, STATUS_CODES, STATUS_NAMES, index_digest
 from edge.model import (
     Assignment,
     Credential,
@@ -54,7 +55,8 @@ from edge.model import (
     TimeRange,
     User,
 )
-from edge.store import Store
+from edge.store import META_DIGEST, Store
+from edge.store.schema import load_index
 
 SITE_TZ = "Europe/Berlin"
 #: Start of the probe week: Monday 2025-03-03 00:00 local time. Probes fall in [WEEK_START, +7 days).
@@ -67,7 +69,7 @@ N_GROUPS = 200
 CARD_FORMAT = "csn56"
 CARD_LIMIT = 2**56
 #: Bump when the generator changes: cached store files are keyed by it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: bulk-written stores carry their rights checksum
 
 _HOLIDAYS = [
     date(2025, 1, 1), date(2025, 3, 5), date(2025, 4, 18), date(2025, 4, 21), date(2025, 5, 1),
@@ -313,6 +315,17 @@ def bulk_insert(path: Path, pop: Population, *, version: int = 1, chunk: int = 2
 async def write_store_bulk(path: Path, pop: Population, *, version: int = 1) -> None:
     await create_schema(path)
     await asyncio.to_thread(bulk_insert, path, pop, version=version)
+    await write_digest(path)
+
+
+async def write_digest(path: Path) -> None:
+    """Store the rights checksum of the rows (bulk-inserted behind the store's back) in `meta`, as the store
+    keeps it: without it the store would rightly find the file damaged at open."""
+    async with aiosqlite.connect(path) as db:
+        index, _ = await load_index(db, ZoneInfo(SITE_TZ))
+        digest = await asyncio.to_thread(index_digest, index)
+        await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text()))
+        await db.commit()
 
 
 async def write_store(path: Path, pop: Population, *, method: str = "auto", version: int = 1) -> str:

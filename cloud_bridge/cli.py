@@ -38,6 +38,7 @@ from .errors import CloudBridgeError
 from .operator.csvimport import ImportFailed
 from .operator.db import parse_card
 from .operator.service import GatewayDoors, Service
+from .protocol import OsdpOutput, OsdpRotateKey
 
 EPILOG = """\
 environment:
@@ -143,6 +144,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--door", required=True, help="door id on that gateway")
     s.add_argument("--seconds", type=float, default=5.0, help="how long the door stays unlocked (default: 5)")
 
+    o = sub.add_parser("osdp", help="OSDP reader commands (signed): key rotation, an output, firmware").add_subparsers(
+        dest="action", required=True, metavar="ACTION")  # fmt: skip
+    for name, what in (("rotate-key", "move a reader to a new Secure Channel key (made on the gateway)"),
+                       ("output", "switch a reader's output (osdp_OUT), e.g. its aux relay"),
+                       ("firmware", "send a file (the reader's firmware) to a reader")):  # fmt: skip
+        a = o.add_parser(name, help=what)
+        a.add_argument("--gateway", required=True, help="gateway id")
+        a.add_argument("--reader", required=True, help="the reader's name on that gateway")
+        if name == "output":
+            a.add_argument("--output", type=int, default=0, help="output number (default: 0)")
+            a.add_argument("--off", action="store_true", help="switch it off (default: on)")
+            a.add_argument("--seconds", type=float, help="on for this long, then off")
+        if name == "firmware":
+            a.add_argument("file", type=Path, help="the file")
+            a.add_argument("--file-type", type=int, default=1, help="osdp_FILETRANSFER file type (default: 1)")
+
     s = sub.add_parser("refresh", help="ask a gateway to announce itself again; list its doors and their groups")
     s.add_argument("--gateway", required=True, help="gateway id")
     s = sub.add_parser("test", help="check that a gateway answers (it announces itself again)")
@@ -157,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("collect", help="collect the gateways' events into the database (runs until stopped)")
     s.add_argument("--group", default="collectors",
                    help="the MQTT shared-subscription group: collectors in one group split the load")
+    s.add_argument("--relay-areas", action="store_true",
+                   help="relay each gateway's area passages to the site's other gateways (cross-gateway "
+                        "anti-passback, docs/model.md)")  # fmt: skip
 
     o = sub.add_parser("operator", help="add operators and grant them permission groups").add_subparsers(
         dest="action", required=True, metavar="ACTION")  # fmt: skip
@@ -334,6 +354,20 @@ async def run(args: argparse.Namespace, out: Output) -> int:
                                                                          "message": r.error.message}}  # fmt: skip
             out.line(f"{args.gateway}/{args.door}: unlocked" if r.ok else f"refused by the gateway: {r.error}")
             return 0 if r.ok else 1
+        elif c == "osdp":
+            if args.action == "firmware":
+                r = await svc.send_firmware(args.gateway, args.reader, args.file.read_bytes(),
+                                            file_type=args.file_type, progress=_progress)  # fmt: skip
+            elif args.action == "output":
+                r = await svc.reader_command(args.gateway, OsdpOutput(reader=args.reader, output=args.output,
+                                                                      on=not args.off, seconds=args.seconds))
+            else:
+                r = await svc.reader_command(args.gateway, OsdpRotateKey(reader=args.reader))
+            err = None if r.error is None else {"code": r.error.code, "message": r.error.message}
+            out.data = {"ok": r.ok, "error": err, "detail": r.detail}
+            what = ", ".join(f"{k} {v}" for k, v in r.detail.items())
+            out.line(f"{args.gateway}/{args.reader}: {what}" if r.ok else f"refused by the gateway: {r.error}")
+            return 0 if r.ok else 1
         elif c == "refresh":
             _doors(out, await svc.refresh(args.gateway))
         elif c == "test":
@@ -347,8 +381,16 @@ async def run(args: argparse.Namespace, out: Output) -> int:
             from .operator.collector import Collector
 
             svc.require_collect()
-            await Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group,
-                            signing_key=svc.signing_key()).run()
+            collector = Collector(svc.db, host=svc.host, port=svc.port, site=svc.site, group=args.group,
+                                  signing_key=svc.signing_key())  # fmt: skip
+            if not args.relay_areas:
+                await collector.run()
+            else:
+                from .relay import AreaRelay
+
+                async with AreaRelay.over_site_link(await svc.link(), svc.signing_key(), svc.db.gateways()) as relay:
+                    collector.on_batch.append(relay.observe)
+                    await collector.run()
         elif c == "operator":
             if args.action == "add":
                 svc.add_operator(args.id, args.group)

@@ -205,6 +205,10 @@ class CloudPeer(mqtt.Session):
                     self.duplicates += 1
                 else:
                     self.events[ev.id] = ev
+            if b.priority:  # an urgent copy ahead of the backlog: kept, never acknowledged, no sequence claim
+                for cb in self.on_events:
+                    cb(b)
+                return
             if b.prev_seq <= self.have_upto:
                 self.have_upto = max(self.have_upto, b.last_seq)
             self._last_ref = b.ref

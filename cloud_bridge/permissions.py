@@ -117,6 +117,10 @@ class CommandKind(enum.StrEnum):
     LOCKDOWN = "lockdown"
     RESYNC = "resync"
     REBIRTH = "rebirth"
+    #: OSDP reader commands: gateway-wide (read + publish(kind) on the gateway); chunks count as osdp_firmware
+    OSDP_ROTATE_KEY = "osdp_rotate_key"
+    OSDP_OUTPUT = "osdp_output"
+    OSDP_FIRMWARE = "osdp_firmware"
 
 
 class PermissionsInvalid(CloudBridgeError, ValueError):

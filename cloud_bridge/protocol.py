@@ -42,6 +42,8 @@ from .errors import CloudBridgeError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AreaMove",
+    "AreaMoves",
     "Birth",
     "ChangeSetMsg",
     "ChunkAck",
@@ -54,9 +56,15 @@ __all__ = [
     "EventAck",
     "EventBatch",
     "Lockdown",
+    "OsdpFirmware",
+    "OsdpFirmwareChunk",
+    "OsdpOutput",
+    "OsdpRotateKey",
     "ProtocolError",
     "Provision",
+    "ReaderAction",
     "Rebirth",
+    "ResetAntiPassback",
     "Resync",
     "ResyncRequest",
     "RightsReply",
@@ -160,6 +168,8 @@ class Birth(Msg, tag="birth", frozen=True):
     tls: bool = False
     #: Conditions an operator must see (plain MQTT, rights damaged and waiting for a snapshot, ...).
     warnings: list[str] = []
+    #: Access rules (issue 19): users counted in each area on this gateway now (areas with nobody: absent).
+    occupancy: dict[str, int] = {}
 
 
 class Death(Msg, tag="death", frozen=True):
@@ -286,6 +296,9 @@ class EventBatch(Msg, tag="events", frozen=True):
     #: A random name of this sending of the batch, echoed in the acknowledgement that answers it: the
     #: gateway takes the cloud's clock only from an ack that names a batch it sent (a fresh answer).
     ref: str = ""
+    #: An urgent copy sent ahead of the backlog (the priority lane: `alarm.duress`): its events travel again in
+    #: order later; it says nothing about the events before it, and the cloud does not acknowledge it.
+    priority: bool = False
 
 
 class EventAck(Msg, tag="events_ack", frozen=True, omit_defaults=True):
@@ -382,7 +395,86 @@ class RotateKey(Action, tag="rotate_key", frozen=True):
     not_before: float | None = None
 
 
-CommandAction = Unlock | SetDoorMode | Lockdown | Resync | RebirthAction | RotateKey
+#: A SHA-256 in hex (64 digits): names a firmware file and checks it.
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+#: Largest file the gateway stages for an OSDP reader (osdp_FILETRANSFER), and the largest chunk of one.
+MAX_FIRMWARE_BYTES = 16 * 1024 * 1024
+MAX_FIRMWARE_CHUNK = 64 * 1024
+
+
+class OsdpRotateKey(Action, tag="osdp_rotate_key", frozen=True):
+    """Move OSDP reader `reader` to a new Secure Channel key in session (osdp_KEYSET). The key is made on the
+    gateway, stored there before the reader is sent it and never leaves it; the result is ok only once the
+    reader is secure on the new key and the key store committed it (`detail.committed`)."""
+
+    reader: Ident
+
+
+class OsdpOutput(Action, tag="osdp_output", frozen=True):
+    """osdp_OUT: output `output` of OSDP reader `reader` (e.g. its aux relay) on or off, or with `seconds`
+    on for that long (0.1 .. 6553.5 s) and then off. The result's detail has the outputs' states."""
+
+    reader: Ident
+    output: Annotated[int, Meta(ge=0, le=255)] = 0
+    on: bool = True
+    seconds: Annotated[float, Meta(ge=0.1, le=6553.5)] | None = None
+
+
+class OsdpFirmwareChunk(Action, tag="osdp_firmware_chunk", frozen=True):
+    """One piece of a file for OSDP readers, staged on the gateway under its SHA-256 (`sha256`, `size`: the
+    whole file's). Pieces go in order from `offset` 0 (a piece the gateway already has is an ok); the
+    result's `detail.have` is how many bytes the gateway holds, so an interrupted upload resumes there. The
+    last piece is checked against `sha256` (a mismatch discards the file)."""
+
+    sha256: Sha256
+    size: Annotated[int, Meta(ge=1, le=MAX_FIRMWARE_BYTES)]
+    offset: Annotated[int, Meta(ge=0, lt=MAX_FIRMWARE_BYTES)]
+    data: Annotated[bytes, Meta(min_length=1, max_length=MAX_FIRMWARE_CHUNK)]
+
+
+class OsdpFirmware(Action, tag="osdp_firmware", frozen=True):
+    """Send the staged file `sha256` (`size` bytes) to OSDP reader `reader` with osdp_FILETRANSFER (`file_type`
+    1: its firmware). The result comes at the start (`detail.state` "started", or "in_progress" for one
+    already running, with its `offset`); progress and the end (the reader's identity checked after it
+    restarts, its new firmware version) are journal events `reader.firmware`. Sent again after a transfer
+    that stopped, it resumes from the last offset the reader acknowledged."""
+
+    reader: Ident
+    sha256: Sha256
+    size: Annotated[int, Meta(ge=1, le=MAX_FIRMWARE_BYTES)]
+    file_type: Annotated[int, Meta(ge=0, le=255)] = 1
+
+
+#: The commands for OSDP readers (`CommandHandler.reader_command`).
+ReaderAction = OsdpRotateKey | OsdpOutput | OsdpFirmwareChunk | OsdpFirmware
+
+class ResetAntiPassback(Action, tag="reset_anti_passback", frozen=True):
+    """Anti-passback reset (issue 19): forget where `user` was seen, or everyone seen in `area`, or (both
+    None) everyone; with both, that user only if seen in that area. A forgotten user passes any door once."""
+
+    user: Ident | None = None
+    area: Ident | None = None
+
+
+class AreaMove(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
+    """One user's passage into `area` (None: outside) at `ts`, seen by `gateway` (an `area.passage` event)."""
+
+    user: Ident
+    area: Ident | None = None
+    ts: Timestamp
+    gateway: Name
+
+
+class AreaMoves(Action, tag="area_moves", frozen=True):
+    """Passages seen by the site's other gateways, relayed by the cloud (cross-gateway anti-passback): each
+    is applied unless this gateway saw that user pass later (the latest `ts` wins)."""
+
+    moves: Annotated[list[AreaMove], Meta(min_length=1, max_length=1000)]
+
+
+CommandAction = (
+    Unlock | SetDoorMode | Lockdown | Resync | RebirthAction | RotateKey | ResetAntiPassback | AreaMoves | ReaderAction
+)
 
 
 class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
@@ -421,6 +513,8 @@ class CommandResult(Msg, tag="command_result", frozen=True, omit_defaults=True):
     ok: bool
     error: ErrorInfo | None = None
     original: CommandResult | None = None
+    #: What the command found or did, when it says more than ok (an OSDP reader's output states, ...).
+    detail: dict[str, str | int | float | bool | None] = {}
 
 
 Uplink = Status | RightsReply | EventBatch | CommandResult

@@ -12,7 +12,8 @@ functions here, each deterministic in its arguments:
   (`door_opened=False`) moves nobody and uses nothing;
 * `door_contact(state, door, is_open, now)` on each contact edge, `door_relocked(state, door)` when the lock
   closes again (interlocks);
-* `reset(state, user=..., area=...)` the anti-passback reset (signed command, or a schedule).
+* `reset(state, user=..., area=...)` the anti-passback reset (signed command, or a schedule);
+* `remote_move(state, user, area, ts)` a passage another gateway of the site saw (the cloud relays them).
 
 Each returns a `Delta` naming the persistent entries it changed (user locations, credential uses), for the
 store to write after the door opened (`Store.save_access_state`), never before the relay acts. The door
@@ -120,6 +121,17 @@ def _move(state: AccessState, user: str, area: str | None, now: float) -> None:
     state.where[user] = (area, now)
     if area is not None:
         state.occupancy[area] = state.occupancy.get(area, 0) + 1
+
+
+def remote_move(state: AccessState, user: str, area: str | None, ts: float) -> Delta:
+    """A passage another gateway of the site saw (relayed by the cloud): the user is in `area` since `ts`,
+    unless this gateway saw them pass at `ts` or later (the latest passage wins, whoever saw it). Applying the
+    same move twice changes nothing."""
+    old = state.where.get(user)
+    if old is not None and (old[1] > ts or old == (area, ts)):
+        return Delta()
+    _move(state, user, area, ts)
+    return Delta(users={user})
 
 
 def door_contact(state: AccessState, door: str, is_open: bool, now: float) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -93,6 +94,14 @@ class StorageSection(Strict, frozen=True, kw_only=True):
     #: Secrets (OSDP keys, MQTT password, TLS client key) are systemd credentials, encrypted at rest; plain
     #: files on disk are refused unless this is true (see edge/secrets.py and docs/operations.md).
     plaintext_secrets: bool = False
+    #: Where the OSDP readers' Secure Channel keys are written by a key rotation (a reader's key_file names
+    #: the file; the directory is made 0700, its files are 0600): systemd credentials `<key_store>/NAME.cred`
+    #: encrypted with systemd-creds (the unit's LoadCredentialEncrypted= lines name these files), or with
+    #: plaintext_secrets = true plain files `<key_store>/NAME`, read from there too. Default
+    #: `<state_dir>/credentials` (`<state_dir>/keys` with plaintext_secrets). A path, never a key.
+    key_store: PathText | None = None
+    #: The key `systemd-creds encrypt --with-key=` seals a rotated key with ("auto": systemd-creds' choice).
+    key_store_with_key: Literal["auto", "host", "tpm2", "host+tpm2"] = "auto"
 
 
 class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True, kw_only=True):
@@ -109,6 +118,9 @@ class WiegandReaderConfig(Strict, tag="wiegand", tag_field="driver", frozen=True
     #: Nibble order of 8-bit keypad bursts; vendors differ and one byte cannot tell (docs/hardware.md).
     keypad_order: Literal["key_low", "key_high"] = "key_low"
     pin_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 10.0
+    #: The side of its door this reader reads (access rules): "in" passes from the door's `from_area` into its
+    #: `to_area`, "out" back. A door with one reader has it "in".
+    side: Literal["in", "out"] = "in"
 
 
 class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_only=True):
@@ -125,6 +137,8 @@ class OsdpReaderConfig(Strict, tag="osdp", tag_field="driver", frozen=True, kw_o
     #: storage.plaintext_secrets a file under the state directory's `keys/`; never the key itself.
     key_file: Text | None = None
     formats: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_FORMATS))
+    #: The side of its door this reader reads (as for a Wiegand reader).
+    side: Literal["in", "out"] = "in"
     #: RS-485 direction control: "auto" (the adapter switches), "kernel" (TIOCSRS485), "rts" (RTS keyed).
     direction: Literal["auto", "kernel", "rts"] = "auto"
     #: Send the 0xFF mark byte before every command (SIA OSDP 2.2; SIA test 050-07-01). A line setting.
@@ -210,6 +224,14 @@ class Config(Strict, frozen=True, kw_only=True):
     @property
     def state_dir(self) -> Path:
         return Path(self.storage.state_dir)
+
+    @property
+    def key_store_dir(self) -> Path:
+        """Where rotated OSDP keys are written (`storage.key_store`, or its default under the state dir)."""
+        st = self.storage
+        if st.key_store is not None:
+            return Path(st.key_store)
+        return self.state_dir / ("keys" if st.plaintext_secrets else "credentials")
 
     def site_policy(self) -> SitePolicy:
         p = self.policy
@@ -407,6 +429,23 @@ def _creatable_dir(path: Path, where: str) -> None:
         raise ConfigError(f"{where}: {p} is not writable by this user (uid {os.getuid()})")
 
 
+def _private_key_dir(path: Path, where: str) -> None:
+    """The key store: a directory only its owner can enter (0700), or one that can be made."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        _creatable_dir(path, where)
+        return
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"{where}: {path} is not a directory")
+    if mode & 0o077:
+        raise ConfigError(f"{where}: {path} is open to other users (mode {stat.S_IMODE(mode):04o}): chmod 700 {path}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {path} is not writable by this user (uid {os.getuid()})")
+
+
 def _readable_file(name: str, where: str) -> None:
     p = Path(name)
     try:
@@ -432,6 +471,8 @@ def check_files(cfg: Config, *, ports: bool = True) -> None:
         if ports and isinstance(r, OsdpReaderConfig) and not Path(r.port).exists():
             raise ConfigError(f"readers[{i}].port: {r.port} does not exist (is the RS-485 adapter plugged in?)")
     _creatable_dir(cfg.state_dir, "storage.state_dir")
+    if any(isinstance(r, OsdpReaderConfig) and r.key_file for r in cfg.readers):
+        _private_key_dir(cfg.key_store_dir, "storage.key_store")
     _creatable_dir(Path(cfg.control.socket).parent, "control.socket")
 
 

@@ -35,3 +35,14 @@ class VersionGap(ChangeRejected):
 
 class StoreError(EdgeError):
     """The on-disk store failed (full disk, read-only file system, corruption)."""
+
+
+class CommandFailed(EdgeError):
+    """A cloud command was carried out as far as it could be and did not succeed (a reader refused, went
+    offline, a key was not committed...). `code` goes into the command's result (`error.code`), `detail` too."""
+
+    def __init__(self, code: str, message: str, *, detail: dict[str, str | int | float | bool | None] | None = None
+                 ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.code = code
+        self.detail = detail or {}

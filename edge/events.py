@@ -62,6 +62,11 @@ READER_STATUS = "reader.status"
 READER_IO = "reader.io"
 READER_TAMPER = "reader.tamper"
 READER_POWER = "reader.power"
+#: An OSDP reader's Secure Channel key rotation resolved (detail: committed, request_id; never a key).
+READER_KEY_ROTATED = "security.reader_key_rotated"
+#: A firmware file for OSDP readers: reason "staged" (all of it on the gateway, hash checked), "progress",
+#: "done" (the reader's identity checked, detail firmware), "failed" (detail offset: where to resume).
+READER_FIRMWARE = "reader.firmware"
 JOURNAL_NEAR_FULL = "alarm.journal_near_full"
 SECURITY_COMMAND_REJECTED = "security.command_rejected"
 SYSTEM = "system"
@@ -70,8 +75,14 @@ SYSTEM = "system"
 #: The silent alarm of a duress PIN, and the alarm of a soft anti-passback grant (journalled).
 ALARM_DURESS = "alarm.duress"
 ALARM_ANTI_PASSBACK = "alarm.anti_passback"
+#: A user passed a door between areas (access rules): detail `from`, `to` (area ids, None = outside), `occupancy`
+#: (users in `to` now), `at` (UTC seconds of the passage). The cloud relays these to the site's other gateways.
+AREA_PASSAGE = "area.passage"
 #: The alarm the agent journals when the store was found damaged at open (`Store.damage` is its detail).
 RIGHTS_DAMAGED = "alarm.rights_damaged"
+#: The index image found at open was damaged (discarded) or stale: the index was built from the rights file
+#: instead (`Store.image_problem` is its detail).
+INDEX_IMAGE_DAMAGED = "alarm.index_image"
 JOURNAL_OVERFLOW = "alarm.journal_overflow"
 STORAGE_ALARM = "alarm.storage"
 #: The journal file failed its integrity check at open: it was moved aside (kept) and a new one started.

@@ -69,85 +69,129 @@ AssignRow = tuple[int, int, int]
 UserRow = tuple[str, int, int, int, str | None, tuple[AssignRow, ...]]
 
 
+#: The columns of an index base (name -> 1-D array): what `build_arrays` and `pack` return, what the index
+#: image holds (`edge/index_image.py`) and what `_Base` reads.
+Columns = dict[str, npt.NDArray[Any]]
+
+_M64: Final = (1 << 64) - 1
+#: Fibonacci hashing: a card's bucket is the top bits of `card * HASH_K mod 2^64` (a bijection on 64 bits,
+#: so distinct cards never share a hash, and consecutive card numbers spread over the buckets).
+HASH_K: Final = 0x9E37_79B9_7F4A_7C15
+#: A user flag bit the base keeps for itself (never stored in SQLite, never returned): the user has a PIN hash
+#: in the `p_*` columns.
+F_HAS_PIN: Final = 0x80
+#: Assignment lists a base keeps decoded (shared lists: most users' lists are the same few).
+LIST_CACHE: Final = 4096
+#: The window (no start, no end) every row without a validity window points at.
+_OPEN_WINDOW: Final = NO_END  # (NO_START << 32) | NO_END
+
+
 class _Base:
-    """The immutable, array-backed part of the index."""
+    """The immutable, array-backed part of the index (the physical layout of `pack`).
+
+    Credentials are sorted by their hash `card * HASH_K mod 2^64`; `c_dir` holds, for each bucket (the hash's
+    top bits), the first row of that bucket: a lookup is one multiplication and a scan of ~1-2 rows, not a
+    bisection. Validity windows of credentials, users and assignments are one shared table (`w_from`,
+    `w_until`; most rows point at the open window); users with the same assignments share one list
+    (`u_list` -> `l_off`, `a_gidx`, `a_win`); `u_uid` is empty when the uids are 1..n (then uid = row + 1);
+    external ids and PIN hashes are byte columns read only for the answer."""
 
     __slots__ = (
-        "a_from", "a_gidx", "a_until", "arrays", "c_card", "c_from", "c_status", "c_uid", "c_until",
-        "n_creds", "n_users", "pins", "u_aoff", "u_flags", "u_from", "u_idblob", "u_idoff", "u_uid",
-        "u_until",
+        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "l_off",
+        "n_creds", "n_pins", "n_users", "p_hash", "p_off", "p_uid", "shift", "u_flags", "u_id", "u_idoff",
+        "u_list", "u_uid", "u_win", "w_from", "w_until",
     )  # fmt: skip
 
-    def __init__(self, arrays: dict[str, npt.NDArray[np.generic]], idblob: bytes, pins: dict[int, str]) -> None:
-        self.arrays = arrays  # keeps the buffers alive and lets compact() work on whole columns
+    def __init__(self, arrays: Columns) -> None:
+        self.arrays = arrays  # keeps the buffers (or the image's mapping) alive; compact() works on whole columns
         mv = {k: memoryview(v) for k, v in arrays.items()}  # type: ignore[arg-type]
-        self.c_card, self.c_uid, self.c_status = mv["c_card"], mv["c_uid"], mv["c_status"]
-        self.c_from, self.c_until = mv["c_from"], mv["c_until"]
-        self.u_uid, self.u_flags, self.u_from, self.u_until = (
-            mv["u_uid"],
-            mv["u_flags"],
-            mv["u_from"],
-            mv["u_until"],
-        )
-        self.u_aoff, self.u_idoff = mv["u_aoff"], mv["u_idoff"]
-        self.a_gidx, self.a_from, self.a_until = mv["a_gidx"], mv["a_from"], mv["a_until"]
-        self.u_idblob = idblob
-        self.pins = pins
+        self.c_card, self.c_uid, self.c_status, self.c_win = mv["c_card"], mv["c_uid"], mv["c_status"], mv["c_win"]
+        self.c_dir = mv["c_dir"]
+        self.shift = 64 - (len(arrays["c_dir"]) - 1).bit_length() + 1
+        self.w_from, self.w_until = mv["w_from"], mv["w_until"]
+        self.u_uid, self.u_flags, self.u_win, self.u_list = mv["u_uid"], mv["u_flags"], mv["u_win"], mv["u_list"]
+        self.u_idoff, self.u_id = mv["u_idoff"], mv["u_id"]
+        self.l_off, self.a_gidx, self.a_win = mv["l_off"], mv["a_gidx"], mv["a_win"]
+        self.p_uid, self.p_off, self.p_hash = mv["p_uid"], mv["p_off"], mv["p_hash"]
         self.n_creds = len(arrays["c_card"])
-        self.n_users = len(arrays["u_uid"])
+        self.n_users = len(arrays["u_flags"])
+        self.n_pins = len(arrays["p_uid"])
+        self.dense = len(arrays["u_uid"]) == 0
+        self._lists: dict[int, tuple[AssignRow, ...]] = {}
 
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays.values()) + len(self.u_idblob)
+        return sum(int(a.nbytes) for a in self.arrays.values())
 
     def cred(self, card: int) -> CredRow | None:
-        i = bisect_left(self.c_card, card)
-        if i == self.n_creds or self.c_card[i] != card:
-            return None
-        return (self.c_uid[i], self.c_status[i], self.c_from[i], self.c_until[i])
+        b = ((card * HASH_K) & _M64) >> self.shift
+        d = self.c_dir
+        i, j = d[b], d[b + 1]
+        cc = self.c_card
+        while i < j:
+            if cc[i] == card:
+                w = self.c_win[i]
+                return (self.c_uid[i], self.c_status[i], self.w_from[w], self.w_until[w])
+            i += 1
+        return None
+
+    def uid_at(self, i: int) -> int:
+        return i + 1 if self.dense else self.u_uid[i]
 
     def user(self, uid: int) -> UserRow | None:
         i = uid - 1  # uids are allocated densely from 1: usually the row is right there
-        if not (0 <= i < self.n_users and self.u_uid[i] == uid):
-            i = bisect_left(self.u_uid, uid)
-            if i == self.n_users or self.u_uid[i] != uid:
+        n = self.n_users
+        if self.dense:
+            if not 0 <= i < n:
                 return None
-        a0, a1 = self.u_aoff[i], self.u_aoff[i + 1]
-        ag, af, au = self.a_gidx, self.a_from, self.a_until
-        return (
-            self.u_idblob[self.u_idoff[i] : self.u_idoff[i + 1]].decode(),
-            self.u_flags[i],
-            self.u_from[i],
-            self.u_until[i],
-            self.pins.get(uid),
-            tuple((ag[j], af[j], au[j]) for j in range(a0, a1)),
-        )
+        elif not (0 <= i < n and self.u_uid[i] == uid):
+            i = bisect_left(self.u_uid, uid)
+            if i == n or self.u_uid[i] != uid:
+                return None
+        flags = self.u_flags[i]
+        pin = None
+        if flags & F_HAS_PIN:
+            flags &= ~F_HAS_PIN
+            pin = self._pin(uid)
+        lst = self.u_list[i]
+        assigns = self._lists.get(lst)
+        if assigns is None:
+            assigns = self._list(lst)
+        w = self.u_win[i]
+        o = self.u_idoff
+        return (str(self.u_id[o[i] : o[i + 1]], "utf-8"), flags, self.w_from[w], self.w_until[w], pin, assigns)
+
+    def _pin(self, uid: int) -> str | None:
+        k = bisect_left(self.p_uid, uid)
+        if k == self.n_pins or self.p_uid[k] != uid:
+            return None
+        return str(self.p_hash[self.p_off[k] : self.p_off[k + 1]], "utf-8")
+
+    def _list(self, lst: int) -> tuple[AssignRow, ...]:
+        ag, aw, wf, wu = self.a_gidx, self.a_win, self.w_from, self.w_until
+        t = tuple([(ag[j], wf[aw[j]], wu[aw[j]]) for j in range(self.l_off[lst], self.l_off[lst + 1])])
+        if len(self._lists) >= LIST_CACHE:
+            self._lists.clear()
+        self._lists[lst] = t
+        return t
 
 
-def _empty_arrays() -> dict[str, npt.NDArray[np.generic]]:
-    return build_arrays([], [])[0]
-
-
-def build_arrays(
-    creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]
-) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
-    """Base arrays from rows (any order). Used for tests, snapshots and compaction.
+def _logical(creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]) -> Columns:
+    """The logical columns (one row per credential, user and assignment, as `unpack` gives) of rows in any
+    order; users are sorted by uid.
 
     Sorting is done by numpy (which releases the GIL), not by `sorted()` on tuples, which would hold the
     GIL (and so the event loop) for the whole sort when this runs in a worker thread."""
     n = len(creds)
-    arrays: dict[str, npt.NDArray[np.generic]] = {
+    lg: Columns = {
         "c_card": np.fromiter((c for c, _ in creds), np.uint64, n),
         "c_uid": np.fromiter((r[0] for _, r in creds), np.uint32, n),
         "c_status": np.fromiter((r[1] for _, r in creds), np.uint32, n),
         "c_from": np.fromiter((r[2] for _, r in creds), np.uint32, n),
         "c_until": np.fromiter((r[3] for _, r in creds), np.uint32, n),
     }
-    order = np.argsort(arrays["c_card"], kind="stable")
-    for k in list(arrays):
-        arrays[k] = arrays[k][order]
     if any(users[i][0] > users[i + 1][0] for i in range(len(users) - 1)):
         users = sorted(users, key=lambda r: r[0])
-    arrays |= {
+    lg |= {
         "u_uid": np.fromiter((u for u, _ in users), np.uint32, len(users)),
         "u_flags": np.fromiter((r[1] for _, r in users), np.uint8, len(users)),
         "u_from": np.fromiter((r[2] for _, r in users), np.uint32, len(users)),
@@ -159,7 +203,9 @@ def build_arrays(
     au: list[int] = []
     ids = bytearray()
     idoff = [0]
-    pins: dict[int, str] = {}
+    p_uid: list[int] = []
+    p_off = [0]
+    p_hash = bytearray()
     for uid, r in users:
         for g, f, u in r[5]:
             ag.append(g)
@@ -169,13 +215,123 @@ def build_arrays(
         ids += r[0].encode()
         idoff.append(len(ids))
         if r[4] is not None:
-            pins[uid] = r[4]
-    arrays["u_aoff"] = _array(aoff, np.uint32)
-    arrays["u_idoff"] = _array(idoff, np.uint32)
-    arrays["a_gidx"] = _array(ag, np.uint16)
-    arrays["a_from"] = _array(af, np.uint32)
-    arrays["a_until"] = _array(au, np.uint32)
-    return arrays, bytes(ids), pins
+            p_uid.append(uid)
+            p_hash += r[4].encode()
+            p_off.append(len(p_hash))
+    lg["u_aoff"] = _array(aoff, np.uint32)
+    lg["u_idoff"] = _array(idoff, np.uint32)
+    lg["u_id"] = np.frombuffer(bytes(ids), np.uint8)
+    lg["a_gidx"] = _array(ag, np.uint16)
+    lg["a_from"] = _array(af, np.uint32)
+    lg["a_until"] = _array(au, np.uint32)
+    lg["p_uid"] = _array(p_uid, np.uint32)
+    lg["p_off"] = _array(p_off, np.uint32)
+    lg["p_hash"] = np.frombuffer(bytes(p_hash), np.uint8)
+    return lg
+
+
+def build_arrays(creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]) -> Columns:
+    """The base columns of rows (any order). Used for tests, snapshots and compaction."""
+    return pack(_logical(creds, users))
+
+
+def _empty_arrays() -> Columns:
+    return build_arrays([], [])
+
+
+def _share_lists(
+    cnt: npt.NDArray[np.int64], aoff: npt.NDArray[np.int64], gidx: npt.NDArray[np.uint16], win: npt.NDArray[np.uint32]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[np.uint16], npt.NDArray[np.uint32]]:
+    """(u_list, l_off, a_gidx, a_win): one list per distinct (group, window) sequence. Lists are grouped by a
+    64-bit hash (a sort of integers, not of rows), then every user's list is compared with its group's
+    first; on a collision (never seen, but possible) nothing is shared."""
+    u64, i64 = np.uint64, np.int64
+    n_u, n_a = len(cnt), len(gidx)
+    if n_u == 0:
+        return np.zeros(0, i64), np.zeros(1, i64), gidx, win
+    pos = (np.arange(n_a, dtype=i64) - np.repeat(aoff[:-1], cnt)).astype(u64)
+    key = (gidx.astype(u64) << u64(32)) | win.astype(u64)
+    with np.errstate(over="ignore"):
+        v = _mix_np(key ^ (pos * u64(_K1) + u64(_K0)))
+        cs = np.concatenate([np.zeros(1, u64), np.cumsum(v, dtype=u64)])
+        lh = _mix_np((cs[aoff[1:]] - cs[aoff[:-1]]) ^ (cnt.astype(u64) * u64(_K2)))
+    _, first, inv = np.unique(lh, return_index=True, return_inverse=True)
+    inv = np.asarray(inv).reshape(-1)
+    rep = first[inv]
+    same = np.array_equal(cnt[rep], cnt) and np.array_equal(key[_ranges(aoff[:-1][rep], cnt)], key)
+    if not same:
+        return np.arange(n_u), aoff, gidx, win
+    lcnt = cnt[first]
+    sel = _ranges(aoff[:-1][first], lcnt)
+    return inv, np.concatenate([[0], np.cumsum(lcnt)]), gidx[sel], win[sel]
+
+
+def pack(lg: Columns) -> Columns:
+    """The physical columns (`_Base`) of logical ones (vectorised; numpy releases the GIL)."""
+    u64, u32, i64 = np.uint64, np.uint32, np.int64
+    # credentials, in hash order, and the bucket directory
+    card = lg["c_card"].astype(u64)
+    n = len(card)
+    with np.errstate(over="ignore"):
+        h = card * u64(HASH_K)
+    order = np.argsort(h, kind="stable")
+    bits = max(1, (n // 2).bit_length())
+    bucket = h[order] >> u64(64 - bits)
+    c_dir = np.searchsorted(bucket, np.arange((1 << bits) + 1, dtype=u64)).astype(u32)
+    # one table of validity windows; the open window is number 0
+    n_u = len(lg["u_flags"])
+    keys = np.concatenate([
+        (lg[f"{p}_from"].astype(u64) << u64(32)) | lg[f"{p}_until"].astype(u64) for p in ("c", "u", "a")
+    ])  # fmt: skip
+    special = keys != u64(_OPEN_WINDOW)
+    wk, winv = np.unique(keys[special], return_inverse=True)
+    win = np.zeros(len(keys), u32)
+    win[special] = winv.astype(u32) + 1
+    wk = np.concatenate([np.array([_OPEN_WINDOW], u64), wk])
+    c_win, u_win, a_win = win[:n], win[n : n + n_u], win[n + n_u :]
+    # assignment lists, shared between users with the same (group, window) sequence
+    aoff = lg["u_aoff"].astype(i64)
+    cnt = aoff[1:] - aoff[:-1]
+    a_gidx = lg["a_gidx"].astype(np.uint16)
+    u_list, l_off, a_gidx, a_win = _share_lists(cnt, aoff, a_gidx, a_win)
+    uid = lg["u_uid"].astype(u32)
+    dense = n_u == 0 or (int(uid[0]) == 1 and int(uid[-1]) == n_u)
+    flags = lg["u_flags"].astype(np.uint8) & np.uint8(0x7F)
+    p_uid = lg["p_uid"].astype(u32)
+    if len(p_uid):
+        flags[np.searchsorted(uid, p_uid)] |= np.uint8(F_HAS_PIN)
+    return {
+        "c_card": card[order], "c_uid": lg["c_uid"].astype(u32)[order],
+        "c_status": lg["c_status"].astype(u32)[order], "c_win": c_win[order], "c_dir": c_dir,
+        "w_from": (wk >> u64(32)).astype(u32), "w_until": (wk & u64(0xFFFF_FFFF)).astype(u32),
+        "u_uid": np.zeros(0, u32) if dense else uid, "u_flags": flags, "u_win": u_win,
+        "u_list": u_list.astype(u32),
+        "u_idoff": lg["u_idoff"].astype(u32), "u_id": lg["u_id"].astype(np.uint8),
+        "l_off": l_off.astype(u32), "a_gidx": a_gidx, "a_win": a_win.astype(u32),
+        "p_uid": p_uid, "p_off": lg["p_off"].astype(u32), "p_hash": lg["p_hash"].astype(np.uint8),
+    }  # fmt: skip
+
+
+def unpack(ph: Columns) -> Columns:
+    """The logical columns of physical ones (the inverse of `pack`, up to the order of credentials)."""
+    i64 = np.int64
+    wf, wu = ph["w_from"], ph["w_until"]
+    n_u = len(ph["u_flags"])
+    ul = ph["u_list"].astype(i64)
+    l_off = ph["l_off"].astype(i64)
+    cnt = l_off[ul + 1] - l_off[ul] if n_u else np.zeros(0, i64)
+    sel = _ranges(l_off[:-1][ul] if n_u else np.zeros(0, i64), cnt)
+    aw = ph["a_win"][sel]
+    return {
+        "c_card": ph["c_card"], "c_uid": ph["c_uid"], "c_status": ph["c_status"],
+        "c_from": wf[ph["c_win"]], "c_until": wu[ph["c_win"]],
+        "u_uid": np.arange(1, n_u + 1, dtype=np.uint32) if len(ph["u_uid"]) == 0 else ph["u_uid"],
+        "u_flags": ph["u_flags"] & np.uint8(0x7F), "u_from": wf[ph["u_win"]], "u_until": wu[ph["u_win"]],
+        "u_aoff": np.concatenate([[0], np.cumsum(cnt)]).astype(np.uint32),
+        "u_idoff": ph["u_idoff"], "u_id": ph["u_id"],
+        "a_gidx": ph["a_gidx"][sel], "a_from": wf[aw], "a_until": wu[aw],
+        "p_uid": ph["p_uid"], "p_off": ph["p_off"], "p_hash": ph["p_hash"],
+    }  # fmt: skip
 
 
 #: Elements converted per numpy call by `_array` (~0.2 ms).
@@ -381,13 +537,12 @@ class RightsIndex:
     def __init__(
         self,
         tables: Tables,
-        base: tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]] | None = None,
+        base: Columns | None = None,
         *,
         version: int = 0,
     ) -> None:
         self.tables = tables
-        arrays, blob, pins = base if base is not None else (_empty_arrays(), b"", {})
-        self._base = _Base(arrays, blob, pins)
+        self._base = _Base(base if base is not None else _empty_arrays())
         self._cred_over: dict[int, tuple[int, object, object]] = {}
         self._user_over: dict[int, tuple[int, object, object]] = {}
         self.visible = version
@@ -438,7 +593,8 @@ class RightsIndex:
             card = b.c_card[i]
             if card in self._cred_over:
                 continue
-            yield card, (b.c_uid[i], b.c_status[i], b.c_from[i], b.c_until[i])
+            w = b.c_win[i]
+            yield card, (b.c_uid[i], b.c_status[i], b.w_from[w], b.w_until[w])
         for card in list(self._cred_over):
             row = self.cred(card)
             if row is not None:
@@ -447,7 +603,7 @@ class RightsIndex:
     def users(self) -> Iterator[tuple[int, UserRow]]:
         b = self._base
         for i in range(b.n_users):
-            uid = b.u_uid[i]
+            uid = b.uid_at(i)
             if uid in self._user_over:
                 continue
             row = b.user(uid)
@@ -459,6 +615,11 @@ class RightsIndex:
                 yield uid, urow
 
     # --- writes (staged, then published at once) -----------------------------------------------------
+
+    def rebase(self, columns: Columns) -> None:
+        """Read the base from `columns` from now on: the same rows in other buffers (the index image's
+        mapping of what this base holds). One assignment: a lookup sees the old buffers or the new."""
+        self._base = _Base(columns)
 
     def detach_overlay(self) -> tuple[dict[int, tuple[int, object, object]], dict[int, tuple[int, object, object]]]:
         """Take the overlay out (for `drain()`), leaving this index answering from its base only.
@@ -537,34 +698,26 @@ class RightsIndex:
         """
         if self._staging is not None:
             raise RuntimeError("cannot compact while a change set is staged")
-        b = self._base
-        arr = b.arrays
+        return RightsIndex(self.tables, pack(self._merged()), version=self.visible)
+
+    def _merged(self) -> Columns:
+        """The logical columns of everything visible: the base's rows not in the overlay, and the overlay's."""
+        arr = unpack(self._base.arrays)
+        out: Columns = {}
         # credentials
         cards = np.fromiter((c for c in self._cred_over), np.uint64, len(self._cred_over))
         keep = ~np.isin(arr["c_card"], cards, assume_unique=True) if len(cards) else None
         live = [(c, r) for c in self._cred_over if (r := self.cred(c)) is not None]
-        new_c = {
-            "c_card": np.fromiter((c for c, _ in live), np.uint64, len(live)),
-            "c_uid": np.fromiter((r[0] for _, r in live), np.uint32, len(live)),
-            "c_status": np.fromiter((r[1] for _, r in live), np.uint32, len(live)),
-            "c_from": np.fromiter((r[2] for _, r in live), np.uint32, len(live)),
-            "c_until": np.fromiter((r[3] for _, r in live), np.uint32, len(live)),
-        }
-        out: dict[str, npt.NDArray[np.generic]] = {}
-        order = None
-        for k, v in new_c.items():
+        new_c = _logical(live, [])
+        for k in ("c_card", "c_uid", "c_status", "c_from", "c_until"):
             old = arr[k] if keep is None else arr[k][keep]
-            out[k] = np.concatenate([old, v])
-        order = np.argsort(out["c_card"], kind="stable")
-        for k in new_c:
-            out[k] = out[k][order]
-        # users: rebuilt from rows (assignments are variable length); base users not in the overlay are
-        # copied column-wise.
+            out[k] = np.concatenate([old, new_c[k]])
+        # users: base users not in the overlay are copied column-wise, with their assignment and id slices
         uids = np.fromiter((u for u in self._user_over), np.uint32, len(self._user_over))
-        ukeep = np.ones(b.n_users, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
+        n_u = len(arr["u_uid"])
+        ukeep = np.ones(n_u, bool) if not len(uids) else ~np.isin(arr["u_uid"], uids, assume_unique=True)
         live_u = [(int(u), ur) for u in np.sort(uids) if (ur := self.user(int(u))) is not None]
-        extra_arrays, extra_blob, extra_pins = build_arrays([], live_u)
-        # kept base users, with their assignment slices and id slices
+        extra = _logical([], live_u)
         kept_idx = np.nonzero(ukeep)[0]
         aoff = arr["u_aoff"].astype(np.int64)
         a_counts = (aoff[1:] - aoff[:-1])[kept_idx]
@@ -572,38 +725,41 @@ class RightsIndex:
         idoff = arr["u_idoff"].astype(np.int64)
         id_counts = (idoff[1:] - idoff[:-1])[kept_idx]
         id_sel = _ranges(idoff[:-1][kept_idx], id_counts)
-        blob_arr = np.frombuffer(b.u_idblob, np.uint8)
-        kept = {
-            "u_uid": arr["u_uid"][kept_idx],
-            "u_flags": arr["u_flags"][kept_idx],
-            "u_from": arr["u_from"][kept_idx],
-            "u_until": arr["u_until"][kept_idx],
-        }
-        # merge kept and new users by uid
-        all_uid = np.concatenate([kept["u_uid"], extra_arrays["u_uid"]])
+        cols = ("u_uid", "u_flags", "u_from", "u_until")
+        all_uid = np.concatenate([arr["u_uid"][kept_idx], extra["u_uid"]])
         uorder = np.argsort(all_uid, kind="stable")
-        for k in kept:
-            out[k] = np.concatenate([kept[k], extra_arrays[k]])[uorder]
-        ea = extra_arrays["u_aoff"].astype(np.int64)
-        ei = extra_arrays["u_idoff"].astype(np.int64)
+        for k in cols:
+            out[k] = np.concatenate([arr[k][kept_idx], extra[k]])[uorder]
+        ea = extra["u_aoff"].astype(np.int64)
+        ei = extra["u_idoff"].astype(np.int64)
         cnt_a = np.concatenate([a_counts, ea[1:] - ea[:-1]])[uorder]
         cnt_i = np.concatenate([id_counts, ei[1:] - ei[:-1]])[uorder]
         start_a = np.concatenate([np.cumsum(a_counts) - a_counts, len(a_sel) + ea[:-1]])[uorder]
         start_i = np.concatenate([np.cumsum(id_counts) - id_counts, len(id_sel) + ei[:-1]])[uorder]
-        a_all = {k: np.concatenate([arr[k][a_sel], extra_arrays[k]]) for k in ("a_gidx", "a_from", "a_until")}
         sel = _ranges(start_a, cnt_a)
-        for k, v in a_all.items():
-            out[k] = v[sel]
+        for k in ("a_gidx", "a_from", "a_until"):
+            out[k] = np.concatenate([arr[k][a_sel], extra[k]])[sel]
         out["u_aoff"] = np.concatenate([[0], np.cumsum(cnt_a)]).astype(np.uint32)
-        ids_all = np.concatenate([blob_arr[id_sel], np.frombuffer(extra_blob, np.uint8)])
-        blob = ids_all[_ranges(start_i, cnt_i)].tobytes()
+        ids_all = np.concatenate([arr["u_id"][id_sel], extra["u_id"]])
+        out["u_id"] = ids_all[_ranges(start_i, cnt_i)]
         out["u_idoff"] = np.concatenate([[0], np.cumsum(cnt_i)]).astype(np.uint32)
-        pins = {u: p for u, p in b.pins.items() if u not in self._user_over}
-        pins.update(extra_pins)
+        # PIN hashes: the kept users' and the overlay's, by uid
+        p_uid, p_off = arr["p_uid"], arr["p_off"].astype(np.int64)
+        pkeep = np.nonzero(~np.isin(p_uid, uids) if len(uids) else np.ones(len(p_uid), bool))[0]
+        p_cnt_k = (p_off[1:] - p_off[:-1])[pkeep]
+        p_sel = _ranges(p_off[:-1][pkeep], p_cnt_k)
+        eo = extra["p_off"].astype(np.int64)
+        all_p = np.concatenate([p_uid[pkeep], extra["p_uid"]])
+        porder = np.argsort(all_p, kind="stable")
+        p_cnt = np.concatenate([p_cnt_k, eo[1:] - eo[:-1]])[porder]
+        p_start = np.concatenate([np.cumsum(p_cnt_k) - p_cnt_k, len(p_sel) + eo[:-1]])[porder]
+        out["p_uid"] = all_p[porder].astype(np.uint32)
+        out["p_hash"] = np.concatenate([arr["p_hash"][p_sel], extra["p_hash"]])[_ranges(p_start, p_cnt)]
+        out["p_off"] = np.concatenate([[0], np.cumsum(p_cnt)]).astype(np.uint32)
         for tmp in (live, live_u):  # freed a step at a time: this runs in a thread beside the event loop
             while drain(tmp):
                 pass
-        return RightsIndex(self.tables, (out, blob, pins), version=self.visible)
+        return out
 
 
 def _ranges(starts: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -626,7 +782,6 @@ def _ranges(starts: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> npt
 # written, in any field a decision reads, is detected. Not a defence against someone who may write the
 # file (they can recompute it); a defence against a disk that changes bits.
 
-_M64: Final = (1 << 64) - 1
 _K0: Final = 0x9E37_79B9_7F4A_7C15
 _K1: Final = 0xBF58_476D_1CE4_E5B9
 _K2: Final = 0x94D0_49BB_1331_11EB
@@ -700,33 +855,34 @@ def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
     return _mix(h)
 
 
-def _user_hash_sum(base: _Base, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
-    """(sum of `user_hash`, count) over the base users selected by `keep` (all when None)."""
-    arr = base.arrays
+def _user_hash_sum(lg: Columns, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
+    """(sum of `user_hash`, count) over the users of logical columns `lg` selected by `keep` (all when None)."""
     u64 = np.uint64
-    n = base.n_users
-    blob = base.u_idblob
-    idoff = arr["u_idoff"].tolist()
+    n = len(lg["u_uid"])
+    blob = lg["u_id"].tobytes()
+    idoff = lg["u_idoff"].tolist()
     ext = np.fromiter((_bytes_hash(b"\x01" + blob[idoff[i] : idoff[i + 1]]) for i in range(n)), u64, n)
     pins = np.zeros(n, u64)
-    if base.pins:
-        pos = np.searchsorted(arr["u_uid"], np.fromiter(base.pins, np.uint32, len(base.pins)))
-        pins[pos] = np.fromiter((_str_hash(p) for p in base.pins.values()), u64, len(base.pins))
-    aoff = arr["u_aoff"].astype(np.int64)
+    if len(lg["p_uid"]):
+        pos = np.searchsorted(lg["u_uid"], lg["p_uid"])
+        pblob, poff = lg["p_hash"].tobytes(), lg["p_off"].tolist()
+        k = len(lg["p_uid"])
+        pins[pos] = np.fromiter((_bytes_hash(b"\x01" + pblob[poff[i] : poff[i + 1]]) for i in range(k)), u64, k)
+    aoff = lg["u_aoff"].astype(np.int64)
     counts = aoff[1:] - aoff[:-1]
     names = np.fromiter((_str_hash(_group_name(gid, g)) for g in range(max(len(gid), 1))), u64, max(len(gid), 1))
     with np.errstate(over="ignore"):
-        h = _mix_np(arr["u_uid"].astype(u64) + u64(_K0))
-        h = _mix_np(h ^ ((arr["u_flags"].astype(u64) << u64(32)) | arr["u_from"].astype(u64)))
-        h = _mix_np(h ^ arr["u_until"].astype(u64))
+        h = _mix_np(lg["u_uid"].astype(u64) + u64(_K0))
+        h = _mix_np(h ^ ((lg["u_flags"].astype(u64) << u64(32)) | lg["u_from"].astype(u64)))
+        h = _mix_np(h ^ lg["u_until"].astype(u64))
         h = _mix_np(h ^ ext)
         h = _mix_np(h ^ pins)
-        g = arr["a_gidx"].astype(np.int64)
+        g = lg["a_gidx"].astype(np.int64)
         gname = np.where(g < len(names), names[np.minimum(g, len(names) - 1)], 0).astype(u64)
         if len(g) and (g >= len(gid)).any():  # a group number with no id: hash its "#n" name, as user_hash
-            for k in np.nonzero(g >= len(gid))[0]:
-                gname[k] = u64(_str_hash(f"#{int(g[k])}"))
-        a = _mix_np(gname ^ ((arr["a_from"].astype(u64) << u64(32)) | arr["a_until"].astype(u64)))
+            for kk in np.nonzero(g >= len(gid))[0]:
+                gname[kk] = u64(_str_hash(f"#{int(g[kk])}"))
+        a = _mix_np(gname ^ ((lg["a_from"].astype(u64) << u64(32)) | lg["a_until"].astype(u64)))
         j = (np.arange(len(g), dtype=np.int64) - np.repeat(aoff[:-1], counts)).astype(u64)
         a = _mix_np(a + j)
         cs = np.concatenate([np.zeros(1, u64), np.cumsum(a, dtype=u64)])
@@ -764,6 +920,14 @@ class Digest:
     users: int = 0
     tables: int = 0
 
+    @staticmethod
+    def parse(text: str) -> Digest:
+        """The digest `text()` wrote (ValueError when `text` is not one)."""
+        fmt, version, nc, nu, c, u, t = text.split(":")
+        if fmt != "1":
+            raise ValueError(f"unknown rights checksum format {fmt!r}")
+        return Digest(int(version), int(nc), int(nu), int(c, 16), int(u, 16), int(t, 16))
+
     def text(self) -> str:
         return (
             f"1:{self.version}:{self.n_creds}:{self.n_users}:"
@@ -784,14 +948,12 @@ def table_hashes(tables: Tables) -> dict[tuple[str, str], int]:
 
 def index_digest(index: RightsIndex) -> Digest:
     """The checksum of everything `index` answers with (visible version). Pure; fine in a worker thread."""
-    b = index._base
-    arr = b.arrays
+    lg = unpack(index._base.arrays)
     over = index._cred_over
+    cols = [lg[k] for k in ("c_card", "c_uid", "c_status", "c_from", "c_until")]
     if over:
-        keep = ~np.isin(arr["c_card"], np.fromiter(over, np.uint64, len(over)), assume_unique=True)
-        cols = [arr[k][keep] for k in ("c_card", "c_uid", "c_status", "c_from", "c_until")]
-    else:
-        cols = [arr[k] for k in ("c_card", "c_uid", "c_status", "c_from", "c_until")]
+        keep = ~np.isin(lg["c_card"], np.fromiter(over, np.uint64, len(over)), assume_unique=True)
+        cols = [c[keep] for c in cols]
     creds = cred_hash_sum(*cols)
     n_creds = len(cols[0])
     for card in over:
@@ -803,8 +965,8 @@ def index_digest(index: RightsIndex) -> Digest:
     uover = index._user_over
     ukeep = None
     if uover:
-        ukeep = ~np.isin(arr["u_uid"], np.fromiter(uover, np.uint32, len(uover)), assume_unique=True)
-    users, n_users = _user_hash_sum(b, ukeep, gid)
+        ukeep = ~np.isin(lg["u_uid"], np.fromiter(uover, np.uint32, len(uover)), assume_unique=True)
+    users, n_users = _user_hash_sum(lg, ukeep, gid)
     for uid in uover:
         urow = index.user(uid)
         if urow is not None:

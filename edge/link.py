@@ -28,6 +28,7 @@ from .secrets import SecretSource
 
 if TYPE_CHECKING:
     from .config import Config
+    from .events import Event
     from .journal import Journal
     from .store import Store
 
@@ -63,14 +64,16 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:16]
 
 
-def birth_info(cfg: Config, doors: Mapping[str, str], readers: Mapping[str, tuple[str, str]]) -> Birth:
+def birth_info(cfg: Config, doors: Mapping[str, str], readers: Mapping[str, tuple[str, str]],
+               occupancy: Mapping[str, int] | None = None) -> Birth:  # fmt: skip
     """The agent's part of the birth (the link adds versions, depth, limits, key, transport): `doors` maps a
-    door to its name, `readers` a reader to (kind, door)."""
+    door to its name, `readers` a reader to (kind, door); `occupancy` the users counted per area."""
     return Birth(
         site=cfg.site.id, gateway=cfg.site.gateway, software=f"edge {__version__}",
         config_hash=f"sha256:{config_hash(cfg)}",
         doors=[DeviceInfo(id=d, kind="door", name=name) for d, name in doors.items()],
         readers=[DeviceInfo(id=r, kind=kind, door=door) for r, (kind, door) in readers.items()],
+        occupancy=dict(occupancy or {}),
     )  # fmt: skip
 
 
@@ -103,6 +106,11 @@ class EdgeLink:
         """Ask the cloud for a snapshot now (if connected; the link asks again at every connect anyway)."""
         if self._link is not None:
             self._link.request_snapshot()
+
+    def send_urgent(self, ev: Event) -> None:
+        """Send an urgent event (`alarm.duress`) ahead of the journal's backlog (the link's priority lane)."""
+        if self._link is not None:
+            self._link.send_urgent(ev)
 
     async def run(self) -> None:
         cfg, ports = self.cfg, self.ports

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
 from cloud_bridge.link import CloudLink, LinkConfig
-from cloud_bridge.protocol import Birth, DeviceInfo
+from cloud_bridge.protocol import AreaMove, Birth, DeviceInfo, ReaderAction
 from cloud_bridge.signing import public_bytes
+from edge.events import Detail
 from edge.journal import Journal
 from edge.model import DoorMode
 from edge.store import Store
@@ -75,6 +76,18 @@ class RecordingCommands:
 
     async def resync(self) -> None:
         self.calls.append(("resync",))
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        self.calls.append(("reader_command", action))
+        raise ValueError("no OSDP reader on this gateway")
+
+    async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
+        self.calls.append(("reset_anti_passback", user, area))
+        return 0
+
+    async def area_moves(self, moves: Sequence[AreaMove]) -> int:
+        self.calls.append(("area_moves", list(moves)))
+        return len(moves)
 
 
 def birth_info() -> Birth:

@@ -25,7 +25,11 @@ EXPECTED = {
     "osdp": {"exchanges_per_second"},
     "fleet": {"import_total_s", "group_change_ack_s", "events_collected_rate"},
     "tables": {"tables_apply_loop_lag_max", "tables_small_change_loop_lag_max"},
+    "events_stream": {"tap_to_sse_p99.sqlite", "tap_to_sse_p99.postgresql", "events_list_p99.sqlite.filtered",
+                      "events_list_p99.sqlite.all", "events_list_p99.postgresql.filtered",
+                      "events_list_p99.postgresql.all"},
     "operator_import": {"import_dry_run", "import_commit_publish_ack"},
+    "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
 }
 
 

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from cloud_bridge.service import schema
+from cloud_bridge.service.database import Database
 from cloud_bridge.service.demo import DEMO_TAPS, GATEWAY
 from edge.journal import Journal
 
@@ -114,9 +117,19 @@ def port_free(port: int) -> bool:
 
 
 async def journal_decisions(state: Path) -> dict[int, str]:
+    """Every decision of the run: those the service stored (and so acknowledged: the gateway deleted them)
+    and those still in the gateway's journal (not acknowledged yet); none lost."""
     async with Journal(state / "journal.db") as j:
         events = await j.read(0, 10_000)
-    return {e.card: e.type for e in events if e.card is not None and e.type.startswith("access.")}
+    out = {e.card: e.type for e in events if e.card is not None and e.type.startswith("access.")}
+    db = Database(f"sqlite+aiosqlite:///{state.parent / 'site.db'}")
+    try:
+        async with db.read() as c:
+            rows = (await c.execute(select(schema.events.c.card, schema.events.c.type))).all()
+    finally:
+        await db.close()
+    out |= {int(card): t for card, t in rows if card is not None and t.startswith("access.")}
+    return out
 
 
 def expected_decisions() -> dict[int, str]:

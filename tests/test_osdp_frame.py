@@ -133,6 +133,9 @@ def test_other_reply_decoders() -> None:
     assert c.decode_reply(c.Rep.COM, b"\x05\x00\x96\x00\x00") == c.Com(5, 38400)
     assert isinstance(c.decode_reply(c.Rep.CCRYPT, b"\x00" * 31), c.Malformed)
     assert isinstance(c.decode_reply(0x99, b"x"), c.Unknown)
+    # osdp_MFGREP: a 3-byte vendor code (OUI, least significant byte first), then the vendor's bytes
+    assert c.decode_reply(c.Rep.MFGREP, b"\x5c\x26\x0a\x01\x02") == c.MfgReply(vendor=0x0A265C, data=b"\x01\x02")
+    assert isinstance(c.decode_reply(c.Rep.MFGREP, b"\x5c\x26"), c.Malformed)
     # osdp_FTSTAT as libosdp's PD builds it (src/osdp_file.c: control u8, delay u16, status s16, rx_size u16)
     assert c.decode_reply(c.Rep.FTSTAT, bytes.fromhex("01000001000000")) == c.FileStatus(1, 0, 1, 0)
     assert c.decode_reply(c.Rep.FTSTAT, bytes.fromhex("01e803fdff0001")) == c.FileStatus(1, 1000, -3, 256)

@@ -162,6 +162,8 @@ def examples() -> dict[str, Any]:
         "action_resync": p.Resync(),
         "action_rebirth": p.RebirthAction(),
         "action_rotate_key": p.RotateKey(new_public_key=public_bytes(NEXT_DOC_KEY).hex(), not_before=T0 + 3600),
+        "action_reset_anti_passback": p.ResetAntiPassback(user="alice"),
+        "action_area_moves": p.AreaMoves(moves=[p.AreaMove(user="bob", area="building", ts=T0 + 30, gateway="gw2")]),
     }
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from edge.agent import Agent
 from edge.config import Config, parse_config
-from edge.control import DoorRequest, StatusRequest, TapRequest
+from edge.control import DoorRequest, RexRequest, StatusRequest, TapRequest
 from edge.decision import Reason
 from edge.model import (
     KEYPAD_CODE_FORMAT,
@@ -218,3 +218,76 @@ async def nightly_reset(rcfg: Config) -> None:
     async with running(rcfg) as agent:  # the reset was saved
         assert agent.tap is not None and agent.tap.access.where == {}
     assert any(e.detail.get("event") == "anti_passback_reset" for e in journal_on_disk(rcfg) if e.detail)
+
+
+def two_reader_config(tmp_path: Path, sock: Path) -> Config:
+    """door1's reader reads its "in" side, door2's its "out" side (a door with an out reader)."""
+    text = config_text(tmp_path / "state", sock)
+    text += '[[readers]]\ndriver = "wiegand"\ndoor = "door1"\n'
+    text += '[[readers]]\ndriver = "wiegand"\ndoor = "door2"\nside = "out"\n'
+    return parse_config(text)
+
+
+async def test_an_out_reader_leads_back_out_of_the_area(tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="edge-rules-") as d:
+        cfg = two_reader_config(tmp_path, Path(d) / "control.sock")
+        async with running(cfg) as agent:
+            assert agent.reader_side == {"door1.wiegand0": "in", "door2.wiegand1": "out"}
+            await provision(
+                agent,
+                PutArea(area=Area(id="building", anti_passback=AntiPassback.HARD)),
+                PutDoor(door=Door(id="door1", strike_s=0.5, to_area="building")),
+                PutDoor(door=Door(id="door2", strike_s=0.5, to_area="building")),  # read from inside only
+            )
+            assert await reasons_of(cfg, TapRequest(door="door1", card=1002)) == ["granted"]
+            await ask(cfg, DoorRequest(door="door1", action="open"))
+            await ask(cfg, DoorRequest(door="door1", action="close"))
+            assert (await ask(cfg, StatusRequest()))["occupancy"] == {"building": 1}
+            before = relay_changes(agent, "door2")
+            assert await reasons_of(cfg, TapRequest(door="door2", card=1002)) == ["granted"]  # out
+            assert relay_changes(agent, "door2")[len(before) :] == [False]  # (fail-safe: released)
+            await ask(cfg, DoorRequest(door="door2", action="open"))
+            await ask(cfg, DoorRequest(door="door2", action="close"))
+            assert (await ask(cfg, StatusRequest()))["occupancy"] == {}
+            assert await reasons_of(cfg, TapRequest(door="door2", card=1002)) == ["anti_passback"]  # out twice
+        async with running(cfg) as agent:
+            assert await reasons_of(cfg, TapRequest(door="door2", card=1002)) == ["anti_passback"]
+            assert await reasons_of(cfg, TapRequest(door="door1", card=1002)) == ["granted"]
+        passages = [(e.door, e.detail) for e in journal_on_disk(cfg) if e.type == "area.passage"]
+        assert [(door, det["from"], det["to"], det["occupancy"]) for door, det in passages] == [
+            ("door1", None, "building", 1), ("door2", "building", None, 0)]  # fmt: skip
+
+
+async def test_rex_honours_an_interlock_unless_it_lets_rex_override(rcfg: Config) -> None:
+    async with running(rcfg) as agent:
+        await provision(
+            agent, PutDoor(door=Door(id="door1", strike_s=5.0)), PutDoor(door=Door(id="door2", strike_s=5.0)),
+            PutInterlock(interlock=Interlock(id="trap", doors=["door1", "door2"], rex_overrides=False)),
+        )  # fmt: skip
+        door2 = relay_changes(agent, "door2")
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["granted"]
+        await ask(rcfg, RexRequest(door="door2"))  # door1 is released: the exit button waits too
+        assert relay_changes(agent, "door2") == door2
+        await ask(rcfg, DoorRequest(door="door1", action="open"))
+        await ask(rcfg, DoorRequest(door="door1", action="close"))
+        await wait_relocked_fail_safe(agent, "door1")
+        await ask(rcfg, RexRequest(door="door2"))
+        assert relay_changes(agent, "door2")[len(door2) :] == [False]  # released (fail-safe lock)
+        assert await reasons_of(rcfg, TapRequest(door="door1", card=1002)) == ["interlock"]  # door2 REX-released
+        await provision(agent, PutInterlock(interlock=Interlock(id="trap", doors=["door1", "door2"])))
+        await ask(rcfg, DoorRequest(door="door2", action="open"))
+        await ask(rcfg, DoorRequest(door="door2", action="close"))
+        assert await reasons_of(rcfg, TapRequest(door="door2", card=1002)) == ["granted"]
+        door1 = relay_changes(agent, "door1")
+        await ask(rcfg, RexRequest(door="door1"))  # rex_overrides (the default): egress safety wins
+        assert relay_changes(agent, "door1")[len(door1) :] == [True]
+    rex = [(e.door, e.detail.get("refused")) for e in journal_on_disk(rcfg) if e.type == "door.rex"]
+    assert rex == [("door2", "interlock"), ("door2", None), ("door1", None)]
+
+
+async def wait_relocked_fail_safe(agent: Agent, door: str, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if agent.doors[door].locked:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{door} did not relock")

@@ -186,7 +186,7 @@ async def test_a_schema_3_file_migrates_with_its_checksum_intact(tmp_path: Path)
         assert again.damage is None and await again.check_integrity() is None
         assert Decider(again.index).decide("front", 5, NOW, facility=3).granted
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     con.close()
 
 

@@ -40,6 +40,7 @@ from cloud_bridge.protocol import Birth, Death, ResyncRequest, encode
 from cloud_bridge.settings import LinkConfig
 from cloud_bridge.signing import KeyState, NonceStore, fingerprint
 from cloud_bridge.topics import Leaf, Topics
+from edge.events import Event
 
 from .gate import KEY_FILE, CommandGate, SiteKeys
 from .ports import CommandHandler, Outbox, Rights
@@ -192,6 +193,10 @@ class CloudLink:
             tg.create_task(self._rights.run(), name="link.rights")
             await mqtt.reconnecting(self._connect, self._serve, mqtt.Backoff(self.cfg.backoff_min_s,
                                     self.cfg.backoff_max_s), log=log, what="cloud link", down=self._down)  # fmt: skip
+
+    def send_urgent(self, ev: Event) -> None:
+        """Send an urgent event (`alarm.duress`) ahead of the backlog (`EventUpload.urgent`, the priority lane)."""
+        self._upload.urgent(ev)
 
     def request_snapshot(self) -> None:
         """Ask the cloud for a snapshot now if connected (and at every connect while the store needs one)."""

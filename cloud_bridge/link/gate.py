@@ -22,13 +22,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud_bridge.protocol import (
+    AreaMoves,
     Command,
     CommandResult,
     ErrorInfo,
     Lockdown,
     ProtocolError,
     Provision,
+    ReaderAction,
     RebirthAction,
+    ResetAntiPassback,
     Resync,
     ResyncRequest,
     RotateKey,
@@ -53,6 +56,7 @@ from cloud_bridge.signing import (
     save_key_state,
 )
 from cloud_bridge.topics import Leaf
+from edge.errors import CommandFailed
 from edge.events import COMMAND_EXECUTED, KEY_ROTATED, SECURITY_COMMAND_REJECTED
 
 from .ports import CommandHandler, Outbox, Rights
@@ -201,6 +205,7 @@ class CommandGate:
         action = type(a).__struct_config__.tag
         detail: dict[str, str | int | float | bool | None] = {"request_id": cmd.request_id, "action": str(action)}
         door: str | None = None
+        out: dict[str, str | int | float | bool | None] = {}
         try:
             if isinstance(a, RotateKey):
                 return await self.rotate(cmd, a)
@@ -222,6 +227,19 @@ class CommandGate:
                 )
             elif isinstance(a, RebirthAction):
                 await self.rebirth()
+            elif isinstance(a, ReaderAction):
+                out = await self.commands.reader_command(a)
+                detail.update(out)
+            elif isinstance(a, ResetAntiPassback):
+                detail.update(user=a.user, area=a.area)
+                detail["forgotten"] = await self.commands.reset_anti_passback(a.user, a.area)
+            elif isinstance(a, AreaMoves):  # the cloud's relay: frequent, and journalled by the gateway that saw it
+                await self.commands.area_moves(a.moves)
+                return CommandResult(request_id=cmd.request_id, ok=True)
+        except CommandFailed as e:
+            log.warning("command %s (%s) failed: %s", cmd.request_id, action, e)
+            return CommandResult(request_id=cmd.request_id, ok=False, error=ErrorInfo(code=e.code, message=str(e)),
+                                 detail=e.detail)  # fmt: skip
         except ValueError as e:
             log.warning("command %s (%s) failed: %s", cmd.request_id, action, e)
             return CommandResult(request_id=cmd.request_id, ok=False, error=ErrorInfo(code="invalid", message=str(e)))
@@ -229,7 +247,7 @@ class CommandGate:
             log.exception("command %s (%s) failed", cmd.request_id, action)
             return CommandResult(request_id=cmd.request_id, ok=False, error=error_info(e))
         self.outbox.record(COMMAND_EXECUTED, door=door, user=cmd.operator, detail=detail)
-        return CommandResult(request_id=cmd.request_id, ok=True)
+        return CommandResult(request_id=cmd.request_id, ok=True, detail=out)
 
     async def rotate(self, cmd: Command, a: RotateKey) -> CommandResult:
         """Store the new key durably, then use it: the ok is only sent once it is on disk."""

@@ -9,11 +9,15 @@ store, its journal and itself; the link never imports them (tests/test_layers.py
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
+from cloud_bridge.protocol import ReaderAction
 from edge.events import Detail, Event
 from edge.model import ChangeSet, DoorMode, Snapshot
+
+if TYPE_CHECKING:
+    from cloud_bridge.protocol import AreaMove
 
 
 class Applied(Protocol):
@@ -74,3 +78,16 @@ class CommandHandler(Protocol):
     async def lockdown(self, active: bool) -> None: ...
 
     async def resync(self) -> None: ...
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        """An OSDP reader command; returns the result's detail. Raise `edge.errors.CommandFailed` (a code and
+        a message) when it was tried and did not succeed."""
+        ...
+
+    async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
+        """Forget locations (access rules); returns how many users were forgotten."""
+        ...
+
+    async def area_moves(self, moves: Sequence[AreaMove]) -> int:
+        """Apply passages relayed from the site's other gateways; returns how many changed a location."""
+        ...

@@ -6,6 +6,11 @@ acknowledgement while batches are in flight (the cloud lacks what follows it), t
 last acknowledged sequence number (`EventUpload._go_back`, the one place that does it). An acknowledgement
 releases only events actually sent, and its clock is passed on (`on_cloud_time`) only when it answers a batch
 of this process (`ref`), with the round trip measured.
+
+The priority lane: an urgent event (`alarm.duress`, `EventUpload.urgent`) is published at once as a batch of
+its own marked `priority`, ahead of every older event still unsent or unacknowledged (and, while the link is
+down, first thing after it is up again). It stays in the journal too and travels again in order; the cloud
+de-duplicates on the event id. The lane is memory only: after a restart the event goes in journal order.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from .ports import Outbox
 from .reply import Replies, decode_off_loop
 
 log = logging.getLogger("cloud_bridge.link")
+
+#: Urgent events held for the priority lane at most (while the link is down).
+PRIORITY_LANE = 64
 
 
 def split_events(
@@ -73,6 +81,27 @@ class EventUpload:
         self._last_ack_at = 0.0
         self._last_rewind = 0.0
         self._rewind = False
+        #: The priority lane: urgent events not yet sent ahead of the backlog (newest kept when it overflows).
+        self._priority: list[Event] = []
+
+    def urgent(self, ev: Event) -> None:
+        """Send `ev` ahead of the backlog, now if connected, else first thing after the next connect."""
+        self._priority.append(ev)
+        del self._priority[:-PRIORITY_LANE]
+        self._wake.set()
+
+    async def _send_priority(self, client: aiomqtt.Client) -> None:
+        """Publish the priority lane: each event as a one-event batch marked `priority`. Its `prev_seq` is the
+        event's own seq - 1, which is true of any batch of one event (so a cloud that ignores `priority` still
+        knows nothing more than it does); it is never acknowledged. An event the cloud already acknowledged
+        in order is not sent again."""
+        while self._priority:
+            ev = self._priority[0]
+            if ev.seq > self._acked:
+                b = EventBatch(first_seq=ev.seq, last_seq=ev.seq, events=[ev], prev_seq=ev.seq - 1, priority=True)
+                await mqtt.publish(client, self.replies.topics.events, encode(b, self.cfg.encoding))
+                self.stats["priority_sent"] = self.stats.get("priority_sent", 0) + 1
+            self._priority.pop(0)
 
     def wake(self) -> None:
         """New events are durable (the outbox's `on_durable`)."""
@@ -152,6 +181,7 @@ class EventUpload:
         timeout = f"no event ack for {cfg.ack_timeout_s:.0f} s"
         while True:
             self._wake.clear()
+            await self._send_priority(client)
             if self._rewind:
                 self._rewind = False
                 self._go_back(inflight)
@@ -172,6 +202,7 @@ class EventUpload:
             if not inflight:
                 self._last_ack_at = time.monotonic()
             for batch, data in split_events(events, self._sent, cfg.max_message_bytes, cfg.encoding):
+                await self._send_priority(client)  # an alarm raised meanwhile goes before the next batch
                 await mqtt.publish(client, self.replies.topics.events, data)
                 inflight.append(batch.last_seq)
                 self.sent_refs[batch.ref] = (batch.last_seq, time.monotonic())

@@ -14,6 +14,9 @@ The rules (seed 000, see docs/operator.md):
   the window from the moment it is known until it has ended"; the record of an ended one is removed by
   the next publish (the gateway already refuses it).
 * All of a user's tokens carry all of the user's assignments (the gateway model does exactly that).
+
+`export_of` is the rule for one user; the planner (operator/provision.py) applies it per gateway, the
+service's integration API (service/integrations.py) reports it with every PUT, from the service's tables.
 """
 
 from __future__ import annotations
@@ -26,29 +29,39 @@ from typing import Any
 import msgspec
 
 from edge.model import (
+    Area,
     Assignment,
     Change,
     ChangeSet,
     Credential,
     CredentialStatus,
+    DeleteArea,
     DeleteCredential,
     DeleteDoor,
     DeleteGroup,
+    DeleteInterlock,
     DeleteSchedule,
     DeleteUser,
     Door,
     Group,
+    Interlock,
+    PutArea,
     PutCredential,
     PutDoor,
     PutGroup,
+    PutInterlock,
     PutSchedule,
+    PutSiteRules,
     PutUser,
     Schedule,
+    SiteRules,
     Snapshot,
     User,
 )
 
-KINDS = ("door", "schedule", "group", "user", "credential")
+from . import rules as access_rules
+
+KINDS = ("area", "door", "schedule", "group", "user", "credential", "interlock", "site_rules")
 _enc = msgspec.msgpack.Encoder()
 _DEC: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "door": msgspec.msgpack.Decoder(Door),
@@ -56,6 +69,9 @@ _DEC: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "group": msgspec.msgpack.Decoder(Group),
     "user": msgspec.msgpack.Decoder(User),
     "credential": msgspec.msgpack.Decoder(Credential),
+    "area": msgspec.msgpack.Decoder(Area),
+    "interlock": msgspec.msgpack.Decoder(Interlock),
+    "site_rules": msgspec.msgpack.Decoder(SiteRules),
 }
 
 
@@ -69,6 +85,11 @@ def when(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
+#: (card, status, format, valid_from, valid_until) and (group, valid_from, valid_until)
+Token = tuple[int, str, str, float | None, float | None]
+Entitlement = tuple[str, float | None, float | None]
+
+
 @dataclass
 class UserRow:
     id: str
@@ -78,9 +99,9 @@ class UserRow:
     valid_from: float | None
     valid_until: float | None
     #: (group, valid_from, valid_until)
-    assignments: list[tuple[str, float | None, float | None]] = field(default_factory=list)
+    assignments: list[Entitlement] = field(default_factory=list)
     #: (card, status, format, valid_from, valid_until)
-    credentials: list[tuple[int, str, str, float | None, float | None]] = field(default_factory=list)
+    credentials: list[Token] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +114,8 @@ class SiteModel:
     group_doors: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # id -> [(gateway, door)]
     users: list[UserRow] = field(default_factory=list)
     rules: ExportRules = ExportRules()
+    #: Areas, door rules, interlocks, site settings (cloud_bridge/operator/rules.py).
+    access: access_rules.AccessRules = field(default_factory=access_rules.AccessRules)
 
 
 Desired = dict[tuple[str, str], tuple[Any, bytes]]
@@ -112,12 +135,11 @@ def gateway_state(
     gateways sharing groups costs one pass over the users, not one per gateway."""
     out: Desired = {}
     doors = site.doors.get(gateway, {})
-    for did in sorted(doors):
-        _put(out, "door", did, Door(id=did, name=doors[did]))
+    escorts = access_rules.escort_groups(site.access, gateway, set(doors))
     groups_here: set[str] = set()
     for gid in sorted(site.groups):
         gdoors = sorted(d for gw, d in site.group_doors.get(gid, []) if gw == gateway and d in doors)
-        if not gdoors:
+        if not gdoors and gid not in escorts:
             continue
         name, sched = site.groups[gid]
         if sched is not None and sched not in site.schedules:
@@ -126,6 +148,10 @@ def gateway_state(
         _put(out, "group", gid, Group(id=gid, name=name, doors=gdoors, schedule=sched))
         if sched is not None and ("schedule", sched) not in out:
             _put(out, "schedule", sched, site.schedules[sched])
+    for did in sorted(doors):
+        _put(out, "door", did, access_rules.door_of(site.access, gateway, did, doors[did], groups_here))
+    for kind, k, obj in access_rules.objects_for(site.access, gateway, set(doors), groups_here):
+        _put(out, kind, k, obj)
     key = frozenset(groups_here)
     cached = people.get(key) if people is not None else None
     if cached is None:
@@ -136,31 +162,52 @@ def gateway_state(
     return out
 
 
+@dataclass(frozen=True)
+class Export:
+    """Whether one user goes to a gateway (`reason` None) and with which tokens and assignments."""
+
+    tokens: list[Token]
+    assignments: list[Entitlement]
+    reason: str | None = None
+
+    @property
+    def exported(self) -> bool:
+        return self.reason is None
+
+
+def export_of(u: UserRow, groups_here: set[str] | frozenset[str], rules: ExportRules, now: float) -> Export:
+    """Seed 000's rules for one user on a gateway whose doors `groups_here` open: the exportable tokens
+    (ACTIVE, not ended), the unended assignments to those groups, and why the user is not exported (None:
+    it is). Used by the planner (`gateway_state`) and by the service's integration API, which reports it."""
+    tokens = [c for c in u.credentials if c[1] == CredentialStatus.ACTIVE.value and (c[4] is None or c[4] > now)]
+    assigns = [a for a in u.assignments if a[0] in groups_here and (a[2] is None or a[2] > now)]
+    reason = None
+    if u.valid_until is not None and u.valid_until <= now:
+        reason = "the user's validity has ended"
+    elif rules.delete_user_on_no_token and not tokens:
+        reason = "no active access token (deleteUserOnNoAccessToken)"
+    elif rules.delete_user_on_no_entitlement and not assigns:
+        reason = "no active entitlement assignment here (deleteUserOnNoEntitlement)"
+    return Export(tokens, assigns, reason)
+
+
 def _people(site: SiteModel, groups_here: set[str], now: float) -> Desired:
     """The users and credentials of a gateway whose doors are opened by `groups_here`."""
     out: Desired = {}
-    rules = site.rules
     for u in site.users:
-        if u.valid_until is not None and u.valid_until <= now:
-            continue
-        tokens = [
-            c for c in u.credentials
-            if c[1] == CredentialStatus.ACTIVE.value and (c[4] is None or c[4] > now)
-        ]  # fmt: skip
-        assigns = [a for a in u.assignments if a[0] in groups_here and (a[2] is None or a[2] > now)]
-        if rules.delete_user_on_no_token and not tokens:
-            continue
-        if rules.delete_user_on_no_entitlement and not assigns:
+        ex = export_of(u, groups_here, site.rules, now)
+        if not ex.exported:
             continue
         user = User(
             id=u.id, name=u.name, active=u.active, offline_access=u.offline_access,
             valid_from=when(u.valid_from), valid_until=when(u.valid_until),
             assignments=[
-                Assignment(group=g, valid_from=when(f), valid_until=when(t)) for g, f, t in sorted(assigns, key=_akey)
+                Assignment(group=g, valid_from=when(f), valid_until=when(t))
+                for g, f, t in sorted(ex.assignments, key=_akey)
             ],
         )  # fmt: skip
         _put(out, "user", u.id, user)
-        for card, _status, fmt, f, t in tokens:
+        for card, _status, fmt, f, t in ex.tokens:
             _put(out, "credential", str(card), Credential(card=card, user=u.id, format=fmt, valid_from=when(f),
                                                           valid_until=when(t)))  # fmt: skip
     return out
@@ -211,6 +258,12 @@ def _put_change(kind: str, obj: Any) -> Change:
         return PutGroup(group=obj)
     if kind == "user":
         return PutUser(user=obj)
+    if kind == "area":
+        return PutArea(area=obj)
+    if kind == "interlock":
+        return PutInterlock(interlock=obj)
+    if kind == "site_rules":
+        return PutSiteRules(rules=obj)
     return PutCredential(credential=obj)
 
 
@@ -223,6 +276,12 @@ def _del_change(kind: str, key: str) -> Change:
         return DeleteGroup(id=key)
     if kind == "user":
         return DeleteUser(id=key)
+    if kind == "area":
+        return DeleteArea(id=key)
+    if kind == "interlock":
+        return DeleteInterlock(id=key)
+    if kind == "site_rules":
+        return PutSiteRules(rules=SiteRules())  # back to the defaults (no duress PIN)
     return DeleteCredential(card=int(key))
 
 
@@ -237,7 +296,8 @@ def snapshot(version: int, objs: Iterable[tuple[str, Any]]) -> Snapshot:
         lists[kind].append(obj)
     return Snapshot(
         version=version, doors=lists["door"], schedules=lists["schedule"], groups=lists["group"],
-        users=lists["user"], credentials=lists["credential"],
+        users=lists["user"], credentials=lists["credential"], areas=lists["area"], interlocks=lists["interlock"],
+        site_rules=lists["site_rules"],
     )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 from edge.model import ChangeSet, Schedule, Snapshot
 
 from . import identity
+from . import rules as access_rules
 from .db import Model, OperatorError
 
 log = logging.getLogger("cloud_bridge.operator.provision")
@@ -91,6 +92,7 @@ def load_site(db: Model) -> identity.SiteModel:
     ):
         users[uid].credentials.append((card, status, fmt, vf, vu))
     site.users = list(users.values())
+    site.access = access_rules.decode(db.get_meta(access_rules.META_KEY))
     site.rules = identity.ExportRules(
         delete_user_on_no_token=db.get_meta("deleteUserOnNoAccessToken", "1") == "1",
         delete_user_on_no_entitlement=db.get_meta("deleteUserOnNoEntitlement", "1") == "1",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
@@ -45,7 +46,15 @@ from cloud_bridge.permissions import (
     PermissionGroup,
     Target,
 )
-from cloud_bridge.protocol import Birth, CommandResult, RotateKey, Unlock
+from cloud_bridge.protocol import (
+    Birth,
+    CommandResult,
+    OsdpFirmware,
+    OsdpFirmwareChunk,
+    ReaderAction,
+    RotateKey,
+    Unlock,
+)
 from cloud_bridge.signing import fingerprint, key_id, public_bytes
 from edge.model import Schedule
 
@@ -463,6 +472,40 @@ class Service:
         key = self.key_for(gateway)
         return await link.command(gateway, key, Unlock(door=door, seconds=seconds), operator=self.operator.id,
                                   timeout=timeout)  # fmt: skip
+
+    async def reader_command(self, gateway: str, action: ReaderAction, *, timeout: float = 30.0) -> CommandResult:
+        """An OSDP reader command (key rotation, output): read + publish(kind) on the gateway."""
+        kind = str(type(action).__struct_config__.tag)
+        self.authorizer().require_command(self.operator, kind, gateway)
+        link = await self.link()
+        await self.sync_keys([gateway], timeout=timeout)
+        return await link.command(gateway, self.key_for(gateway), action, operator=self.operator.id, timeout=timeout)
+
+    async def send_firmware(self, gateway: str, reader: str, data: bytes, *, file_type: int = 1,
+                            chunk: int = 32 * 1024, timeout: float = 30.0,
+                            progress: Callable[[int, int], None] | None = None) -> CommandResult:  # fmt: skip
+        """Stage `data` on the gateway as signed `osdp_firmware_chunk` commands (resuming where the gateway
+        says it stopped), then start the transfer to `reader` (`osdp_firmware`, its SHA-256 signed)."""
+        self.authorizer().require_command(self.operator, "osdp_firmware", gateway)
+        link = await self.link()
+        await self.sync_keys([gateway], timeout=timeout)
+        sha, size, offset = hashlib.sha256(data).hexdigest(), len(data), 0
+        while True:
+            piece = data[offset : offset + chunk]
+            piece_cmd = OsdpFirmwareChunk(sha256=sha, size=size, offset=offset, data=piece)
+            r = await link.command(gateway, self.key_for(gateway), piece_cmd, operator=self.operator.id,
+                                   timeout=timeout)  # fmt: skip
+            have = r.detail.get("have")
+            if not isinstance(have, int) or (not r.ok and (r.error is None or r.error.code != "gap")):
+                return r
+            if progress is not None:
+                progress(have, size)
+            if r.detail.get("complete") is True:
+                break
+            offset = have
+        return await link.command(gateway, self.key_for(gateway), OsdpFirmware(
+            reader=reader, sha256=sha, size=size, file_type=file_type), operator=self.operator.id,
+            timeout=timeout)  # fmt: skip
 
     async def refresh(self, gateway: str, *, timeout: float = 10.0) -> GatewayDoors:
         """Re-read a gateway's doors (a fresh birth) and list them with the groups that use them."""

@@ -5,6 +5,9 @@ valid from sign-in until the end of the site's local day (or an earlier `until`)
 gateway as the window of the assignments and of the card, so the gateway enforces it even while offline.
 Sign-out deletes the visitor user (the badge is free again at once); a visit that ran past its end is
 removed by the next publish, and its badge can then be issued again.
+
+These functions work on the CLI's SQLite `Model`; the service does the same on its own tables
+(service/visitors.py), with the rules shared from here (`visit_end`, `parse_card`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ def end_of_local_day(ts: float, tz: str) -> float:
     local = datetime.fromtimestamp(ts, z)
     midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), z)
     return midnight.timestamp()
+
+
+def visit_end(now: float, tz: str, until: float | None = None) -> float:
+    """When a visit signed in at `now` ends: the end of the site's local day, or `until` if earlier.
+    The one rule of a visit's length, used here and by the service (service/visitors.py)."""
+    ends = end_of_local_day(now, tz)
+    if until is not None:
+        if until <= now:
+            raise OperatorError("a visit must end after it starts")
+        ends = min(ends, until)
+    return ends
 
 
 def add_badge(db: Model, location: str, card: str | int, *, name: str = "", badge_type: str = "") -> int:
@@ -42,11 +56,7 @@ def issue(
 ) -> tuple[int, str, float]:  # fmt: skip
     """Issue `badge` for a new visit; returns (visit id, visitor user id, end time)."""
     t = time.time() if now is None else now
-    ends = end_of_local_day(t, tz)
-    if until is not None:
-        if until <= t:
-            raise OperatorError("a visit must end after it starts")
-        ends = min(ends, until)
+    ends = visit_end(t, tz, until)
     if not groups:
         raise OperatorError("a visitor badge needs at least one group")
     with db.tx() as c:

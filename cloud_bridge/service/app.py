@@ -20,18 +20,25 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 
 from . import site
+from .alarms import AlarmController
 from .api_auth import AuthController, TokenController
+from .areas import CONTROLLERS as RULE_CONTROLLERS
 from .auth import Passwords
 from .config import ServiceConfig
 from .core import ServiceState, audit_refusal, authenticated, handle_exception
 from .database import Database
+from .doors import DoorController, LockdownController
 from .errors import ServiceError
+from .events import EventController, collecting
 from .imports import ImportController
+from .integrations import IdentityController
 from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
 from .provisioning import Provisioner
+from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .visitors import VisitorController
 from .web import console_routers
 
 log = logging.getLogger("cloud_bridge.service")
@@ -61,10 +68,12 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
                     pem = await site.meta(c, "site_key")
                 if pem is None:
                     raise ServiceError("the site has no signing key")
-                prov = Provisioner(
-                    db, site=info.site, host=cfg.mqtt.host or info.host, port=cfg.mqtt.port or info.port,
-                    key=site.decrypt_key(pem, passphrase), workspace=workspace_path(cfg, db),
-                    resend_s=cfg.mqtt.resend_s)  # fmt: skip
+                key = site.decrypt_key(pem, passphrase)
+                host, port = cfg.mqtt.host or info.host, cfg.mqtt.port or info.port
+                # events: stored, acknowledged after the commit, streamed (events.py); it reconnects on its own
+                await stack.enter_async_context(collecting(st, site=info.site, host=host, port=port, key=key))
+                prov = Provisioner(db, site=info.site, host=host, port=port, key=key,
+                                   workspace=workspace_path(cfg, db), resend_s=cfg.mqtt.resend_s)  # fmt: skip
                 try:
                     st.provisioner = await stack.enter_async_context(prov)
                 except aiomqtt.MqttError as e:  # the API still serves; publish answers 503 until a restart
@@ -77,9 +86,28 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
             yield
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
-        TokenController, UserController, CardController, GroupController, GatewayController, PublishController,
-        AuditController, ScheduleController, OperatorController, PermissionGroupController, ReauthController,
-        ImportController])  # fmt: skip
+        # one controller per line (helpers add theirs side by side)
+        TokenController,
+        UserController,
+        CardController,
+        GroupController,
+        GatewayController,
+        PublishController,
+        AuditController,
+        EventController,
+        DoorController,
+        LockdownController,
+        AlarmController,
+        ScheduleController,
+        OperatorController,
+        PermissionGroupController,
+        ReauthController,
+        ImportController,
+        IdentityController,
+        VisitorController,
+        ReportController,
+        *RULE_CONTROLLERS,
+    ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],

@@ -140,11 +140,20 @@ async def permitted(conn: ASGIConnection[Any, Any, Any, Any], handler: BaseRoute
     if id_param is None:
         v = may_some(authz, p.operator, object_type, action)
         if not v.allowed:
-            raise PermissionDenied(p.operator.id, action, Target(object_type, "*"), v)
+            raise PermissionDenied(p.operator.id, action, any_target(object_type), v)
         return
     oid = str(conn.path_params[id_param])
     target = await target_for(st.db, object_type, oid)
     authz.require(p.operator, action, target)
+
+
+def any_target(object_type: ObjectType) -> Target:
+    """The stand-in for "any object of the type" in a refusal names it (a gateway or door target needs its refs)."""
+    if object_type is ObjectType.GATEWAY:
+        return Target.for_gateway("*")
+    if object_type is ObjectType.DOOR:
+        return Target.for_door("*", "*")
+    return Target(object_type, "*")
 
 
 async def target_for(db: Database, object_type: ObjectType, oid: str) -> Target:
@@ -176,7 +185,8 @@ def _field_of(e: ValidationException) -> tuple[str, str]:
     if extra and isinstance(extra[0], dict):
         first = extra[0]
         msg = str(first.get("message", e.detail))
-        source, key = str(first.get("source", "body")), first.get("key")
+        src = first.get("source", "body")
+        source, key = str(getattr(src, "value", src)), first.get("key")  # a ParamType enum for query/path
         if " - at `$" in msg:  # msgspec's path: `$.cards[0].card`
             msg, _, path = msg.partition(" - at `$")
             return msg, f"{source}{path.rstrip('`')}"

@@ -23,6 +23,7 @@ from sqlalchemy import func, select, text
 from . import schema
 from .database import Database
 from .errors import Conflict, ServiceError
+from .events import filter_columns
 
 CHUNK_ROWS = 5000
 
@@ -61,7 +62,10 @@ async def import_site_db(src: Path, db: Database) -> dict[str, int]:
                 n = 0
                 while rows := await asyncio.to_thread(cur.fetchmany, CHUNK_ROWS):
                     try:
-                        await c.execute(table.insert(), [dict(zip(cols, r, strict=True)) for r in rows])
+                        batch = [dict(zip(cols, r, strict=True)) for r in rows]
+                        if table is schema.events:  # the columns the events API filters on (events.py)
+                            batch = [{**x, **filter_columns(x["body"])} for x in batch]
+                        await c.execute(table.insert(), batch)
                     except Exception as e:
                         raise ServiceError(f"import of {src}: table {table.name}: {type(e).__name__}: "
                                            f"{str(e).splitlines()[0][:300]}") from None  # fmt: skip

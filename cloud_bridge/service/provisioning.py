@@ -33,10 +33,11 @@ from typing import Any, Self
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Table, delete, select
 
+from cloud_bridge.operator import rules as access_rules
 from cloud_bridge.operator.db import Model
 from cloud_bridge.operator.provision import SiteLink, plan
 
-from . import schema
+from . import rules_db, schema
 from .database import Database
 
 log = logging.getLogger("cloud_bridge.service.provisioning")
@@ -122,6 +123,8 @@ class Provisioner:
         assert self.model is not None and self.link is not None
         async with self.lock:
             data = await _rows(self.db, SITE_MODEL)
+            async with self.db.read() as c:  # the access rules, as one row of the workspace's meta
+                data[schema.meta].append((access_rules.META_KEY, access_rules.encode(await rules_db.access_rules(c))))
             _write_model(self.model, data)
             gws = self.model.gateways() if gateways is None else gateways
             self.last_not_sent = []

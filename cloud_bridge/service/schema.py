@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData(
@@ -166,8 +167,19 @@ events = Table(
     Column("type", String(64), nullable=False),
     Column("ts", Float, nullable=False),
     Column("body", LargeBinary, nullable=False),
+    # migration 0003: what the events API filters on, copied out of the body when the event is stored
+    Column("door", String(ID)),
+    Column("reader", String(ID)),
+    Column("user_id", String(ID)),
+    Column("card", BigInteger),
+    Column("result", String(16)),  # granted | denied (access decisions), else NULL
+    Column("reason", String(64)),
+    UniqueConstraint("gateway", "seq"),  # exactly once per gateway and sequence number
 )  # fmt: skip
 Index("ix_events_ts_id", events.c.ts, events.c.id)
+Index("ix_events_gateway_door_ts", events.c.gateway, events.c.door, events.c.ts)
+Index("ix_events_user_id_ts", events.c.user_id, events.c.ts)
+Index("ix_events_type_ts", events.c.type, events.c.ts)
 
 event_ranges = Table(
     "event_ranges", metadata,
@@ -269,4 +281,72 @@ alarms = Table(
     Column("acked_by", String(ID)),
     Column("acked_at", Float),
     Column("comment", Text),
+    Column("cleared_at", Float),  # migration 0003: when the gateway reported the condition over
+)  # fmt: skip
+Index("ix_alarms_state_ts", alarms.c.state, alarms.c.ts)
+
+# --- migration 0003: what the collector keeps (events.py) ------------------------------------------------
+
+#: Per gateway, from its births, deaths and event batches (the collector's own: the provisioning workspace
+#: copies `gateways` back wholesale, so nothing of the collector's may live there).
+gateway_status = Table(
+    "gateway_status", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("session", BigInteger, nullable=False, default=0),
+    Column("software", Text, nullable=False, default=""),
+    Column("rights_version", BigInteger, nullable=False, default=0),  # reported in the last birth
+    Column("journal_depth", BigInteger, nullable=False, default=0),  # in the last birth
+    Column("warnings", Text, nullable=False, default=""),  # JSON list, from the last birth
+    Column("last_seen", Float),  # the last birth, death or event batch
+    Column("lockdown", Boolean, nullable=False, default=False),
+    Column("events_upto", BigInteger, nullable=False, default=0),  # contiguous high-water mark (acknowledged)
+    Column("events_stored", BigInteger, nullable=False, default=0),
+    Column("duplicates", BigInteger, nullable=False, default=0),  # events received again, not stored twice
+)  # fmt: skip
+
+#: A door's live state, from its newest door.state / door.* / command.executed events.
+door_state = Table(
+    "door_state", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("door", String(ID), primary_key=True),
+    Column("lock", String(16)),  # locked | unlocked
+    Column("contact", String(16)),  # open | closed
+    Column("mode", String(32)),  # the override (door_mode command) or lockdown; NULL: as provisioned
+    Column("forced", Boolean, nullable=False, default=False),
+    Column("held", Boolean, nullable=False, default=False),
+    Column("seq", BigInteger, nullable=False, default=0),  # the newest event applied
+    Column("ts", Float),
+)  # fmt: skip
+
+# --- integrations (service/integrations.py) --------------------------------------------------------------
+
+#: An identity manager's entitlement assignment, by its own (external) id: the `assignments` row it is.
+#: A separate table, so the site tables keep the columns of operator/db.py (the workspace and the importer).
+assignment_refs = Table(
+    "assignment_refs", metadata,
+    Column("external_id", String(ID), primary_key=True),
+    Column("assignment_id", Integer, ForeignKey("assignments.id", ondelete="CASCADE"), nullable=False,
+           unique=True),
+)  # fmt: skip
+
+# --- access rules (issue 19; cloud_bridge/service/areas.py) ---------------------------------------------
+
+#: Areas (site-wide): `body` is the encoded `edge.model.Area` (MessagePack).
+areas = Table(
+    "areas", metadata, Column("id", String(ID), primary_key=True), Column("body", LargeBinary, nullable=False)
+)
+#: The access-rule fields of a door (`cloud_bridge.operator.rules.DoorRules`, MessagePack).
+door_rules = Table(
+    "door_rules", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("door", String(ID), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+#: Interlocks, per gateway (`edge.model.Interlock`, MessagePack).
+interlocks = Table(
+    "interlocks", metadata,
+    Column("gateway", String(ID), primary_key=True),
+    Column("id", String(ID), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
 )  # fmt: skip

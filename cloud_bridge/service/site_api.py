@@ -51,6 +51,14 @@ class GatewayOut(msgspec.Struct, kw_only=True):
     acked: int
     error: str | None
     doors: list[DoorRef]
+    #: From the collector (events.py): the journal depth in its last birth, its warnings, events stored and
+    #: acknowledged (contiguous up to `events_upto`), repeats received and not stored twice, lockdown.
+    journal_depth: int = 0
+    warnings: list[str] = []
+    events_upto: int = 0
+    events_stored: int = 0
+    duplicates: int = 0
+    lockdown: bool = False
 
 
 class AuditEntry(msgspec.Struct, kw_only=True):
@@ -164,9 +172,19 @@ async def _gateways(c: AsyncConnection, ids: list[str] | None = None) -> list[Ga
     doors: dict[str, list[DoorRef]] = {}
     for gw, did in (await c.execute(select(d.c.gateway, d.c.id).order_by(d.c.gateway, d.c.id))).all():
         doors.setdefault(gw, []).append(DoorRef(gw, did))
-    return [GatewayOut(id=r.id, online=bool(r.online), software=r.software, last_seen=r.last_seen,
-                       reported_version=int(r.reported_version), version=int(r.version), acked=int(r.acked),
-                       error=r.error, doors=doors.get(r.id, [])) for r in rows]  # fmt: skip
+    status = {r.gateway: r for r in (await c.execute(select(schema.gateway_status))).all()}
+    out = []
+    for r in rows:
+        st = status.get(r.id)
+        extra: dict[str, Any] = {} if st is None else {
+            "journal_depth": int(st.journal_depth), "warnings": msgspec.json.decode(st.warnings or "[]"),
+            "events_upto": int(st.events_upto), "events_stored": int(st.events_stored),
+            "duplicates": int(st.duplicates), "lockdown": bool(st.lockdown)}  # fmt: skip
+        seen = max((t for t in (r.last_seen, st.last_seen if st else None) if t is not None), default=None)
+        out.append(GatewayOut(id=r.id, online=bool(r.online), software=r.software, last_seen=seen,
+                              reported_version=int(r.reported_version), version=int(r.version), acked=int(r.acked),
+                              error=r.error, doors=doors.get(r.id, []), **extra))  # fmt: skip
+    return out
 
 
 class GatewayController(Controller):

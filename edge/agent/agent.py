@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -34,9 +35,9 @@ from edge import __version__
 from edge.clock import AgentClock, load_clock_state, read_boot_id, read_ntp_synchronised, save_clock_state
 from edge.config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from edge.control import ControlServer, Handler, StatusRequest
-from edge.decision import Decider, Decision
+from edge.decision import Decider, Decision, Side
 from edge.door import DoorController
-from edge.events import SYSTEM
+from edge.events import INDEX_IMAGE_DAMAGED, SYSTEM
 from edge.hw import HardwareProfile, load_profile, make_factory
 from edge.journal import Journal
 from edge.link import EdgeLink, LinkPorts, birth_info
@@ -53,7 +54,9 @@ from .status import AgentStatus, LinkStatus, ReaderInfo
 from .tap import TapHandler
 
 if TYPE_CHECKING:
-    from cloud_bridge.protocol import Birth
+    from cloud_bridge.protocol import AreaMove, Birth, ReaderAction
+    from edge.events import Detail
+    from edge.readers.osdp.remote import ReaderCommands
 
 log = logging.getLogger("edge.agent")
 
@@ -81,6 +84,8 @@ class Agent:
         self.doors: dict[str, DoorController] = {}
         self.readers: dict[str, Reader] = {}
         self.reader_door: dict[str, str] = {}
+        #: reader -> the side of its door it reads ("in" unless configured `side = "out"`)
+        self.reader_side: dict[str, Side] = {}
         self.store: Store | None = None
         self.journal: Journal | None = None
         self.decider: Decider | None = None
@@ -88,6 +93,8 @@ class Agent:
         self.tap: TapHandler | None = None
         #: The cloud link's wiring while the agent runs (the integrity check asks it for a snapshot).
         self.link: EdgeLink | None = None
+        #: the signed commands for OSDP readers (key rotation, outputs, firmware), once the readers are up
+        self.reader_commands: ReaderCommands | None = None
         self.connectivity = Connectivity(self.clock)
         self.boot_id = read_boot_id()
         self.heartbeat = Heartbeat(max_age_s=4.0)
@@ -149,6 +156,22 @@ class Agent:
         """The cloud asked for a resync: the link requests the rights again; nothing to do locally."""
         log.info("resync requested by the cloud")
 
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        """A signed command for an OSDP reader (edge/readers/osdp/remote.py)."""
+        if self.reader_commands is None:
+            raise ValueError("no OSDP reader on this gateway")
+        return await self.reader_commands.run(action)
+
+    async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
+        """The signed anti-passback reset (access rules, `TapHandler.reset_command`)."""
+        assert self.tap is not None
+        return self.tap.reset_command(user, area)
+
+    async def area_moves(self, moves: Sequence[AreaMove]) -> int:
+        """Passages the site's other gateways saw, relayed by the cloud (`TapHandler.remote_moves`)."""
+        assert self.tap is not None
+        return self.tap.remote_moves((m.user, m.area, m.ts) for m in moves)
+
     # --- the link's state -------------------------------------------------------------------------------
 
     @property
@@ -203,6 +226,7 @@ class Agent:
         return birth_info(
             self.cfg, doors={d: c.door.name or d for d, c in self.doors.items()},
             readers={r: (rd.kind, self.reader_door[r]) for r, rd in self.readers.items()},
+            occupancy=dict(self.tap.access.occupancy) if self.tap is not None else {},
         )  # fmt: skip
 
     # --- status -----------------------------------------------------------------------------------------
@@ -256,6 +280,7 @@ class Agent:
             )  # fmt: skip
             readers.append(r)
             self.reader_door[name] = rc.door
+            self.reader_side[name] = rc.side
             if isinstance(rc, OsdpReaderConfig):
                 by_port.setdefault(rc.port, []).append(r)
                 port_cfg.setdefault(rc.port, rc)
@@ -281,7 +306,7 @@ class Agent:
             # 2. Rights and journal.
             state = cfg.state_dir
             self.store = await stack.enter_async_context(
-                Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous)
+                Store(state / "rights.db", cfg.tz, synchronous=cfg.storage.synchronous, verify_at_open=False)
             )
             self.journal = await journal_stack.enter_async_context(
                 Journal(
@@ -318,20 +343,32 @@ class Agent:
                 decider=decider, doors=self.doors, readers=self.readers, reader_door=self.reader_door,
                 modes=self.modes, journal=self.journal, clock=self.clock, connectivity=self.connectivity,
                 metrics=self.metrics, emit=self._journal, access=await self.store.load_access_state(),
-                save_access=self.store.save_access_state,
+                save_access=self.store.save_access_state, reader_side=self.reader_side,
             )  # fmt: skip
             stack.push_async_callback(self.tap.close)
+            for door_id, ctl in self.doors.items():  # REX honours the interlocks (unless they let it override)
+                ctl.rex_allowed = functools.partial(self.tap.rex_allowed, door_id)
             self.journal.record(
                 SYSTEM, detail={"event": "started", "version": __version__, "rights_version": self.store.version}
             )
             if self.store.damage is not None:  # the rights file was damaged: say so where the cloud sees it
                 self.journal.record(RIGHTS_DAMAGED, detail=self.store.damage)
+            if self.store.image_problem is not None:
+                self.journal.record(INDEX_IMAGE_DAMAGED, detail=self.store.image_problem)
             # 3. Readers (and the OSDP buses that poll them).
             readers, buses = self._make_readers()
             for r in readers:
                 self.readers[r.name] = await stack.enter_async_context(r)
             for bus in buses:
                 await stack.enter_async_context(bus)
+            if buses:
+                from edge.readers.osdp import OsdpReader
+                from edge.readers.osdp.remote import ReaderCommands
+
+                self.reader_commands = await stack.enter_async_context(ReaderCommands(
+                    {n: r for n, r in self.readers.items() if isinstance(r, OsdpReader)},
+                    firmware_dir=state / "firmware", journal=self._journal, doors=self.reader_door,
+                ))  # fmt: skip
             await stack.enter_async_context(ControlServer(cfg.control.socket, dict(self.control_handlers)))
             if cfg.metrics.port or cfg.metrics.socket:  # a failure to serve is logged, never fatal
                 self.metrics.registry.on_collect.append(
@@ -361,6 +398,7 @@ class Agent:
                         store=self.store, journal=self.journal, clock=self.clock, commands=self,
                         birth=self._birth, on_state=self.link_state_changed, on_cloud_time=self.cloud_time,
                     ))  # fmt: skip
+                    self.tap.on_urgent.append(self.link.send_urgent)
                     tg.create_task(self._supervise("link", self.link.run), name="link")
                 else:
                     log.warning("cloud link disabled in the config: running offline")
@@ -423,8 +461,11 @@ class Agent:
         `quick_check` and the rights checksum): silently changed rows are an alarm, the verified copy is
         refreshed when sound, and the link asks the cloud for a snapshot when not."""
         assert self.store is not None and self.journal is not None
+        # Booted from the index image, the file itself was not checked at open: the first check comes soon.
+        first = min(self.integrity_check_s, 60.0) if self.store.booted_from == "image" else self.integrity_check_s
         while True:
-            await asyncio.sleep(self.integrity_check_s)
+            await asyncio.sleep(first)
+            first = self.integrity_check_s
             problem = await self.store.check_integrity()
             if problem is not None:
                 self.journal.record(RIGHTS_DAMAGED, detail={"error": problem, "when": "periodic"})

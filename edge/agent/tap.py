@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -36,6 +36,7 @@ from edge.access_state import (
     door_relocked,
     due_resets,
     on_decision,
+    remote_move,
     reset,
     update,
 )
@@ -49,6 +50,7 @@ from edge.events import (
     ALARM_ANTI_PASSBACK,
     ALARM_DURESS,
     ALARM_PIN_LOCKOUT,
+    AREA_PASSAGE,
     DOOR_STATE,
     READER_FAULT,
     READER_IO,
@@ -56,6 +58,7 @@ from edge.events import (
     READER_STATUS,
     READER_TAMPER,
     SYSTEM,
+    Event,
 )
 from edge.journal import Journal
 from edge.metrics import EdgeMetrics
@@ -135,12 +138,14 @@ class TapHandler:
         #: The access rules' state (read by every decision) and where its changes are saved.
         self.access = access if access is not None else AccessState()
         self._save_access = save_access
-        self.reader_side: Mapping[str, Side] = reader_side or {}
+        self.reader_side: Mapping[str, Side] = reader_side if reader_side is not None else {}
         #: door -> a grant waiting for its door to open (it moves the user / counts a use when it does)
         self._awaiting_open: dict[str, Decision] = {}
         self._unsaved = Delta()
         self._saver: asyncio.Task[None] | None = None
         self._reset_checked: datetime | None = None
+        #: Called with each urgent event (`alarm.duress`) as it is journalled: the link's priority lane.
+        self.on_urgent: list[Callable[[Event], None]] = []
 
     async def close(self) -> None:
         """Cancel the PIN checks in flight, stop the PIN thread, write the access state still unsaved."""
@@ -239,12 +244,20 @@ class TapHandler:
                 detail={"states": "".join(map(str, ev.states)), "changed": ",".join(map(str, ev.changed))},
             )  # fmt: skip
         elif isinstance(ev, TamperChanged):
-            log.log(logging.WARNING if ev.tamper else logging.INFO, "reader %s: tamper %s", ev.reader,
-                    "on" if ev.tamper else "off")
+            log.log(
+                logging.WARNING if ev.tamper else logging.INFO,
+                "reader %s: tamper %s",
+                ev.reader,
+                "on" if ev.tamper else "off",
+            )
             self.journal.record(READER_TAMPER, door=door, reader=ev.reader, detail={"tamper": ev.tamper})
         elif isinstance(ev, PowerChanged):
-            log.log(logging.INFO if ev.power_ok else logging.WARNING, "reader %s: power %s", ev.reader,
-                    "ok" if ev.power_ok else "failed")
+            log.log(
+                logging.INFO if ev.power_ok else logging.WARNING,
+                "reader %s: power %s",
+                ev.reader,
+                "ok" if ev.power_ok else "failed",
+            )
             self.journal.record(READER_POWER, door=door, reader=ev.reader, detail={"power_ok": ev.power_ok})
 
     def _keypad_code(self, door: str, ev: PinEntry) -> Decision | None:
@@ -277,9 +290,7 @@ class TapHandler:
 
     def _check_pin(self, d: Decision, pin: str, facility: int | None, reader: str) -> None:
         """Verify the PIN against `d.pin_check` on the PIN thread; decide and act when the hash completes."""
-        task = asyncio.get_running_loop().create_task(
-            self._pin_task(d, pin, facility, reader), name=f"pin[{d.door}]"
-        )
+        task = asyncio.get_running_loop().create_task(self._pin_task(d, pin, facility, reader), name=f"pin[{d.door}]")
         self._pin_tasks.add(task)
         task.add_done_callback(self._pin_tasks.discard)
 
@@ -334,7 +345,7 @@ class TapHandler:
         if ctl is not None and ctl.is_open is False and d.reason is not Reason.FREE_PASSAGE:
             self._awaiting_open[d.door] = d  # moves the user when the contact opens; nobody if it relocks first
         else:  # no contact (or the door stands open already): the grant is the passage
-            self._save(update(self.access, d, True, now))
+            self._passed(d, now)
 
     def door_event(self, type: str, fields: Mapping[str, Any]) -> None:
         """A door's event (the agent's sink passes each one): its contact edges and relocking."""
@@ -351,11 +362,68 @@ class TapHandler:
         if contact == "open":
             d = self._awaiting_open.pop(door, None)
             if d is not None:
-                self._save(update(self.access, d, True, now))
+                self._passed(d, now)
+        elif detail.get("lock") == "unlocked" and detail.get("cause") == "rex":
+            if self._interlock_of(door) is not None:  # a REX unlock holds the interlock like a grant, till it relocks
+                self.access.unlocked_until[door] = float("inf")
         elif detail.get("lock") == "locked":
             door_relocked(self.access, door)
             if door in self._awaiting_open:
                 update(self.access, self._awaiting_open.pop(door), False, now)  # never opened: nobody moved
+
+    def _interlock_of(self, door: str) -> tuple[bool, tuple[str, ...]] | None:
+        """(REX overrides it, the other doors) of the interlock `door` is in, or None."""
+        tables = self.decider.index.tables
+        rules = tables.door_rules.get(door)
+        if rules is None or rules.interlock is None:
+            return None
+        il = tables.interlocks.get(rules.interlock)
+        return (il is None or il.rex_overrides), tuple(rules.peers)
+
+    def rex_allowed(self, door: str) -> bool:
+        """Whether a REX press may unlock `door` now (the door module asks): not while another door of its
+        interlock is released or open, unless the interlock lets REX override it (`rex_overrides`, egress
+        safety, the default). Any failure here lets the REX through: egress wins."""
+        try:
+            il = self._interlock_of(door)
+            if il is None or il[0]:
+                return True
+            now = self.clock()
+            if any(self.access.busy(p, now) for p in il[1]):
+                log.info("door %s: REX refused: another door of its interlock is released or open", door)
+                return False
+            return True
+        except Exception:
+            log.exception("door %s: REX interlock check failed; REX allowed", door)
+            return True
+
+    def _passed(self, d: Decision, now: float) -> None:
+        """The granted door opened: move the user, count the use, journal the passage (`area.passage`, which
+        the cloud relays to the site's other gateways), save."""
+        delta = update(self.access, d, True, now)
+        if d.passage is not None and d.user is not None and d.user in delta.users:
+            src, dst = d.passage
+            occ = self.access.occupancy.get(dst, 0) if dst is not None else 0
+            self.journal.record(AREA_PASSAGE, door=d.door, card=d.card, user=d.user,
+                                detail={"from": src, "to": dst, "occupancy": occ, "at": now})  # fmt: skip
+        self._save(delta)
+
+    def reset_command(self, user: str | None, area: str | None) -> int:
+        """The signed anti-passback reset: forget `user`, everyone in `area`, or (neither) everyone; saved.
+        Returns how many users were forgotten."""
+        delta = reset(self.access, user=user, area=area)
+        self._save(delta)
+        log.info("anti-passback reset (user %s, area %s): %d forgotten", user or "*", area or "*", len(delta.users))
+        return len(delta.users)
+
+    def remote_moves(self, moves: Iterable[tuple[str, str | None, float]]) -> int:
+        """Passages (user, area, UTC seconds) another gateway of the site saw, relayed by the cloud: applied
+        unless this gateway saw the user pass later; saved. Returns how many changed a location."""
+        delta = Delta()
+        for user, area, ts in moves:
+            delta.merge(remote_move(self.access, user, area, ts))
+        self._save(delta)
+        return len(delta.users)
 
     def scheduled_resets(self, now: datetime) -> list[str]:
         """The nightly anti-passback resets (`Area.reset_daily`) due since the last call (the agent calls it
@@ -412,8 +480,13 @@ class TapHandler:
         if d.alarm == "pin_lockout":
             log.warning("door %s: PIN lockout for card %s", d.door, mask_card(d.card))
             self.journal.record(ALARM_PIN_LOCKOUT, door=d.door, reader=reader, card=d.card, user=d.user)
-        if d.duress:  # silent: the reader shows the decision as usual
-            self.journal.record(ALARM_DURESS, door=d.door, reader=reader, card=d.card, user=d.user,
-                                reason=d.reason.value)  # fmt: skip
+        if d.duress:  # silent: the reader shows the decision as usual; sent ahead of the backlog
+            ev = self.journal.record(ALARM_DURESS, door=d.door, reader=reader, card=d.card, user=d.user,
+                                     reason=d.reason.value)  # fmt: skip
+            for cb in self.on_urgent:
+                try:
+                    cb(ev)
+                except Exception:  # the alarm is in the journal anyway: it goes in order then
+                    log.exception("door %s: the duress alarm could not be sent ahead", d.door)
         if d.alarm == "anti_passback":
             self.journal.record(ALARM_ANTI_PASSBACK, door=d.door, reader=reader, card=d.card, user=d.user)

@@ -65,6 +65,8 @@ class DoorController:
         self._devices: list[Any] = []
         self._indicator: Indicator | None = None
         self._logic: DoorLogic | None = None
+        #: Whether a REX press may unlock now (set by the agent: the interlock); None: always.
+        self.rex_allowed: Callable[[], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -106,6 +108,7 @@ class DoorController:
                 prealarm_fraction=io.prealarm_fraction,
                 fail_safe=self._fail_safe,
             )
+            self._logic.rex_allowed = lambda: self.rex_allowed is None or self.rex_allowed()
             if self._contact is not None:
                 self._contact.pin.when_changed = self._contact_changed
             if self._rex is not None:

@@ -21,6 +21,8 @@ Door states and alarms (every change goes to the journal):
   `prealarm_fraction` of it. Free passage (a hold) suspends the held-open timer.
   Alarms end (``state = "cleared"``) when the door closes.
 * REX ``unlock`` works like a grant; REX ``shadow`` only covers the opening that follows for a window.
+  ``rex_allowed`` (the access rules' interlock) may refuse a REX unlock while another door of its interlock
+  is released or open, unless the interlock lets REX override it (egress safety).
   REX keeps working in lockdown: egress is a life-safety matter.
 * Holds: free passage while any hold is set (``hold(reason)``: the agent's unlock schedules and first-card
   unlocks, or a timed remote ``unlock_for``). Door modes (unlocked by schedule, first card, locked) are the
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 from edge.errors import EdgeError
@@ -140,6 +143,9 @@ class DoorLogic:
         self.rex_window_s = rex_window_s
         self.prealarm_fraction = prealarm_fraction
         self.lockdown = False
+        #: Whether a REX press may unlock now (the access rules' interlock, unless it lets REX override it for
+        #: egress safety); None: always. A press it refuses is recorded (`door.rex`, refused "interlock").
+        self.rex_allowed: Callable[[], bool] | None = None
         self._events: list[tuple[str, Detail]] = []
         self._contact = None if contact_open is None else Debouncer(debounce_s, contact_open)
         self._rex = Debouncer(debounce_s, rex_pressed)
@@ -428,6 +434,9 @@ class DoorLogic:
         if not pressed:
             return
         window = self.rex_window_s if self.rex_window_s is not None else self.door.strike_s
+        if self.rex_mode == "unlock" and self.rex_allowed is not None and not self.rex_allowed():
+            self._record_event(DOOR_REX, mode=self.rex_mode, refused="interlock")
+            return
         self._record_event(DOOR_REX, mode=self.rex_mode)
         if self.rex_mode == "unlock":
             self.grant(now, window, cause="rex")

@@ -8,11 +8,11 @@ entry describes, with every error a `ConfigError` that names the entry (``reader
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError
 from edge.readers.base import FeedbackPlayer, Reader, ReaderSink
 from edge.readers.formats import FormatTable
 from edge.secrets import SecretSource
@@ -20,8 +20,11 @@ from edge.secrets import SecretSource
 if TYPE_CHECKING:
     from edge.config import Config, OsdpReaderConfig, ReaderConfig
     from edge.hw import HardwareProfile
+    from edge.readers.osdp.keystore import KeyStore
 
 #: Reader drivers by name: "module:Class" of a `Reader` subclass.
+log = logging.getLogger(__name__)
+
 BACKENDS: dict[str, str] = {
     "wiegand": "edge.readers.wiegand.reader:WiegandReader",
     "osdp": "edge.readers.osdp.reader:OsdpReader",
@@ -48,10 +51,24 @@ def read_key(cfg: Config, rc: OsdpReaderConfig, where: str) -> str | None:
     if rc.key_file is None:
         return None
     src = SecretSource.from_env(plaintext=cfg.storage.plaintext_secrets)
-    text = src.read(rc.key_file, f"{where}.key_file", plain_dir=Path(cfg.storage.state_dir) / "keys")
+    text = src.read(rc.key_file, f"{where}.key_file", plain_dir=cfg.key_store_dir)
     if len(text) != 32 or any(c not in "0123456789abcdefABCDEF" for c in text):
         raise ConfigError(f"{where}.key_file: {rc.key_file} must hold 32 hex digits (the 128-bit SCBK)")
     return text
+
+
+def key_store(cfg: Config, rc: OsdpReaderConfig) -> KeyStore | None:
+    """Where a key rotation writes the reader's new key (`storage.key_store`): a systemd credential
+    `<dir>/<key_file>.cred`, or with storage.plaintext_secrets the 0600 file `<dir>/<key_file>`."""
+    from edge.readers.osdp.keystore import PlainKeyFile, SystemdCredential
+
+    if rc.key_file is None or "/" in rc.key_file:
+        return None  # no key, or a plain file named by its path: rotations are refused
+    d = cfg.key_store_dir
+    if cfg.storage.plaintext_secrets:
+        return PlainKeyFile(d / rc.key_file)
+    with_key = cfg.storage.key_store_with_key
+    return SystemdCredential(rc.key_file, d, encrypt_args=() if with_key == "auto" else (f"--with-key={with_key}",))
 
 
 def build_reader(
@@ -91,12 +108,20 @@ def build_reader(
             indicator=indicator, pin_factory=factory,
         )  # fmt: skip
     if isinstance(rc, OsdpReaderConfig):
+        store = key_store(cfg, rc)
+        try:
+            staged = store.staged() if store is not None else None  # a rotation the last run left open
+        except EdgeError as e:
+            # the doors must still work: start on the current key (the reader may be refused until fixed)
+            log.error("%s.key_file: a key rotation was left open and its staged key cannot be read: %s", where, e)
+            staged = None
         return backend("osdp")(
             name, sink, address=rc.address, secure=rc.secure, allow_install_mode=rc.allow_install_mode,
             allow_plaintext=rc.allow_plaintext, scbk=read_key(cfg, rc, where), formats=list(rc.formats),
-            baudrate=rc.baud, direction=rc.direction,
+            baudrate=rc.baud, direction=rc.direction, key_store=store,
+            scbk_next=staged.hex() if staged is not None else None,
         )  # fmt: skip
     raise ConfigError(f"{where}.driver: unknown reader driver")
 
 
-__all__ = ["BACKENDS", "backend", "build_reader", "read_key"]
+__all__ = ["BACKENDS", "backend", "build_reader", "key_store", "read_key"]

@@ -25,6 +25,7 @@ from edge.access_state import AccessState, Delta, Location
 from edge.errors import StoreError
 from edge.index import (
     AssignRow,
+    Columns,
     CredRow,
     Digest,
     RightsIndex,
@@ -32,6 +33,7 @@ from edge.index import (
     UserRow,
     build_arrays,
     cred_hash,
+    pack,
     table_hash,
     user_hash,
 )
@@ -39,7 +41,7 @@ from edge.model import Area, Door, Group, Interlock, Schedule, SiteRules
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Index entries staged (or checksummed) per loop turn while a change set is published (each turn well under 1 ms).
 STAGE_SLICE = 250
 
@@ -77,11 +79,23 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE access_where (user_id TEXT PRIMARY KEY, area TEXT, since REAL NOT NULL) WITHOUT ROWID",
         "CREATE TABLE access_uses (card INTEGER PRIMARY KEY, used INTEGER NOT NULL)",
     ],
+    # 5: the index image (issue 18): every credential (kind 0, by card) and user (kind 1, by uid) a change set
+    # wrote, with its version, so that a boot from an image replays only what changed since; the image
+    # epoch, renewed by every snapshot and recovery, ties an image to the rights it was built from.
+    5: [
+        "CREATE TABLE IF NOT EXISTS changed (kind INTEGER NOT NULL, key INTEGER NOT NULL, version INTEGER NOT NULL, "
+        "PRIMARY KEY (kind, key)) WITHOUT ROWID",
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('image_epoch', lower(hex(randomblob(8))))",
+    ],
 }
 #: The rule tables (id, body) beside doors, schedules and groups.
 RULE_TABLES = ("areas", "interlocks", "site_rules")
 #: The meta key of the rights checksum (`Digest.text()`).
 META_DIGEST = "rights_digest"
+#: The meta key of the image epoch (see migration 5).
+META_EPOCH = "image_epoch"
+#: `changed.kind` of a credential row and of a user row.
+CHANGED_CRED, CHANGED_USER = 0, 1
 
 
 class Damaged(StoreError):
@@ -132,6 +146,7 @@ _dec_site = msgspec.msgpack.Decoder(SiteRules)
 def decode_tables(
     site_tz: ZoneInfo, doors: list[bytes], scheds: list[bytes], groups: list[bytes], *,
     areas: list[bytes] | None = None, interlocks: list[bytes] | None = None, site: list[bytes] | None = None,
+    gidx: dict[str, int] | None = None,
 ) -> Tables:  # fmt: skip
     """Tables from stored bodies (blocking: a worker thread; a schedule at the limit decodes in ~4 ms)."""
     return Tables.build(
@@ -139,6 +154,7 @@ def decode_tables(
         [_dec_door.decode(b) for b in doors],
         [_dec_sched.decode(b) for b in scheds],
         [_dec_group.decode(b) for b in groups],
+        gidx,
         areas=[_dec_area.decode(b) for b in areas or ()],
         interlocks=[_dec_interlock.decode(b) for b in interlocks or ()],
         site_rules=_dec_site.decode(site[0]) if site else None,
@@ -184,22 +200,68 @@ async def _chunks(db: aiosqlite.Connection, sql: str, size: int = 200_000) -> li
 STATUS_WORD = "status | (coalesce(max_uses, 0) << 2) | (coalesce(facility + 1, 0) << 8)"
 
 
-async def load_index(db: aiosqlite.Connection, site_tz: ZoneInfo) -> tuple[RightsIndex, int]:
-    """The index of the rows on disk, and the next free internal user id."""
-    version = int((await rows(db, "SELECT value FROM meta WHERE key='rights_version'"))[0][0])
+async def load_tables(db: aiosqlite.Connection, site_tz: ZoneInfo, gid: Sequence[str] | None = None) -> Tables:
+    """The small tables on disk; `gid` (group number -> id, "" for a deleted group): the group numbering to
+    carry forward (an index image's), new groups numbered after it."""
     bodies = [
         [b for (b,) in await rows(db, f"SELECT body FROM {t}")] for t in ("doors", "schedules", "groups", *RULE_TABLES)
     ]
-    decode = functools.partial(decode_tables, areas=bodies[3], interlocks=bodies[4], site=bodies[5])
-    tables = await asyncio.to_thread(in_background(decode, site_tz, *bodies[:3]))
-    arrays = await load_arrays(db, tables)
+    gidx = None if gid is None else {(g or f"\0{i}"): i for i, g in enumerate(gid)}
+    decode = functools.partial(decode_tables, areas=bodies[3], interlocks=bodies[4], site=bodies[5], gidx=gidx)
+    return await asyncio.to_thread(in_background(decode, site_tz, *bodies[:3]))
+
+
+async def next_uid(db: aiosqlite.Connection) -> int:
     mx = await rows(db, "SELECT max(uid) FROM users")
-    return RightsIndex(tables, arrays, version=version), int(mx[0][0] or 0) + 1
+    return int(mx[0][0] or 0) + 1
 
 
-async def load_arrays(
-    db: aiosqlite.Connection, tables: Tables
-) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+async def load_index(db: aiosqlite.Connection, site_tz: ZoneInfo) -> tuple[RightsIndex, int]:
+    """The index of the rows on disk, and the next free internal user id."""
+    version = int((await rows(db, "SELECT value FROM meta WHERE key='rights_version'"))[0][0])
+    tables = await load_tables(db, site_tz)
+    arrays = await load_arrays(db, tables)
+    return RightsIndex(tables, arrays, version=version), await next_uid(db)
+
+
+async def changed_rows(
+    db: aiosqlite.Connection, tables: Tables, since: int
+) -> tuple[list[tuple[int, CredRow | None]], list[tuple[int, UserRow | None]]]:
+    """The rows, as they are now, of every credential and user a change set after version `since` wrote
+    (None: deleted since): what a boot from an image of version `since` replays."""
+    creds: list[tuple[int, CredRow | None]] = [
+        (int(k), None if uid is None else (int(uid), int(sw), int(f), int(u)))
+        for k, uid, sw, f, u in await rows(
+            db,
+            f"SELECT ch.key, c.uid, {STATUS_WORD}, c.vfrom, c.vuntil FROM changed ch "
+            "LEFT JOIN credentials c ON c.card = ch.key WHERE ch.kind = ? AND ch.version > ?",
+            (CHANGED_CRED, since),
+        )
+    ]
+    gidx = tables.gidx
+    assigns: dict[int, list[AssignRow]] = {}
+    for uid, g, f, u in await rows(
+        db,
+        "SELECT a.uid, a.group_id, a.vfrom, a.vuntil FROM changed ch JOIN assignments a ON a.uid = ch.key "
+        "WHERE ch.kind = ? AND ch.version > ? ORDER BY a.uid, a.pos",
+        (CHANGED_USER, since),
+    ):
+        assigns.setdefault(int(uid), []).append((gidx.get(g, 0xFFFF), int(f), int(u)))
+    users: list[tuple[int, UserRow | None]] = [
+        (int(k), None if ext is None else (str(ext), int(fl), int(f), int(u), pin, tuple(assigns.get(int(k), ()))))
+        for k, ext, fl, f, u, pin in await rows(
+            db,
+            "SELECT ch.key, u.ext_id, u.flags, u.vfrom, u.vuntil, u.pin_hash FROM changed ch "
+            "LEFT JOIN users u ON u.uid = ch.key WHERE ch.kind = ? AND ch.version > ?",
+            (CHANGED_USER, since),
+        )
+    ]
+    return creds, users
+
+
+async def load_arrays(db: aiosqlite.Connection, tables: Tables) -> Columns:
+    """The index columns (`index.pack`) of the rows on disk, numbered by `tables.gidx`."""
+
     def cols(chunks: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
         return np.concatenate(chunks) if chunks else np.zeros((0, n), np.int64)
 
@@ -227,11 +289,12 @@ async def load_arrays(
         cur.arraysize = 200_000
         while batch := await cur.fetchmany(200_000):
             ids.extend(r[0].encode() for r in batch)
-    pins = {int(uid): str(h) for uid, h in await rows(db, "SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL")}
+    pins = await rows(db, "SELECT uid, pin_hash FROM users WHERE pin_hash IS NOT NULL ORDER BY uid")
     uid_col = u[:, 0]
     counts = np.bincount(np.searchsorted(uid_col, a[:, 0]), minlength=len(uid_col))[: len(uid_col)]
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    arrays: dict[str, npt.NDArray[np.generic]] = {
+    p_hash = [str(h).encode() for _, h in pins]
+    lg: Columns = {
         "c_card": c[:, 0].astype(np.uint64),
         "c_uid": c[:, 1].astype(np.uint32),
         "c_status": c[:, 2].astype(np.uint32),
@@ -243,11 +306,15 @@ async def load_arrays(
         "u_until": u[:, 3].astype(np.uint32),
         "u_aoff": np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
         "u_idoff": np.concatenate([[0], np.cumsum(lens)]).astype(np.uint32),
+        "u_id": np.frombuffer(b"".join(ids), np.uint8),
         "a_gidx": a[:, 1].astype(np.uint16),
         "a_from": a[:, 2].astype(np.uint32),
         "a_until": a[:, 3].astype(np.uint32),
+        "p_uid": np.array([int(uid) for uid, _ in pins], np.uint32),
+        "p_off": np.concatenate([[0], np.cumsum([len(h) for h in p_hash])]).astype(np.uint32),
+        "p_hash": np.frombuffer(b"".join(p_hash), np.uint8),
     }
-    return arrays, b"".join(ids), pins
+    return await asyncio.to_thread(in_background(pack, lg))
 
 
 def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, str | None]:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,8 +23,6 @@ from typing import Any, Self
 from zoneinfo import ZoneInfo
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 
 from edge._sqlite import (
     SqliteService,
@@ -42,7 +41,20 @@ from edge._sqlite import (
 from edge.access_state import AccessState, Delta
 from edge.errors import ChangeRejected, StoreError, VersionGap
 from edge.events import RIGHTS_DAMAGED  # noqa: F401  (re-exported)
-from edge.index import STATUS_CODES, Digest, RightsIndex, Tables, UserRow, index_digest, table_hashes
+from edge.index import (
+    STATUS_CODES,
+    Columns,
+    CredRow,
+    Digest,
+    RightsIndex,
+    Tables,
+    UserRow,
+    cred_hash,
+    index_digest,
+    table_hashes,
+    user_hash,
+)
+from edge.index_image import ImageError, ImageMeta, read_image, write_image
 from edge.model import (
     ChangeSet,
     PutArea,
@@ -60,17 +72,24 @@ from edge.tasks import cancel_and_wait
 
 from .plan import Plan, index_from_plan, plan_changes
 from .schema import (
+    CHANGED_CRED,
+    CHANGED_USER,
     DAMAGE_ERRORS,
     META_DIGEST,
+    META_EPOCH,
     RULE_TABLES,
+    SCHEMA_VERSION,
     STAGE_SLICE,
     Damaged,
+    changed_rows,
     check_digest,
     digest_after,
     load_access_state,
     load_arrays,
     load_index,
+    load_tables,
     migrate,
+    next_uid,
     read_index,
     rows,
     write_access_state,
@@ -95,7 +114,14 @@ class Store(SqliteService):
 
     what = "store"
 
-    def __init__(self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: Path | str, site_tz: ZoneInfo | str = "UTC", *, synchronous: str = "FULL",
+        verify_at_open: bool = True,
+    ) -> None:  # fmt: skip
+        """`verify_at_open`: check the whole file at open (SQLite's `quick_check` and the rights checksum
+        over every row: seconds at 10^6 credentials) and build the index from the rows. False (the agent):
+        boot from the index image when it is sound and current (see `_open_from_image`), leaving the file's
+        own check to `check_integrity`, which the agent runs soon after."""
         super().__init__()
         self.path = Path(path)
         self.site_tz = site_tz if isinstance(site_tz, ZoneInfo) else ZoneInfo(site_tz)
@@ -115,6 +141,19 @@ class Store(SqliteService):
         #: What was found at open when the file was damaged (the detail of the `RIGHTS_DAMAGED` alarm the
         #: agent journals), else None.
         self.damage: dict[str, Any] | None = None
+        self.verify_at_open = verify_at_open
+        #: How the index was built at open: "image" (mapped, change sets since replayed) or "rows" (rebuilt).
+        self.booted_from = ""
+        #: An index image found at open and not used (damaged: discarded; or stale), the detail of the
+        #: `INDEX_IMAGE_DAMAGED` alarm, else None.
+        self.image_problem: dict[str, Any] | None = None
+        self._epoch = ""
+        self._imaging: asyncio.Task[None] | None = None
+
+    @property
+    def image_path(self) -> Path:
+        """The index image (`edge/index_image.py`): the index's columns, mapped at boot."""
+        return self.path.with_name(self.path.name + ".idx")
 
     @property
     def verified_path(self) -> Path:
@@ -152,6 +191,8 @@ class Store(SqliteService):
             raise Damaged(f"{self.path}: the file is empty (0 bytes)")
         try:
             db = await self._open_db(self.path, synchronous=self.synchronous, pragmas=("foreign_keys=OFF",))
+            if existed and not self.verify_at_open and await self._open_from_image():
+                return
             problem = await quick_check(db)
             if problem is not None:
                 raise Damaged(f"integrity check failed: {problem}")
@@ -166,15 +207,113 @@ class Store(SqliteService):
                 )
             self._digest = digest
             self._tab_hash = await asyncio.to_thread(in_background(table_hashes, index.tables))
+            self._epoch = str(await self.get_meta(META_EPOCH))
             self._swap(index)
+            self.booted_from = "rows"
         except BaseException:
             await self.close()
             raise
+        self._imaging = asyncio.get_running_loop().create_task(self._image_task(), name="store.image")
+
+    async def _open_from_image(self) -> bool:
+        """Boot from the index image: map it (every checksum checked), replay the rows the change sets since
+        its version wrote, and check that the result carries the rights checksum the file holds. True when
+        it did; False to build the index from the rows (`image_problem` says why, when there was an image)."""
+        path = self.image_path
+        if not path.exists():
+            return False
+        await migrate(self.db, self.path, existed=True)
+        try:
+            meta, cols = await asyncio.to_thread(read_image, path)
+            Digest.parse(meta.digest)
+        except (ImageError, ValueError) as e:
+            self._image_unusable("damaged", str(e))
+            return False
+        m = dict(await self._rows("SELECT key, value FROM meta WHERE key IN ('rights_version', ?, ?)",
+                                  (META_DIGEST, META_EPOCH)))  # fmt: skip
+        version, stored, epoch = int(m["rights_version"]), m.get(META_DIGEST), m.get(META_EPOCH)
+        why = None
+        if meta.schema != SCHEMA_VERSION:
+            why = f"built for schema {meta.schema}, the rights file has {SCHEMA_VERSION}"
+        elif epoch is None or meta.epoch != epoch:
+            why = "built from other rights (a snapshot or a recovery since)"
+        elif meta.version > version:
+            why = f"its version {meta.version} is ahead of the rights' ({version})"
+        elif stored is None:
+            why = "the rights file holds no checksum"
+        if why is not None:
+            self._image_unusable("stale", why)
+            return False
+        tables = await load_tables(self.db, self.site_tz, meta.numbering)
+        index = RightsIndex(tables, cols, version=meta.version)
+        creds, users = await changed_rows(self.db, tables, meta.version)
+        digest = await asyncio.to_thread(in_background(_replayed_digest, index, meta, version, creds, users))
+        if digest.text() != stored:
+            self._image_unusable("stale", f"image + change sets since give {digest.text()}, the rights {stored}")
+            return False
+        if version != meta.version:
+            index.begin(version)
+            for uid, urow in users:
+                index.stage_user(uid, urow)
+            for card, crow in creds:
+                index.stage_cred(card, crow)
+            index.publish()
+        self._digest = digest
+        self._tab_hash = await asyncio.to_thread(in_background(table_hashes, tables))
+        self._next_uid = await next_uid(self.db)
+        self._epoch = str(epoch)
+        self._swap(index)
+        self.booted_from = "image"
+        log.info("rights index mapped from %s (version %d, %d change rows replayed to version %d)", path.name,
+                 meta.version, len(creds) + len(users), version)  # fmt: skip
+        return True
+
+    def _image_unusable(self, what: str, why: str) -> None:
+        log.error("index image %s is %s (%s): building the index from the rights file", self.image_path.name, what,
+                  why)  # fmt: skip
+        self.image_problem = {"image": what, "error": why[:300]}
+        if what == "damaged":
+            with contextlib.suppress(OSError):
+                self.image_path.unlink()
+
+    async def _image_task(self) -> None:
+        try:
+            async with self._lock:
+                await self._write_image_locked()
+        except Exception:  # an image is a faster boot, never a reason to stop
+            log.exception("writing the index image failed")
+        finally:
+            self._imaging = None
+
+    async def _write_image_locked(self) -> None:
+        """Write the index's base as the image, atomically (a worker thread), then read the base from the
+        image's mapping (file-backed pages instead of anonymous memory). Only for an index with nothing in
+        its overlay (just built from rows, by a snapshot or by compaction): the image is its base."""
+        idx = self.index
+        if idx.overlay_size or self._digest.version != idx.visible:
+            return
+        base = idx._base
+        t = idx.tables
+        numbering = [""] * len(t.gidx)
+        for g, i in t.gidx.items():
+            numbering[i] = g
+        meta = ImageMeta(idx.visible, SCHEMA_VERSION, self._epoch, self._digest.text(), t.gid, tuple(numbering))
+        try:
+            await asyncio.to_thread(in_background(write_image, self.image_path, base.arrays, meta))
+            _, cols = await asyncio.to_thread(in_background(read_image, self.image_path))
+        except (OSError, ImageError) as e:
+            log.error("could not write the index image: %s", e)
+            return
+        if self.index is idx and idx._base is base:
+            idx.rebase(cols)
+        await self.db.execute("DELETE FROM changed WHERE version <= ?", (meta.version,))
 
     async def _recover(self, error: BaseException) -> None:
         """The file at `self.path` is damaged: move it aside and open the verified copy, or nothing."""
         reason = f"{type(error).__name__}: {error}"[:300]
         moved = move_aside(self.path)
+        with contextlib.suppress(OSError):
+            self.image_path.unlink()  # built from the damaged file: never used for the copy
         log.error("rights store %s is damaged (%s); moved aside to %s", self.path, reason, moved.name)
         fallback = "empty"
         copy_error: str | None = None
@@ -265,6 +404,9 @@ class Store(SqliteService):
         return await asyncio.to_thread(read)
 
     async def close(self) -> None:
+        if self._imaging is not None:
+            await cancel_and_wait(self._imaging)
+            self._imaging = None
         if self._compacting is not None:
             try:
                 await cancel_and_wait(self._compacting)
@@ -280,7 +422,7 @@ class Store(SqliteService):
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await rows(self.db, sql, params)
 
-    async def load_arrays(self, tables: Tables) -> tuple[dict[str, npt.NDArray[np.generic]], bytes, dict[int, str]]:
+    async def load_arrays(self, tables: Tables) -> Columns:
         """The index columns of the rows on disk (see `schema.load_arrays`)."""
         return await load_arrays(self.db, tables)
 
@@ -391,6 +533,7 @@ class Store(SqliteService):
         old = self.index
         self._swap(new)
         await dispose(*old.detach_overlay(), changes, plan.creds, plan.users)
+        await self._write_image_locked()
         if self.needs_snapshot is not None:
             log.warning("rights replaced by a snapshot (version %d): the store is whole again", snap.version)
             self.needs_snapshot = None
@@ -402,8 +545,20 @@ class Store(SqliteService):
         try:
             await db.execute("BEGIN IMMEDIATE")
             if wipe:
-                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials", *RULE_TABLES):
+                for t in ("doors", "schedules", "groups", "users", "assignments", "credentials", "changed",
+                          *RULE_TABLES):  # fmt: skip
                     await db.execute(f"DELETE FROM {t}")
+                self._epoch = secrets.token_hex(8)  # every image built before is of other rights now
+                await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_EPOCH, self._epoch))
+            else:  # what a boot from an older image replays
+                await db.executemany(
+                    "INSERT OR REPLACE INTO changed (kind, key, version) VALUES (?, ?, ?)",
+                    breathing((CHANGED_CRED, card, version) for card in plan.creds),
+                )
+                await db.executemany(
+                    "INSERT OR REPLACE INTO changed (kind, key, version) VALUES (?, ?, ?)",
+                    ((CHANGED_USER, uid, version) for uid in plan.users),
+                )
             small = plan.small()
             for _kind, table, _puts, dels in small:
                 await db.executemany(f"DELETE FROM {table} WHERE id=?", [(k,) for k in dels])
@@ -437,8 +592,7 @@ class Store(SqliteService):
                 "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility, max_uses) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 breathing(
-                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility,
-                     v[0].max_uses)
+                    (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility, v[0].max_uses)
                     for card, v in plan.creds.items()
                     if v
                 ),
@@ -512,5 +666,31 @@ class Store(SqliteService):
                 return
             self._swap(new)
             await dispose(*old.detach_overlay())
+            await self._write_image_locked()
         if await self._check_locked() is None and await self._copy_version() != self.version:
             await self._save_verified_copy()
+
+
+def _replayed_digest(
+    index: RightsIndex, meta: ImageMeta, version: int, creds: list[tuple[int, CredRow | None]],
+    users: list[tuple[int, UserRow | None]],
+) -> Digest:  # fmt: skip
+    """The rights checksum of `index` (an image's base, of checksum `meta.digest`) once `creds` and `users`
+    replace its rows: the old rows' hashes out (group names as at the image), the new rows' in."""
+    d = Digest.parse(meta.digest)
+    nc, nu, c, u = d.n_creds, d.n_users, d.creds, d.users
+    for card, row in creds:
+        old = index.cred(card)
+        if old is not None:
+            c, nc = c - cred_hash(card, old), nc - 1
+        if row is not None:
+            c, nc = c + cred_hash(card, row), nc + 1
+    gid = index.tables.gid
+    for uid, urow in users:
+        was = index.user(uid)
+        if was is not None:
+            u, nu = u - user_hash(uid, was, meta.gid), nu - 1
+        if urow is not None:
+            u, nu = u + user_hash(uid, urow, gid), nu + 1
+    m64 = (1 << 64) - 1
+    return Digest(version, nc, nu, c & m64, u & m64, sum(table_hashes(index.tables).values()) & m64)

@@ -2,13 +2,16 @@
 
 from litestar import Router
 
-from . import pages
 from .admin_pages import AdminPages
+from .live_pages import live_router
+from .pages import console_routers as _pages
+from .visitor_pages import VisitorPages
 
 
 def console_routers() -> list[Router]:
-    """Every page of the console (pages.py, admin_pages.py) and its static assets."""
-    return pages.console_routers([AdminPages])
+    """The console's routes, to register beside the API (app.py): pages.py's (with the administration and
+    visitor pages, which build on its helpers) and live_pages.py's."""
+    return [*_pages([AdminPages, VisitorPages]), live_router()]
 
 
 __all__ = ["console_routers"]

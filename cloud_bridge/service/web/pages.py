@@ -32,6 +32,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
+from litestar.types import ExceptionHandlersMap
 
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, PermissionDenied, Target
 from cloud_bridge.service import auth
@@ -519,13 +520,17 @@ def _form_field(api_field: str | None) -> str:
     return ""
 
 
+def page_handlers() -> ExceptionHandlersMap:
+    """How a page answers a refusal: the login page, a "not allowed" page, a "not found" page."""
+    return {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
+            NotFound: _not_found}  # fmt: skip
+
+
 def console_routers(more: Sequence[type[Controller]] = ()) -> list[Router]:
-    """The console's routes, to register beside the API (app.py); `more`: page controllers of other modules
-    (web/__init__.py names them), under the same guards, headers and error pages."""
-    handlers = {NotAuthorizedException: _to_login, PermissionDeniedException: _refused, PermissionDenied: _refused,
-                NotFound: _not_found}
+    """The console's routes, with the page controllers of the modules that build on this one (`more`)."""
+    handlers = page_handlers()
     pages = Router(path="/", route_handlers=[PublicPages, ConsolePages, *more],
                    response_headers=SECURITY_HEADERS, include_in_schema=False,
-                   exception_handlers=handlers)  # type: ignore[arg-type]  # fmt: skip
+                   exception_handlers=handlers)  # fmt: skip
     static = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)
     return [pages, static]

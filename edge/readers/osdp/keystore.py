@@ -64,7 +64,13 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _private_dir(d: Path) -> None:
+    """The key store's directory: made 0700 if missing (its files are 0600)."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def _write_private(path: Path, data: bytes) -> None:
+    _private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -142,6 +148,10 @@ class SystemdCredential:
         return done.stdout
 
     def stage(self, key: bytes) -> None:
+        try:
+            _private_dir(self.next.parent)
+        except OSError as e:
+            raise KeyStoreError(f"cannot create {self.next.parent}: {e.strerror}") from None
         tmp = self.next.with_name(self.next.name + ".tmp")
         self._run(["encrypt", f"--name={self.name}", *self.encrypt_args, "-", str(tmp)], key.hex().encode(),
                   f"cannot write {self.next}")

@@ -86,6 +86,8 @@ class OsdpReader(Reader):
         self.session.io_sink = io_sink
         self._key_tasks: set[asyncio.Task[None]] = set()
         self._rotation: asyncio.Future[KeyRotation] | None = None
+        #: called with how every rotation ended, once its key is committed or discarded (journal it)
+        self.on_rotation: Callable[[KeyRotation], None] | None = None
         self.bus: OsdpBus | None = None
         if port is not None:
             self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing,
@@ -239,6 +241,8 @@ class OsdpReader(Reader):
             # the reader is on the new key but it is only staged: the next start still tries both keys
             log.error("osdp %s: %s", self.name, e)
             result = KeyRotation(reader=result.reader, ok=result.ok, detail=f"{result.detail}; {e}")
+        if self.on_rotation is not None:
+            self.on_rotation(result)
         if fut is not None and not fut.done():
             fut.set_result(result)
 

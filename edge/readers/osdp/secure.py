@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 from typing import Final
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -43,7 +44,7 @@ KEY_SCBK_D: Final = 0x00
 class _Aes:
     """One AES-128 key kept as reusable ECB encryptor/decryptor contexts (cheap per block)."""
 
-    __slots__ = ("_dec", "_enc")
+    __slots__ = ("_dec", "_enc", "decrypt", "encrypt")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 16:
@@ -51,12 +52,9 @@ class _Aes:
         cipher = Cipher(algorithms.AES(key), modes.ECB())
         self._enc = cipher.encryptor()
         self._dec = cipher.decryptor()
-
-    def encrypt(self, block: bytes) -> bytes:
-        return self._enc.update(block)
-
-    def decrypt(self, data: bytes) -> bytes:
-        return self._dec.update(data)
+        #: ECB over whole blocks: the contexts' own `update` (no Python frame in between)
+        self.encrypt: Callable[[bytes], bytes] = self._enc.update
+        self.decrypt: Callable[[bytes], bytes] = self._dec.update
 
     def __repr__(self) -> str:
         return "_Aes(<key>)"
@@ -161,13 +159,18 @@ class SecureChannel:
     # --- MAC chaining ---
 
     def _mac(self, message: bytes, iv: bytes) -> bytes:
-        if len(message) % 16:
-            message = pad(message)
-        mac1 = self._mac1
+        # every exchange of a session computes two of these: the padding and the XORs inline (ints), the
+        # cipher contexts' `update` called directly
         n = len(message)
-        for i in range(0, n - 16, 16):
-            iv = mac1.encrypt(_xor(iv, message[i : i + 16]))
-        return self._mac2.encrypt(_xor(iv, message[n - 16 :]))
+        if n % 16:
+            message += b"\x80" + bytes(15 - n % 16)  # `pad`
+            n = len(message)
+        x = int.from_bytes(iv, "big")
+        if n > 16:
+            enc1 = self._mac1.encrypt
+            for i in range(0, n - 16, 16):
+                x = int.from_bytes(enc1((x ^ int.from_bytes(message[i : i + 16], "big")).to_bytes(16, "big")), "big")
+        return self._mac2.encrypt((x ^ int.from_bytes(message[n - 16 :], "big")).to_bytes(16, "big"))
 
     def mac_command(self, signed: bytes) -> bytes:
         """The 4 MAC bytes of an outgoing command (chains C-MAC on the last R-MAC)."""

@@ -1,0 +1,286 @@
+"""The signed cloud commands for OSDP readers, on the gateway (`Agent.reader_command` hands them here).
+
+* `osdp_rotate_key`: `OsdpReader.rotate_key` (the key made here, staged in the reader's key store before the
+  reader is sent it, committed once the reader is secure on it). The result waits for that, at most
+  `rotate_timeout`; a rotation still open then resolves later and is journalled whenever it does
+  (`security.reader_key_rotated`, like every rotation). No key ever leaves the gateway or reaches a log.
+* `osdp_output`: osdp_OUT, the result carries the outputs' states the reader reports.
+* `osdp_firmware_chunk` / `osdp_firmware`: the file travels as signed chunk commands on the command topic
+  (every piece signed end to end like any command, at most 64 KiB each) and is staged under
+  `<state_dir>/firmware/<sha256>.part`; the last piece is checked against the SHA-256 and the file becomes
+  `<sha256>.bin`. `osdp_firmware` (the same hash and size, signed) starts the transfer in the background:
+  its result says it started; progress (every 10 %) and the end are `reader.firmware` events. A transfer
+  that stopped resumes from the reader's last acknowledged offset when the command is sent again; after
+  the last fragment the reader's identity (vendor, model, serial) is read again and must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey, ReaderAction
+from edge.errors import CommandFailed
+from edge.events import READER_FIRMWARE, READER_KEY_ROTATED, Detail, EventSink
+
+from .keystore import KeyStoreError
+from .panel import FileTransferResult, KeyRotation
+from .reader import OsdpReader, ReaderRefused
+
+log = logging.getLogger(__name__)
+
+#: Staged firmware files kept (the oldest go first).
+KEEP_FILES = 4
+
+
+class FirmwareStore:
+    """Files for readers, staged piece by piece under their SHA-256 (blocking: call off the loop)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def _paths(self, sha: str) -> tuple[Path, Path]:
+        return self.dir / f"{sha}.part", self.dir / f"{sha}.bin"
+
+    def have(self, sha: str) -> tuple[int, bool]:
+        part, done = self._paths(sha)
+        if done.exists():
+            return done.stat().st_size, True
+        try:
+            return part.stat().st_size, False
+        except FileNotFoundError:
+            return 0, False
+
+    def put(self, c: OsdpFirmwareChunk) -> tuple[int, bool]:
+        """Add one piece; (bytes held, complete). A piece past what is held is refused (`gap`)."""
+        if c.offset + len(c.data) > c.size:
+            raise CommandFailed("invalid", f"chunk at {c.offset} of {len(c.data)} bytes runs past the file's "
+                                           f"{c.size} bytes")  # fmt: skip
+        have, complete = self.have(c.sha256)
+        if complete:
+            if have != c.size:
+                raise CommandFailed("invalid", f"file {c.sha256[:12]} is staged with {have} bytes, not {c.size}")
+            return have, True
+        if c.offset > have:
+            raise CommandFailed("gap", f"chunk at {c.offset}, the gateway holds {have} bytes of {c.sha256[:12]}",
+                                detail={"have": have})  # fmt: skip
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        part, done = self._paths(c.sha256)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, c.data, c.offset)
+            os.fsync(fd)
+            have = max(have, c.offset + len(c.data))
+        finally:
+            os.close(fd)
+        if have < c.size:
+            return have, False
+        h = hashlib.sha256()
+        with part.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 16), b""):
+                h.update(block)
+        if h.hexdigest() != c.sha256:
+            part.unlink()
+            raise CommandFailed("hash_mismatch", f"the {c.size} bytes staged do not hash to {c.sha256[:12]}...: "
+                                                 "discarded, send the file again", detail={"have": 0})  # fmt: skip
+        os.replace(part, done)
+        self._prune(keep=done)
+        return have, True
+
+    def _prune(self, keep: Path) -> None:
+        files = sorted((p for p in self.dir.glob("*.bin") if p != keep), key=lambda p: p.stat().st_mtime)
+        for p in files[: max(0, len(files) - (KEEP_FILES - 1))]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def read(self, sha: str, size: int) -> bytes:
+        _, done = self._paths(sha)
+        try:
+            data = done.read_bytes()
+        except FileNotFoundError:
+            have, _ = self.have(sha)
+            raise CommandFailed(
+                "not_staged",
+                f"file {sha[:12]} is not staged on the gateway (it holds {have} of "
+                f"{size} bytes): send its chunks first",
+                detail={"have": have},
+            ) from None
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            raise CommandFailed("hash_mismatch", f"staged file {sha[:12]} does not match its size and hash")
+        return data
+
+
+class _Job:
+    __slots__ = ("offset", "sha", "task", "total")
+
+    def __init__(self, sha: str, total: int, offset: int) -> None:
+        self.sha = sha
+        self.total = total
+        self.offset = offset
+        self.task: asyncio.Task[None] | None = None
+
+
+class ReaderCommands:
+    """Carries out the OSDP reader commands for the OSDP readers of one gateway (an async context manager:
+    transfers still running are stopped on exit, each resumable)."""
+
+    def __init__(self, readers: Mapping[str, OsdpReader], *, firmware_dir: Path, journal: EventSink,
+                 doors: Mapping[str, str] | None = None, rotate_timeout: float = 15.0,
+                 output_timeout: float = 3.0) -> None:  # fmt: skip
+        self.readers = dict(readers)
+        self.files = FirmwareStore(firmware_dir)
+        self.journal = journal
+        self.doors = dict(doors or {})
+        self.rotate_timeout = rotate_timeout
+        self.output_timeout = output_timeout
+        #: transfers by reader: running, or stopped (then `offset` is where the next one resumes)
+        self.jobs: dict[str, _Job] = {}
+        for name, r in self.readers.items():
+            r.on_rotation = lambda result, name=name: self._rotated(name, result)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def _reader(self, name: str) -> OsdpReader:
+        r = self.readers.get(name)
+        if r is None:
+            raise ValueError(f"no OSDP reader {name!r} on this gateway")
+        return r
+
+    async def run(self, a: ReaderAction) -> Detail:
+        if isinstance(a, OsdpRotateKey):
+            return await self.rotate_key(a)
+        if isinstance(a, OsdpOutput):
+            return await self.output(a)
+        if isinstance(a, OsdpFirmwareChunk):
+            have, complete = await asyncio.to_thread(self.files.put, a)
+            if complete and a.offset + len(a.data) == a.size:
+                self.journal(READER_FIRMWARE, reason="staged", detail={"sha256": a.sha256, "size": a.size})
+            return {"have": have, "complete": complete}
+        return await self.firmware(a)
+
+    # --- key rotation ---
+
+    async def rotate_key(self, a: OsdpRotateKey) -> Detail:
+        r = self._reader(a.reader)
+        try:
+            async with asyncio.timeout(self.rotate_timeout):
+                result = await r.rotate_key()
+        except TimeoutError:
+            raise CommandFailed("pending", f"osdp reader {a.reader}: the rotation is not resolved after "
+                                           f"{self.rotate_timeout:g} s; it commits or discards the new key when "
+                                           "the reader is next secure (journalled)",
+                                detail={"reader": a.reader, "committed": False}) from None  # fmt: skip
+        except RuntimeError as e:
+            raise CommandFailed("unavailable", str(e), detail={"reader": a.reader, "committed": False}) from None
+        except KeyStoreError as e:
+            raise CommandFailed("storage", str(e), detail={"reader": a.reader, "committed": False}) from None
+        if not result.ok:
+            raise CommandFailed("not_committed", f"osdp reader {a.reader}: {result.detail}",
+                                detail={"reader": a.reader, "committed": False})  # fmt: skip
+        return {"reader": a.reader, "committed": True}
+
+    def _rotated(self, name: str, result: KeyRotation) -> None:
+        self.journal(READER_KEY_ROTATED, door=self.doors.get(name), reader=name,
+                     reason="committed" if result.ok else "discarded",
+                     detail={"committed": result.ok, "detail": result.detail})  # fmt: skip
+
+    # --- outputs ---
+
+    async def output(self, a: OsdpOutput) -> Detail:
+        r = self._reader(a.reader)
+        try:
+            async with asyncio.timeout(self.output_timeout):
+                states = await r.set_output(a.output, a.on, pulse=a.seconds)
+        except TimeoutError:
+            raise CommandFailed("timeout", f"osdp reader {a.reader} did not answer osdp_OUT in "
+                                           f"{self.output_timeout:g} s") from None  # fmt: skip
+        except ReaderRefused as e:
+            raise CommandFailed("refused", str(e)) from None
+        except RuntimeError as e:
+            raise CommandFailed("unavailable", str(e)) from None
+        return {"reader": a.reader, "output": a.output, "states": "".join(str(s) for s in states)}
+
+    # --- firmware ---
+
+    async def firmware(self, a: OsdpFirmware) -> Detail:
+        r = self._reader(a.reader)
+        job = self.jobs.get(a.reader)
+        if job is not None and job.task is not None and not job.task.done():
+            if job.sha != a.sha256:
+                raise CommandFailed("busy", f"osdp reader {a.reader} is receiving another file ({job.sha[:12]})")
+            return {"reader": a.reader, "state": "in_progress", "offset": job.offset, "total": job.total}
+        data = await asyncio.to_thread(self.files.read, a.sha256, a.size)
+        if not r.online:
+            raise CommandFailed("unavailable", f"osdp reader {a.reader} is offline")
+        offset = job.offset if job is not None and job.sha == a.sha256 and job.offset < a.size else 0
+        job = _Job(a.sha256, a.size, offset)
+        self.jobs[a.reader] = job
+        job.task = asyncio.get_running_loop().create_task(
+            self._transfer(a.reader, r, job, data, a.file_type), name=f"reader[{a.reader}].firmware"
+        )
+        self.journal(READER_FIRMWARE, door=self.doors.get(a.reader), reader=a.reader, reason="started",
+                     detail={"sha256": a.sha256, "offset": offset, "total": a.size})  # fmt: skip
+        return {"reader": a.reader, "state": "started", "offset": offset, "total": a.size}
+
+    async def _transfer(self, name: str, r: OsdpReader, job: _Job, data: bytes, file_type: int) -> None:
+        step = max(1, job.total // 10)
+        mark = [job.offset // step]
+        door = self.doors.get(name)
+
+        def progress(done: int, total: int) -> None:
+            job.offset = done
+            if done // step > mark[0] and done < total:
+                mark[0] = done // step
+                self.journal(READER_FIRMWARE, door=door, reader=name, reason="progress",
+                             detail={"sha256": job.sha, "offset": done, "total": total})  # fmt: skip
+
+        result: FileTransferResult | None = None
+        try:
+            result = await r.transfer_file(data, file_type=file_type, offset=job.offset, on_progress=progress)
+        except RuntimeError as e:  # offline (or another transfer) before it started
+            self._ended(name, door, job, ok=False, why=str(e), firmware=None)
+            return
+        except asyncio.CancelledError:
+            self._ended(name, door, job, ok=False, why="stopped (the agent stops)", firmware=None)
+            raise
+        job.offset = result.offset
+        fw = ".".join(map(str, result.firmware)) if result.firmware is not None else None
+        self._ended(name, door, job, ok=result.ok, why=result.detail, firmware=fw)
+
+    def _ended(self, name: str, door: str | None, job: _Job, *, ok: bool, why: str, firmware: str | None
+               ) -> None:  # fmt: skip
+        if ok:
+            job.offset = 0  # done: a new command starts afresh
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "osdp %s: firmware %s %s at %d/%d: %s",
+            name,
+            job.sha[:12],
+            "done" if ok else "stopped",
+            job.total if ok else job.offset,
+            job.total,
+            why,
+        )
+        self.journal(READER_FIRMWARE, door=door, reader=name, reason="done" if ok else "failed",
+                     detail={"sha256": job.sha, "offset": job.total if ok else job.offset, "total": job.total,
+                             "firmware": firmware, "detail": why})  # fmt: skip
+
+
+__all__ = ["FirmwareStore", "ReaderCommands"]

@@ -1,0 +1,297 @@
+"""The signed cloud commands for OSDP readers (issue 17), end to end: a cloud peer signs them, a real Mosquitto
+carries them, the real agent (simulated doors, its cloud link on) verifies and carries them out on an OSDP
+reader on a pty, libosdp's PeripheralDevice behind it, in a secure session:
+
+* `osdp_rotate_key`: the new key is made on the gateway, stored 0600 in the configured key store and
+  committed only once the reader is secure on it; it never reaches the wire to the cloud, a log or the journal;
+* `osdp_output`: the reader's output switches (osdp_OUT), the result carries the states it reports;
+* `osdp_firmware_chunk` + `osdp_firmware`: a 64 KiB file staged as signed chunks (an out-of-order chunk is
+  refused with what the gateway holds, a wrong hash discards), then sent byte-exact with progress events,
+  and the reader's identity checked after it.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.broker are used as parameters)
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_bridge.cloud import CloudPeer
+from cloud_bridge.operator.service import Service
+from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey
+from cloud_bridge.signing import public_bytes
+from edge.agent import Agent, run_agent
+from edge.config import check_files, parse_config
+from edge.errors import ConfigError
+from edge.events import Event
+from edge.readers.osdp import OsdpReader, PlainKeyFile
+from edge.sim.hands import simulated_agent
+from tests.osdp_peer import SITE_KEY, PeerBus
+from tests.test_osdp_bus import until
+
+from .broker import broker, site_key  # noqa: F401
+from .mosquitto import Mosquitto
+from .test_operator_cli import PW, cli
+
+SITE, GW, READER = "s1", "gw-osdp", "door1.osdp0"
+
+
+def config_text(broker: Mosquitto, state: Path, keys: Path, sock: Path, port: str, pub_hex: str) -> str:
+    return f"""
+hardware = "sim"
+[site]
+id = "{SITE}"
+gateway = "{GW}"
+[storage]
+state_dir = "{state}"
+synchronous = "NORMAL"
+plaintext_secrets = true
+key_store = "{keys}"
+[control]
+socket = "{sock}"
+[link]
+host = "{broker.host}"
+port = {broker.port}
+backoff_min_s = 0.1
+backoff_max_s = 0.5
+keepalive_s = 5
+command_key = "{pub_hex}"
+[[readers]]
+driver = "osdp"
+door = "door1"
+port = "{port}"
+address = 1
+key_file = "door1.scbk"
+"""
+
+
+def key_dir(tmp_path: Path, key: bytes) -> Path:
+    d = tmp_path / "keys"
+    d.mkdir(mode=0o700)
+    f = d / "door1.scbk"
+    f.write_text(key.hex())
+    f.chmod(0o600)
+    return d
+
+
+@asynccontextmanager
+async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str, staged: bytes | None = None
+                  ) -> AsyncIterator[Agent]:  # fmt: skip
+    keys = key_dir(tmp_path, SITE_KEY)
+    if staged is not None:
+        PlainKeyFile(keys / "door1.scbk").stage(staged)  # a rotation the last run left open
+    cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path, pub_hex))
+    check_files(cfg)
+    agent = simulated_agent(cfg)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(run_agent(agent), name="agent")
+        await asyncio.wait_for(agent.started.wait(), 10)
+        try:
+            yield agent
+        finally:
+            agent.stop()
+
+
+def events_of(cloud: CloudPeer, type: str) -> list[Event]:
+    return [e for e in list(cloud.events.values()) if e.type == type]
+
+
+async def wait_event(cloud: CloudPeer, type: str, cond: Callable[[Event], bool] = lambda e: True,
+                     timeout: float = 30.0) -> Event:  # fmt: skip
+    await until(lambda: any(cond(e) for e in events_of(cloud, type)), timeout=timeout, what=type)
+    return next(e for e in events_of(cloud, type) if cond(e))
+
+
+async def test_rotate_key_output_and_firmware_through_the_broker(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wire: list[bytes] = []
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with (
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex()) as agent,
+            CloudPeer(
+                host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key, resend_s=5.0
+            ) as cloud,  # fmt: skip
+        ):
+            cloud.on_events.append(lambda b: wire.append(repr(b).encode()))
+            await cloud.wait_online()
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure, timeout=10, what="secure online")
+
+            # --- key rotation ---
+            r = await cloud.command(OsdpRotateKey(reader=READER), operator="alice")
+            assert r.ok, r
+            assert r.detail == {"reader": READER, "committed": True}
+            assert len(peer.keys) == 1 and peer.keys[0] != SITE_KEY
+            new = peer.keys[0]
+            store = tmp_path / "keys" / "door1.scbk"
+            assert store.read_text() == new.hex()  # committed: the file the next start reads
+            assert stat.S_IMODE(store.stat().st_mode) == 0o600
+            assert not PlainKeyFile(store).next.exists()
+            assert reader.secure and peer.sc_active()
+            rotated = await wait_event(cloud, "security.reader_key_rotated")
+            assert (rotated.reader, rotated.door, rotated.reason) == (READER, "door1", "committed")
+            # an unknown reader, and a rotation with nowhere to store the key, are refused
+            bad = await cloud.command(OsdpRotateKey(reader="door9.osdp"), operator="alice")
+            assert not bad.ok and bad.error is not None and bad.error.code == "invalid"
+
+            # --- an output, pulsed ---
+            r = await cloud.command(OsdpOutput(reader=READER, output=1, seconds=2.5), operator="alice")
+            assert r.ok, r
+            out = peer.commands_of(__import__("osdp").Command.Output)[-1]
+            assert (out["output_no"], out["control_code"], out["timer_count"]) == (1, 5, 25)
+            assert r.detail["reader"] == READER and r.detail["output"] == 1
+            r = await cloud.command(OsdpOutput(reader=READER, output=7), operator="alice")
+            assert not r.ok and r.error is not None and r.error.code == "invalid"
+            assert "no output 7" in r.error.message
+
+            # --- firmware: staged as signed chunks, then sent ---
+            image = os.urandom(64 * 1024)
+            sha = hashlib.sha256(image).hexdigest()
+            step = 24 * 1024
+
+            def chunk(offset: int, data: bytes | None = None, digest: str = sha) -> OsdpFirmwareChunk:
+                return OsdpFirmwareChunk(
+                    sha256=digest,
+                    size=len(image),
+                    offset=offset,
+                    data=data if data is not None else image[offset : offset + step],
+                )
+
+            missing = await cloud.command(OsdpFirmware(reader=READER, sha256=sha, size=len(image)), operator="a")
+            assert not missing.ok and missing.error is not None and missing.error.code == "not_staged"
+            r = await cloud.command(chunk(0), operator="alice")
+            assert r.ok and r.detail == {"have": step, "complete": False}
+            gap = await cloud.command(chunk(2 * step), operator="alice")  # the middle piece lost
+            assert not gap.ok and gap.error is not None and gap.error.code == "gap"
+            assert gap.detail == {"have": step}  # where to resume
+            r = await cloud.command(chunk(step), operator="alice")
+            assert r.ok and r.detail == {"have": 2 * step, "complete": False}
+            r = await cloud.command(chunk(2 * step), operator="alice")
+            assert r.ok and r.detail == {"have": len(image), "complete": True}
+            await wait_event(cloud, "reader.firmware", lambda e: e.reason == "staged")
+            # a file whose bytes do not hash to what was signed is discarded
+            wrong = hashlib.sha256(b"other").hexdigest()
+            bad = await cloud.command(chunk(0, image, digest=wrong), operator="alice")
+            assert not bad.ok and bad.error is not None and bad.error.code == "hash_mismatch"
+
+            r = await cloud.command(OsdpFirmware(reader=READER, sha256=sha, size=len(image)), operator="alice")
+            assert r.ok and r.detail == {"reader": READER, "state": "started", "offset": 0, "total": len(image)}
+            again = await cloud.command(OsdpFirmware(reader=READER, sha256=sha, size=len(image)), operator="alice")
+            assert again.ok and again.detail["state"] == "in_progress"
+            done = await wait_event(cloud, "reader.firmware", lambda e: e.reason in ("done", "failed"), timeout=90)
+            assert done.reason == "done", done
+            assert done.detail["firmware"] == "1.2.3" and "identity checked" in str(done.detail["detail"])
+            assert bytes(peer.file) == image
+            progress = [e.detail["offset"] for e in events_of(cloud, "reader.firmware") if e.reason == "progress"]
+            assert len(progress) >= 5 and progress == sorted(progress)
+            executed = [e.detail.get("action") for e in events_of(cloud, "command.executed")]
+            assert {"osdp_rotate_key", "osdp_output", "osdp_firmware_chunk", "osdp_firmware"} <= set(executed)
+    # the new key never left the gateway: not in a log line, not in any event the cloud received
+    for text in (new.hex(), new.hex().upper()):
+        assert text not in caplog.text
+        assert all(text.encode() not in w and new not in w for w in wire)
+    assert all(new.hex() not in repr(e) for e in cloud.events.values())
+
+
+def test_key_store_setting(tmp_path: Path) -> None:
+    """storage.key_store: strict (an unknown with_key is an error naming the key), defaulting to the systemd
+    credentials directory under the state dir, and refused by check-config when other users can enter it."""
+    base = f"""
+[site]
+id = "s1"
+gateway = "g1"
+[storage]
+state_dir = "{tmp_path / "state"}"
+"""
+    reader = f"""
+[[readers]]
+driver = "osdp"
+door = "door1"
+port = "{tmp_path}"
+key_file = "door1.scbk"
+"""
+    cfg = parse_config(base + reader)
+    assert cfg.key_store_dir == tmp_path / "state" / "credentials"
+    assert parse_config(base + "plaintext_secrets = true\n" + reader).key_store_dir == tmp_path / "state" / "keys"
+    with pytest.raises(ConfigError, match=r"storage\.key_store_with_key: invalid enum value 'tpm3'"):
+        parse_config(base + 'key_store_with_key = "tpm3"\n' + reader)
+    with pytest.raises(ConfigError, match=r"storage\.key_stor: unknown key"):
+        parse_config(base + 'key_stor = "/x"\n' + reader)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    cfg = parse_config(base + f'key_store = "{open_dir}"\n' + reader)
+    with pytest.raises(ConfigError, match=r"storage\.key_store: .* open to other users \(mode 0755\)"):
+        check_files(cfg, ports=False)
+    open_dir.chmod(0o700)
+    check_files(cfg, ports=False)
+
+
+async def test_the_operator_cli_sends_them(broker: Mosquitto, tmp_path: Path) -> None:
+    """`cloud-bridge osdp output|rotate-key|firmware` as its own process, signed with the site's key from the
+    site database, authorised as the operator, against the running gateway."""
+    db = tmp_path / "site.db"
+    svc = Service.init(db, site=SITE, admin="root", host=broker.host, port=broker.port, tz="Europe/Berlin",
+                       passphrase=PW)  # fmt: skip
+    pub = svc.public_key_hex()
+    svc.close()
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with gateway(broker, tmp_path, pb, pub) as agent:
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure and agent.link_online, timeout=15, what="up")
+            code, out, err = await cli("osdp", "output", "--gateway", GW, "--reader", READER, "--output", "1",
+                                       db=db)  # fmt: skip
+            assert code == 0, err
+            assert out.startswith(f"{GW}/{READER}: reader {READER}, output 1, states ") and peer.outputs[1] == 1
+            code, out, err = await cli("--json", "osdp", "rotate-key", "--gateway", GW, "--reader", READER, db=db)
+            assert code == 0, err
+            assert json.loads(out) == {"ok": True, "error": None, "detail": {"reader": READER, "committed": True}}
+            assert len(peer.keys) == 1 and (tmp_path / "keys" / "door1.scbk").read_text() == peer.keys[0].hex()
+            image = os.urandom(40 * 1024)  # two chunks of the CLI's 32 KiB
+            (tmp_path / "fw.bin").write_bytes(image)
+            code, out, err = await cli("osdp", "firmware", "--gateway", GW, "--reader", READER,
+                                       str(tmp_path / "fw.bin"), db=db)  # fmt: skip
+            assert code == 0, err
+            assert "state started" in out, out
+            await until(lambda: bytes(peer.file) == image, timeout=60, what="file on the reader")
+            code, out, err = await cli("osdp", "output", "--gateway", GW, "--reader", "nope", db=db)
+            assert code == 1 and "no OSDP reader 'nope'" in out, (out, err)
+
+
+async def test_a_rotation_left_open_by_the_last_run_is_settled_at_start(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The agent stopped after the reader took the new key, before the key store committed it: at the next
+    start the staged key is tried too, the reader is secure on it, and it is committed (and journalled)."""
+    new = bytes.fromhex("0F1E2D3C4B5A69788796A5B4C3D2E1F0")
+    with PeerBus() as pb:
+        pb.add(1, scbk=new, enforce_secure=True)
+        async with (
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex(), staged=new) as agent,
+            CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key) as cloud,
+        ):
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure, timeout=10, what="secure on the staged key")
+            store = PlainKeyFile(tmp_path / "keys" / "door1.scbk")
+            await until(lambda: not store.next.exists(), what="staged key committed")
+            assert store.path.read_text() == new.hex()
+            ev = await wait_event(cloud, "security.reader_key_rotated")
+            assert (ev.reader, ev.reason, ev.detail["committed"]) == (READER, "committed", True)
