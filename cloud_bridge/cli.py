@@ -6,6 +6,14 @@
 
 Every command runs as `--operator` and is checked against that operator's permissions. The site key's
 passphrase comes from the CLOUD_BRIDGE_PASSPHRASE environment variable (never from the command line).
+
+Through the operator service instead of a site database file (docs/operator.md, "The CLI and the service"):
+
+    CLOUD_BRIDGE_TOKEN=cbt_... cloud-bridge --service https://acs.example:8443 user add alice --card 1001
+    cloud-bridge --config service.toml import users.csv       # locally, as the local administrator
+
+user, group, assign, import, publish and operator go through the service's /api/v1 (its permissions,
+validation and audit log); the other commands need --db.
 Results are printed as lines for people, or with `--json` as one JSON object on stdout.
 Exit status: 0 done, 1 refused or failed (the message says why), 2 usage.
 """
@@ -22,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from edge.errors import EdgeError
 
@@ -35,6 +44,7 @@ EPILOG = """\
 environment:
   CLOUD_BRIDGE_PASSPHRASE  the passphrase that encrypts the site's signing key (init, commands, publish)
   CLOUD_BRIDGE_OPERATOR    the default for --operator
+  CLOUD_BRIDGE_TOKEN       the API token for --service
 
 exit status: 0 done, 1 refused or failed (the message says why), 2 usage
 """
@@ -65,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", default=os.environ.get("CLOUD_BRIDGE_OPERATOR"),
                    help="the operator this command runs as (default: $CLOUD_BRIDGE_OPERATOR)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of lines")
+    p.add_argument("--service", metavar="URL", help="run the command through a running operator service, with the "
+                   "API token in $CLOUD_BRIDGE_TOKEN")  # fmt: skip
+    p.add_argument("--config", type=Path, metavar="FILE", help="run the command on the operator service's database "
+                   "(its TOML file), as the local administrator")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="create a site database with its signing key and a first administrator")
@@ -275,6 +289,8 @@ async def run(args: argparse.Namespace, out: Output) -> int:
     pw = os.environ.get("CLOUD_BRIDGE_PASSPHRASE")
     if args.cmd == "serve":
         return await serve_setup(args, out)
+    if args.service or args.config:
+        return await through_service(args, out)
     if args.db is None:
         raise EdgeError("--db is required")
     if args.cmd == "init":
@@ -393,6 +409,112 @@ async def run(args: argparse.Namespace, out: Output) -> int:
             out.data = {"command_key": svc.public_key_hex(), "key_id": svc.key_id()}
             out.line(svc.public_key_hex())
     return 0
+
+
+SERVICE_COMMANDS = ("user", "group", "assign", "import", "publish", "operator")
+
+
+async def _api(c: Any, method: str, path: str, **kw: Any) -> Any:
+    from .service.cli_client import detail
+
+    r = await c.request(method, path, **kw)
+    if r.status_code >= 400:
+        raise CloudBridgeError(f"{method} {path}: {detail(r)}")
+    return r.json()
+
+
+async def through_service(args: argparse.Namespace, out: Output) -> int:
+    """A command as requests to the operator service's /api/v1 (remote with a token, or local)."""
+    from .service.cli_client import service_client
+
+    if args.service and args.config:
+        raise EdgeError("give --service or --config, not both")
+    if args.cmd not in SERVICE_COMMANDS:
+        raise EdgeError(f"{args.cmd} is not available through the service yet: use --db")
+    token = os.environ.get("CLOUD_BRIDGE_TOKEN")
+    async with service_client(url=args.service, token=token, config=args.config) as c:
+        cmd = args.cmd
+        if cmd == "user":
+            uid = quote(args.id, safe="")
+            if args.action == "add":
+                body: dict[str, Any] = {"id": args.id, "name": args.name, "groups": args.group,
+                                        "offline_access": args.offline_access, "active": not args.inactive}  # fmt: skip
+                if args.card:
+                    body["cards"] = [{"card": parse_card(args.card)}]
+                out.data = await _api(c, "POST", "/api/v1/users", json=body)
+            elif args.action in ("activate", "deactivate"):
+                out.data = await _api(c, "PATCH", f"/api/v1/users/{uid}", json={"active": args.action == "activate"})
+            else:
+                out.data = await _api(c, "DELETE", f"/api/v1/users/{uid}")
+            out.line(f"user {args.id}: {args.action} (run `publish` to send)")
+        elif cmd == "group":
+            doors = [d.split("/", 1) for d in args.door]
+            if any(len(d) != 2 for d in doors):
+                raise CloudBridgeError("--door takes GATEWAY/DOOR")
+            out.data = await _api(c, "PUT", f"/api/v1/groups/{quote(args.id, safe='')}", json={
+                "schedule": args.schedule, "tags": args.tag,
+                "doors": [{"gateway": g, "door": d} for g, d in doors]})  # fmt: skip
+            out.line(f"group {args.id}: {len(doors)} door(s) (run `publish` to send)")
+        elif cmd == "assign":
+            out.data = await _api(c, "POST", f"/api/v1/users/{quote(args.user, safe='')}/assignments", json={
+                "group": args.group, "valid_from": _ts(args.valid_from), "valid_until": _ts(args.until)})  # fmt: skip
+            out.line(f"assignment {out.data['id']}: user {args.user} in group {args.group} (run `publish` to send)")
+        elif cmd == "import":
+            return await _import_through_service(c, args, out)
+        elif cmd == "publish":
+            res = await _api(c, "POST", "/api/v1/publish", params={"timeout": args.timeout})
+            return 0 if _published(out, res["gateways"], res["not_sent"]) else 1
+        elif cmd == "operator":
+            oid = quote(args.id, safe="")
+            if args.action == "add":
+                body = {"groups": args.group}
+            else:
+                have = await _api(c, "GET", f"/api/v1/operators/{oid}")
+                groups = [*have["groups"], *([args.group] if args.group not in have["groups"] else [])]
+                body = {"name": have["name"], "active": have["active"], "groups": groups}
+            out.data = await _api(c, "PUT", f"/api/v1/operators/{oid}", json=body)
+            out.line(f"operator {args.id}: {'added' if args.action == 'add' else 'granted ' + args.group}")
+            if out.data.get("setup_code"):
+                out.line(f"one-time setup code (POST it with a password to /api/v1/auth/setup): "
+                         f"{out.data['setup_code']}")  # fmt: skip
+    return 0
+
+
+async def _import_through_service(c: Any, args: argparse.Namespace, out: Output) -> int:
+    """Upload, dry-run with the file's own column names, commit (and publish): all rows or none."""
+    job = await _api(c, "POST", "/api/v1/imports", content=args.csv.read_bytes(),
+                     params={"filename": args.csv.name, "encoding": args.encoding},
+                     headers={"content-type": "text/csv"})  # fmt: skip
+    cols = {f: f for f in ("id", "card", "name", "groups", "active", "offline_access") if f in job["columns"]}
+    jid = job["id"]
+    await _api(c, "POST", f"/api/v1/imports/{jid}/dry-run", json={"columns": cols})
+    job = await _wait_job(c, jid)
+    if job["state"] == "validated":
+        await _api(c, "POST", f"/api/v1/imports/{jid}/commit", json={"publish": not args.no_publish})
+        job = await _wait_job(c, jid)
+    rep = job.get("report") or {}
+    if job["state"] != "done":
+        problems = [f"line {p['row']}: {p['field']}: {p['message']}" for p in rep.get("problems", [])]
+        out.data = {"imported": 0, "problems": problems, "error": job.get("error")}
+        out.line(f"nothing imported: {rep.get('problem_count', 0)} problem(s) in the file" + (
+            f" ({job['error']})" if job.get("error") else ""))  # fmt: skip
+        out.lines += [f"  {p}" for p in problems[:50]]
+        return 1
+    out.data = {"imported": job["result"]["imported"]}
+    out.line(f"{job['result']['imported']} users imported")
+    if "published" in job["result"]:
+        pub = job["result"]["published"]
+        return 0 if _published(out, pub, []) else 1
+    return 0
+
+
+async def _wait_job(c: Any, jid: str) -> Any:
+    while True:
+        job = await _api(c, "GET", f"/api/v1/imports/{jid}")
+        if job["state"] not in ("validating", "committing", "publishing"):
+            return job
+        _progress(int(job["progress"]["done"]), max(int(job["progress"]["total"]), 1))
+        await asyncio.sleep(0.2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

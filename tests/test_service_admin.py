@@ -206,7 +206,25 @@ async def test_operators_permission_groups_rules_and_audit_export(db_url: str, t
                 await admin.put("/api/v1/operators/ed", json={"groups": ["editors"], "active": False})
             ).status_code == 200
             assert (await ed.get("/api/v1/auth/me")).status_code == 401
+        # an operator manager widens nobody's rights through itself: not its own group, not its own groups
+        mgr_group = {"permissions": [{"object_type": "operator", "actions": ["create", "read", "update"]}]}
+        assert (await admin.put("/api/v1/permission-groups/managers", json=mgr_group)).status_code == 200
+        code = (await admin.put("/api/v1/operators/mgr", json={"groups": ["managers"]})).json()["setup_code"]
+        async with httpx.AsyncClient(base_url=svc.url, timeout=60) as mgr:
+            assert (await mgr.post("/api/v1/auth/setup", json={"code": code, "password": PASSWORD})).status_code == 200
+            await login(mgr, "mgr", PASSWORD)
+            assert (await _reauth(mgr)).status_code == 200
+            r = await mgr.put(
+                "/api/v1/permission-groups/managers",
+                json={"permissions": [{"object_type": "all", "actions": ["delete"]}]},
+            )
+            assert r.status_code == 403 and "only a System Administrator" in r.json()["detail"]
+            r = await mgr.put("/api/v1/operators/mgr", json={"groups": ["managers", "editors"]})
+            assert r.status_code == 409 and "your own permission groups" in r.json()["detail"]
+            assert (await mgr.put("/api/v1/operators/newbie", json={"groups": ["editors"]})).status_code == 200
+            assert (await mgr.put("/api/v1/operators/x2", json={"groups": ["system-administrator"]})).status_code == 403
         assert (await admin.delete("/api/v1/operators/ed")).status_code == 200
+        assert (await admin.delete("/api/v1/operators/newbie")).status_code == 200
         assert (await admin.delete("/api/v1/permission-groups/editors")).status_code == 200
 
         # the audit log: filters and the CSV export (formula cells neutralised)
@@ -215,7 +233,9 @@ async def test_operators_permission_groups_rules_and_audit_export(db_url: str, t
         ).status_code == 201
         items = (await admin.get("/api/v1/audit", params={"actor": "ed", "outcome": "denied"})).json()["items"]
         assert {e["object_id"] for e in items} >= {"alice", "bob", "ed"} and all(e["actor"] == "ed" for e in items)
-        ops = (await admin.get("/api/v1/audit", params={"action": "operator.*", "outcome": "ok"})).json()["items"]
+        ops = (
+            await admin.get("/api/v1/audit", params={"action": "operator.*", "outcome": "ok", "object_id": "ed"})
+        ).json()["items"]
         assert [e["action"] for e in ops][:3] == ["operator.delete", "operator.update", "operator.create"]
         failed = (await admin.get("/api/v1/audit", params={"action": "auth.reauth", "outcome": "failed"})).json()[
             "items"

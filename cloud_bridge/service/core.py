@@ -85,6 +85,9 @@ def address_of(conn: ASGIConnection[Any, Any, Any, Any]) -> str:
 
 
 async def authenticated(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteHandler) -> None:
+    pre = conn.scope.get("state", {}).get("principal")
+    if isinstance(pre, auth.Principal) and pre.via == "local":
+        return  # the CLI's local mode (cli_client.py) set it in process: no HTTP request can
     st = state_of(conn)
     addr = address_of(conn)
     p: auth.Principal | None = None

@@ -10,8 +10,9 @@ Operator changes need the password again: `POST /api/v1/auth/reauth` with the se
 opens a window of `REAUTH_S` seconds on that session (a failure counts towards the lockout, like a failed
 login); every create/update/delete here is refused with 403 outside it, and always for an API token (an
 integration does not manage operators). Nobody widens their own rights: only a System Administrator puts an
-operator into System Administrator, nobody deletes or deactivates themselves, and the last active System
-Administrator stays one. A new operator has no password: the answer carries a one-time setup code.
+operator into System Administrator or changes a permission group they are in, nobody changes their own
+groups, deletes or deactivates themselves, and the last active System Administrator stays one. A new
+operator has no password: the answer carries a one-time setup code.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class GroupOut(GroupBody, kw_only=True):
 async def recently_authenticated(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteHandler) -> None:
     """Guard of every operator change: a login session whose password was given again within REAUTH_S."""
     p = principal_of(conn)
+    if p.via == "local":  # the local administrator (cli_client.py): on the service's own host and database
+        return
     if p.session_hash is None:
         raise PermissionDeniedException("operator changes need a login session (not an API token)")
     s = schema.sessions
@@ -212,8 +215,8 @@ class OperatorController(Controller):
             if SYSTEM_ADMINISTRATOR.id in adding and SYSTEM_ADMINISTRATOR.id not in p.operator.groups:
                 raise PermissionDeniedException("only a System Administrator puts an operator into System "
                                                 "Administrator")  # fmt: skip
-            if oid == p.operator.id and (not data.active or set(p.operator.groups) - set(data.groups)):
-                raise Conflict("you cannot deactivate yourself or leave your own permission groups")
+            if oid == p.operator.id and (not data.active or set(p.operator.groups) != set(data.groups)):
+                raise Conflict("you cannot deactivate yourself or change your own permission groups")
             new = Operator(id=oid, name=data.name, groups=data.groups, active=data.active)
             after_ops = {**ops, oid: OperatorOut(id=oid, name=data.name, groups=data.groups, active=data.active)}
             if _admins(ops) and not _admins(after_ops):
@@ -326,6 +329,9 @@ class PermissionGroupController(Controller):
             have = await _groups(c)
             before = have.get(gid)
             authz.require(p.operator, Action.UPDATE if before else Action.CREATE, _group_target(gid))
+            if gid in p.operator.groups and SYSTEM_ADMINISTRATOR.id not in p.operator.groups:
+                raise PermissionDeniedException(f"you are in permission group {gid!r}: only a System "
+                                                "Administrator changes it")  # fmt: skip
             g = Group(id=gid, name=data.name, description=data.description, permissions=data.permissions)
             try:
                 Authorizer([g])
