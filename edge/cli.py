@@ -202,6 +202,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"door {door}: {json.dumps(ds)}")
     for r, rs in (st.get("readers") or {}).items():
         print(f"reader {r}: {json.dumps(rs)}")
+    inst = st.get("installer")
+    if inst:
+        print(
+            f"installer page {inst.get('url')}"
+            + (f"  certificate SHA-256 {inst['fingerprint']}" if inst.get("fingerprint") else "")
+        )
+        if inst.get("setup_code"):
+            print(f"installer setup code {inst['setup_code']} (one-time: creates the first account)")
     return 0
 
 
@@ -283,4 +291,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
