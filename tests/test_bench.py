@@ -25,6 +25,8 @@ EXPECTED = {
     "osdp": {"exchanges_per_second"},
     "fleet": {"import_total_s", "group_change_ack_s", "events_collected_rate"},
     "tables": {"tables_apply_loop_lag_max", "tables_small_change_loop_lag_max"},
+    "installer": {"tap_to_relay_p99.installer_none.adaptive", "tap_to_relay_p99.installer_polled.adaptive",
+                  "installer_tap_p99_delta"},
 }
 
 

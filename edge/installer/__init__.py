@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import threading
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
@@ -92,27 +94,44 @@ class Installer:
         return sock
 
     async def run(self) -> None:
+        """Serve on a thread of its own (its own event loop, nice 10): rendering a page never takes a turn of
+        the agent's loop; the handlers read the agent's state through `AgentLoop` (copies made on its loop)."""
         sock = self._bind()
         self.port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
         config = uvicorn.Config(
-            create_app(self.gateway, self.accounts), log_level="warning", access_log=False, lifespan="off",
-            server_header=False, date_header=False, proxy_headers=False, timeout_keep_alive=5, limit_concurrency=32,
+            create_app(self.gateway, self.accounts, loop), log_level="warning",
+            access_log=False, lifespan="off", server_header=False, date_header=False, proxy_headers=False,
+            timeout_keep_alive=5, limit_concurrency=32,
             ssl_certfile=self._tls[0] if self._tls else None, ssl_keyfile=self._tls[1] if self._tls else None,
         )  # fmt: skip
         server = _Server(config)
-        log.info("installer page on %s", self.url)
-        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="installer.http")
-        try:
-            await asyncio.shield(serving)
-        except asyncio.CancelledError:
-            server.should_exit = True
+        failed: list[BaseException] = []
+        ended = asyncio.Event()
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):  # below the agent's loop thread, like the SQLite workers
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
             try:
-                await asyncio.wait_for(asyncio.shield(serving), 3.0)
-            except TimeoutError:
-                server.force_exit = True
-                await serving
-            raise
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException as e:  # handed to the agent's supervisor
+                failed.append(e)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the agent's loop is closed already
+                    loop.call_soon_threadsafe(ended.set)
+
+        thread = threading.Thread(target=serve, name="installer-http", daemon=True)
+        log.info("installer page on %s", self.url)
+        thread.start()
+        try:
+            await ended.wait()
+            raise RuntimeError(f"the installer page stopped: {failed[0] if failed else 'no reason given'}")
         finally:
+            server.should_exit = True
+            await asyncio.to_thread(thread.join, 5.0)
+            if thread.is_alive():
+                server.force_exit = True
+                await asyncio.to_thread(thread.join, 5.0)
             sock.close()
 
 

@@ -13,15 +13,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import logging
 import secrets
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import jinja2
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import Cookie, ResponseHeader
+from litestar.datastructures import Cookie, ResponseHeader, State
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
@@ -34,6 +39,7 @@ from edge.events import INSTALLER_ACTION
 from . import views
 from .auth import Accounts, AuthError, Session, csrf_ok
 
+T = TypeVar("T")
 HERE = Path(__file__).parent
 log = logging.getLogger("edge.installer")
 SESSION_COOKIE = "ei_session"
@@ -51,6 +57,8 @@ SECURITY_HEADERS = [
 #: Events shown on the events page (the feed keeps this many), and in its live fragment.
 EVENTS_PAGE = 1000
 EVENTS_LIVE = 50
+#: A live fragment is rendered at most this often, whoever polls it.
+FRAGMENT_TTL_S = 0.5
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
@@ -66,6 +74,80 @@ def _gw(conn: ASGIConnection[Any, Any, Any, Any]) -> GatewayPort:
     return gw
 
 
+class AgentLoop:
+    """The agent's loop, seen from the page's thread: `call` runs a (quick, copying) function there and returns
+    its result, `run` a coroutine, `post` a function without waiting. Nothing of the agent is touched from the
+    page's thread but the immutable config and hardware profile."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if asyncio.get_running_loop() is self.loop:  # the same loop (tests that serve in-loop): just call
+            return fn(*args, **kwargs)
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the caller on the page's thread
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return await asyncio.wrap_future(fut)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if asyncio.get_running_loop() is self.loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def post(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.loop.call_soon_threadsafe(functools.partial(fn, *args, **kwargs))
+
+
+class Fragments:
+    """The live fragments, rendered at most once per `ttl_s` and shared by every poller (they hold nothing of a
+    session): ten browsers on the readers page cost one snapshot and one rendering a second, not ten."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, key: str, build: Callable[[], Coroutine[Any, Any, str]]) -> str:
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+                return hit[1]
+            text = await build()
+            self._cache[key] = (time.monotonic(), text)
+            return text
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+
+def _fragments(conn: ASGIConnection[Any, Any, Any, Any]) -> Fragments:
+    f: Fragments = conn.app.state["fragments"]
+    return f
+
+
+async def _fragment(request: Request[Any, Any, Any], template: str,
+                    ctx: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> Response[str]:  # fmt: skip
+    async def build() -> str:
+        return env.get_template(template).render(**(_base_context(request) | await ctx()))
+
+    return Response(await _fragments(request).get(template, build), media_type="text/html")
+
+
+def _agent(conn: ASGIConnection[Any, Any, Any, Any]) -> AgentLoop:
+    a: AgentLoop = conn.app.state["agent_loop"]
+    return a
+
+
 def _accounts(conn: ASGIConnection[Any, Any, Any, Any]) -> Accounts:
     a: Accounts = conn.app.state["accounts"]
     return a
@@ -78,19 +160,22 @@ def _session(request: Request[Any, Any, Any]) -> Session:
 
 def render(request: Request[Any, Any, Any], template: str, status: int = 200, *, cookies: list[Cookie] | None = None,
            **ctx: Any) -> Response[str]:  # fmt: skip
+    return Response(env.get_template(template).render(**(_base_context(request) | ctx)), status_code=status,
+                    media_type="text/html", cookies=cookies or [])  # fmt: skip
+
+
+def _base_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
     gw = _gw(request)
     session = request.scope.get("state", {}).get("session")
-    base = {"s": session, "csrf": session.csrf if session else None, "gateway": gw.cfg.site.gateway,
+    return {"s": session, "csrf": session.csrf if session else None, "gateway": gw.cfg.site.gateway,
             "site": gw.cfg.site.id, "tz": gw.cfg.tz, "when": views.when, "nav": ""}  # fmt: skip
-    return Response(env.get_template(template).render(**(base | ctx)), status_code=status, media_type="text/html",
-                    cookies=cookies or [])  # fmt: skip
 
 
 def _audit(request: Request[Any, Any, Any], action: str, result: str, *, user: str | None = None,
            **detail: str | int | float | bool | None) -> None:  # fmt: skip
     client = request.client.host if request.client else "-"
-    _gw(request).record_event(INSTALLER_ACTION, user=user, detail={"action": action, "result": result,
-                                                                    "address": client, **detail})  # fmt: skip
+    _agent(request).post(_gw(request).record_event, INSTALLER_ACTION, user=user,
+                         detail={"action": action, "result": result, "address": client, **detail})  # fmt: skip
 
 
 def _see_other(location: str, cookies: list[Cookie] | None = None) -> Response[str]:
@@ -217,75 +302,89 @@ async def logout(request: Request[Any, Any, Any]) -> Response[str]:
 
 @get("/", guards=[logged_in])
 async def status_page(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "status.html", nav="status", title="Status", **await views.status_view(_gw(request)))
+    return render(request, "status.html", nav="status", title="Status", **await _status(request))
 
 
 @get("/fragment/status", guards=[logged_in])
 async def status_fragment(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "_status.html", **await views.status_view(_gw(request)))
+    return await _fragment(request, "_status.html", lambda: _status(request))
+
+
+async def _status(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    gw, agent = _gw(request), _agent(request)
+    snap = await agent.call(views.status_snapshot, gw)
+    return snap | {"oldest": await agent.run(views.oldest_unsent(gw)), "host": views.host_info(gw.cfg.state_dir)}
 
 
 @get("/doors", guards=[logged_in])
 async def doors_page(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "doors.html", nav="doors", title="Doors", doors=views.door_rows(_gw(request)),
-                  result=None, refused=None)  # fmt: skip
+    doors = await _agent(request).call(views.door_rows, _gw(request))
+    return render(request, "doors.html", nav="doors", title="Doors", doors=doors, result=None, refused=None)
 
 
 @get("/fragment/doors", guards=[logged_in])
 async def doors_fragment(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "_doors.html", doors=views.door_rows(_gw(request)))
+    async def ctx() -> dict[str, Any]:
+        return {"doors": await _agent(request).call(views.door_rows, _gw(request))}
+
+    return await _fragment(request, "_doors.html", ctx)
 
 
 @post("/doors/{door:str}/pulse", guards=[logged_in, installer_role])
 async def pulse(request: Request[Any, Any, Any], door: Annotated[str, Parameter(max_length=64)]) -> Response[str]:
-    gw, s = _gw(request), _session(request)
-    if door not in gw.doors:
+    gw, s, agent = _gw(request), _session(request), _agent(request)
+    if door not in {d.door for d in gw.profile.doors}:
         raise NotFoundException(f"no door {door[:64]!r} on this gateway")
     try:
-        seconds = gw.local_pulse(door, source="installer", by=s.name)
+        seconds = await agent.call(gw.local_pulse, door, source="installer", by=s.name)  # journalled by the agent
+        _fragments(request).forget("_doors.html")
     except (DoorLockdownError, PermissionError, ValueError) as e:
-        return render(request, "doors.html", 409, nav="doors", title="Doors", doors=views.door_rows(gw), result=None,
+        doors = await agent.call(views.door_rows, gw)
+        return render(request, "doors.html", 409, nav="doors", title="Doors", doors=doors, result=None,
                       refused=f"Door {door}: {e}")  # fmt: skip
-    return render(request, "doors.html", nav="doors", title="Doors", doors=views.door_rows(gw),
+    return render(request, "doors.html", nav="doors", title="Doors", doors=await agent.call(views.door_rows, gw),
                   result=f"Door {door}: relay pulsed for {seconds:g} s.", refused=None)  # fmt: skip
 
 
 @get("/readers", guards=[logged_in])
 async def readers_page(request: Request[Any, Any, Any]) -> Response[str]:
-    gw = _gw(request)
-    return render(request, "readers.html", nav="readers", title="Readers", readers=views.reader_rows(gw),
-                  reads=views.read_rows(gw, list(gw.feed.reads)[-20:]))  # fmt: skip
+    gw, agent = _gw(request), _agent(request)
+    readers = await agent.call(views.reader_rows, gw)
+    reads = views.read_rows(await agent.call(views.reads_snapshot, gw))
+    return render(request, "readers.html", nav="readers", title="Readers", readers=readers, reads=reads)
 
 
 @get("/fragment/reads", guards=[logged_in])
 async def reads_fragment(request: Request[Any, Any, Any]) -> Response[str]:
-    gw = _gw(request)
-    return render(request, "_reads.html", reads=views.read_rows(gw, list(gw.feed.reads)[-20:]))
+    async def ctx() -> dict[str, Any]:
+        return {"reads": views.read_rows(await _agent(request).call(views.reads_snapshot, _gw(request)))}
+
+    return await _fragment(request, "_reads.html", ctx)
 
 
 @get("/events", guards=[logged_in])
 async def events_page(request: Request[Any, Any, Any]) -> Response[str]:
-    events = list(_gw(request).feed.events)[-EVENTS_PAGE:]
-    events.reverse()
+    events = await _agent(request).call(views.events_snapshot, _gw(request), EVENTS_PAGE)
     return render(request, "events.html", nav="events", title="Events", events=events)
 
 
 @get("/fragment/events", guards=[logged_in])
 async def events_fragment(request: Request[Any, Any, Any]) -> Response[str]:
-    events = list(_gw(request).feed.events)[-EVENTS_LIVE:]
-    events.reverse()
-    return render(request, "_events.html", events=events)
+    async def ctx() -> dict[str, Any]:
+        return {"events": await _agent(request).call(views.events_snapshot, _gw(request), EVENTS_LIVE)}
+
+    return await _fragment(request, "_events.html", ctx)
 
 
 @get("/config", guards=[logged_in])
 async def config_page(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "config.html", nav="config", title="Configuration", **await views.config_view(_gw(request)))
+    return render(request, "config.html", nav="config", title="Configuration", **views.config_view(_gw(request)))
 
 
 @get("/diagnostics.zip", guards=[logged_in])
 async def diagnostics(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw, s = _gw(request), _session(request)
-    body = await views.diagnostics_zip(gw)
+    body = views.diagnostics_zip(await _agent(request).call(views.diagnostics_snapshot, gw))
     _audit(request, "diagnostics", "ok", user=s.name, bytes=len(body))
     name = f"edge-diagnostics-{gw.cfg.site.id}-{gw.cfg.site.gateway}.zip"
     return Response(body, media_type="application/zip",
@@ -337,7 +436,7 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
     return render(request, "error.html", 500, title="Error", detail="internal error (logged in the system journal)")
 
 
-def create_app(gw: GatewayPort, accounts: Accounts) -> Litestar:
+def create_app(gw: GatewayPort, accounts: Accounts, agent_loop: asyncio.AbstractEventLoop) -> Litestar:
     return Litestar(
         route_handlers=[
             login_page, login, setup_page, setup, logout, status_page, status_fragment, doors_page, doors_fragment,
@@ -346,17 +445,12 @@ def create_app(gw: GatewayPort, accounts: Accounts) -> Litestar:
         ],
         response_headers=SECURITY_HEADERS,
         exception_handlers={LoginNeeded: _to_login, HTTPException: _error, Exception: _internal},
-        state=_state(gw, accounts),
+        state=State({"gateway": gw, "accounts": accounts, "agent_loop": AgentLoop(agent_loop),
+                     "fragments": Fragments(FRAGMENT_TTL_S)}),
         openapi_config=None,
         debug=False,
         request_max_body_size=64 * 1024,
     )  # fmt: skip
-
-
-def _state(gw: GatewayPort, accounts: Accounts) -> Any:
-    from litestar.datastructures import State
-
-    return State({"gateway": gw, "accounts": accounts})
 
 
 __all__ = ["create_app"]

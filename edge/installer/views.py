@@ -1,10 +1,11 @@
-"""What each installer page shows, built from snapshots of the agent's state (nothing here waits on the door
-path: the status is a struct the agent builds in one call, the feed a deque copied; what reads a file, /proc
-or SQLite runs on a worker thread or through aiosqlite's)."""
+"""What each installer page shows. The page runs on a thread of its own (edge/installer/__init__.py): the
+`*_snapshot` functions (and `door_rows`, `reader_rows`, `oldest_unsent`) run on the agent's loop, called through
+`AgentLoop`, and only copy (the typed status the agent builds in one call, the feed's deques); everything else
+here (explaining frames, the config check, the zip, and the templates) runs on the page's thread, off the door
+loop."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import platform
@@ -68,25 +69,33 @@ def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
-async def status_view(gw: GatewayPort) -> dict[str, Any]:
-    st = gw.status()
+def status_snapshot(gw: GatewayPort) -> dict[str, Any]:
+    """On the agent's loop: the typed status and the last errors (copies)."""
     cfg = gw.cfg
-    host = await asyncio.to_thread(_host, cfg.state_dir)
-    oldest: Event | None = None
-    journal = gw.journal
-    if journal is not None:
-        try:
-            first = await journal.read(0, 1)
-            oldest = first[0] if first else None
-        except Exception:  # a closing or failing journal: the page still shows the rest
-            oldest = None
     errors = [e for e in reversed(gw.feed.events) if e.type.startswith(ERROR_TYPES) or
               (e.type == "system" and str(e.detail.get("event", "")).endswith("failed"))][:10]  # fmt: skip
     return {
-        "st": st, "uptime_s": time.monotonic() - gw.started_mono, "host": host, "oldest": oldest, "errors": errors,
+        "st": gw.status(), "uptime_s": time.monotonic() - gw.started_mono, "errors": errors,
         "broker": f"{cfg.link.host}:{cfg.link.port}" if cfg.link.enabled else "link disabled",
         "python": platform.python_version(),
     }  # fmt: skip
+
+
+async def oldest_unsent(gw: GatewayPort) -> Event | None:
+    """On the agent's loop: the oldest event the cloud has not acknowledged (a read through aiosqlite's thread)."""
+    journal = gw.journal
+    if journal is None:
+        return None
+    try:
+        first = await journal.read(0, 1)
+    except Exception:  # a closing or failing journal: the page still shows the rest
+        return None
+    return first[0] if first else None
+
+
+def host_info(state_dir: Path) -> dict[str, Any]:
+    """On the page's thread: disk and memory."""
+    return _host(state_dir)
 
 
 def door_rows(gw: GatewayPort) -> list[dict[str, Any]]:
@@ -117,22 +126,41 @@ def reader_formats(gw: GatewayPort, reader: str) -> FormatTable:
     return FormatTable(DEFAULT_FORMATS)
 
 
-def read_rows(gw: GatewayPort, seen: list[ReaderSeen]) -> list[dict[str, Any]]:
-    """The reader events newest first, each explained (a card read's frame against every format)."""
+class ReadsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    reads: list[ReaderSeen]
+    decisions: list[Event]
+    #: reader -> its formats (FormatTables are immutable: safe to use on the page's thread)
+    formats: dict[str, Any]
+
+
+def reads_snapshot(gw: GatewayPort, n: int = 20) -> ReadsSnapshot:
+    """On the agent's loop: the last `n` reader events, the recent decisions, each reader's formats."""
+    reads = list(gw.feed.reads)[-n:]
+    decisions = [e for e in list(gw.feed.events)[-4 * n - 50 :] if e.type in DECISIONS]
+    return ReadsSnapshot(reads=reads, decisions=decisions,
+                         formats={r: reader_formats(gw, r) for r in {s.event.reader for s in reads}})  # fmt: skip
+
+
+def read_rows(snap: ReadsSnapshot) -> list[dict[str, Any]]:
+    """On the page's thread: the reader events newest first, each explained (a card read's frame against every
+    format)."""
     rows = []
-    for s in reversed(seen):
+    for s in reversed(snap.reads):
         ev = s.event
         row: dict[str, Any] = {"ts": s.ts, "door": s.door, "reader": ev.reader, "kind": type(ev).__name__}
         if isinstance(ev, CardRead):
-            table = reader_formats(gw, ev.reader)
+            table = snap.formats.get(ev.reader) or FormatTable(DEFAULT_FORMATS)
             frame = frame_of(ev, table)
             row.update(card=ev.card, facility=ev.facility, format=ev.format, nbits=ev.bits,
                        view=explain(*frame, table) if frame is not None else None)  # fmt: skip
             row["decision"] = next(
-                (e for e in reversed(gw.feed.events)
-                 if e.reader == ev.reader and e.card == ev.card and e.type in DECISIONS and e.ts >= s.ts - 1.0),
+                (
+                    e
+                    for e in reversed(snap.decisions)
+                    if e.reader == ev.reader and e.card == ev.card and e.ts >= s.ts - 1
+                ),
                 None,
-            )  # fmt: skip
+            )
         elif isinstance(ev, PinEntry):
             row["summary"] = f"PIN entered ({s.pin_digits} digits; the digits are never shown)"
         elif isinstance(ev, ReaderFault):
@@ -144,6 +172,13 @@ def read_rows(gw: GatewayPort, seen: list[ReaderSeen]) -> list[dict[str, Any]]:
             row["summary"] = " ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(ev).items() if k != "reader")
         rows.append(row)
     return rows
+
+
+def events_snapshot(gw: GatewayPort, n: int) -> list[Event]:
+    """On the agent's loop: the last `n` journal events, newest first."""
+    events = list(gw.feed.events)[-n:]
+    events.reverse()
+    return events
 
 
 def reader_rows(gw: GatewayPort) -> list[dict[str, Any]]:
@@ -198,8 +233,9 @@ def _config_check(gw: GatewayPort) -> list[tuple[bool, str]]:
     return out
 
 
-async def config_view(gw: GatewayPort) -> dict[str, Any]:
-    checks = await asyncio.to_thread(_config_check, gw)
+def config_view(gw: GatewayPort) -> dict[str, Any]:
+    """On the page's thread (the config and the profile are immutable; the file checks read the disk)."""
+    checks = _config_check(gw)
     pins = []
     for d in gw.profile.doors:
         for field in msgspec.structs.fields(d):
@@ -216,16 +252,22 @@ def public_config(gw: GatewayPort) -> dict[str, Any]:
     return raw
 
 
-async def diagnostics_zip(gw: GatewayPort) -> bytes:
-    """A zip: config (no secrets), status, the recent journal events, versions, the hardware profile."""
+def diagnostics_snapshot(gw: GatewayPort) -> dict[str, Any]:
+    """On the agent's loop: what goes into the bundle, as data."""
     st = msgspec.to_builtins(gw.status())
     if isinstance(st.get("installer"), dict):
         st["installer"]["setup_code"] = None  # a secret while valid
-    events = [msgspec.to_builtins(e) for e in gw.feed.events]
+    return {"status": st, "events": [msgspec.to_builtins(e) for e in gw.feed.events], "config": public_config(gw),
+            "profile": msgspec.to_builtins(gw.profile)}  # fmt: skip
+
+
+def diagnostics_zip(snap: dict[str, Any]) -> bytes:
+    """On the page's thread: a zip of config (no secrets), status, the recent journal events, versions, the
+    hardware profile."""
     parts = {
-        "config.json": json.dumps(public_config(gw), indent=2, default=str),
-        "status.json": json.dumps(st, indent=2, default=str),
-        "journal.jsonl": "\n".join(json.dumps(e, default=str) for e in events) + "\n",
+        "config.json": json.dumps(snap["config"], indent=2, default=str),
+        "status.json": json.dumps(snap["status"], indent=2, default=str),
+        "journal.jsonl": "\n".join(json.dumps(e, default=str) for e in snap["events"]) + "\n",
         "versions.json": json.dumps(
             {
                 "edge": __version__,
@@ -235,17 +277,27 @@ async def diagnostics_zip(gw: GatewayPort) -> bytes:
             },
             indent=2,
         ),
-        "hardware.json": json.dumps(msgspec.to_builtins(gw.profile), indent=2, default=str),
+        "hardware.json": json.dumps(snap["profile"], indent=2, default=str),
     }
-
-    def build() -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for name, text in parts.items():
-                z.writestr(name, text)
-        return buf.getvalue()
-
-    return await asyncio.to_thread(build)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in parts.items():
+            z.writestr(name, text)
+    return buf.getvalue()
 
 
-__all__ = ["config_view", "diagnostics_zip", "door_rows", "mib", "read_rows", "reader_rows", "status_view", "when"]
+__all__ = [
+    "config_view",
+    "diagnostics_snapshot",
+    "diagnostics_zip",
+    "door_rows",
+    "events_snapshot",
+    "host_info",
+    "mib",
+    "oldest_unsent",
+    "read_rows",
+    "reader_rows",
+    "reads_snapshot",
+    "status_snapshot",
+    "when",
+]
