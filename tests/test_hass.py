@@ -327,3 +327,31 @@ async def test_a_door_that_disappears_is_removed(tmp_path: Path, sock_dir: Path,
         removal = next(b for b in bodies if "door9_lock" in b["cmps"] and b["dev"]["name"] != "old")
         assert removal["cmps"]["door9_lock"] == {"p": "lock"}
         check_discovery(bodies[-1])
+
+
+async def test_on_the_cloud_broker_it_uses_the_link_settings(tmp_path: Path, sock_dir: Path, broker: Mosquitto) -> None:  # noqa: F811
+    text = config_text(tmp_path / "s", sock_dir / "c.sock", broker).replace('broker = "local"', 'broker = "cloud"')
+    text = text.replace(f'host = "{broker.host}"\nport = {broker.port}\n', "")
+    text = text.replace(
+        "[link]\nenabled = false", f'[link]\nenabled = false\nhost = "{broker.host}"\nport = {broker.port}'
+    )
+    cfg = parse_config(text)
+    assert cfg.hass.broker == "cloud" and cfg.hass.port == 1883 != broker.port
+    async with Observer(broker) as ha, running(cfg):
+        check_discovery(json.loads(await ha.wait(DISCOVERY)))
+        assert await ha.wait(f"{BASE}/availability") == b"online"
+
+
+def test_check_config_names_an_unreadable_broker_password(tmp_path: Path, sock_dir: Path, broker: Mosquitto,  # noqa: F811
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from edge.cli import main
+
+    text = (
+        config_text(tmp_path / "s", sock_dir / "c.sock", broker)
+        .replace('commands = ["door1"]', 'commands = ["door1"]\npassword_file = "hass.pass"')
+        .replace('synchronous = "NORMAL"', 'synchronous = "NORMAL"\nplaintext_secrets = true')
+    )
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    assert main(["--config", str(path), "check-config"]) == 2
+    assert "hass.password_file: cannot read" in capsys.readouterr().err
