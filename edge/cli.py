@@ -114,8 +114,24 @@ def _check_secrets(cfg: Config, source: str, *, ports: bool = False) -> None:
             link_config(cfg)
         check_files(cfg, ports=ports)
         metrics_access(cfg)  # the token credential, the socket's group
+        _check_local_services(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_local_services(cfg: Config) -> None:
+    """The installer page's packages are installed, Home Assistant's broker password can be read."""
+    if cfg.installer.enabled:
+        import importlib.util
+
+        missing = [m for m in ("litestar", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"installer.enabled: needs {', '.join(missing)} (pip install 'edge-access[installer]')")
+    if cfg.hass.enabled and cfg.hass.broker == "local" and cfg.hass.password_file:
+        from .secrets import SecretSource
+
+        SecretSource.from_env(plaintext=cfg.storage.plaintext_secrets).read(cfg.hass.password_file,
+                                                                            "hass.password_file")  # fmt: skip
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -202,6 +218,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"door {door}: {json.dumps(ds)}")
     for r, rs in (st.get("readers") or {}).items():
         print(f"reader {r}: {json.dumps(rs)}")
+    inst = st.get("installer")
+    if inst:
+        print(
+            f"installer page {inst.get('url')}"
+            + (f"  certificate SHA-256 {inst['fingerprint']}" if inst.get("fingerprint") else "")
+        )
+        if inst.get("setup_code"):
+            print(f"installer setup code {inst['setup_code']} (one-time: creates the first account)")
     return 0
 
 
@@ -283,4 +307,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

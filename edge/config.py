@@ -17,6 +17,7 @@ created, the socket path fits a Unix socket address). Secrets are checked by `ed
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -204,6 +205,53 @@ class DemoSection(Strict, frozen=True, kw_only=True):
     enabled: bool = False
 
 
+class InstallerSection(Strict, frozen=True, kw_only=True):
+    """The local installer page (edge/installer/; docs/operations.md, "The installer page"): off unless enabled.
+    On 127.0.0.1 it is plain HTTP (reach it with an SSH tunnel); on any other address it is HTTPS with a
+    certificate the agent makes at first start (its fingerprint: `edge status`)."""
+
+    enabled: bool = False
+    #: The address to listen on: 127.0.0.1 (default), or a LAN address of this gateway (then HTTPS).
+    listen: Annotated[str, Meta(min_length=1, max_length=64)] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8088
+    #: How long a login lasts.
+    session_hours: Annotated[float, Meta(gt=0, le=24 * 30)] = 8.0
+    #: How long the one-time setup code (journal and `edge status`) is valid; a new one at each start.
+    setup_code_hours: Annotated[float, Meta(gt=0, le=24 * 7)] = 24.0
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.listen).is_loopback
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.listen)
+        except ValueError:
+            raise ValueError(f"listen = {self.listen!r} is not an IP address of this gateway") from None
+
+
+class HassSection(Strict, frozen=True, kw_only=True):
+    """Home Assistant MQTT discovery (edge/hass.py; docs/operations.md, "Home Assistant"): off unless enabled."""
+
+    enabled: bool = False
+    #: "cloud": the broker of [link] (its address, TLS and credentials); "local": the broker given here.
+    broker: Literal["cloud", "local"] = "cloud"
+    host: Annotated[str, Meta(min_length=1, max_length=253)] = "localhost"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    ca: PathText | None = None
+    username: Text | None = None
+    #: The systemd credential holding the local broker's password.
+    password_file: PathText | None = None
+    #: Home Assistant's discovery prefix.
+    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-/]{1,64}$")] = "homeassistant"
+    #: Where the gateway's states go: <base_topic>/<site>/<gateway>/...
+    base_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-/]{1,64}$")] = "edge-access"
+    #: Doors Home Assistant may pulse (commands are unsigned: none by default). Never modes or lockdown.
+    commands: list[Id] = []
+    #: Put the user's id into the tap events (privacy: off by default).
+    publish_user: bool = False
+
+
 class Config(Strict, frozen=True, kw_only=True):
     #: The config file's format (`CONFIG_VERSION`); a file written for another version is refused at start.
     version: int = CONFIG_VERSION
@@ -216,6 +264,8 @@ class Config(Strict, frozen=True, kw_only=True):
     control: ControlSection = ControlSection()
     metrics: MetricsSection = MetricsSection()
     demo: DemoSection = DemoSection()
+    installer: InstallerSection = InstallerSection()
+    hass: HassSection = HassSection()
 
     @property
     def tz(self) -> ZoneInfo:

@@ -94,3 +94,8 @@ KEY_ROTATED = "security.key_rotated"
 #: Journal event type of a refused downlink message (rights, events/ack); commands use
 #: `security.command_rejected`. Rate-limited: see `RefusalLog`.
 SECURITY_MESSAGE_REJECTED = "security.message_rejected"
+#: What a person did on the local installer page (login, setup, account added, relay pulsed, bundle taken;
+#: user = the page account, detail.action names it, detail.result "ok" or the refusal).
+INSTALLER_ACTION = "installer.action"
+#: A command from Home Assistant (edge/hass.py): a pulse carried out or refused (detail.result).
+HASS_COMMAND = "hass.command"

@@ -90,6 +90,8 @@ class Journal(SqliteService):
         self._write_lock = asyncio.Lock()
         #: called (on the loop thread) after each batch becomes durable
         self.on_durable: list[Callable[[], None]] = []
+        #: called (on the loop thread, in `record`) with each event; must not block or raise (edge/feed.py)
+        self.on_record: list[Callable[[Event], None]] = []
 
     async def __aenter__(self) -> Self:
         """Open the journal. A damaged file (it fails SQLite's `quick_check`, or cannot be read at all) never
@@ -178,6 +180,8 @@ class Journal(SqliteService):
         )
         self._next_seq += 1
         self._pending.append(ev)
+        for listener in self.on_record:
+            listener(ev)
         if len(self._pending) > self.memory_limit:
             self._drop_memory()
         if len(self._pending) >= self.batch:

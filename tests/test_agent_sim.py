@@ -353,7 +353,7 @@ async def test_the_simulators_hands_exist_only_where_installed(cfg: Config) -> N
     # The typed status keeps the JSON keys `edge status` prints.
     assert set(st) == {"version", "site", "gateway", "simulated", "rights_version", "credentials", "journal_depth",
                        "storage_ok", "link", "clock_trusted", "clock", "rights_age_s", "doors", "readers", "lockdown",
-                       "occupancy"}
+                       "occupancy", "installer"}
     assert set(st["link"]) == {"online", "offline_since"}
     assert set(st["clock"]) == {"trusted", "source", "reason", "offset_s", "last_good", "ntp_synchronised"}
     assert st["readers"]["door1.wiegand"] == {"door": "door1", "kind": "wiegand", "online": True}

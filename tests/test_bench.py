@@ -30,6 +30,8 @@ EXPECTED = {
                       "events_list_p99.postgresql.all"},
     "operator_import": {"import_dry_run", "import_commit_publish_ack"},
     "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
+    "installer": {"tap_to_relay_p99.installer_none.adaptive", "tap_to_relay_p99.installer_polled.adaptive",
+                  "installer_tap_p99_delta"},
 }
 
 

@@ -35,9 +35,10 @@ from edge import __version__
 from edge.clock import AgentClock, load_clock_state, read_boot_id, read_ntp_synchronised, save_clock_state
 from edge.config import Config, OsdpReaderConfig, ReaderConfig, WiegandReaderConfig
 from edge.control import ControlServer, Handler, StatusRequest
-from edge.decision import Decider, Decision, Side
+from edge.decision import Decider, Decision, OfflinePolicy, Side
 from edge.door import DoorController
-from edge.events import INDEX_IMAGE_DAMAGED, SYSTEM
+from edge.events import HASS_COMMAND, INDEX_IMAGE_DAMAGED, INSTALLER_ACTION, SYSTEM
+from edge.feed import Feed
 from edge.hw import HardwareProfile, load_profile, make_factory
 from edge.journal import Journal
 from edge.link import EdgeLink, LinkPorts, birth_info
@@ -109,6 +110,11 @@ class Agent:
         #: How often the rights on disk are checked against memory (Store.check_integrity).
         self.integrity_check_s = 3600.0
         self._stop = asyncio.Event()
+        #: The last journal and reader events, for the installer page and Home Assistant (edge/feed.py).
+        self.feed = Feed(self.clock)
+        self.started_mono = time.monotonic()
+        #: The installer page while it runs ([installer]; edge/installer/).
+        self.installer: Any = None
 
     # --- the tap path (edge/agent/tap.py) ---------------------------------------------------------------
 
@@ -152,6 +158,28 @@ class Agent:
         assert self.modes is not None
         await self.modes.set_lockdown(active)
 
+    def local_pulse(self, door: str, *, source: str, by: str | None = None) -> float:
+        """A relay pulse asked on the gateway (source "installer" or "hass"), through the door-mode owner:
+        refused in lockdown (`DoorLockdownError`); from Home Assistant also while the link is offline past its
+        grace and the offline policy is not "all" (`PermissionError`). Journalled either way."""
+        assert self.modes is not None
+        type = HASS_COMMAND if source == "hass" else INSTALLER_ACTION
+        try:
+            if source == "hass" and self.cfg.policy.offline_policy is not OfflinePolicy.ALL:
+                age = self.rights_age_s()
+                if age is not None and age > self.cfg.policy.offline_grace_s:
+                    policy = self.cfg.policy.offline_policy.value
+                    raise PermissionError(f"the gateway is offline and the offline policy is {policy!r}: "
+                                          "no pulse from Home Assistant")  # fmt: skip
+            seconds = self.modes.pulse(door)
+        except Exception as e:
+            self._journal(type, door=door if door in self.doors else None, user=by,
+                          detail={"action": "pulse", "source": source, "result": str(e)[:200]})  # fmt: skip
+            raise
+        self._journal(type, door=door, user=by, detail={"action": "pulse", "source": source, "result": "ok",
+                                                        "seconds": seconds})  # fmt: skip
+        return seconds
+
     async def resync(self) -> None:
         """The cloud asked for a resync: the link requests the rights again; nothing to do locally."""
         log.info("resync requested by the cloud")
@@ -171,6 +199,12 @@ class Agent:
         """Passages the site's other gateways saw, relayed by the cloud (`TapHandler.remote_moves`)."""
         assert self.tap is not None
         return self.tap.remote_moves((m.user, m.area, m.ts) for m in moves)
+
+    def _reader_sink(self, ev: ReaderEvent) -> None:
+        """The readers' sink: the tap path first, then the feed (a deque append) for the installer page."""
+        assert self.tap is not None
+        self.tap.on_reader_event(ev)
+        self.feed.reader_event(ev, self.reader_door.get(ev.reader))
 
     # --- the link's state -------------------------------------------------------------------------------
 
@@ -245,6 +279,7 @@ class Agent:
             readers={k: ReaderInfo(door=self.reader_door[k], kind=r.kind, online=bool(getattr(r, "online", True)))
                      for k, r in self.readers.items()},
             lockdown=self.modes.lockdown if self.modes else False,
+            installer=self.installer.info() if self.installer is not None else None,
         )  # fmt: skip
 
     async def _status(self, req: StatusRequest) -> AgentStatus:
@@ -275,7 +310,7 @@ class Agent:
         for i, (name, rc) in enumerate(configs):
             door_ctl = self.doors.get(rc.door)
             r = build_reader(
-                rc, name, self.tap.on_reader_event, profile=self.profile, factory=self.factory, cfg=self.cfg, index=i,
+                rc, name, self._reader_sink, profile=self.profile, factory=self.factory, cfg=self.cfg, index=i,
                 indicator=door_ctl.indicator if door_ctl is not None else None,
             )  # fmt: skip
             readers.append(r)
@@ -315,6 +350,7 @@ class Agent:
                     interval_s=cfg.storage.journal_flush_s, synchronous=cfg.storage.synchronous,
                 )
             )  # fmt: skip
+            self.journal.on_record.append(self.feed.event)
             if cfg.policy.clock_source == "ntp":
                 clock_state = await load_clock_state(self.store)
                 self.clock.trust = clock_trust_at_boot(
@@ -375,6 +411,10 @@ class Agent:
                     lambda: self.metrics.update_from_status(msgspec.to_builtins(self.status()))
                 )
                 await stack.enter_async_context(serve_metrics(cfg, self.metrics.registry.render))
+            if cfg.installer.enabled:  # imported only when configured: a gateway without it needs no web stack
+                from edge.installer import Installer
+
+                self.installer = await stack.enter_async_context(Installer(cfg, self))
             stack.callback(self.notifier.stopping, "stopping: locks to their safe state")
             log.info(
                 "gateway %s/%s up: %d doors, %d readers, %d credentials, rights version %d%s",
@@ -402,6 +442,12 @@ class Agent:
                     tg.create_task(self._supervise("link", self.link.run), name="link")
                 else:
                     log.warning("cloud link disabled in the config: running offline")
+                if self.installer is not None:
+                    tg.create_task(self._supervise("installer", self.installer.run), name="installer")
+                if cfg.hass.enabled:
+                    from edge.hass import HassBridge
+
+                    tg.create_task(self._supervise("hass", HassBridge(cfg, self).run), name="hass")
                 tg.create_task(self._supervise("door-modes", self._door_modes), name="door-modes")
                 tg.create_task(self._supervise("integrity", self._check_integrity), name="integrity")
                 tg.create_task(self._watchdog(), name="watchdog")
@@ -412,6 +458,10 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def record_event(self, type: str, **fields: Any) -> None:
+        """Journal an event of a part outside the tap path (the installer page, Home Assistant)."""
+        self._journal(type, **fields)
 
     def _journal(self, type: str, **fields: Any) -> None:
         detail = fields.get("detail") or {}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from edge.decision import Decider
-from edge.door import DoorController
+from edge.door import DoorController, DoorLockdownError
 from edge.errors import StoreError
 from edge.events import SYSTEM
 from edge.model import DoorMode
@@ -68,6 +68,21 @@ class DoorModes:
         self._decider.lockdown = active
         self.sync()
         await self._persist()
+
+    def pulse(self, door: str) -> float:
+        """A momentary unlock asked on the gateway itself (the installer page, Home Assistant) for the door's
+        strike time, which it returns: never a mode, never a hold. Refused in lockdown (`DoorLockdownError`,
+        here and by the door itself) and for a door of no rights."""
+        ctl = self._doors.get(door)
+        if ctl is None:
+            raise ValueError(f"no door {door!r} on this gateway")
+        mode, _free = self._decider.effective_mode(door, self._clock(), clock_trusted=self._clock_trusted()) \
+            if door in self._decider.index.tables.doors else (None, False)  # fmt: skip
+        if self.lockdown or mode is DoorMode.LOCKDOWN:
+            raise DoorLockdownError(f"door {door!r} is in lockdown: a pulse is refused (lift the lockdown first)")
+        seconds = ctl.strike_time()
+        ctl.unlock_for(seconds)
+        return seconds
 
     def undo_first_card(self, door: str) -> None:
         """A first-card unlock for the day was granted on a read that proved cut short: undone whole. Holds

@@ -22,6 +22,15 @@ class ReaderInfo(msgspec.Struct, frozen=True, kw_only=True):
     online: bool
 
 
+class InstallerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The installer page, for `edge status`: where it is, its certificate's fingerprint (HTTPS only), and the
+    one-time setup code while no account exists."""
+
+    url: str
+    fingerprint: str | None = None
+    setup_code: str | None = None
+
+
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     site: str
@@ -42,3 +51,4 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     lockdown: bool
     #: Users counted in each area (access rules), on this gateway.
     occupancy: dict[str, int] = {}
+    installer: InstallerInfo | None = None
