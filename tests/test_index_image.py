@@ -36,8 +36,7 @@ NOW = datetime(2025, 3, 3, 10, 0, tzinfo=UTC)
 
 async def settled(store: Store) -> None:
     """Wait for the image the store writes in the background after building its index from the rows."""
-    while store._imaging is not None:
-        await asyncio.sleep(0.01)
+    await store.image_written()
 
 
 def fast(path: Path, tz: str = "UTC") -> Store:
