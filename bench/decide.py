@@ -1,23 +1,25 @@
 """Rights index and `decide()` benchmark against an aiosqlite baseline (JSON lines on stdout).
 
-    .venv/bin/python bench/decide.py [--quick] [--sizes 10k,100k,1M,2M] [--seed 1] [--diagnose]
+    .venv/bin/python bench/decide.py [--quick] [--sizes 10k,100k,1M,2M,5M] [--seed 1] [--diagnose]
 
 For each population size N (bench/population.py: N users with one card each, 1-3 of 200 groups, 8 doors,
 10 schedules with holidays, 10% of credentials and 5% of assignments with validity windows) the store file
 is built once and cached under --cache-dir (keyed by N, seed and generator version), copied to a work file,
 and then, in this one process:
 
-* boot: `Store(...).__aenter__` start -> first `Decider.decide` answer, with the work file's pages dropped
-  from the page cache first (posix_fadvise DONTNEED on that file only: "cold") and again right after
-  ("warm"); `index_build_time` is the `load_arrays` + `RightsIndex` part of it;
-* index memory per credential: `RightsIndex.nbytes()` (the base arrays), the RSS delta across the cold boot,
-  and tracemalloc (current = retained after the boot, peak = transient during the load) across a separate
-  boot run under tracemalloc (numpy reports its buffers to tracemalloc);
-* `decide()` latency: probes of 80% known / 20% unknown cards at random doors, at random instants over one
-  week (so the per-minute local-clock cache rarely hits: the worst case), each call timed on its own with
-  perf_counter_ns (not corrected for the timer's own cost, which is given in params); several rounds;
-  p50 / p99 / p99.9 are medians over rounds, `*_max_round` the worst round. A second series with the clock
-  moving forward 10 ms per tap (like a live door) is reported as `decide_p99_live_clock`;
+* boot to the first decision, each in a fresh process (`--child-boot`): first the current design's boot
+  (`Store(verify_at_open=True)`: quick_check, the rights checksum over every row, the index built from the
+  rows), which then writes the index image; then the boot from the image, with the files' pages dropped from
+  the page cache first (posix_fadvise DONTNEED on those files only: "cold") and again without ("warm");
+* memory: RssAnon (and RssFile) from /proc/self/status of that fresh process, before `Store()` and after the
+  first decision, per credential, for both boots; the image's size; `RightsIndex.nbytes()` beside the old
+  layout's (`bench/legacy_index.py`), the bytes per column on stderr; tracemalloc across an image boot;
+* `decide()` latency (beside the old layout, `bench/legacy_index.py`, rounds interleaved): probes of 80% known
+  / 20% unknown cards at random doors, at random instants over one week (so the per-minute local-clock cache
+  rarely hits: the worst case), each call timed on its own with perf_counter_ns (not corrected for the timer's
+  own cost, which is given in params); several rounds; p50 / p99 / p99.9 are medians over rounds,
+  `*_max_round` the worst round. A second series with the clock moving forward 10 ms per tap (like a live
+  door) is reported as `decide_p99_live_clock`;
 * access rules (issue 19): the same probes through a Decider over the same base arrays with every rule enabled
   (areas with hard, soft and timed anti-passback, exempt groups and occupancy limits on six doors, a two-person
   door, an escort door, an interlock, duress by PIN + 1, 10% of credentials use-limited) and an `AccessState`
@@ -620,12 +622,6 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
          assignments=n_assign)  # fmt: skip
     per_col = {k: round(v.nbytes / n, 2) for k, v in store.index._base.arrays.items()}
     note(f"N={n}: bytes per credential by column: {per_col}")
-    t0 = time.perf_counter()
-    arrays = await store.load_arrays(store.index.tables)
-    RightsIndex(store.index.tables, arrays, version=store.version)
-    emit("index_build_time", time.perf_counter() - t0, "s", **base,
-         measure="Store.load_arrays (SQLite -> numpy columns, packed) + RightsIndex(), store already open")  # fmt: skip
-    del arrays
 
     # (c) decide() latency
     m = 50_000 if quick else 200_000
@@ -658,6 +654,29 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
          loadavg_1min=round(os.getloadavg()[0], 2))  # fmt: skip
     emit("decide_p999", p999, "us", **common, max_round=max(s[2] for s in stats) / 1e3,
          max_single=max(s[3] for s in stats) / 1e3)  # fmt: skip
+    # The same calls timed in thread CPU time: what the decision itself costs, without the waits for a CPU
+    # that a loaded machine adds (clock_gettime(CLOCK_THREAD_CPUTIME_ID): ~0.1-0.3 us of its own per call).
+    cpu = []
+    for lay, dec in (("image", decider), ("legacy", ldecider)):
+        tt = time.thread_time_ns
+        cv = [0] * len(probes)
+        for i, (door, card, now) in enumerate(probes):
+            t0 = tt()
+            dec.decide(door, card, now)
+            cv[i] = tt() - t0
+        cv.sort()
+        cpu.append((lay, pct(cv, 0.5) / 1e3, pct(cv, 0.99) / 1e3))
+    emit(
+        "decide_p99_cpu",
+        cpu[0][2],
+        "us",
+        **base,
+        probes=m,
+        p50_us=cpu[0][1],
+        current_design_p99_us=cpu[1][2],
+        current_design_p50_us=cpu[1][1],
+        measure="thread CPU time per call (time.thread_time_ns), one round",
+    )
     lv = time_decisions(decider.decide, live_probes(probes))
     emit("decide_p99_live_clock", pct(lv, 0.99) / 1e3, "us", **base, probes=m, p50_us=pct(lv, 0.5) / 1e3,
          times="Tue 10:00 local, +10 ms per tap (local-clock cache hits)")  # fmt: skip

@@ -145,7 +145,10 @@ def read_image(path: Path) -> tuple[ImageMeta, Columns]:
         size = os.fstat(fd).st_size
         if size < _PREFIX.size:
             raise ImageError(f"{path.name}: {size} bytes, shorter than the header")
-        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        # MAP_POPULATE: the page tables are filled now (the checksums read every page anyway), so that a
+        # decision never takes a page fault on a page it is the first to touch.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     magic, hlen, hcrc = _PREFIX.unpack_from(mm, 0)
