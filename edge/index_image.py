@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ def write_image(path: Path, columns: Columns, meta: ImageMeta) -> int:
     hdr = header(start)
     if _PREFIX.size + len(hdr) > start:
         raise ImageError("image header does not fit")  # cannot happen: 512 bytes of room for ~20 offsets
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for old in path.parent.glob(f"{path.name}.*.tmp"):  # left by a writer killed mid-way (or one still going,
+        old.unlink(missing_ok=True)  # whose rename then fails: its image was not going to be used either)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         head = _PREFIX.pack(MAGIC, len(hdr), zlib.crc32(hdr)) + hdr
         os.write(fd, head + bytes(start - len(head)))

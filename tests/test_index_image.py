@@ -235,7 +235,7 @@ async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_pa
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        leftovers += path.with_name("rights.db.idx.tmp").exists()
+        leftovers += any(path.parent.glob("rights.db.idx.*.tmp"))
         async with fast(path) as s:
             booted.append(s.booted_from)
             assert s.version == 1 and len(s.index) == n
