@@ -97,7 +97,7 @@ class _Base:
     external ids and PIN hashes are byte columns read only for the answer."""
 
     __slots__ = (
-        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "l_off",
+        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "id0", "l_off",
         "n_creds", "n_pins", "n_users", "p_hash", "p_off", "p_uid", "shift", "u_flags", "u_id", "u_idoff",
         "u_list", "u_uid", "u_win", "w_from", "w_until",
     )  # fmt: skip
@@ -110,7 +110,8 @@ class _Base:
         self.shift = 64 - (len(arrays["c_dir"]) - 1).bit_length() + 1
         self.w_from, self.w_until = mv["w_from"], mv["w_until"]
         self.u_uid, self.u_flags, self.u_win, self.u_list = mv["u_uid"], mv["u_flags"], mv["u_win"], mv["u_list"]
-        self.u_idoff, self.u_id = mv["u_idoff"], mv["u_id"]
+        self.u_idoff = mv["u_idoff"]
+        self.u_id, self.id0 = _sliceable(arrays["u_id"])
         self.l_off, self.a_gidx, self.a_win = mv["l_off"], mv["a_gidx"], mv["a_win"]
         self.p_uid, self.p_off, self.p_hash = mv["p_uid"], mv["p_off"], mv["p_hash"]
         self.n_creds = len(arrays["c_card"])
@@ -158,7 +159,8 @@ class _Base:
             assigns = self._list(lst)
         w = self.u_win[i]
         o = self.u_idoff
-        return (str(self.u_id[o[i] : o[i + 1]], "utf-8"), flags, self.w_from[w], self.w_until[w], pin, assigns)
+        k = self.id0
+        return (self.u_id[k + o[i] : k + o[i + 1]].decode(), flags, self.w_from[w], self.w_until[w], pin, assigns)
 
     def _pin(self, uid: int) -> str | None:
         k = bisect_left(self.p_uid, uid)
@@ -168,11 +170,26 @@ class _Base:
 
     def _list(self, lst: int) -> tuple[AssignRow, ...]:
         ag, aw, wf, wu = self.a_gidx, self.a_win, self.w_from, self.w_until
-        t = tuple([(ag[j], wf[aw[j]], wu[aw[j]]) for j in range(self.l_off[lst], self.l_off[lst + 1])])
+        t = tuple([
+            (ag[j], NO_START, NO_END) if (w := aw[j]) == 0 else (ag[j], wf[w], wu[w])  # 0: the open window
+            for j in range(self.l_off[lst], self.l_off[lst + 1])
+        ])  # fmt: skip
         if len(self._lists) >= LIST_CACHE:
             self._lists.clear()
         self._lists[lst] = t
         return t
+
+
+def _sliceable(a: npt.NDArray[Any]) -> tuple[Any, int]:
+    """(buffer, offset): an object whose slices are `bytes` (the image's mapping, or the bytes a column was
+    made from) and where the u8 column `a` starts in it: an external id is then one slice and one decode,
+    without a memoryview object in between. A column of its own is copied into bytes."""
+    owner: Any = a.base
+    if isinstance(owner, bytes) or type(owner).__name__ == "mmap":
+        start = a.__array_interface__["data"][0] - np.frombuffer(owner, np.uint8).__array_interface__["data"][0]
+        if start >= 0 and start + len(a) <= len(owner):
+            return owner, start
+    return a.tobytes(), 0
 
 
 def _logical(creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]) -> Columns:
