@@ -1,23 +1,25 @@
 """Rights index and `decide()` benchmark against an aiosqlite baseline (JSON lines on stdout).
 
-    .venv/bin/python bench/decide.py [--quick] [--sizes 10k,100k,1M,2M] [--seed 1] [--diagnose]
+    .venv/bin/python bench/decide.py [--quick] [--sizes 10k,100k,1M,2M,5M] [--seed 1] [--diagnose]
 
 For each population size N (bench/population.py: N users with one card each, 1-3 of 200 groups, 8 doors,
 10 schedules with holidays, 10% of credentials and 5% of assignments with validity windows) the store file
 is built once and cached under --cache-dir (keyed by N, seed and generator version), copied to a work file,
 and then, in this one process:
 
-* boot: `Store(...).__aenter__` start -> first `Decider.decide` answer, with the work file's pages dropped
-  from the page cache first (posix_fadvise DONTNEED on that file only: "cold") and again right after
-  ("warm"); `index_build_time` is the `load_arrays` + `RightsIndex` part of it;
-* index memory per credential: `RightsIndex.nbytes()` (the base arrays), the RSS delta across the cold boot,
-  and tracemalloc (current = retained after the boot, peak = transient during the load) across a separate
-  boot run under tracemalloc (numpy reports its buffers to tracemalloc);
-* `decide()` latency: probes of 80% known / 20% unknown cards at random doors, at random instants over one
-  week (so the per-minute local-clock cache rarely hits: the worst case), each call timed on its own with
-  perf_counter_ns (not corrected for the timer's own cost, which is given in params); several rounds;
-  p50 / p99 / p99.9 are medians over rounds, `*_max_round` the worst round. A second series with the clock
-  moving forward 10 ms per tap (like a live door) is reported as `decide_p99_live_clock`;
+* boot to the first decision, each in a fresh process (`--child-boot`): first the current design's boot
+  (`Store(verify_at_open=True)`: quick_check, the rights checksum over every row, the index built from the
+  rows), which then writes the index image; then the boot from the image, with the files' pages dropped from
+  the page cache first (posix_fadvise DONTNEED on those files only: "cold") and again without ("warm");
+* memory: RssAnon (and RssFile) from /proc/self/status of that fresh process, before `Store()` and after the
+  first decision, per credential, for both boots; the image's size; `RightsIndex.nbytes()` beside the old
+  layout's (`bench/legacy_index.py`), the bytes per column on stderr; tracemalloc across an image boot;
+* `decide()` latency (beside the old layout, `bench/legacy_index.py`, rounds interleaved): probes of 80% known
+  / 20% unknown cards at random doors, at random instants over one week (so the per-minute local-clock cache
+  rarely hits: the worst case), each call timed on its own with perf_counter_ns (not corrected for the timer's
+  own cost, which is given in params); several rounds; p50 / p99 / p99.9 are medians over rounds,
+  `*_max_round` the worst round. A second series with the clock moving forward 10 ms per tap (like a live
+  door) is reported as `decide_p99_live_clock`;
 * access rules (issue 19): the same probes through a Decider over the same base arrays with every rule enabled
   (areas with hard, soft and timed anti-passback, exempt groups and occupancy limits on six doors, a two-person
   door, an escort door, an interlock, duress by PIN + 1, 10% of credentials use-limited) and an `AccessState`
@@ -43,9 +45,9 @@ import asyncio
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -59,6 +61,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 import numpy as np
+from legacy_index import LegacyIndex
 from population import (
     CARD_FORMAT,
     CARD_LIMIT,
@@ -92,7 +95,7 @@ from edge.schedule import CompiledSchedule
 from edge.store import Store
 
 SWITCH_INTERVAL = 0.0005
-DEFAULT_SIZES = [10_000, 100_000, 1_000_000, 2_000_000]
+DEFAULT_SIZES = [10_000, 100_000, 1_000_000, 2_000_000, 5_000_000]
 QUICK_SIZES = [10_000, 100_000]
 CHANGES = 10_000
 PROBE_NOW = datetime.fromtimestamp(WEEK_START_TS + 36000, UTC)  # Monday 11:00 local
@@ -114,11 +117,6 @@ def parse_size(s: str) -> int:
     s = s.strip().lower()
     mult = {"k": 1_000, "m": 1_000_000}.get(s[-1:], 1)
     return int(float(s[:-1] if mult > 1 else s) * mult)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def drop_file_cache(path: Path) -> None:
@@ -265,8 +263,7 @@ class SqlDecider:
 
     async def setup(self) -> None:
         await self.db.execute(
-            "CREATE TEMP TABLE group_doors (group_id TEXT, door_id TEXT, PRIMARY KEY (group_id, door_id)) "
-            "WITHOUT ROWID"
+            "CREATE TEMP TABLE group_doors (group_id TEXT, door_id TEXT, PRIMARY KEY (group_id, door_id)) WITHOUT ROWID"
         )
         await self.db.executemany(
             "INSERT INTO temp.group_doors VALUES (?, ?)", [(g.id, d) for g in self.groups for d in g.doors]
@@ -520,9 +517,44 @@ def not_visible(decider: Decider, target: dict[int, Reason]) -> int:
 # --- one size --------------------------------------------------------------------------------------------
 
 
+def status_kb(*keys: str) -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in keys:
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def child_boot(path: Path, mode: str) -> dict[str, Any]:
+    """Boot in a fresh process (`--child-boot`): its figures as a dict."""
+    r = subprocess.run([sys.executable, __file__, "--child-boot", str(path), "--mode", mode], capture_output=True,
+                       text=True, check=True, timeout=1800)  # fmt: skip
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+async def child_main(path: Path, mode: str) -> None:
+    gc.collect()
+    before = status_kb("RssAnon", "RssFile")
+    t0 = time.perf_counter()
+    store = Store(path, SITE_TZ, verify_at_open=mode == "rows")
+    await store.__aenter__()
+    Decider(store.index).decide("door0", 1, PROBE_NOW)
+    boot_s = time.perf_counter() - t0
+    after = status_kb("RssAnon", "RssFile")
+    t1 = time.perf_counter()
+    await store.image_written()
+    out = {"boot_s": boot_s, "booted_from": store.booted_from, "credentials": len(store.index),
+           "anon_delta": after["RssAnon"] - before["RssAnon"], "file_delta": after["RssFile"] - before["RssFile"],
+           "image_write_s": time.perf_counter() - t1, "image_problem": store.image_problem}  # fmt: skip
+    await store.close()
+    print(json.dumps(out), flush=True)
+
+
 async def boot(path: Path) -> tuple[Store, Decider, float, Any]:
     t0 = time.perf_counter()
-    store = Store(path, SITE_TZ)
+    store = Store(path, SITE_TZ, verify_at_open=False)
     _OPENED.append(store)
     await store.__aenter__()
     decider = Decider(store.index)
@@ -541,38 +573,55 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
         emit("store_build_time", build_s, "s", **base, method=method,
              note="bench setup, not a target: writing the population into a store file")  # fmt: skip
     work = args.cache_dir / f"work-n{n}.db"
-    for p in (work, Path(f"{work}-wal"), Path(f"{work}-shm")):
+    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".verified"))):
         p.unlink(missing_ok=True)
     shutil.copyfile(cached, work)
+    # The verified copy a store writes at its first open (VACUUM INTO, minutes at 10^6 rows): a copy of the
+    # same file, so that no boot measured here includes writing it.
+    shutil.copyfile(cached, work.with_name(work.name + ".verified"))
     db_bytes = work.stat().st_size
     n_assign = pop.n_assignments
 
-    # (a) cold and warm boot, index build, RSS delta
-    gc.collect()
+    # (a) boot to the first decision, each in a fresh process (`--child-boot`) whose anonymous memory is read
+    # from /proc/self/status before the Store is opened and after the first decision. First the current design:
+    # the index built from the rows (SQLite quick_check, the rights checksum over every row); that boot then
+    # writes the index image. Then the image boot (mapped, checked, nothing to replay), cold and warm.
+    image = work.with_name(work.name + ".idx")
     drop_file_cache(work)
-    rss0 = rss_bytes()
-    store, decider, cold_s, first = await boot(work)
-    rss1 = rss_bytes()
-    assert len(store.index) == n, (len(store.index), n)
-    emit("boot_to_first_decision", cold_s, "s", **base, page_cache="cold (file evicted with fadvise)",
-         db_bytes=db_bytes, first_reason=str(first.reason), target_s=15.0, target_n=2_000_000)  # fmt: skip
-    nbytes = store.index.nbytes()
-    emit("index_nbytes_per_credential", nbytes / n, "bytes", **base, measure="RightsIndex.nbytes() (base arrays)",
-         users=n, assignments=n_assign)  # fmt: skip
-    emit("index_rss_delta_per_credential", (rss1 - rss0) / n, "bytes", **base,
-         measure="RSS delta across the cold boot (includes freed-but-kept heap and the sqlite page cache)",
-         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
-    t0 = time.perf_counter()
-    arrays = await store.load_arrays(store.index.tables)
-    RightsIndex(store.index.tables, arrays, version=store.version)
-    emit("index_build_time", time.perf_counter() - t0, "s", **base,
-         measure="Store.load_arrays (SQLite -> numpy columns) + RightsIndex(), store already open")  # fmt: skip
-    del arrays
-    await store.close()
-    del store, decider
-    gc.collect()
-    store, decider, warm_s, _ = await boot(work)
-    emit("boot_to_first_decision_warm", warm_s, "s", **base, page_cache="warm", db_bytes=db_bytes)
+    rows_boot = child_boot(work, "rows")
+    assert rows_boot["booted_from"] == "rows" and rows_boot["credentials"] == n, rows_boot
+    image_bytes = image.stat().st_size
+    drop_file_cache(work)
+    drop_file_cache(image)
+    cold = child_boot(work, "image")
+    assert cold["booted_from"] == "image" and cold["credentials"] == n, cold
+    warm = child_boot(work, "image")
+    load = os.getloadavg()[0]
+    target_boot = 2.0 if n > 2_000_000 else 1.0
+    emit("boot_to_first_decision", cold["boot_s"], "s", **base, page_cache="cold (files evicted with fadvise)",
+         path="index image mapped, checked (CRC of every column), change sets since replayed (none)",
+         current_design_s=round(rows_boot["boot_s"], 3), current_design="index built from the rows (as before "
+         "issue 18: quick_check + checksum over every row + load + build)", db_bytes=db_bytes,
+         image_bytes=image_bytes, target_s=target_boot, loadavg_1min=round(load, 2))  # fmt: skip
+    emit("boot_to_first_decision_warm", warm["boot_s"], "s", **base, page_cache="warm", path="index image",
+         current_design_s=round(rows_boot["boot_s"], 3))  # fmt: skip
+    emit("boot_from_rows", rows_boot["boot_s"], "s", **base, page_cache="cold",
+         measure="Store(verify_at_open=True) to the first decision: what every boot did before the image",
+         image_write_s=round(rows_boot["image_write_s"], 3))  # fmt: skip
+    emit("index_anon_bytes_per_credential", cold["anon_delta"] / n, "bytes", **base,
+         measure="RssAnon (/proc/self/status) after the first decision minus before Store(), fresh process, "
+         "image boot", rss_file_delta_per_credential=round(cold["file_delta"] / n, 1),
+         current_design_anon_per_credential=round(rows_boot["anon_delta"] / n, 1),
+         image_bytes_per_credential=round(image_bytes / n, 1), target_bytes=48, target_n=5_000_000)  # fmt: skip
+    store, decider, _, _ = await boot(work)
+    assert len(store.index) == n and store.booted_from == "image", (len(store.index), store.booted_from)
+    legacy = LegacyIndex(store.index)
+    emit("index_nbytes_per_credential", store.index.nbytes() / n, "bytes", **base,
+         measure="RightsIndex.nbytes() (the base columns = the image's body)",
+         current_design_nbytes_per_credential=round(legacy.nbytes() / n, 1), users=n,
+         assignments=n_assign)  # fmt: skip
+    per_col = {k: round(v.nbytes / n, 2) for k, v in store.index._base.arrays.items()}
+    note(f"N={n}: bytes per credential by column: {per_col}")
 
     # (c) decide() latency
     m = 50_000 if quick else 200_000
@@ -582,20 +631,52 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     reasons = Counter(str(decider.decide(*p).reason) for p in probes[:20_000])
     mix = {k: round(v / 20_000, 4) for k, v in reasons.most_common()}
     stats: list[tuple[float, float, float, float]] = []
-    for _ in range(rounds):
+    ldecider = Decider(legacy)  # type: ignore[arg-type]  # duck-typed: cred(), user(), tables
+    lstats: list[tuple[float, float]] = []
+    for _ in range(rounds):  # interleaved: the same machine load for both
         v = time_decisions(decider.decide, probes)
         stats.append((pct(v, 0.5), pct(v, 0.99), pct(v, 0.999), v[-1]))
+        v = time_decisions(ldecider.decide, probes)
+        lstats.append((pct(v, 0.5), pct(v, 0.99)))
+    l50, l99 = (statistics.median(s[k] for s in lstats) / 1e3 for k in (0, 1))
+    assert all(decider.decide(*p) == ldecider.decide(*p) for p in probes[:20_000])
     p50 = statistics.median(s[0] for s in stats) / 1e3
     p99 = statistics.median(s[1] for s in stats) / 1e3
     p999 = statistics.median(s[2] for s in stats) / 1e3
     common = {**base, "probes": m, "rounds": rounds, "timer_overhead_ns": overhead,
               "times": "uniform over one week (Mon 2025-03-03, Europe/Berlin, a holiday on Wed)",
               "known_share": 0.8, "gc": "enabled"}  # fmt: skip
-    emit("decide_p50", p50, "us", **common, max_round=max(s[0] for s in stats) / 1e3, reasons=mix)
-    emit("decide_p99", p99, "us", **common, max_round=max(s[1] for s in stats) / 1e3, target_us=10.0,
-         target_n=2_000_000)  # fmt: skip
+    emit("decide_p50", p50, "us", **common, max_round=max(s[0] for s in stats) / 1e3, reasons=mix,
+         current_design_us=round(l50, 3))  # fmt: skip
+    emit("decide_p99", p99, "us", **common, max_round=max(s[1] for s in stats) / 1e3, target_us=5.0,
+         target_n=5_000_000, current_design_us=round(l99, 3),
+         current_design="bench/legacy_index.py: card bisect through memoryviews, per-user assignment rows",
+         loadavg_1min=round(os.getloadavg()[0], 2))  # fmt: skip
     emit("decide_p999", p999, "us", **common, max_round=max(s[2] for s in stats) / 1e3,
          max_single=max(s[3] for s in stats) / 1e3)  # fmt: skip
+    # The same calls timed in thread CPU time: what the decision itself costs, without the waits for a CPU
+    # that a loaded machine adds (clock_gettime(CLOCK_THREAD_CPUTIME_ID): ~0.1-0.3 us of its own per call).
+    cpu = []
+    for lay, dec in (("image", decider), ("legacy", ldecider)):
+        tt = time.thread_time_ns
+        cv = [0] * len(probes)
+        for i, (door, card, now) in enumerate(probes):
+            t0 = tt()
+            dec.decide(door, card, now)
+            cv[i] = tt() - t0
+        cv.sort()
+        cpu.append((lay, pct(cv, 0.5) / 1e3, pct(cv, 0.99) / 1e3))
+    emit(
+        "decide_p99_cpu",
+        cpu[0][2],
+        "us",
+        **base,
+        probes=m,
+        p50_us=cpu[0][1],
+        current_design_p99_us=cpu[1][2],
+        current_design_p50_us=cpu[1][1],
+        measure="thread CPU time per call (time.thread_time_ns), one round",
+    )
     lv = time_decisions(decider.decide, live_probes(probes))
     emit("decide_p99_live_clock", pct(lv, 0.99) / 1e3, "us", **base, probes=m, p50_us=pct(lv, 0.5) / 1e3,
          times="Tue 10:00 local, +10 ms per tap (local-clock cache hits)")  # fmt: skip
@@ -670,7 +751,7 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     emit("speedup_p99", b99 / p99, "x", **base, decide_p99_us=p99, baseline_p99_us=b99,
          decide_p99_same_probes_us=pct(same, 0.99) / 1e3, target_x=100.0)  # fmt: skip
     await store.close()
-    del store, decider
+    del store, decider, ldecider, legacy
     gc.collect()
 
     # (b) memory under tracemalloc (a separate boot: tracemalloc slows allocation-heavy code)
@@ -700,7 +781,7 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     bad_a = not_visible(decider, changed)
     cparams = {**base, "changes": len(ca.changes), "mix": "40% new cards, 40% status changes, 20% deletes",
                "synchronous": "FULL"}  # fmt: skip
-    emit("changeset_apply_time", quiet, "s", **cparams, not_visible_after=bad_a, monitors="none", target_s=2.0)
+    emit("changeset_apply_time", quiet, "s", **cparams, not_visible_after=bad_a, monitors="none", target_s=1.0)
     res_b = await apply_monitored(store, decider, cb, orig, diagnose=args.diagnose)
     bad_b = not_visible(decider, orig)
     ca2 = ChangeSet(from_version=version + 2, to_version=version + 3, changes=ca.changes)
@@ -708,12 +789,12 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     bad_c = not_visible(decider, changed)
     runs = [res_b, res_c]
     emit("changeset_apply_time_monitored", max(r["elapsed"] for r in runs), "s", **cparams,
-         runs=[round(r["elapsed"], 3) for r in runs], not_visible_after=bad_b + bad_c, target_s=2.0,
+         runs=[round(r["elapsed"], 3) for r in runs], not_visible_after=bad_b + bad_c, target_s=1.0,
          monitors="loop-lag task + deciding task spinning on sleep(0)")  # fmt: skip
     emit("changeset_loop_stall_max", max(r["max_gap"] for r in runs) * 1e3, "ms", **cparams,
          measure="wall time between two turns of a monitor task spinning on sleep(0)",
          runs=[round(r["max_gap"] * 1e3, 3) for r in runs], gaps_over_1ms=[r["gaps_over_1ms"] for r in runs],
-         loop_turns=[r["turns"] for r in runs], target_ms=1.0,
+         loop_turns=[r["turns"] for r in runs], target_ms=2.0,
          idle_max_ms=[round(r["idle_max_gap"] * 1e3, 3) for r in runs],
          idle_gaps_over_1ms_in_300ms=[r["idle_gaps_over_1ms"] for r in runs],
          loadavg_1min=round(os.getloadavg()[0], 2),
@@ -729,7 +810,7 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
          decision_p99_us=[round(r["decision_p99_us"], 2) for r in runs],
          saw_new_then_old=sum(r["new_then_old"] for r in runs))  # fmt: skip
     await store.close()
-    for p in (work, Path(f"{work}-wal"), Path(f"{work}-shm")):
+    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".verified"))):
         p.unlink(missing_ok=True)
 
 
@@ -751,7 +832,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/edge-bench/decide"))
     ap.add_argument("--diagnose", action="store_true", help="log event-loop steps over 1 ms during change sets")
+    ap.add_argument("--child-boot", type=Path, help=argparse.SUPPRESS)  # internal: one boot in a fresh process
+    ap.add_argument("--mode", choices=("image", "rows"), default="image", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_boot is not None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        asyncio.run(child_main(args.child_boot, args.mode))
+        return
     args.sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else (
         QUICK_SIZES if args.quick else DEFAULT_SIZES)  # fmt: skip
     sys.setswitchinterval(SWITCH_INTERVAL)

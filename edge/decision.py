@@ -75,6 +75,7 @@ class RuleState(Protocol):
     def used(self) -> dict[int, int]: ...
     def busy(self, door: str, ts: float) -> bool: ...
 
+
 #: The reader side of a tap at a door between areas: "in" passes from `from_area` into `to_area`.
 Side = Literal["in", "out"]
 
@@ -185,6 +186,11 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     interlock: str | None = None
 
 
+def _deny(door: str, card: int, uid: int, user: str, reason: Reason, *, group: str | None = None) -> Decision:
+    """A refusal of a known card (a function, not a closure made on every decision)."""
+    return Decision(granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group)
+
+
 class Decider:
     """Decisions over one `RightsIndex` (which may be swapped whole by a snapshot) and site policy."""
 
@@ -289,11 +295,6 @@ class Decider:
             return Decision(granted=False, reason=Reason.UNKNOWN_CARD, door=door, card=card)
         user, flags, u_from, u_until, pin_hash, assignments = urow
 
-        def deny(reason: Reason, group: str | None = None) -> Decision:
-            return Decision(
-                granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group
-            )
-
         # While the clock is not trusted: `ignore_time` (IGNORE_SCHEDULES, and emergency cards under
         # EMERGENCY_ONLY) opens group schedules, checks window starts on `now` and refuses any window with
         # an end; `strict_time` (ALWAYS_ONLY) admits only rights without any window or schedule.
@@ -302,40 +303,39 @@ class Decider:
             tp is TimePolicy.IGNORE_SCHEDULES or (tp is TimePolicy.EMERGENCY_ONLY and bool(flags & F_EMERGENCY))
         )
         if fac and facility != fac - 1:
-            return deny(Reason.WRONG_FACILITY)  # the same number on another site's or company's card
+            # the same number on another site's or company's card
+            return _deny(door, card, uid, user, Reason.WRONG_FACILITY)
         if status:
-            return deny(_STATUS_CODE_REASON[status] or Reason.CREDENTIAL_REVOKED)
+            return _deny(door, card, uid, user, _STATUS_CODE_REASON[status] or Reason.CREDENTIAL_REVOKED)
         if ts < c_from:
-            return deny(Reason.CREDENTIAL_NOT_YET_VALID)
+            return _deny(door, card, uid, user, Reason.CREDENTIAL_NOT_YET_VALID)
         if ignore_time:
             if c_until != NO_END:
-                return deny(Reason.CLOCK_NOT_TRUSTED)  # may have ended
+                return _deny(door, card, uid, user, Reason.CLOCK_NOT_TRUSTED)  # may have ended
         elif ts >= c_until:
-            return deny(Reason.CREDENTIAL_EXPIRED)
+            return _deny(door, card, uid, user, Reason.CREDENTIAL_EXPIRED)
         if not flags & F_ACTIVE:
-            return deny(Reason.USER_INACTIVE)
+            return _deny(door, card, uid, user, Reason.USER_INACTIVE)
         if ts < u_from:
-            return deny(Reason.USER_NOT_YET_VALID)
+            return _deny(door, card, uid, user, Reason.USER_NOT_YET_VALID)
         if ignore_time:
             if u_until != NO_END:
-                return deny(Reason.CLOCK_NOT_TRUSTED)
+                return _deny(door, card, uid, user, Reason.CLOCK_NOT_TRUSTED)
         elif ts >= u_until:
-            return deny(Reason.USER_EXPIRED)
+            return _deny(door, card, uid, user, Reason.USER_EXPIRED)
         if not clock_trusted and tp is TimePolicy.EMERGENCY_ONLY and not flags & F_EMERGENCY:
-            return deny(Reason.CLOCK_NOT_TRUSTED)
+            return _deny(door, card, uid, user, Reason.CLOCK_NOT_TRUSTED)
         if (
             policy.max_offline_age_s is not None
             and rights_age_s is not None
             and rights_age_s > policy.max_offline_age_s
             and not flags & F_EMERGENCY
         ):
-            return deny(Reason.RIGHTS_TOO_OLD)
-        if not link_online and (
-            offline_since is None or ts - offline_since.timestamp() >= policy.offline_grace_s
-        ):
+            return _deny(door, card, uid, user, Reason.RIGHTS_TOO_OLD)
+        if not link_online and (offline_since is None or ts - offline_since.timestamp() >= policy.offline_grace_s):
             op = policy.offline_policy
             if op is OfflinePolicy.NOBODY or (op is OfflinePolicy.FLAGGED and not flags & F_OFFLINE):
-                return deny(Reason.OFFLINE_NOT_PERMITTED)
+                return _deny(door, card, uid, user, Reason.OFFLINE_NOT_PERMITTED)
 
         # Groups. `strict_time` is the ALWAYS_ONLY time policy: only unbounded, schedule-less rights count.
         strict_time = not clock_trusted and not ignore_time
@@ -371,14 +371,14 @@ class Decider:
             break
         if granted_group < 0:
             if not any_door:
-                return deny(Reason.NO_GROUP_FOR_DOOR)
+                return _deny(door, card, uid, user, Reason.NO_GROUP_FOR_DOOR)
             if not any_override:
-                return deny(Reason.DOOR_LOCKDOWN)
+                return _deny(door, card, uid, user, Reason.DOOR_LOCKDOWN)
             if strict_time or (may_have_ended and not any_active):
-                return deny(Reason.CLOCK_NOT_TRUSTED)
+                return _deny(door, card, uid, user, Reason.CLOCK_NOT_TRUSTED)
             if not any_active:
-                return deny(Reason.ASSIGNMENT_NOT_ACTIVE)
-            return deny(Reason.OUTSIDE_SCHEDULE)
+                return _deny(door, card, uid, user, Reason.ASSIGNMENT_NOT_ACTIVE)
+            return _deny(door, card, uid, user, Reason.OUTSIDE_SCHEDULE)
         group = tables.gid[granted_group]
 
         alarm = None
@@ -386,11 +386,11 @@ class Decider:
         if mode is DoorMode.CARD_AND_PIN:
             fails = self._pin_fail.get(card)
             if fails is not None and fails[1] > ts:
-                return deny(Reason.PIN_LOCKED_OUT, group)
+                return _deny(door, card, uid, user, Reason.PIN_LOCKED_OUT, group=group)
             if pin is None:
-                return deny(Reason.PIN_REQUIRED, group)
+                return _deny(door, card, uid, user, Reason.PIN_REQUIRED, group=group)
             if pin_hash is None:
-                return deny(Reason.PIN_NOT_ENROLLED, group)
+                return _deny(door, card, uid, user, Reason.PIN_NOT_ENROLLED, group=group)
             dcheck = self._duress_candidate(pin, pin_hash)
             if pin_verified is not None and pin_verified[0] == pin_hash:
                 ok = pin_verified[1]

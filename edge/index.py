@@ -97,7 +97,7 @@ class _Base:
     external ids and PIN hashes are byte columns read only for the answer."""
 
     __slots__ = (
-        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "l_off",
+        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "id0", "l_off",
         "n_creds", "n_pins", "n_users", "p_hash", "p_off", "p_uid", "shift", "u_flags", "u_id", "u_idoff",
         "u_list", "u_uid", "u_win", "w_from", "w_until",
     )  # fmt: skip
@@ -110,7 +110,8 @@ class _Base:
         self.shift = 64 - (len(arrays["c_dir"]) - 1).bit_length() + 1
         self.w_from, self.w_until = mv["w_from"], mv["w_until"]
         self.u_uid, self.u_flags, self.u_win, self.u_list = mv["u_uid"], mv["u_flags"], mv["u_win"], mv["u_list"]
-        self.u_idoff, self.u_id = mv["u_idoff"], mv["u_id"]
+        self.u_idoff = mv["u_idoff"]
+        self.u_id, self.id0 = _sliceable(arrays["u_id"])
         self.l_off, self.a_gidx, self.a_win = mv["l_off"], mv["a_gidx"], mv["a_win"]
         self.p_uid, self.p_off, self.p_hash = mv["p_uid"], mv["p_off"], mv["p_hash"]
         self.n_creds = len(arrays["c_card"])
@@ -158,7 +159,8 @@ class _Base:
             assigns = self._list(lst)
         w = self.u_win[i]
         o = self.u_idoff
-        return (str(self.u_id[o[i] : o[i + 1]], "utf-8"), flags, self.w_from[w], self.w_until[w], pin, assigns)
+        k = self.id0
+        return (self.u_id[k + o[i] : k + o[i + 1]].decode(), flags, self.w_from[w], self.w_until[w], pin, assigns)
 
     def _pin(self, uid: int) -> str | None:
         k = bisect_left(self.p_uid, uid)
@@ -168,11 +170,26 @@ class _Base:
 
     def _list(self, lst: int) -> tuple[AssignRow, ...]:
         ag, aw, wf, wu = self.a_gidx, self.a_win, self.w_from, self.w_until
-        t = tuple([(ag[j], wf[aw[j]], wu[aw[j]]) for j in range(self.l_off[lst], self.l_off[lst + 1])])
+        t = tuple([
+            (ag[j], NO_START, NO_END) if (w := aw[j]) == 0 else (ag[j], wf[w], wu[w])  # 0: the open window
+            for j in range(self.l_off[lst], self.l_off[lst + 1])
+        ])  # fmt: skip
         if len(self._lists) >= LIST_CACHE:
             self._lists.clear()
         self._lists[lst] = t
         return t
+
+
+def _sliceable(a: npt.NDArray[Any]) -> tuple[Any, int]:
+    """(buffer, offset): an object whose slices are `bytes` (the image's mapping, or the bytes a column was
+    made from) and where the u8 column `a` starts in it: an external id is then one slice and one decode,
+    without a memoryview object in between. A column of its own is copied into bytes."""
+    owner: Any = a.base
+    if isinstance(owner, bytes) or type(owner).__name__ == "mmap":
+        start = a.__array_interface__["data"][0] - np.frombuffer(owner, np.uint8).__array_interface__["data"][0]
+        if start >= 0 and start + len(a) <= len(owner):
+            return owner, start
+    return a.tobytes(), 0
 
 
 def _logical(creds: Sequence[tuple[int, CredRow]], users: Sequence[tuple[int, UserRow]]) -> Columns:
@@ -510,7 +527,48 @@ _BASE: Final = object()  # overlay marker: "answer from the base"
 DRAIN_STEP: Final = 1_000
 
 
-def drain(container: dict[Any, Any] | list[Any] | set[Any], step: int = DRAIN_STEP) -> bool:
+#: Overlay shards (a power of two): a dict that grows reallocates its whole table in one C call, holding the
+#: GIL (1-4 ms past 10^5 entries); 64 dicts, each of 1/64 of the overlay, grow in steps 64 times smaller.
+SHARDS: Final = 64
+_SHARD: Final = SHARDS - 1
+
+
+class _Overlay:
+    """The overlay's entries by key (card or uid), as a dict would hold them, in `SHARDS` dicts by key."""
+
+    __slots__ = ("shards",)
+
+    def __init__(self) -> None:
+        self.shards: list[dict[int, tuple[int, object, object]]] = [{} for _ in range(SHARDS)]
+
+    def get(self, key: int) -> tuple[int, object, object] | None:
+        return self.shards[key & _SHARD].get(key)
+
+    def __setitem__(self, key: int, entry: tuple[int, object, object]) -> None:
+        self.shards[key & _SHARD][key] = entry
+
+    def __getitem__(self, key: int) -> tuple[int, object, object]:
+        return self.shards[key & _SHARD][key]
+
+    def __delitem__(self, key: int) -> None:
+        del self.shards[key & _SHARD][key]
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.shards[key & _SHARD]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.shards))
+
+    def __iter__(self) -> Iterator[int]:
+        for sh in self.shards:
+            yield from sh
+
+    def items(self) -> Iterator[tuple[int, tuple[int, object, object]]]:
+        for sh in self.shards:
+            yield from sh.items()
+
+
+def drain(container: dict[Any, Any] | list[Any] | set[Any] | _Overlay, step: int = DRAIN_STEP) -> bool:
     """Free up to `step` entries of `container`; True while some are left.
 
     CPython frees a container and everything only it references in one C call that holds the GIL (and so
@@ -518,6 +576,13 @@ def drain(container: dict[Any, Any] | list[Any] | set[Any], step: int = DRAIN_ST
     for 2 x 10^5. Emptied a step at a time (a loop turn or a bytecode boundary between steps), the same
     work never holds the GIL for more than ~0.1 ms. Large temporaries of a bulk change are drained so.
     """
+    if isinstance(container, _Overlay):
+        left = step
+        for sh in container.shards:
+            while sh and left:
+                sh.popitem()
+                left -= 1
+        return bool(len(container))
     if isinstance(container, dict):
         for _ in range(min(step, len(container))):
             container.popitem()
@@ -543,8 +608,8 @@ class RightsIndex:
     ) -> None:
         self.tables = tables
         self._base = _Base(base if base is not None else _empty_arrays())
-        self._cred_over: dict[int, tuple[int, object, object]] = {}
-        self._user_over: dict[int, tuple[int, object, object]] = {}
+        self._cred_over = _Overlay()
+        self._user_over = _Overlay()
         self.visible = version
         self._staging: int | None = None
         self._staged_tables: Tables | None = None
@@ -552,7 +617,7 @@ class RightsIndex:
     # --- reads (tap path) ---------------------------------------------------------------------------
 
     def cred(self, card: int) -> CredRow | None:
-        e = self._cred_over.get(card)
+        e = self._cred_over.shards[card & _SHARD].get(card)
         if e is not None:
             row = e[1] if e[0] <= self.visible else e[2]
             if row is not _BASE:
@@ -560,7 +625,7 @@ class RightsIndex:
         return self._base.cred(card)
 
     def user(self, uid: int) -> UserRow | None:
-        e = self._user_over.get(uid)
+        e = self._user_over.shards[uid & _SHARD].get(uid)
         if e is not None:
             row = e[1] if e[0] <= self.visible else e[2]
             if row is not _BASE:
@@ -621,7 +686,7 @@ class RightsIndex:
         mapping of what this base holds). One assignment: a lookup sees the old buffers or the new."""
         self._base = _Base(columns)
 
-    def detach_overlay(self) -> tuple[dict[int, tuple[int, object, object]], dict[int, tuple[int, object, object]]]:
+    def detach_overlay(self) -> tuple[_Overlay, _Overlay]:
         """Take the overlay out (for `drain()`), leaving this index answering from its base only.
 
         Only for an index that has been replaced (after `compacted()`): its overlay is the largest
@@ -629,7 +694,7 @@ class RightsIndex:
         if self._staging is not None:
             raise RuntimeError("cannot detach the overlay while a change set is staged")
         creds, users = self._cred_over, self._user_over
-        self._cred_over, self._user_over = {}, {}
+        self._cred_over, self._user_over = _Overlay(), _Overlay()
         return creds, users
 
     def begin(self, version: int) -> None:
@@ -641,7 +706,7 @@ class RightsIndex:
         self._staging = version
         self._staged_tables = None
 
-    def _stage(self, over: dict[int, tuple[int, object, object]], key: int, row: object) -> None:
+    def _stage(self, over: _Overlay, key: int, row: object) -> None:
         v = self._staging
         if v is None:
             raise RuntimeError("stage outside begin()/publish()")

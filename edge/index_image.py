@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ def write_image(path: Path, columns: Columns, meta: ImageMeta) -> int:
     hdr = header(start)
     if _PREFIX.size + len(hdr) > start:
         raise ImageError("image header does not fit")  # cannot happen: 512 bytes of room for ~20 offsets
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for old in path.parent.glob(f"{path.name}.*.tmp"):  # left by a writer killed mid-way (or one still going,
+        old.unlink(missing_ok=True)  # whose rename then fails: its image was not going to be used either)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         head = _PREFIX.pack(MAGIC, len(hdr), zlib.crc32(hdr)) + hdr
         os.write(fd, head + bytes(start - len(head)))
@@ -145,7 +148,10 @@ def read_image(path: Path) -> tuple[ImageMeta, Columns]:
         size = os.fstat(fd).st_size
         if size < _PREFIX.size:
             raise ImageError(f"{path.name}: {size} bytes, shorter than the header")
-        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        # MAP_POPULATE: the page tables are filled now (the checksums read every page anyway), so that a
+        # decision never takes a page fault on a page it is the first to touch.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     magic, hlen, hcrc = _PREFIX.unpack_from(mm, 0)

@@ -36,8 +36,7 @@ NOW = datetime(2025, 3, 3, 10, 0, tzinfo=UTC)
 
 async def settled(store: Store) -> None:
     """Wait for the image the store writes in the background after building its index from the rows."""
-    while store._imaging is not None:
-        await asyncio.sleep(0.01)
+    await store.image_written()
 
 
 def fast(path: Path, tz: str = "UTC") -> Store:
@@ -236,7 +235,7 @@ async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_pa
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        leftovers += path.with_name("rights.db.idx.tmp").exists()
+        leftovers += any(path.parent.glob("rights.db.idx.*.tmp"))
         async with fast(path) as s:
             booted.append(s.booted_from)
             assert s.version == 1 and len(s.index) == n

@@ -276,6 +276,11 @@ class Store(SqliteService):
             with contextlib.suppress(OSError):
                 self.image_path.unlink()
 
+    async def image_written(self) -> None:
+        """Wait until the index image written in the background after a boot from the rows is on disk."""
+        if self._imaging is not None:
+            await asyncio.shield(self._imaging)
+
     async def _image_task(self) -> None:
         try:
             async with self._lock:
