@@ -160,6 +160,10 @@ class Birth(Msg, tag="birth", frozen=True):
     tls: bool = False
     #: Conditions an operator must see (plain MQTT, rights damaged and waiting for a snapshot, ...).
     warnings: list[str] = []
+    #: The MQTT version of this connection ("5" or "3.1.1"; nothing in the protocol depends on MQTT 5).
+    mqtt: str = "5"
+    #: The broker node ("host:port") this connection went to (one of the gateway's endpoints).
+    broker: str = ""
 
 
 class Death(Msg, tag="death", frozen=True):
