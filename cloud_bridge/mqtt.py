@@ -91,12 +91,13 @@ def version_of(c: aiomqtt.Client) -> Version:
     return _versions.get(c, "5")
 
 
-async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = ()) -> aiomqtt.Client:
-    """Connect `c` and subscribe to `subscriptions` (QoS 1); when a subscription fails, disconnect and raise."""
+async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = (), *, qos: int = 1) -> aiomqtt.Client:
+    """Connect `c` and subscribe to `subscriptions` (QoS 1, or `qos`); when a subscription fails, disconnect and
+    raise."""
     await c.__aenter__()
     try:
         for topic in subscriptions:
-            await c.subscribe(topic, qos=1)
+            await c.subscribe(topic, qos=qos)
     except BaseException:
         await close(c)
         raise

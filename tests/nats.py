@@ -70,6 +70,10 @@ mqtt {{
   listen: 127.0.0.1:{n.mqtt}
   ack_wait: "30s"
   max_ack_pending: 1000
+  # the MQTT streams (sessions, QoS 1 messages, retained) on every node: NATS picks the replicas from the
+  # servers it knows at the first MQTT connect, and chose 2 here at times; an R2 stream that loses one
+  # node has no quorum and refuses every MQTT CONNECT until the node is back
+  stream_replicas: 3
 }}
 """
 
@@ -114,6 +118,15 @@ mqtt {{
             if jsz is None or not isinstance(jsz.get("meta_cluster"), dict) or not jsz["meta_cluster"].get("leader"):
                 return False
         return True
+
+    def meta_leader(self) -> int | None:
+        """The node that leads JetStream's meta group now (killing it is the hardest case for MQTT)."""
+        for n in self.nodes:
+            jsz = self._get(n, "/jsz")
+            meta = jsz.get("meta_cluster") if jsz else None
+            if isinstance(meta, dict) and meta.get("leader"):
+                return next((i for i, m in enumerate(self.nodes) if m.name == meta["leader"]), None)
+        return None
 
     def wait_healthy(self, timeout: float = 60.0) -> float:
         t0 = time.monotonic()

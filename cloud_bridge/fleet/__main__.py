@@ -55,6 +55,8 @@ class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     workers: list[list[str]]
     shards: int
     link: dict[str, Any] = {}
+    #: QoS of the cloud side's subscriptions (ingest, publisher).
+    cloud_qos: int = 1
     state_dir: str = ""
 
 
@@ -148,11 +150,11 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
     worker: Ingest | Publisher
     if role == "ingest":
         worker = Ingest(db, endpoints=endpoints, sites=sites, signing_key=_key(spec), version=version,
-                        identifier=f"acs-ingest-{shard}")  # fmt: skip
+                        identifier=f"acs-ingest-{shard}", qos=spec.cloud_qos)  # fmt: skip
     else:
         roster = {g: s for g, s in spec.roster.items() if s in set(sites)}
         worker = Publisher(db, endpoints=endpoints, roster=roster, signing_key=_key(spec), version=version,
-                           identifier=f"acs-publisher-{shard}")  # fmt: skip
+                           identifier=f"acs-publisher-{shard}", qos=spec.cloud_qos)  # fmt: skip
     task = asyncio.get_running_loop().create_task(worker.run(), name=role)
     try:
         while not worker.stats.connects:

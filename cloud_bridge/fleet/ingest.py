@@ -90,7 +90,7 @@ class Ingest:
     def __init__(self, db: Database, *, endpoints: list[tuple[str, int]], sites: list[str],
                  signing_key: Ed25519PrivateKey, identifier: str | None = None, version: mqtt.Version = "5",
                  max_batches: int = 512, backoff: tuple[float, float] = (0.25, 5.0),
-                 persistent: bool = False) -> None:  # fmt: skip
+                 persistent: bool = False, qos: int = 1) -> None:  # fmt: skip
         self.db = db
         self.endpoints = Endpoints(endpoints)
         self.sites = sites
@@ -100,6 +100,9 @@ class Ingest:
         self.max_batches = max_batches
         self.backoff = backoff
         self.persistent = persistent
+        #: QoS of the events subscriptions: 0 costs NATS no JetStream consumer, and loses nothing end to end
+        #: (an unacknowledged batch is sent again by its gateway).
+        self.qos = qos
         self.stats = IngestStats()
         self._queue: asyncio.Queue[tuple[str, str, EventBatch]] = asyncio.Queue()
         self._upto: dict[str, int] = {}
@@ -113,7 +116,7 @@ class Ingest:
             c = mqtt.client(host, port, identifier=f"{self.identifier}-{os.urandom(3).hex()}", clean_start=True,
                             keepalive=15, version=self.version)  # fmt: skip
         try:
-            return await mqtt.connect(c, [site_wildcard(s, Leaf.EVENTS) for s in self.sites])
+            return await mqtt.connect(c, [site_wildcard(s, Leaf.EVENTS) for s in self.sites], qos=self.qos)
         except aiomqtt.MqttError:
             self.endpoints.next()
             raise

@@ -61,7 +61,7 @@ class Publisher:
 
     def __init__(self, db: Database, *, endpoints: list[tuple[str, int]], roster: dict[str, str],
                  signing_key: Ed25519PrivateKey, identifier: str | None = None, version: mqtt.Version = "5",
-                 resend_s: float = 5.0) -> None:  # fmt: skip
+                 resend_s: float = 5.0, qos: int = 1) -> None:  # fmt: skip
         self.db = db
         self.endpoints = Endpoints(endpoints)
         #: gateway -> site, the gateways this publisher serves
@@ -71,6 +71,7 @@ class Publisher:
         self.identifier = identifier or f"publisher-{os.urandom(4).hex()}"
         self.version = version
         self.resend_s = resend_s
+        self.qos = qos  # of the status and rights/reply subscriptions (0: no JetStream consumer on NATS)
         self.stats = PublisherStats()
         #: gateway -> (session, wall time) of the newest birth seen
         self.presence: dict[str, tuple[int, float]] = {}
@@ -92,7 +93,7 @@ class Publisher:
         c = mqtt.client(host, port, identifier=f"{self.identifier}-{os.urandom(3).hex()}", clean_start=True,
                         keepalive=15, version=self.version)  # fmt: skip
         try:
-            return await mqtt.connect(c, subs)
+            return await mqtt.connect(c, subs, qos=self.qos)
         except aiomqtt.MqttError:
             self.endpoints.next()
             raise
