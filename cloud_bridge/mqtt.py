@@ -2,8 +2,9 @@
 site link (`operator.provision.SiteLink`), the event collector (`operator.collector.Collector`) and the test
 and benchmark peer (`cloud.CloudPeer`).
 
-- `client`: an MQTT 5 client (aiomqtt) with TLS, credentials, keepalive, session and will as given.
-- `publish`: QoS 1, optionally retained, optionally with an MQTT message expiry.
+- `client`: an MQTT 5 or 3.1.1 client (aiomqtt) with TLS, credentials, keepalive, session and will as given.
+- `publish`: QoS 1, optionally retained, optionally with an MQTT 5 message expiry (left out on 3.1.1).
+- `parse_endpoint`: "host:port" -> (host, port).
 - `Backoff`: the one reconnect delay formula (jittered exponential).
 - `reconnecting`: the reconnect loop: connect, serve until the connection drops, wait, connect again; it
   returns only when cancelled (aiomqtt `docs/reconnection.md`: reconnect outside the client).
@@ -18,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -31,6 +33,20 @@ from edge.tasks import cancel_and_wait
 
 #: How long connecting, subscribing and publishing may take before aiomqtt gives up (seconds).
 TIMEOUT_S = 10
+
+#: The MQTT versions a client speaks ("5": Mosquitto, NATS, RabbitMQ >= 3.13; "3.1.1": RabbitMQ 3.10).
+Version = Literal["5", "3.1.1"]
+#: The version of each client made by `client` (`publish` leaves MQTT 5 properties out on 3.1.1).
+_versions: weakref.WeakKeyDictionary[aiomqtt.Client, Version] = weakref.WeakKeyDictionary()
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """ "host:port" (or "[v6]:port") -> (host, port); ValueError naming the text when it is not one."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"broker endpoint {text!r}: expected host:port")
+    return host, int(port)
 
 
 def tls_params(ca: str | None, cert: str | None, key: str | None) -> aiomqtt.TLSParameters | None:
@@ -43,31 +59,45 @@ def tls_params(ca: str | None, cert: str | None, key: str | None) -> aiomqtt.TLS
 def client(
     host: str, port: int, *, identifier: str, tls: aiomqtt.TLSParameters | None = None, username: str | None = None,
     password: str | None = None, keepalive: int | None = None, clean_start: bool | None = None,
-    session_expiry_s: int | None = None, will: aiomqtt.Will | None = None,
+    session_expiry_s: int | None = None, will: aiomqtt.Will | None = None, version: Version = "5",
 ) -> aiomqtt.Client:  # fmt: skip
-    """An MQTT 5 client (not connected yet: `async with` it, or `connect`). Options left None keep aiomqtt's
-    defaults; `session_expiry_s` is the MQTT 5 session expiry sent with the CONNECT."""
+    """An MQTT client (not connected yet: `async with` it, or `connect`) of `version`. Options left None keep
+    aiomqtt's defaults. `clean_start` is MQTT 5's clean start or 3.1.1's clean session; `session_expiry_s`
+    is the MQTT 5 session expiry sent with the CONNECT (3.1.1 has none: a persistent session lasts as long as
+    the broker keeps it)."""
     kw: dict[str, object] = {}
     if keepalive is not None:
         kw["keepalive"] = keepalive
-    if clean_start is not None:
-        kw["clean_start"] = clean_start
-    if session_expiry_s is not None:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = session_expiry_s
-        kw["properties"] = props
-    return aiomqtt.Client(
-        host, port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5, will=will, tls_params=tls,
+    if version == "5":
+        if clean_start is not None:
+            kw["clean_start"] = clean_start
+        if session_expiry_s is not None:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = session_expiry_s
+            kw["properties"] = props
+    elif clean_start is not None:
+        kw["clean_session"] = clean_start
+    proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+    c = aiomqtt.Client(
+        host, port, identifier=identifier, protocol=proto, will=will, tls_params=tls,
         username=username, password=password, timeout=TIMEOUT_S, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
+    _versions[c] = version
+    return c
 
 
-async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = ()) -> aiomqtt.Client:
-    """Connect `c` and subscribe to `subscriptions` (QoS 1); when a subscription fails, disconnect and raise."""
+def version_of(c: aiomqtt.Client) -> Version:
+    """The MQTT version `c` speaks (a client not made by `client` is taken as MQTT 5, aiomqtt's choice here)."""
+    return _versions.get(c, "5")
+
+
+async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = (), *, qos: int = 1) -> aiomqtt.Client:
+    """Connect `c` and subscribe to `subscriptions` (QoS 1, or `qos`); when a subscription fails, disconnect and
+    raise."""
     await c.__aenter__()
     try:
         for topic in subscriptions:
-            await c.subscribe(topic, qos=1)
+            await c.subscribe(topic, qos=qos)
     except BaseException:
         await close(c)
         raise
@@ -83,9 +113,10 @@ async def close(c: aiomqtt.Client) -> None:
 async def publish(c: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool = False,
                   expiry_s: int | None = None) -> None:  # fmt: skip
     """Publish at QoS 1; with `expiry_s`, the broker drops the message when it is not delivered in time
-    (MQTT 5 message expiry: a command is never delivered after its lifetime)."""
+    (MQTT 5 message expiry: a command is never delivered after its lifetime). On MQTT 3.1.1 the expiry is
+    left out: nothing depends on it (a command carries its own signed `expires`, checked by the gateway)."""
     props = None
-    if expiry_s is not None:
+    if expiry_s is not None and version_of(c) == "5":
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.MessageExpiryInterval = expiry_s
     await c.publish(topic, payload, qos=1, retain=retain, properties=props)

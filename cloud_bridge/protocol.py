@@ -170,6 +170,10 @@ class Birth(Msg, tag="birth", frozen=True):
     warnings: list[str] = []
     #: Access rules (issue 19): users counted in each area on this gateway now (areas with nobody: absent).
     occupancy: dict[str, int] = {}
+    #: The MQTT version of this connection ("5" or "3.1.1"; nothing in the protocol depends on MQTT 5).
+    mqtt: str = "5"
+    #: The broker node ("host:port") this connection went to (one of the gateway's endpoints).
+    broker: str = ""
 
 
 class Death(Msg, tag="death", frozen=True):

@@ -22,6 +22,8 @@ Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 #: A path or a credential name: never empty, never unbounded.
 PathText = Annotated[str, Meta(min_length=1, max_length=4096)]
 Text = Annotated[str, Meta(min_length=1, max_length=256)]
+#: Another broker node, "host:port".
+Endpoint = Annotated[str, Meta(pattern=r"^[^\s:]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")]
 
 
 class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -29,6 +31,21 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
 
     host: Annotated[str, Meta(min_length=1, max_length=253)] = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    #: More nodes of the same broker cluster ("host:port" each), tried in turn after `host:port` when a
+    #: connection fails or drops (docs/scaling.md); while on one of them, `host:port` is tried again every
+    #: `failback_s` (jittered) and the link moves back when it answers.
+    endpoints: Annotated[list[Endpoint], Meta(max_length=16)] = []
+    failback_s: Annotated[float, Meta(ge=1, le=86400)] = 300.0
+    #: MQTT version: "5", or "3.1.1" (RabbitMQ 3.10). Nothing in the protocol needs MQTT 5 (the session and
+    #: message expiries are dropped on 3.1.1); announced in the birth (`mqtt`).
+    mqtt_version: Literal["5", "3.1.1"] = "5"
+    #: "persistent": clean start off, the broker queues the downlink while the gateway is away (Mosquitto,
+    #: a few gateways per broker); "clean": a fresh session per connection (a large fleet on a cluster: no
+    #: replicated queue per gateway; the cloud resends until answered either way). docs/scaling.md.
+    session: Literal["persistent", "clean"] = "persistent"
+    #: QoS of the downlink subscriptions (rights, events/ack, command). 1, or 0 where the broker pays for
+    #: every QoS 1 subscription (NATS: a JetStream consumer each). docs/scaling.md.
+    downlink_qos: Literal[0, 1] = 1
     #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate (PEM paths).
     ca: PathText | None = None
     cert: PathText | None = None

@@ -1,4 +1,4 @@
-"""The connection owner: `CloudLink`, the gateway's one MQTT 5 session to the site's broker.
+"""The connection owner: `CloudLink`, the gateway's one MQTT session (5 or 3.1.1) to the site's broker.
 
 Nothing here trusts the broker to keep or deliver anything: aiomqtt acknowledges a QoS 1 message as soon
 as it is queued in memory, so every change set, snapshot chunk and command is answered by the gateway's
@@ -9,9 +9,12 @@ effect). Events go the other way on the same principle: rows leave the journal o
 
 `CloudLink` owns the connection and hands each message to the part that handles it:
 
-- `run()`: the reconnect loop (`mqtt.reconnecting`, jittered backoff); per connection a new session id, the
-  retained birth (and the will: a death), the message reader and the event upload; the rights worker lives
-  across connections.
+- `run()`: the reconnect loop (`mqtt.reconnecting`, jittered backoff) over the broker's endpoints (`host:port`
+  first, then `endpoints`: a failed or dropped connection moves to the next one; while away from the first,
+  it is probed every `failback_s`, jittered, and the link moves back when it answers); per connection a new
+  session id, the birth (retained, and published again on every connect, so presence never depends on a
+  retained message being visible on every node of a cluster) and the will (a death), the message reader and
+  the event upload; the rights worker lives across connections.
 - rights topic -> `rights.RightsSync` (change sets, manifests, chunks; `staging.SnapshotStaging`);
   events/ack -> `upload.EventUpload` (go-back-N); command -> `gate.CommandGate` (signature, nonce, key
   rotation, execution; `gate.SiteKeys` verifies every signed message).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -66,6 +70,7 @@ class CloudLink:
         site_public_key: bytes,
         state_dir: Path,
         clock: Callable[[], float] = time.time,
+        nonces: NonceStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -87,7 +92,16 @@ class CloudLink:
         self._background: set[asyncio.Task[bool]] = set()
         self._replies = Replies(cfg, self.topics, journal)
         self.stats = self._replies.stats
-        self._nonces = NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
+        #: The broker's nodes, in order of preference (`host:port`, then `endpoints`); `_at` is the one in use
+        #: (or tried next).
+        self.endpoints = [(cfg.host, cfg.port), *(mqtt.parse_endpoint(e) for e in cfg.endpoints)]
+        self._at = 0
+        self._connected_at: int | None = None
+        #: Connections made to each endpoint (index), and failovers (a connection failed or dropped).
+        self.connects = [0] * len(self.endpoints)
+        self.failovers = 0
+        # the command nonces on disk; a simulator may pass a lighter store (same interface)
+        self._nonces = nonces or NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
         self._staging = SnapshotStaging(self.state_dir / "link-snapshot", max_bytes=cfg.snapshot_max_bytes)
         self._gate = CommandGate(cfg, keys=self._keys, nonces=self._nonces, replies=self._replies,
                                  outbox=journal, rights=store, commands=commands, rebirth=self._publish_birth,
@@ -133,7 +147,8 @@ class CloudLink:
         """What the link itself must tell the operator (in the birth, and logged at start)."""
         out = []
         if not self.tls:
-            out.append(f"plain MQTT without TLS to {self.cfg.host}:{self.cfg.port}: the broker, and anyone on the "
+            where = ", ".join(f"{h}:{p}" for h, p in self.endpoints)
+            out.append(f"plain MQTT without TLS to {where}: the broker, and anyone on the "
                        "network path, can read events; only signatures protect the doors")  # fmt: skip
         if self._nonces.degraded:
             out.append(f"command nonces: {self._nonces.degraded}")
@@ -167,23 +182,74 @@ class CloudLink:
 
     # --- the reconnect loop -----------------------------------------------------------------------------
 
+    @property
+    def broker(self) -> str:
+        """The endpoint ("host:port") of the connection in use, "" when offline."""
+        if self._connected_at is None:
+            return ""
+        host, port = self.endpoints[self._connected_at]
+        return f"{host}:{port}"
+
     async def _connect(self) -> aiomqtt.Client:
         cfg = self.cfg
         self._session = int(self.clock() * 1000)
         death = Death(site=cfg.site, gateway=cfg.gateway, session=self._session, ts=self.clock())
+        host, port = self.endpoints[self._at]
+        persistent = cfg.session == "persistent"
+        # A clean session names each connection apart (the session number): RabbitMQ 3.10 never lets a client
+        # id whose last connection was on a node that died connect again elsewhere (measured: the CONNECT
+        # times out until that node is back; docs/scaling.md); a persistent session must keep its one name.
+        ident = f"acs-{cfg.site}-{cfg.gateway}" + ("" if persistent else f"-{self._session:x}")
         c = mqtt.client(
-            cfg.host, cfg.port, identifier=f"acs-{cfg.site}-{cfg.gateway}",
+            host, port, identifier=ident,
             tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
             keepalive=cfg.keepalive_s,
-            clean_start=False,  # keep the broker session across restarts (the default wipes it)
-            session_expiry_s=cfg.session_expiry_s,
+            # persistent: keep the broker session across restarts (the default wipes it)
+            clean_start=not persistent, session_expiry_s=cfg.session_expiry_s if persistent else None,
             will=aiomqtt.Will(self.topics.status, encode(death, cfg.encoding), qos=1, retain=True),
+            version=cfg.mqtt_version,
         )  # fmt: skip
-        return await mqtt.connect(c)
+        try:
+            client = await mqtt.connect(c)
+        except aiomqtt.MqttError:
+            self._next_endpoint()
+            raise
+        self._connected_at = self._at
+        self.connects[self._at] += 1
+        return client
+
+    def _next_endpoint(self) -> None:
+        if len(self.endpoints) > 1:
+            self._at = (self._at + 1) % len(self.endpoints)
+            self.failovers += 1
 
     def _down(self) -> None:
         self._replies.client = None
+        if self._connected_at is not None:
+            # the connection dropped: the node may be gone, so the next attempt goes to the next one (unless
+            # this is a move back to the first, set by `_failback`)
+            if self._at == self._connected_at:
+                self._next_endpoint()
+            self._connected_at = None
         self._set_online(False)
+
+    async def _failback(self) -> None:
+        """While connected to another endpoint than the first: probe the first every `failback_s` (x 0.5-1.5,
+        so that a fleet does not move back at once) with a TCP connect; when it answers, end this connection
+        (the reconnect loop then connects to the first)."""
+        while True:
+            await asyncio.sleep(self.cfg.failback_s * random.uniform(0.5, 1.5))
+            host, port = self.endpoints[0]
+            try:
+                async with asyncio.timeout(5):
+                    _r, w = await asyncio.open_connection(host, port)
+                w.close()
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
+            except (OSError, TimeoutError):
+                continue
+            self._at = 0
+            raise aiomqtt.MqttError(f"moving back to the first broker endpoint {host}:{port}")
 
     async def run(self) -> None:
         """Connect, serve, reconnect with jittered backoff; returns only when cancelled."""
@@ -210,7 +276,7 @@ class CloudLink:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         for topic in self.topics.downlink():
-            await client.subscribe(topic, qos=1)
+            await client.subscribe(topic, qos=self.cfg.downlink_qos)
         self._replies.client = client
         await self._publish_birth()
         self._set_online(True)
@@ -218,6 +284,8 @@ class CloudLink:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._upload.run(client), name="link.upload")
                 tg.create_task(self._read(client), name="link.read")
+                if self._connected_at:  # not on the first endpoint
+                    tg.create_task(self._failback(), name="link.failback")
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 d = Death(site=self.cfg.site, gateway=self.cfg.gateway, session=self._session, ts=self.clock(),
@@ -241,6 +309,8 @@ class CloudLink:
             key=fingerprint(self._keys.in_use()),
             tls=self.tls,
             warnings=[*self.birth().warnings, *self.warnings()],
+            mqtt=self.cfg.mqtt_version,
+            broker=self.broker,
         )
         await self._replies.publish(Leaf.STATUS, b, retain=True)
         if self.store.needs_snapshot is not None:

@@ -1,0 +1,350 @@
+"""A fleet on a 3-node broker cluster, one node SIGKILLed mid-run (JSON lines on stdout; progress on stderr).
+
+    .venv/bin/python bench/fleet_cluster.py [--quick] [--gateways N] [--brokers rabbitmq,nats]
+
+For each broker (RabbitMQ 3.10 with the MQTT plugin and quorum queues; NATS 2.9 with JetStream), on loopback:
+a 3-node cluster (tests/rabbitmq.py, tests/nats.py: own data folders, own epmd, stopped by pid afterwards), a
+throw-away PostgreSQL (tests/postgres.py) migrated to the service's schema, `--shards` ingest and publisher
+processes (cloud_bridge/fleet: one shard of sites each, no shared subscription), and the fleet: `--processes`
+worker processes of simulated gateways (real `CloudLink`s over in-memory ports, cloud_bridge/fleet/sim.py),
+gateway j connecting first to node j mod 3, the other nodes as its failover endpoints.
+
+Scenario and metrics (one line each, `broker` names the cluster):
+  * gateways_connected: every link online (births seen by the publishers), and how long the fleet took;
+  * group_change_ack_s: a change set (a group gains a door) written to the `outbox` of every gateway, pushed
+    by the publishers; p50 / p100 of the time until each gateway's `result` (target p100 <= 10 s);
+  * events_ingested: each gateway journals `--events` events over `--duration` s; node 1 is SIGKILLed half way;
+    then the database is checked: expected (every event every gateway journalled), stored, missing (must be
+    0), duplicate rows (must be 0), redelivered (events the ingest received more than once, absorbed);
+  * reconnect_after_kill_s: for the gateways that lost their node, from the kill to their next connection
+    (p50 / p100, target <= 10 s), and how many never came back;
+  * node_restarted: the killed node started again on its data folder, time until the cluster is healthy;
+  * side_by_side: the figures of every broker on one line.
+Exit status 1 when an event is missing, a gateway did not acknowledge or reconnect, or a cluster is not healthy.
+`--quick`: 200 gateways, 50 events each (CI: tests/test_fleet_cluster.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from sqlalchemy import func, insert, select
+
+from cloud_bridge.fleet.__main__ import Spec, raise_nofile
+from cloud_bridge.protocol import ChangeSetMsg, encode
+from cloud_bridge.service import schema
+from cloud_bridge.service.database import Database
+from edge.model import ChangeSet, Group, PutGroup
+from tests.nats import NatsCluster
+from tests.postgres import Postgres
+from tests.rabbitmq import RabbitCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def out(**kw: Any) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def progress(msg: str) -> None:
+    print(f"fleet_cluster: {msg}", file=sys.stderr, flush=True)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] if q < 1 else xs[-1], 3)
+
+
+class Worker:
+    """One worker process (`python -m cloud_bridge.fleet ...`): JSON lines both ways."""
+
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self._log = log.open("ab")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.args = args
+
+    async def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cloud_bridge.fleet", *self.args, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=self._log, env=env, limit=1 << 28,
+        )  # fmt: skip
+
+    async def send(self, **cmd: Any) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def expect(self, key: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        assert self.proc is not None and self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"worker {self.name} exited ({self.proc.returncode}) waiting for {key!r}")
+                msg: dict[str, Any] = json.loads(line)
+                if key in msg:
+                    return msg
+
+    async def ask(self, key: str, timeout: float = 60.0, **cmd: Any) -> dict[str, Any]:  # noqa: ASYNC109
+        await self.send(**cmd)
+        return await self.expect(key, timeout)
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                await self.send(cmd="stop")
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                async with asyncio.timeout(20):
+                    await self.proc.wait()
+            except (TimeoutError, OSError, RuntimeError, AssertionError):
+                self.proc.kill()
+                await self.proc.wait()
+        self._log.close()
+
+
+def change_set(gw: str) -> bytes:
+    """The group change every gateway gets: from version 0 to 1, group `staff` gains the door `lab`."""
+    cs = ChangeSet(from_version=0, to_version=1, changes=[PutGroup(group=Group(id="staff", name="Staff",
+                                                                                doors=["front", "lab"]))])  # fmt: skip
+    return encode(ChangeSetMsg(id=f"cs-{gw}-1", change_set=cs))
+
+
+async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {"broker": broker}
+    cluster: RabbitCluster | NatsCluster = RabbitCluster(3, work / f"{broker}-cluster") if broker == "rabbitmq" \
+        else NatsCluster(3, work / f"{broker}-cluster")  # fmt: skip
+    workers: list[Worker] = []
+    ok = True
+    t = time.monotonic()
+    try:
+        await asyncio.to_thread(cluster.start)
+        res["cluster_start_s"] = round(time.monotonic() - t, 1)
+        progress(f"{broker}: 3-node cluster healthy in {res['cluster_start_s']} s")
+        url = pg.create_database(f"fleet_{broker}_{os.getpid()}")
+        db = Database(url)
+        await db.migrate()
+        n = a.gateways
+        per_site = a.per_site
+        names = [f"g{i:05d}" for i in range(n)]
+        roster = {g: f"s{i // per_site:04d}" for i, g in enumerate(names)}
+        async with db.write() as c:
+            await c.execute(insert(schema.gateways), [{"id": g} for g in names])
+        procs = max(1, min(a.processes, n))
+        key = Ed25519PrivateKey.generate()
+        spec = Spec(
+            endpoints=cluster.endpoints, cloud_endpoints=cluster.endpoints, db=url,
+            site_key=key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(), roster=roster,
+            workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
+            link={"mqtt_version": "3.1.1", "session": "clean", "downlink_qos": 1 if broker == "rabbitmq" else 0,
+                  "backoff_min_s": 0.5, "backoff_max_s": 4.0, "ack_timeout_s": a.ack_timeout, "window": 8,
+                  "keepalive_s": 30, "failback_s": 3600},
+            cloud_qos=1 if broker == "rabbitmq" else 0,
+        )  # fmt: skip
+        spec_path = work / f"{broker}-spec.json"
+        spec_path.write_bytes(msgspec.json.encode(spec))
+        logs = work / f"{broker}-workers.log"
+        ingest = [Worker(f"ingest{i}", ["ingest", "--spec", str(spec_path), "--shard", str(i)], logs)
+                  for i in range(a.shards)]  # fmt: skip
+        pubs = [Worker(f"publisher{i}", ["publisher", "--spec", str(spec_path), "--shard", str(i)], logs)
+                for i in range(a.shards)]  # fmt: skip
+        gws = [Worker(f"gateways{i}", ["gateways", "--spec", str(spec_path), "--index", str(i)], logs)
+               for i in range(procs)]  # fmt: skip
+        workers = [*ingest, *pubs, *gws]
+        for w in [*ingest, *pubs]:
+            await w.start()
+        for w in [*ingest, *pubs]:
+            await w.expect("ready", 60)
+        t = time.monotonic()
+        for w in gws:
+            await w.start()
+        readies = [await w.expect("ready", a.connect_timeout) for w in gws]
+        res["connect_s"] = round(time.monotonic() - t, 1)
+        res["connected"] = sum(r["ready"] for r in readies)
+        out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
+            processes=procs)  # fmt: skip
+        progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
+
+        # --- a group change to every gateway -------------------------------------------------------------
+        t0 = time.time()
+        async with db.write() as c:
+            outbox_rows = [{"gateway": g, "to_version": 1, "from_version": 0, "kind": "change_set",
+                            "body": change_set(g)} for g in names]  # fmt: skip
+            await c.execute(insert(schema.outbox), outbox_rows)
+        for w in pubs:
+            await w.ask("pushed", cmd="push")
+        deadline = time.monotonic() + a.ack_timeout_total
+        acked: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            acked = {}
+            for w in pubs:
+                st = (await w.ask("stats", cmd="stats"))["stats"]
+                for gw, vs in st["acked_at"].items():
+                    if "1" in vs:
+                        acked[gw] = vs["1"] - t0
+            if len(acked) >= n:
+                break
+            await asyncio.sleep(0.5)
+        times = list(acked.values())
+        res["group_change_p50_s"], res["group_change_p100_s"] = pct(times, 0.5), pct(times, 1.0)
+        res["group_change_acked"] = len(acked)
+        out(metric="group_change_ack_s", broker=broker, p50=res["group_change_p50_s"],
+            p100=res["group_change_p100_s"], acked=len(acked), of=n)  # fmt: skip
+        ok &= len(acked) == n
+
+        # --- events from every gateway, one node killed half way ---------------------------------------------
+        for w in gws:
+            await w.send(cmd="events", k=a.events, duration=a.duration, steps=10)
+        await asyncio.sleep(a.duration / 2)
+        # NATS: the JetStream meta leader (the hardest case: every MQTT CONNECT waits for a new one);
+        # RabbitMQ: node 1 (its nodes are peers; the cloud side prefers node 0)
+        leader = cluster.meta_leader() if isinstance(cluster, NatsCluster) else None
+        victim = 1 if leader is None else leader
+        res["killed_node"] = victim
+        kill_t = time.time()
+        await asyncio.to_thread(cluster.kill, victim)
+        progress(f"{broker}: node {victim} SIGKILLed")
+        t = time.monotonic()
+        for w in gws:
+            await w.expect("recorded", a.duration + 60)
+        drained_ok = True
+        for w in gws:
+            try:
+                await w.expect("drained", a.drain_timeout)
+            except TimeoutError:
+                drained_ok = False
+        res["drain_s"] = round(time.monotonic() - t, 1)
+        stats = [(await w.ask("stats", cmd="stats"))["stats"] for w in gws]
+        recorded_by: dict[str, int] = {}
+        downs: dict[str, list[float]] = {}
+        ups: dict[str, list[float]] = {}
+        versions: dict[str, int] = {}
+        for st in stats:
+            recorded_by.update(st["recorded_by"])
+            downs.update(st["downs"])
+            ups.update(st["ups"])
+            versions.update(st["versions"])
+        ing = [(await w.ask("stats", cmd="stats"))["stats"] for w in ingest]
+        async with db.read() as c:
+            e = schema.events.c
+            rows = (await c.execute(select(e.gateway, func.count(), func.count(e.seq.distinct()), func.max(e.seq))
+                                    .group_by(e.gateway))).all()  # fmt: skip
+        stored = sum(int(r[1]) for r in rows)
+        distinct = {str(r[0]): int(r[2]) for r in rows}
+        maxseq = {str(r[0]): int(r[3]) for r in rows}
+        expected = sum(recorded_by.values())
+        missing = sum(max(0, recorded_by[g] - distinct.get(g, 0)) for g in names)
+        beyond = sum(1 for g in names if maxseq.get(g, 0) > recorded_by[g])
+        dup_rows = stored - sum(distinct.values())
+        res.update(events_expected=expected, events_stored=stored, events_missing=missing, duplicate_rows=dup_rows,
+                   redelivered=sum(i["duplicates"] for i in ing), drained=drained_ok)  # fmt: skip
+        out(metric="events_ingested", broker=broker, expected=expected, stored=stored, missing=missing,
+            duplicate_rows=dup_rows, redelivered=res["redelivered"], drain_s=res["drain_s"], drained=drained_ok,
+            ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond)  # fmt: skip
+        ok &= missing == 0 and dup_rows == 0 and drained_ok and beyond == 0
+
+        # --- reconnection of the gateways that lost their node -------------------------------------------------
+        rec: list[float] = []
+        lost = 0
+        for g in names:
+            if any(d >= kill_t - 0.5 for d in downs.get(g, [])):
+                back = [u for u in ups.get(g, []) if u >= kill_t - 0.5]
+                if back:
+                    rec.append(max(0.0, min(back) - kill_t))
+                else:
+                    lost += 1
+        res.update(reconnect_p50_s=pct(rec, 0.5), reconnect_p100_s=pct(rec, 1.0), reconnected=len(rec),
+                   not_reconnected=lost)  # fmt: skip
+        out(metric="reconnect_after_kill_s", broker=broker, p50=res["reconnect_p50_s"], p100=res["reconnect_p100_s"],
+            gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim)  # fmt: skip
+        ok &= lost == 0 and len(rec) > 0
+        res["versions_ok"] = all(versions.get(g) == 1 for g in names)
+        ok &= res["versions_ok"]
+
+        # --- the killed node back ---------------------------------------------------------------------------
+        t = time.monotonic()
+        await asyncio.to_thread(cluster.start_node, victim)
+        res["restart_healthy_s"] = round(time.monotonic() - t, 1)
+        res["healthy"] = await asyncio.to_thread(cluster.healthy)
+        out(metric="node_restarted", broker=broker, healthy_s=res["restart_healthy_s"], healthy=res["healthy"])
+        ok &= res["healthy"]
+        await db.close()
+    except Exception as e:
+        ok = False
+        res["error"] = f"{type(e).__name__}: {e}"
+        out(metric="error", broker=broker, error=res["error"][:2000])
+    finally:
+        for w in workers:
+            await w.stop()
+        await asyncio.to_thread(cluster.stop)
+    res["ok"] = ok
+    return res
+
+
+async def amain(a: argparse.Namespace) -> int:
+    nofile = raise_nofile()
+    progress(f"open files limit {nofile}")
+    work = Path(tempfile.mkdtemp(prefix="fleet-cluster-"))
+    pg = Postgres()
+    results = []
+    try:
+        await asyncio.to_thread(pg.start)
+        for b in a.brokers.split(","):
+            results.append(await scenario(b, a, pg, work))
+    finally:
+        await asyncio.to_thread(pg.stop)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    keys = ["connected", "connect_s", "group_change_p50_s", "group_change_p100_s", "events_expected", "events_missing",
+            "duplicate_rows", "redelivered", "reconnect_p50_s", "reconnect_p100_s", "not_reconnected",
+            "restart_healthy_s", "healthy", "ok"]  # fmt: skip
+    out(metric="side_by_side", gateways=a.gateways, events_per_gateway=a.events,
+        **{r["broker"]: {k: r.get(k) for k in keys} for r in results})  # fmt: skip
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gateways", type=int)
+    ap.add_argument("--events", type=int, help="events per gateway")
+    ap.add_argument("--processes", type=int, help="gateway worker processes")
+    ap.add_argument("--shards", type=int, default=2, help="ingest (and publisher) processes")
+    ap.add_argument("--per-site", type=int, default=50, help="gateways per site")
+    ap.add_argument("--duration", type=float, help="seconds over which the events are journalled")
+    ap.add_argument("--brokers", default="rabbitmq,nats")
+    ap.add_argument("--ack-timeout", type=float, default=10.0, help="the gateways' event ack timeout")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    a = ap.parse_args()
+    a.gateways = a.gateways or (200 if a.quick else 10_000)
+    a.events = a.events or (50 if a.quick else 100)
+    a.processes = a.processes or (2 if a.quick else 4)
+    a.duration = a.duration or (4.0 if a.quick else 20.0)
+    a.connect_timeout = 60.0 if a.quick else 600.0
+    a.ack_timeout_total = 30.0 if a.quick else 120.0
+    a.drain_timeout = 60.0 if a.quick else 600.0
+    sys.exit(asyncio.run(amain(a)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""A real RabbitMQ cluster for the tests and bench/fleet_cluster.py: N nodes on loopback, each with its own node
+name, ports, data folder and log; one epmd of our own on its own port (`ERL_EPMD_PORT`); one Erlang cookie in
+a temp HOME. Everything is started by pid and stopped by pid (`stop()`), so nothing is left running.
+
+Each node runs Debian's RabbitMQ 3.10 (`/usr/lib/rabbitmq/bin/rabbitmq-server`, not the root wrapper that
+switches to the `rabbitmq` user) with the MQTT plugin, `mqtt.durable_queue_type = quorum` (a persistent MQTT
+session's queue is replicated on every node) and the cluster formed by `classic_config` peer discovery.
+`kill(i)` is a SIGKILL of node i's Erlang VM; `start_node(i)` starts it again on the same data folder (it
+rejoins the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .mosquitto import free_port
+
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+
+
+@dataclass
+class Node:
+    name: str  # short node name (before the @)
+    amqp: int
+    mqtt: int
+    dist: int
+    data: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def full(self) -> str:
+        return f"{self.name}@localhost"
+
+
+class RabbitCluster:
+    """`start()` N nodes and wait until the cluster lists them all running; `kill(i)`, `start_node(i)`,
+    `healthy()`, `stop()`. MQTT endpoints: `endpoints` (host, port) per node."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, nodes: int = 3, root: Path | None = None) -> None:
+        if not Path(SERVER).exists():
+            raise RuntimeError("RabbitMQ is not installed: apt-get install rabbitmq-server (sh .ci/bootstrap does)")
+        self.root = root or Path(tempfile.mkdtemp(prefix="edge-rmq-"))
+        self.home = self.root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(os.urandom(16).hex().upper())
+        cookie.chmod(0o600)
+        self.epmd_port = free_port()
+        self.epmd: subprocess.Popen[bytes] | None = None
+        tag = os.urandom(3).hex()
+        self.nodes = [
+            Node(f"acs{tag}n{i}", free_port(), free_port(), free_port(), self.root / f"n{i}") for i in range(nodes)
+        ]
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(self.host, n.mqtt) for n in self.nodes]
+
+    def _env(self, n: Node | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(HOME=str(self.home), ERL_EPMD_PORT=str(self.epmd_port), ERL_EPMD_ADDRESS="127.0.0.1")
+        if n is not None:
+            env.update(
+                RABBITMQ_NODENAME=n.full,
+                RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+                RABBITMQ_NODE_PORT=str(n.amqp),
+                RABBITMQ_DIST_PORT=str(n.dist),
+                RABBITMQ_MNESIA_BASE=str(n.data / "mnesia"),
+                RABBITMQ_LOG_BASE=str(n.data / "log"),
+                RABBITMQ_CONFIG_FILE=str(n.data / "rabbitmq.conf"),
+                RABBITMQ_ADVANCED_CONFIG_FILE=str(n.data / "advanced.config"),
+                RABBITMQ_ENABLED_PLUGINS_FILE=str(n.data / "enabled_plugins"),
+                RABBITMQ_PID_FILE=str(n.data / "pid"),
+                RABBITMQ_ENABLED_PLUGINS="rabbitmq_mqtt",
+                RUNNING_UNDER_SYSTEMD="1",  # exec the VM (no shell in between): our pid is the node's
+                # a small machine: fewer schedulers than cores would starve nothing, and no busy waiting
+                RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none",
+            )
+        return env
+
+    def _config(self, n: Node) -> str:
+        peers = "\n".join(f"cluster_formation.classic_config.nodes.{i + 1} = {m.full}" for i, m in
+                          enumerate(self.nodes))  # fmt: skip
+        return f"""listeners.tcp.default = 127.0.0.1:{n.amqp}
+mqtt.listeners.tcp.default = 127.0.0.1:{n.mqtt}
+mqtt.allow_anonymous = true
+mqtt.default_user = guest
+mqtt.default_pass = guest
+mqtt.durable_queue_type = quorum
+loopback_users = none
+disk_free_limit.absolute = 50MB
+vm_memory_high_watermark.relative = 0.6
+log.console = false
+log.file.level = warning
+cluster_formation.peer_discovery_backend = classic_config
+{peers}
+"""
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        for i in range(len(self.nodes)):
+            self.start_node(i, wait=False)
+        self.wait_healthy(timeout)
+
+    def start_node(self, i: int, *, wait: bool = True, timeout: float = 120.0) -> None:
+        n = self.nodes[i]
+        n.data.mkdir(parents=True, exist_ok=True)
+        (n.data / "rabbitmq.conf").write_text(self._config(n))
+        (n.data / "advanced.config").write_text("[].\n")
+        (n.data / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        with (n.data / "stdout.log").open("ab") as logf:
+            n.proc = subprocess.Popen([SERVER], env=self._env(n), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                      start_new_session=True)  # fmt: skip
+        if wait:
+            self.wait_healthy(timeout)
+
+    def ctl(self, i: int, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CTL, "-n", self.nodes[i].full, *args], env=self._env(), capture_output=True,
+                              text=True, timeout=timeout, check=False)  # fmt: skip
+
+    def alive(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.proc is not None and n.proc.poll() is None]
+
+    def healthy(self) -> bool:
+        """Every node runs, listens for MQTT, and (asked through one of them, one CLI call: each starts an Erlang
+        VM) sees every node running with its listeners up."""
+        if len(self.alive()) != len(self.nodes):
+            return False
+        for h, p in self.endpoints:
+            try:
+                socket.create_connection((h, p), timeout=1).close()
+            except OSError:
+                return False
+        nodes = ", ".join(f"'{n.full}'" for n in self.nodes)
+        expr = (f"[{{N, lists:sort(rpc:call(N, rabbit_nodes, all_running, [])), "
+                f"length(rpc:call(N, rabbit_networking, node_listeners, [N]))}} || N <- [{nodes}]].")  # fmt: skip
+        try:
+            r = self.ctl(0, "eval", expr, timeout=20)
+        except subprocess.TimeoutExpired:
+            return False
+        if r.returncode != 0:
+            return False
+        # [{a@localhost,[a@localhost,b@localhost,...],3}, ...]: every node lists every node, and has listeners
+        want = sorted(n.full for n in self.nodes)
+        every = "[" + ",".join(want) + "]"
+        compact = re.sub(r"\s+", "", r.stdout)
+        return compact.count(every) == len(self.nodes) and not re.search(r",0\}", compact)
+
+    def wait_healthy(self, timeout: float = 120.0) -> float:
+        """Wait until `healthy()`; returns the seconds it took. Raises RuntimeError with the logs' tails."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            for n in self.nodes:
+                if n.proc is not None and n.proc.poll() is not None and n.proc.returncode not in (None, -9):
+                    raise RuntimeError(f"rabbitmq node {n.full} exited {n.proc.returncode}: {self.logs(n)}")
+            if self.healthy():
+                return time.monotonic() - t0
+            time.sleep(0.5)  # noqa: TID251 - fixture setup, not in an event loop
+        raise RuntimeError(f"rabbitmq cluster not healthy after {timeout:.0f} s: " +
+                           " | ".join(self.logs(n) for n in self.nodes))  # fmt: skip
+
+    def logs(self, n: Node) -> str:
+        out = []
+        for p in [n.data / "stdout.log", *sorted((n.data / "log").glob("*.log"))]:
+            if p.exists():
+                out.append(f"{p.name}: {p.read_text(errors='replace')[-1500:]}")
+        return "\n".join(out)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i's Erlang VM (no shutdown: its connections just vanish)."""
+        p = self.nodes[i].proc
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+            self._reap_children(self.nodes[i])
+
+    def stop(self) -> None:
+        """Stop every node by pid (SIGTERM, then SIGKILL), then our epmd; remove the folders."""
+        for n in self.nodes:
+            if n.proc is not None and n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        for n in self.nodes:
+            if n.proc is not None:
+                try:
+                    n.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    n.proc.kill()
+                    n.proc.wait(10)
+                self._reap_children(n)
+        if self.epmd is not None and self.epmd.poll() is None:
+            self.epmd.terminate()
+            self.epmd.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _reap_children(self, n: Node) -> None:
+        """The VM's helpers (erl_child_setup, inet_gethost) run in the node's own session: end that group."""
+        p = n.proc
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
