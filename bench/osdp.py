@@ -386,6 +386,23 @@ def load_before(path: str | None) -> Any:
         sys.path.remove(path)
 
 
+def line8_part(quick: bool, taps: int) -> None:
+    """8 secure readers on one line: polls per reader, card to LED, and the cost of one dead reader."""
+    settle = 8.0 if quick else 16.0  # probes of a dead reader at 1, 2, 4, 8 s: steady state after ~15 s
+    window = 4.0 if quick else 10.0
+    base, lat = asyncio.run(line8(False, window, 0.5, taps))
+    with_dead, _ = asyncio.run(line8(True, window, settle, 0))
+    emit("line8_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
+         target_min=18, max=round(max(base.values()), 1), seconds=window)
+    if lat:
+        lat.sort()
+        emit("line8_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
+             target_ms=60, p50=round(statistics.median(lat), 1), taps=len(lat))
+    emit("line8_dead_ratio", min(with_dead.values()) / max(1e-9, statistics.mean(base.values())), "x",
+         readers=8, dead=1, target_min=0.9, live_min=round(min(with_dead.values()), 1),
+         live_mean_without=round(statistics.mean(base.values()), 1), settle_s=settle, seconds=window)
+
+
 def vs_libosdp(seconds: float, rounds: int, before: Any = None) -> None:
     """Ours (and `before`, an older copy) and libosdp's ControlPanel, one after the other in each round (the
     same load); the median ratio per mode. The load average is printed with each result."""
@@ -417,8 +434,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baseline-python", default=None)
-    ap.add_argument("--only", choices=["vs_libosdp"], default=None,
-                    help="run one part: vs_libosdp = CPU per exchange against libosdp's ControlPanel")
+    ap.add_argument("--only", choices=["vs_libosdp", "line8"], default=None,
+                    help="run one part: vs_libosdp (CPU per exchange against libosdp's ControlPanel), line8")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the vs_libosdp part (median reported)")
     ap.add_argument("--before", default=None,
                     help="a directory holding an older copy of edge/readers/osdp as package 'osdp_before': "
@@ -429,6 +446,9 @@ def main() -> None:
     before = load_before(args.before)
     if args.only == "vs_libosdp":
         vs_libosdp(seconds, args.rounds, before)
+        return
+    if args.only == "line8":
+        line8_part(args.quick, taps)
         return
 
     for secure in (False, True):
@@ -452,19 +472,7 @@ def main() -> None:
 
     vs_libosdp(seconds, args.rounds, before)
 
-    settle = 8.0 if args.quick else 16.0  # probes of a dead reader at 1, 2, 4, 8 s: steady state after ~15 s
-    window = 4.0 if args.quick else 10.0
-    base, lat = asyncio.run(line8(False, window, 0.5, taps))
-    with_dead, _ = asyncio.run(line8(True, window, settle, 0))
-    emit("line8_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
-         target_min=18, max=round(max(base.values()), 1), seconds=window)
-    if lat:
-        lat.sort()
-        emit("line8_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
-             target_ms=60, p50=round(statistics.median(lat), 1), taps=len(lat))
-    emit("line8_dead_ratio", min(with_dead.values()) / max(1e-9, statistics.mean(base.values())), "x",
-         readers=8, dead=1, target_min=0.9, live_min=round(min(with_dead.values()), 1),
-         live_mean_without=round(statistics.mean(base.values()), 1), settle_s=settle, seconds=window)
+    line8_part(args.quick, taps)
 
     took, exact = asyncio.run(file_64k())
     emit("file_transfer_64k", took, "s", baud=115200, secure=True, byte_exact=exact)

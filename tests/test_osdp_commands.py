@@ -295,3 +295,43 @@ async def test_a_rotation_left_open_by_the_last_run_is_settled_at_start(
             assert store.path.read_text() == new.hex()
             ev = await wait_event(cloud, "security.reader_key_rotated")
             assert (ev.reader, ev.reason, ev.detail["committed"]) == (READER, "committed", True)
+
+
+def test_firmware_store_on_disk(tmp_path: Path) -> None:
+    """The staging store alone, on a real directory: pieces in order (a repeated piece is fine, one past what
+    is held is a gap), 0700 directory and 0600 files, a hash mismatch discards, and at most two complete and
+    two partial files are kept."""
+    from edge.errors import CommandFailed
+    from edge.readers.osdp.remote import FirmwareStore
+
+    store = FirmwareStore(tmp_path / "firmware")
+
+    def put(data: bytes, offset: int, piece: bytes, sha: str | None = None) -> tuple[int, bool]:
+        return store.put(OsdpFirmwareChunk(sha256=sha or hashlib.sha256(data).hexdigest(), size=len(data),
+                                           offset=offset, data=piece))  # fmt: skip
+
+    files = [os.urandom(3000 + i) for i in range(4)]
+    a = files[0]
+    assert put(a, 0, a[:1000]) == (1000, False)
+    assert put(a, 0, a[:1000]) == (1000, False)  # resent: nothing changes
+    with pytest.raises(CommandFailed) as ei:
+        put(a, 2000, a[2000:])
+    assert ei.value.code == "gap" and ei.value.detail == {"have": 1000}
+    assert put(a, 1000, a[1000:]) == (len(a), True)
+    sha_a = hashlib.sha256(a).hexdigest()
+    assert store.read(sha_a, len(a)) == a
+    assert stat.S_IMODE((tmp_path / "firmware").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "firmware" / f"{sha_a}.bin").stat().st_mode) == 0o600
+    with pytest.raises(CommandFailed) as ei:
+        put(files[1], 0, files[1], sha=hashlib.sha256(b"x").hexdigest())
+    assert ei.value.code == "hash_mismatch" and not list((tmp_path / "firmware").glob("*.part"))
+    for f in files[1:]:
+        put(f, 0, f[:100])  # partial uploads
+    assert len(list((tmp_path / "firmware").glob("*.part"))) == 2
+    for f in files[1:]:
+        put(f, 0, f)
+    kept = sorted(p.name for p in (tmp_path / "firmware").glob("*.bin"))
+    assert kept == sorted(f"{hashlib.sha256(f).hexdigest()}.bin" for f in files[2:])
+    with pytest.raises(CommandFailed) as ei:
+        store.read(sha_a, len(a))
+    assert ei.value.code == "not_staged"

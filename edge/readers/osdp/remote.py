@@ -36,8 +36,8 @@ from .reader import OsdpReader, ReaderRefused
 
 log = logging.getLogger(__name__)
 
-#: Staged firmware files kept (the oldest go first).
-KEEP_FILES = 4
+#: Staged firmware files kept, complete and partial each (the oldest go first): at most 4 x 16 MiB on disk.
+KEEP_FILES = 2
 
 
 class FirmwareStore:
@@ -73,6 +73,8 @@ class FirmwareStore:
                                 detail={"have": have})  # fmt: skip
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         part, done = self._paths(c.sha256)
+        if not part.exists():
+            self._prune("*.part", keep=part)  # a new upload: abandoned ones go
         fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, c.data, c.offset)
@@ -91,11 +93,12 @@ class FirmwareStore:
             raise CommandFailed("hash_mismatch", f"the {c.size} bytes staged do not hash to {c.sha256[:12]}...: "
                                                  "discarded, send the file again", detail={"have": 0})  # fmt: skip
         os.replace(part, done)
-        self._prune(keep=done)
+        self._prune("*.bin", keep=done)
         return have, True
 
-    def _prune(self, keep: Path) -> None:
-        files = sorted((p for p in self.dir.glob("*.bin") if p != keep), key=lambda p: p.stat().st_mtime)
+    def _prune(self, pattern: str, keep: Path) -> None:
+        """Keep the newest KEEP_FILES - 1 files of `pattern` besides `keep`."""
+        files = sorted((p for p in self.dir.glob(pattern) if p != keep), key=lambda p: p.stat().st_mtime)
         for p in files[: max(0, len(files) - (KEEP_FILES - 1))]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -118,12 +121,14 @@ class FirmwareStore:
 
 
 class _Job:
-    __slots__ = ("offset", "sha", "task", "total")
+    __slots__ = ("offset", "sha", "start", "task", "total")
 
     def __init__(self, sha: str, total: int, offset: int) -> None:
         self.sha = sha
         self.total = total
         self.offset = offset
+        #: where this attempt started (a resumed one that gets no further is started afresh next time)
+        self.start = offset
         self.task: asyncio.Task[None] | None = None
 
 
@@ -266,20 +271,17 @@ class ReaderCommands:
 
     def _ended(self, name: str, door: str | None, job: _Job, *, ok: bool, why: str, firmware: str | None
                ) -> None:  # fmt: skip
+        at = job.total if ok else job.offset
         if ok:
             job.offset = 0  # done: a new command starts afresh
-        log.log(
-            logging.INFO if ok else logging.WARNING,
-            "osdp %s: firmware %s %s at %d/%d: %s",
-            name,
-            job.sha[:12],
-            "done" if ok else "stopped",
-            job.total if ok else job.offset,
-            job.total,
-            why,
-        )
+        elif job.start > 0 and job.offset <= job.start:
+            # a resume the reader did not take (it no longer holds that transfer): the next one starts at 0
+            why = f"{why}; the next osdp_firmware starts the file again"
+            job.offset = 0
+        log.log(logging.INFO if ok else logging.WARNING, "osdp %s: firmware %s %s at %d/%d: %s", name,
+                job.sha[:12], "done" if ok else "stopped", at, job.total, why)  # fmt: skip
         self.journal(READER_FIRMWARE, door=door, reader=name, reason="done" if ok else "failed",
-                     detail={"sha256": job.sha, "offset": job.total if ok else job.offset, "total": job.total,
+                     detail={"sha256": job.sha, "offset": at, "total": job.total, "resume_from": job.offset,
                              "firmware": firmware, "detail": why})  # fmt: skip
 
 
