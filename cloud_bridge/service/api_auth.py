@@ -85,7 +85,8 @@ class AuthController(Controller):
                 await audit.record(c, data.operator, "auth.login", "operator", data.operator, outcome="failed",
                                    address=addr, via="login")  # fmt: skip
             else:
-                value, csrf = await auth.new_session(c, op.id, hours=st.cfg.auth.session_hours, address=addr)
+                value, csrf = await auth.new_session(c, op.id, hours=st.cfg.auth.session_hours, address=addr,
+                                                     idle_s=st.cfg.auth.session_idle_minutes * 60)  # fmt: skip
                 await audit.record(c, op.id, "auth.login", "operator", op.id, address=addr, via="session")
         if failed:
             raise Unauthorized("login failed")

@@ -30,6 +30,7 @@ from .database import Database
 from .doors import DoorController, LockdownController
 from .errors import ServiceError
 from .events import EventController, collecting
+from .gateway_api import GatewayLinkController
 from .imports import ImportController
 from .integrations import IdentityController
 from .operators import OperatorController, PermissionGroupController, ReauthController
@@ -107,6 +108,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         VisitorController,
         ReportController,
         *RULE_CONTROLLERS,
+        GatewayLinkController,
     ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API

@@ -8,7 +8,9 @@
   every further failure up to `lockout_max_s`. A login while locked fails without checking the password
   (the same 401 as a wrong password: nothing tells a guesser which it was). A success resets the count.
 * Sessions: the cookie value is 32 random bytes; the database keeps only its SHA-256, with a CSRF token that
-  every state-changing request of that session must send in `X-CSRF-Token`.
+  every state-changing request of that session must send in `X-CSRF-Token`. A session ends `session_hours`
+  after its login (absolute) or `session_idle_minutes` after its last use (idle): `expires` is the earlier
+  of the two, moved on by `touch_session` (at most one write a minute per session).
 * API tokens: ``cbt_<id>_<secret>``, shown once at creation; the database keeps the id and the SHA-256 of the
   secret (256 random bits: a slow hash adds nothing to guessing and would cost every API call 50 ms). A token
   acts for its owner with at most the permission groups it was scoped to (and only those the owner still
@@ -135,12 +137,14 @@ async def set_password(c: AsyncConnection, pw: Passwords, oid: str, password: st
 # --- sessions --------------------------------------------------------------------------------------------
 
 
-async def new_session(c: AsyncConnection, oid: str, *, hours: float, address: str) -> tuple[str, str]:
-    """Create a login session; returns (cookie value, CSRF token)."""
+async def new_session(c: AsyncConnection, oid: str, *, hours: float, address: str,
+                      idle_s: float | None = None) -> tuple[str, str]:  # fmt: skip
+    """Create a login session (ending after `hours`, or `idle_s` without use); returns (cookie, CSRF token)."""
     value, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     now = time.time()
+    life = hours * 3600 if idle_s is None else min(hours * 3600, idle_s)
     await c.execute(schema.sessions.insert().values(id_hash=sha256(value), operator_id=oid, csrf=csrf, created=now,
-                                                    expires=now + hours * 3600, address=address[:64]))  # fmt: skip
+                                                    expires=now + life, address=address[:64]))  # fmt: skip
     return value, csrf
 
 
@@ -153,6 +157,21 @@ async def session_principal(c: AsyncConnection, value: str, address: str) -> Pri
     if op is None or not op.active:
         return None
     return Principal(op, "session", address, csrf=row.csrf, session_hash=h)
+
+
+async def touch_session(db: Database, session_hash: str, *, hours: float, idle_s: float) -> None:
+    """The session was used: it lives on `idle_s` from now, never past `hours` after its login. Written at
+    most once a minute (a tenth of `idle_s` if shorter): a page's every request does not cost a write."""
+    s = schema.sessions
+    now = time.time()
+    async with db.read() as c:
+        row = (await c.execute(select(s.c.created, s.c.expires).where(s.c.id_hash == session_hash))).one_or_none()
+    if row is None or row.expires <= now:
+        return
+    until = min(float(row.created) + hours * 3600, now + idle_s)
+    if until - float(row.expires) > min(60.0, idle_s / 10):
+        async with db.write() as c:
+            await c.execute(update(s).where(s.c.id_hash == session_hash, s.c.expires > now).values(expires=until))
 
 
 async def end_session(c: AsyncConnection, session_hash: str) -> None:

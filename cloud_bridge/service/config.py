@@ -9,7 +9,8 @@
     url = "sqlite+aiosqlite:////var/lib/cloud-bridge/site.db"   # or "postgresql+asyncpg://user@host/db"
 
     [auth]                                          # every key optional (defaults below)
-    session_hours = 12
+    session_hours = 12                              # a session ends this long after its login (absolute)
+    session_idle_minutes = 30                       # or after this long without a page or API request
 
 An unknown key, a wrong type or a value out of range is refused with the key's path
 (``service.toml: Object contains unknown field `prot` - at `$.service` ``). The site key's passphrase is
@@ -49,6 +50,8 @@ class AuthSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     """Login, lockout and token rules; argon2id parameters (docs/operator.md, "Authentication")."""
 
     session_hours: Annotated[float, Meta(gt=0, le=24 * 30)] = 12.0
+    #: A session not used (no page loaded, no form sent, no API request) for this long ends (idle timeout).
+    session_idle_minutes: Annotated[float, Meta(gt=0, le=24 * 60)] = 30.0
     #: Consecutive failed logins before the account is locked; each further failure doubles the lock.
     lockout_after: Annotated[int, Meta(ge=1, le=100)] = 5
     lockout_base_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0

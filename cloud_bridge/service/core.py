@@ -50,6 +50,8 @@ _grp_dec = msgspec.json.Decoder(PermissionGroup)
 SESSION_COOKIE = "cb_session"
 CSRF_HEADER = "x-csrf-token"
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: The Host of the console's in-process API calls (web/inner.py).
+INNER_HOST = "console.internal"
 
 
 @dataclass
@@ -103,7 +105,17 @@ async def authenticated(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteH
         await auth.touch_token(st.db, p.via[6:])
     if conn.scope.get("method") in UNSAFE and not auth.csrf_ok(p, conn.headers.get(CSRF_HEADER)):
         raise PermissionDeniedException("CSRF token missing or wrong")
+    if p.session_hash is not None and conn.headers.get("host") != INNER_HOST:  # the console's calls: counted
+        await session_used(conn, p)  # by the page's own request
     conn.scope.setdefault("state", {})["principal"] = p
+
+
+async def session_used(conn: ASGIConnection[Any, Any, Any, Any], p: auth.Principal) -> None:
+    """A request of the session's user: its idle timeout starts again (auth.touch_session)."""
+    if p.session_hash is not None:
+        a = state_of(conn).cfg.auth
+        await auth.touch_session(state_of(conn).db, p.session_hash, hours=a.session_hours,
+                                 idle_s=a.session_idle_minutes * 60)  # fmt: skip
 
 
 def may_some(authz: Authorizer, op: Operator, object_type: ObjectType, action: Action) -> Verdict:

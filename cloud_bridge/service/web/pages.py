@@ -44,6 +44,7 @@ from cloud_bridge.service.core import (
     authorizer,
     may_some,
     principal_of,
+    session_used,
     state_of,
 )
 from cloud_bridge.service.errors import NotFound
@@ -160,7 +161,8 @@ async def page_session(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteHa
             p = await auth.session_principal(c, cookie, address_of(conn))
     if p is None:
         raise LoginNeeded("not logged in")
-    if conn.scope.get("method") in UNSAFE:
+    path, method = conn.scope.get("path", ""), conn.scope.get("method")
+    if method in UNSAFE:
         sent = conn.headers.get(CSRF_HEADER)
         if sent is None and isinstance(conn, Request):
             form = await conn.form()
@@ -168,6 +170,9 @@ async def page_session(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteHa
             sent = value if isinstance(value, str) else None
         if not auth.csrf_ok(p, sent):
             raise PermissionDeniedException("CSRF token missing or wrong")
+    polled = path.startswith(("/stream/", "/panels/")) or (method == "GET" and "hx-request" in conn.headers)
+    if not polled:  # a page loaded or a form sent; a live view's refresh does not keep a session alive
+        await session_used(conn, p)
     conn.scope.setdefault("state", {})["principal"] = p
 
 
