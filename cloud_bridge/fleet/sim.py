@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from cloud_bridge.link import CloudLink, LinkConfig
-from cloud_bridge.protocol import Birth, Command
+from cloud_bridge.protocol import AreaMove, Birth, Command, ReaderAction
 from cloud_bridge.signing import NonceStore
 from edge.errors import VersionGap
 from edge.events import Detail, Event
@@ -171,6 +171,15 @@ class NoCommands:
 
     async def resync(self) -> None:
         return None
+
+    async def reader_command(self, action: ReaderAction) -> Detail:
+        raise ValueError("no OSDP reader on this gateway")
+
+    async def reset_anti_passback(self, user: str | None, area: str | None) -> int:
+        return 0
+
+    async def area_moves(self, moves: Sequence[AreaMove]) -> int:
+        return 0
 
 
 @dataclass
