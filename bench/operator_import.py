@@ -12,7 +12,7 @@ uploaded, then:
     transaction, the site planned, the change set signed and sent, and the gateway's acknowledgement back.
     Target: <= 20 s at 100,000 rows. A card of the file is then tapped at the gateway (must be granted).
 
---quick: 20,000 rows (under 60 s on the project's 2-core machine); the full run 100,000.
+--quick: 10,000 rows (under 60 s on the project's 2-core machine); the full run 100,000.
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ async def one(db_name: str, url: str, broker: Mosquitto, tmp: Path, n: int) -> N
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="20,000 rows instead of 100,000")
+    ap.add_argument("--quick", action="store_true", help="10,000 rows instead of 100,000")
     ap.add_argument("--rows", type=int, help="the file's rows (overrides --quick)")
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     args = ap.parse_args()
-    n = args.rows or (20_000 if args.quick else 100_000)
+    n = args.rows or (10_000 if args.quick else 100_000)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         broker = Mosquitto(tmp / "broker", extra="message_size_limit 0")
