@@ -3,7 +3,7 @@ and the running simulated gateway: linked from the dashboard; its doors and read
 software, rights versions, journal depth; the command key in step with the service's; "Test connection"
 and "Refresh" are the signed rebirth command and show the gateway's answer (and its new birth); an
 operator without publish permission sees neither and the API refuses both; the main pages at 390 and
-1280 px without sideways scroll."""
+1280 px without sideways scroll. On SQLite and PostgreSQL."""
 
 # ruff: noqa: F811
 
@@ -21,9 +21,10 @@ from cloud_bridge.signing import fingerprint
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
+from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, config, running
 from .test_console_admin import BAD, _upload
-from .test_console_pages import api_as_root, log_in, setup_in_browser, sqlite
+from .test_console_pages import api_as_root, log_in, setup_in_browser
 from .test_operator_e2e import GW, agent_running, sock_dir  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, started
 
@@ -39,9 +40,9 @@ async def _audit(url: str, action: str) -> list[tuple[str, str, str]]:
     return [tuple(r) for r in rows]
 
 
-async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto, tmp_path: Path,
+async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto, db_url: str, tmp_path: Path,
                                                               sock_dir: Path) -> None:  # fmt: skip
-    url = sqlite(tmp_path)
+    url = db_url
     cfg = config(url, tmp_path)
     pub = await started(url, cfg, broker)
     await add_operator(url, cfg, "guard", VIEWER)
