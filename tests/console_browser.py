@@ -26,15 +26,35 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-def shots_dir(tmp: Path) -> Path:
-    """Where screenshots go: $CONSOLE_SCREENSHOTS (CI keeps it as an artifact), else the test's tmp dir."""
-    d = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp / "screenshots")
+ROOT = Path(__file__).resolve().parent.parent
+#: The screenshots docs/operator.md shows: test screenshot name -> file under $CONSOLE_DOC_SHOTS (docs/img).
+DOC_SHOTS = {
+    "demo-granted-1280": "console-dashboard.png",
+    "people-1280": "console-people.png",
+    "import-report-1280": "console-import-report.png",
+    "visitors-1280": "console-visitors.png",
+    "doors-1280": "console-doors.png",
+    "gateway-1280": "console-gateway.png",
+}
+
+
+def shots_dir(tmp: Path | None = None) -> Path:
+    """Where every page's screenshot goes: $CONSOLE_SCREENSHOTS, else build/screenshots/ in the checkout
+    (created here; CI keeps the folder as an artifact). `tmp` is not used (kept for the callers)."""
+    d = Path(os.environ.get("CONSOLE_SCREENSHOTS") or ROOT / "build" / "screenshots")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-async def shot(page: Page, tmp: Path, name: str) -> None:
+async def shot(page: Page, tmp: Path | None, name: str) -> None:
+    """A full-page screenshot `<name>.png` in `shots_dir()`. With $CONSOLE_DOC_SHOTS set (docs/img), the
+    pages docs/operator.md shows (`DOC_SHOTS`) are also written there: the viewport only, small PNGs."""
     await page.screenshot(path=str(shots_dir(tmp) / f"{name}.png"), full_page=True)
+    docs = os.environ.get("CONSOLE_DOC_SHOTS")
+    if docs and name in DOC_SHOTS:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(Path(docs) / DOC_SHOTS[name]), full_page=False, animations="disabled",
+                              caret="hide")  # fmt: skip
 
 
 def watch_csp(page: Page) -> list[str]:

@@ -3,7 +3,7 @@ and the running simulated gateway: linked from the dashboard; its doors and read
 software, rights versions, journal depth; the command key in step with the service's; "Test connection"
 and "Refresh" are the signed rebirth command and show the gateway's answer (and its new birth); an
 operator without publish permission sees neither and the API refuses both; the main pages at 390 and
-1280 px without sideways scroll."""
+1280 px without sideways scroll. On SQLite and PostgreSQL."""
 
 # ruff: noqa: F811
 
@@ -21,8 +21,10 @@ from cloud_bridge.signing import fingerprint
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
+from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, config, running
-from .test_console_pages import log_in, setup_in_browser, sqlite
+from .test_console_admin import BAD, _upload
+from .test_console_pages import api_as_root, log_in, setup_in_browser
 from .test_operator_e2e import GW, agent_running, sock_dir  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, started
 
@@ -38,9 +40,9 @@ async def _audit(url: str, action: str) -> list[tuple[str, str, str]]:
     return [tuple(r) for r in rows]
 
 
-async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto, tmp_path: Path,
+async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto, db_url: str, tmp_path: Path,
                                                               sock_dir: Path) -> None:  # fmt: skip
-    url = sqlite(tmp_path)
+    url = db_url
     cfg = config(url, tmp_path)
     pub = await started(url, cfg, broker)
     await add_operator(url, cfg, "guard", VIEWER)
@@ -92,11 +94,28 @@ async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto
         assert await _audit(url, "gateway.test") == [("root", GW, "ok")]
         assert await _audit(url, "gateway.refresh") == [("root", GW, "ok")]
 
-        # the main pages at a phone's width and a desktop's: no sideways scroll
+        # the main pages at a phone's width and a desktop's, with something in them: no sideways scroll
+        api = await api_as_root(svc)
+        try:
+            r0 = await api.put("/api/v1/groups/staff", json={"name": "Staff at the front door",
+                                                              "doors": [{"gateway": GW, "door": "door1"}]})  # fmt: skip
+            assert r0.status_code == 200
+            for i in range(5):
+                r0 = await api.put(f"/api/v1/users/person-with-a-long-id-{i}", json={
+                    "name": f"Person {i} with a rather long name", "groups": ["staff"],
+                    "cards": [{"card": 900000 + i}]})  # fmt: skip
+                assert r0.status_code == 200, r0.text
+        finally:
+            await api.aclose()
+        await _upload(page, svc.url, BAD)
+        await page.get_by_role("button", name="Check every row (dry-run)").click()
+        await expect(page.locator("#import-status")).to_contain_text("some rows are bad", timeout=20_000)
+        report = page.url.removeprefix(svc.url)
         for width in (390, 1280):
             await page.set_viewport_size({"width": width, "height": 800})
-            for path in ("/", "/people", f"/gateways/{GW}", "/visitors", "/import", "/doors"):
+            for path in ("/", "/people", f"/gateways/{GW}", "/visitors", report, "/doors"):
                 await page.goto(f"{svc.url}{path}")
+                await page.wait_for_load_state("networkidle")
                 assert await sideways_scroll(page) == 0, (path, width)
         await page.goto(f"{svc.url}/gateways/{GW}")
         await shot(page, tmp_path, "gateway-390")

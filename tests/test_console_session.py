@@ -1,8 +1,10 @@
-"""Session timeouts and CSRF in a real browser (Debian's chromium) against a running service on a real SQLite
-file: a session used (pages loaded) outlives its idle timeout and is then sent to login after that long
-unused, even with the live dashboard open (its polling and streams are not activity); a session in use
-still ends at its absolute limit; a page POST or API write with a forged or missing CSRF token is 403
-and changes nothing."""
+"""Session timeouts and CSRF in a real browser (Debian's chromium) against a running service (SQLite and
+PostgreSQL for the idle timeout): a session in use outlives its idle timeout, and is sent to login after
+that long unused, even with the live dashboard open (its polling and streams are not use); a session in
+use still ends at its absolute limit; a page POST or an API write with a forged or missing CSRF token is
+403 and changes nothing."""
+
+# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from playwright.async_api import Page, expect
 from cloud_bridge.service.config import ServiceConfig
 
 from .console_browser import chromium
+from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, Running, config, running
 from .test_console_pages import api_as_root, setup_in_browser, sqlite
 
@@ -30,9 +33,9 @@ async def at_login(page: Page, svc: Running, path: str) -> bool:
     return page.url.startswith(f"{svc.url}/login")
 
 
-async def test_idle_session_is_sent_to_login_and_activity_keeps_it(tmp_path: Path) -> None:
+async def test_idle_session_is_sent_to_login_and_activity_keeps_it(db_url: str, tmp_path: Path) -> None:
     idle = 6.0
-    cfg = with_sessions(config(sqlite(tmp_path), tmp_path), idle_s=idle)
+    cfg = with_sessions(config(db_url, tmp_path), idle_s=idle)
     async with running(cfg) as svc, chromium() as browser:
         page = await browser.new_page()
         await setup_in_browser(page, svc)
