@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -94,8 +93,10 @@ class Installer:
         return sock
 
     async def run(self) -> None:
-        """Serve on a thread of its own (its own event loop, nice 10): rendering a page never takes a turn of
-        the agent's loop; the handlers read the agent's state through `AgentLoop` (copies made on its loop)."""
+        """Serve on a thread of its own (its own event loop): rendering a page never takes a turn of the agent's
+        loop; the handlers read the agent's state through `AgentLoop` (copies made on its loop). The thread is not
+        niced: it holds the GIL while it runs Python, and a niced holder preempted by other processes would keep
+        the loop thread waiting for the GIL (priority inversion)."""
         sock = self._bind()
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -110,8 +111,6 @@ class Installer:
         ended = asyncio.Event()
 
         def serve() -> None:
-            with contextlib.suppress(OSError):  # below the agent's loop thread, like the SQLite workers
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
             try:
                 asyncio.run(server.serve(sockets=[sock]))
             except BaseException as e:  # handed to the agent's supervisor
