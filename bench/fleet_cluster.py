@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -79,6 +80,7 @@ class Worker:
         self._log = log.open("ab")
         self.proc: asyncio.subprocess.Process | None = None
         self.args = args
+        self.last: dict[str, Any] = {}  # the last line received
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -94,14 +96,18 @@ class Worker:
 
     async def expect(self, key: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
         assert self.proc is not None and self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"worker {self.name} exited ({self.proc.returncode}) waiting for {key!r}")
-                msg: dict[str, Any] = json.loads(line)
-                if key in msg:
-                    return msg
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self.proc.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"worker {self.name} exited ({self.proc.returncode}) waiting for {key!r}")
+                    msg: dict[str, Any] = json.loads(line)
+                    self.last = msg
+                    if key in msg:
+                        return msg
+        except TimeoutError:
+            raise TimeoutError(f"worker {self.name}: no {key!r} within {timeout:.0f} s (last: {self.last})") from None
 
     async def ask(self, key: str, timeout: float = 60.0, **cmd: Any) -> dict[str, Any]:  # noqa: ASYNC109
         await self.send(**cmd)
@@ -178,7 +184,16 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         t = time.monotonic()
         for w in gws:
             await w.start()
-        readies = [await w.expect("ready", a.connect_timeout) for w in gws]
+        try:
+            readies = [await w.expect("ready", a.connect_timeout) for w in gws]
+        except TimeoutError:
+            for w in gws:  # read what each has said since (its last progress line)
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    await w.expect("ready", 2)
+            online = sum(int(w.last.get("online", w.last.get("ready", 0))) for w in gws)
+            out(metric="gateways_connected", broker=broker, value=online, of=n, connect_s=None, processes=procs,
+                timeout_s=a.connect_timeout)  # fmt: skip
+            raise
         res["connect_s"] = round(time.monotonic() - t, 1)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
@@ -226,7 +241,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         progress(f"{broker}: node {victim} SIGKILLed")
         t = time.monotonic()
         for w in gws:
-            await w.expect("recorded", a.duration + 60)
+            await w.expect("recorded", a.duration + a.drain_timeout)
         drained_ok = True
         for w in gws:
             try:

@@ -112,9 +112,12 @@ async def run_gateways(spec: Spec, index: int) -> None:
     state = Path(spec.state_dir or tempfile.mkdtemp(prefix="fleet-")) / f"w{index}"
     cfgs = gateway_configs(spec, index)
     async with Fleet(cfgs, pub, state) as fleet:
-        t0 = time.monotonic()
-        while fleet.online() < len(cfgs):  # noqa: ASYNC110 - a count over thousands of links, polled
+        t0 = last = time.monotonic()
+        while fleet.online() < len(cfgs):
             await asyncio.sleep(0.1)
+            if time.monotonic() - last >= 5:
+                last = time.monotonic()
+                say(online=fleet.online(), of=len(cfgs), at_s=round(last - t0, 1))
         say(ready=len(cfgs), connect_s=round(time.monotonic() - t0, 3))
         tasks: set[asyncio.Task[None]] = set()
 
