@@ -109,3 +109,6 @@ def test_faults_carry_the_frame_but_never_a_key_burst() -> None:
     assert isinstance(f, ReaderFault) and f.kind == "parity" and f.bits == ""
     [f] = run_assembler(asm, frame_edges(1, 128 + 5, t0=300.0))  # too long: bounded
     assert isinstance(f, ReaderFault) and f.kind == "length" and len(f.bits) == 128
+    off = WiegandAssembler("r", FormatTable(["h10301"]), keypad=KeypadOptions(enabled=False))
+    [f] = run_assembler(off, frame_edges(5, 4))  # keypad off: a 4-bit burst is "partial", still no bits
+    assert isinstance(f, ReaderFault) and f.kind == "partial" and f.bits == ""

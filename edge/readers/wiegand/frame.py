@@ -22,7 +22,8 @@ be reported as "length", not read as a card made of its first bits. "fixed" mode
 Edges of one frame are sorted by timestamp before decoding, so edges of the two lines delivered out of
 order (they come from two line requests) still assemble right.
 
-Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`:
+Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`; a fault of one frame carries
+its bits (`ReaderFault.bits`, for the installer page), except a 4- or 8-bit burst (it may be a PIN digit):
 
 * "noise": a pulse shorter than `glitch_s`, both lines low at once, a pulse still low when the frame ends,
   edges out of time order across a frame boundary;
@@ -425,9 +426,9 @@ class WiegandAssembler:
         return self._fault(kind, f"{nbits} bits (accepted: {self.formats.names})", at, self._frame(bits, nbits))
 
     def _frame(self, bits: int, nbits: int) -> tuple[int, int]:
-        """The frame to carry in a fault: none for a 4- or 8-bit burst when the keypad is on (its bits may
-        be a PIN digit, which never leaves the PIN pad)."""
-        return (0, 0) if self.keypad.enabled and nbits in (4, 8) else (bits, nbits)
+        """The frame to carry in a fault: none for a 4- or 8-bit burst that is not a configured format, keypad
+        on or off (its bits may be a PIN digit, which never leaves the PIN pad)."""
+        return (0, 0) if nbits in (4, 8) and self.formats.get(nbits) is None else (bits, nbits)
 
 
 __all__ = ["D0", "D1", "FrameTiming", "KeypadOptions", "WiegandAssembler"]
