@@ -70,7 +70,7 @@ async def test_a_refused_frame_shows_its_bits_and_the_failed_parity_check(cfg: C
         assert "reader.fault" in r.text and "access.granted" not in r.text and "access.denied" not in r.text
 
 
-async def test_key_presses_are_shown_masked_and_the_pin_entry_still_decides(cfg: Config) -> None:
+async def test_key_presses_are_shown_masked_and_the_pin_entry_still_reaches_the_tap_path(cfg: Config) -> None:
     async with running(cfg) as agent, client(cfg) as c:
         await setup_account(cfg, agent, c)
         reader = next(iter(agent.readers))
@@ -81,7 +81,8 @@ async def test_key_presses_are_shown_masked_and_the_pin_entry_still_decides(cfg:
         [entry] = await _seen(agent, PinEntry)
         assert [s.event.key for s in keys] == ["digit", "digit", "*", "digit", "digit", "#"]  # type: ignore[union-attr]
         assert entry.pin_digits == 2 and entry.event.pin == ""  # type: ignore[union-attr]
-        # the PIN entry went to the tap path as before: no card waiting, so it was refused (feedback only)
+        # the feed gets a reader event only after the tap path acted on it (Agent._reader_sink): the PIN entry
+        # still went there, as before
         r = await c.get("/fragment/reads")
         assert r.text.count("key pressed (a digit; never shown)") == 4
         assert "key pressed: *" in r.text and "key pressed: #" in r.text
