@@ -5,7 +5,9 @@ tap path has acted on a reader event; both only append to a bounded deque and ha
 subscriber's bounded queue (a slow subscriber loses items, it never holds anything up). Readers of the feed
 take snapshots (`list(feed.events)`) or subscribe (`with feed.subscribe() as q: await q.get()`).
 
-A PIN entry is kept as its length only: the digits never leave the tap path.
+A PIN entry is kept as its length only: the digits never leave the tap path. Key presses reach the feed from
+the readers' PIN pads (`Feed.watch_keys` sets each pad's `on_key`), masked: a digit is "digit", only "*" and "#"
+are shown; the tap path never sees them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 import msgspec
 
 from edge.events import Event
-from edge.readers.events import PinEntry, ReaderEvent
+from edge.readers.events import KeyPressed, PinEntry, ReaderEvent
+from edge.readers.keypad import PinPad
 
 #: Journal events kept in memory for the pages (the journal itself drops what the cloud acknowledged).
 EVENTS_KEPT = 1000
@@ -29,11 +32,11 @@ READS_KEPT = 100
 
 class ReaderSeen(msgspec.Struct, frozen=True, kw_only=True):
     """One reader event as the installer sees it: when (agent clock), which door, and the event (a PIN entry
-    reduced to its length)."""
+    reduced to its length, a key press masked)."""
 
     ts: float
     door: str | None
-    event: ReaderEvent
+    event: ReaderEvent | KeyPressed
     pin_digits: int | None = None
 
 
@@ -60,6 +63,24 @@ class Feed:
             seen = ReaderSeen(ts=self._clock(), door=door, event=ev)
         self.reads.append(seen)
         self._hand_on(seen)
+
+    def key_pressed(self, ev: KeyPressed, door: str | None) -> None:
+        """A key pressed on a reader's keypad (a `PinPad.on_key` listener): never raises, never waits."""
+        key = ev.key if ev.key in ("*", "#") else "digit"  # masked again: nothing else may pass
+        seen = ReaderSeen(ts=self._clock(), door=door, event=KeyPressed(reader=ev.reader, key=key, at=ev.at))
+        self.reads.append(seen)
+        self._hand_on(seen)
+
+    def watch_keys(self, reader: object, door: str | None) -> bool:
+        """Show the key presses of `reader` (its PIN pad: `reader.pinpad`, or a Wiegand reader's
+        `reader.assembler.pinpad`) in the feed; False if it has none."""
+        pad = getattr(reader, "pinpad", None)
+        if not isinstance(pad, PinPad):
+            pad = getattr(getattr(reader, "assembler", None), "pinpad", None)
+        if not isinstance(pad, PinPad):
+            return False
+        pad.on_key = lambda ev: self.key_pressed(ev, door)
+        return True
 
     def _hand_on(self, item: Event | ReaderSeen) -> None:
         for q in self._subscribers:

@@ -314,6 +314,7 @@ class Agent:
                 indicator=door_ctl.indicator if door_ctl is not None else None,
             )  # fmt: skip
             readers.append(r)
+            self.feed.watch_keys(r, rc.door)  # key presses, masked, for the installer page (edge/feed.py)
             self.reader_door[name] = rc.door
             self.reader_side[name] = rc.side
             if isinstance(rc, OsdpReaderConfig):

@@ -4,7 +4,8 @@ A `CardRead` carries the card number, facility, format and bit count; its frame 
 those (a format's parity bits are fixed by its data bits, so the re-encoded frame is the frame the reader
 sent). `explain` then decodes that frame against every known format of its length: which formats match,
 what card and facility each reads, and each parity check's result, so an installer sees at once why a card
-of a "wrong" format is refused or reads as another number.
+of a "wrong" format is refused or reads as another number. A refused frame (`ReaderFault.bits`: a parity
+error, an unknown length) is explained the same way from the bits the reader sent (`frame_of_fault`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from edge.readers.events import CardRead
+from edge.readers.events import FAULT_BITS_MAX, CardRead, ReaderFault
 from edge.readers.formats import BUILTIN, CardFormat, Decoded, FormatError, FormatTable, encode
 
 
@@ -54,6 +55,14 @@ def frame_of(read: CardRead, accepted: FormatTable) -> tuple[int, int] | None:
         return None
 
 
+def frame_of_fault(fault: ReaderFault) -> tuple[int, int] | None:
+    """(bits, nbits) of the frame a fault refused, None if it carries none (or only the head of a longer one)."""
+    raw = fault.bits
+    if not raw or len(raw) >= FAULT_BITS_MAX or raw.strip("01"):
+        return None
+    return int(raw, 2), len(raw)
+
+
 def _parity(fmt: CardFormat, bits: int, nbits: int) -> list[ParityResult]:
     out = []
     for chk in fmt.spec.parity:
@@ -83,4 +92,4 @@ def explain(bits: int, nbits: int, accepted: FormatTable, extra: Iterable[CardFo
     return FrameView(nbits=nbits, bits=format(bits, f"0{nbits}b") if nbits else "", matches=matches)
 
 
-__all__ = ["FormatMatch", "FrameView", "ParityResult", "explain", "frame_of"]
+__all__ = ["FormatMatch", "FrameView", "ParityResult", "explain", "frame_of", "frame_of_fault"]

@@ -25,10 +25,10 @@ from edge.config import DEFAULT_FORMATS, OsdpReaderConfig, WiegandReaderConfig, 
 from edge.errors import ConfigError
 from edge.events import Event
 from edge.feed import ReaderSeen
-from edge.readers.events import CardRead, PinEntry, ReaderFault, ReaderStatus
+from edge.readers.events import CardRead, KeyPressed, PinEntry, ReaderFault, ReaderStatus
 from edge.readers.formats import FormatTable
 
-from .cardview import explain, frame_of
+from .cardview import explain, frame_of, frame_of_fault
 
 #: Journal event types counted as errors on the status page.
 ERROR_TYPES = ("alarm.", "reader.fault", "security.")
@@ -161,10 +161,17 @@ def read_rows(snap: ReadsSnapshot) -> list[dict[str, Any]]:
                 ),
                 None,
             )
+        elif isinstance(ev, KeyPressed):
+            row["summary"] = f"key pressed: {ev.key}" if ev.key in ("*", "#") else "key pressed (a digit; never shown)"
         elif isinstance(ev, PinEntry):
             row["summary"] = f"PIN entered ({s.pin_digits} digits; the digits are never shown)"
         elif isinstance(ev, ReaderFault):
             row["summary"] = f"refused: {ev.kind}" + (f" ({ev.detail})" if ev.detail else "")
+            row.update(refused=ev.kind, nbits=len(ev.bits) if ev.bits else None, bits=ev.bits or None)
+            fault_frame = frame_of_fault(ev)
+            if fault_frame is not None:
+                table = snap.formats.get(ev.reader) or FormatTable(DEFAULT_FORMATS)
+                row["view"] = explain(*fault_frame, table)
         elif isinstance(ev, ReaderStatus):
             row["summary"] = f"{'online' if ev.online else 'OFFLINE'}" + (" secure" if ev.secure else "") + \
                 (f" {ev.detail}" if ev.detail else "")  # fmt: skip

@@ -34,6 +34,16 @@ class PinEntry(msgspec.Struct, frozen=True, kw_only=True):
         return f"PinEntry(reader={self.reader!r}, pin=<{len(self.pin)} digits>)"
 
 
+class KeyPressed(msgspec.Struct, frozen=True, kw_only=True):
+    """A key pressed on a reader's keypad, masked: `key` is "digit" for 0-9 (which digit never leaves the PIN
+    pad), "*" or "#". Not a `ReaderEvent`: the tap path never sees it; a `PinPad`'s `on_key` listener hands it
+    to the installer's feed. `at` is the time the PIN pad was given (the reader driver's clock)."""
+
+    reader: str
+    key: str
+    at: float = 0.0
+
+
 class ReaderFault(msgspec.Struct, frozen=True, kw_only=True):
     """Something on the wire that is not a valid read: never turns into a decision."""
 
@@ -41,6 +51,22 @@ class ReaderFault(msgspec.Struct, frozen=True, kw_only=True):
     kind: str  # "parity", "length", "noise", "stuck_line", "partial", "crc", "mac", "handshake", "cut", ...
     detail: str = ""
     at: float = 0.0
+    #: The refused frame as sent, first bit first ("0"/"1"; its length is the bit count), at most
+    #: `FAULT_BITS_MAX` of them (see `raw_bits`); "" when the fault is not one frame (a stuck line, a PIN
+    #: timeout, a key burst: a keypad's bits would be its digit) or the reader kind has no bits.
+    bits: str = ""
+
+
+#: The most bits a `ReaderFault` carries (the Wiegand assembler's default `max_bits`).
+FAULT_BITS_MAX = 128
+
+
+def raw_bits(bits: int, nbits: int) -> str:
+    """A frame of `nbits` bits as a `ReaderFault.bits` string: its first `FAULT_BITS_MAX` bits."""
+    if nbits <= 0:
+        return ""
+    text = format(bits & ((1 << nbits) - 1), f"0{nbits}b")
+    return text[:FAULT_BITS_MAX]
 
 
 class ReadCut(ReaderFault, frozen=True, kw_only=True):
@@ -111,9 +137,11 @@ class Feedback(enum.StrEnum):
 
 
 __all__ = [
+    "FAULT_BITS_MAX",
     "CardRead",
     "Feedback",
     "InputsChanged",
+    "KeyPressed",
     "OutputsChanged",
     "PinEntry",
     "PowerChanged",
@@ -124,4 +152,5 @@ __all__ = [
     "ReaderSink",
     "ReaderStatus",
     "TamperChanged",
+    "raw_bits",
 ]

@@ -14,13 +14,16 @@ Nothing here logs, and no key value or PIN digit ever goes into an error message
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
-from edge.readers.events import PinEntry, ReaderFault
+from edge.readers.events import KeyPressed, PinEntry, ReaderFault
 
 KEY_CLEAR = 10
 KEY_ENTER = 11
 KeyOrder = Literal["key_high", "key_low"]
+#: How a key is shown outside the PIN pad (`KeyPressed.key`): a digit is only ever "digit".
+_MASKED = {KEY_CLEAR: "*", KEY_ENTER: "#"}
 
 
 def decode_key4(bits: int) -> int | None:
@@ -58,6 +61,9 @@ class PinPad:
 
     `key()` and `expire()` return at most one event; a discarded entry gives a `ReaderFault` of kind
     "pin_timeout" or "pin_overflow" that says how many digits were lost, never which.
+
+    `on_key`, if set, is told of every key fed as a masked `KeyPressed` (a digit as "digit") before the key
+    acts; it must not raise (the installer's feed only appends). It changes nothing the pad returns.
     """
 
     def __init__(self, reader: str, *, timeout_s: float = 10.0, max_digits: int = 12) -> None:
@@ -68,6 +74,7 @@ class PinPad:
         self.max_digits = max_digits
         self._digits: list[str] = []
         self._last: float | None = None
+        self.on_key: Callable[[KeyPressed], None] | None = None
 
     def __repr__(self) -> str:
         return f"PinPad(reader={self.reader!r}, pending=<{len(self._digits)} digits>)"
@@ -99,6 +106,8 @@ class PinPad:
 
     def key(self, key: int, at: float) -> PinEntry | ReaderFault | None:
         """Feed one key pressed at `at`. Returns a `PinEntry` on "#" with digits pending."""
+        if self.on_key is not None and 0 <= key <= KEY_ENTER:
+            self.on_key(KeyPressed(reader=self.reader, key=_MASKED.get(key, "digit"), at=at))
         stale = self.expire(at)
         if key == KEY_CLEAR:
             self.clear()

@@ -22,7 +22,8 @@ be reported as "length", not read as a card made of its first bits. "fixed" mode
 Edges of one frame are sorted by timestamp before decoding, so edges of the two lines delivered out of
 order (they come from two line requests) still assemble right.
 
-Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`:
+Everything that is not a clean frame is a `ReaderFault` and never a `CardRead`; a fault of one frame carries
+its bits (`ReaderFault.bits`, for the installer page), except a 4- or 8-bit burst (it may be a PIN digit):
 
 * "noise": a pulse shorter than `glitch_s`, both lines low at once, a pulse still low when the frame ends,
   edges out of time order across a frame boundary;
@@ -61,7 +62,7 @@ from typing import Literal
 
 import msgspec
 
-from edge.readers.events import CardRead, ReadCut, ReaderEvent, ReaderFault
+from edge.readers.events import CardRead, ReadCut, ReaderEvent, ReaderFault, raw_bits
 from edge.readers.formats import Decoded, FormatTable
 from edge.readers.keypad import KeyOrder, PinPad, decode_key4, decode_key8
 
@@ -304,8 +305,9 @@ class WiegandAssembler:
         self._last_fall = -math.inf
         self._gap = self.timing.fixed_gap_s if self.timing.mode == "fixed" else self.timing.ceiling_s
 
-    def _fault(self, kind: str, detail: str, at: float) -> ReaderFault:
-        return ReaderFault(reader=self.reader, kind=kind, detail=detail, at=at)
+    def _fault(self, kind: str, detail: str, at: float, frame: tuple[int, int] = (0, 0)) -> ReaderFault:
+        """A fault; `frame` (bits, nbits) is the refused frame, carried as its bits for the installer."""
+        return ReaderFault(reader=self.reader, kind=kind, detail=detail, at=at, bits=raw_bits(*frame))
 
     def _finish(self) -> ReaderEvent | None:
         at = self._last_ts
@@ -366,16 +368,16 @@ class WiegandAssembler:
                 if low_at[line] is not None and self._low_since[line] is not None:
                     noise = f"{_LINE[line]} still low at the end of the frame"
         if noise:
-            return self._fault("noise", f"{noise} ({nbits} bits)", at)
+            return self._fault("noise", f"{noise} ({nbits} bits)", at, self._frame(bits, nbits))
         if nbits > self.timing.max_bits:
-            return self._fault("length", f"{nbits} bits: longer than any frame", at)
+            return self._fault("length", f"{nbits} bits: longer than any frame", at, self._frame(bits, nbits))
         if self._tainted:  # maybe the tail of a frame cut too early: never a read, never a key
             self.pinpad.clear()  # the key before may have been the head of this frame
             return self._fault("noise", f"{nbits} bits beginning {self._tainted:.1f} ms after a faulty frame",
-                               at)
+                               at, self._frame(bits, nbits))
         irregular = self._irregular(edges)
         if irregular is not None:
-            return self._fault(*irregular, at)
+            return self._fault(*irregular, at, self._frame(bits, nbits))
         return self._decode(bits, nbits, at)
 
     def _irregular(self, edges: list[tuple[float, int, bool]]) -> tuple[str, str] | None:
@@ -413,7 +415,7 @@ class WiegandAssembler:
             if isinstance(res, Decoded):
                 return CardRead(reader=self.reader, card=res.card, format=res.format, bits=nbits,
                                 facility=res.facility, at=at)
-            return self._fault(res.kind, res.detail, at)
+            return self._fault(res.kind, res.detail, at, (bits, nbits))
         if self.keypad.enabled and nbits in (4, 8):
             key = decode_key4(bits) if nbits == 4 else decode_key8(bits, self.keypad.order)
             if key is None:
@@ -421,7 +423,12 @@ class WiegandAssembler:
             # Held like a fault: the head of a card frame whose last edges are late reads as a key too.
             return _Key(key, at)
         kind = "partial" if nbits < self._max_len else "length"
-        return self._fault(kind, f"{nbits} bits (accepted: {self.formats.names})", at)
+        return self._fault(kind, f"{nbits} bits (accepted: {self.formats.names})", at, self._frame(bits, nbits))
+
+    def _frame(self, bits: int, nbits: int) -> tuple[int, int]:
+        """The frame to carry in a fault: none for a 4- or 8-bit burst that is not a configured format, keypad
+        on or off (its bits may be a PIN digit, which never leaves the PIN pad)."""
+        return (0, 0) if nbits in (4, 8) and self.formats.get(nbits) is None else (bits, nbits)
 
 
 __all__ = ["D0", "D1", "FrameTiming", "KeypadOptions", "WiegandAssembler"]
