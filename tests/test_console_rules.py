@@ -1,13 +1,13 @@
 """The console's "Areas & rules" page (issue 19) in Debian's chromium, on SQLite, with a simulated gateway on a
 real Mosquitto: a bad area is refused with the field named and nothing stored, an area is added and edited
 through the page (checked in the API), a door's hard anti-passback holds a user at the gateway (real pin
-edges), and the page's reset lets the user through again (the gateway's answer shown, the audit log has it)."""
+edges), and the page's reset lets the user through again (the gateway's answer shown, the audit log has it);
+an operator who may only read gateways sees the rules without the forms, and the reset is refused to them."""
 
 # ruff: noqa: F811
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from playwright.async_api import expect
@@ -19,11 +19,12 @@ from cloud_bridge.service.database import Database
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
-from .service_harness import config, running
-from .test_console_pages import api_as_root, setup_in_browser, sqlite
+from .service_harness import PASSWORD, config, running
+from .test_console_pages import api_as_root, log_in, setup_in_browser, sqlite
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
 from .test_rules_agent import walk_through
 from .test_service_e2e import _public_key
+from .test_service_events_e2e import VIEWER, add_operator
 
 
 async def test_area_added_and_edited_on_the_page_and_a_user_reset(
@@ -33,6 +34,7 @@ async def test_area_added_and_edited_on_the_page_and_a_user_reset(
     cfg = config(url, tmp_path)
     await init_site(cfg, site_id="s1", admin="root", tz="Europe/Berlin", host=broker.host, port=broker.port)
     pub = await _public_key(url)
+    await add_operator(url, cfg, "guard", VIEWER)
     async with (
         agent_running(broker, tmp_path / "gw", sock_dir / "c.sock", pub) as agent,
         running(cfg, provisioning=True, init=False) as svc,
@@ -113,5 +115,23 @@ async def test_area_added_and_edited_on_the_page_and_a_user_reset(
         assert await sideways_scroll(page) == 0
         await shot(page, tmp_path, "rules-390")
         assert violations == []
+
+        # read only: the rules shown, no forms; a reset sent all the same is the API's refusal, not audited
+        guard = await (await browser.new_context()).new_page()
+        await log_in(guard, svc, "guard", PASSWORD)
+        await guard.get_by_role("link", name="Areas & rules").click()
+        await expect(guard.get_by_role("row", name="Main building")).to_contain_text("hard")
+        await expect(guard.get_by_role("row", name=f"{GW}/door1")).to_contain_text("building")
+        for name in ("Add area", "Reset anti-passback"):
+            await expect(guard.get_by_role("button", name=name)).to_have_count(0)
+        await expect(guard.get_by_role("link", name="Edit area building")).to_have_count(0)
+        token = (await (await guard.request.get(f"{svc.url}/api/v1/auth/me")).json())["csrf_token"]
+        r2 = await guard.request.post(f"{svc.url}/rules/reset", form={"_csrf": token, "user": "alice"})
+        assert r2.status == 403 and "update" in await r2.text()
+        r2 = await guard.request.post(f"{svc.url}/rules/areas", form={"_csrf": token, "id": "x"})
+        assert r2.status == 403
+        r2 = await guard.request.post(f"{svc.url}/rules/reset", form={"user": "alice"})  # no CSRF token
+        assert r2.status == 403
+        assert len((await api.get("/api/v1/audit", params={"action": "area.reset"})).json()["items"]) == 1
+        assert (await api.get("/api/v1/areas")).json()[0]["id"] == "building"
         await api.aclose()
-        await asyncio.sleep(0)
