@@ -47,6 +47,8 @@ async def test_area_added_and_edited_on_the_page_and_a_user_reset(
             await db.close()
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         violations = watch_csp(page)
+        r0 = await page.goto(f"{svc.url}/rules")  # not logged in: to the login page
+        assert r0 is not None and page.url.startswith(f"{svc.url}/login")
         await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
         await expect(page.get_by_role("row", name=GW)).to_contain_text("online", timeout=30_000)
         api = await api_as_root(svc)
