@@ -9,6 +9,7 @@ acknowledged through /api/v1/alarms.
 | pin_lockout | `alarm.pin_lockout` | (acknowledge only) |
 | reader_offline | `reader.status` online false, `reader.fault` reason offline | `reader.status` online true |
 | storage | `alarm.storage` (failing), `alarm.journal_overflow` / `_damaged` / `_near_full` | `alarm.storage` ok |
+| duress | `alarm.duress` (a duress PIN: silent at the door, so the operator must see it) | (acknowledge only) |
 
 An alarm stays in the list until an operator acknowledges it (with a comment, recorded in the audit log);
 `cleared_at` says when the gateway reported the condition over. An alarm is an `event` object for the
@@ -38,7 +39,7 @@ from . import audit, schema
 from .core import authorizer, permitted, principal_of, state_of
 from .errors import BadRequest, Conflict, NotFound
 
-KINDS = ("forced", "held_open", "tamper", "pin_lockout", "reader_offline", "storage")
+KINDS = ("forced", "held_open", "tamper", "pin_lockout", "reader_offline", "storage", "duress")
 
 
 def condition(e: Event) -> tuple[str, bool] | None:
@@ -62,6 +63,8 @@ def condition(e: Event) -> tuple[str, bool] | None:
         return "reader_offline", True
     if e.type == kinds.ALARM_PIN_LOCKOUT:
         return "pin_lockout", True
+    if e.type == kinds.ALARM_DURESS:
+        return "duress", True
     if e.type == kinds.STORAGE_ALARM:
         return "storage", d.get("state") != "ok"
     if e.type in (kinds.JOURNAL_OVERFLOW, kinds.JOURNAL_DAMAGED, kinds.JOURNAL_NEAR_FULL):
