@@ -2,8 +2,8 @@
 
 * Who: every page but /login and /setup needs a login session (cookie `ei_session`); every POST carries the
   session's CSRF token (`_csrf` field or `X-CSRF-Token`); the forms before a session carry a double-submit
-  token (cookie `ei_form`). Roles: "viewer" sees everything; "installer" may also pulse a relay and add
-  accounts. Guards on the routes decide, never an `if` in a handler.
+  token (cookie `ei_form`). Roles: "viewer" sees everything; "installer" may also pulse a relay, arm an OSDP
+  reader's pairing (install mode) and add accounts. Guards on the routes decide, never an `if` in a handler.
 * What: read-mostly. Nothing here adds a card or a user or changes a mode; the one thing that acts is a relay
   pulse, through the agent's door-mode owner (refused in lockdown). Every action is journalled
   (`installer.action`).
@@ -351,7 +351,31 @@ async def readers_page(request: Request[Any, Any, Any]) -> Response[str]:
     gw, agent = _gw(request), _agent(request)
     readers = await agent.call(views.reader_rows, gw)
     reads = views.read_rows(await agent.call(views.reads_snapshot, gw))
-    return render(request, "readers.html", nav="readers", title="Readers", readers=readers, reads=reads)
+    return render(request, "readers.html", nav="readers", title="Readers", readers=readers, reads=reads,
+                  result=None, refused=None)  # fmt: skip
+
+
+@post("/readers/{reader:str}/pair", guards=[logged_in, installer_role])
+async def pair(request: Request[Any, Any, Any], reader: Annotated[str, Parameter(max_length=64)]) -> Response[str]:
+    """Install mode on one OSDP reader for `views.PAIRING_S`: a factory-fresh reader (default key) gets the site
+    key at its next handshake; journalled."""
+    gw, s, agent = _gw(request), _session(request), _agent(request)
+    status, result, refused = 200, None, None
+    try:
+        until = await agent.call(views.arm_pairing, gw, reader)
+    except KeyError:
+        _audit(request, "pair", "refused: no such reader", user=s.name, reader=reader[:64])
+        raise NotFoundException(f"no reader {reader[:64]!r} on this gateway") from None
+    except ValueError as e:
+        status, refused = 400, str(e)
+        _audit(request, "pair", f"refused: {e}"[:200], user=s.name, reader=reader)
+    else:
+        result = f"Reader {reader}: pairing armed until {views.when(until, gw.cfg.tz)[-8:]}."
+        _audit(request, "pair", "ok", user=s.name, reader=reader, until=until)
+    readers = await agent.call(views.reader_rows, gw)
+    reads = views.read_rows(await agent.call(views.reads_snapshot, gw))
+    return render(request, "readers.html", status, nav="readers", title="Readers", readers=readers, reads=reads,
+                  result=result, refused=refused)  # fmt: skip
 
 
 @get("/fragment/reads", guards=[logged_in])
@@ -440,7 +464,7 @@ def create_app(gw: GatewayPort, accounts: Accounts, agent_loop: asyncio.Abstract
     return Litestar(
         route_handlers=[
             login_page, login, setup_page, setup, logout, status_page, status_fragment, doors_page, doors_fragment,
-            pulse, readers_page, reads_fragment, events_page, events_fragment, config_page, diagnostics,
+            pulse, readers_page, pair, reads_fragment, events_page, events_fragment, config_page, diagnostics,
             accounts_page, add_account, create_static_files_router(path="/static", directories=[HERE / "static"]),
         ],
         response_headers=SECURITY_HEADERS,

@@ -27,6 +27,7 @@ from edge.events import Event
 from edge.feed import ReaderSeen
 from edge.readers.events import CardRead, KeyPressed, PinEntry, ReaderFault, ReaderStatus
 from edge.readers.formats import FormatTable
+from edge.readers.osdp import OsdpReader
 
 from .cardview import explain, frame_of, frame_of_fault
 
@@ -169,6 +170,7 @@ def read_rows(snap: ReadsSnapshot) -> list[dict[str, Any]]:
             row["summary"] = f"refused: {ev.kind}" + (f" ({ev.detail})" if ev.detail else "")
             row.update(refused=ev.kind, nbits=len(ev.bits) if ev.bits else None, bits=ev.bits or None)
             fault_frame = frame_of_fault(ev)
+            row["view"] = None  # a fault without a frame (an OSDP handshake, a bad MAC): nothing to explain
             if fault_frame is not None:
                 table = snap.formats.get(ev.reader) or FormatTable(DEFAULT_FORMATS)
                 row["view"] = explain(*fault_frame, table)
@@ -213,8 +215,29 @@ def reader_rows(gw: GatewayPort) -> list[dict[str, Any]]:
             if rc is not None:
                 row["osdp"]["key"] = ("key file " + rc.key_file) if rc.key_file else \
                     ("install mode allowed" if rc.allow_install_mode else "none (plain)")  # fmt: skip
+            row["osdp"]["pairable"] = rc is not None and rc.key_file is not None and isinstance(r, OsdpReader)
+            row["osdp"]["pairing_until"] = r.install_armed_until() if isinstance(r, OsdpReader) else None
+            row["osdp"]["detail"] = next((s.event.detail for s in reversed(gw.feed.reads) if s.event.reader == name
+                                          and isinstance(s.event, ReaderStatus)), "")  # fmt: skip
         rows.append(row)
     return rows
+
+
+#: How long the readers page's "Pair" action arms install mode.
+PAIRING_S = 300.0
+
+
+def arm_pairing(gw: GatewayPort, name: str, seconds: float = PAIRING_S) -> float:
+    """On the agent's loop: arm install mode on the OSDP reader `name` whose key file is configured; returns
+    the window's end (wall clock). KeyError: no such reader; ValueError (the message says why): not OSDP, no key
+    file."""
+    r = gw.readers[name]
+    if not isinstance(r, OsdpReader):
+        raise ValueError(f"reader {name} is a {r.kind} reader: pairing (install mode) is for OSDP readers only")
+    row = next(x for x in reader_rows(gw) if x["name"] == name)
+    if not (row["osdp"] or {}).get("pairable"):
+        raise ValueError(f"reader {name}: pairing needs the reader's key_file in the config (the site key to install)")
+    return r.arm_install_mode(seconds)
 
 
 def _config_check(gw: GatewayPort) -> list[tuple[bool, str]]:
@@ -294,6 +317,7 @@ def diagnostics_zip(snap: dict[str, Any]) -> bytes:
 
 
 __all__ = [
+    "arm_pairing",
     "config_view",
     "diagnostics_snapshot",
     "diagnostics_zip",

@@ -302,6 +302,10 @@ class PdSession:
         self._attempts = 0
         self._key_type = KEY_SCBK
         self._installing = False
+        #: install mode armed at run time (`arm_install_mode`): until when (loop time), and the configured setting
+        #: it returns to when the window ends or the site key is installed
+        self._install_until: float | None = None
+        self._install_base = config.allow_install_mode
         self._refused_reported = False
         self.formats = formats.FormatTable(config.formats if config.formats is not None else DEFAULT_FORMATS)
         self.pinpad = PinPad(name)
@@ -646,6 +650,36 @@ class PdSession:
             return
         self._go_offline(now, "no reply")
 
+    def arm_install_mode(self, seconds: float, now: float) -> float:
+        """Allow install mode for `seconds` from `now` (loop time): a reader still on the default key SCBK-D
+        is moved to the site key at its next handshake (tried at once if it was refused). Disarmed when the
+        window ends or once the site key is installed. Returns the window's end. Raises ValueError for a
+        reader without a site key or a secure channel, or a window outside 1 s .. 1 h."""
+        if not self.config.secure or self._key is None:
+            raise ValueError(f"osdp reader {self.name}: install mode needs secure = true and a site key (key_file)")
+        if not 1 <= seconds <= 3600:
+            raise ValueError(f"osdp reader {self.name}: install mode is armed for 1 .. 3600 s, got {seconds}")
+        self._install_until = now + seconds
+        self.config = msgspec.structs.replace(self.config, allow_install_mode=True)
+        log.info("osdp %s: install mode armed for %g s", self.name, seconds)
+        if self.phase is Phase.REFUSED:
+            self.due = now
+        return self._install_until
+
+    def install_armed_until(self, now: float) -> float | None:
+        """The end of the armed install-mode window (loop time), or None (never armed, ended, or used)."""
+        self._install_window(now)
+        return self._install_until
+
+    def _install_window(self, now: float) -> None:
+        if self._install_until is not None and now >= self._install_until:
+            log.info("osdp %s: install mode window ended", self.name)
+            self._disarm_install()
+
+    def _disarm_install(self) -> None:
+        self._install_until = None
+        self.config = msgspec.structs.replace(self.config, allow_install_mode=self._install_base)
+
     # --- internals ---
 
     def _go_online(self, now: float, detail: str = "") -> None:
@@ -711,6 +745,7 @@ class PdSession:
             self._go_offline(now, "reply out of sequence")
 
     def _start_secure(self, now: float) -> None:
+        self._install_window(now)
         self._key_type = KEY_SCBK if self._key is not None else KEY_SCBK_D
         self._installing = False
         self.phase = Phase.CHLNG
@@ -730,6 +765,7 @@ class PdSession:
                 return
             self._tried.clear()
         self.fault("handshake", why)
+        self._install_window(now)
         if self._key_type == KEY_SCBK and self.config.allow_install_mode:
             self._key_type = KEY_SCBK_D
             self.phase = Phase.CHLNG
@@ -801,6 +837,8 @@ class PdSession:
                         self.due = now
                 else:
                     detail = "site key installed" if self._installing else ""
+                    if self._installing and self._install_until is not None:
+                        self._disarm_install()
                     self._installing = False
                     if self._next_key is not None:
                         detail = self._rotation_done()
@@ -818,6 +856,7 @@ class PdSession:
                 self.phase = Phase.CHLNG
                 self.due = now
             else:
+                self._install_until = None
                 self.config = msgspec.structs.replace(self.config, allow_install_mode=False)
                 self._handshake_failed(now, f"KEYSET answered with {type(reply).__name__}")
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -113,6 +114,21 @@ class OsdpReader(Reader):
             await self.bus.run()
         else:  # driven by a shared OsdpBus: nothing of its own to serve
             await asyncio.Event().wait()
+
+    def arm_install_mode(self, seconds: float) -> float:
+        """Install mode for `seconds` (PdSession.arm_install_mode), on the agent's loop. Returns the end as
+        wall-clock time (time.time())."""
+        now = asyncio.get_running_loop().time()
+        end = self.session.arm_install_mode(seconds, now)
+        if self.bus is not None:
+            self.bus.kick()
+        return time.time() + (end - now)
+
+    def install_armed_until(self) -> float | None:
+        """The end of the armed install-mode window as wall-clock time, or None."""
+        now = asyncio.get_running_loop().time()
+        end = self.session.install_armed_until(now)
+        return None if end is None else time.time() + (end - now)
 
     # --- reader I/O: outputs, input and output status ---
 
