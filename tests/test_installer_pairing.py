@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from edge.agent import Agent, run_agent
 from edge.config import Config, check_files, parse_config
@@ -20,7 +21,7 @@ from edge.readers.osdp import OsdpReader
 from edge.readers.osdp.panel import Phase
 from edge.sim.hands import simulated_agent
 from tests.osdp_peer import SITE_KEY, PeerBus
-from tests.test_osdp_bus import until
+from tests.test_osdp_bus import Gate, make, running, until
 
 from .mosquitto import free_port
 from .test_installer import client, config_text, hidden, setup_account
@@ -130,3 +131,27 @@ async def test_pair_from_the_page_moves_a_factory_reader_to_the_site_key(tmp_pat
              if e.type == INSTALLER_ACTION and e.detail.get("action") == "pair"]  # fmt: skip
     assert pairs[0][:2] == ("ina", "door2.wiegand1") and pairs[0][2].startswith("refused: ")
     assert ("ina", READER, "ok") in pairs
+
+
+async def test_an_armed_window_that_ends_unused_leaves_install_mode_off() -> None:
+    """The panel method alone against libosdp: armed while the reader does not answer, the window ends; the
+    reader coming back later is refused and never given the key."""
+    with PeerBus() as pb:
+        peer = pb.add(1, install_mode=True)
+        gate = Gate()
+        async with running(make(gate, pb, scbk=SITE_KEY.hex())) as r:
+            await until(lambda: gate.faults("handshake"), what="refused on the site key")
+            peer.silent = True
+            await until(lambda: not r.online and r.session.phase is not Phase.ONLINE, what="reader silent")
+            until_wall = r.arm_install_mode(1)
+            assert r.install_armed_until() == pytest.approx(until_wall, abs=0.05)
+            assert r.session.config.allow_install_mode
+            await asyncio.sleep(1.2)
+            assert r.install_armed_until() is None and not r.session.config.allow_install_mode
+            peer.silent = False
+            await asyncio.sleep(1.0)  # several handshake retries (FAST: 0.3 s)
+            assert peer.keys == [] and not r.secure
+    with pytest.raises(ValueError, match="needs secure = true and a site key"):
+        make(Gate(), pb, secure=False, allow_plaintext=True).arm_install_mode(300)
+    with pytest.raises(ValueError, match="1 .. 3600 s"):
+        make(Gate(), pb, scbk=SITE_KEY.hex()).arm_install_mode(0)
