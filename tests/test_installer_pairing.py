@@ -153,5 +153,5 @@ async def test_an_armed_window_that_ends_unused_leaves_install_mode_off() -> Non
             assert peer.keys == [] and not r.secure
     with pytest.raises(ValueError, match="needs secure = true and a site key"):
         make(Gate(), pb, secure=False, allow_plaintext=True).arm_install_mode(300)
-    with pytest.raises(ValueError, match="1 .. 3600 s"):
+    with pytest.raises(ValueError, match=r"1 \.\. 3600 s"):
         make(Gate(), pb, scbk=SITE_KEY.hex()).arm_install_mode(0)
