@@ -30,6 +30,7 @@ EXPECTED = {
                       "events_list_p99.postgresql.all"},
     "operator_import": {"import_dry_run", "import_commit_publish_ack"},
     "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
+    "console": {"console_page_p99_max.sqlite", "console_page_p99_max.postgresql"},
 }
 
 
