@@ -165,6 +165,23 @@ class Served:
     token: str
     proc: asyncio.subprocess.Process
     now: float
+    url: str = ""
+
+
+_MIGRATING = asyncio.Lock()
+
+
+async def _answers(base: str, proc: asyncio.subprocess.Process) -> bool:
+    """Whether the server answers (False: it stopped, e.g. its port was taken meanwhile)."""
+    async with httpx.AsyncClient(base_url=base, timeout=60) as s:
+        for _ in range(3000):
+            with contextlib.suppress(httpx.TransportError):
+                if (await s.get("/login")).status_code == 200:
+                    return True
+            if proc.returncode is not None:
+                return False
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{base}: no answer in 5 minutes")
 
 
 async def prepare(name: str, url: str | Callable[[], str], tmp: Path, a: argparse.Namespace) -> Served:
@@ -172,11 +189,21 @@ async def prepare(name: str, url: str | Callable[[], str], tmp: Path, a: argpars
     if callable(url):
         url = await asyncio.to_thread(url)  # e.g. start a PostgreSQL cluster and make a database
     now = time.time()
-    cfg = config(url, tmp, port=free_port())
-    toml = tmp / "service.toml"
-    toml.write_text(f"""
+    cfg = config(url, tmp)
+    async with _MIGRATING:  # Alembic's context is process-global: one migration at a time
+        link = await init_site(cfg, site_id="bench", admin="root", tz="UTC", host="127.0.0.1", port=free_port())
+    t = time.perf_counter()
+    await fill(url, a.users, a.events, now)
+    log(f"{name}: {a.users:,} users and {a.events:,} events written in {time.perf_counter() - t:.1f} s")
+    # no passphrase: provisioning and the collector are off, the API alone is measured
+    env = {k: v for k, v in os.environ.items() if k != "CLOUD_BRIDGE_PASSPHRASE"}
+    env["PYTHONPATH"] = str(ROOT)
+    for attempt in range(5):  # a free port may be taken before the server binds it (the other side's clients)
+        port = free_port()
+        toml = tmp / "service.toml"
+        toml.write_text(f"""
 [service]
-port = {cfg.service.port}
+port = {port}
 [database]
 url = "{url}"
 [auth]
@@ -186,28 +213,21 @@ argon2_parallelism = 1
 [mqtt]
 workspace = "{tmp / "link.db"}"
 """)
-    link = await init_site(cfg, site_id="bench", admin="root", tz="UTC", host="127.0.0.1", port=free_port())
-    t = time.perf_counter()
-    await fill(url, a.users, a.events, now)
-    log(f"{name}: {a.users:,} users and {a.events:,} events written in {time.perf_counter() - t:.1f} s")
-    # no passphrase: provisioning and the collector are off, the API alone is measured
-    env = {k: v for k, v in os.environ.items() if k != "CLOUD_BRIDGE_PASSPHRASE"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloud_bridge.cli", "serve", str(toml), env=env,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    base = f"http://127.0.0.1:{cfg.service.port}"
+        with (tmp / "serve.log").open("wb") as errlog:
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cloud_bridge.cli", "serve", str(toml),
+                                                        env=env, stdout=subprocess.DEVNULL, stderr=errlog)  # fmt: skip
+        if await _answers(f"http://127.0.0.1:{port}", proc):
+            break
+        if attempt == 4:
+            raise RuntimeError(f"{name}: cloud-bridge serve stopped: {(tmp / 'serve.log').read_text()[-2000:]}")
+    base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=60) as s:
-        for _ in range(600):
-            with contextlib.suppress(httpx.TransportError):
-                if (await s.get("/login")).status_code == 200:
-                    break
-            await asyncio.sleep(0.1)
         r = await s.post("/api/v1/auth/setup", json={"code": link.partition("#")[2], "password": PASSWORD})
         assert r.status_code == 200, r.text
         await login(s, "root", PASSWORD)
         token = (await s.post("/api/v1/tokens", json={"name": "bench", "expires_days": 1})).json()["token"]
     log(f"{name}: the service answers")
-    return Served(name, base, token, proc, now)
+    return Served(name, base, token, proc, now, url)
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -277,9 +297,11 @@ async def main() -> int:
     users, events = (5_000, 20_000) if a.quick else (100_000, 1_000_000)
     a.users, a.events = a.users or users, a.events or events
     a.seconds, a.requests = (a.seconds or (10.0 if a.quick else 60.0)), (20 if a.quick else 200)
-    pg = Postgres()
+    pgs: list[Postgres] = []
 
     def pg_database() -> str:
+        pg = Postgres()  # its port chosen now, right before it binds it (not raced by the other's free ports)
+        pgs.append(pg)
         pg.start()
         return pg.create_database("bench")
 
@@ -291,9 +313,8 @@ async def main() -> int:
             for name in names:  # both prepared side by side, then measured one after the other
                 tmp = Path(d) / name
                 tmp.mkdir()
-                url: str | Callable[[], str] = (
-                    f"sqlite+aiosqlite:///{tmp / 'site.db'}" if name == "sqlite" else pg_database
-                )
+                # the cluster started before anything else picks ports (its port is free now, not later)
+                url = f"sqlite+aiosqlite:///{tmp / 'site.db'}" if name == "sqlite" else pg_database()
                 prep.append(prepare(name, url, tmp, a))
             for r in await asyncio.gather(*prep, return_exceptions=True):
                 if isinstance(r, BaseException):
@@ -304,7 +325,8 @@ async def main() -> int:
     finally:
         for sv in served:
             await stop(sv.proc)
-        pg.stop()
+        for pg in pgs:
+            pg.stop()
     return 0
 
 

@@ -35,6 +35,7 @@ EXPECTED = {
     "operator": {"users_search_p99", "events_filter_user_p99", "concurrent_p99", "concurrent_errors"},
     "installer": {"tap_to_relay_p99.installer_none.adaptive", "tap_to_relay_p99.installer_polled.adaptive",
                   "installer_tap_p99_delta"},
+    "console": {"console_page_p99_max.sqlite", "console_page_p99_max.postgresql"},
 }
 
 

@@ -25,13 +25,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
+import weakref
 
 import msgspec
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cloud_bridge.permissions import Operator
@@ -41,6 +43,7 @@ from .config import AuthSection
 from .database import Database
 from .errors import BadRequest, Unauthorized
 
+log = logging.getLogger(__name__)
 _op_dec = msgspec.json.Decoder(Operator)
 TOKEN_PREFIX = "cbt_"
 
@@ -205,7 +208,7 @@ async def new_token(c: AsyncConnection, owner: Operator, *, name: str, groups: l
 async def token_principal(c: AsyncConnection, token: str, address: str) -> Principal | None:
     if not token.startswith(TOKEN_PREFIX):
         return None
-    tid, _, secret = token[len(TOKEN_PREFIX):].partition("_")
+    tid, _, secret = token[len(TOKEN_PREFIX) :].partition("_")
     if not tid or not secret or len(tid) > 32:
         return None
     t = schema.api_tokens
@@ -222,15 +225,41 @@ async def token_principal(c: AsyncConnection, token: str, address: str) -> Princ
     return Principal(msgspec.structs.replace(owner, groups=scoped), f"token:{tid}", address)
 
 
+#: How often `last_used` of one token is written at most (seconds): the column says "used around then".
+TOUCH_EVERY = 60.0
+_touched: weakref.WeakKeyDictionary[Database, dict[str, float]] = weakref.WeakKeyDictionary()
+_writes: set[asyncio.Task[None]] = set()
+
+
 async def touch_token(db: Database, tid: str) -> None:
-    """Record when a token was last used (at most once a minute: no write on every request)."""
-    t = schema.api_tokens
+    """Record that a token was used: at most once per `TOUCH_EVERY` seconds per token (remembered in this
+    process), written in a task of its own, outside the request and its transaction. Many clients starting
+    at once with one token cost one write, not one each; a failed write is logged and tried again next time."""
     now = time.time()
-    async with db.read() as c:
-        last = (await c.execute(select(t.c.last_used).where(t.c.id == tid))).scalar()
-    if last is None or now - float(last) > 60:
+    seen = _touched.setdefault(db, {})
+    if now - seen.get(tid, -TOUCH_EVERY) < TOUCH_EVERY:
+        return
+    seen[tid] = now
+    task = asyncio.get_running_loop().create_task(_write_last_used(db, tid, now))
+    _writes.add(task)
+    task.add_done_callback(_writes.discard)
+
+
+async def _write_last_used(db: Database, tid: str, now: float) -> None:
+    t = schema.api_tokens
+    try:
         async with db.write() as c:
-            await c.execute(update(t).where(t.c.id == tid).values(last_used=now))
+            await c.execute(update(t).where(t.c.id == tid, or_(t.c.last_used.is_(None), t.c.last_used < now))
+                            .values(last_used=now))  # fmt: skip
+    except Exception:  # the request it came with is answered already: nothing to tell it
+        _touched.get(db, {}).pop(tid, None)
+        log.exception("api token %s: last_used not written", tid)
+
+
+async def touch_writes() -> None:
+    """Wait for the pending `last_used` writes (a clean shutdown; tests)."""
+    while _writes:
+        await asyncio.gather(*list(_writes), return_exceptions=True)
 
 
 # --- setup codes -----------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from litestar import Controller, Request, Response, get
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
-from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy import Select, Table, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -391,22 +391,29 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 SCAN_LIMIT = 5000
 
 
+def page_query(f: Filters, after: tuple[float, str] | None, limit: int) -> Select[Any]:
+    """One chunk of a page: newest first, older than `after` (keyset on (ts, id)). The keyset test is a
+    row-value comparison, which both databases turn into a range on the (..., ts, id) indexes (an OR of
+    "ts < x or ts = x and id < y" is a filter instead: the deeper the page, the more rows read)."""
+    ev = schema.events
+    q = select(ev.c.id, ev.c.gateway, ev.c.ts, ev.c.body).where(*f.where())
+    if after is not None:
+        q = q.where(tuple_(ev.c.ts, ev.c.id) < tuple_(literal(after[0]), literal(after[1])))
+    return q.order_by(ev.c.ts.desc(), ev.c.id.desc()).limit(limit)
+
+
 async def page(c: AsyncConnection, authz: Authorizer, op: Operator, f: Filters, *, limit: int,
                cursor: str | None) -> EventPage:  # fmt: skip
     """Newest first, `limit` at most, only what `op` may read; keyset pagination on (ts, id): stable under
     inserts (an event stored later never moves one already paged past)."""
-    ev = schema.events
     at = decode_cursor(cursor) if cursor else None
     out: list[EventOut] = []
     scanned = 0
     last: tuple[float, str] | None = at
     more = True
     while len(out) < limit and scanned < SCAN_LIMIT and more:
-        q = select(ev.c.id, ev.c.gateway, ev.c.ts, ev.c.body).where(*f.where())
-        if last is not None:
-            q = q.where(or_(ev.c.ts < last[0], and_(ev.c.ts == last[0], ev.c.id < last[1])))
         chunk = min(SCAN_LIMIT - scanned, max(limit * 2, 50))
-        rows = (await c.execute(q.order_by(ev.c.ts.desc(), ev.c.id.desc()).limit(chunk))).all()
+        rows = (await c.execute(page_query(f, last, chunk))).all()
         more = len(rows) == chunk
         for r in rows:
             scanned += 1
@@ -521,7 +528,8 @@ async def _replay(db: Database, after: str, f: Filters) -> list[EventOut]:
         ts = (await c.execute(select(ev.c.ts).where(ev.c.id == after))).scalar()
         if ts is None:
             return []
-        q = select(ev.c.gateway, ev.c.body).where(*f.where(), or_(ev.c.ts > ts, and_(ev.c.ts == ts, ev.c.id > after)))
+        newer = tuple_(ev.c.ts, ev.c.id) > tuple_(literal(ts), literal(after))
+        q = select(ev.c.gateway, ev.c.body).where(*f.where(), newer)
         rows = (await c.execute(q.order_by(ev.c.ts, ev.c.id).limit(REPLAY_MAX))).all()
     return [event_out(r.gateway, _ev_dec.decode(r.body)) for r in rows]
 

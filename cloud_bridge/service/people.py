@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post, put
 from msgspec import UNSET, Meta, UnsetType
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cloud_bridge.operator.db import MAX_GROUPS_PER_USER, MAX_NAME_CHARS
@@ -29,6 +29,7 @@ from cloud_bridge.permissions import Action, ObjectType, Target
 from . import audit, schedules, schema
 from .core import authorizer, permitted, principal_of, require, state_of, target_for
 from .errors import BadRequest, Conflict, NotFound
+from .listing import user_ids
 
 Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
 Card = Annotated[int, Meta(ge=0, le=2**63 - 1)]
@@ -317,19 +318,11 @@ class UserController(Controller):
         the users the operator may read are listed."""
         p, st = principal_of(request), state_of(request)
         authz = await authorizer(st.db)
-        u = schema.users
         items: list[UserOut] = []
         after = _uncursor(cursor) if cursor else None
         async with st.db.read() as c:
             while len(items) < limit:
-                q = select(u.c.id).order_by(u.c.id).limit(limit * 2)
-                if search:
-                    esc = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                    q = q.where(or_(u.c.id.like(f"{esc}%", escape="\\"),
-                                    u.c.name.ilike(f"%{esc}%", escape="\\")))  # fmt: skip
-                if after is not None:
-                    q = q.where(u.c.id > after)
-                ids = list((await c.execute(q)).scalars())
+                ids = await user_ids(c, search=search, after=after, limit=limit * 2)  # listing.py: on indexes
                 if not ids:
                     after = None
                     break

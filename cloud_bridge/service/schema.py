@@ -93,7 +93,10 @@ users = Table(
     Column("valid_until", Float),
     Column("kind", String(32), nullable=False, default="user"),
 )  # fmt: skip
-Index("ix_users_name", users.c.name)
+# migration 0007: "the id starts with" (varchar_pattern_ops: LIKE 'x%' in any collation) and "a part of the
+# name" (PostgreSQL: a GIN trigram index, pg_trgm, for ILIKE '%x%'; SQLite: a plain index on name)
+Index("ix_users_id_prefix", users.c.id, postgresql_ops={"id": "varchar_pattern_ops"})
+Index("ix_users_name_trgm", users.c.name, postgresql_using="gin", postgresql_ops={"name": "gin_trgm_ops"})
 
 credentials = Table(
     "credentials", metadata,
@@ -176,10 +179,12 @@ events = Table(
     Column("reason", String(64)),
     UniqueConstraint("gateway", "seq"),  # exactly once per gateway and sequence number
 )  # fmt: skip
+# every events page is newest first by (ts, id): each filter index ends in both (migration 0007), so a
+# filtered page reads its rows from the index in order (no sort)
 Index("ix_events_ts_id", events.c.ts, events.c.id)
-Index("ix_events_gateway_door_ts", events.c.gateway, events.c.door, events.c.ts)
-Index("ix_events_user_id_ts", events.c.user_id, events.c.ts)
-Index("ix_events_type_ts", events.c.type, events.c.ts)
+Index("ix_events_gateway_door_ts_id", events.c.gateway, events.c.door, events.c.ts, events.c.id)
+Index("ix_events_user_id_ts_id", events.c.user_id, events.c.ts, events.c.id)
+Index("ix_events_type_ts_id", events.c.type, events.c.ts, events.c.id)
 
 event_ranges = Table(
     "event_ranges", metadata,
