@@ -110,6 +110,19 @@ def manifest_of(transfer: str, version: int, chunks: list[bytes]) -> SnapshotMan
 TRANSIENT_CHUNK_ERRORS = frozenset({"unsigned", "bad_chunk"})
 
 
+#: Snapshot chunks in flight at once (sent and not acknowledged). Well below the gateway's rights queue
+#: (`[link] rights_queue`, 256 by default): a sender that resent every unacknowledged chunk each round
+#: flooded a slow gateway's queue with copies, so chunks were dropped faster than they were applied and a
+#: large snapshot to a loaded gateway never finished. A round ends as soon as its window is acknowledged.
+CHUNK_WINDOW = 64
+
+
+def chunk_round(count: int, acked: set[int], window: int = CHUNK_WINDOW) -> list[int]:
+    """The chunks to send in this round: the first `window` not yet acknowledged, or (all are, and no result
+    yet: the gateway restarted?) the last one, to prod it."""
+    return [i for i in range(count) if i not in acked][:window] or [count - 1]
+
+
 def is_final(r: RightsResult) -> bool:
     """Whether a result ends a request (a transient refusal of one chunk does not)."""
     return r.ok or r.error is None or r.error.code not in TRANSIENT_CHUNK_ERRORS
@@ -297,14 +310,18 @@ class CloudPeer(mqtt.Session):
 
         async with asyncio.timeout(timeout):
             while True:
-                have = acked()
-                missing = [i for i in range(len(chunks)) if i not in have] or [len(chunks) - 1]
+                sent = chunk_round(len(chunks), acked())
                 await self.publish_raw(Leaf.RIGHTS, manifest)
-                for i in missing:  # all staged but no result yet (gateway restarted?): prod with the last one
+                for i in sent:
                     await self.publish_raw(Leaf.RIGHTS, chunks[i])
+                more = len(sent) < len(chunks) - len(acked())  # chunks beyond this round's window
+
+                def done(sent: list[int] = sent, more: bool = more) -> object:  # this round's window
+                    return self._result_for(transfer, start) or (more and set(sent) <= acked())
+
                 with contextlib.suppress(TimeoutError):
-                    r: RightsResult = await self.wait_for(lambda: self._result_for(transfer, start), self.resend_s)
-                    return r
+                    if isinstance(r := await self.wait_for(done, self.resend_s), RightsResult):
+                        return r
 
     async def request_rebirth(self) -> None:
         await self.publish_raw(Leaf.RIGHTS, self.seal(Rebirth()))

@@ -96,6 +96,33 @@ async def test_birth_then_first_sync_by_chunked_snapshot(
         assert b2.rights_version == 7
 
 
+async def test_a_snapshot_of_many_more_chunks_than_the_rights_queue_drops_none(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The cloud sends a window of chunks at a time (cloud.CHUNK_WINDOW), not every unacknowledged chunk at
+    once: a snapshot of ~200 chunks to a gateway whose rights queue holds 80 messages goes through with no
+    message dropped. (Before, the whole burst overflowed the queue; on a loaded gateway each round's copies
+    kept it full, and a large snapshot never finished: test_link_crash timed out under load.)"""
+    from cloud_bridge.cloud import CHUNK_WINDOW, chunk_round
+
+    assert chunk_round(200, set()) == list(range(CHUNK_WINDOW))
+    assert chunk_round(200, set(range(CHUNK_WINDOW))) == list(range(CHUNK_WINDOW, 2 * CHUNK_WINDOW))
+    assert chunk_round(200, set(range(200))) == [199]  # all staged, no result yet: prod with the last
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, max_message_bytes=16384,
+                rights_queue=CHUNK_WINDOW + 16) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, max_message_bytes=4096, resend_s=5.0) as cloud,
+    ):  # fmt: skip
+        await cloud.wait_online()
+        result = await cloud.send_snapshot(site_snapshot(3, 12_000), timeout=120)
+        acks = {r.index for r in cloud.rights_replies if type(r).__name__ == "ChunkAck"}
+        assert result.ok and result.version == 3, result
+        assert len(acks) > 2 * CHUNK_WINDOW, len(acks)  # several windows
+        assert g.link.stats["dropped"] == 0, g.link.stats
+        assert (await g.store.counts())["credentials"] == 12_000
+
+
 async def test_deltas_in_order_duplicate_gap_and_out_of_order(
     broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
 ) -> None:

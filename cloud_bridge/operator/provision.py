@@ -31,7 +31,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge import mqtt
-from cloud_bridge.cloud import chunk_snapshot, is_final, manifest_of
+from cloud_bridge.cloud import chunk_round, chunk_snapshot, is_final, manifest_of
 from cloud_bridge.protocol import (
     Birth,
     ChangeSetMsg,
@@ -386,14 +386,19 @@ class SiteLink(mqtt.Session):
         async with asyncio.timeout(timeout):
             while True:
                 have = acked() if len(messages) > 1 else set()
-                todo = [i for i in range(len(messages)) if i not in have] or [len(messages) - 1]
+                todo = chunk_round(len(messages), have)  # a window at a time (cloud.CHUNK_WINDOW)
                 if manifest is not None:
                     await self._publish(gw, Leaf.RIGHTS, manifest)
                 for i in todo:
                     await self._publish(gw, Leaf.RIGHTS, messages[i])
+                more = len(todo) < len(messages) - len(have)
+
+                def done(todo: list[int] = todo, more: bool = more) -> object:  # this round's window
+                    return self._result(gw, rid, start) or (more and set(todo) <= acked())
+
                 with contextlib.suppress(TimeoutError):
-                    r: RightsResult = await self.wait_for(lambda: self._result(gw, rid, start), self.resend_s)
-                    return r
+                    if isinstance(r := await self.wait_for(done, self.resend_s), RightsResult):
+                        return r
 
     async def push(self, gw: str, *, timeout: float = 60.0) -> int:
         """Bring one gateway up to its latest planned version; return the version it acknowledged.
