@@ -211,7 +211,8 @@ class Session:
         async with asyncio.timeout(timeout), self._changed:
             while not (v := pred()):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.poll_s if poll_s is None else poll_s)
+                    async with asyncio.timeout(self.poll_s if poll_s is None else poll_s):
+                        await self._changed.wait()
             return v
 
     async def __aexit__(

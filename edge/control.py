@@ -118,11 +118,13 @@ class ControlServer:
 
 async def request(path: Path | str, req: Request, *, wait_s: float = 10.0) -> Reply:
     """Send one request to a running agent and return its reply."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), wait_s)
+    async with asyncio.timeout(wait_s):
+        reader, writer = await asyncio.open_unix_connection(str(path))
     try:
         writer.write(_enc.encode(req) + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), wait_s)
+        async with asyncio.timeout(wait_s):
+            line = await reader.readline()
         if not line:
             raise ConnectionError("agent closed the control connection")
         return _rep_dec.decode(line)

@@ -215,7 +215,8 @@ class Journal(SqliteService):
         backoff = self.interval_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=backoff if not self.storage_ok else self.interval_s)
+                async with asyncio.timeout(backoff if not self.storage_ok else self.interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._write_pending()

@@ -166,3 +166,16 @@ async def test_a_write_cancelled_at_any_point_is_on_disk_once_or_still_pending(t
             events = await j.read(limit=100)
         users = [e.user for e in events]
         assert users == [f"u{i}" for i in range(20)] + ["after"], (k, users)
+
+
+async def test_the_flusher_stops_when_cancelled_just_as_it_is_woken(tmp_path: Path) -> None:
+    # CPython gh-86296: on 3.11, `asyncio.wait_for` returns the inner result and drops a cancel that
+    # arrives in the same loop step as the inner future completing; the flusher then ran on after close.
+    async with Journal(tmp_path / "j.db", interval_s=60) as j:
+        await asyncio.sleep(0.05)  # the flusher is waiting on its wake-up
+        task = j._task
+        assert task is not None
+        j._wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        assert done == {task} and task.cancelled()

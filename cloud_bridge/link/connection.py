@@ -290,9 +290,8 @@ class CloudLink:
             with contextlib.suppress(Exception):
                 d = Death(site=self.cfg.site, gateway=self.cfg.gateway, session=self._session, ts=self.clock(),
                           reason="shutdown")  # fmt: skip
-                await asyncio.wait_for(
-                    mqtt.publish(client, self.topics.status, encode(d, self.cfg.encoding), retain=True), 2.0
-                )
+                async with asyncio.timeout(2.0):
+                    await mqtt.publish(client, self.topics.status, encode(d, self.cfg.encoding), retain=True)
             raise
 
     async def _publish_birth(self) -> None:

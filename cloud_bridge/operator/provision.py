@@ -466,7 +466,8 @@ class SiteLink(mqtt.Session):
             plan(self.db, max_bytes=self.max_message_bytes)
             await self.push_all(timeout=max(30.0, interval_s))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval_s)
+                async with asyncio.timeout(interval_s):
+                    await wake.wait()
             wake.clear()
 
     # commands

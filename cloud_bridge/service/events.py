@@ -565,7 +565,8 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
                 op, refresh = fresh, time.monotonic() + 30
             e: EventOut | None = None
             with contextlib.suppress(TimeoutError):
-                e = await asyncio.wait_for(q.get(), 15.0)
+                async with asyncio.timeout(15.0):
+                    e = await q.get()
                 if e is None:
                     return  # fell behind: the client reconnects
             if e is None:
