@@ -75,7 +75,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("stored", MALFORMED)
+@pytest.mark.parametrize("stored", MALFORMED, ids=[f"malformed{i}" for i in range(len(MALFORMED))])  # salts are random
 def test_malformed_hash_never_verifies(stored: str) -> None:
     assert not valid_pin_hash(stored)
     for pin in ("1234", "0000", ""):
