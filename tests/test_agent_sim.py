@@ -544,3 +544,13 @@ async def test_a_pin_check_does_not_hold_up_another_door(cfg: Config, capsys: py
                   f"result after {t_door1 * 1e3:.1f} ms; max loop lag {max(lags, default=0) * 1e3:.1f} ms")
         assert order == [("door2", "granted"), ("door1", "granted")]  # bob, then alice with her PIN
         assert agent.doors["door1"].relay_energised
+
+
+async def test_every_door_journals_its_state_at_start(cfg: Config) -> None:
+    # Before: the doors recorded their state at start before the journal opened, and it was only logged,
+    # so the cloud showed a door as "not reported yet" until its first event.
+    async with running(cfg) as agent:
+        doors = sorted(agent.doors)
+    starts = [e for e in journal_on_disk(cfg) if e.type == "door.state" and e.detail.get("cause") == "start"]
+    assert sorted(e.door for e in starts if e.door is not None) == doors
+    assert all(e.detail.get("lock") == "locked" for e in starts)

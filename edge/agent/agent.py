@@ -89,6 +89,9 @@ class Agent:
         self.reader_side: dict[str, Side] = {}
         self.store: Store | None = None
         self.journal: Journal | None = None
+        #: What the doors recorded before the journal opened (each lock's state at start): journalled
+        #: as soon as it opens, so the cloud sees every door's state from the first batch.
+        self._before_journal: list[tuple[str, dict[str, Any]]] = []
         self.decider: Decider | None = None
         self.modes: DoorModes | None = None
         self.tap: TapHandler | None = None
@@ -352,6 +355,9 @@ class Agent:
                 )
             )  # fmt: skip
             self.journal.on_record.append(self.feed.event)
+            early, self._before_journal = self._before_journal, []
+            for type, fields in early:
+                self.journal.record(type, **fields)
             if cfg.policy.clock_source == "ntp":
                 clock_state = await load_clock_state(self.store)
                 self.clock.trust = clock_trust_at_boot(
@@ -476,6 +482,8 @@ class Agent:
         )
         if self.journal is not None:
             self.journal.record(type, **fields)
+        elif len(self._before_journal) < 1000:  # bounded: a few events per door at start
+            self._before_journal.append((type, fields))
         if self.tap is not None:
             self.tap.door_event(type, fields)
 
