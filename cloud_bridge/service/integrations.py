@@ -34,7 +34,7 @@ from cloud_bridge.permissions import Action, ObjectType, Target
 from . import audit, schema
 from .core import authorizer, permitted, principal_of, require, state_of, target_for
 from .errors import BadRequest, Conflict, NotFound
-from .people import Card, Ident
+from .people import Card, CardOut, Ident
 
 RULE_KEYS = ("deleteUserOnNoAccessToken", "deleteUserOnNoEntitlement")
 #: The identity manager writes token states in capitals (ACTIVE); stored in lower case as the site model's.
@@ -97,13 +97,9 @@ class TokenIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     valid_until: float | None = None
 
 
-class TokenOut(msgspec.Struct, kw_only=True):
-    card: int
-    user_id: str
-    status: str
-    format: str
-    valid_from: float | None
-    valid_until: float | None
+class TokenOut(CardOut, kw_only=True):
+    """A card as the people API shows it, plus what the identity export would do with its user."""
+
     export: ExportOut
 
 
