@@ -33,8 +33,8 @@ from cloud_bridge.service import schema, site
 from cloud_bridge.service.database import Database
 from cloud_bridge.signing import fingerprint, load_key_state, public_bytes
 from edge.agent import Agent, run_agent
-from edge.sim.hands import simulated_agent
 from edge.config import parse_config
+from edge.sim.hands import simulated_agent
 
 from .broker import broker, cloud_peer  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
@@ -185,7 +185,7 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
             out = r.json()
             assert out["current"] == new_fp and out["rotation"]["state"] == "committed"
             assert out["rotation"]["gateways"][GW]["state"] == "moved"
-            assert _key(await _meta(url, "site_key")) .private_bytes_raw() == new.private_bytes_raw()
+            assert _key(await _meta(url, "site_key")).private_bytes_raw() == new.private_bytes_raw()
             assert _key(await _meta(url, "site_key_previous")).private_bytes_raw() == old.private_bytes_raw()
             assert await _meta(url, "site_key_pending") is None
 
@@ -302,8 +302,8 @@ async def test_gateway_page_rotates_the_key_with_reauthentication(broker: Mosqui
         await shot(page, tmp_path, "key-rotation-pending-1280")
 
         # keyboard: the password field and its button are reached with Tab and the step runs with Enter
-        commit_form = page.locator("#rotation-actions form").filter(has=page.get_by_role("button",
-                                                                                         name="Commit key rotation"))  # fmt: skip
+        commit_button = page.get_by_role("button", name="Commit key rotation")
+        commit_form = page.locator("#rotation-actions form").filter(has=commit_button)
         await commit_form.get_by_label("Your password").focus()
         await page.keyboard.type(PASSWORD)
         await page.keyboard.press("Tab")

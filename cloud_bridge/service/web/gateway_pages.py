@@ -88,15 +88,16 @@ class GatewayPages(Controller):
                  "force": "Commit key rotation without the gateways that have not acknowledged",
                  "abort": "Abort key rotation"}  # fmt: skip
         if step not in names:
-            return await self._page(request, gw, status=400, result={"what": "Key rotation", "ok": False,
-                                                                      "test": None, "detail": "no such step"})  # fmt: skip
+            return await self._page(request, gw, status=400, result={
+                "what": "Key rotation", "ok": False, "test": None, "detail": "no such step"})  # fmt: skip
         what = names[step]
         pr = principal_of(request)
         r = await inner.call(request, "POST", "/api/v1/auth/reauth", json={"password": str(form.get("password") or "")},
                              principal=pr)  # fmt: skip
         if not r.ok:
+            why = "your password was not right" if r.status == 401 else r.detail
             return await self._page(request, gw, status=r.status, result={
-                "what": what, "ok": False, "test": None, "detail": "your password was not right" if r.status == 401 else r.detail})
+                "what": what, "ok": False, "test": None, "detail": why})  # fmt: skip
         path = {"start": "", "commit": "/commit", "force": "/commit", "abort": "/abort"}[step]
         body = {"force": True} if step == "force" else {}
         a = await inner.call(request, "POST", f"/api/v1/site-key/rotation{path}", json=body, principal=pr)
