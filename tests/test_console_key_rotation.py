@@ -299,6 +299,7 @@ async def test_gateway_page_rotates_the_key_with_reauthentication(broker: Mosqui
         await expect(page.locator("#rotation-summary")).to_contain_text(fingerprint(public_bytes(new)))
         await expect(actions.get_by_role("button", name="Commit key rotation")).to_be_visible()
         await expect(actions.get_by_role("button", name="Abort key rotation")).to_be_visible()
+        await page.locator("#rotation-h").scroll_into_view_if_needed()  # the doc's viewport shot shows it
         await shot(page, tmp_path, "key-rotation-pending-1280")
 
         # keyboard: the password field and its button are reached with Tab and the step runs with Enter
