@@ -215,13 +215,26 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
                 r = await root.post(f"/api/v1/doors/{GW2}/door1/unlock", json={"seconds": 1})
                 assert r.status_code == 200 and r.json()["ok"], r.text
 
-                # a second rotation, aborted: both gateways back on the current key only
-                assert (await root.post("/api/v1/auth/reauth", json={"password": PASSWORD})).status_code == 200
-                r = await root.post("/api/v1/site-key/rotation", json={"timeout": 20})
-                assert r.status_code == 200, r.text
-                third = _key(await _meta(url, "site_key_pending"))
-                assert {g: x["state"] for g, x in r.json()["rotation"]["gateways"].items()} == {
-                    GW: "acknowledged", GW2: "acknowledged"}  # fmt: skip
+            await until(lambda: _online(root, GW2, False), what="gw2 offline again")
+
+            # a second rotation with gw2 offline: it takes the pending key at its birth; then aborted, both
+            # gateways go back to the current key only
+            assert (await root.post("/api/v1/auth/reauth", json={"password": PASSWORD})).status_code == 200
+            r = await root.post("/api/v1/site-key/rotation", json={"timeout": 20})
+            assert r.status_code == 200, r.text
+            third = _key(await _meta(url, "site_key_pending"))
+            assert {g: x["state"] for g, x in r.json()["rotation"]["gateways"].items()} == {
+                GW: "acknowledged", GW2: "offline"}  # fmt: skip
+            async with agent(broker, s2, sock_dir / "c2.sock", pub, GW2):
+
+                async def acknowledged() -> bool:
+                    x = (await root.get("/api/v1/site-key/rotation")).json()["rotation"]["gateways"][GW2]
+                    return bool(x["state"] == "acknowledged")
+
+                await until(acknowledged, what="gw2 took the pending key")
+                ks = load_key_state(s2 / KEY_FILE)
+                assert ks is not None and ks.key == public_bytes(third).hex() and ks.previous == public_bytes(new).hex()
+                assert await _obeys(GW2, broker, new) == (True, "")  # still the current key until a commit
                 r = await root.post("/api/v1/site-key/rotation/abort", json={"timeout": 20})
                 assert r.status_code == 200, r.text
                 assert {g: x["state"] for g, x in r.json()["rotation"]["gateways"].items()} == {
@@ -246,6 +259,7 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
         ("root", "site_key.rotation_start", "ok"), ("root", "site_key.rotation_commit", "ok"),
         ("root", "site_key.rotation_start", "ok"), ("root", "site_key.rotation_abort", "ok")]  # fmt: skip
     assert any(act == "site_key.rotation_moved" and oid == GW2 for _, act, oid, _, _ in rows)
+    assert any(act == "site_key.rotation_acknowledged" and oid == GW2 for _, act, oid, _, _ in rows)
     # no private key anywhere but the encrypted meta rows: not in the audit log, not in the service's log
     secrets = [k.private_bytes_raw().hex() for k in (old, new, third)]
     text = " ".join(r[4] for r in rows) + caplog.text

@@ -164,9 +164,17 @@ async def _send(st: ServiceState, gw: str, key: Ed25519PrivateKey, to: bytes, *,
 
 
 async def _gateways(st: ServiceState) -> list[str]:
+    """Every gateway of the site: the service's copy, the link's workspace (a gateway just born may not be
+    copied back yet) and the status messages the link holds."""
     async with st.db.read() as c:
-        rows = await c.execute(select(schema.gateways.c.id).order_by(schema.gateways.c.id))
-        return [str(g) for g in rows.scalars()]
+        rows = await c.execute(select(schema.gateways.c.id))
+        out = {str(g) for g in rows.scalars()}
+    prov = _provisioner(st)
+    if prov.model is not None:
+        out.update(prov.model.gateways())
+    if prov.link is not None:
+        out.update(prov.link.status)
+    return sorted(out)
 
 
 async def _each(st: ServiceState, gws: list[str],
@@ -321,25 +329,33 @@ async def catch_up(st: ServiceState, b: Birth) -> None:
             rot = await load(c)
         if rot is None:
             return
-        current, pending, previous = await _keys(st)
         entry = rot.gateways.get(gw)
-        state, err = "", ""
-        if rot.state == "pending" and pending is not None and (entry is None or entry.state != "acknowledged"):
-            err = await _send(st, gw, current, public_bytes(pending), not_before=time.time() + WINDOW_S,
-                              operator=SERVICE_ACTOR, timeout=15.0)  # fmt: skip
+        held = entry.state if entry is not None else None
+        # what this gateway needs, decided before any key is decrypted (a birth without work costs no KDF)
+        if rot.state == "pending" and held != "acknowledged":
             state = "acknowledged"
-        elif rot.state == "committed" and b.key == rot.old and previous is not None:
-            err = await _send(st, gw, previous, public_bytes(current), not_before=None, operator=SERVICE_ACTOR,
-                              timeout=15.0, also=current)  # fmt: skip
+        elif rot.state == "committed" and b.key == rot.old:
             state = "moved"
-        elif rot.state == "committed" and b.key == rot.new and (entry is None or entry.state != "moved"):
-            state = "moved"
-        elif rot.state == "aborted" and entry is not None and entry.state == "acknowledged":
-            err = await _send(st, gw, current, public_bytes(current), not_before=None, operator=SERVICE_ACTOR,
-                              timeout=15.0)  # fmt: skip
+        elif rot.state == "committed" and b.key == rot.new and held != "moved":
+            state = "moved"  # it moved (its answer to the commit was lost): only recorded
+        elif rot.state == "aborted" and held == "acknowledged":
             state = "restored"
-        if not state:
+        else:
             return
+        err = ""
+        if not (rot.state == "committed" and b.key == rot.new):
+            current, pending, previous = await _keys(st)
+            if state == "acknowledged" and pending is not None:
+                err = await _send(st, gw, current, public_bytes(pending), not_before=time.time() + WINDOW_S,
+                                  operator=SERVICE_ACTOR, timeout=15.0)  # fmt: skip
+            elif state == "moved" and previous is not None:
+                err = await _send(st, gw, previous, public_bytes(current), not_before=None, operator=SERVICE_ACTOR,
+                                  timeout=15.0, also=current)  # fmt: skip
+            elif state == "restored":
+                err = await _send(st, gw, current, public_bytes(current), not_before=None, operator=SERVICE_ACTOR,
+                                  timeout=15.0)  # fmt: skip
+            else:
+                return  # the key it needs is not kept (more than one rotation back): link.command_key by hand
         rot.gateways[gw] = GatewayRotation(state="error" if err else state, at=time.time(), detail=err)
         async with st.db.write() as c:
             await _save(c, rot)
