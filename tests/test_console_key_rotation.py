@@ -1,5 +1,6 @@
 """Site key rotation from the service (key_rotation.py) and the console's gateway page, against a running
-service, a real Mosquitto and two running simulated gateways (real agents, their key files on disk).
+service (SQLite and PostgreSQL for the API), a real Mosquitto and two running simulated gateways (real
+agents, their key files on disk).
 
 API: a rotation needs update on the site key and a fresh re-authentication (refused and audited otherwise);
 start announces the new key signed with the old one (the gateways keep obeying the old key); commit waits
@@ -39,6 +40,7 @@ from edge.sim.hands import simulated_agent
 from .broker import broker, cloud_peer  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
+from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSPHRASE, PASSWORD, config, login, running
 from .test_console_pages import log_in, setup_in_browser, sqlite
 from .test_key_rotation import send_and_wait
@@ -121,10 +123,10 @@ def _key(url_pem: str | None) -> Ed25519PrivateKey:
 
 
 async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
-    broker: Mosquitto, tmp_path: Path, sock_dir: Path, caplog: pytest.LogCaptureFixture
+    broker: Mosquitto, db_url: str, tmp_path: Path, sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    url = sqlite(tmp_path)
+    url = db_url
     cfg = config(url, tmp_path)
     pub = await started(url, cfg, broker)
     await add_operator(url, cfg, "guard", VIEWER)
