@@ -38,7 +38,7 @@ from edge.config import parse_config
 from edge.sim.hands import simulated_agent
 
 from .broker import broker, cloud_peer  # noqa: F401
-from .console_browser import chromium, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSPHRASE, PASSWORD, config, login, running
@@ -344,6 +344,7 @@ async def test_gateway_page_rotates_the_key_with_reauthentication(broker: Mosqui
             await page.goto(f"{svc.url}/gateways/{GW}")
             assert await sideways_scroll(page) == 0, width
         await shot(page, tmp_path, "key-rotation-390")
+        assert await low_contrast(page) == []
         assert violations == []
 
         # a read-only operator sees the status, no step; the page's POST is refused by the API

@@ -19,7 +19,7 @@ from playwright.async_api import Page, expect
 
 from cloud_bridge.service.config import ServiceConfig
 
-from .console_browser import chromium, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, Running, config, running
 from .test_console_pages import api_as_root, setup_in_browser, sqlite
@@ -113,6 +113,7 @@ async def test_a_warning_before_the_idle_timeout_extends_the_session_or_goes_to_
         n = int(await page.locator("#session-seconds").text_content() or "99")
         assert 0 < n <= 3
         assert await sideways_scroll(page) == 0
+        assert await low_contrast(page) == []
         await shot(page, tmp_path, "session-warning-390")
         # the keyboard: the button has the focus; Enter extends the session (an authenticated POST)
         assert await page.evaluate("document.activeElement.id") == "session-stay"
