@@ -135,7 +135,7 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
     s1, s2 = tmp_path / "gw1", tmp_path / "gw2"
     async with (
         running(cfg, provisioning=True, init=False) as svc,
-        agent(broker, s1, sock_dir / "c1.sock", pub, GW),
+        agent(broker, s1, sock_dir / "c1.sock", pub, GW) as g1,
     ):
         root = await setup_admin(url, svc)
         guard = httpx.AsyncClient(base_url=svc.url, timeout=60)
@@ -196,6 +196,11 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
             assert await _obeys(GW, broker, old) == (False, "bad_signature")
             r = await root.post(f"/api/v1/doors/{GW}/door1/unlock", json={"seconds": 1})
             assert r.status_code == 200 and r.json()["ok"], r.text
+
+            async def drained() -> bool:  # event acks are signed with the new key too: the journal empties
+                return g1.journal is not None and g1.journal.depth == 0
+
+            await until(drained, what="gw1's events acknowledged after the commit")
             r = await root.put("/api/v1/groups/staff", json={"name": "Staff", "doors": [{"gateway": GW,
                                                                                          "door": "door1"}]})
             assert r.status_code == 200, r.text
