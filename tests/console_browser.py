@@ -35,6 +35,7 @@ DOC_SHOTS = {
     "visitors-1280": "console-visitors.png",
     "doors-1280": "console-doors.png",
     "gateway-1280": "console-gateway.png",
+    "key-rotation-pending-1280": "console-key-rotation.png",
 }
 
 

@@ -1,7 +1,9 @@
 """Session timeouts and CSRF in a real browser (Debian's chromium) against a running service (SQLite and
 PostgreSQL for the idle timeout): a session in use outlives its idle timeout, and is sent to login after
 that long unused, even with the live dashboard open (its polling and streams are not use); a session in
-use still ends at its absolute limit; a page POST or an API write with a forged or missing CSRF token is
+use still ends at its absolute limit; before the idle timeout a dialog warns (static session.js, no inline
+script), "Stay signed in" extends the session through a CSRF-protected call, and unanswered the page goes to
+the login; a page POST or an API write with a forged or missing CSRF token is
 403 and changes nothing."""
 
 # ruff: noqa: F811
@@ -17,7 +19,7 @@ from playwright.async_api import Page, expect
 
 from cloud_bridge.service.config import ServiceConfig
 
-from .console_browser import chromium
+from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, Running, config, running
 from .test_console_pages import api_as_root, setup_in_browser, sqlite
@@ -94,3 +96,38 @@ async def test_forged_or_missing_csrf_is_403_and_changes_nothing(tmp_path: Path)
             assert (await api.get("/api/v1/users/mallory")).status_code == 404
         finally:
             await api.aclose()
+
+
+async def test_a_warning_before_the_idle_timeout_extends_the_session_or_goes_to_login(tmp_path: Path) -> None:
+    idle = 9.0  # the warning comes a third of it (3 s) before the end
+    cfg = with_sessions(config(sqlite(tmp_path), tmp_path), idle_s=idle)
+    async with running(cfg) as svc, chromium() as browser:
+        page = await browser.new_page(viewport={"width": 390, "height": 800})
+        violations = watch_csp(page)
+        await setup_in_browser(page, svc)
+        await page.goto(f"{svc.url}/people")
+        dialog = page.get_by_role("dialog", name="Still there?")
+        await expect(dialog).to_be_hidden()
+        await expect(dialog).to_be_visible(timeout=int(idle * 1000))
+        await expect(dialog).to_contain_text("Your session ends in")
+        n = int(await page.locator("#session-seconds").text_content() or "99")
+        assert 0 < n <= 3
+        assert await sideways_scroll(page) == 0
+        assert await low_contrast(page) == []
+        await shot(page, tmp_path, "session-warning-390")
+        # the keyboard: the button has the focus; Enter extends the session (an authenticated POST)
+        assert await page.evaluate("document.activeElement.id") == "session-stay"
+        await page.keyboard.press("Enter")
+        await expect(dialog).to_be_hidden()
+        left = await (await page.request.get(f"{svc.url}/panels/session")).json()
+        assert left["remaining"] > 3 * idle / 4 and left["extendable"] is True  # asking is not use
+        # a forged or missing CSRF token: refused, the session not moved on
+        for headers in ({"x-csrf-token": "forged"}, {}):
+            r = await page.request.post(f"{svc.url}/session/extend", headers=headers)
+            assert r.status == 403
+        # unanswered, the warning comes again and the page goes to the login at the end
+        await expect(dialog).to_be_visible(timeout=int(idle * 1000))
+        await page.wait_for_url(f"{svc.url}/login?next=/people", timeout=int(idle * 1000))
+        r = await page.request.get(f"{svc.url}/api/v1/auth/me")
+        assert r.status == 401
+        assert violations == []

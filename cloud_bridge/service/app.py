@@ -19,7 +19,7 @@ from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 
-from . import site
+from . import key_rotation, site
 from .alarms import AlarmController
 from .api_auth import AuthController, TokenController
 from .areas import CONTROLLERS as RULE_CONTROLLERS
@@ -77,6 +77,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
                                    workspace=workspace_path(cfg, db), resend_s=cfg.mqtt.resend_s)  # fmt: skip
                 try:
                     st.provisioner = await stack.enter_async_context(prov)
+                    key_rotation.attach(st)  # a gateway back from an outage catches up with a key rotation
                 except aiomqtt.MqttError as e:  # the API still serves; publish answers 503 until a restart
                     log.error("provisioning is off: the broker %s:%d is not reachable (%s)", prov.host, prov.port, e)
             elif info is None:
@@ -109,6 +110,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         ReportController,
         *RULE_CONTROLLERS,
         GatewayLinkController,
+        key_rotation.KeyRotationController,
     ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API

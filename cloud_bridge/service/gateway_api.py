@@ -5,7 +5,7 @@ that check it.
   readers, software, protocol, rights version, journal depth, TLS, warnings; or the will that took it
   offline), and the command key: the fingerprint the gateway said in its birth it verifies with, the one
   the service signs with, the one the gateway last acknowledged in a rotation, and whether a rotation is
-  pending (read only here; rotating is `cloud-bridge`'s, with the site passphrase). Needs read on the gateway.
+  pending, and this gateway's part in the last rotation (key_rotation.py). Needs read on the gateway.
 * `POST .../test`: a signed `rebirth` command (the site key; the gateway verifies it end to end) and the
   gateway's `CommandResult`: the answer proves the whole path (broker, signature, the gateway's command
   handler) both ways; the round trip in milliseconds. `POST .../refresh`: the same command, then waits for
@@ -29,7 +29,7 @@ from cloud_bridge.permissions import Action, ObjectType
 from cloud_bridge.protocol import Birth, CommandResult, Death, DeviceInfo, RebirthAction
 from cloud_bridge.signing import fingerprint, public_bytes
 
-from . import audit, schema, site
+from . import audit, key_rotation, schema, site
 from .core import permitted, principal_of, state_of
 from .doors import command_permitted
 from .errors import NotFound, ServiceError
@@ -50,6 +50,13 @@ class KeyStatus(msgspec.Struct, kw_only=True):
     rotation_pending: bool
     #: When the site key was last rotated (None: never).
     rotated_at: float | None
+    #: The last rotation started from the service (key_rotation.py): its state (pending | committed |
+    #: aborted), the new key's fingerprint, and this gateway's part in it (acknowledged | moved | restored |
+    #: offline | error, with the error). None: no rotation from the service yet.
+    rotation: str | None = None
+    rotation_new: str | None = None
+    rotation_gateway: str | None = None
+    rotation_detail: str = ""
 
 
 class LinkOut(msgspec.Struct, kw_only=True):
@@ -108,6 +115,7 @@ async def _link(request: Request[Any, Any, Any], gw: str) -> LinkOut:
         gk = (await c.execute(select(schema.gateway_keys).where(schema.gateway_keys.c.gateway == gw))).one_or_none()
         pending = await site.meta(c, "site_key_pending")
         rotated = await site.meta(c, "site_key_rotated")
+        rot = await key_rotation.load(c)
     if known is None and status is None:
         raise NotFound(f"no gateway {gw!r}")
     service_fp = fingerprint(public_bytes(prov.key)) if prov is not None else None
@@ -117,6 +125,10 @@ async def _link(request: Request[Any, Any, Any], gw: str) -> LinkOut:
                     acked=gk.fingerprint if gk is not None else None, acked_at=gk.acked if gk is not None else None,
                     rotation_pending=pending is not None,
                     rotated_at=float(rotated) if rotated else None)  # fmt: skip
+    if rot is not None:
+        mine = rot.gateways.get(gw)
+        key.rotation, key.rotation_new = rot.state, rot.new
+        key.rotation_gateway, key.rotation_detail = (mine.state, mine.detail) if mine is not None else (None, "")
     if birth is not None:
         return LinkOut(gateway=gw, status="birth", online=True, session=birth.session, ts=birth.ts or None,
                        software=birth.software, protocol=birth.protocol, rights_version=birth.rights_version,

@@ -7,6 +7,11 @@ with against the service's, a pending rotation: read only).
 gateway's answer and the round trip, the second also the birth it sent again. Like every page (pages.py) it
 reads and acts only through `inner.call`; the buttons are shown only when the Authorizer would allow the
 rebirth command on that gateway (`Authorizer.check_command`), and the API refuses it all the same.
+
+Key rotation (key_rotation.py): the page shows the site's last rotation and each gateway's part in it
+(acknowledged, moved, ...). An operator with update on the site key sees the step the rotation is at (start;
+commit, or commit without the gateways that have not acknowledged; abort), each asking for the operator's
+password: the page sends it to /api/v1/auth/reauth first, then the step to /api/v1/site-key/rotation.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 
-from cloud_bridge.service.core import principal_of
+from cloud_bridge.permissions import Action, ObjectType, Target
+from cloud_bridge.service.core import principal_of, state_of
 
 from . import inner
 from .pages import _api_id, page_context, page_session, render
@@ -44,9 +50,14 @@ class GatewayPages(Controller):
             doors = [x for x in d.json() if x["gateway"] == gw] if d.ok else []
         p = ctx["p"]
         may_test = ctx["can"].authz.check_command(p.operator, "rebirth", gw).allowed
+        st = state_of(request)
+        key_target = Target(ObjectType.SITE_KEY, st.site.site if st.site else "*")
+        may_rotate = ctx["can"].authz.check(p.operator, Action.UPDATE, key_target).allowed
+        r = await inner.call(request, "GET", "/api/v1/site-key/rotation")
+        rotation = r.json() if r.ok else None
         return render("gateway.html", status, title=f"Gateway {gw}", g=g.json(), link=info,
                       link_error=None if link.ok else link.detail, doors=doors, may_test=may_test, result=result,
-                      **ctx)  # fmt: skip
+                      rotation=rotation, may_rotate=may_rotate, **ctx)  # fmt: skip
 
     @get("/{gw:str}")
     async def gateway(self, request: Request[Any, Any, Any], gw: str) -> Response[str]:
@@ -54,7 +65,10 @@ class GatewayPages(Controller):
 
     @post("/{gw:str}/{action:str}")
     async def round_trip(self, request: Request[Any, Any, Any], gw: str, action: str) -> Response[str]:
-        """Test connection / Refresh: the API's signed rebirth command; the page shows the gateway's answer."""
+        """Test connection / Refresh: the API's signed rebirth command; the page shows the gateway's answer.
+        Key rotation: a step of it, after the operator's password (re-authentication)."""
+        if action == "key-rotation":
+            return await self._rotation_step(request, gw)
         if action not in ("test", "refresh"):
             return await self._page(request, gw, status=404, result={"what": action[:32], "ok": False,
                                                                       "detail": "no such action"})  # fmt: skip
@@ -66,3 +80,27 @@ class GatewayPages(Controller):
                   "test": test, "new_birth": bool(body and body.get("new_birth")),
                   "detail": None if a.ok else a.detail}  # fmt: skip
         return await self._page(request, gw, status=a.status, result=result)
+
+    async def _rotation_step(self, request: Request[Any, Any, Any], gw: str) -> Response[str]:
+        form = await request.form()
+        step = str(form.get("step") or "")
+        names = {"start": "Start key rotation", "commit": "Commit key rotation",
+                 "force": "Commit key rotation without the gateways that have not acknowledged",
+                 "abort": "Abort key rotation"}  # fmt: skip
+        if step not in names:
+            return await self._page(request, gw, status=400, result={
+                "what": "Key rotation", "ok": False, "test": None, "detail": "no such step"})  # fmt: skip
+        what = names[step]
+        pr = principal_of(request)
+        r = await inner.call(request, "POST", "/api/v1/auth/reauth", json={"password": str(form.get("password") or "")},
+                             principal=pr)  # fmt: skip
+        if not r.ok:
+            why = "your password was not right" if r.status == 401 else r.detail
+            return await self._page(request, gw, status=r.status, result={
+                "what": what, "ok": False, "test": None, "detail": why})  # fmt: skip
+        path = {"start": "", "commit": "/commit", "force": "/commit", "abort": "/abort"}[step]
+        body = {"force": True} if step == "force" else {}
+        a = await inner.call(request, "POST", f"/api/v1/site-key/rotation{path}", json=body, principal=pr)
+        detail = None if a.ok else a.detail
+        return await self._page(request, gw, status=a.status, result={"what": what, "ok": a.ok, "rotation": a.ok,
+                                                                      "test": None, "detail": detail})  # fmt: skip
