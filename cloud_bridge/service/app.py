@@ -46,14 +46,6 @@ log = logging.getLogger("cloud_bridge.service")
 API_VERSION = "1"
 
 
-def workspace_path(cfg: ServiceConfig, db: Database) -> Path:
-    if cfg.mqtt.workspace:
-        return Path(cfg.mqtt.workspace)
-    if db.dialect == "sqlite" and db.url.database:
-        return Path(db.url.database).with_suffix(".link.db")
-    raise ServiceError("mqtt.workspace: set a file for the provisioning workspace (needed with PostgreSQL)")
-
-
 def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -73,8 +65,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
                 host, port = cfg.mqtt.host or info.host, cfg.mqtt.port or info.port
                 # events: stored, acknowledged after the commit, streamed (events.py); it reconnects on its own
                 await stack.enter_async_context(collecting(st, site=info.site, host=host, port=port, key=key))
-                prov = Provisioner(db, site=info.site, host=host, port=port, key=key,
-                                   workspace=workspace_path(cfg, db), resend_s=cfg.mqtt.resend_s)  # fmt: skip
+                prov = Provisioner(db, site=info.site, host=host, port=port, key=key, resend_s=cfg.mqtt.resend_s)
                 try:
                     st.provisioner = await stack.enter_async_context(prov)
                 except aiomqtt.MqttError as e:  # the API still serves; publish answers 503 until a restart

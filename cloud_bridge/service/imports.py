@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from msgspec import Meta
-from sqlalchemy import Table, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cloud_bridge.operator import csvimport
@@ -44,6 +44,7 @@ from edge.model import Ident
 from . import audit, auth, schema
 from .core import ServiceState, authorizer, permitted, principal_of, state_of, target_for
 from .errors import BadRequest, Conflict, NotFound
+from .planner import bulk_insert
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_JOBS = 16
@@ -278,23 +279,6 @@ async def _commit(st: ServiceState, job: Job, p: auth.Principal, body: Commit) -
         except Exception as e:
             job.result["published"] = {"*": f"error: {type(e).__name__}: {str(e)[:300]}"}
     job.state, job.phase = "done", "done"
-
-
-async def bulk_insert(c: AsyncConnection, table: Table, cols: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-    """Many rows into `table` in `c`'s transaction, at the driver: PostgreSQL's COPY (asyncpg), SQLite's
-    executemany; SQLAlchemy's per-row parameter handling costs twice the time at 100,000 rows. Column
-    names come from our schema, values go as parameters."""
-    if not rows:
-        return
-    for col in cols:
-        assert col in table.c, col
-    if c.dialect.name == "postgresql":
-        raw = (await c.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.copy_records_to_table(table.name, records=rows, columns=list(cols))
-    else:
-        marks = ", ".join("?" * len(cols))
-        await c.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({marks})", rows)
 
 
 async def _publish(st: ServiceState, p: auth.Principal, timeout: float) -> dict[str, int | str]:
