@@ -32,6 +32,7 @@ from .errors import ServiceError
 from .events import EventController, collecting
 from .gateway_api import GatewayLinkController
 from .imports import ImportController
+from .imports import recover as recover_imports
 from .integrations import IdentityController
 from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
@@ -53,6 +54,8 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(db.close)
             await db.migrate()
+            if n := await recover_imports(db):
+                log.warning("%d import job(s) were cut off by the last stop: marked failed (interrupted)", n)
             info = await site.load(db)
             st = ServiceState(cfg=cfg, db=db, passwords=Passwords(cfg.auth), site=info)
             passphrase = cfg.passphrase()

@@ -6,9 +6,10 @@ only the changed shadow rows written; see service/planner.py), then `SiteLink.pu
 signed with the site key; the gateway's own result awaited). Births, deaths and acknowledgements are
 written by the link as they come, so the API shows versions and acks at once.
 
-A birth (a gateway back online) is caught up with what was last planned (its outbox); a gateway that
-reported a version ahead of ours (restored from a backup) has its shadow forgotten and is planned again.
-One publish at a time (a lock).
+A birth (a gateway back online, or announcing other doors) plans that gateway from the site as the
+database has it now (as the CLI's `SiteLink.run` does: the doors of its birth, rights whose window ended
+meanwhile, a shadow forgotten because it reported a version ahead of ours) and pushes it. One publish at a
+time (a lock).
 """
 
 # ruff: noqa: ASYNC109
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_bridge.operator.provision import SiteLink
+from cloud_bridge.protocol import Birth
 
 from .database import Database
 from .planner import ServiceStore
@@ -47,13 +49,14 @@ class Provisioner:
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._birth = asyncio.Event()
+        self._born: set[str] = set()
         self.last_not_sent: list[str] = []
 
     async def __aenter__(self) -> Self:
         self.link = await self._stack.enter_async_context(
             SiteLink(self.store, host=self.host, port=self.port, site=self.site, resend_s=self.resend_s,
                      signing_key=self.key))  # fmt: skip
-        self.link.on_birth.append(lambda _b: self._birth.set())
+        self.link.on_birth.append(self._on_birth)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._catch_up(), name="provisioning.catch_up")]
         return self
@@ -76,15 +79,20 @@ class Provisioner:
             await self.store.plan(gateways=gws, refused=self.last_not_sent, max_bytes=self.link.max_message_bytes)
             return await self.link.push_all(gws, timeout=timeout)
 
+    def _on_birth(self, b: Birth) -> None:
+        self._born.add(b.gateway)
+        self._birth.set()
+
     async def _catch_up(self) -> None:
         while True:
             await self._birth.wait()
             self._birth.clear()
             try:
                 assert self.link is not None
-                async with self.lock:  # what was last planned (the outbox), nothing newer
-                    if self.store.reset:
-                        await self.store.plan(gateways=sorted(self.store.reset), max_bytes=self.link.max_message_bytes)
+                async with self.lock:
+                    gws = sorted(self._born | self.store.reset)
+                    self._born.clear()
+                    await self.store.plan(gateways=gws, max_bytes=self.link.max_message_bytes)
                     await self.link.push_all(timeout=30.0)
             except (OSError, SQLAlchemyError, TimeoutError) as e:
                 log.warning("catch-up after a birth failed: %s", e)

@@ -355,3 +355,24 @@ interlocks = Table(
     Column("id", String(ID), primary_key=True),
     Column("body", LargeBinary, nullable=False),
 )  # fmt: skip
+
+# --- CSV import jobs (migration 0008; cloud_bridge/service/imports.py) ------------------------------------
+
+#: One import job: the uploaded file (decoded text), its mapping, state and phase, the per-row report and the
+#: result, as JSON. Kept across restarts; a job found running at start is marked failed (interrupted).
+import_jobs = Table(
+    "import_jobs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(ID), nullable=False, index=True),
+    Column("filename", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("done", BigInteger, nullable=False, default=0),
+    Column("total", BigInteger, nullable=False, default=0),
+    Column("text", Text, nullable=False),
+    #: JSON: the decode problems, the file's columns, the mapping and bulk settings, the report, the result.
+    Column("detail", Text, nullable=False),
+    Column("error", Text),
+)  # fmt: skip
