@@ -40,6 +40,7 @@ from .provisioning import Provisioner
 from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .sites import SiteController
 from .visitors import VisitorController
 from .web import console_routers
 
@@ -103,6 +104,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         ReportController,
         *RULE_CONTROLLERS,
         GatewayLinkController,
+        SiteController,
     ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
