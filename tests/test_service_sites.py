@@ -24,8 +24,8 @@ async def test_sites_shows_the_site_its_settings_and_the_gateways_one_may_read(d
         db = Database(db_url)
         try:
             async with db.write() as c:
-                await c.execute(schema.gateways.insert(), [{"id": "gw1", "online": True}, {"id": "gw2", "online": False},
-                                                           {"id": "gw3", "online": True}])  # fmt: skip
+                rows = [{"id": "gw1", "online": True}, {"id": "gw2", "online": False}, {"id": "gw3", "online": True}]
+                await c.execute(schema.gateways.insert(), rows)
         finally:
             await db.close()
         c = await admin_client(svc)
@@ -37,7 +37,8 @@ async def test_sites_shows_the_site_its_settings_and_the_gateways_one_may_read(d
         assert s1 == sites[0]
         assert s1["tz"] == "Europe/Berlin" and s1["gateways"] == 3 and s1["gateways_online"] == 2
         assert s1["settings"] == {"deleteUserOnNoAccessToken": False, "deleteUserOnNoEntitlement": True}
-        assert s1["provisioning"] is False and s1["key_fingerprint"] is None and s1["mqtt_port"] == 1883
+        assert s1["provisioning"] is False and s1["mqtt_port"] == 1883  # no site link here; the key is known
+        assert len(s1["command_key"]) == 64 and len(s1["key_fingerprint"]) == 16
         assert (await c.get("/api/v1/sites/elsewhere")).status_code == 404
 
         # an operator limited to gw1 sees one gateway; one without gateway read is refused, naming it

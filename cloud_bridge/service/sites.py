@@ -9,6 +9,7 @@ Both need `gateway read` (the site's settings are those the identity export read
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgspec
@@ -18,9 +19,9 @@ from sqlalchemy import select
 from cloud_bridge.permissions import Action, ObjectType, Target
 from cloud_bridge.signing import fingerprint, public_bytes
 
-from . import schema
+from . import schema, site
 from .core import authorizer, permitted, principal_of, state_of
-from .errors import NotFound
+from .errors import NotFound, ServiceError
 from .integrations import ExportSettings, export_rules
 from .people import Ident
 
@@ -39,7 +40,9 @@ class SiteOut(msgspec.Struct, kw_only=True):
     gateways_online: int
     #: Whether this service runs the site link (it was given the site passphrase and reached the broker).
     provisioning: bool
-    #: The fingerprint of the site's command key the service signs with (None: provisioning is off).
+    #: The site's public command key (hex: `link.command_key` on the gateways) and its fingerprint (None:
+    #: the service was given no site passphrase).
+    command_key: str | None = None
     key_fingerprint: str | None = None
 
 
@@ -51,16 +54,22 @@ async def _site(request: Request[Any, Any, Any]) -> SiteOut:
     g = schema.gateways
     async with st.db.read() as c:
         rules = await export_rules(c)
+        pem = await site.meta(c, "site_key")
         rows = (await c.execute(select(g.c.id, g.c.online))).all()
     seen = [bool(online) for gid, online in rows if authz.check(p.operator, Action.READ,
                                                                 Target.for_gateway(gid)).allowed]  # fmt: skip
     prov = st.provisioner
+    public: bytes | None = public_bytes(prov.key) if prov else None
+    if public is None and (passphrase := st.cfg.passphrase()) and pem:  # no link running: the key is still known
+        with contextlib.suppress(ServiceError):
+            public = public_bytes(site.decrypt_key(pem, passphrase))
     return SiteOut(id=st.site.site, tz=st.site.tz, mqtt_host=prov.host if prov else st.site.host,
                    mqtt_port=prov.port if prov else st.site.port,
                    settings=ExportSettings(delete_user_on_no_token=rules.delete_user_on_no_token,
                                            delete_user_on_no_entitlement=rules.delete_user_on_no_entitlement),
                    gateways=len(seen), gateways_online=sum(seen), provisioning=prov is not None,
-                   key_fingerprint=fingerprint(public_bytes(prov.key)) if prov else None)  # fmt: skip
+                   command_key=public.hex() if public else None,
+                   key_fingerprint=fingerprint(public) if public else None)  # fmt: skip
 
 
 class SiteController(Controller):
