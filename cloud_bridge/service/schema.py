@@ -1,8 +1,8 @@
 """The operator model as SQLAlchemy Core tables: one schema for embedded SQLite and PostgreSQL.
 
 The site-model tables have the names and columns of `cloud_bridge/operator/db.py` (today's SQLite site
-database), so an existing database imports column for column (`importer.py`) and the provisioning code that
-still works on a `Model` can be handed the same rows (`provisioning.py`). New here: operator credentials
+database), so an existing database imports column for column (`importer.py`); the site link and its planner
+work on these tables directly (`planner.py`). New here: operator credentials
 (argon2id hashes), one-time setup codes, login sessions, API tokens (hashed), the append-only audit log and
 alarms. Times are UTC seconds since the epoch (double precision); NULL means "since always" / "for ever".
 
