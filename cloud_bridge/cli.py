@@ -411,7 +411,8 @@ async def run(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-SERVICE_COMMANDS = ("user", "group", "assign", "import", "publish", "operator")
+SERVICE_COMMANDS = ("user", "group", "assign", "import", "publish", "operator", "visitor", "badge-pool", "unlock",
+                    "refresh", "test", "key")  # fmt: skip
 
 
 async def _api(c: Any, method: str, path: str, **kw: Any) -> Any:
@@ -429,8 +430,9 @@ async def through_service(args: argparse.Namespace, out: Output) -> int:
 
     if args.service and args.config:
         raise EdgeError("give --service or --config, not both")
-    if args.cmd not in SERVICE_COMMANDS:
-        raise EdgeError(f"{args.cmd} is not available through the service yet: use --db")
+    if args.cmd not in SERVICE_COMMANDS or (args.cmd == "key" and args.action != "show"):
+        what = "key rotate" if args.cmd == "key" else args.cmd
+        raise EdgeError(f"{what} is not available through the service yet: use --db")
     token = os.environ.get("CLOUD_BRIDGE_TOKEN")
     async with service_client(url=args.service, token=token, config=args.config) as c:
         cmd = args.cmd
@@ -477,6 +479,59 @@ async def through_service(args: argparse.Namespace, out: Output) -> int:
             if out.data.get("setup_code"):
                 out.line(f"one-time setup code (POST it with a password to /api/v1/auth/setup): "
                          f"{out.data['setup_code']}")  # fmt: skip
+        else:
+            return await _more_through_service(c, args, out)
+    return 0
+
+
+async def _more_through_service(c: Any, args: argparse.Namespace, out: Output) -> int:
+    """visitor, badge-pool, unlock, refresh, test and key show as requests to /api/v1."""
+    cmd = args.cmd
+    if cmd == "visitor":
+        if args.action == "issue":
+            r = await _api(c, "POST", "/api/v1/visitors/visits", json={
+                "visitor": args.name, "location": args.location, "badge": parse_card(args.badge),
+                "groups": args.group})  # fmt: skip
+            v = r["visit"]
+            out.line(f"visit {v['id']}: badge {args.badge} for {args.name} until {datetime.fromtimestamp(v['ends'])}")
+        else:
+            r = await _api(c, "POST", f"/api/v1/visitors/visits/{int(args.visit)}/sign-out")
+            out.line(f"visit {args.visit}: signed out")
+        out.data = r
+        if r["published"] is None:
+            out.line("not published: the service runs no site link (no site passphrase); publish later")
+            return 1
+        return 0 if _published(out, r["published"], r["not_sent"]) else 1
+    if cmd == "badge-pool":
+        out.data = await _api(c, "PUT", f"/api/v1/visitors/badges/{parse_card(args.badge)}", json={
+            "location": args.location, "name": args.name, "type": args.type})  # fmt: skip
+        out.line(f"badge {out.data['card']} added to the pool of {args.location}")
+        return 0
+    gw = quote(getattr(args, "gateway", "") or "", safe="")
+    if cmd == "unlock":
+        r = await _api(c, "POST", f"/api/v1/doors/{gw}/{quote(args.door, safe='')}/unlock",
+                       json={"seconds": args.seconds})  # fmt: skip
+        out.data = {"ok": r["ok"], "error": r.get("error")}
+        out.line(f"{args.gateway}/{args.door}: unlocked" if r["ok"] else f"refused by the gateway: {r.get('error')}")
+        return 0 if r["ok"] else 1
+    if cmd in ("refresh", "test"):
+        r = await _api(c, "POST", f"/api/v1/gateways/{gw}/{cmd}")
+        out.data = r
+        t = r["test"] if cmd == "refresh" else r
+        if not t["ok"]:
+            out.line(f"gateway {args.gateway} refused: {t.get('error')}")
+            return 1
+        if cmd == "test":
+            out.line(f"gateway {args.gateway} answers in {t['round_trip_ms']:.0f} ms")
+        else:
+            ln = r["link"]
+            out.line(f"gateway {args.gateway}: software {ln['software']}, rights version {ln['rights_version']}")
+        return 0
+    site = (await _api(c, "GET", "/api/v1/sites"))[0]  # key show
+    if not site.get("command_key"):
+        raise CloudBridgeError("the service has not opened the site key (no passphrase given to it)")
+    out.data = {"command_key": site["command_key"], "key_fingerprint": site["key_fingerprint"]}
+    out.line(site["command_key"])
     return 0
 
 

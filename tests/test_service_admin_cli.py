@@ -78,8 +78,17 @@ async def test_cli_remote_with_a_token_and_local_as_the_local_administrator(db_u
         assert code == 1 and "401" in err
         code, _, err = await cli(*remote, "operator", "add", "clerk", token=token)
         assert code == 1 and "login session" in err
+        code, _, err = await cli(*remote, "key", "rotate", token=token)
+        assert code == 1 and "key rotate is not available through the service" in err
+        # the commands that used to be --db only: the service's answers (this service runs no site link)
         code, _, err = await cli(*remote, "unlock", "--gateway", "gw1", "--door", "door1", token=token)
-        assert code == 1 and "not available through the service" in err
+        assert code == 1 and "POST /api/v1/doors/gw1/door1/unlock: 404" in err and "no door 'door1'" in err, err
+        code, _, err = await cli(*remote, "test", "--gateway", "gw1", token=token)
+        assert code == 1 and "POST /api/v1/gateways/gw1/test: " in err, err
+        code, out, err = await cli(*remote, "badge-pool", "add", "lobby", "5001", "--name", "V1", token=token)
+        assert code == 0 and out["card"] == 5001 and out["location"] == "lobby", err
+        code, _, err = await cli(*remote, "badge-pool", "add", "lobby", "1001", token=token)
+        assert code == 1 and "1001" in err  # alice's card: never a pool badge
 
         # locally, on the service's database, as the local administrator
         local = ("--config", str(path))
@@ -98,11 +107,20 @@ async def test_cli_remote_with_a_token_and_local_as_the_local_administrator(db_u
         assert (await admin.get("/api/v1/users/dave")).json()["groups"] == ["night"]
         code, out, err = await cli(*remote, "user", "delete", "dave", token=token)
         assert code == 0, err
+        code, out, err = await cli(*local, "visitor", "issue", "Vera", "--location", "lobby", "--badge", "5001",
+                                   "--group", "staff")  # fmt: skip
+        assert code == 1 and out["visit"]["badge"] == 5001 and out["published"] is None, err  # no link: not sent
+        vid = out["visit"]["id"]
+        code, out, err = await cli(*local, "visitor", "signout", str(vid))
+        assert code == 1 and out["visit"]["state"] == "signed_out", err
+        code, out, err = await cli(*local, "key", "show")
+        assert code == 0 and len(out["command_key"]) == 64, err
 
         audit = (await admin.get("/api/v1/audit", params={"limit": 200})).json()["items"]
         by = {(e["action"], e["object_id"]): e for e in audit if e["outcome"] == "ok"}
         assert by[("user.create", "alice")]["via"] == f"token:{tid}" and by[("user.create", "alice")]["actor"] == "root"
-        for key in (("user.update", "alice"), ("operator.create", "clerk"), ("user.import", "good.csv")):
+        for key in (("user.update", "alice"), ("operator.create", "clerk"), ("user.import", "good.csv"),
+                    ("visit.sign_in", str(vid)), ("visit.sign_out", str(vid))):
             assert by[key]["actor"] == "local administrator" and by[key]["via"] == "local", by[key]
         assert by[("user.delete", "dave")]["via"] == f"token:{tid}"
         await admin.aclose()

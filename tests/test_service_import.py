@@ -179,3 +179,56 @@ async def test_imported_people_are_granted_at_the_gateway(broker: Mosquitto, db_
         assert d.granted and d.user == "alice"
         assert (await tap_card(agent, 1002)).granted is False  # bob: no group opens door1
         await c.aclose()
+
+
+async def test_jobs_survive_a_restart_and_one_cut_off_is_marked_interrupted(db_url: str, tmp_path: Path) -> None:
+    """Jobs are in the database: a validated job is still there after a restart (file, mapping, report) and
+    commits then; a job the stop cut off (its row says committing or publishing, as the commit's POST and the
+    publish write it before they start) is failed after the restart, saying what that means; nothing of the
+    cut-off commit was applied (its transaction never committed)."""
+    from sqlalchemy import update
+
+    from cloud_bridge.service import schema
+
+    cfg = config(db_url, tmp_path)
+    async with running(cfg) as svc:
+        c = await admin_client(svc)
+        for g in ("staff", "night"):
+            assert (await c.put(f"/api/v1/groups/{g}", json={})).status_code == 200
+        kept = (await upload(c, GOOD))["id"]
+        assert (await c.post(f"/api/v1/imports/{kept}/dry-run", json={"columns": COLUMNS})).status_code == 202
+        before = await wait_job(c, kept, "validated")
+        cut = (await upload(c, "Employee,Card ID\nxavier,5001\n"))["id"]
+        cols = {"id": "Employee", "card": "Card ID"}
+        assert (await c.post(f"/api/v1/imports/{cut}/dry-run", json={"columns": cols})).status_code == 202
+        await wait_job(c, cut, "validated")
+        pub = (await upload(c, "Employee,Card ID\nyvonne,5002\n"))["id"]
+        await c.aclose()
+    db = Database(db_url)  # the service stopped while one commit and one publish ran (a kill, a power cut)
+    try:
+        j = schema.import_jobs
+        async with db.write() as w:
+            await w.execute(update(j).where(j.c.id == cut).values(state="committing", phase="writing"))
+            await w.execute(update(j).where(j.c.id == pub).values(state="publishing", phase="publishing"))
+    finally:
+        await db.close()
+    async with running(cfg, init=False) as svc, httpx.AsyncClient(base_url=svc.url, timeout=60) as c:
+        await login(c, "root", PASSWORD)
+        after = (await c.get(f"/api/v1/imports/{kept}")).json()
+        assert after["state"] == "validated" and after["report"] == before["report"]
+        assert after["mapping"] == COLUMNS and after["columns"] == before["columns"]
+        failed = (await c.get(f"/api/v1/imports/{cut}")).json()
+        assert failed["state"] == "failed" and failed["progress"]["phase"] == "interrupted"
+        assert "interrupted" in failed["error"] and "nothing was imported" in failed["error"]
+        assert (await c.get("/api/v1/users/xavier")).status_code == 404
+        assert (await c.post(f"/api/v1/imports/{cut}/commit", json={"publish": False})).status_code == 409
+        p = (await c.get(f"/api/v1/imports/{pub}")).json()
+        assert p["state"] == "failed" and "publish again" in p["error"]
+        # the kept job commits after the restart, from its stored file and mapping
+        assert (await c.post(f"/api/v1/imports/{kept}/commit", json={"publish": False})).status_code == 202
+        done = await wait_job(c, kept, "done")
+        assert done["result"] == {"imported": 3}
+        assert (await c.get("/api/v1/users/carol")).json()["cards"][0]["card"] == 1003
+        # a deleted job is gone from the database too
+        assert (await c.delete(f"/api/v1/imports/{cut}")).status_code == 200
+        assert (await c.get(f"/api/v1/imports/{cut}")).status_code == 404

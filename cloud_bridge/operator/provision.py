@@ -24,7 +24,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Self
+from dataclasses import dataclass
+from typing import Protocol, Self
 
 import aiomqtt
 import msgspec
@@ -137,50 +138,77 @@ def _hold_back(gw: str, desired: identity.Desired, shadow: dict[tuple[str, str],
     return out
 
 
+@dataclass
+class GatewayPlan:
+    """What one planning step decided for one gateway (`plan_gateway`, pure): the outbox entry (kind "cs" or
+    "snap", its body) taking it from `version` to `version + 1`, and the shadow rows that change with it."""
+
+    gateway: str
+    version: int
+    kind: str
+    body: bytes
+    changes: int
+    #: (kind, key) rows of the shadow to delete, and (kind, key, body) rows to write (new or changed).
+    shadow_deletes: list[tuple[str, str]]
+    shadow_puts: list[tuple[str, str, bytes]]
+
+
+def plan_gateway(site: identity.SiteModel, gw: str, version: int, shadow: dict[tuple[str, str], bytes], *,
+                 t: float, people: dict[frozenset[str], identity.Desired], max_bytes: int,
+                 refused: list[str] | None) -> GatewayPlan | None:  # fmt: skip
+    """The next version of one gateway (pure): what takes it from its `shadow` (at `version`) to the site
+    model at `t`; None when nothing changed. Shared by both stores (`plan` here, the service's planner)."""
+    desired = identity.gateway_state(site, gw, t, people)
+    held = _hold_back(gw, desired, shadow, max_bytes)
+    if refused is not None:
+        refused += held
+    changes = identity.diff(desired, shadow)
+    if not changes:
+        return None
+    # A change set carries at least every changed object's encoding: past the limit on that alone, it is a
+    # snapshot without encoding the change set first (the same decision, a second less at 100,000 users).
+    least = sum(len(v[1]) for k, v in desired.items() if shadow.get(k) != v[1])
+    body = b"" if least > max_bytes else _enc.encode(identity.change_set(version, changes))
+    kind = "cs"
+    if least > max_bytes or len(body) > max_bytes - 512:
+        kind, body = "snap", _enc.encode(identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items())))
+    # The shadow follows the change, row by row: a one-user change rewrites one row, not every user.
+    return GatewayPlan(
+        gateway=gw, version=version, kind=kind, body=body, changes=len(changes),
+        shadow_deletes=[k for k in shadow if k not in desired],
+        shadow_puts=[(k, key, v[1]) for (k, key), v in desired.items() if shadow.get((k, key)) != v[1]],
+    )  # fmt: skip
+
+
 def plan(
     db: Model, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
     refused: list[str] | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """Append to each gateway's outbox what takes it from its shadow to the site model at `now`.
     Returns {gateway: number of changes planned} for the gateways that got a new version. A user whose
-    record would not fit one message is held back (`_hold_back`), logged, and named in `refused`."""
+    record would not fit one message is held back (`_hold_back`), logged, and named in `refused`.
+    (The operator CLI's SQLite `Model`; the service plans on its own data layer, `service/planner.py`,
+    with the same `plan_gateway`.)"""
     t = time.time() if now is None else now
     site = load_site(db)
     out: dict[str, int] = {}
     people: dict[frozenset[str], identity.Desired] = {}  # users and cards per set of groups, shared by gateways
     for gw in gateways if gateways is not None else db.gateways():
-        desired = identity.gateway_state(site, gw, t, people)
         with db.tx() as c:
-            shadow = _shadow(db, gw)
-            held = _hold_back(gw, desired, shadow, max_bytes)
-            if refused is not None:
-                refused += held
-            changes = identity.diff(desired, shadow)
-            if not changes:
-                continue
             row = c.execute("SELECT version FROM gateways WHERE id=?", (gw,)).fetchone()
-            version = int(row[0])
-            cs = identity.change_set(version, changes)
-            body = _enc.encode(cs)
-            if len(body) > max_bytes - 512:
-                snap = identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items()))
+            p = plan_gateway(site, gw, int(row[0]), _shadow(db, gw), t=t, people=people, max_bytes=max_bytes,
+                             refused=refused)
+            if p is None:
+                continue
+            if p.kind == "snap":  # supersedes every entry before it
                 c.execute("DELETE FROM outbox WHERE gateway=?", (gw,))
-                c.execute(
-                    "INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, version + 1, version, "snap", _enc.encode(snap))
-                )
-            else:
-                c.execute("INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, version + 1, version, "cs", body))
-            c.execute("UPDATE gateways SET version=? WHERE id=?", (version + 1, gw))
-            # The shadow follows the change, row by row: a one-user change rewrites one row, not every user.
-            c.executemany(
-                "DELETE FROM shadow WHERE gateway=? AND kind=? AND key=?",
-                [(gw, k, key) for (k, key) in shadow if (k, key) not in desired],
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO shadow VALUES (?,?,?,?)",
-                [(gw, k, key, v[1]) for (k, key), v in desired.items() if shadow.get((k, key)) != v[1]],
-            )
-            out[gw] = len(changes)
+            c.execute("INSERT INTO outbox VALUES (?,?,?,?,?)", (gw, p.version + 1, p.version, p.kind, p.body))
+            c.execute("UPDATE gateways SET version=? WHERE id=?", (p.version + 1, gw))
+            c.executemany("DELETE FROM shadow WHERE gateway=? AND kind=? AND key=?",
+                          [(gw, k, key) for k, key in p.shadow_deletes])  # fmt: skip
+            c.executemany("INSERT OR REPLACE INTO shadow VALUES (?,?,?,?)",
+                          [(gw, k, key, b) for k, key, b in p.shadow_puts])  # fmt: skip
+            out[gw] = p.changes
     return out
 
 
@@ -203,6 +231,83 @@ def pending(db: Model, gw: str, have: int) -> list[tuple[str, int, bytes]] | Non
     return [(str(k), int(to), bytes(b)) for k, _f, to, b in rows]
 
 
+# --- the link's store ------------------------------------------------------------------------------------
+
+
+class LinkStore(Protocol):
+    """What `SiteLink` reads and writes: gateways (versions, acks, births), the outbox and the shadow, and the
+    planner. Two implementations: `ModelStore` (the CLI's SQLite `Model`) and the service's data layer
+    (`cloud_bridge/service/planner.py`, SQLite or PostgreSQL)."""
+
+    async def gateways(self) -> list[str]: ...
+    async def versions(self, gw: str) -> tuple[int, int] | None:
+        """(acked, version) of a gateway; None: unknown."""
+        ...
+    async def record_birth(self, gw: str, *, session: int, version: int, doors: list[tuple[str, str]],
+                           software: str, ts: float) -> None: ...  # fmt: skip
+    async def record_death(self, gw: str, session: int) -> None: ...
+    async def reconcile(self, gw: str, have: int) -> None:
+        """What a gateway reports holding is the truth: adopt it as acked (or, when it is ahead of this
+        store, e.g. after a restore, move the numbering past it and forget its shadow and outbox so that
+        the next plan sends it everything as a snapshot)."""
+        ...
+    async def set_acked(self, gw: str, version: int) -> None: ...
+    async def set_error(self, gw: str, message: str | None) -> None: ...
+    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes]] | None: ...
+    async def shadow_snapshot(self, gw: str) -> Snapshot: ...
+    async def plan(self, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
+                   refused: list[str] | None = None) -> dict[str, int]: ...  # fmt: skip
+
+
+class ModelStore:
+    """`LinkStore` on the CLI's synchronous SQLite `Model` (short transactions on the event loop's thread)."""
+
+    def __init__(self, db: Model) -> None:
+        self.db = db
+
+    async def gateways(self) -> list[str]:
+        return self.db.gateways()
+
+    async def versions(self, gw: str) -> tuple[int, int] | None:
+        g = self.db.gateway(gw)
+        return None if g is None else (int(g["acked"]), int(g["version"]))
+
+    async def record_birth(self, gw: str, *, session: int, version: int, doors: list[tuple[str, str]],
+                           software: str, ts: float) -> None:  # fmt: skip
+        self.db.record_birth(gw, session=session, version=version, doors=doors, software=software, ts=ts)
+
+    async def record_death(self, gw: str, session: int) -> None:
+        self.db.record_death(gw, session)
+
+    async def reconcile(self, gw: str, have: int) -> None:
+        g = self.db.gateway(gw)
+        assert g is not None
+        version = int(g["version"])
+        with self.db.tx() as c:
+            if have > version:
+                c.execute("UPDATE gateways SET version=?, acked=? WHERE id=?", (have + 1, have, gw))
+                c.execute("DELETE FROM outbox WHERE gateway=?", (gw,))
+                c.execute("DELETE FROM shadow WHERE gateway=?", (gw,))  # next plan() sends everything
+            else:
+                c.execute("UPDATE gateways SET acked=? WHERE id=?", (have, gw))
+
+    async def set_acked(self, gw: str, version: int) -> None:
+        self.db.set_acked(gw, version)
+
+    async def set_error(self, gw: str, message: str | None) -> None:
+        self.db.set_error(gw, message)
+
+    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes]] | None:
+        return pending(self.db, gw, have)
+
+    async def shadow_snapshot(self, gw: str) -> Snapshot:
+        return shadow_snapshot(self.db, gw)
+
+    async def plan(self, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
+                   refused: list[str] | None = None) -> dict[str, int]:  # fmt: skip
+        return plan(self.db, now=now, max_bytes=max_bytes, gateways=gateways, refused=refused)
+
+
 # --- delivery (async) ------------------------------------------------------------------------------------
 
 
@@ -220,12 +325,13 @@ class SiteLink(mqtt.Session):
     poll_s = 0.25
 
     def __init__(
-        self, db: Model, *, host: str, port: int, site: str, identifier: str | None = None,
+        self, db: Model | LinkStore, *, host: str, port: int, site: str, identifier: str | None = None,
         max_message_bytes: int = 256 * 1024, resend_s: float = 5.0, tls: aiomqtt.TLSParameters | None = None,
         username: str | None = None, password: str | None = None, signing_key: Ed25519PrivateKey | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.db = db
+        #: Gateways, outbox, shadow and the planner (a `Model` is wrapped as a `ModelStore`).
+        self.store: LinkStore = ModelStore(db) if isinstance(db, Model) else db
         #: The site key: signs every change set, snapshot manifest, rebirth and command this link sends.
         self.signing_key = signing_key
         self.host, self.port, self.site = host, port, site
@@ -258,7 +364,7 @@ class SiteLink(mqtt.Session):
         publish would find "no gateway online" although every birth is on the broker. The broker delivers
         one client's QoS 1 messages in order, so a probe this link publishes now, on a status topic of its
         own (`PROBE_PREFIX` + random: no gateway name), comes back after every retained status. A gateway
-        seen by its birth is registered in the database (`Model.record_birth`)."""
+        seen by its birth is registered in the store (`LinkStore.record_birth`)."""
         self._client = await self._connect()
         self._start_reader(self._run_reader(self._client), "sitelink.read")
         try:
@@ -300,12 +406,12 @@ class SiteLink(mqtt.Session):
             if p is None or p[0] != self.site or not data:
                 continue
             try:
-                self._dispatch(p[1], p[2], data)
+                await self._dispatch(p[1], p[2], data)
             except (ProtocolError, OperatorError) as e:
                 log.warning("bad message on %s: %s", m.topic.value, e)
             await self._changed_now()
 
-    def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
+    async def _dispatch(self, gw: str, leaf: Leaf, data: bytes) -> None:
         if gw.startswith(PROBE_PREFIX):  # a site link's probe (ours or another's), never a gateway
             if gw == self._probe:
                 self._probe_back = True
@@ -318,31 +424,17 @@ class SiteLink(mqtt.Session):
             self.status[gw] = st
             if isinstance(st, Birth):
                 doors = [(d.id, d.name) for d in st.doors]
-                self.db.record_birth(gw, session=st.session, version=st.rights_version, doors=doors,
-                                     software=st.software, ts=time.time())  # fmt: skip
-                self._reconcile(gw, st.rights_version)
+                await self.store.record_birth(gw, session=st.session, version=st.rights_version, doors=doors,
+                                              software=st.software, ts=time.time())  # fmt: skip
+                await self.store.reconcile(gw, st.rights_version)
                 for cb in self.on_birth:
                     cb(st)
             else:
-                self.db.record_death(gw, st.session)
+                await self.store.record_death(gw, st.session)
         elif leaf is Leaf.RIGHTS_REPLY:
             self.replies.setdefault(gw, []).append(decode_rights_reply(data))
         elif leaf is Leaf.COMMAND_RESULT:
             self.results.append((gw, decode_command_result(data)))
-
-    def _reconcile(self, gw: str, have: int) -> None:
-        """What a gateway reports holding is the truth: adopt it as acked (or, when it is ahead of this
-        database, e.g. after a restore, move our numbering past it so that the next snapshot applies)."""
-        g = self.db.gateway(gw)
-        assert g is not None
-        version = int(g["version"])
-        with self.db.tx() as c:
-            if have > version:
-                c.execute("UPDATE gateways SET version=?, acked=? WHERE id=?", (have + 1, have, gw))
-                c.execute("DELETE FROM outbox WHERE gateway=?", (gw,))
-                c.execute("DELETE FROM shadow WHERE gateway=?", (gw,))  # next plan() sends everything
-            else:
-                c.execute("UPDATE gateways SET acked=? WHERE id=?", (have, gw))
 
     def online(self, gw: str) -> bool:
         return isinstance(self.status.get(gw), Birth)
@@ -405,17 +497,17 @@ class SiteLink(mqtt.Session):
         Raises ProvisionError when the gateway refuses a change set, TimeoutError when it does not answer."""
         async with asyncio.timeout(timeout):
             while True:
-                g = self.db.gateway(gw)
-                if g is None:
+                av = await self.store.versions(gw)
+                if av is None:
                     raise ProvisionError(f"unknown gateway {gw!r}")
-                acked, version = int(g["acked"]), int(g["version"])
+                acked, version = av
                 if acked >= version:
                     return acked
-                todo = pending(self.db, gw, acked)
+                todo = await self.store.pending(gw, acked)
                 manifest: bytes | None = None
                 snap: Snapshot | None = None
                 if todo is None or not todo:
-                    snap = shadow_snapshot(self.db, gw)
+                    snap = await self.store.shadow_snapshot(gw)
                     rid = f"snap-{gw}-{snap.version}-{os.urandom(3).hex()}"
                 else:
                     kind, to, body = todo[0]
@@ -430,20 +522,20 @@ class SiteLink(mqtt.Session):
                     manifest = self.seal(gw, manifest_of(rid, snap.version, msgs))
                 r = await self._send(gw, rid, msgs, timeout, manifest=manifest)
                 if r.ok:
-                    self.db.set_acked(gw, r.version)
+                    await self.store.set_acked(gw, r.version)
                     continue
                 code = r.error.code if r.error else "unknown"
                 if code == "version_gap":
-                    self.db.set_acked(gw, r.version)  # what it holds; pending() decides cs chain or snapshot
+                    await self.store.set_acked(gw, r.version)  # what it holds; pending() decides cs chain or snapshot
                     continue
                 msg = f"gateway {gw} refused version: {code}: {r.error.message if r.error else ''}"
-                self.db.set_error(gw, msg)
+                await self.store.set_error(gw, msg)
                 raise ProvisionError(msg)
 
     async def push_all(self, gateways: list[str] | None = None, *, timeout: float = 60.0, online_only: bool = True
                        ) -> dict[str, int | str]:  # fmt: skip
         """Push every (online) gateway concurrently. Returns {gateway: acked version, or the error}."""
-        gws = gateways if gateways is not None else self.db.gateways()
+        gws = gateways if gateways is not None else await self.store.gateways()
         if online_only:
             gws = [g for g in gws if self.online(g)]
 
@@ -463,7 +555,7 @@ class SiteLink(mqtt.Session):
         wake = asyncio.Event()
         self.on_birth.append(lambda _b: wake.set())
         while True:
-            plan(self.db, max_bytes=self.max_message_bytes)
+            await self.store.plan(max_bytes=self.max_message_bytes)
             await self.push_all(timeout=max(30.0, interval_s))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval_s):

@@ -32,6 +32,7 @@ from .errors import ServiceError
 from .events import EventController, collecting
 from .gateway_api import GatewayLinkController
 from .imports import ImportController
+from .imports import recover as recover_imports
 from .integrations import IdentityController
 from .operators import OperatorController, PermissionGroupController, ReauthController
 from .people import CardController, UserController
@@ -39,19 +40,12 @@ from .provisioning import Provisioner
 from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
+from .sites import SiteController
 from .visitors import VisitorController
 from .web import console_routers
 
 log = logging.getLogger("cloud_bridge.service")
 API_VERSION = "1"
-
-
-def workspace_path(cfg: ServiceConfig, db: Database) -> Path:
-    if cfg.mqtt.workspace:
-        return Path(cfg.mqtt.workspace)
-    if db.dialect == "sqlite" and db.url.database:
-        return Path(db.url.database).with_suffix(".link.db")
-    raise ServiceError("mqtt.workspace: set a file for the provisioning workspace (needed with PostgreSQL)")
 
 
 def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
@@ -61,6 +55,8 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(db.close)
             await db.migrate()
+            if n := await recover_imports(db):
+                log.warning("%d import job(s) were cut off by the last stop: marked failed (interrupted)", n)
             info = await site.load(db)
             st = ServiceState(cfg=cfg, db=db, passwords=Passwords(cfg.auth), site=info)
             passphrase = cfg.passphrase()
@@ -73,8 +69,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
                 host, port = cfg.mqtt.host or info.host, cfg.mqtt.port or info.port
                 # events: stored, acknowledged after the commit, streamed (events.py); it reconnects on its own
                 await stack.enter_async_context(collecting(st, site=info.site, host=host, port=port, key=key))
-                prov = Provisioner(db, site=info.site, host=host, port=port, key=key,
-                                   workspace=workspace_path(cfg, db), resend_s=cfg.mqtt.resend_s)  # fmt: skip
+                prov = Provisioner(db, site=info.site, host=host, port=port, key=key, resend_s=cfg.mqtt.resend_s)
                 try:
                     st.provisioner = await stack.enter_async_context(prov)
                     key_rotation.attach(st)  # a gateway back from an outage catches up with a key rotation
@@ -111,6 +106,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
         *RULE_CONTROLLERS,
         GatewayLinkController,
         key_rotation.KeyRotationController,
+        SiteController,
     ])  # fmt: skip
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API

@@ -70,7 +70,7 @@ class MqttSection(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     host: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     resend_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
-    #: Where the provisioning workspace (an SQLite file the existing planner works on) lives.
+    #: No longer used (the site link works on the service's database); accepted so that old files still load.
     workspace: str = ""
 
 

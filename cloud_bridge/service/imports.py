@@ -12,8 +12,14 @@ message). A dry-run applies nothing. A commit validates again inside its one wri
 may have changed since the dry-run) and inserts users, cards and assignments in it: any bad row, or any
 error, and nothing is applied. Then, when asked, the site is published (needs update on the gateways).
 
-Dry-run and commit run as tasks of the service (202 at once; poll the job for progress). Jobs live in the
-service's memory, one operator's own (another operator gets 404), for `JOB_TTL_S`; at most `MAX_JOBS`.
+Dry-run and commit run as tasks of the service (202 at once; poll the job for progress). Jobs are kept in
+the database (`import_jobs`, migration 0008: the file, mapping, state, phase, the per-row report, the
+result), one operator's own (another operator gets 404), for `JOB_TTL_S`; at most `MAX_JOBS`. The live
+row count of a running phase is in the service's memory; the database has each phase as it starts and
+ends (a commit's writes are one transaction: nothing else is written while it runs). A job found running
+when the service starts (`recover`) is marked failed, saying what was interrupted: a dry-run or a commit
+applied nothing (the commit's transaction never committed); an interrupted publish left the rows imported
+and unpublished (publish again).
 Each row also needs the operator's permission to create that user and that card (a refusal is a problem of
 that row).
 """
@@ -33,7 +39,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from msgspec import Meta
-from sqlalchemy import Table, select
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cloud_bridge.operator import csvimport
@@ -43,7 +50,9 @@ from edge.model import Ident
 
 from . import audit, auth, schema
 from .core import ServiceState, authorizer, permitted, principal_of, state_of, target_for
+from .database import Database
 from .errors import BadRequest, Conflict, NotFound
+from .planner import bulk_insert
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_JOBS = 16
@@ -112,6 +121,21 @@ class ImportOut(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
+class JobDetail(msgspec.Struct, kw_only=True):
+    """What a job row keeps as JSON (`import_jobs.detail`)."""
+
+    decode_problems: list[tuple[int, str, str]]
+    columns: list[str]
+    mapping: dict[str, str] | None = None
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+    report: Report | None = None
+    result: dict[str, Any] | None = None
+
+
+_detail_dec = msgspec.json.Decoder(JobDetail)
+RUNNING = ("validating", "committing", "publishing")
+
+
 @dataclass
 class Job:
     id: str
@@ -141,20 +165,82 @@ class Job:
     def step(self, done: int, total: int) -> None:
         self.done, self.total = done, total
 
+    def row(self) -> dict[str, Any]:
+        detail = JobDetail(decode_problems=[(p.line, p.column, p.reason) for p in self.decode_problems],
+                           columns=self.columns, mapping=self.mapping, defaults=self.defaults, report=self.report,
+                           result=self.result)  # fmt: skip
+        return {"id": self.id, "owner": self.owner, "filename": self.filename, "created": self.created,
+                "updated": time.time(), "state": self.state, "phase": self.phase, "done": self.done,
+                "total": self.total, "text": self.text, "detail": msgspec.json.encode(detail).decode(),
+                "error": self.error}  # fmt: skip
+
+    @classmethod
+    def of_row(cls, r: Any) -> Job:
+        d = _detail_dec.decode(r.detail)
+        return cls(id=r.id, owner=r.owner, filename=r.filename, text=r.text, columns=d.columns,
+                   decode_problems=[csvimport.Problem(line, col, why) for line, col, why in d.decode_problems],
+                   created=r.created, state=r.state, phase=r.phase, done=int(r.done), total=int(r.total),
+                   mapping=d.mapping, defaults=d.defaults, report=d.report, result=d.result, error=r.error)  # fmt: skip
+
 
 def _jobs(st: ServiceState) -> dict[str, Job]:
+    """The jobs this process holds (running ones, and those read back from the database)."""
     jobs: dict[str, Job] = st.extra.setdefault("imports", {})
-    now = time.time()
-    for jid in [j.id for j in jobs.values() if now - j.created > JOB_TTL_S and (j.task is None or j.task.done())]:
-        del jobs[jid]
     return jobs
 
 
-def _job(st: ServiceState, jid: str, operator: str) -> Job:
-    j = _jobs(st).get(jid)
-    if j is None or j.owner != operator:
+async def save(st: ServiceState, job: Job) -> None:
+    """The job as it is now into the database (its own short transaction: never inside a commit's)."""
+    j = schema.import_jobs
+    async with st.db.write() as c:
+        row = job.row()
+        if (await c.execute(update(j).where(j.c.id == job.id).values(**row))).rowcount == 0:
+            await c.execute(j.insert().values(**row))
+
+
+async def _expire(st: ServiceState) -> int:
+    """Forget jobs older than JOB_TTL_S (not running); returns how many jobs are left."""
+    j, now = schema.import_jobs, time.time()
+    async with st.db.write() as c:
+        await c.execute(sql_delete(j).where(j.c.updated < now - JOB_TTL_S, j.c.state.not_in(RUNNING)))
+        n = int((await c.execute(select(func.count()).select_from(j))).scalar_one())
+    jobs = _jobs(st)
+    for jid in [k for k, v in jobs.items() if now - v.created > JOB_TTL_S and not _busy(v)]:
+        del jobs[jid]
+    return n
+
+
+async def _job(st: ServiceState, jid: str, operator: str) -> Job:
+    job = _jobs(st).get(jid)
+    if job is None:
+        j = schema.import_jobs
+        async with st.db.read() as c:
+            r = (await c.execute(select(j).where(j.c.id == jid))).first()
+        if r is not None:
+            job = _jobs(st)[jid] = Job.of_row(r)
+    if job is None or job.owner != operator:
         raise NotFound(f"no import {jid!r}")
-    return j
+    return job
+
+
+async def recover(db: Database) -> int:
+    """At start: every job the database has as running was cut off by a stop of the service. Mark it failed,
+    saying so. Returns how many."""
+    j, now = schema.import_jobs, time.time()
+    said = {
+        "validating": "interrupted: the service stopped during the dry-run; run the dry-run again",
+        "committing": "interrupted: the service stopped during the commit; its transaction never committed, "
+                      "nothing was imported; run the dry-run and the commit again",
+        "publishing": "interrupted: the service stopped during the publish; the rows were imported, the "
+                      "gateways may not have them yet: publish again",
+    }  # fmt: skip
+    n = 0
+    async with db.write() as c:
+        for state, why in said.items():
+            r = await c.execute(update(j).where(j.c.state == state)
+                                .values(state="failed", phase="interrupted", error=why, updated=now))  # fmt: skip
+            n += int(r.rowcount or 0)
+    return n
 
 
 # --- validation ---------------------------------------------------------------------------------------------
@@ -246,6 +332,7 @@ async def _dry_run(st: ServiceState, job: Job, op: Operator) -> None:
         job.phase = "validated"
     except Exception as e:  # the job says what failed; the service goes on
         job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+    await save(st, job)
 
 
 async def _commit(st: ServiceState, job: Job, p: auth.Principal, body: Commit) -> None:
@@ -255,9 +342,8 @@ async def _commit(st: ServiceState, job: Job, p: auth.Principal, body: Commit) -
             rows, job.report = await _validate(st, job, p.operator, c)
             if not job.report.ok:
                 job.state, job.phase = "invalid", "validated"
-                return
             job.phase, job.done, job.total = "writing", 0, len(rows)
-            for i in range(0, len(rows), CHUNK):
+            for i in range(0, len(rows) if job.report.ok else 0, CHUNK):
                 part = rows[i : i + CHUNK]
                 await bulk_insert(c, u, ("id", "name", "active", "kind", "offline_access"),
                                   [(r.id, r.name, r.active, "user", r.offline_access) for r in part])  # fmt: skip
@@ -265,36 +351,26 @@ async def _commit(st: ServiceState, job: Job, p: auth.Principal, body: Commit) -
                                   [(r.card, r.id, "active", "h10301") for r in part])  # fmt: skip
                 await bulk_insert(c, a, ("user_id", "group_id"), [(r.id, g) for r in part for g in r.groups])
                 job.done = i + len(part)
-            await audit.record(c, p, "user.import", "user", job.filename[:200] or job.id, after={
-                "job": job.id, "rows": len(rows), "users": [r.id for r in rows[:20]]})  # fmt: skip
+            if job.report.ok:
+                await audit.record(c, p, "user.import", "user", job.filename[:200] or job.id, after={
+                    "job": job.id, "rows": len(rows), "users": [r.id for r in rows[:20]]})  # fmt: skip
     except Exception as e:  # the transaction rolled back: nothing applied; the job says why
         job.state, job.error = "failed", f"{type(e).__name__}: {str(e)[:500]}"
+        await save(st, job)
+        return
+    if not job.report.ok:
+        await save(st, job)
         return
     job.result = {"imported": len(rows)}
     if body.publish:  # the rows are in; a publish that fails is said per gateway (publish again later)
         job.state, job.phase = "publishing", "publishing"
+        await save(st, job)
         try:
             job.result["published"] = await _publish(st, p, body.timeout)
         except Exception as e:
             job.result["published"] = {"*": f"error: {type(e).__name__}: {str(e)[:300]}"}
     job.state, job.phase = "done", "done"
-
-
-async def bulk_insert(c: AsyncConnection, table: Table, cols: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-    """Many rows into `table` in `c`'s transaction, at the driver: PostgreSQL's COPY (asyncpg), SQLite's
-    executemany; SQLAlchemy's per-row parameter handling costs twice the time at 100,000 rows. Column
-    names come from our schema, values go as parameters."""
-    if not rows:
-        return
-    for col in cols:
-        assert col in table.c, col
-    if c.dialect.name == "postgresql":
-        raw = (await c.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.copy_records_to_table(table.name, records=rows, columns=list(cols))
-    else:
-        marks = ", ".join("?" * len(cols))
-        await c.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({marks})", rows)
+    await save(st, job)
 
 
 async def _publish(st: ServiceState, p: auth.Principal, timeout: float) -> dict[str, int | str]:
@@ -319,6 +395,13 @@ def _busy(job: Job) -> bool:
     return job.task is not None and not job.task.done()
 
 
+async def _settled(job: Job) -> None:
+    """A task whose job already says it ended may still be saving that: let it finish first."""
+    if job.task is not None and not job.task.done() and job.state not in RUNNING:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(job.task)
+
+
 class ImportController(Controller):
     path = "/api/v1/imports"
     tags = ["import"]
@@ -336,29 +419,30 @@ class ImportController(Controller):
             text, problems = csvimport.decode(data, encoding)
         except OperatorError as e:
             raise BadRequest(str(e), "query.encoding") from None
-        jobs = _jobs(st)
-        if len(jobs) >= MAX_JOBS:
-            raise Conflict(f"{len(jobs)} imports are open: finish or delete one first")
+        if (n := await _expire(st)) >= MAX_JOBS:
+            raise Conflict(f"{n} imports are open: finish or delete one first")
         columns = csvimport.header_of(text)
         if not columns and not problems:
             raise BadRequest("the file is empty (a header row is needed)", "body")
         job = Job(id=secrets.token_hex(8), owner=p.operator.id, filename=filename, text=text,
                   decode_problems=problems, columns=columns)  # fmt: skip
         job.total = text.count("\n")
-        jobs[job.id] = job
+        await save(st, job)
+        _jobs(st)[job.id] = job
         return job.out()
 
     @get("/{jid:str}", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted])
     async def get_import(self, request: Request[Any, Any, Any], jid: str) -> ImportOut:
         """The job: state, progress (`phase`, `done` of `total` rows), the report, the result."""
-        return _job(state_of(request), jid, principal_of(request).operator.id).out()
+        return (await _job(state_of(request), jid, principal_of(request).operator.id)).out()
 
     @post("/{jid:str}/dry-run", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted],
           status_code=202)  # fmt: skip
     async def dry_run(self, request: Request[Any, Any, Any], jid: str, data: DryRun) -> ImportOut:
         """Check every row through the mapping; nothing is applied. Poll the job for the report."""
         p, st = principal_of(request), state_of(request)
-        job = _job(st, jid, p.operator.id)
+        job = await _job(st, jid, p.operator.id)
+        await _settled(job)
         if _busy(job) or job.state in ("committing", "publishing", "done"):
             raise Conflict(f"import {jid} is {job.state}")
         try:
@@ -373,7 +457,8 @@ class ImportController(Controller):
             if gid not in have:
                 raise NotFound(f"unknown group {gid!r} (body.defaults.groups[{i}])")
         job.mapping, job.defaults, job.report, job.error = dict(data.columns), data.defaults, None, None
-        job.state = "validating"
+        job.state = job.phase = "validating"
+        await save(st, job)
         job.task = asyncio.get_running_loop().create_task(_dry_run(st, job, p.operator), name=f"import[{jid}]")
         await asyncio.sleep(0)
         return job.out()
@@ -384,10 +469,12 @@ class ImportController(Controller):
         """Import every row in one transaction (validated again first: a bad row and nothing is applied),
         then publish when asked. Needs a clean dry-run of the same file and mapping."""
         p, st = principal_of(request), state_of(request)
-        job = _job(st, jid, p.operator.id)
+        job = await _job(st, jid, p.operator.id)
+        await _settled(job)
         if _busy(job) or job.state != "validated" or job.report is None or not job.report.ok:
             raise Conflict(f"import {jid} is {job.state}: commit needs a clean dry-run first")
-        job.state, job.error = "committing", None
+        job.state, job.phase, job.error = "committing", "committing", None
+        await save(st, job)  # before the commit's transaction: a stop during it is found at the next start
         job.task = asyncio.get_running_loop().create_task(_commit(st, job, p, data), name=f"import[{jid}]")
         await asyncio.sleep(0)
         return job.out()
@@ -396,12 +483,15 @@ class ImportController(Controller):
     async def discard(self, request: Request[Any, Any, Any], jid: str) -> ImportOut:
         """Forget a job (its file). A running dry-run is stopped; a running commit cannot be."""
         p, st = principal_of(request), state_of(request)
-        job = _job(st, jid, p.operator.id)
+        job = await _job(st, jid, p.operator.id)
+        await _settled(job)
         if _busy(job) and job.state in ("committing", "publishing"):
             raise Conflict(f"import {jid} is {job.state}")
         if job.task is not None and not job.task.done():
             job.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await job.task
-        del _jobs(st)[jid]
+        _jobs(st).pop(jid, None)
+        async with st.db.write() as c:
+            await c.execute(sql_delete(schema.import_jobs).where(schema.import_jobs.c.id == jid))
         return job.out()

@@ -164,14 +164,12 @@ async def _send(st: ServiceState, gw: str, key: Ed25519PrivateKey, to: bytes, *,
 
 
 async def _gateways(st: ServiceState) -> list[str]:
-    """Every gateway of the site: the service's copy, the link's workspace (a gateway just born may not be
-    copied back yet) and the status messages the link holds."""
+    """Every gateway of the site: the service's database and the status messages the link holds (a gateway
+    just born may not be in the database yet)."""
     async with st.db.read() as c:
         rows = await c.execute(select(schema.gateways.c.id))
         out = {str(g) for g in rows.scalars()}
     prov = _provisioner(st)
-    if prov.model is not None:
-        out.update(prov.model.gateways())
     if prov.link is not None:
         out.update(prov.link.status)
     return sorted(out)

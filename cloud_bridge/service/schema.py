@@ -1,8 +1,8 @@
 """The operator model as SQLAlchemy Core tables: one schema for embedded SQLite and PostgreSQL.
 
 The site-model tables have the names and columns of `cloud_bridge/operator/db.py` (today's SQLite site
-database), so an existing database imports column for column (`importer.py`) and the provisioning code that
-still works on a `Model` can be handed the same rows (`provisioning.py`). New here: operator credentials
+database), so an existing database imports column for column (`importer.py`); the site link and its planner
+work on these tables directly (`planner.py`). New here: operator credentials
 (argon2id hashes), one-time setup codes, login sessions, API tokens (hashed), the append-only audit log and
 alarms. Times are UTC seconds since the epoch (double precision); NULL means "since always" / "for ever".
 
@@ -354,4 +354,25 @@ interlocks = Table(
     Column("gateway", String(ID), primary_key=True),
     Column("id", String(ID), primary_key=True),
     Column("body", LargeBinary, nullable=False),
+)  # fmt: skip
+
+# --- CSV import jobs (migration 0008; cloud_bridge/service/imports.py) ------------------------------------
+
+#: One import job: the uploaded file (decoded text), its mapping, state and phase, the per-row report and the
+#: result, as JSON. Kept across restarts; a job found running at start is marked failed (interrupted).
+import_jobs = Table(
+    "import_jobs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(ID), nullable=False, index=True),
+    Column("filename", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("done", BigInteger, nullable=False, default=0),
+    Column("total", BigInteger, nullable=False, default=0),
+    Column("text", Text, nullable=False),
+    #: JSON: the decode problems, the file's columns, the mapping and bulk settings, the report, the result.
+    Column("detail", Text, nullable=False),
+    Column("error", Text),
 )  # fmt: skip

@@ -301,8 +301,6 @@ class VisitorController(Controller):
                     out[r.id] = "ok"
                 except TimeoutError:
                     out[r.id] = "error: no answer in time"
-        if st.provisioner is not None:
-            await st.provisioner.copy_back((schema.gateways, schema.doors))
         return Refreshed(gateways=out, groups=await readable_entitlements(request))
 
     # badges --------------------------------------------------------------------------------------------
