@@ -29,13 +29,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
 from cloud_bridge.operator.service import Service
-from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey
+from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey, Unlock
 from cloud_bridge.signing import public_bytes
 from edge.agent import Agent, run_agent
 from edge.config import check_files, parse_config
 from edge.errors import ConfigError
 from edge.events import Event
 from edge.readers.osdp import OsdpReader, PlainKeyFile
+from edge.readers.osdp.commands import Cmd
+from edge.readers.osdp.frame import Frame, FrameParser
 from edge.sim.hands import simulated_agent
 from tests.osdp_peer import SITE_KEY, PeerBus
 from tests.test_osdp_bus import until
@@ -206,6 +208,53 @@ async def test_rotate_key_output_and_firmware_through_the_broker(
         assert text not in caplog.text
         assert all(text.encode() not in w and new not in w for w in wire)
     assert all(new.hex() not in repr(e) for e in cloud.events.values())
+
+
+async def test_the_link_keeps_reading_while_a_rotation_waits_for_the_reader(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """A key rotation waits for the reader (its KEYSET answered, a handshake on the new key): up to 15 s. It
+    runs beside the link's read loop, so an unlock sent meanwhile is carried out and answered at once, the
+    cloud's resends of the rotation are not refused as replays, and the rotation's own result still comes.
+    The reader is held by taking every command off the line from its KEYSET on, for a while."""
+    held: list[float] = []
+    release = asyncio.Event()
+
+    def hold(data: bytes) -> bytes | None:
+        if not held and any(isinstance(f, Frame) and f.code == Cmd.KEYSET for f in FrameParser().feed(data)):
+            held.append(1.0)
+        return b"" if held and not release.is_set() else None  # b"": the command never reaches the reader
+
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with (
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex()) as agent,
+            CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key,
+                      resend_s=0.3) as cloud,  # fmt: skip
+        ):
+            await cloud.wait_online()
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure, timeout=10, what="secure online")
+            pb.intercept = hold
+            rotation = asyncio.create_task(cloud.command(OsdpRotateKey(reader=READER), operator="alice"))
+            await until(lambda: bool(held), timeout=10, what="the KEYSET on the line")
+            try:
+                r = await cloud.command(Unlock(door="door1", seconds=1.0), operator="bob", timeout=5)
+                assert r.ok, r
+                assert not rotation.done()  # answered while the rotation still waits for the reader
+                await wait_event(cloud, "command.executed", lambda e: e.detail.get("action") == "unlock")
+                assert agent.link is not None
+            finally:
+                release.set()
+            result = await asyncio.wait_for(rotation, 30)
+            # the retransmitted KEYSET reached the reader (committed), or it went offline first (kept its key)
+            assert result.ok == bool(peer.keys), result
+            if result.ok:
+                assert result.detail == {"reader": READER, "committed": True}
+            else:
+                assert result.error is not None and result.error.code == "not_committed", result
+            await wait_event(cloud, "security.reader_key_rotated")
 
 
 def test_key_store_setting(tmp_path: Path) -> None:
