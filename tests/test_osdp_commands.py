@@ -90,7 +90,7 @@ def key_dir(tmp_path: Path, key: bytes) -> Path:
 @asynccontextmanager
 async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str, staged: bytes | None = None
                   ) -> AsyncIterator[Agent]:  # fmt: skip
-    keys = key_dir(tmp_path, SITE_KEY)
+    keys = tmp_path / "keys" if (tmp_path / "keys").exists() else key_dir(tmp_path, SITE_KEY)  # a restart keeps it
     if staged is not None:
         PlainKeyFile(keys / "door1.scbk").stage(staged)  # a rotation the last run left open
     cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path, pub_hex))
@@ -255,6 +255,53 @@ async def test_the_link_keeps_reading_while_a_rotation_waits_for_the_reader(
             else:
                 assert result.error is not None and result.error.code == "not_committed", result
             await wait_event(cloud, "security.reader_key_rotated")
+
+
+async def test_a_firmware_transfer_goes_on_from_its_offset_after_a_gateway_restart(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The agent stops in the middle of a transfer: the fragment in flight is answered, the offset the reader
+    acknowledged is on disk (transfers.json, written atomically), and the next start sends the rest by
+    itself from there once the reader is online: the reader holds the file byte-exact, from one transfer
+    (libosdp's PD counts the bytes of a transfer: a resume from a wrong offset would not end right)."""
+    image = os.urandom(48 * 1024)
+    sha = hashlib.sha256(image).hexdigest()
+    pub = public_bytes(site_key).hex()
+    log_file = tmp_path / "state" / "firmware" / "transfers.json"
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key,
+                             resend_s=5.0) as cloud:  # fmt: skip
+            async with gateway(broker, tmp_path, pb, pub) as agent:
+                await cloud.wait_online()
+                reader = agent.readers[READER]
+                assert isinstance(reader, OsdpReader)
+                await until(lambda: reader.online and reader.secure, timeout=10, what="secure online")
+                for off in range(0, len(image), 24 * 1024):
+                    r = await cloud.command(OsdpFirmwareChunk(sha256=sha, size=len(image), offset=off,
+                                                              data=image[off : off + 24 * 1024]), operator="a")
+                    assert r.ok, r
+                r = await cloud.command(OsdpFirmware(reader=READER, sha256=sha, size=len(image)), operator="a")
+                assert r.ok and r.detail["state"] == "started", r
+                await until(lambda: 8 * 1024 < (reader.session.file_offset or 0) < 32 * 1024, timeout=30,
+                            what="a part of the file sent")  # fmt: skip
+            # stopped: what the reader acknowledged, kept as a running transfer
+            kept = json.loads(log_file.read_text())["transfers"][READER]
+            assert kept["sha256"] == sha and kept["active"] is True
+            assert 0 < kept["offset"] < len(image)
+            assert bytes(peer.file[: kept["offset"]]) == image[: kept["offset"]]
+            assert not any(peer.file[kept["offset"] :])  # nothing past it reached the reader
+            assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+            async with gateway(broker, tmp_path, pb, pub) as agent:
+                started = await wait_event(cloud, "reader.firmware", lambda e: e.detail.get("resumed") is True,
+                                           timeout=30)  # fmt: skip
+                assert started.reason == "started" and started.detail["offset"] == kept["offset"]
+                done = await wait_event(cloud, "reader.firmware", lambda e: e.reason in ("done", "failed") and
+                                        e.detail.get("detail") != "stopped (the agent stops)", timeout=90)  # fmt: skip
+                assert done.reason == "done", done
+    assert bytes(peer.file) == image
+    assert peer.file_opened == [(1, len(image))]  # one transfer, resumed, not started again
+    assert json.loads(log_file.read_text())["transfers"] == {}
 
 
 def test_key_store_setting(tmp_path: Path) -> None:

@@ -742,6 +742,8 @@ class PdSession:
             ft.since_poll = 0
             if ft.failures >= FT_MAX_FAILURES:
                 self._ft_finish(False, f"the reader does not answer FILETRANSFER at offset {ft.offset}")
+            elif ft.cancel:
+                self._ft_finish(False, "cancelled; the reader went offline")
         self.pinpad.clear()
         self._probe_interval = self.timing.offline_retry
         self.due = now + self._probe_interval
