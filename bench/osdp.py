@@ -275,7 +275,8 @@ def led_seen_after(peer: Any, since: float) -> float | None:
     return None
 
 
-async def line8(dead: bool, seconds: float, settle: float, taps: int, pkg: Any = None
+async def line8(dead: bool, seconds: float, settle: float, taps: int, pkg: Any = None,
+                cpu: dict[str, float] | None = None
                 ) -> tuple[dict[int, float], list[float], dict[int, float]]:  # fmt: skip
     """Per live reader: polls/s answered by its PD, and commands/s it was sent; card-to-LED latencies (ms) of
     cards shown at live readers, from the PD's card event to the PD receiving the LED command. `pkg`: another
@@ -283,6 +284,7 @@ async def line8(dead: bool, seconds: float, settle: float, taps: int, pkg: Any =
     from edge.readers.base import CardRead, Feedback
     from edge.readers.osdp import osdp_bus
 
+    cpu = {} if cpu is None else cpu
     reader_cls = OsdpReader
     if pkg is not None:
         reader_cls, osdp_bus = pkg.OsdpReader, pkg.osdp_bus
@@ -311,9 +313,12 @@ async def line8(dead: bool, seconds: float, settle: float, taps: int, pkg: Any =
                     raise RuntimeError("8-reader line did not come online")
                 await asyncio.sleep(0.02)
             await asyncio.sleep(settle)  # a dead reader's probing backs off meanwhile
-            t0 = time.perf_counter()
+            t0, c0, p0, n0 = time.perf_counter(), time.thread_time(), time.process_time(), bus.exchanges
             await asyncio.sleep(seconds)
-            t1 = time.perf_counter()
+            t1, c1, p1, n1 = time.perf_counter(), time.thread_time(), time.process_time(), bus.exchanges
+            cpu["cp_us"] = (c1 - c0) * 1e6 / max(1, n1 - n0)  # the loop thread: our control panel
+            cpu["all_us"] = (p1 - p0) * 1e6 / max(1, n1 - n0)  # the process: ours and the 8 libosdp PDs
+            cpu["busy"] = (p1 - p0) / (t1 - t0)  # CPU seconds per second, both (of the machine's cores)
             lat: list[float] = []
             bits = formats.encode("h10301", 12, 3456)
             for i in range(taps):
@@ -424,12 +429,15 @@ def line8_part(quick: bool, taps: int, before: Any = None) -> None:
         if name == "line8_before" and pkg is None:
             continue
         load0 = round(os.getloadavg()[0], 2)
-        base, lat, sent = asyncio.run(line8(False, window, 0.5, taps, pkg))
+        cpu: dict[str, float] = {}
+        base, lat, sent = asyncio.run(line8(False, window, 0.5, taps, pkg, cpu))
         with_dead, _, _ = asyncio.run(line8(True, window, settle, 0, pkg))
         load = [load0, round(os.getloadavg()[0], 2)]
         emit(f"{name}_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
              target_min=18, max=round(max(base.values()), 1), commands_min=round(min(sent.values()), 1),
-             counted="replies written by each PD", seconds=window, load1=load)
+             counted="replies written by each PD", seconds=window, load1=load,
+             cp_cpu_us_per_exchange=round(cpu["cp_us"], 1), process_cpu_us_per_exchange=round(cpu["all_us"], 1),
+             process_cpu_s_per_s=round(cpu["busy"], 3))
         if lat:
             lat.sort()
             emit(f"{name}_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
