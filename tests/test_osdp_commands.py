@@ -431,3 +431,24 @@ def test_firmware_store_on_disk(tmp_path: Path) -> None:
     with pytest.raises(CommandFailed) as ei:
         store.read(sha_a, len(a))
     assert ei.value.code == "not_staged"
+
+
+def test_transfer_log_on_disk(tmp_path: Path) -> None:
+    """The transfers' progress file alone: what is saved loads back; a torn or foreign file is set aside as
+    `.bad` (nothing lost: it stays for a look) and read as no transfers; no temporary file stays behind."""
+    from edge.readers.osdp.remote import TransferLog
+
+    log_ = TransferLog(tmp_path / "firmware")
+    assert log_.load() == {}
+    rec = {"sha256": "a" * 64, "total": 4096, "offset": 1024, "start": 512, "file_type": 1, "active": True}
+    log_.save({"door1.osdp0": rec})
+    assert stat.S_IMODE(log_.path.stat().st_mode) == 0o600
+    assert [p.name for p in log_.path.parent.iterdir()] == ["transfers.json"]
+    (name, job), = log_.load().items()
+    assert name == "door1.osdp0" and job.record() == rec
+    for bad in (b'{"version": 1, "transfers": {"r": {"sha256": "ab", "total": 1, "offset": 0}}}',
+                b'{"version": 1, "transfers": {"r": {"sha256": "' + b"a" * 64 + b'", "total": 10, "offset": 11}}}',
+                b'{"version": 2, "transfers": {}}', b'{"version": 1, "tra', b"[]"):  # fmt: skip
+        log_.path.write_bytes(bad)
+        assert log_.load() == {}
+        assert not log_.path.exists() and log_.path.with_suffix(".bad").read_bytes() == bad
