@@ -9,9 +9,10 @@ Metrics:
     from a Python thread through a Python channel, as ours is driven by asyncio) against the same libosdp PD,
     both at libosdp's own poll rate; CPU of the CP's thread per exchange and the ratio (target <= 2x).
   * line8_polls_per_reader / line8_card_to_led_p99 / line8_dead_ratio: 8 secure readers on one line paced
-    at 115,200 baud, 50 ms poll interval: the slowest reader's polls/s (target >= 18), card to LED p99
-    (target <= 60 ms), and with one of the 8 dead the live readers' rate over the rate without (target
-    >= 0.9), measured once the dead reader's probing has backed off.
+    at 115,200 baud, 50 ms poll interval: the slowest reader's polls/s answered (replies its PD wrote;
+    target >= 18), card to LED p99 (from the PD's card event to libosdp's PD handing the LED command to
+    its application; target <= 60 ms), and with one of the 8 dead the live readers' answered rate over
+    the rate without (target >= 0.9), measured once the dead reader's probing has backed off.
   * file_transfer_64k: 64 KiB over osdp_FILETRANSFER to a libosdp PD in a secure session at 115,200 baud,
     byte-exact (checked), seconds.
   * card_to_led (plain / secure): card presented at the peer -> our LED command read off the wire by the peer,
@@ -252,10 +253,41 @@ def per_address(chunks: list[tuple[float, bytes]], t0: float, t1: float) -> dict
     return out
 
 
-async def line8(dead: bool, seconds: float, settle: float, taps: int) -> tuple[dict[int, float], list[float]]:
-    """Polls/s of each live reader, and card-to-LED latencies (ms) of cards shown at live readers."""
+def replies_per_address(pb: PeerBus, t0: float, t1: float) -> dict[int, int]:
+    """Replies each PD wrote in [t0, t1] (what the PD side sent: exchanges it actually answered)."""
+    p = FrameParser()
+    out: dict[int, int] = {}
+    for t, data in list(pb.sent):
+        for item in p.feed(data):
+            if isinstance(item, Frame) and item.reply and t0 <= t <= t1:
+                out[item.address] = out.get(item.address, 0) + 1
+    return out
+
+
+def led_seen_after(peer: Any, since: float) -> float | None:
+    """When libosdp's PD handed its application the first LED command after `since` (its command callback:
+    the PD has received, checked and decrypted it), or None."""
+    import osdp as libosdp
+
+    for t, cmd in zip(list(peer.command_times), list(peer.commands), strict=False):
+        if t >= since and cmd.get("command") == libosdp.Command.LED:
+            return float(t)
+    return None
+
+
+async def line8(dead: bool, seconds: float, settle: float, taps: int, pkg: Any = None,
+                cpu: dict[str, float] | None = None
+                ) -> tuple[dict[int, float], list[float], dict[int, float]]:  # fmt: skip
+    """Per live reader: polls/s answered by its PD, and commands/s it was sent; card-to-LED latencies (ms) of
+    cards shown at live readers, from the PD's card event to the PD receiving the LED command. `pkg`: another
+    copy of edge.readers.osdp to measure instead (--before)."""
     from edge.readers.base import CardRead, Feedback
     from edge.readers.osdp import osdp_bus
+
+    cpu = {} if cpu is None else cpu
+    reader_cls = OsdpReader
+    if pkg is not None:
+        reader_cls, osdp_bus = pkg.OsdpReader, pkg.osdp_bus
 
     addresses = list(range(1, 9))
     live = addresses[:-1] if dead else addresses
@@ -272,7 +304,7 @@ async def line8(dead: bool, seconds: float, settle: float, taps: int) -> tuple[d
         if dead:
             peers[8].silent = True
         for a in addresses:
-            readers[f"r{a}"] = OsdpReader(f"r{a}", sink, address=a, scbk=SITE_KEY.hex())
+            readers[f"r{a}"] = reader_cls(f"r{a}", sink, address=a, scbk=SITE_KEY.hex())
         async with osdp_bus(pb.path, list(readers.values())) as bus:
             task = asyncio.create_task(bus.run(), name="bench.osdp.line8")
             end = time.monotonic() + 20
@@ -281,32 +313,34 @@ async def line8(dead: bool, seconds: float, settle: float, taps: int) -> tuple[d
                     raise RuntimeError("8-reader line did not come online")
                 await asyncio.sleep(0.02)
             await asyncio.sleep(settle)  # a dead reader's probing backs off meanwhile
-            t0 = time.perf_counter()
+            t0, c0, p0, n0 = time.perf_counter(), time.thread_time(), time.process_time(), bus.exchanges
             await asyncio.sleep(seconds)
-            t1 = time.perf_counter()
+            t1, c1, p1, n1 = time.perf_counter(), time.thread_time(), time.process_time(), bus.exchanges
+            cpu["cp_us"] = (c1 - c0) * 1e6 / max(1, n1 - n0)  # the loop thread: our control panel
+            cpu["all_us"] = (p1 - p0) * 1e6 / max(1, n1 - n0)  # the process: ours and the 8 libosdp PDs
+            cpu["busy"] = (p1 - p0) / (t1 - t0)  # CPU seconds per second, both (of the machine's cores)
             lat: list[float] = []
             bits = formats.encode("h10301", 12, 3456)
             for i in range(taps):
                 a = live[i % len(live)]
                 await asyncio.sleep(0.011 * (i % 5) + 0.03)
-                start = len(pb.received)
                 c0 = time.perf_counter()
                 peers[a].card(bits, 26)
                 found = None
                 deadline = time.monotonic() + 2
                 while found is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
-                    for t, code in per_address(pb.received[start:], c0, time.perf_counter() + 1).get(a, []):
-                        if code == 0x69:
-                            found = t
-                            break
+                    await asyncio.sleep(0.002)
+                    found = led_seen_after(peers[a], c0)
                 if found is not None:
                     lat.append((found - c0) * 1000)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        seen = per_address(pb.received, t0, t1)
-    return {a: len(seen.get(a, [])) / (t1 - t0) for a in live}, lat
+        answered = replies_per_address(pb, t0, t1)
+        sent = per_address(pb.received, t0, t1)
+    span = t1 - t0
+    return ({a: answered.get(a, 0) / span for a in live}, lat,
+            {a: len(sent.get(a, [])) / span for a in live})  # fmt: skip
 
 
 async def file_64k() -> tuple[float, bool]:
@@ -386,21 +420,33 @@ def load_before(path: str | None) -> Any:
         sys.path.remove(path)
 
 
-def line8_part(quick: bool, taps: int) -> None:
-    """8 secure readers on one line: polls per reader, card to LED, and the cost of one dead reader."""
+def line8_part(quick: bool, taps: int, before: Any = None) -> None:
+    """8 secure readers on one line: polls per reader, card to LED, and the cost of one dead reader (and
+    the same for `before`, an older copy, measured right after in the same run: `line8_before_*`)."""
     settle = 8.0 if quick else 16.0  # probes of a dead reader at 1, 2, 4, 8 s: steady state after ~15 s
     window = 4.0 if quick else 10.0
-    base, lat = asyncio.run(line8(False, window, 0.5, taps))
-    with_dead, _ = asyncio.run(line8(True, window, settle, 0))
-    emit("line8_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
-         target_min=18, max=round(max(base.values()), 1), seconds=window)
-    if lat:
-        lat.sort()
-        emit("line8_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
-             target_ms=60, p50=round(statistics.median(lat), 1), taps=len(lat))
-    emit("line8_dead_ratio", min(with_dead.values()) / max(1e-9, statistics.mean(base.values())), "x",
-         readers=8, dead=1, target_min=0.9, live_min=round(min(with_dead.values()), 1),
-         live_mean_without=round(statistics.mean(base.values()), 1), settle_s=settle, seconds=window)
+    for name, pkg in (("line8", None), ("line8_before", before)):
+        if name == "line8_before" and pkg is None:
+            continue
+        load0 = round(os.getloadavg()[0], 2)
+        cpu: dict[str, float] = {}
+        base, lat, sent = asyncio.run(line8(False, window, 0.5, taps, pkg, cpu))
+        with_dead, _, _ = asyncio.run(line8(True, window, settle, 0, pkg))
+        load = [load0, round(os.getloadavg()[0], 2)]
+        emit(f"{name}_polls_per_reader", min(base.values()), "1/s", readers=8, baud=115200, poll_interval_ms=50,
+             target_min=18, max=round(max(base.values()), 1), commands_min=round(min(sent.values()), 1),
+             counted="replies written by each PD", seconds=window, load1=load,
+             cp_cpu_us_per_exchange=round(cpu["cp_us"], 1), process_cpu_us_per_exchange=round(cpu["all_us"], 1),
+             process_cpu_s_per_s=round(cpu["busy"], 3))
+        if lat:
+            lat.sort()
+            emit(f"{name}_card_to_led_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", readers=8,
+                 target_ms=60, p50=round(statistics.median(lat), 1), max=round(lat[-1], 1), taps=len(lat),
+                 missed=taps - len(lat), measured="PD card event to the PD's LED command callback", load1=load)
+        emit(f"{name}_dead_ratio", min(with_dead.values()) / max(1e-9, statistics.mean(base.values())), "x",
+             readers=8, dead=1, target_min=0.9, live_min=round(min(with_dead.values()), 1),
+             live_mean_without=round(statistics.mean(base.values()), 1), settle_s=settle, seconds=window,
+             load1=load)
 
 
 def vs_libosdp(seconds: float, rounds: int, before: Any = None) -> None:
@@ -439,7 +485,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the vs_libosdp part (median reported)")
     ap.add_argument("--before", default=None,
                     help="a directory holding an older copy of edge/readers/osdp as package 'osdp_before': "
-                    "measured in the same rounds as the vs_libosdp part")  # fmt: skip
+                    "measured in the same rounds as the vs_libosdp part and right after the line8 part")  # fmt: skip
     args = ap.parse_args()
     seconds = 2.0 if args.quick else 5.0
     taps = 15 if args.quick else 40
@@ -448,7 +494,7 @@ def main() -> None:
         vs_libosdp(seconds, args.rounds, before)
         return
     if args.only == "line8":
-        line8_part(args.quick, taps)
+        line8_part(args.quick, taps, before)
         return
 
     for secure in (False, True):

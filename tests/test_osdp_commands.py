@@ -29,13 +29,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.cloud import CloudPeer
 from cloud_bridge.operator.service import Service
-from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey
+from cloud_bridge.protocol import OsdpFirmware, OsdpFirmwareChunk, OsdpOutput, OsdpRotateKey, Unlock
 from cloud_bridge.signing import public_bytes
 from edge.agent import Agent, run_agent
 from edge.config import check_files, parse_config
 from edge.errors import ConfigError
 from edge.events import Event
 from edge.readers.osdp import OsdpReader, PlainKeyFile
+from edge.readers.osdp.commands import Cmd
+from edge.readers.osdp.frame import Frame, FrameParser
 from edge.sim.hands import simulated_agent
 from tests.osdp_peer import SITE_KEY, PeerBus
 from tests.test_osdp_bus import until
@@ -88,7 +90,7 @@ def key_dir(tmp_path: Path, key: bytes) -> Path:
 @asynccontextmanager
 async def gateway(broker: Mosquitto, tmp_path: Path, pb: PeerBus, pub_hex: str, staged: bytes | None = None
                   ) -> AsyncIterator[Agent]:  # fmt: skip
-    keys = key_dir(tmp_path, SITE_KEY)
+    keys = tmp_path / "keys" if (tmp_path / "keys").exists() else key_dir(tmp_path, SITE_KEY)  # a restart keeps it
     if staged is not None:
         PlainKeyFile(keys / "door1.scbk").stage(staged)  # a rotation the last run left open
     cfg = parse_config(config_text(broker, tmp_path / "state", keys, tmp_path / "edge.sock", pb.path, pub_hex))
@@ -206,6 +208,100 @@ async def test_rotate_key_output_and_firmware_through_the_broker(
         assert text not in caplog.text
         assert all(text.encode() not in w and new not in w for w in wire)
     assert all(new.hex() not in repr(e) for e in cloud.events.values())
+
+
+async def test_the_link_keeps_reading_while_a_rotation_waits_for_the_reader(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """A key rotation waits for the reader (its KEYSET answered, a handshake on the new key): up to 15 s. It
+    runs beside the link's read loop, so an unlock sent meanwhile is carried out and answered at once, the
+    cloud's resends of the rotation are not refused as replays, and the rotation's own result still comes.
+    The reader is held by taking every command off the line from its KEYSET on, for a while."""
+    held: list[float] = []
+    release = asyncio.Event()
+
+    def hold(data: bytes) -> bytes | None:
+        if not held and any(isinstance(f, Frame) and f.code == Cmd.KEYSET for f in FrameParser().feed(data)):
+            held.append(1.0)
+        return b"" if held and not release.is_set() else None  # b"": the command never reaches the reader
+
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with (
+            gateway(broker, tmp_path, pb, public_bytes(site_key).hex()) as agent,
+            CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key,
+                      resend_s=0.3) as cloud,  # fmt: skip
+        ):
+            await cloud.wait_online()
+            reader = agent.readers[READER]
+            assert isinstance(reader, OsdpReader)
+            await until(lambda: reader.online and reader.secure, timeout=10, what="secure online")
+            pb.intercept = hold
+            rotation = asyncio.create_task(cloud.command(OsdpRotateKey(reader=READER), operator="alice"))
+            await until(lambda: bool(held), timeout=10, what="the KEYSET on the line")
+            try:
+                r = await cloud.command(Unlock(door="door1", seconds=1.0), operator="bob", timeout=5)
+                assert r.ok, r
+                assert not rotation.done()  # answered while the rotation still waits for the reader
+                await wait_event(cloud, "command.executed", lambda e: e.detail.get("action") == "unlock")
+                assert agent.link is not None
+            finally:
+                release.set()
+            result = await asyncio.wait_for(rotation, 30)
+            # the retransmitted KEYSET reached the reader (committed), or it went offline first (kept its key)
+            assert result.ok == bool(peer.keys), result
+            if result.ok:
+                assert result.detail == {"reader": READER, "committed": True}
+            else:
+                assert result.error is not None and result.error.code == "not_committed", result
+            await wait_event(cloud, "security.reader_key_rotated")
+
+
+async def test_a_firmware_transfer_goes_on_from_its_offset_after_a_gateway_restart(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The agent stops in the middle of a transfer: the fragment in flight is answered, the offset the reader
+    acknowledged is on disk (transfers.json, written atomically), and the next start sends the rest by
+    itself from there once the reader is online: the reader holds the file byte-exact, from one transfer
+    (libosdp's PD counts the bytes of a transfer: a resume from a wrong offset would not end right)."""
+    image = os.urandom(48 * 1024)
+    sha = hashlib.sha256(image).hexdigest()
+    pub = public_bytes(site_key).hex()
+    log_file = tmp_path / "state" / "firmware" / "transfers.json"
+    with PeerBus() as pb:
+        peer = pb.add(1, scbk=SITE_KEY, enforce_secure=True)
+        async with CloudPeer(host=broker.host, port=broker.port, site=SITE, gateway=GW, signing_key=site_key,
+                             resend_s=5.0) as cloud:  # fmt: skip
+            async with gateway(broker, tmp_path, pb, pub) as agent:
+                await cloud.wait_online()
+                reader = agent.readers[READER]
+                assert isinstance(reader, OsdpReader)
+                await until(lambda: reader.online and reader.secure, timeout=10, what="secure online")
+                for off in range(0, len(image), 24 * 1024):
+                    r = await cloud.command(OsdpFirmwareChunk(sha256=sha, size=len(image), offset=off,
+                                                              data=image[off : off + 24 * 1024]), operator="a")
+                    assert r.ok, r
+                r = await cloud.command(OsdpFirmware(reader=READER, sha256=sha, size=len(image)), operator="a")
+                assert r.ok and r.detail["state"] == "started", r
+                await until(lambda: 8 * 1024 < (reader.session.file_offset or 0) < 32 * 1024, timeout=30,
+                            what="a part of the file sent")  # fmt: skip
+            # stopped: what the reader acknowledged, kept as a running transfer
+            kept = json.loads(log_file.read_text())["transfers"][READER]
+            assert kept["sha256"] == sha and kept["active"] is True
+            assert 0 < kept["offset"] < len(image)
+            assert bytes(peer.file[: kept["offset"]]) == image[: kept["offset"]]
+            assert not any(peer.file[kept["offset"] :])  # nothing past it reached the reader
+            assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+            async with gateway(broker, tmp_path, pb, pub) as agent:
+                started = await wait_event(cloud, "reader.firmware", lambda e: e.detail.get("resumed") is True,
+                                           timeout=30)  # fmt: skip
+                assert started.reason == "started" and started.detail["offset"] == kept["offset"]
+                done = await wait_event(cloud, "reader.firmware", lambda e: e.reason in ("done", "failed") and
+                                        e.detail.get("detail") != "stopped (the agent stops)", timeout=90)  # fmt: skip
+                assert done.reason == "done", done
+    assert bytes(peer.file) == image
+    assert peer.file_opened == [(1, len(image))]  # one transfer, resumed, not started again
+    assert json.loads(log_file.read_text())["transfers"] == {}
 
 
 def test_key_store_setting(tmp_path: Path) -> None:
@@ -335,3 +431,24 @@ def test_firmware_store_on_disk(tmp_path: Path) -> None:
     with pytest.raises(CommandFailed) as ei:
         store.read(sha_a, len(a))
     assert ei.value.code == "not_staged"
+
+
+def test_transfer_log_on_disk(tmp_path: Path) -> None:
+    """The transfers' progress file alone: what is saved loads back; a torn or foreign file is set aside as
+    `.bad` (nothing lost: it stays for a look) and read as no transfers; no temporary file stays behind."""
+    from edge.readers.osdp.remote import TransferLog
+
+    log_ = TransferLog(tmp_path / "firmware")
+    assert log_.load() == {}
+    rec = {"sha256": "a" * 64, "total": 4096, "offset": 1024, "start": 512, "file_type": 1, "active": True}
+    log_.save({"door1.osdp0": rec})
+    assert stat.S_IMODE(log_.path.stat().st_mode) == 0o600
+    assert [p.name for p in log_.path.parent.iterdir()] == ["transfers.json"]
+    (name, job), = log_.load().items()
+    assert name == "door1.osdp0" and job.record() == rec
+    for bad in (b'{"version": 1, "transfers": {"r": {"sha256": "ab", "total": 1, "offset": 0}}}',
+                b'{"version": 1, "transfers": {"r": {"sha256": "' + b"a" * 64 + b'", "total": 10, "offset": 11}}}',
+                b'{"version": 2, "transfers": {}}', b'{"version": 1, "tra', b"[]"):  # fmt: skip
+        log_.path.write_bytes(bad)
+        assert log_.load() == {}
+        assert not log_.path.exists() and log_.path.with_suffix(".bad").read_bytes() == bad

@@ -10,9 +10,12 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
-from edge.readers.base import CardRead, ReaderStatus
-from edge.readers.osdp import OsdpBus, OsdpReader, Timing, osdp_bus
-from edge.readers.osdp.frame import Frame, FrameParser
+import pytest
+
+from edge.readers.base import CardRead, Feedback, ReaderStatus
+from edge.readers.osdp import OsdpBus, OsdpReader, PdConfig, PdSession, Timing, osdp_bus
+from edge.readers.osdp.commands import Cmd, Rep
+from edge.readers.osdp.frame import Frame, FrameParser, encode
 from tests.osdp_peer import SITE_KEY, PeerBus
 from tests.test_osdp_bus import GRANTED_CARD, Gate, online, until
 
@@ -100,3 +103,60 @@ async def test_a_short_outage_is_not_reported_offline() -> None:
             assert [s.online for s in gate.of(ReaderStatus)].count(False) == 1
             peer.silent = False
             await until(online(gate, "r1", True), timeout=5, what="back online")
+
+
+# --- the poll schedule itself (the pure session, no line): a fixed grid, not "interval after the reply" ---
+
+
+def _reply(s: PdSession, code: int, data: bytes = b"") -> Frame:
+    (f,) = [x for x in FrameParser().feed(encode(s.address, s.sqn, code, data, reply=True)) if isinstance(x, Frame)]
+    return f
+
+
+def _online(phase: float = 0.0, at: float = 100.0) -> PdSession:
+    events: list[object] = []
+    s = PdSession("r", PdConfig(address=1, secure=False), events.append, Timing(poll_interval=0.05))
+    s.slot_phase = phase
+    for code, data in ((Rep.PDID, bytes(12)), (Rep.PDCAP, b""), (Rep.LSTATR, b"\0\0")):
+        s.build(at)
+        assert s.accept(_reply(s, code, data), at)
+    assert s.online and not s.has_pending
+    return s
+
+
+def test_polls_are_due_on_a_fixed_grid_whatever_the_replies_latency() -> None:
+    """Each poll is due one interval after the last one's slot: a PD is polled 1 / poll_interval times a
+    second however long its replies take (the old schedule counted the interval from the reply: 50 ms plus
+    the exchange, below 20/s on a busy line)."""
+    s = _online()
+    slot = s.due
+    for latency in (0.001, 0.03, 0.049, 0.002, 0.02):
+        frame = s.build(slot + latency / 3)  # sent a little late (the line was busy): the grid does not move
+        assert frame[5] == Cmd.POLL
+        assert s.accept(_reply(s, Rep.ACK), slot + latency)
+        assert s.due == pytest.approx(slot + 0.05)
+        slot = s.due
+
+
+def test_feedback_goes_out_at_once_and_does_not_move_the_grid() -> None:
+    s = _online()
+    slot = s.due
+    s.build(slot)
+    s.feedback(Feedback.GRANTED)  # queued by the sink while the poll's reply is digested
+    assert s.accept(_reply(s, Rep.ACK), slot + 0.004)
+    assert s.has_pending and s.due == pytest.approx(slot + 0.004)  # the very next slot of the line
+    while s.has_pending:
+        assert s.build(s.due)[5] in (Cmd.LED, Cmd.BUZ, Cmd.TEXT)
+        assert s.accept(_reply(s, Rep.ACK), s.due + 0.003)
+    assert s.due == pytest.approx(slot + 0.05)
+
+
+def test_a_pd_held_up_for_more_than_an_interval_rejoins_its_phase_of_the_grid() -> None:
+    """No burst of back-to-back polls to catch up, and PDs of one line stay spread over the interval."""
+    a, b = _online(0.0), _online(0.5)
+    assert (b.due - a.due) % 0.05 == pytest.approx(0.025)
+    late = a.due + 0.4
+    a.build(late)
+    assert a.accept(_reply(a, Rep.ACK), late + 0.002)
+    assert late < a.due <= late + 0.075
+    assert (a.due - 100.0) % 0.05 == pytest.approx(0.0, abs=1e-9) or (a.due - 100.0) % 0.05 == pytest.approx(0.05)

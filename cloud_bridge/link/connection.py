@@ -132,6 +132,7 @@ class CloudLink:
     ) -> None:
         with contextlib.suppress(ValueError):
             self.journal.on_durable.remove(self._upload.wake)
+        await self._gate.close()
         await self._staging.close()
         await self._nonces.close()
 

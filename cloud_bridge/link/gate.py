@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from cloud_bridge.protocol import (
     CommandResult,
     ErrorInfo,
     Lockdown,
+    OsdpFirmwareChunk,
     ProtocolError,
     Provision,
     ReaderAction,
@@ -147,6 +149,33 @@ class CommandGate:
         self.commands = commands
         self.rebirth = rebirth
         self.clock = clock
+        #: commands carried out beside the read loop (`runs_in_background`), by nonce: the link keeps reading
+        #: (event acks, rights, other commands) while a reader's key rotation waits for its handshake
+        self._background: dict[str, asyncio.Task[None]] = {}
+
+    @staticmethod
+    def runs_in_background(a: object) -> bool:
+        """OSDP reader commands wait on a reader (a key rotation up to `rotate_timeout`, 15 s; an output's
+        answer; the firmware's staged file read and hashed): they run as their own task, which publishes the
+        result. The work itself belongs to the reader service (`edge.readers.osdp.remote`): a rotation or a
+        transfer goes on, and is journalled, even if this wait is cancelled. Firmware chunks stay in line:
+        they are quick, and must land in the order sent."""
+        return isinstance(a, ReaderAction) and not isinstance(a, OsdpFirmwareChunk)
+
+    @property
+    def running(self) -> int:
+        """Commands being carried out in the background now."""
+        return len(self._background)
+
+    async def close(self) -> None:
+        """Stop waiting on the commands still running (their work goes on in its service; the result is not
+        published: a resend of the command gets it from the nonce store once it is there, or is refused)."""
+        tasks = list(self._background.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
     async def on_command(self, payload: bytes) -> None:
         self.replies.stats["commands"] += 1
@@ -179,6 +208,10 @@ class CommandGate:
                 log.error("command %s: %s (replays refused from memory until restart)", cmd.request_id,
                           self.nonces.degraded)  # fmt: skip
             if not fresh:
+                if cmd.nonce in self._background:
+                    # the cloud resent a command still being carried out: its result follows when it is done
+                    log.info("command %s: resent while it runs; its result follows", cmd.request_id)
+                    return
                 if prior is not None:
                     with contextlib.suppress(ProtocolError):
                         original = decode_command_result(prior)
@@ -196,6 +229,20 @@ class CommandGate:
                 ),
             )
             return
+        if self.runs_in_background(cmd.command):
+            task = asyncio.get_running_loop().create_task(self._carry_out(cmd), name=f"link.command[{cmd.request_id}]")
+            self._background[cmd.nonce] = task
+            task.add_done_callback(functools.partial(self._ran, cmd.nonce))
+            return
+        await self._carry_out(cmd)
+
+    def _ran(self, nonce: str, task: asyncio.Task[None]) -> None:
+        self._background.pop(nonce, None)
+        if not task.cancelled() and task.exception() is not None:
+            self.replies.stats["handler_errors"] += 1
+            log.error("command in the background failed", exc_info=task.exception())
+
+    async def _carry_out(self, cmd: Command) -> None:
         result = await self.execute(cmd)
         await self.nonces.set_result(cmd.nonce, encode(result, "msgpack"))
         await self.replies.publish(Leaf.COMMAND_RESULT, result)

@@ -461,6 +461,8 @@ class Agent:
                 tg.create_task(self._supervise("loop-lag", self.metrics.track_loop_lag), name="loop-lag")
                 stop = tg.create_task(self._stop.wait(), name="stop")
                 await stop
+                if self.reader_commands is not None:  # firmware transfers paused while the buses still answer
+                    await self.reader_commands.pause()
                 raise _Stop
 
     def stop(self) -> None:

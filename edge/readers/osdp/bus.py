@@ -46,6 +46,8 @@ class OsdpBus:
             raise ValueError(f"two readers share an OSDP address on {port}: {sorted(addresses)}")
         self.port = port
         self.sessions = list(sessions)
+        for i, s in enumerate(self.sessions):  # the PDs' poll slots spread evenly over the interval
+            s.slot_phase = i / len(self.sessions)
         self.timing = timing or Timing()
         self._parser = FrameParser()
         self._link = SerialLink(port, self._on_data, baudrate=baudrate, direction=direction)

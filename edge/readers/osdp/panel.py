@@ -272,6 +272,13 @@ class PdSession:
         self.online = False
         self.sqn = 0
         self.due = 0.0
+        #: the fixed poll schedule while online: the deadline of this PD's next poll. Polls are due every
+        #: `poll_interval` on that grid, whatever the replies' latency or the extra exchanges in between
+        #: (feedback, retransmissions), so a PD is polled 1 / poll_interval times a second
+        self.slot = 0.0
+        #: where in each poll interval this PD's slots lie (0 <= phase < 1): the bus spreads the PDs of one
+        #: line evenly, so their polls do not queue behind each other
+        self.slot_phase = 0.0
         self.sc: SecureChannel | None = None
         self.secure = False
         self.pdid: c.PdId | None = None
@@ -528,6 +535,8 @@ class PdSession:
             if self._ft is not None:
                 self._ft.since_poll = 0
             code, data = c.Cmd.POLL, b""
+            if phase is Phase.ONLINE:
+                self._next_slot(now)
         self._inflight = (code, data)
         self._asked_address = data[0] if code == c.Cmd.COMSET and data else None
         self._asked_baud = int.from_bytes(data[1:5], "little") if code == c.Cmd.COMSET and data else None
@@ -622,6 +631,22 @@ class PdSession:
         self.due = now + self.timing.busy_retry
         return True
 
+    def _next_slot(self, now: float) -> None:
+        """A poll went out: the next one is due one interval after its slot (not after its reply). A PD more
+        than one interval behind (the line was held up) or ahead (polls in between, as during a file
+        transfer) goes back to its phase of the grid rather than polling back to back or waiting."""
+        interval = self.timing.poll_interval
+        nxt = self.slot + interval
+        if not now - interval <= nxt <= now + interval:
+            nxt = self._grid(now + 0.5 * interval)
+        self.slot = nxt
+
+    def _grid(self, now: float) -> float:
+        """The first slot of this PD's phase at or after `now`."""
+        interval = self.timing.poll_interval
+        offset = self.slot_phase * interval
+        return offset + -((offset - now) // interval) * interval
+
     def _exchange_done(self) -> None:
         self._retx = None
         self._attempts = 0
@@ -693,6 +718,7 @@ class PdSession:
             self._pending.extend(self._carry)  # feedback of a session that had to be rebuilt: show it now
         self._carry = []
         self.due = now
+        self.slot = self._grid(now)
         if was and not detail:
             return  # a secure session rebuilt without the reader ever being reported offline
         self.sink(ReaderStatus(reader=self.name, online=True, tamper=self.tamper, power_ok=self.power_ok,
@@ -716,6 +742,8 @@ class PdSession:
             ft.since_poll = 0
             if ft.failures >= FT_MAX_FAILURES:
                 self._ft_finish(False, f"the reader does not answer FILETRANSFER at offset {ft.offset}")
+            elif ft.cancel:
+                self._ft_finish(False, "cancelled; the reader went offline")
         self.pinpad.clear()
         self._probe_interval = self.timing.offline_retry
         self.due = now + self._probe_interval
@@ -865,7 +893,7 @@ class PdSession:
         if self._pending or (ft is not None and not ft.done):
             self.due = max(now, ft.not_before) if ft is not None and not self._pending else now
         else:
-            self.due = now + self.timing.poll_interval
+            self.due = self.slot
         self._on_event(reply, frame, now)
 
     def _rotation_done(self, refused: bool = False) -> str:

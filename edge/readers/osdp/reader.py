@@ -89,6 +89,9 @@ class OsdpReader(Reader):
         self._rotation: asyncio.Future[KeyRotation] | None = None
         #: called with how every rotation ended, once its key is committed or discarded (journal it)
         self.on_rotation: Callable[[KeyRotation], None] | None = None
+        #: a cancelled transfer_file whose fragment in flight is still to be answered: resolved then (its
+        #: acknowledgement counted in on_progress), or when the reader goes offline
+        self.transfer_stopping: asyncio.Future[FileTransferResult] | None = None
         self.bus: OsdpBus | None = None
         if port is not None:
             self.bus = OsdpBus(port, [self.session], baudrate=baudrate, direction=direction, timing=timing,
@@ -195,18 +198,29 @@ class OsdpReader(Reader):
         reader must still be in that transfer: libosdp's PD counts the bytes of one transfer itself). After the
         last fragment the reader's identity is read again (after its restart, if it restarts to apply the
         file) and must be the same reader; its new firmware version is in the result."""
-        fut: asyncio.Future[FileTransferResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[FileTransferResult] = loop.create_future()
+        #: the session's own end (`fut` is cancelled with this call, this one is not)
+        ended: asyncio.Future[FileTransferResult] = loop.create_future()
 
         def done(result: FileTransferResult) -> None:
-            if not fut.done():
-                fut.set_result(result)
+            for f in (fut, ended):
+                if not f.done():
+                    f.set_result(result)
 
         self.session.send_file(data, file_type=file_type, offset=offset, on_progress=on_progress, on_done=done)
         try:
             return await fut
         except asyncio.CancelledError:
             self.session.cancel_file()  # stops after the fragment in flight; on_progress has the offset
+            if not ended.done():
+                self.transfer_stopping = ended
+                ended.add_done_callback(self._stopped)
             raise
+
+    def _stopped(self, fut: asyncio.Future[FileTransferResult]) -> None:
+        if self.transfer_stopping is fut:
+            self.transfer_stopping = None
 
     # --- Secure Channel key rotation ---
 
