@@ -274,3 +274,31 @@ async def test_a_paged_report_has_the_rows_and_totals_of_the_whole_one(db_url: s
                         assert whole.totals.granted + whole.totals.denied == len(rows) > 0 or person is not None
     finally:
         await db.close()
+
+
+async def test_a_remembered_token_is_refused_at_once_after_a_revoke(db_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """auth.principal_for remembers a verified token for a second: a revoke in this process applies to the very
+    next request; one written by another process (another Database on the same data) within that second."""
+    cfg = config(db_url, tmp_path)
+    async with running(cfg) as svc:
+        admin = await admin_client(svc)
+        me = {"authorization": ""}
+        for other_process in (False, True):
+            made = (await admin.post("/api/v1/tokens", json={"name": "t", "expires_days": 1})).json()
+            me["authorization"] = f"Bearer {made['token']}"
+            async with httpx.AsyncClient(base_url=svc.url, timeout=60, headers=me) as c:
+                assert (await c.get("/api/v1/users")).status_code == 200  # verified and remembered
+                assert (await c.get("/api/v1/users")).status_code == 200
+                if other_process:
+                    other = Database(db_url)
+                    try:
+                        async with other.write() as w:
+                            await w.execute(schema.api_tokens.update().where(schema.api_tokens.c.id == made["id"])
+                                            .values(revoked=time.time()))  # fmt: skip
+                    finally:
+                        await other.close()
+                    await asyncio.sleep(auth.CACHE_S + 0.2)
+                else:
+                    assert (await admin.delete(f"/api/v1/tokens/{made['id']}")).status_code == 200
+                assert (await c.get("/api/v1/users")).status_code == 401
+        await admin.aclose()
