@@ -10,7 +10,10 @@ is migrated, a site created, U users (100,000; 5,000 with --quick) and E events 
 
   * users_search_p99 / users_page_p99: GET /api/v1/users?search=<name part> (limit 50) and a cursor page;
   * events_filter_p99: GET /api/v1/events filtered by user and a 7-day window, and by door and result;
-  * report_day_p99: GET /api/v1/reports/access-requests for one reader on one day;
+  * report_day_p99 / report_all_readers_day_p99: GET /api/v1/reports/access-requests for one day at one
+    reader / at all readers, a page of 100 rows (`limit`) with the whole day's totals;
+  * report_day_whole_p99: one reader's whole day in one answer (about 1,700 rows at full size; not part of
+    the concurrent mix);
   * concurrent_p99 / concurrent_errors / concurrent_rps: C clients (100) for S seconds (60; 10 with --quick),
     each making those requests in turn with its own connection (each client's first request, which makes its
     connection, is not counted); an error is any answer other than 200 or a
@@ -150,12 +153,28 @@ def requests(users: int, now: float) -> list[Callable[[httpx.AsyncClient, random
 
     def report(c: httpx.AsyncClient, rnd: random.Random) -> Awaitable[float]:
         day = time.strftime("%Y-%m-%d", time.gmtime(now - rnd.randrange(1, 29) * DAY))
+        return timed(c, "/api/v1/reports/access-requests", {"day": day, "reader": f"gw1/{rnd.choice(DOORS)}",
+                                                            "limit": 100})  # fmt: skip
+
+    def report_all(c: httpx.AsyncClient, rnd: random.Random) -> Awaitable[float]:
+        day = time.strftime("%Y-%m-%d", time.gmtime(now - rnd.randrange(1, 29) * DAY))
+        return timed(c, "/api/v1/reports/access-requests", {"day": day, "limit": 100})
+
+    return [search, page, by_user, by_door, report, report_all]
+
+
+def whole_report(now: float) -> Callable[[httpx.AsyncClient, random.Random], Awaitable[float]]:
+    """One reader's whole day unpaged (about 1,700 rows at full size): the old report_day_p99, for comparison."""
+
+    def report(c: httpx.AsyncClient, rnd: random.Random) -> Awaitable[float]:
+        day = time.strftime("%Y-%m-%d", time.gmtime(now - rnd.randrange(1, 29) * DAY))
         return timed(c, "/api/v1/reports/access-requests", {"day": day, "reader": f"gw1/{rnd.choice(DOORS)}"})
 
-    return [search, page, by_user, by_door, report]
+    return report
 
 
-NAMES = ["users_search_p99", "users_page_p99", "events_filter_user_p99", "events_filter_door_p99", "report_day_p99"]
+NAMES = ["users_search_p99", "users_page_p99", "events_filter_user_p99", "events_filter_door_p99", "report_day_p99",
+         "report_all_readers_day_p99"]  # fmt: skip
 
 
 @dataclass
@@ -246,7 +265,7 @@ async def measure(sv: Served, a: argparse.Namespace) -> None:
     reqs = requests(a.users, now)
     rnd = random.Random(1)
     async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as c:
-        for metric, req in zip(NAMES, reqs, strict=True):
+        for metric, req in [*zip(NAMES, reqs, strict=True), ("report_day_whole_p99", whole_report(now))]:
             await req(c, rnd)  # warm
             xs = [await req(c, rnd) for _ in range(a.requests)]
             emit(metric, p99(xs), "ms", **params, requests=a.requests, p50=round(statistics.median(xs), 2))

@@ -31,9 +31,18 @@ async def test_migrate_creates_the_schema_and_is_idempotent(db_url: str) -> None
         await db.migrate()  # nothing to do
         async with db.read() as c:
             names = set(await c.run_sync(lambda s: inspect(s).get_table_names()))
-            # the migrations create exactly what schema.py describes (no drift between the two)
-            diff = await c.run_sync(lambda s: compare_metadata(MigrationContext.configure(s), schema.metadata))
-        assert names == set(schema.metadata.tables) | {"alembic_version"}
+            # the migrations create exactly what schema.py describes (no drift between the two), beside
+            # SQLite's FTS5 name index (migration 0009: a virtual table and its shadow tables, which SQLAlchemy
+            # Core does not describe)
+            fts = {n for n in names if n == "users_fts" or n.startswith("users_fts_")}
+            assert (fts != set()) == (db.dialect == "sqlite")
+
+            def outside_fts(name: str | None, type_: str, _parent: object) -> bool:
+                return not (type_ == "table" and name in fts)
+
+            diff = await c.run_sync(lambda s: compare_metadata(MigrationContext.configure(
+                s, opts={"include_name": outside_fts}), schema.metadata))  # fmt: skip
+        assert names - fts == set(schema.metadata.tables) | {"alembic_version"}
         assert diff == []
     finally:
         await db.close()

@@ -1,7 +1,10 @@
-"""What keeps the list endpoints quick at 100,000 users and 1,000,000 events (migration 0007, listing.py,
-events.page_query, auth.touch_token), on SQLite and PostgreSQL: the query plans read the indexes (plans, not
-timings: the figures are bench/operator.py's and bench/console.py's), the users search still finds what it
-found before, and many requests with one API token write its `last_used` once.
+"""What keeps the list endpoints quick at 100,000 users and 1,000,000 events (migrations 0007 and 0009,
+listing.py, events.page_query, reports.py, auth.touch_token), on SQLite and PostgreSQL: the query plans read
+the indexes (plans, not timings: the figures are bench/operator.py's and bench/console.py's), the users
+search still finds what it found before (on SQLite through the trigram index, which follows every change),
+`event_counts` always equals the events counted, a paged report has the rows and totals of the whole one
+(also for an operator who may not read every user), and many requests with one API token write its
+`last_used` once.
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ import httpx
 from sqlalchemy import Engine, Select, event, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cloud_bridge.permissions import (
+    SYSTEM_ADMINISTRATOR,
+    Action,
+    Authorizer,
+    ObjectType,
+    Operator,
+    PermissionGroup,
+    deny,
+    grant,
+)
 from cloud_bridge.service import auth, schema
 from cloud_bridge.service.database import Database
-from cloud_bridge.service.events import Filters, page_query
+from cloud_bridge.service.events import Filters, insert_ignore, page_query
 from cloud_bridge.service.listing import user_ids, user_ids_query
+from cloud_bridge.service.reports import access_requests
 
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import admin_client, config, running
@@ -155,4 +169,136 @@ async def test_many_requests_with_one_token_write_last_used_once(db_url: str, tm
         listed = (await admin.get("/api/v1/tokens")).json()
         used = [t["last_used"] for t in (listed if isinstance(listed, list) else listed["items"])]
         assert used[0] is not None and used[0] >= t0 - 1
+        await admin.aclose()
+
+
+async def _counted(c: AsyncConnection) -> dict[tuple[str, str, str, float], int]:
+    ec = schema.event_counts
+    rows = (await c.execute(select(ec.c.bucket, ec.c.gateway, ec.c.door, ec.c.type, ec.c.n))).tuples()
+    return {(gw, door, typ, float(b)): int(n) for b, gw, door, typ, n in rows if n}
+
+
+async def _recount(c: AsyncConnection) -> dict[tuple[str, str, str, float], int]:
+    """What `event_counts` must hold: the events counted by door, type and 15-minute bucket."""
+    ev = schema.events
+    out: dict[tuple[str, str, str, float], int] = {}
+    for gw, door, typ, ts in (await c.execute(select(ev.c.gateway, ev.c.door, ev.c.type, ev.c.ts))).tuples():
+        key = (gw, door or "", typ, float(ts // schema.COUNT_BUCKET * schema.COUNT_BUCKET))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+async def test_event_counts_follow_the_events_stored_and_deleted(db_url: str) -> None:  # noqa: F811
+    db = Database(db_url)
+    try:
+        await db.migrate()
+        await _fill(db, users=50, events=3000)
+        async with db.write() as c:  # a repeat stores nothing and counts nothing; an event without a door
+            await insert_ignore(c, schema.events, [
+                {"id": f"{7:032x}", "gateway": "gw1", "seq": 8, "type": "access.granted", "ts": NOW, "body": b""},
+                {"id": "e-nodoor", "gateway": "gw1", "seq": 90_000, "type": "gateway.started", "ts": NOW - 1.5,
+                 "body": b""}])  # fmt: skip
+        async with db.read() as c:
+            counted = await _counted(c)
+            assert counted == await _recount(c) and sum(counted.values()) == 3001
+            assert counted[("gw1", "", "gateway.started", float((NOW - 1.5) // 900 * 900))] == 1
+        async with db.write() as c:
+            await c.execute(schema.events.delete().where(schema.events.c.door == "d03"))
+        async with db.read() as c:
+            assert await _counted(c) == await _recount(c)
+            ec = schema.event_counts  # a day is one range of the key (it starts with the bucket)
+            plan = await _plan(c, select(ec.c.n).where(ec.c.bucket >= NOW - DAY, ec.c.bucket < NOW))
+            assert "pk_event_counts" in plan or "sqlite_autoindex_event_counts" in plan, plan
+    finally:
+        await db.close()
+
+
+async def test_sqlite_name_search_reads_the_trigram_index_and_follows_changes(db_url: str) -> None:  # noqa: F811
+    db = Database(db_url)
+    try:
+        await db.migrate()
+        await _fill(db)
+        async with db.read() as c:
+            if c.dialect.name == "sqlite":
+                plan = await _plan(c, user_ids_query("sqlite", search="Hopper", after=None, limit=50, trigram=True))
+                assert "VIRTUAL TABLE" in plan and "users_fts" in plan, plan
+            # 300 Hoppers (fewer than PROBE: the index) and 3,000 Persons (as many: the id-ordered scan)
+            assert len(await user_ids(c, search="hopper", after=None, limit=500)) == 300
+            assert await user_ids(c, search="PERSON", after="u00100", limit=3) == ["u00101", "u00102", "u00103"]
+            assert await user_ids(c, search='"Hop', after=None, limit=5) == []  # a quote is a character
+        u = schema.users
+        async with db.write() as c:  # a rename, a new user, a deleted one: the index follows
+            await c.execute(u.update().where(u.c.id == "u00010").values(name="Grace Brewster"))
+            await c.execute(u.insert().values(id="zed", name="Zed Hopper-Murray"))
+            await c.execute(u.delete().where(u.c.id == "u00020"))
+        async with db.read() as c:
+            hop = await user_ids(c, search="hopper", after=None, limit=500)
+            assert len(hop) == 299 and "u00010" not in hop and "u00020" not in hop and hop[-1] == "zed"
+            assert await user_ids(c, search="brewster", after=None, limit=5) == ["u00010"]
+    finally:
+        await db.close()
+
+
+async def test_a_paged_report_has_the_rows_and_totals_of_the_whole_one(db_url: str) -> None:  # noqa: F811
+    db = Database(db_url)
+    try:
+        await db.migrate()
+        await _fill(db, users=300, events=6000)
+        day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 3 * DAY))
+        everyone = Authorizer([])
+        root = Operator(id="root", groups=[SYSTEM_ADMINISTRATOR.id])
+        some = Authorizer([PermissionGroup(id="some", permissions=[
+            grant(ObjectType.ALL, Action.READ), deny(ObjectType.USER, Action.READ, applies_to=["user:u00007"]),
+            deny(ObjectType.EVENT, Action.READ, applies_to=["gw1/d05"])])])  # fmt: skip
+        limited = Operator(id="limited", groups=["some"])
+        async with db.read() as c:
+            for authz, op in ((everyone, root), (some, limited)):
+                for reader, person in ((None, None), ("gw1/d03", None), (None, "u00007"), (None, "u00008")):
+                    whole = await access_requests(c, authz, op, day=day, tz="UTC", person=person, reader=reader)
+                    rows, cursor, pages = [], None, 0
+                    while True:
+                        part = await access_requests(c, authz, op, day=day, tz="UTC", person=person, reader=reader,
+                                                     limit=7, cursor=cursor)  # fmt: skip
+                        rows += part.rows
+                        pages += 1
+                        assert part.totals == whole.totals and part.by_reader == whole.by_reader, (op, reader)
+                        if person is not None:
+                            assert part.by_person == whole.by_person
+                        cursor = part.next_cursor
+                        if cursor is None:
+                            break
+                    assert rows == whole.rows and pages >= len(rows) // 7, (op.id, reader, person)
+                    if op is limited:
+                        assert all(r.person != "u00007" and r.door != "d05" for r in rows)
+                    else:
+                        assert whole.totals.granted + whole.totals.denied == len(rows) > 0 or person is not None
+    finally:
+        await db.close()
+
+
+async def test_a_remembered_token_is_refused_at_once_after_a_revoke(db_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """auth.principal_for remembers a verified token for a second: a revoke in this process applies to the very
+    next request; one written by another process (another Database on the same data) within that second."""
+    cfg = config(db_url, tmp_path)
+    async with running(cfg) as svc:
+        admin = await admin_client(svc)
+        me = {"authorization": ""}
+        for other_process in (False, True):
+            made = (await admin.post("/api/v1/tokens", json={"name": "t", "expires_days": 1})).json()
+            me["authorization"] = f"Bearer {made['token']}"
+            async with httpx.AsyncClient(base_url=svc.url, timeout=60, headers=me) as c:
+                assert (await c.get("/api/v1/users")).status_code == 200  # verified and remembered
+                assert (await c.get("/api/v1/users")).status_code == 200
+                if other_process:
+                    other = Database(db_url)
+                    try:
+                        async with other.write() as w:
+                            await w.execute(schema.api_tokens.update().where(schema.api_tokens.c.id == made["id"])
+                                            .values(revoked=time.time()))  # fmt: skip
+                    finally:
+                        await other.close()
+                    await asyncio.sleep(auth.CACHE_S + 0.2)
+                else:
+                    assert (await admin.delete(f"/api/v1/tokens/{made['id']}")).status_code == 200
+                assert (await c.get("/api/v1/users")).status_code == 401
         await admin.aclose()

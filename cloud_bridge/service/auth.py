@@ -16,6 +16,11 @@
   acts for its owner with at most the permission groups it was scoped to (and only those the owner still
   has), until it expires or is revoked.
 * Setup codes: one-time, hashed, expiring; `cloud-bridge serve --init` prints one for the first admin.
+* `principal_for` remembers a verified session or token for `CACHE_S` (1 s) in this process, keyed by the
+  SHA-256 of the secret, and forgets everything at every write transaction this process ends (a logout, a
+  revoked token, a changed operator or group: the next request reads the database). A change made by
+  another process (the CLI on the database, another worker) applies within that second. Only successes are
+  kept: a wrong secret always costs a database read.
 
 No password, token, code or PIN is ever logged or written to the audit log.
 """
@@ -60,6 +65,8 @@ class Principal(msgspec.Struct, frozen=True):
     address: str = ""
     csrf: str | None = None  # the session's CSRF token (None for tokens)
     session_hash: str | None = None
+    #: When the session or token ends as it was read (UTC seconds; None: not read from the database).
+    expires: float | None = None
 
 
 class Passwords:
@@ -137,6 +144,39 @@ async def set_password(c: AsyncConnection, pw: Passwords, oid: str, password: st
     await c.execute(tbl.insert().values(operator_id=oid, hash=h, changed=time.time(), failures=0))
 
 
+# --- verified sessions and tokens, remembered for a second ------------------------------------------
+
+#: How long a verified session or token is remembered (seconds), unless this process writes first.
+CACHE_S = 1.0
+_CACHE_MAX = 10_000
+_verified: weakref.WeakKeyDictionary[Database, dict[str, tuple[int, float, Principal]]] = weakref.WeakKeyDictionary()
+
+
+async def principal_for(db: Database, *, token: str | None = None, cookie: str | None = None,
+                        address: str) -> Principal | None:  # fmt: skip
+    """The principal of a bearer `token` or a session `cookie` (as `token_principal` / `session_principal`),
+    remembered for `CACHE_S` unless `db` is written meanwhile (see the module docstring)."""
+    secret = token if token is not None else cookie
+    if secret is None:
+        return None
+    key = ("t:" if token is not None else "s:") + sha256(secret)
+    memo = _verified.setdefault(db, {})
+    now = time.monotonic()
+    hit = memo.get(key)
+    if hit is not None and hit[0] == db.generation and hit[1] > now:
+        return msgspec.structs.replace(hit[2], address=address)
+    generation = db.generation  # taken before the read: a write that ends meanwhile makes the entry stale
+    async with db.read() as c:
+        p = await (token_principal(c, secret, address) if token is not None else session_principal(c, secret, address))
+    if p is not None:
+        if len(memo) >= _CACHE_MAX:
+            for k in [k for k, v in memo.items() if v[1] <= now or v[0] != db.generation] or list(memo):
+                del memo[k]
+        ends = now + (p.expires - time.time()) if p.expires is not None else now
+        memo[key] = (generation, min(now + CACHE_S, ends), p)  # never past the session's or token's end
+    return p
+
+
 # --- sessions --------------------------------------------------------------------------------------------
 
 
@@ -159,20 +199,26 @@ async def session_principal(c: AsyncConnection, value: str, address: str) -> Pri
     op = await load_operator(c, row.operator_id)
     if op is None or not op.active:
         return None
-    return Principal(op, "session", address, csrf=row.csrf, session_hash=h)
+    return Principal(op, "session", address, csrf=row.csrf, session_hash=h, expires=float(row.expires))
 
 
-async def touch_session(db: Database, session_hash: str, *, hours: float, idle_s: float) -> None:
+async def touch_session(db: Database, session_hash: str, *, hours: float, idle_s: float,
+                        known_expires: float | None = None) -> None:  # fmt: skip
     """The session was used: it lives on `idle_s` from now, never past `hours` after its login. Written at
-    most once a minute (a tenth of `idle_s` if shorter): a page's every request does not cost a write."""
+    most once a minute (a tenth of `idle_s` if shorter): a page's every request does not cost a write.
+    `known_expires` (the end as the request's principal read it): when even the idle end would not move it
+    by that much, nothing is read either."""
     s = schema.sessions
     now = time.time()
+    step = min(60.0, idle_s / 10)
+    if known_expires is not None and now + idle_s - known_expires <= step:
+        return
     async with db.read() as c:
         row = (await c.execute(select(s.c.created, s.c.expires).where(s.c.id_hash == session_hash))).one_or_none()
     if row is None or row.expires <= now:
         return
     until = min(float(row.created) + hours * 3600, now + idle_s)
-    if until - float(row.expires) > min(60.0, idle_s / 10):
+    if until - float(row.expires) > step:
         async with db.write() as c:
             await c.execute(update(s).where(s.c.id_hash == session_hash, s.c.expires > now).values(expires=until))
 
@@ -222,7 +268,8 @@ async def token_principal(c: AsyncConnection, token: str, address: str) -> Princ
     if owner is None or not owner.active:
         return None
     scoped = [g for g in msgspec.json.decode(row.groups, type=list[str]) if g in owner.groups]
-    return Principal(msgspec.structs.replace(owner, groups=scoped), f"token:{tid}", address)
+    return Principal(msgspec.structs.replace(owner, groups=scoped), f"token:{tid}", address,
+                     expires=float(row.expires))  # fmt: skip
 
 
 #: How often `last_used` of one token is written at most (seconds): the column says "used around then".

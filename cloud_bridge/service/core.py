@@ -14,6 +14,8 @@ then filtered). A refusal is 403 naming the missing permission, and is written t
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,10 +78,23 @@ def principal_of(conn: ASGIConnection[Any, Any, Any, Any]) -> auth.Principal:
     return p
 
 
-async def authorizer(db: Database) -> Authorizer:
+_authorizers: weakref.WeakKeyDictionary[Database, tuple[int, float, Authorizer]] = weakref.WeakKeyDictionary()
+
+
+async def authorizer(db: Database, *, fresh: bool = False) -> Authorizer:
+    """The permission groups as an Authorizer, remembered for `auth.CACHE_S` (1 s) unless this process ends a
+    write transaction meanwhile (a changed group applies to its next request; one changed by another process
+    within that second). `fresh`: read them now."""
+    now = time.monotonic()
+    hit = _authorizers.get(db)
+    if not fresh and hit is not None and hit[0] == db.generation and hit[1] > now:
+        return hit[2]
+    generation = db.generation  # before the read: a write ending meanwhile makes this one stale
     async with db.read() as c:
         rows = (await c.execute(select(schema.permission_groups.c.body))).scalars().all()
-    return Authorizer(_grp_dec.decode(b) for b in rows)
+    authz = Authorizer(_grp_dec.decode(b) for b in rows)
+    _authorizers[db] = (generation, now + auth.CACHE_S, authz)
+    return authz
 
 
 def address_of(conn: ASGIConnection[Any, Any, Any, Any]) -> str:
@@ -94,11 +109,10 @@ async def authenticated(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteH
     addr = address_of(conn)
     p: auth.Principal | None = None
     header = conn.headers.get("authorization", "")
-    async with st.db.read() as c:
-        if header.lower().startswith("bearer "):
-            p = await auth.token_principal(c, header[7:].strip(), addr)
-        elif (cookie := conn.cookies.get(SESSION_COOKIE)) is not None:
-            p = await auth.session_principal(c, cookie, addr)
+    if header.lower().startswith("bearer "):
+        p = await auth.principal_for(st.db, token=header[7:].strip(), address=addr)
+    elif (cookie := conn.cookies.get(SESSION_COOKIE)) is not None:
+        p = await auth.principal_for(st.db, cookie=cookie, address=addr)
     if p is None:
         raise NotAuthorizedException("not logged in")
     if p.via.startswith("token:"):
@@ -115,7 +129,7 @@ async def session_used(conn: ASGIConnection[Any, Any, Any, Any], p: auth.Princip
     if p.session_hash is not None:
         a = state_of(conn).cfg.auth
         await auth.touch_session(state_of(conn).db, p.session_hash, hours=a.session_hours,
-                                 idle_s=a.session_idle_minutes * 60)  # fmt: skip
+                                 idle_s=a.session_idle_minutes * 60, known_expires=p.expires)  # fmt: skip
 
 
 def may_some(authz: Authorizer, op: Operator, object_type: ObjectType, action: Action) -> Verdict:

@@ -63,6 +63,9 @@ class Database:
         elif self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kw)
+        #: Counts the write transactions this process has ended (committed or not): what a cache of this
+        #: process read before a write is stale after it (core.authorizer, auth.principal_for).
+        self.generation = 0
         if self.dialect == "sqlite":
             self._sqlite_hooks()
             # aiosqlite logs every statement with its parameters at DEBUG: session CSRF tokens and hashes
@@ -91,11 +94,14 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back on any exception."""
-        async with self.engine.connect() as c:
-            if self.dialect == "sqlite":
-                await c.execution_options(sqlite_begin="IMMEDIATE")
-            async with c.begin():
-                yield c
+        try:
+            async with self.engine.connect() as c:
+                if self.dialect == "sqlite":
+                    await c.execution_options(sqlite_begin="IMMEDIATE")
+                async with c.begin():
+                    yield c
+        finally:
+            self.generation += 1
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

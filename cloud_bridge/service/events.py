@@ -557,7 +557,7 @@ async def live(db: Database, hub: EventHub, p: auth.Principal, f: Filters, rende
                     yield ServerSentEventMessage(event=event, id=old.id, data=render(old))
         while time.monotonic() < end:
             if time.monotonic() > refresh:
-                authz = await authorizer(db)
+                authz = await authorizer(db, fresh=True)
                 async with db.read() as c:
                     fresh = await auth.load_operator(c, op.id)
                 if fresh is None or not fresh.active:

@@ -15,10 +15,12 @@ starting with = + - @, a tab or a carriage return) is prefixed with an apostroph
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -26,7 +28,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 from litestar import Controller, Request, Response, get
 from msgspec import Meta
-from sqlalchemy import select
+from sqlalchemy import func, literal, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cloud_bridge.permissions import Action, Authorizer, ObjectType, Operator, PermissionDenied, Target
@@ -35,7 +37,7 @@ from edge.events import ACCESS_DENIED, ACCESS_GRANTED, ACCESS_REVOKED
 from . import schema
 from .core import any_target, authorizer, may_some, permitted, principal_of, state_of
 from .errors import BadRequest, NotFound
-from .events import event_target
+from .events import SCAN_LIMIT, event_target
 from .integrations import export_status
 from .visitors import local_day
 
@@ -75,6 +77,8 @@ class AccessRequestReport(msgspec.Struct, kw_only=True):
     by_reader: dict[str, Totals]
     #: True when the report stopped at MAX_ROWS requests.
     truncated: bool
+    #: With `limit`: the cursor of the next page of rows (None: this was the last).
+    next_cursor: str | None = None
 
 
 class Right(msgspec.Struct, kw_only=True):
@@ -136,62 +140,191 @@ def _reader(value: str | None) -> tuple[str, str] | None:
     return gw, door
 
 
+class UserReads:
+    """Whether `op` may read user `uid`, answered once for every user no grant or deny line names.
+
+    A user target has no tags and selects only the `applies_to` entry "user:ID", so the Authorizer's verdict
+    is the same for all users that no READ line on users (or all types) of the operator's groups names:
+    it is asked once for them, and once for each named user. `uniform` is that verdict when no line names
+    a user (None: it depends on the user)."""
+
+    def __init__(self, authz: Authorizer, op: Operator) -> None:
+        self.authz, self.op = authz, op
+        groups = authz.groups
+        named: set[str] = set()
+        known = True
+        for gid in op.groups:
+            g = groups.get(gid)
+            if g is None:
+                known = False
+                continue
+            for line in g.permissions:
+                if line.object_type in (ObjectType.USER, ObjectType.ALL) and Action.READ in line.actions:
+                    named.update(line.applies_to)
+        self._named = named
+        self._cache: dict[str, bool] = {}
+        self._unnamed = authz.check(op, Action.READ, Target(ObjectType.USER, "\x00")).allowed
+        self.uniform: bool | None = self._unnamed if known and not named else None
+
+    def __call__(self, uid: str) -> bool:
+        if self.uniform is not None:
+            return self.uniform
+        ok = self._cache.get(uid)
+        if ok is None:
+            ok = self._cache[uid] = self.authz.check(self.op, Action.READ, Target(ObjectType.USER, uid)).allowed
+        return ok
+
+
+def _place_check(authz: Authorizer, op: Operator) -> Callable[[str, str, str], bool]:
+    """Whether `op` may read an access event of `kind` at gateway/door, and that door (cached per place)."""
+    cache: dict[tuple[str, str, str], bool] = {}
+
+    def may(gw: str, door: str, kind: str) -> bool:
+        key = (gw, door, kind)
+        ok = cache.get(key)
+        if ok is None:
+            ok = authz.check(op, Action.READ, event_target(gw, door or None, kind, "report")).allowed
+            ok = ok and (not door or authz.check(op, Action.READ, Target.for_door(gw, door)).allowed)
+            cache[key] = ok
+        return ok
+
+    return may
+
+
+def _report_filter(start: float, end: float, where: tuple[str, str] | None, person: str | None) -> list[Any]:
+    e = schema.events
+    cond: list[Any] = [e.c.type.in_(ACCESS_TYPES), e.c.ts >= start, e.c.ts < end]
+    if where is not None:
+        cond += [e.c.gateway == where[0], e.c.door == where[1]]
+    if person is not None:
+        cond.append(e.c.user_id == person)
+    return cond
+
+
+def encode_report_cursor(ts: float, eid: str) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode([ts, eid])).decode().rstrip("=")
+
+
+def decode_report_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        ts, eid = msgspec.msgpack.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)),
+                                         type=tuple[float, str])  # fmt: skip
+    except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise BadRequest("not a cursor this service gave out", "query.cursor") from None
+    return ts, eid
+
+
+async def _totals(c: AsyncConnection, span: tuple[float, float], where: tuple[str, str] | None, *,
+                  person: str | None, may_place: Callable[[str, str, str], bool],
+                  may_user: UserReads) -> tuple[Totals, dict[str, Totals]]:  # fmt: skip
+    """The day's totals and its totals per reader. When every user is readable alike and no person is asked
+    for: a sum over `event_counts` (migration 0009: at most 96 rows a door and type); else counted over the
+    day's events (GROUP BY gateway, door, type), or row by row when some users are named by a line."""
+    start, end = span
+    e, ec = schema.events, schema.event_counts
+    cond = _report_filter(start, end, where, person)
+    b = schema.COUNT_BUCKET
+    if may_user.uniform and person is None and start % b == 0 and end % b == 0:
+        q = (select(ec.c.gateway, ec.c.door, ec.c.type, literal(""), func.sum(ec.c.n))
+             .where(ec.c.type.in_(ACCESS_TYPES), ec.c.bucket >= start, ec.c.bucket < end)
+             .group_by(ec.c.gateway, ec.c.door, ec.c.type))  # fmt: skip
+        if where is not None:
+            q = q.where(ec.c.gateway == where[0], ec.c.door == where[1])
+    elif may_user.uniform is None:  # some users named by a line: each row's user asked (slower, correct)
+        q = select(e.c.gateway, e.c.door, e.c.type, e.c.user_id, literal(1)).where(*cond)
+    else:
+        if not may_user.uniform:  # no user readable: only the requests of unknown cards count
+            cond.append(or_(e.c.user_id.is_(None), e.c.user_id == ""))
+        q = (select(e.c.gateway, e.c.door, e.c.type, literal(""), func.count()).where(*cond)
+             .group_by(e.c.gateway, e.c.door, e.c.type))  # fmt: skip
+    totals = Totals()
+    by_reader: dict[str, Totals] = {}
+    for gw, door, kind, uid, n in (await c.execute(q)).tuples():
+        if not n or not may_place(gw, door or "", kind) or (uid and not may_user(uid)):
+            continue
+        for t in (totals, by_reader.setdefault(f"{gw}/{door or ''}", Totals())):
+            if kind == ACCESS_GRANTED:
+                t.granted += int(n)
+            else:
+                t.denied += int(n)
+    return totals, by_reader
+
+
 async def access_requests(c: AsyncConnection, authz: Authorizer, op: Operator, *, day: str | None, tz: str,
-                          person: str | None, reader: str | None) -> AccessRequestReport:  # fmt: skip
+                          person: str | None, reader: str | None, limit: int | None = None,
+                          cursor: str | None = None) -> AccessRequestReport:  # fmt: skip
     """The access decisions of a local day from the `events` columns the collector fills (events.py), in
-    time order, each one the operator may read as an event, a person and a reader (seed 003)."""
+    time order, each one the operator may read as an event, a person and a reader (seed 003).
+
+    With `limit`: at most that many rows after `cursor` (keyset on (ts, id)) and `next_cursor`; the totals
+    and `by_reader` are still the whole day's, counted by the database; `by_person` only with `person`
+    (a busy site's day has tens of thousands of people: the full report or its CSV has them)."""
     start, end, day_text = local_day(day, tz)
     where = _reader(reader)
     e = schema.events
-    q = (select(e.c.id, e.c.gateway, e.c.type, e.c.ts, e.c.door, e.c.reader, e.c.card, e.c.user_id, e.c.reason)
-         .where(e.c.ts >= start, e.c.ts < end, e.c.type.in_(ACCESS_TYPES)).order_by(e.c.ts, e.c.id)
-         .limit(MAX_ROWS + 1))  # fmt: skip
-    if where is not None:
-        q = q.where(e.c.gateway == where[0], e.c.door == where[1])
-    if person is not None:
-        q = q.where(e.c.user_id == person)
+    cond = _report_filter(start, end, where, person)
+    may_user = UserReads(authz, op)
+    may_place = _place_check(authz, op)
+    zone = ZoneInfo(tz)
+    after = decode_report_cursor(cursor) if cursor else None
+    cap = MAX_ROWS if limit is None else limit
+    q = select(e.c.id, e.c.gateway, e.c.type, e.c.ts, e.c.door, e.c.reader, e.c.card, e.c.user_id, e.c.reason)
     rows: list[AccessRequest] = []
-    seen: dict[tuple[str, ...], bool] = {}
-
-    def may(key: tuple[str, ...], target: Target) -> bool:
-        ok = seen.get(key)
-        if ok is None:
-            ok = seen[key] = authz.check(op, Action.READ, target).allowed
-        return ok
-
     truncated = False
-    for ev in (await c.execute(q)).all():
-        if len(rows) >= MAX_ROWS:
-            truncated = True
+    last = after
+    more = True
+    scanned = 0
+    while more and len(rows) < cap and (limit is None or scanned < SCAN_LIMIT):
+        chunk = MAX_ROWS + 1 if limit is None else min(SCAN_LIMIT, max(2 * limit, 100))
+        page = q.where(*cond)
+        if last is not None:
+            page = page.where(tuple_(e.c.ts, e.c.id) > tuple_(literal(last[0]), literal(last[1])))
+        found = (await c.execute(page.order_by(e.c.ts, e.c.id).limit(chunk))).all()
+        more = len(found) == chunk
+        for ev in found:
+            if len(rows) >= cap:
+                truncated = limit is None
+                more = True
+                break
+            scanned += 1
+            last = (float(ev.ts), str(ev.id))
+            gw, door, uid = ev.gateway, ev.door or "", ev.user_id or ""
+            if not may_place(gw, door, ev.type) or (uid and not may_user(uid)):
+                continue
+            rows.append(AccessRequest(
+                ts=ev.ts, local=datetime.fromtimestamp(ev.ts, zone).isoformat(timespec="seconds"), gateway=gw,
+                door=door, reader=ev.reader or "", card=None if ev.card is None else int(ev.card), person=uid,
+                person_name="", result=ev.type.partition(".")[2], reason=ev.reason or ""))  # fmt: skip
+        if limit is None:
+            more = more and truncated
             break
-        gw, door, uid = ev.gateway, ev.door or "", ev.user_id or ""
-        if not may(("event", gw, door, ev.type), event_target(gw, door or None, ev.type, ev.id)):
-            continue
-        if uid and not may(("user", uid), Target(ObjectType.USER, uid)):
-            continue
-        if door and not may(("door", gw, door), Target.for_door(gw, door)):
-            continue
-        rows.append(AccessRequest(ts=ev.ts, local=_stamp(ev.ts, tz), gateway=gw, door=door, reader=ev.reader or "",
-                                  card=None if ev.card is None else int(ev.card), person=uid, person_name="",
-                                  result=ev.type.partition(".")[2], reason=ev.reason or ""))  # fmt: skip
     names: dict[str, str] = {}
     uids = sorted({r.person for r in rows if r.person})
-    for i in range(0, len(uids), 500):
-        u = schema.users
-        names.update((await c.execute(select(u.c.id, u.c.name).where(u.c.id.in_(uids[i : i + 500])))).tuples().all())
-    totals = Totals()
-    by_person: dict[str, Totals] = {}
-    by_reader: dict[str, Totals] = {}
+    u = schema.users
+    for i in range(0, len(uids), 900):
+        names.update((await c.execute(select(u.c.id, u.c.name).where(u.c.id.in_(uids[i : i + 900])))).tuples().all())
     for r in rows:
         r.person_name = names.get(r.person, "")
-        for t in (totals, by_person.setdefault(r.person, Totals()), by_reader.setdefault(f"{r.gateway}/{r.door}",
-                                                                                         Totals())):  # fmt: skip
-            if r.result == "granted":
-                t.granted += 1
-            else:
-                t.denied += 1
+    by_person: dict[str, Totals] = {}
+    if limit is None:
+        totals = Totals()
+        by_reader: dict[str, Totals] = {}
+        for r in rows:
+            for t in (totals, by_person.setdefault(r.person, Totals()),
+                      by_reader.setdefault(f"{r.gateway}/{r.door}", Totals())):  # fmt: skip
+                if r.result == "granted":
+                    t.granted += 1
+                else:
+                    t.denied += 1
+        return AccessRequestReport(day=day_text, tz=tz, person=person, reader=reader, rows=rows, totals=totals,
+                                   by_person=by_person, by_reader=by_reader, truncated=truncated)  # fmt: skip
+    totals, by_reader = await _totals(c, (start, end), where, person=person, may_place=may_place,
+                                      may_user=may_user)  # fmt: skip
+    if person is not None and may_user(person):
+        by_person[person] = msgspec.structs.replace(totals)
+    nxt = encode_report_cursor(*last) if more and last is not None else None
     return AccessRequestReport(day=day_text, tz=tz, person=person, reader=reader, rows=rows, totals=totals,
-                               by_person=by_person, by_reader=by_reader, truncated=truncated)  # fmt: skip
+                               by_person=by_person, by_reader=by_reader, truncated=False, next_cursor=nxt)  # fmt: skip
 
 
 async def _group_doors(c: AsyncConnection) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str | None],
@@ -283,18 +416,22 @@ class ReportController(Controller):
 
     @get("/access-requests", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
     async def access_request_report(
-        self, request: Request[Any, Any, Any], day: str | None = None,
+        self, request: Request[Any, Any, Any], *, day: str | None = None,
         person: Annotated[str, Meta(max_length=64)] | None = None,
         reader: Annotated[str, Meta(max_length=130)] | None = None, format: Format = "json",
+        limit: Annotated[int, Meta(ge=1, le=1000)] | None = None,
+        cursor: Annotated[str, Meta(max_length=200)] | None = None,
     ) -> AccessRequestReport | Response[bytes]:  # fmt: skip
         """Seed 003's "Access Request Report": granted and denied requests of a site-local day (default today),
-        of one person or all, at one reader (GATEWAY/DOOR) or all."""
+        of one person or all, at one reader (GATEWAY/DOOR) or all. With `limit` the rows come a page at a time
+        (`next_cursor`), the totals and by_reader still the whole day's, by_person only for `person`."""
         authz = await _need(request, (ObjectType.USER, Action.READ), (ObjectType.DOOR, Action.READ))
         st = state_of(request)
         tz = st.site.tz if st.site else "UTC"
         async with st.db.read() as c:
             rep = await access_requests(c, authz, principal_of(request).operator, day=day, tz=tz, person=person,
-                                        reader=reader)  # fmt: skip
+                                        reader=reader, limit=None if format == "csv" else limit,
+                                        cursor=None if format == "csv" else cursor)  # fmt: skip
         if format == "csv":
             return csv_response(f"access-requests-{rep.day}", to_csv(REQUEST_HEADER, (
                 (r.local, r.gateway, r.door, r.reader, "" if r.card is None else r.card, r.person, r.person_name,

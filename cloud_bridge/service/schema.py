@@ -186,6 +186,20 @@ Index("ix_events_gateway_door_ts_id", events.c.gateway, events.c.door, events.c.
 Index("ix_events_user_id_ts_id", events.c.user_id, events.c.ts, events.c.id)
 Index("ix_events_type_ts_id", events.c.type, events.c.ts, events.c.id)
 
+# migration 0009: the events of each type at each door per 15 minutes (UTC bucket start, a multiple of 900
+# seconds; door '' for none), kept by triggers on `events` in the storing transaction: a day's totals per
+# reader are a sum of at most 96 rows a door and type (reports.py)
+event_counts = Table(
+    "event_counts", metadata,
+    Column("bucket", Float, primary_key=True),
+    Column("gateway", String(ID), primary_key=True),
+    Column("door", String(ID), primary_key=True),
+    Column("type", String(64), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+)  # fmt: skip
+#: The bucket of `event_counts`, in seconds.
+COUNT_BUCKET = 900
+
 event_ranges = Table(
     "event_ranges", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

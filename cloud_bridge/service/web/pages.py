@@ -157,8 +157,7 @@ async def page_session(conn: ASGIConnection[Any, Any, Any, Any], _h: BaseRouteHa
     st = state_of(conn)
     p: auth.Principal | None = None
     if (cookie := conn.cookies.get(SESSION_COOKIE)) is not None:
-        async with st.db.read() as c:
-            p = await auth.session_principal(c, cookie, address_of(conn))
+        p = await auth.principal_for(st.db, cookie=cookie, address=address_of(conn))
     if p is None:
         raise LoginNeeded("not logged in")
     path, method = conn.scope.get("path", ""), conn.scope.get("method")

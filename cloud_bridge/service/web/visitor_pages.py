@@ -17,6 +17,8 @@ from .pages import _IDENT, page_context, page_session, render
 
 REPORTS = {"requests": "Access requests", "person": "Access rights for a person",
            "reader": "Access rights for a reader"}  # fmt: skip
+#: The access requests report shows this many rows a page (with the whole day's totals; the CSV has them all).
+REPORT_PAGE = 100
 
 
 def _published(answer: dict[str, Any]) -> str:
@@ -90,14 +92,16 @@ class VisitorPages(Controller):
     # reports ---------------------------------------------------------------------------------------------
 
     @get("/reports")
-    async def reports(self, request: Request[Any, Any, Any], kind: str = "requests", day: str = "",
-                      person: str = "", reader: str = "") -> Response[str]:  # fmt: skip
-        """Seed 003's reports: the day's access requests (of a person, at a reader), access rights."""
+    async def reports(self, request: Request[Any, Any, Any], *, kind: str = "requests", day: str = "",
+                      person: str = "", reader: str = "", cursor: str = "") -> Response[str]:  # fmt: skip
+        """Seed 003's reports: the day's access requests (of a person, at a reader), `REPORT_PAGE` rows a page
+        with the day's totals and per reader, and its CSV; access rights."""
         ctx = await page_context(request, "reports")
         kind = kind if kind in REPORTS else "requests"
         q = {"day": day[:10], "person": person[:64], "reader": reader[:130]}
         path, query = "/api/v1/reports/access-requests", {k: v for k, v in q.items() if v}
         error, report = "", None
+        page = {"limit": REPORT_PAGE, "cursor": cursor[:200] or None}
         if kind == "person":
             path, query = f"/api/v1/reports/access-rights/person/{person}", {}
             if not _IDENT.fullmatch(person):
@@ -109,11 +113,13 @@ class VisitorPages(Controller):
                 path, error = "", "Choose a reader as gateway/door, e.g. gw1/front."
         status = 200
         if path:
-            a = await inner.call(request, "GET", path, query=query)
+            a = await inner.call(request, "GET", path, query={**query, **page} if kind == "requests" else query)
             if a.ok:
                 report = a.json()
             else:
                 status, error = a.status, a.detail
         csv_url = f"{path}?{urlencode({**query, 'format': 'csv'})}" if report is not None else ""
+        nxt = report.get("next_cursor") if kind == "requests" and report is not None else None
+        next_url = f"/reports?{urlencode({'kind': kind, **query, 'cursor': nxt})}" if nxt else ""
         return render("reports.html", status, title="Reports", kinds=REPORTS, kind=kind, q=q, report=report,
-                      error=error, csv_url=csv_url, **ctx)  # fmt: skip
+                      error=error, csv_url=csv_url, next_url=next_url, first=not cursor, **ctx)  # fmt: skip
