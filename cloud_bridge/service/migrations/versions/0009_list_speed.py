@@ -14,7 +14,7 @@ trigram index on user names on SQLite
   run ``INSERT INTO users_fts(users_fts) VALUES ('rebuild')`` (docs/operator.md).
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | None = None
 depends_on: str | None = None
 
