@@ -162,10 +162,12 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             endpoints=cluster.endpoints, cloud_endpoints=cluster.endpoints, db=url,
             site_key=key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(), roster=roster,
             workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
-            link={"mqtt_version": "3.1.1", "session": "clean", "downlink_qos": 1 if broker == "rabbitmq" else 0,
+            link={"mqtt_version": "3.1.1", "session": "clean", "reply_qos": a.reply_qos,
+                  "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
                   "backoff_min_s": 0.5, "backoff_max_s": 4.0, "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
-            cloud_qos=1 if broker == "rabbitmq" else 0,
+            cloud_qos=1 if broker == "rabbitmq" else 0, cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
+            stagger_s=procs / a.ramp,
         )  # fmt: skip
         spec_path = work / f"{broker}-spec.json"
         spec_path.write_bytes(msgspec.json.encode(spec))
@@ -348,13 +350,21 @@ def main() -> None:
     ap.add_argument("--per-site", type=int, default=50, help="gateways per site")
     ap.add_argument("--duration", type=float, help="seconds over which the events are journalled")
     ap.add_argument("--brokers", default="rabbitmq,nats")
-    ap.add_argument("--ack-timeout", type=float, default=10.0, help="the gateways' event ack timeout")
+    ap.add_argument("--ack-timeout", type=float, help="the gateways' event ack timeout (quick: 5 s, else 10 s)")
+    ap.add_argument("--ramp", type=float, default=500.0, help="first connects a second, the whole fleet")
+    ap.add_argument("--cloud-publish-qos", type=int, default=0, choices=[0, 1],
+                    help="QoS of the cloud's change sets and event acks (the application resends)")  # fmt: skip
+    ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
+    ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
+                    help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
+    ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     a = ap.parse_args()
     a.gateways = a.gateways or (200 if a.quick else 10_000)
     a.events = a.events or (50 if a.quick else 100)
     a.processes = a.processes or (2 if a.quick else 4)
     a.duration = a.duration or (4.0 if a.quick else 20.0)
+    a.ack_timeout = a.ack_timeout or (5.0 if a.quick else 10.0)
     a.connect_timeout = 60.0 if a.quick else 600.0
     a.ack_timeout_total = 30.0 if a.quick else 120.0
     a.drain_timeout = 60.0 if a.quick else 600.0
