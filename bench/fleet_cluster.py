@@ -162,10 +162,12 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             endpoints=cluster.endpoints, cloud_endpoints=cluster.endpoints, db=url,
             site_key=key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(), roster=roster,
             workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
-            link={"mqtt_version": "3.1.1", "session": "clean", "downlink_qos": 1 if broker == "rabbitmq" else 0,
+            link={"mqtt_version": "3.1.1", "session": "clean", "reply_qos": a.reply_qos,
+                  "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
                   "backoff_min_s": 0.5, "backoff_max_s": 4.0, "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
-            cloud_qos=1 if broker == "rabbitmq" else 0,
+            cloud_qos=1 if broker == "rabbitmq" else 0, cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
+            stagger_s=procs / a.ramp,
         )  # fmt: skip
         spec_path = work / f"{broker}-spec.json"
         spec_path.write_bytes(msgspec.json.encode(spec))
@@ -338,6 +340,85 @@ async def amain(a: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
+# --- per-connection cost (--connect-cost) -------------------------------------------------------------------
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes (the broker nodes' Erlang VMs), from /proc."""
+    t = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            t += int(f[11]) + int(f[12])
+    return t / os.sysconf("SC_CLK_TCK")
+
+
+async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs: int, qos: int,
+                persistent: bool, conc: int) -> None:  # fmt: skip
+    """Connect n gateway-like MQTT 3.1.1 clients (conc at a time, spread over the nodes), each subscribing to
+    `subs` of the downlink's filters at `qos`; print the rate and the broker CPU per connection."""
+    from cloud_bridge import mqtt
+    from cloud_bridge.topics import Topics
+
+    pids = [nd.proc.pid for nd in cluster.nodes if nd.proc is not None]
+    sem = asyncio.Semaphore(conc)
+    clients: list[Any] = []
+    lat: list[float] = []
+    tag = os.urandom(2).hex()
+
+    async def one(i: int) -> None:
+        async with sem:
+            h, p = cluster.endpoints[i % len(cluster.endpoints)]
+            t = Topics(f"s{i // 50:04d}", f"c{tag}{i:05d}")
+            ident = f"acs-{t.site}-{t.gateway}" + ("" if persistent else f"-{os.urandom(3).hex()}")
+            c = mqtt.client(h, p, identifier=ident, clean_start=not persistent, keepalive=60, version="3.1.1")
+            t0 = time.monotonic()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(60):
+                    await mqtt.connect(c, t.downlink()[:subs], qos=qos)
+                lat.append(time.monotonic() - t0)
+                clients.append(c)
+
+    c0, t0 = _cpu_s(pids), time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.monotonic() - t0
+    c1 = _cpu_s(pids)
+    await asyncio.sleep(1)
+    i0 = _cpu_s(pids)
+    await asyncio.sleep(10)
+    idle = (_cpu_s(pids) - i0) / 10
+    await asyncio.gather(*(mqtt.close(c) for c in clients))
+    ok = len(clients)
+    out(metric="connect_cost", broker=broker, clients=n, connected=ok, subscriptions=subs, qos=qos,
+        persistent=persistent, concurrency=conc, rate_per_s=round(ok / wall, 1),
+        broker_cpu_ms_per_connection=round(1000 * (c1 - c0) / max(1, ok), 2),
+        connect_p50_ms=pct([1000 * x for x in lat], 0.5), connect_p99_ms=pct([1000 * x for x in lat], 0.99),
+        idle_broker_cpu_pct=round(100 * idle, 1), load=round(os.getloadavg()[0], 1))  # fmt: skip
+
+
+async def connect_cost(a: argparse.Namespace) -> int:
+    """`--connect-cost`: on a fresh 3-node cluster of each broker, waves of connections without subscriptions,
+    with 1 and with the downlink's 3 filters at QoS 0, 3 at QoS 1 (clean sessions), and persistent sessions at
+    QoS 1 (a third as many)."""
+    raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="fleet-cluster-"))
+    n = a.gateways
+    try:
+        for broker in a.brokers.split(","):
+            cluster: RabbitCluster | NatsCluster = RabbitCluster(3, work / broker) if broker == "rabbitmq" \
+                else NatsCluster(3, work / broker)  # fmt: skip
+            await asyncio.to_thread(cluster.start)
+            try:
+                for subs, qos, persistent, k in ((0, 0, False, n), (1, 0, False, n), (3, 0, False, n), (3, 1, False, n),
+                                                 (3, 1, True, max(1, n // 3))):  # fmt: skip
+                    await _wave(cluster, broker, k, subs, qos, persistent, 50)
+            finally:
+                await asyncio.to_thread(cluster.stop)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -348,13 +429,26 @@ def main() -> None:
     ap.add_argument("--per-site", type=int, default=50, help="gateways per site")
     ap.add_argument("--duration", type=float, help="seconds over which the events are journalled")
     ap.add_argument("--brokers", default="rabbitmq,nats")
-    ap.add_argument("--ack-timeout", type=float, default=10.0, help="the gateways' event ack timeout")
+    ap.add_argument("--ack-timeout", type=float, help="the gateways' event ack timeout (quick: 5 s, else 10 s)")
+    ap.add_argument("--ramp", type=float, default=500.0, help="first connects a second, the whole fleet")
+    ap.add_argument("--cloud-publish-qos", type=int, default=0, choices=[0, 1],
+                    help="QoS of the cloud's change sets and event acks (the application resends)")  # fmt: skip
+    ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
+    ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
+                    help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
+    ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
+    ap.add_argument("--connect-cost", action="store_true",
+                    help="only measure the per-connection cost (rate, broker CPU) on each cluster")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     a = ap.parse_args()
     a.gateways = a.gateways or (200 if a.quick else 10_000)
     a.events = a.events or (50 if a.quick else 100)
     a.processes = a.processes or (2 if a.quick else 4)
     a.duration = a.duration or (4.0 if a.quick else 20.0)
+    a.ack_timeout = a.ack_timeout or (5.0 if a.quick else 10.0)
+    if a.connect_cost:
+        a.gateways = a.gateways if a.gateways != 10_000 else 1000
+        sys.exit(asyncio.run(connect_cost(a)))
     a.connect_timeout = 60.0 if a.quick else 600.0
     a.ack_timeout_total = 30.0 if a.quick else 120.0
     a.drain_timeout = 60.0 if a.quick else 600.0

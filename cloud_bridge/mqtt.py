@@ -111,15 +111,16 @@ async def close(c: aiomqtt.Client) -> None:
 
 
 async def publish(c: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool = False,
-                  expiry_s: int | None = None) -> None:  # fmt: skip
-    """Publish at QoS 1; with `expiry_s`, the broker drops the message when it is not delivered in time
-    (MQTT 5 message expiry: a command is never delivered after its lifetime). On MQTT 3.1.1 the expiry is
-    left out: nothing depends on it (a command carries its own signed `expires`, checked by the gateway)."""
+                  expiry_s: int | None = None, qos: int = 1) -> None:  # fmt: skip
+    """Publish at QoS 1 (or `qos`: 0 where the application resends until its own acknowledgement); with
+    `expiry_s`, the broker drops the message when it is not delivered in time (MQTT 5 message expiry: a
+    command is never delivered after its lifetime). On MQTT 3.1.1 the expiry is left out: nothing depends on
+    it (a command carries its own signed `expires`, checked by the gateway)."""
     props = None
     if expiry_s is not None and version_of(c) == "5":
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.MessageExpiryInterval = expiry_s
-    await c.publish(topic, payload, qos=1, retain=retain, properties=props)
+    await c.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
 
 def payload(m: aiomqtt.Message) -> bytes:

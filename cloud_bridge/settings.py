@@ -46,6 +46,10 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: QoS of the downlink subscriptions (rights, events/ack, command). 1, or 0 where the broker pays for
     #: every QoS 1 subscription (NATS: a JetStream consumer each). docs/scaling.md.
     downlink_qos: Literal[0, 1] = 1
+    #: QoS of the replies on `rights/reply` (a change set's result, a resync request). 0 loses nothing (the
+    #: cloud resends a change set until its result arrives, and a duplicate gets the same result again) and
+    #: spares a broker that stores every QoS 1 message (NATS: a JetStream write each). docs/scaling.md.
+    reply_qos: Literal[0, 1] = 1
     #: TLS: the CA that signed the broker's certificate, and this gateway's client certificate (PEM paths).
     ca: PathText | None = None
     cert: PathText | None = None

@@ -383,7 +383,7 @@ def test_every_shared_link_setting_reaches_the_link(tmp_path: Path, monkeypatch:
     values: dict[str, str] = {"host": '"mqtt.example.net"', "ca": '"/etc/ca.pem"', "cert": '"/etc/gw.pem"',
                               "username": '"gw-1"', "encoding": '"json"'}  # fmt: skip
     values |= {"endpoints": '["mqtt2.example.net:8883"]', "mqtt_version": '"3.1.1"', "session": '"clean"',
-               "downlink_qos": "0"}  # fmt: skip
+               "downlink_qos": "0", "reply_qos": "0"}  # fmt: skip
     for f in LinkSettings.__struct_fields__:
         d = getattr(defaults, f)
         if f not in values:

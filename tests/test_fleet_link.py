@@ -91,6 +91,37 @@ async def test_clean_sessions_name_each_connection(tmp_path: Path, site_key: Ed2
         b.stop()
 
 
+async def test_rights_replies_at_qos_0_still_reach_the_cloud(tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    """reply_qos = 0 (a fleet on NATS: no JetStream write per reply): the change set's result travels at QoS 0
+    (a subscriber at QoS 1 receives it at 0) and the cloud still gets it; events stay at QoS 1."""
+    b = Mosquitto(tmp_path / "b")
+    b.start()
+    try:
+        site, gw = unique("s"), "gw1"
+        spy = mqtt.client(b.host, b.port, identifier=unique("spy"), version="3.1.1")
+        async with spy:
+            await spy.subscribe(f"acs/v1/{site}/{gw}/#", qos=1)
+            kw = {"mqtt_version": "3.1.1", "session": "clean", "downlink_qos": 0, "reply_qos": 0}
+            async with (
+                cloud_peer(b, site_key, site=site, gw=gw) as cloud,
+                gateway(b, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g,
+            ):
+                await cloud.wait_online()
+                r = await cloud.send_change_set(basic_site())
+                assert r.ok and g.store.version == 1
+                g.journal.record("access.granted", door="front", card=1, user="alice")
+                await cloud.wait_events(1)
+            seen: dict[str, set[int]] = {}
+            async with asyncio.timeout(5):
+                async for m in spy.messages:
+                    seen.setdefault(m.topic.value.split(f"{gw}/", 1)[1], set()).add(m.qos)
+                    if "rights/reply" in seen and "events" in seen:
+                        break
+        assert seen["rights/reply"] == {0} and seen["events"] == {1}, seen
+    finally:
+        b.stop()
+
+
 async def test_failover_to_the_next_endpoint_and_back(tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
     """Two brokers: the gateway connects to the first, moves to the second when the first dies (a new birth
     there), and back to the first once it answers again (`failback_s`)."""

@@ -57,7 +57,13 @@ class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     link: dict[str, Any] = {}
     #: QoS of the cloud side's subscriptions (ingest, publisher).
     cloud_qos: int = 1
+    #: QoS of the cloud side's publishes (change sets, event acks): 0 where the application resends.
+    cloud_publish_qos: int = 1
+    #: Seconds between the publisher's resends of an unacknowledged change set.
+    resend_s: float = 5.0
     state_dir: str = ""
+    #: Seconds between two gateways' first connects in one worker (the fleet's connection ramp).
+    stagger_s: float = 0.002
 
 
 def say(**msg: Any) -> None:
@@ -111,7 +117,7 @@ async def run_gateways(spec: Spec, index: int) -> None:
     pub = _key(spec).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     state = Path(spec.state_dir or tempfile.mkdtemp(prefix="fleet-")) / f"w{index}"
     cfgs = gateway_configs(spec, index)
-    async with Fleet(cfgs, pub, state) as fleet:
+    async with Fleet(cfgs, pub, state, stagger_s=spec.stagger_s) as fleet:
         t0 = last = time.monotonic()
         while fleet.online() < len(cfgs):
             await asyncio.sleep(0.1)
@@ -153,11 +159,13 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
     worker: Ingest | Publisher
     if role == "ingest":
         worker = Ingest(db, endpoints=endpoints, sites=sites, signing_key=_key(spec), version=version,
-                        identifier=f"acs-ingest-{shard}", qos=spec.cloud_qos)  # fmt: skip
+                        identifier=f"acs-ingest-{shard}", qos=spec.cloud_qos,
+                        ack_qos=spec.cloud_publish_qos)  # fmt: skip
     else:
         roster = {g: s for g, s in spec.roster.items() if s in set(sites)}
         worker = Publisher(db, endpoints=endpoints, roster=roster, signing_key=_key(spec), version=version,
-                           identifier=f"acs-publisher-{shard}", qos=spec.cloud_qos)  # fmt: skip
+                           identifier=f"acs-publisher-{shard}", qos=spec.cloud_qos,
+                           publish_qos=spec.cloud_publish_qos, resend_s=spec.resend_s)  # fmt: skip
     task = asyncio.get_running_loop().create_task(worker.run(), name=role)
     try:
         while not worker.stats.connects:

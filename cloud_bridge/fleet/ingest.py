@@ -90,7 +90,7 @@ class Ingest:
     def __init__(self, db: Database, *, endpoints: list[tuple[str, int]], sites: list[str],
                  signing_key: Ed25519PrivateKey, identifier: str | None = None, version: mqtt.Version = "5",
                  max_batches: int = 512, backoff: tuple[float, float] = (0.25, 5.0),
-                 persistent: bool = False, qos: int = 1) -> None:  # fmt: skip
+                 persistent: bool = False, qos: int = 1, ack_qos: int = 1) -> None:  # fmt: skip
         self.db = db
         self.endpoints = Endpoints(endpoints)
         self.sites = sites
@@ -103,6 +103,9 @@ class Ingest:
         #: QoS of the events subscriptions: 0 costs NATS no JetStream consumer, and loses nothing end to end
         #: (an unacknowledged batch is sent again by its gateway).
         self.qos = qos
+        #: QoS of the `events_ack` publishes: 0 loses nothing either (a lost ack makes the gateway resend after
+        #: its ack timeout; the resent events are stored once).
+        self.ack_qos = ack_qos
         self.stats = IngestStats()
         self._queue: asyncio.Queue[tuple[str, str, EventBatch]] = asyncio.Queue()
         self._upto: dict[str, int] = {}
@@ -161,15 +164,15 @@ class Ingest:
                 self.stats.bad += len(items)
                 log.exception("storing %d batches failed", len(items))
                 continue
+            # sent together, not one PUBACK round trip after another; a failure ends the connection (not
+            # acknowledged: the gateways resend after their ack timeout; stored events are not lost)
+            pubs = []
             for (site, gw), (upto, ref) in acks.items():
                 ack = EventAck(upto_seq=upto, ts=time.time(), ref=ref)
                 signed = sign_downlink(self.signing_key, ack, site=site, gateway=gw)
-                try:
-                    await mqtt.publish(client, Topics(site, gw).events_ack, encode(signed))
-                except aiomqtt.MqttError:
-                    # not acknowledged: the gateway resends after its ack timeout; stored events are not lost
-                    raise
-                self.stats.acks += 1
+                pubs.append(mqtt.publish(client, Topics(site, gw).events_ack, encode(signed), qos=self.ack_qos))
+            await asyncio.gather(*pubs)
+            self.stats.acks += len(pubs)
 
     async def store(self, items: list[tuple[str, str, EventBatch]]) -> dict[tuple[str, str], tuple[int, str]]:
         """Store the batches in one transaction; returns, per gateway, (its high-water mark, the ref of its last

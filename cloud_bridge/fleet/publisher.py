@@ -61,7 +61,7 @@ class Publisher:
 
     def __init__(self, db: Database, *, endpoints: list[tuple[str, int]], roster: dict[str, str],
                  signing_key: Ed25519PrivateKey, identifier: str | None = None, version: mqtt.Version = "5",
-                 resend_s: float = 5.0, qos: int = 1) -> None:  # fmt: skip
+                 resend_s: float = 5.0, qos: int = 1, publish_qos: int = 1) -> None:  # fmt: skip
         self.db = db
         self.endpoints = Endpoints(endpoints)
         #: gateway -> site, the gateways this publisher serves
@@ -72,6 +72,10 @@ class Publisher:
         self.version = version
         self.resend_s = resend_s
         self.qos = qos  # of the status and rights/reply subscriptions (0: no JetStream consumer on NATS)
+        #: QoS of the downlink publishes. 0 is enough (the gateway's `result` is the acknowledgement, and
+        #: everything is resent every `resend_s` until it arrives) and much cheaper: no PUBACK to wait for, and
+        #: on NATS no JetStream write per message (docs/scaling.md).
+        self.publish_qos = publish_qos
         self.stats = PublisherStats()
         #: gateway -> (session, wall time) of the newest birth seen
         self.presence: dict[str, tuple[int, float]] = {}
@@ -147,7 +151,8 @@ class Publisher:
     def _publish(self, client: aiomqtt.Client, gw: str, msg: SignedMsg) -> asyncio.Task[None]:
         site = self.roster[gw]
         signed = sign_downlink(self.signing_key, msg, site=site, gateway=gw)
-        return asyncio.get_running_loop().create_task(mqtt.publish(client, Topics(site, gw).rights, encode(signed)))
+        return asyncio.get_running_loop().create_task(mqtt.publish(client, Topics(site, gw).rights, encode(signed),
+                                                                         qos=self.publish_qos))  # fmt: skip
 
     async def _rebirth_all(self, client: aiomqtt.Client) -> None:
         for i, gw in enumerate(self.roster):

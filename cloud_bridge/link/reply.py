@@ -83,13 +83,18 @@ class Replies:
         self.stats: dict[str, int] = {"events_sent": 0, "batches_sent": 0, "resends": 0, "commands": 0,
                                       "refused": 0, "dropped": 0, "handler_errors": 0}  # fmt: skip
 
+    def _qos(self, leaf: Leaf) -> int:
+        """`reply_qos` on rights/reply (the cloud resends until it sees the reply), QoS 1 elsewhere."""
+        return self.cfg.reply_qos if leaf is Leaf.RIGHTS_REPLY else 1
+
     async def publish(self, leaf: Leaf, msg: Any, *, retain: bool = False) -> bool:
         """Publish a reply if the link is up; False when it is not (the cloud will ask again)."""
         client = self.client
         if client is None:
             return False
         try:
-            await mqtt.publish(client, self.topics[leaf], encode(msg, self.cfg.encoding), retain=retain)
+            await mqtt.publish(client, self.topics[leaf], encode(msg, self.cfg.encoding), retain=retain,
+                               qos=self._qos(leaf))  # fmt: skip
         except aiomqtt.MqttError as e:
             log.info("reply on %s not sent: %s", leaf.value, e)
             return False
@@ -101,7 +106,7 @@ class Replies:
         if client is None:
             return
         with contextlib.suppress(aiomqtt.MqttError):
-            await mqtt.publish(client, self.topics[leaf], data)
+            await mqtt.publish(client, self.topics[leaf], data, qos=self._qos(leaf))
 
     async def peek(self, payload: bytes) -> str | None:
         """The request id of a refused message (read without trusting it, only to echo it). A large message is
