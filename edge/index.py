@@ -925,7 +925,7 @@ def _group_name(gid: Sequence[str], g: int) -> str:
 
 def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
     """A user row's hash; assignments by group *id* (`gid` maps the index's group numbers to ids), each
-    bound to its position. `_user_hash_sum` is the same over the base arrays, vectorised."""
+    bound to its position. `user_hash_sum` is the same over the base arrays, vectorised."""
     h = _mix((uid + _K0) & _M64)
     h = _mix(h ^ ((row[1] << 32) | row[2]))
     h = _mix(h ^ row[3])
@@ -937,7 +937,7 @@ def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
     return _mix(h)
 
 
-def _user_hash_sum(lg: Columns, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
+def user_hash_sum(lg: Columns, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
     """(sum of `user_hash`, count) over the users of logical columns `lg` selected by `keep` (all when None)."""
     u64 = np.uint64
     n = len(lg["u_uid"])
@@ -1048,7 +1048,7 @@ def index_digest(index: RightsIndex) -> Digest:
     ukeep = None
     if uover:
         ukeep = ~np.isin(lg["u_uid"], np.fromiter(uover, np.uint32, len(uover)), assume_unique=True)
-    users, n_users = _user_hash_sum(lg, ukeep, gid)
+    users, n_users = user_hash_sum(lg, ukeep, gid)
     for uid in uover:
         urow = index.user(uid)
         if urow is not None:

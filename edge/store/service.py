@@ -90,7 +90,7 @@ from .schema import (
     load_tables,
     migrate,
     next_uid,
-    read_index,
+    read_digest,
     rows,
     write_access_state,
 )
@@ -378,8 +378,7 @@ class Store(SqliteService):
     async def _check_locked(self) -> str | None:
         want = self._digest.text()
         try:
-            idx, stored, problem = await asyncio.to_thread(read_index, self.path, self.site_tz)
-            got = await asyncio.to_thread(in_background(index_digest, idx))
+            got, stored, problem = await asyncio.to_thread(read_digest, self.path, self.site_tz)
         except DAMAGE_ERRORS as e:
             problem = f"{type(e).__name__}: {e}"
         else:
