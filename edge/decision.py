@@ -59,6 +59,8 @@ from .index import (
 from .model import AntiPassback, CredentialStatus, DoorMode, DuressMode
 from .pin import valid_pin_hash, verify_pin
 
+_NORMAL = DoorMode.NORMAL
+
 
 class RuleState(Protocol):
     """What `decide()` reads of the access rules' runtime state (`edge.access_state.AccessState`)."""
@@ -186,6 +188,19 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     interlock: str | None = None
 
 
+def _refuse(
+    who: tuple[str, int, int, str, str], reason: Reason, duress: bool,
+    passage: tuple[str | None, str | None] | None, interlock: str | None,
+) -> Decision:  # fmt: skip
+    """A refusal by an access rule; `who` is (door, card, uid, user, group). A function, not a closure: a
+    closure makes every variable it reads a cell, allocated on each call of `decide()`."""
+    door, card, uid, user, group = who
+    return Decision(
+        granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group, duress=duress,
+        passage=passage, interlock=interlock,
+    )  # fmt: skip
+
+
 def _deny(door: str, card: int, uid: int, user: str, reason: Reason, *, group: str | None = None) -> Decision:
     """A refusal of a known card (a function, not a closure made on every decision)."""
     return Decision(granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group)
@@ -273,7 +288,10 @@ class Decider:
         d = tables.doors.get(door)
         if d is None:
             return Decision(granted=False, reason=Reason.UNKNOWN_DOOR, door=door, card=card)
-        mode, free = self.effective_mode(door, ts, clock_trusted=clock_trusted)
+        if d.mode is _NORMAL and not self.lockdown and door not in self.mode_override:
+            mode, free = _NORMAL, False  # the common case, without the call
+        else:
+            mode, free = self.effective_mode(door, ts, clock_trusted=clock_trusted)
         if mode is DoorMode.LOCKED:
             return Decision(granted=False, reason=Reason.DOOR_LOCKED, door=door, card=card)
         if free:
@@ -343,32 +361,44 @@ class Decider:
         override_idx = tables.gidx.get(override, -1) if override is not None else -1
         any_door = any_override = any_active = may_have_ended = False
         granted_group = -1
-        for g, a_from, a_until in assignments:
-            if not (door_mask >> g) & 1:
-                continue
-            any_door = True
-            if override is not None and g != override_idx:
-                continue
-            any_override = True
-            if strict_time:
-                if a_from != 0 or a_until != NO_END or c_from != 0 or c_until != NO_END:
+        if clock_trusted and override is None:  # the common case, with fewer steps per assignment
+            gsched = tables.gsched
+            for g, a_from, a_until in assignments:
+                if (door_mask >> g) & 1:
+                    any_door = any_override = True
+                    if a_from <= ts < a_until:
+                        any_active = True
+                        sched = gsched[g]
+                        if sched is None or sched.allows_ts(ts):
+                            granted_group = g
+                            break
+        else:
+            for g, a_from, a_until in assignments:
+                if not (door_mask >> g) & 1:
                     continue
-                if u_from != 0 or u_until != NO_END:
+                any_door = True
+                if override is not None and g != override_idx:
                     continue
-            elif ignore_time:
-                if ts < a_from:
+                any_override = True
+                if strict_time:
+                    if a_from != 0 or a_until != NO_END or c_from != 0 or c_until != NO_END:
+                        continue
+                    if u_from != 0 or u_until != NO_END:
+                        continue
+                elif ignore_time:
+                    if ts < a_from:
+                        continue
+                    if a_until != NO_END:
+                        may_have_ended = True
+                        continue
+                elif not (a_from <= ts < a_until):
                     continue
-                if a_until != NO_END:
-                    may_have_ended = True
+                any_active = True
+                sched = tables.gsched[g]
+                if sched is not None and not ignore_time and (strict_time or not sched.allows_ts(ts)):
                     continue
-            elif not (a_from <= ts < a_until):
-                continue
-            any_active = True
-            sched = tables.gsched[g]
-            if sched is not None and not ignore_time and (strict_time or not sched.allows_ts(ts)):
-                continue
-            granted_group = g
-            break
+                granted_group = g
+                break
         if granted_group < 0:
             if not any_door:
                 return _deny(door, card, uid, user, Reason.NO_GROUP_FOR_DOOR)
@@ -429,30 +459,29 @@ class Decider:
             self._pin_fail.pop(card, None)
 
         # Access rules (issue 19), on the state the caller passes (read only here).
+        rules = tables.door_rules.get(door)
+        if rules is None and not limited and mode is not DoorMode.FIRST_CARD:  # the common case: no rule
+            return Decision(
+                granted=True, reason=Reason.GRANTED, door=door, card=card, uid=uid, user=user, group=group,
+                strike_s=d.extended_strike_s if flags & F_EXTENDED else d.strike_s, alarm=alarm, duress=duress,
+            )  # fmt: skip
         passage: tuple[str | None, str | None] | None = None
         escort = False
         interlock = None
-
-        def refuse(reason: Reason) -> Decision:
-            return Decision(
-                granted=False, reason=reason, door=door, card=card, uid=uid, user=user, group=group, duress=duress,
-                passage=passage, interlock=interlock,
-            )  # fmt: skip
-
-        rules = tables.door_rules.get(door)
+        who = (door, card, uid, user, group)
         src = dst = None
         if rules is not None and rules.linked:
             src, dst = (rules.from_area, rules.to_area) if side != "out" else (rules.to_area, rules.from_area)
             passage = (src, dst)
         if limited and state is not None and state.used.get(card, 0) >= limited:
-            return refuse(Reason.USES_EXHAUSTED)
+            return _refuse(who, Reason.USES_EXHAUSTED, duress, passage, interlock)
         if rules is not None:
             if rules.interlock is not None:
                 interlock = rules.interlock
                 if state is not None:
                     for peer in rules.peers:
                         if state.busy(peer, ts):
-                            return refuse(Reason.INTERLOCK)
+                            return _refuse(who, Reason.INTERLOCK, duress, passage, interlock)
             gmask = -1  # the user's groups in their window (computed when a rule needs them)
             if rules.linked:
                 loc = state.where.get(user) if state is not None else None
@@ -472,7 +501,7 @@ class Decider:
                     elif loc is not None and loc[0] != src:
                         worst = max(worst, 2 if ar.mode is AntiPassback.HARD else 1)
                 if worst == 2:
-                    return refuse(Reason.ANTI_PASSBACK)
+                    return _refuse(who, Reason.ANTI_PASSBACK, duress, passage, interlock)
                 if worst == 1:
                     alarm = "anti_passback"
                 ard = rules.areas.get(dst)
@@ -483,7 +512,7 @@ class Decider:
                     and state is not None
                     and state.occupancy.get(ard.id, 0) >= ard.max_occupancy
                 ):
-                    return refuse(Reason.AREA_FULL)
+                    return _refuse(who, Reason.AREA_FULL, duress, passage, interlock)
             if rules.escort_gidx >= 0:
                 if gmask < 0:
                     gmask = _groups_now(assignments, ts)
@@ -492,11 +521,11 @@ class Decider:
                 elif (rules.visitor_mask >> granted_group) & 1:
                     e = state.escort.get(door) if state is not None else None
                     if e is None or e[0] == user or ts - e[1] > rules.escort_s:
-                        return refuse(Reason.AWAITING_ESCORT)
+                        return _refuse(who, Reason.AWAITING_ESCORT, duress, passage, interlock)
             if rules.two_person_s is not None:
                 p = state.pending.get(door) if state is not None else None
                 if p is None or p[0] == user or ts - p[1] > rules.two_person_s:
-                    return refuse(Reason.AWAITING_SECOND_PERSON)
+                    return _refuse(who, Reason.AWAITING_SECOND_PERSON, duress, passage, interlock)
 
         strike = d.extended_strike_s if flags & F_EXTENDED else d.strike_s
         if mode is DoorMode.FIRST_CARD:

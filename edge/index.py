@@ -80,7 +80,9 @@ HASH_K: Final = 0x9E37_79B9_7F4A_7C15
 #: A user flag bit the base keeps for itself (never stored in SQLite, never returned): the user has a PIN hash
 #: in the `p_*` columns.
 F_HAS_PIN: Final = 0x80
-#: Assignment lists a base keeps decoded (shared lists: most users' lists are the same few).
+#: Assignment lists a base decodes once, when it is made: the lists shared by the most users (at least two
+#: each). The others are decoded on each lookup (one to three rows): a cache filled by lookups would miss on
+#: most of them anyway (most lists are one user's: their windows differ) and clearing it stalled lookups.
 LIST_CACHE: Final = 4096
 #: The window (no start, no end) every row without a validity window points at.
 _OPEN_WINDOW: Final = NO_END  # (NO_START << 32) | NO_END
@@ -97,8 +99,8 @@ class _Base:
     external ids and PIN hashes are byte columns read only for the answer."""
 
     __slots__ = (
-        "_lists", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "id0", "l_off",
-        "n_creds", "n_pins", "n_users", "p_hash", "p_off", "p_uid", "shift", "u_flags", "u_id", "u_idoff",
+        "_lists", "_open", "a_gidx", "a_win", "arrays", "c_card", "c_dir", "c_status", "c_uid", "c_win", "dense", "id0",
+        "l_off", "n_creds", "n_pins", "n_users", "p_hash", "p_off", "p_uid", "shift", "u_flags", "u_id", "u_idoff",
         "u_list", "u_uid", "u_win", "w_from", "w_until",
     )  # fmt: skip
 
@@ -118,7 +120,16 @@ class _Base:
         self.n_users = len(arrays["u_flags"])
         self.n_pins = len(arrays["p_uid"])
         self.dense = len(arrays["u_uid"]) == 0
+        #: (g, NO_START, NO_END) for every group number g: the rows of assignments without a window, made once
+        #: (a decoded list is then one new tuple, not one per row).
+        n_g = int(arrays["a_gidx"].max()) + 1 if len(arrays["a_gidx"]) else 0
+        self._open: list[AssignRow] = [(g, NO_START, NO_END) for g in range(n_g)]
         self._lists: dict[int, tuple[AssignRow, ...]] = {}
+        n_l = len(arrays["l_off"]) - 1
+        if self.n_users and n_l:
+            use = np.bincount(arrays["u_list"], minlength=n_l)
+            top = np.argsort(use, kind="stable")[::-1][:LIST_CACHE]
+            self._lists = {lst: self._list(lst) for lst in top[use[top] > 1].tolist()}
 
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays.values())
@@ -131,6 +142,8 @@ class _Base:
         while i < j:
             if cc[i] == card:
                 w = self.c_win[i]
+                if w == 0:  # the open window: most credentials
+                    return (self.c_uid[i], self.c_status[i], NO_START, NO_END)
                 return (self.c_uid[i], self.c_status[i], self.w_from[w], self.w_until[w])
             i += 1
         return None
@@ -160,7 +173,10 @@ class _Base:
         w = self.u_win[i]
         o = self.u_idoff
         k = self.id0
-        return (self.u_id[k + o[i] : k + o[i + 1]].decode(), flags, self.w_from[w], self.w_until[w], pin, assigns)
+        ext = self.u_id[k + o[i] : k + o[i + 1]].decode()
+        if w == 0:
+            return (ext, flags, NO_START, NO_END, pin, assigns)
+        return (ext, flags, self.w_from[w], self.w_until[w], pin, assigns)
 
     def _pin(self, uid: int) -> str | None:
         k = bisect_left(self.p_uid, uid)
@@ -169,15 +185,16 @@ class _Base:
         return str(self.p_hash[self.p_off[k] : self.p_off[k + 1]], "utf-8")
 
     def _list(self, lst: int) -> tuple[AssignRow, ...]:
-        ag, aw, wf, wu = self.a_gidx, self.a_win, self.w_from, self.w_until
-        t = tuple([
-            (ag[j], NO_START, NO_END) if (w := aw[j]) == 0 else (ag[j], wf[w], wu[w])  # 0: the open window
-            for j in range(self.l_off[lst], self.l_off[lst + 1])
+        ag, aw = self.a_gidx, self.a_win
+        j, end = self.l_off[lst], self.l_off[lst + 1]
+        if end - j == 1:  # the most common case: one assignment
+            w = aw[j]
+            return (self._open[ag[j]] if w == 0 else (ag[j], self.w_from[w], self.w_until[w]),)
+        op, wf, wu = self._open, self.w_from, self.w_until
+        return tuple([
+            op[ag[k]] if (w := aw[k]) == 0 else (ag[k], wf[w], wu[w])  # 0: the open window
+            for k in range(j, end)
         ])  # fmt: skip
-        if len(self._lists) >= LIST_CACHE:
-            self._lists.clear()
-        self._lists[lst] = t
-        return t
 
 
 def _sliceable(a: npt.NDArray[Any]) -> tuple[Any, int]:
@@ -908,7 +925,7 @@ def _group_name(gid: Sequence[str], g: int) -> str:
 
 def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
     """A user row's hash; assignments by group *id* (`gid` maps the index's group numbers to ids), each
-    bound to its position. `_user_hash_sum` is the same over the base arrays, vectorised."""
+    bound to its position. `user_hash_sum` is the same over the base arrays, vectorised."""
     h = _mix((uid + _K0) & _M64)
     h = _mix(h ^ ((row[1] << 32) | row[2]))
     h = _mix(h ^ row[3])
@@ -920,7 +937,7 @@ def user_hash(uid: int, row: UserRow, gid: Sequence[str]) -> int:
     return _mix(h)
 
 
-def _user_hash_sum(lg: Columns, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
+def user_hash_sum(lg: Columns, keep: npt.NDArray[np.bool_] | None, gid: Sequence[str]) -> tuple[int, int]:
     """(sum of `user_hash`, count) over the users of logical columns `lg` selected by `keep` (all when None)."""
     u64 = np.uint64
     n = len(lg["u_uid"])
@@ -1031,7 +1048,7 @@ def index_digest(index: RightsIndex) -> Digest:
     ukeep = None
     if uover:
         ukeep = ~np.isin(lg["u_uid"], np.fromiter(uover, np.uint32, len(uover)), assume_unique=True)
-    users, n_users = _user_hash_sum(lg, ukeep, gid)
+    users, n_users = user_hash_sum(lg, ukeep, gid)
     for uid in uover:
         urow = index.user(uid)
         if urow is not None:

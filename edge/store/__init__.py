@@ -24,7 +24,16 @@ from edge._sqlite import (
 from edge.events import RIGHTS_DAMAGED
 
 from .plan import HANDLERS, INLINE_COMPILE, PLAN_SLICE, Plan, plan_changes, user_flags
-from .schema import DAMAGE_ERRORS, META_DIGEST, MIGRATIONS, SCHEMA_VERSION, STAGE_SLICE, Damaged, read_index
+from .schema import (
+    DAMAGE_ERRORS,
+    META_DIGEST,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    STAGE_SLICE,
+    Damaged,
+    read_digest,
+    read_index,
+)
 from .service import COMPACT_AT, DAMAGED, ApplyResult, Store
 
 #: The name the migrations had in the single-module store (tests build old files from it).
@@ -56,6 +65,7 @@ __all__ = [
     "move_aside",
     "pause",
     "plan_changes",
+    "read_digest",
     "read_index",
     "user_flags",
 ]

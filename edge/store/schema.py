@@ -33,9 +33,13 @@ from edge.index import (
     UserRow,
     build_arrays,
     cred_hash,
+    cred_hash_sum,
     pack,
     table_hash,
+    table_hashes,
+    unpack,
     user_hash,
+    user_hash_sum,
 )
 from edge.model import Area, Door, Group, Interlock, Schedule, SiteRules
 
@@ -329,14 +333,7 @@ def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, 
     try:
         problem = quick_check_sync(con)
         meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('rights_version', ?)", (META_DIGEST,)))
-        doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
-        scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
-        groups = [_dec_group.decode(b) for (b,) in con.execute("SELECT body FROM groups")]
-        areas = [_dec_area.decode(b) for (b,) in con.execute("SELECT body FROM areas")]
-        interlocks = [_dec_interlock.decode(b) for (b,) in con.execute("SELECT body FROM interlocks")]
-        site = [_dec_site.decode(b) for (b,) in con.execute("SELECT body FROM site_rules")]
-        tables = Tables.build(site_tz, doors, scheds, groups, areas=areas, interlocks=interlocks,
-                              site_rules=site[0] if site else None)  # fmt: skip
+        tables = _read_tables(con, site_tz)
         c = np.array(
             con.execute(f"SELECT card, uid, {STATUS_WORD}, vfrom, vuntil FROM credentials ORDER BY card").fetchall(),
             dtype=np.int64,
@@ -356,6 +353,75 @@ def read_index(path: Path, site_tz: ZoneInfo) -> tuple[RightsIndex, str | None, 
     idx = RightsIndex(tables, build_arrays(creds, users), version=int(meta.get("rights_version", -1)))
     digest = meta.get(META_DIGEST)
     return idx, None if digest is None else str(digest), problem
+
+
+#: Rows read per step by `read_digest`: its memory is bounded by one step's rows, whatever the file's size.
+DIGEST_CHUNK = 65_536
+
+
+def read_digest(path: Path, site_tz: ZoneInfo) -> tuple[Digest, str | None, str | None]:
+    """(checksum of the rows, stored digest text, quick_check problem), read with a connection of its own.
+
+    Streamed: the rows are hashed a chunk at a time (`DIGEST_CHUNK` credentials, or users with their
+    assignments), each chunk as the index holds its rows (`build_arrays` then `unpack`: the same values
+    `index_digest` hashes over an index read from the rows), so memory stays bounded and no Python object
+    lives for every row. Blocking: for a worker thread (`Store.check_integrity`)."""
+    lower_thread_priority()
+    con = read_only(path)
+    try:
+        problem = quick_check_sync(con)
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('rights_version', ?)", (META_DIGEST,)))
+        tables = _read_tables(con, site_tz)
+        creds = n_creds = 0
+        cur = con.execute(f"SELECT card, uid, {STATUS_WORD}, vfrom, vuntil FROM credentials")
+        while rows := cur.fetchmany(DIGEST_CHUNK):
+            c = np.array(rows, dtype=np.int64).reshape(-1, 5)
+            u32 = np.uint32
+            creds += cred_hash_sum(c[:, 0].astype(np.uint64), *(c[:, k].astype(u32) for k in range(1, 5)))
+            n_creds += len(c)
+        users = n_users = 0
+        lo = -(1 << 63)
+        while True:
+            urows = con.execute(
+                "SELECT uid, ext_id, flags, vfrom, vuntil, pin_hash FROM users WHERE uid > ? ORDER BY uid LIMIT ?",
+                (lo, DIGEST_CHUNK),
+            ).fetchall()
+            if not urows:
+                break
+            hi = int(urows[-1][0])
+            assigns: dict[int, list[AssignRow]] = {}
+            for uid, g, f, u in con.execute(
+                "SELECT uid, group_id, vfrom, vuntil FROM assignments WHERE uid > ? AND uid <= ? ORDER BY uid, pos",
+                (lo, hi),
+            ):
+                assigns.setdefault(int(uid), []).append((tables.gidx.get(g, 0xFFFF), f, u))
+            chunk: list[tuple[int, UserRow]] = [
+                (int(uid), (ext, flags, f, u, pin, tuple(assigns.get(int(uid), ()))))
+                for uid, ext, flags, f, u, pin in urows
+            ]
+            h, k = user_hash_sum(unpack(build_arrays([], chunk)), None, tables.gid)
+            users += h
+            n_users += k
+            lo = hi
+            del urows, assigns, chunk
+    finally:
+        con.close()
+    m64 = (1 << 64) - 1
+    version = int(meta.get("rights_version", -1))
+    digest = Digest(version, n_creds, n_users, creds & m64, users & m64, sum(table_hashes(tables).values()) & m64)
+    stored = meta.get(META_DIGEST)
+    return digest, None if stored is None else str(stored), problem
+
+
+def _read_tables(con: sqlite3.Connection, site_tz: ZoneInfo) -> Tables:
+    doors = [_dec_door.decode(b) for (b,) in con.execute("SELECT body FROM doors")]
+    scheds = [_dec_sched.decode(b) for (b,) in con.execute("SELECT body FROM schedules")]
+    groups = [_dec_group.decode(b) for (b,) in con.execute("SELECT body FROM groups")]
+    areas = [_dec_area.decode(b) for (b,) in con.execute("SELECT body FROM areas")]
+    interlocks = [_dec_interlock.decode(b) for (b,) in con.execute("SELECT body FROM interlocks")]
+    site = [_dec_site.decode(b) for (b,) in con.execute("SELECT body FROM site_rules")]
+    return Tables.build(site_tz, doors, scheds, groups, areas=areas, interlocks=interlocks,
+                        site_rules=site[0] if site else None)  # fmt: skip
 
 
 # --- the rights checksum ---------------------------------------------------------------------------------

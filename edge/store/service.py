@@ -19,10 +19,11 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from zoneinfo import ZoneInfo
 
 import msgspec
+import numpy as np
 
 from edge._sqlite import (
     SqliteService,
@@ -90,7 +91,7 @@ from .schema import (
     load_tables,
     migrate,
     next_uid,
-    read_index,
+    read_digest,
     rows,
     write_access_state,
 )
@@ -378,8 +379,7 @@ class Store(SqliteService):
     async def _check_locked(self) -> str | None:
         want = self._digest.text()
         try:
-            idx, stored, problem = await asyncio.to_thread(read_index, self.path, self.site_tz)
-            got = await asyncio.to_thread(in_background(index_digest, idx))
+            got, stored, problem = await asyncio.to_thread(read_digest, self.path, self.site_tz)
         except DAMAGE_ERRORS as e:
             problem = f"{type(e).__name__}: {e}"
         else:
@@ -558,7 +558,7 @@ class Store(SqliteService):
             else:  # what a boot from an older image replays
                 await db.executemany(
                     "INSERT OR REPLACE INTO changed (kind, key, version) VALUES (?, ?, ?)",
-                    breathing((CHANGED_CRED, card, version) for card in plan.creds),
+                    breathing((CHANGED_CRED, card, version) for card, _ in _in_key_order(plan.creds)),
                 )
                 await db.executemany(
                     "INSERT OR REPLACE INTO changed (kind, key, version) VALUES (?, ?, ?)",
@@ -591,14 +591,15 @@ class Store(SqliteService):
                 ((uid, j, u.assignments[j].group, a[1], a[2]) for uid, (u, r) in live() for j, a in enumerate(r[5])),
             )
             await db.executemany(
-                "DELETE FROM credentials WHERE card=?", breathing((c,) for c, v in plan.creds.items() if v is None)
+                "DELETE FROM credentials WHERE card=?",
+                breathing((c,) for c, v in _in_key_order(plan.creds) if v is None),
             )
             await db.executemany(
                 "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility, max_uses) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 breathing(
                     (card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility, v[0].max_uses)
-                    for card, v in plan.creds.items()
+                    for card, v in _in_key_order(plan.creds)
                     if v
                 ),
             )
@@ -674,6 +675,20 @@ class Store(SqliteService):
             await self._write_image_locked()
         if await self._check_locked() is None and await self._copy_version() != self.version:
             await self._save_verified_copy()
+
+
+T = TypeVar("T")
+
+
+def _in_key_order(rows: dict[int, T]) -> Iterator[tuple[int, T]]:
+    """The items of `rows` by key, for an `executemany` (iterated in SQLite's worker thread): one pass along
+    each B-tree instead of a random walk, so each page is read and written once, not once per row (10^4
+    random rows in a file of 10^6 touch almost as many pages, each spilled and rewritten). Ordered by numpy
+    (one short call per step), not `sorted()` (one C call over every row, holding the GIL)."""
+    items = list(rows.items())
+    keys = np.fromiter((k for k, _ in items), np.int64, len(items))
+    for i in np.argsort(keys, kind="stable").tolist():
+        yield items[i]
 
 
 def _replayed_digest(
