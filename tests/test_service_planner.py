@@ -20,6 +20,7 @@ import msgspec
 import pytest
 from sqlalchemy import delete, select
 
+from cloud_bridge.cloud import chunk_snapshot
 from cloud_bridge.operator.db import Model
 from cloud_bridge.operator.provision import plan
 from cloud_bridge.service import schema
@@ -329,6 +330,37 @@ def test_a_gateway_ahead_of_the_database_is_sent_everything_as_a_snapshot(db_url
             assert snap.version == 43 and len(shadow[gw]) == sum(
                 len(getattr(snap, f)) for f in snap.__struct_fields__ if isinstance(getattr(snap, f), list)
             )
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_a_planned_snapshot_is_handed_to_the_link_as_the_outbox_holds_it(db_url: str) -> None:
+    """The snapshot just planned is given to the link as an object (not read back and decoded): it encodes to
+    the outbox's bytes and chunks to the same messages; once used (or after a restart) the outbox's copy is read."""
+
+    async def go() -> None:
+        db = Database(db_url)
+        await db.migrate()
+        store = ServiceStore(db)
+        try:
+            s = random_site(random.Random(3))
+            await write_db(db, s)
+            gw = s["gateways"][0]["id"]
+            await store.plan(now=NOW, gateways=[gw], max_bytes=1024)  # far past one message: a snapshot
+            first = await store.pending(gw, 0)
+            assert first is not None and [(k, to) for k, to, _ in first] == [("snap", 1)]
+            held = first[0][2]
+            assert isinstance(held, Snapshot)
+            _, outbox = await db_state(db)
+            stored = bytes(outbox[gw][1][0][3])
+            assert _enc.encode(held) == stored
+            decoded = msgspec.msgpack.decode(stored, type=Snapshot)
+            assert chunk_snapshot(held, "t", 4096) == chunk_snapshot(decoded, "t", 4096)
+            again = await store.pending(gw, 0)  # used once: now the outbox's bytes
+            assert again == [("snap", 1, stored)]
+            assert await ServiceStore(db).pending(gw, 0) == [("snap", 1, stored)]  # a restarted service
         finally:
             await db.close()
 

@@ -151,6 +151,8 @@ class GatewayPlan:
     #: (kind, key) rows of the shadow to delete, and (kind, key, body) rows to write (new or changed).
     shadow_deletes: list[tuple[str, str]]
     shadow_puts: list[tuple[str, str, bytes]]
+    #: The snapshot `body` encodes (kind "snap"), for a store that keeps it to send without decoding it again.
+    snap: Snapshot | None = None
 
 
 def plan_gateway(site: identity.SiteModel, gw: str, version: int, shadow: dict[tuple[str, str], bytes], *,
@@ -169,14 +171,16 @@ def plan_gateway(site: identity.SiteModel, gw: str, version: int, shadow: dict[t
     # snapshot without encoding the change set first (the same decision, a second less at 100,000 users).
     least = sum(len(v[1]) for k, v in desired.items() if shadow.get(k) != v[1])
     body = b"" if least > max_bytes else _enc.encode(identity.change_set(version, changes))
-    kind = "cs"
+    kind, snap = "cs", None
     if least > max_bytes or len(body) > max_bytes - 512:
-        kind, body = "snap", _enc.encode(identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items())))
+        snap = identity.snapshot(version + 1, ((k[0], v[0]) for k, v in desired.items()))
+        kind, body = "snap", _enc.encode(snap)
     # The shadow follows the change, row by row: a one-user change rewrites one row, not every user.
     return GatewayPlan(
         gateway=gw, version=version, kind=kind, body=body, changes=len(changes),
         shadow_deletes=[k for k in shadow if k not in desired],
         shadow_puts=[(k, key, v[1]) for (k, key), v in desired.items() if shadow.get((k, key)) != v[1]],
+        snap=snap,
     )  # fmt: skip
 
 
@@ -253,7 +257,10 @@ class LinkStore(Protocol):
         ...
     async def set_acked(self, gw: str, version: int) -> None: ...
     async def set_error(self, gw: str, message: str | None) -> None: ...
-    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes]] | None: ...
+    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes | Snapshot]] | None:
+        """The outbox entries from `have` on (`pending` below); a snapshot entry's body may be the `Snapshot`
+        itself, as planned, instead of its encoding."""
+        ...
     async def shadow_snapshot(self, gw: str) -> Snapshot: ...
     async def plan(self, *, now: float | None = None, max_bytes: int = 256 * 1024, gateways: list[str] | None = None,
                    refused: list[str] | None = None) -> dict[str, int]: ...  # fmt: skip
@@ -297,8 +304,8 @@ class ModelStore:
     async def set_error(self, gw: str, message: str | None) -> None:
         self.db.set_error(gw, message)
 
-    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes]] | None:
-        return pending(self.db, gw, have)
+    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes | Snapshot]] | None:
+        return list(r) if (r := pending(self.db, gw, have)) is not None else None
 
     async def shadow_snapshot(self, gw: str) -> Snapshot:
         return shadow_snapshot(self.db, gw)
@@ -513,9 +520,10 @@ class SiteLink(mqtt.Session):
                     kind, to, body = todo[0]
                     if kind == "cs":
                         rid = f"cs-{to}-{os.urandom(3).hex()}"
+                        assert isinstance(body, bytes)
                         msgs = [self.seal(gw, ChangeSetMsg(id=rid, change_set=_cs_dec.decode(body)))]
-                    else:
-                        snap = _snap_dec.decode(body)
+                    else:  # the store may hand over the snapshot it planned (not decoded from the outbox again)
+                        snap = body if isinstance(body, Snapshot) else _snap_dec.decode(body)
                         rid = f"snap-{gw}-{to}-{os.urandom(3).hex()}"
                 if snap is not None:
                     msgs = chunk_snapshot(snap, rid, self.max_message_bytes)

@@ -134,6 +134,10 @@ class ServiceStore:
         self.db = db
         #: Gateways whose shadow `reconcile` forgot (it reported a version ahead of ours): plan them again.
         self.reset: set[str] = set()
+        #: gateway -> (to_version, snapshot) of the snapshot last planned here, handed to the link by `pending`
+        #: once instead of its 27 MB encoding read from the outbox and decoded again (100,000 users); the
+        #: outbox keeps the encoding (a restart, a resend). One per gateway, dropped once used or superseded.
+        self._snaps: dict[str, tuple[int, Snapshot]] = {}
 
     async def gateways(self) -> list[str]:
         async with self.db.read() as c:
@@ -172,6 +176,7 @@ class ServiceStore:
                 await c.execute(delete(ob).where(ob.c.gateway == gw))
                 await c.execute(delete(sh).where(sh.c.gateway == gw))
                 self.reset.add(gw)
+                self._snaps.pop(gw, None)
             else:
                 await c.execute(update(g).where(g.c.id == gw).values(acked=have))
 
@@ -186,18 +191,26 @@ class ServiceStore:
         async with self.db.write() as c:
             await c.execute(update(g).where(g.c.id == gw).values(error=message))
 
-    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes]] | None:
+    async def pending(self, gw: str, have: int) -> list[tuple[str, int, bytes | Snapshot]] | None:
         ob = schema.outbox
+        held = self._snaps.pop(gw, None)
         async with self.db.read() as c:
-            rows = (await c.execute(select(ob.c.kind, ob.c.from_version, ob.c.to_version, ob.c.body)
+            rows = (await c.execute(select(ob.c.kind, ob.c.from_version, ob.c.to_version)
                                     .where(ob.c.gateway == gw, ob.c.to_version > have)
                                     .order_by(ob.c.to_version))).all()  # fmt: skip
-        if not rows:
-            return []
-        kind, frm, _to, _b = rows[0]
-        if kind == "cs" and frm != have:
-            return None
-        return [(str(k), int(to), bytes(b)) for k, _f, to, b in rows]
+            if not rows:
+                return []
+            kind, frm, _to = rows[0]
+            if kind == "cs" and frm != have:
+                return None
+            out: list[tuple[str, int, bytes | Snapshot]] = []
+            for k, _f, to in rows:
+                if k == "snap" and held is not None and held[0] == to:
+                    out.append((str(k), int(to), held[1]))
+                    continue
+                q = select(ob.c.body).where(ob.c.gateway == gw, ob.c.to_version == to)
+                out.append((str(k), int(to), bytes((await c.execute(q)).scalar_one())))
+        return out
 
     async def shadow_snapshot(self, gw: str) -> Snapshot:
         g = schema.gateways
@@ -229,7 +242,12 @@ class ServiceStore:
                 self.reset.discard(gw)
                 continue
             async with self.db.write() as c:
-                if await write_plan(c, p, shadow):
-                    out[gw] = p.changes
-                    self.reset.discard(gw)
+                written = await write_plan(c, p, shadow)
+            if written:
+                out[gw] = p.changes
+                self.reset.discard(gw)
+                if p.snap is not None:  # kept for `pending` (the transaction is committed: it is in the outbox)
+                    self._snaps[gw] = (p.version + 1, p.snap)
+                else:
+                    self._snaps.pop(gw, None)
         return out
