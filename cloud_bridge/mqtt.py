@@ -131,17 +131,20 @@ def payload(m: aiomqtt.Message) -> bytes:
 class Backoff:
     """Jittered exponential backoff: the n-th delay (from 0) is uniform in [lo/2, min(hi, lo * 2**n)] (full
     jitter above a floor of lo/2, so that a fleet reconnecting after a broker restart spreads out and never
-    spins). `reset()` after a success starts again from `lo`."""
+    spins). With `per_round` k (a client with k broker endpoints, trying the next after each failure), n counts
+    whole rounds: the delay grows only after every endpoint has failed once more, so that one dead or stalled
+    node does not push back the attempt on the next. `reset()` after a success starts again from `lo`."""
 
-    def __init__(self, lo: float, hi: float, rng: random.Random | None = None) -> None:
+    def __init__(self, lo: float, hi: float, rng: random.Random | None = None, *, per_round: int = 1) -> None:
         self.lo, self.hi = lo, hi
+        self.per_round = max(1, per_round)
         self._rng = rng or random.Random()
-        self._n = 0
+        self._n = 0  # failures since the last reset
 
     def __call__(self) -> float:
         """The next delay."""
-        cap = min(self.hi, self.lo * (2**self._n))
-        self._n = min(self._n + 1, 30)
+        cap = min(self.hi, self.lo * (2 ** min(self._n // self.per_round, 30)))
+        self._n = min(self._n + 1, 30 * self.per_round)
         return self._rng.uniform(self.lo / 2, cap)
 
     def reset(self) -> None:

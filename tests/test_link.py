@@ -521,3 +521,25 @@ def test_the_one_backoff_grows_to_its_cap_and_resets() -> None:
     assert all(0.25 <= d <= 8.0 for d in first) and max(first[6:]) > 4.0
     b.reset()
     assert 0.25 <= b() <= 0.5  # the first delay after a success is at most `lo` again
+
+
+def test_the_backoff_grows_per_round_of_endpoints() -> None:
+    """With 3 endpoints a failed node is followed by the next one after at most `lo`: the cap doubles only
+    after a whole round has failed (issue 20: the first attempt after a node's death may land on a stalled
+    node), and a success starts again from `lo`."""
+    import random
+
+    from cloud_bridge.mqtt import Backoff
+
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b  # the cap of each delay
+
+    b = Backoff(0.5, 4.0, Top(), per_round=3)
+    assert [b() for _ in range(12)] == [0.5] * 3 + [1.0] * 3 + [2.0] * 3 + [4.0] * 3
+    b.reset()
+    assert b() == 0.5
+    one = Backoff(0.5, 4.0, Top())  # one endpoint: doubles after every failure, as before
+    assert [one() for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    low = Backoff(0.5, 4.0, random.Random(3), per_round=3)
+    assert all(0.25 <= low() <= 0.5 for _ in range(3))
