@@ -15,8 +15,6 @@ starting with = + - @, a tab or a carriage return) is prefixed with an apostroph
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import io
 import time
@@ -37,7 +35,7 @@ from edge.events import ACCESS_DENIED, ACCESS_GRANTED, ACCESS_REVOKED
 from . import schema
 from .core import any_target, authorizer, may_some, permitted, principal_of, state_of
 from .errors import BadRequest, NotFound
-from .events import SCAN_LIMIT, event_target
+from .events import SCAN_LIMIT, decode_cursor, encode_cursor, event_target
 from .integrations import export_status
 from .visitors import local_day
 
@@ -201,19 +199,6 @@ def _report_filter(start: float, end: float, where: tuple[str, str] | None, pers
     return cond
 
 
-def encode_report_cursor(ts: float, eid: str) -> str:
-    return base64.urlsafe_b64encode(msgspec.msgpack.encode([ts, eid])).decode().rstrip("=")
-
-
-def decode_report_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        ts, eid = msgspec.msgpack.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)),
-                                         type=tuple[float, str])  # fmt: skip
-    except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
-        raise BadRequest("not a cursor this service gave out", "query.cursor") from None
-    return ts, eid
-
-
 async def _totals(c: AsyncConnection, span: tuple[float, float], where: tuple[str, str] | None, *,
                   person: str | None, may_place: Callable[[str, str, str], bool],
                   may_user: UserReads) -> tuple[Totals, dict[str, Totals]]:  # fmt: skip
@@ -266,7 +251,7 @@ async def access_requests(c: AsyncConnection, authz: Authorizer, op: Operator, *
     may_user = UserReads(authz, op)
     may_place = _place_check(authz, op)
     zone = ZoneInfo(tz)
-    after = decode_report_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     cap = MAX_ROWS if limit is None else limit
     q = select(e.c.id, e.c.gateway, e.c.type, e.c.ts, e.c.door, e.c.reader, e.c.card, e.c.user_id, e.c.reason)
     rows: list[AccessRequest] = []
@@ -322,7 +307,7 @@ async def access_requests(c: AsyncConnection, authz: Authorizer, op: Operator, *
                                       may_user=may_user)  # fmt: skip
     if person is not None and may_user(person):
         by_person[person] = msgspec.structs.replace(totals)
-    nxt = encode_report_cursor(*last) if more and last is not None else None
+    nxt = encode_cursor(*last) if more and last is not None else None
     return AccessRequestReport(day=day_text, tz=tz, person=person, reader=reader, rows=rows, totals=totals,
                                by_person=by_person, by_reader=by_reader, truncated=False, next_cursor=nxt)  # fmt: skip
 
