@@ -28,7 +28,6 @@ import random
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.operator import DAY, DOORS, LAST, Served, emit, log, p99, prepare, stop
+from bench.operator import DAY, DOORS, LAST, Served, emit, log, p99, side_by_side
 from cloud_bridge.service import schema
 from cloud_bridge.service.database import Database
-from tests.postgres import Postgres
 from tests.service_harness import PASSWORD, login
 
 
@@ -133,37 +131,12 @@ async def main() -> int:
     users, events = (2_000, 10_000) if a.quick else (100_000, 1_000_000)
     a.users, a.events = a.users or users, a.events or events
     a.requests = a.requests or (5 if a.quick else 100)
-    pgs: list[Postgres] = []
 
-    def pg_database() -> str:
-        pg = Postgres()  # its port chosen now, right before it binds it (not raced by the other's free ports)
-        pgs.append(pg)
-        pg.start()
-        return pg.create_database("bench")
+    async def pages(sv: Served, a: argparse.Namespace) -> None:
+        await measure(sv, a)
+        log(f"{sv.name}: pages done")
 
-    served: list[Served] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-console-") as d:
-            names = ("sqlite", "postgresql") if a.db == "both" else (a.db,)
-            prep = []
-            for name in names:
-                tmp = Path(d) / name
-                tmp.mkdir()
-                # the cluster started before anything else picks ports (its port is free now, not later)
-                url = f"sqlite+aiosqlite:///{tmp / 'site.db'}" if name == "sqlite" else pg_database()
-                prep.append(prepare(name, url, tmp, a))
-            for r in await asyncio.gather(*prep, return_exceptions=True):
-                if isinstance(r, BaseException):
-                    raise r
-                served.append(r)
-            for sv in served:
-                await measure(sv, a)
-                log(f"{sv.name}: pages done")
-    finally:
-        for sv in served:
-            await stop(sv.proc)
-        for pg in pgs:
-            pg.stop()
+    await side_by_side(a, "bench-console-", pages)
     return 0
 
 

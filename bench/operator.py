@@ -316,6 +316,16 @@ async def main() -> int:
     users, events = (5_000, 20_000) if a.quick else (100_000, 1_000_000)
     a.users, a.events = a.users or users, a.events or events
     a.seconds, a.requests = (a.seconds or (10.0 if a.quick else 60.0)), (20 if a.quick else 200)
+    await side_by_side(a, "bench-op-", measure)
+    return 0
+
+
+async def side_by_side(
+    a: argparse.Namespace, prefix: str, measure: Callable[[Served, argparse.Namespace], Awaitable[None]]
+) -> None:
+    """Each database of `a.db` prepared side by side (SQLite in a temporary folder, PostgreSQL as a throw-away
+    cluster) and served (`prepare`), then `measure`d one after the other; every server and cluster stopped
+    afterwards, whatever happened. bench/console.py uses it too."""
     pgs: list[Postgres] = []
 
     def pg_database() -> str:
@@ -326,10 +336,10 @@ async def main() -> int:
 
     served: list[Served] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-op-") as d:
+        with tempfile.TemporaryDirectory(prefix=prefix) as d:
             names = ("sqlite", "postgresql") if a.db == "both" else (a.db,)
             prep = []
-            for name in names:  # both prepared side by side, then measured one after the other
+            for name in names:
                 tmp = Path(d) / name
                 tmp.mkdir()
                 # the cluster started before anything else picks ports (its port is free now, not later)
@@ -346,7 +356,6 @@ async def main() -> int:
             await stop(sv.proc)
         for pg in pgs:
             pg.stop()
-    return 0
 
 
 if __name__ == "__main__":
