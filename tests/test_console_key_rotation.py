@@ -15,10 +15,7 @@ for the password again; a wrong password changes nothing; a read-only operator s
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +30,6 @@ from cloud_bridge.protocol import Unlock
 from cloud_bridge.service import schema, site
 from cloud_bridge.service.database import Database
 from cloud_bridge.signing import fingerprint, load_key_state, public_bytes
-from edge.agent import Agent, run_agent
-from edge.config import parse_config
-from edge.sim.hands import simulated_agent
 
 from .broker import broker, cloud_peer  # noqa: F401
 from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
@@ -44,44 +38,10 @@ from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSPHRASE, PASSWORD, config, login, running
 from .test_console_pages import log_in, setup_in_browser, sqlite
 from .test_key_rotation import send_and_wait
-from .test_operator_e2e import GW, SITE, sock_dir  # noqa: F401
+from .test_operator_e2e import GW, SITE, agent_running, sock_dir  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, setup_admin, started, until
 
 GW2 = "gw2"
-
-
-@asynccontextmanager
-async def agent(broker: Mosquitto, state: Path, sock: Path, pub_hex: str, gw: str) -> AsyncIterator[Agent]:
-    """A simulated gateway `gw` (test_operator_e2e.agent_running, for any gateway id)."""
-    cfg = parse_config(f"""
-hardware = "sim"
-[site]
-id = "{SITE}"
-gateway = "{gw}"
-timezone = "Europe/Berlin"
-[policy]
-clock_source = "system"
-[storage]
-state_dir = "{state}"
-synchronous = "NORMAL"
-[control]
-socket = "{sock}"
-[link]
-host = "{broker.host}"
-port = {broker.port}
-backoff_min_s = 0.1
-backoff_max_s = 0.5
-keepalive_s = 5
-command_key = "{pub_hex}"
-""")
-    a = simulated_agent(cfg)
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(run_agent(a), name=f"agent[{gw}]")
-        await asyncio.wait_for(a.started.wait(), 10)
-        try:
-            yield a
-        finally:
-            a.stop()
 
 
 async def _meta(url: str, key: str) -> str | None:
@@ -135,13 +95,13 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
     s1, s2 = tmp_path / "gw1", tmp_path / "gw2"
     async with (
         running(cfg, provisioning=True, init=False) as svc,
-        agent(broker, s1, sock_dir / "c1.sock", pub, GW) as g1,
+        agent_running(broker, s1, sock_dir / "c1.sock", pub, gw=GW) as g1,
     ):
         root = await setup_admin(url, svc)
         guard = httpx.AsyncClient(base_url=svc.url, timeout=60)
         try:
             await login(guard, "guard", PASSWORD)
-            async with agent(broker, s2, sock_dir / "c2.sock", pub, GW2):
+            async with agent_running(broker, s2, sock_dir / "c2.sock", pub, gw=GW2):
                 await until(lambda: _online(root, GW2), what="gw2 online")
             await until(lambda: _online(root, GW2, False), what="gw2 offline")
             await until(lambda: _online(root, GW), what="gw1 online")
@@ -208,7 +168,7 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
             assert r.status_code == 200 and isinstance(r.json()["gateways"][GW], int), r.text  # provisioning too
 
             # gw2 comes back holding the old key: moved over at its birth, then obeys the new key only
-            async with agent(broker, s2, sock_dir / "c2.sock", pub, GW2):
+            async with agent_running(broker, s2, sock_dir / "c2.sock", pub, gw=GW2):
 
                 async def moved() -> bool:
                     x = (await root.get("/api/v1/site-key/rotation")).json()["rotation"]["gateways"][GW2]
@@ -232,7 +192,7 @@ async def test_rotation_through_the_api_with_a_gateway_offline_then_abort(
             third = _key(await _meta(url, "site_key_pending"))
             assert {g: x["state"] for g, x in r.json()["rotation"]["gateways"].items()} == {
                 GW: "acknowledged", GW2: "offline"}  # fmt: skip
-            async with agent(broker, s2, sock_dir / "c2.sock", pub, GW2):
+            async with agent_running(broker, s2, sock_dir / "c2.sock", pub, gw=GW2):
 
                 async def acknowledged() -> bool:
                     x = (await root.get("/api/v1/site-key/rotation")).json()["rotation"]["gateways"][GW2]
@@ -289,7 +249,7 @@ async def test_gateway_page_rotates_the_key_with_reauthentication(broker: Mosqui
     old = _key(await _meta(url, "site_key"))
     async with (
         running(cfg, provisioning=True, init=False) as svc,
-        agent(broker, tmp_path / "gw1", sock_dir / "c1.sock", pub, GW),
+        agent_running(broker, tmp_path / "gw1", sock_dir / "c1.sock", pub, gw=GW),
         chromium() as browser,
     ):
         db = Database(url)

@@ -45,12 +45,13 @@ def sock_dir() -> Iterator[Path]:
 
 
 @asynccontextmanager
-async def agent_running(broker: Mosquitto, state: Path, sock: Path, pub_hex: str) -> AsyncIterator[Agent]:
+async def agent_running(broker: Mosquitto, state: Path, sock: Path, pub_hex: str, gw: str = GW) -> AsyncIterator[Agent]:
+    """A simulated gateway `gw` of SITE linked to `broker`, obeying commands signed by `pub_hex`."""
     cfg = parse_config(f"""
 hardware = "sim"
 [site]
 id = "{SITE}"
-gateway = "{GW}"
+gateway = "{gw}"
 timezone = "Europe/Berlin"
 [policy]
 clock_source = "system"
@@ -69,7 +70,7 @@ command_key = "{pub_hex}"
 """)
     agent = simulated_agent(cfg)
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(run_agent(agent), name="agent")
+        tg.create_task(run_agent(agent), name=f"agent[{gw}]")
         await asyncio.wait_for(agent.started.wait(), 10)
         try:
             yield agent
