@@ -26,7 +26,7 @@ import msgspec
 from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from msgspec import Meta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -143,8 +143,9 @@ class AlarmController(Controller):
 
     @get("/", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
     async def list_alarms(self, request: Request[Any, Any, Any], *,
-                          which: Annotated[str | None, Parameter(query="state")] = None,
-                          gateway: str | None = None, kind: str | None = None, cursor: int | None = None,
+                          which: Annotated[str | None, QueryParameter(name="state")] = None,
+                          gateway: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
+                          cursor: FromQuery[int | None] = None,
                           limit: Annotated[int, Meta(ge=1, le=1000)] = 100) -> AlarmPage:  # fmt: skip
         """Alarms, newest first: `state` open or acknowledged (default both); only those the operator may
         read. `cursor`: the `next_cursor` of the page before."""
@@ -169,7 +170,8 @@ class AlarmController(Controller):
         return AlarmPage(items=shown, next_cursor=items[-1].id if len(items) == limit else None)
 
     @post("/{aid:int}/acknowledge", guards=[may_acknowledge], status_code=200)
-    async def acknowledge(self, request: Request[Any, Any, Any], aid: int, data: Acknowledge) -> AlarmOut:
+    async def acknowledge(self, request: Request[Any, Any, Any], aid: FromPath[int],
+                          data: JSONBody[Acknowledge]) -> AlarmOut:
         """Acknowledge an open alarm, with a comment; the operator and the time are recorded (and audited)."""
         p, st = principal_of(request), state_of(request)
         a = schema.alarms

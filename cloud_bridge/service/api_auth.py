@@ -9,6 +9,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import PermissionDeniedException
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select, update
 
@@ -71,7 +72,7 @@ class AuthController(Controller):
     tags = ["auth"]
 
     @post("/login", status_code=200)
-    async def login(self, request: Request[Any, Any, Any], data: Login) -> Response[Me]:
+    async def login(self, request: Request[Any, Any, Any], data: JSONBody[Login]) -> Response[Me]:
         """Log in with a password: sets the session cookie (Secure, HttpOnly, SameSite=Strict) and returns
         the session's CSRF token. Any failure is the same 401; repeated failures lock the account."""
         st = state_of(request)
@@ -96,7 +97,7 @@ class AuthController(Controller):
         return Response(_me(p), cookies=[cookie])
 
     @post("/setup", status_code=200)
-    async def setup(self, request: Request[Any, Any, Any], data: Setup) -> Me:
+    async def setup(self, request: Request[Any, Any, Any], data: JSONBody[Setup]) -> Me:
         """Set an operator's password with a one-time setup code (printed by `cloud-bridge serve --init`)."""
         st = state_of(request)
         async with st.db.write() as c:
@@ -145,7 +146,7 @@ class TokenController(Controller):
         return [_token_out(r) for r in rows]
 
     @post("/", status_code=201)
-    async def create_token(self, request: Request[Any, Any, Any], data: TokenIn) -> TokenOut:
+    async def create_token(self, request: Request[Any, Any, Any], data: JSONBody[TokenIn]) -> TokenOut:
         p, st = principal_of(request), state_of(request)
         if p.via != "session":
             raise PermissionDeniedException("API tokens are created from a login session, not with a token")
@@ -160,7 +161,7 @@ class TokenController(Controller):
         return _token_out(row, token)
 
     @delete("/{tid:str}", status_code=200)
-    async def revoke_token(self, request: Request[Any, Any, Any], tid: str) -> TokenOut:
+    async def revoke_token(self, request: Request[Any, Any, Any], tid: FromPath[str]) -> TokenOut:
         """Revoke a token at once: the caller's own, or another operator's with update on that operator."""
         p, st = principal_of(request), state_of(request)
         t = schema.api_tokens

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post, put
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -141,7 +142,7 @@ class AreaController(Controller):
             return await read_areas(c)
 
     @get("/{aid:str}", opt=GATEWAY_READ, guards=[permitted])
-    async def get_area(self, request: Request[Any, Any, Any], aid: str) -> Area:
+    async def get_area(self, request: Request[Any, Any, Any], aid: FromPath[str]) -> Area:
         async with state_of(request).db.read() as c:
             a = await _area_row(c, aid)
         if a is None:
@@ -149,7 +150,7 @@ class AreaController(Controller):
         return a
 
     @put("/{aid:str}", opt=GATEWAY_UPDATE, guards=[permitted])
-    async def put_area(self, request: Request[Any, Any, Any], aid: str, data: AreaBody) -> Area:
+    async def put_area(self, request: Request[Any, Any, Any], aid: FromPath[str], data: JSONBody[AreaBody]) -> Area:
         """Create or replace an area: its anti-passback rule (none, soft, hard, timed), exempt groups,
         occupancy limit and nightly reset time."""
         p, st = principal_of(request), state_of(request)
@@ -167,7 +168,7 @@ class AreaController(Controller):
         return area
 
     @delete("/{aid:str}", opt=GATEWAY_UPDATE, guards=[permitted], status_code=200)
-    async def delete_area(self, request: Request[Any, Any, Any], aid: str) -> Area:
+    async def delete_area(self, request: Request[Any, Any, Any], aid: FromPath[str]) -> Area:
         """Remove an area; refused (409) while a door's rules name it."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
@@ -184,7 +185,7 @@ class AreaController(Controller):
         return before
 
     @post("/reset", opt=GATEWAY_UPDATE, guards=[permitted], status_code=200)
-    async def reset(self, request: Request[Any, Any, Any], data: ResetBody) -> ResetResult:
+    async def reset(self, request: Request[Any, Any, Any], data: JSONBody[ResetBody]) -> ResetResult:
         """The anti-passback reset, as a signed command to each gateway now (not with a publish): the user or
         everyone in the area (or everyone) may pass any door once. Offline gateways are named, not queued."""
         p, st = principal_of(request), state_of(request)
@@ -226,12 +227,14 @@ class DoorRulesController(Controller):
     tags = ["access rules"]
 
     @get("/doors/{door:str}/rules", opt={**GATEWAY_READ, "id": "gw"}, guards=[permitted])
-    async def get_door_rules(self, request: Request[Any, Any, Any], gw: str, door: str) -> DoorRules:
+    async def get_door_rules(self, request: Request[Any, Any, Any], gw: FromPath[str],
+                             door: FromPath[str]) -> DoorRules:
         async with state_of(request).db.read() as c:
             return await _door_rules(c, gw, door) or DoorRules()
 
     @put("/doors/{door:str}/rules", opt={**GATEWAY_UPDATE, "id": "gw"}, guards=[permitted])
-    async def put_door_rules(self, request: Request[Any, Any, Any], gw: str, door: str, data: DoorRules) -> DoorRules:
+    async def put_door_rules(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                             data: JSONBody[DoorRules]) -> DoorRules:
         """The door's access rules: the areas its "in" reader leads from and to (the "out" reader back),
         two-person window, escort group and the visitor groups it holds. All defaults: no rules."""
         p, st = principal_of(request), state_of(request)
@@ -252,13 +255,13 @@ class DoorRulesController(Controller):
         return data
 
     @get("/interlocks", opt={**GATEWAY_READ, "id": "gw"}, guards=[permitted])
-    async def list_interlocks(self, request: Request[Any, Any, Any], gw: str) -> list[Interlock]:
+    async def list_interlocks(self, request: Request[Any, Any, Any], gw: FromPath[str]) -> list[Interlock]:
         async with state_of(request).db.read() as c:
             return await _interlocks(c, gw)
 
     @put("/interlocks/{iid:str}", opt={**GATEWAY_UPDATE, "id": "gw"}, guards=[permitted])
-    async def put_interlock(self, request: Request[Any, Any, Any], gw: str, iid: str,
-                            data: InterlockBody) -> Interlock:  # fmt: skip
+    async def put_interlock(self, request: Request[Any, Any, Any], gw: FromPath[str], iid: FromPath[str],
+                            data: JSONBody[InterlockBody]) -> Interlock:  # fmt: skip
         """Create or replace an interlock (mantrap) of doors of this gateway; a door is in one interlock."""
         p, st = principal_of(request), state_of(request)
         il = msgspec.convert({"id": iid, **msgspec.to_builtins(data)}, Interlock)
@@ -279,7 +282,8 @@ class DoorRulesController(Controller):
         return il
 
     @delete("/interlocks/{iid:str}", opt={**GATEWAY_UPDATE, "id": "gw"}, guards=[permitted], status_code=200)
-    async def delete_interlock(self, request: Request[Any, Any, Any], gw: str, iid: str) -> Interlock:
+    async def delete_interlock(self, request: Request[Any, Any, Any], gw: FromPath[str],
+                               iid: FromPath[str]) -> Interlock:
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
             before = next((x for x in await _interlocks(c, gw) if x.id == iid), None)
@@ -314,7 +318,7 @@ class SiteRulesController(Controller):
         return SiteRulesOut(duress=r.duress, duress_code_set=r.duress_code_hash is not None)
 
     @put("/", opt=GATEWAY_UPDATE, guards=[permitted])
-    async def put_site_rules(self, request: Request[Any, Any, Any], data: SiteRulesBody) -> SiteRulesOut:
+    async def put_site_rules(self, request: Request[Any, Any, Any], data: JSONBody[SiteRulesBody]) -> SiteRulesOut:
         """The duress PIN: off, the user's PIN with its last digit + 1, or a site duress code (hashed here)."""
         p, st = principal_of(request), state_of(request)
         code_hash = None

@@ -20,6 +20,7 @@ import msgspec
 from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -196,7 +197,7 @@ class DoorController(Controller):
         return [x for x in doors if authz.check(p.operator, Action.READ, door_target(x)).allowed]
 
     @get("/{gw:str}/{door:str}", guards=[door_readable])
-    async def get_door(self, request: Request[Any, Any, Any], gw: str, door: str) -> DoorOut:
+    async def get_door(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str]) -> DoorOut:
         async with state_of(request).db.read() as c:
             found = await load_doors(c, (gw, door))
         if not found:
@@ -204,14 +205,16 @@ class DoorController(Controller):
         return found[0]
 
     @post("/{gw:str}/{door:str}/unlock", opt={"command": "unlock"}, guards=[command_permitted], status_code=200)
-    async def unlock(self, request: Request[Any, Any, Any], gw: str, door: str, data: UnlockIn,
+    async def unlock(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                     data: JSONBody[UnlockIn],
                      timeout: Timeout = 30.0) -> CommandOut:  # fmt: skip
         """Momentary unlock (signed command); the answer is the gateway's result."""
         await _known_door(request, gw, door)
         return await send(request, gw, door, Unlock(door=door, seconds=data.seconds), timeout)
 
     @post("/{gw:str}/{door:str}/mode", opt={"command": "door_mode"}, guards=[command_permitted], status_code=200)
-    async def set_mode(self, request: Request[Any, Any, Any], gw: str, door: str, data: ModeIn,
+    async def set_mode(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                       data: JSONBody[ModeIn],
                        timeout: Timeout = 30.0) -> CommandOut:  # fmt: skip
         """Override the door's mode (None: back to its provisioned mode); signed command."""
         await _known_door(request, gw, door)
@@ -223,7 +226,7 @@ class LockdownController(Controller):
     tags = ["doors"]
 
     @post("/{gw:str}", opt={"command": "lockdown"}, guards=[command_permitted], status_code=200)
-    async def lockdown(self, request: Request[Any, Any, Any], gw: str, data: LockdownIn,
+    async def lockdown(self, request: Request[Any, Any, Any], gw: FromPath[str], data: JSONBody[LockdownIn],
                        timeout: Timeout = 30.0) -> CommandOut:  # fmt: skip
         """Lock every door of gateway `gw` down (`active` true: relocked, remote unlocks refused) or release
         the lockdown; signed command."""

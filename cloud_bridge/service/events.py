@@ -36,6 +36,7 @@ from typing import Annotated, Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from litestar import Controller, Request, Response, get
+from litestar.params import FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 from sqlalchemy import Select, Table, func, literal, or_, select, tuple_, update
@@ -460,10 +461,12 @@ class EventController(Controller):
     tags = ["events"]
 
     @get("/", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
-    async def list_events(self, request: Request[Any, Any, Any], *, since: float | None = None,
-                          until: float | None = None, gateway: str | None = None, door: str | None = None,
-                          user: str | None = None, kind: str | None = None, result: str | None = None,
-                          cursor: str | None = None, limit: Limit = 100) -> EventPage:  # fmt: skip
+    async def list_events(self, request: Request[Any, Any, Any], *, since: FromQuery[float | None] = None,
+                          until: FromQuery[float | None] = None, gateway: FromQuery[str | None] = None,
+                          door: FromQuery[str | None] = None,
+                          user: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
+                          result: FromQuery[str | None] = None,
+                          cursor: FromQuery[str | None] = None, limit: Limit = 100) -> EventPage:  # fmt: skip
         """Event history, newest first, filtered by time (`since` <= ts < `until`, UTC seconds), gateway, door
         ("gw1/front"), user, kind (comma-separated, "door.*" for a family) and result (granted/denied); only
         the events the operator may read. `cursor`: the `next_cursor` of the page before (opaque)."""
@@ -474,9 +477,11 @@ class EventController(Controller):
             return await page(c, authz, p.operator, f, limit=limit, cursor=cursor)
 
     @get("/export.csv", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
-    async def export_csv(self, request: Request[Any, Any, Any], *, since: float | None = None,
-                         until: float | None = None, gateway: str | None = None, door: str | None = None,
-                         user: str | None = None, kind: str | None = None, result: str | None = None,
+    async def export_csv(self, request: Request[Any, Any, Any], *, since: FromQuery[float | None] = None,
+                         until: FromQuery[float | None] = None, gateway: FromQuery[str | None] = None,
+                         door: FromQuery[str | None] = None,
+                         user: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
+                         result: FromQuery[str | None] = None,
                          limit: Annotated[int, Meta(ge=1, le=100_000)] = 10_000) -> Response[str]:  # fmt: skip
         """The same history as CSV (newest first, at most `limit` rows); cells a spreadsheet would run as a
         formula are prefixed with a quote."""
@@ -497,9 +502,10 @@ class EventController(Controller):
                         headers={"content-disposition": 'attachment; filename="events.csv"'})  # fmt: skip
 
     @get("/stream", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
-    async def stream(self, request: Request[Any, Any, Any], *, gateway: str | None = None, door: str | None = None,
-                     user: str | None = None, kind: str | None = None,
-                     result: str | None = None) -> ServerSentEvent:  # fmt: skip
+    async def stream(self, request: Request[Any, Any, Any], *, gateway: FromQuery[str | None] = None,
+                     door: FromQuery[str | None] = None,
+                     user: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
+                     result: FromQuery[str | None] = None) -> ServerSentEvent:  # fmt: skip
         """Live events as Server-Sent Events (`event: event`, data: the event as JSON), with the same filters
         as the history; each stream lasts at most 10 minutes (EventSource reconnects on its own, and with
         `Last-Event-ID` is first sent what was stored after that event, up to 1000)."""

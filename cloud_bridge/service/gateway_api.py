@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post
+from litestar.params import FromPath
 from msgspec import Meta
 from sqlalchemy import select
 
@@ -170,18 +171,18 @@ class GatewayLinkController(Controller):
     tags = ["gateways"]
 
     @get("/{gw:str}/link", opt={"perm": (ObjectType.GATEWAY, Action.READ), "id": "gw"}, guards=[permitted])
-    async def link(self, request: Request[Any, Any, Any], gw: str) -> LinkOut:
+    async def link(self, request: Request[Any, Any, Any], gw: FromPath[str]) -> LinkOut:
         """The gateway's last birth (doors, readers, software, journal depth, warnings) or will, as the site
         link holds it, and the command key's status (the gateway's, the service's, a pending rotation)."""
         return await _link(request, gw)
 
     @post("/{gw:str}/test", opt={"command": "rebirth"}, guards=[command_permitted], status_code=200)
-    async def test(self, request: Request[Any, Any, Any], gw: str, timeout: Timeout = 15.0) -> TestOut:
+    async def test(self, request: Request[Any, Any, Any], gw: FromPath[str], timeout: Timeout = 15.0) -> TestOut:
         """Test the connection: a signed rebirth command and the gateway's answer (round trip in ms)."""
         return await _test(request, gw, timeout, "test")
 
     @post("/{gw:str}/refresh", opt={"command": "rebirth"}, guards=[command_permitted], status_code=200)
-    async def refresh(self, request: Request[Any, Any, Any], gw: str, timeout: Timeout = 15.0) -> RefreshOut:
+    async def refresh(self, request: Request[Any, Any, Any], gw: FromPath[str], timeout: Timeout = 15.0) -> RefreshOut:
         """Ask the gateway for a new birth (signed rebirth command) and answer with what it announced."""
         prov = _provisioner(request)
         assert prov.link is not None

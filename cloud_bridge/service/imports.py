@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select, update
@@ -432,13 +433,13 @@ class ImportController(Controller):
         return job.out()
 
     @get("/{jid:str}", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted])
-    async def get_import(self, request: Request[Any, Any, Any], jid: str) -> ImportOut:
+    async def get_import(self, request: Request[Any, Any, Any], jid: FromPath[str]) -> ImportOut:
         """The job: state, progress (`phase`, `done` of `total` rows), the report, the result."""
         return (await _job(state_of(request), jid, principal_of(request).operator.id)).out()
 
     @post("/{jid:str}/dry-run", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted],
           status_code=202)  # fmt: skip
-    async def dry_run(self, request: Request[Any, Any, Any], jid: str, data: DryRun) -> ImportOut:
+    async def dry_run(self, request: Request[Any, Any, Any], jid: FromPath[str], data: JSONBody[DryRun]) -> ImportOut:
         """Check every row through the mapping; nothing is applied. Poll the job for the report."""
         p, st = principal_of(request), state_of(request)
         job = await _job(st, jid, p.operator.id)
@@ -465,7 +466,7 @@ class ImportController(Controller):
 
     @post("/{jid:str}/commit", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted],
           status_code=202)  # fmt: skip
-    async def commit(self, request: Request[Any, Any, Any], jid: str, data: Commit) -> ImportOut:
+    async def commit(self, request: Request[Any, Any, Any], jid: FromPath[str], data: JSONBody[Commit]) -> ImportOut:
         """Import every row in one transaction (validated again first: a bad row and nothing is applied),
         then publish when asked. Needs a clean dry-run of the same file and mapping."""
         p, st = principal_of(request), state_of(request)
@@ -480,7 +481,7 @@ class ImportController(Controller):
         return job.out()
 
     @delete("/{jid:str}", opt={"perm": (ObjectType.USER, Action.CREATE)}, guards=[permitted], status_code=200)
-    async def discard(self, request: Request[Any, Any, Any], jid: str) -> ImportOut:
+    async def discard(self, request: Request[Any, Any, Any], jid: FromPath[str]) -> ImportOut:
         """Forget a job (its file). A running dry-run is stopped; a running commit cannot be."""
         p, st = principal_of(request), state_of(request)
         job = await _job(st, jid, p.operator.id)

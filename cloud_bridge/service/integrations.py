@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -292,7 +293,7 @@ class IdentityController(Controller):
                               delete_user_on_no_entitlement=r.delete_user_on_no_entitlement)  # fmt: skip
 
     @put("/settings", opt={"perm": (ObjectType.GATEWAY, Action.UPDATE)}, guards=[permitted])
-    async def put_settings(self, request: Request[Any, Any, Any], data: ExportSettings) -> ExportSettings:
+    async def put_settings(self, request: Request[Any, Any, Any], data: JSONBody[ExportSettings]) -> ExportSettings:
         """The export rules (they change what every gateway holds: update on gateways)."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
@@ -308,7 +309,7 @@ class IdentityController(Controller):
     # users --------------------------------------------------------------------------------------------
 
     @get("/users/{uid:str}", opt={"perm": (USER, Action.READ), "id": "uid"}, guards=[permitted])
-    async def get_user(self, request: Request[Any, Any, Any], uid: str) -> IdentityUserOut:
+    async def get_user(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> IdentityUserOut:
         async with state_of(request).db.read() as c:
             out = await _user_out(c, uid)
         if out is None:
@@ -316,7 +317,8 @@ class IdentityController(Controller):
         return out
 
     @put("/users/{uid:str}", opt={"perm": (USER, Action.UPDATE), "id": "uid"}, guards=[permitted])
-    async def put_user(self, request: Request[Any, Any, Any], uid: str, data: IdentityUser) -> IdentityUserOut:
+    async def put_user(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                       data: JSONBody[IdentityUser]) -> IdentityUserOut:
         """Create or update a user by its external id; its tokens and assignments are kept."""
         p, st = principal_of(request), state_of(request)
         _check_id(uid, "path.uid")
@@ -341,7 +343,7 @@ class IdentityController(Controller):
 
     @delete("/users/{uid:str}", opt={"perm": (USER, Action.DELETE), "id": "uid"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_user(self, request: Request[Any, Any, Any], uid: str) -> IdentityUserOut:
+    async def delete_user(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> IdentityUserOut:
         """Delete a user with its tokens and assignments (removed from the gateways at the next publish)."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
@@ -355,7 +357,8 @@ class IdentityController(Controller):
     # tokens -------------------------------------------------------------------------------------------
 
     @put("/tokens/{card:int}", opt={"perm": (CRED, Action.UPDATE), "id": "card"}, guards=[permitted])
-    async def put_token(self, request: Request[Any, Any, Any], card: int, data: TokenIn) -> TokenOut:
+    async def put_token(self, request: Request[Any, Any, Any], card: FromPath[int],
+                        data: JSONBody[TokenIn]) -> TokenOut:
         """Create or replace an access token (a card number) of a user; moving it to another user is allowed.
         Exported only while ACTIVE and its window has not ended."""
         p, st = principal_of(request), state_of(request)
@@ -387,7 +390,7 @@ class IdentityController(Controller):
 
     @delete("/tokens/{card:int}", opt={"perm": (CRED, Action.DELETE), "id": "card"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_token(self, request: Request[Any, Any, Any], card: int) -> TokenOut:
+    async def delete_token(self, request: Request[Any, Any, Any], card: FromPath[int]) -> TokenOut:
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
             before = await _token_out(c, card)
@@ -400,7 +403,8 @@ class IdentityController(Controller):
     # entitlement assignments ----------------------------------------------------------------------------
 
     @put("/assignments/{aid:str}", opt={"perm": (USER, Action.UPDATE)}, guards=[permitted])
-    async def put_assignment(self, request: Request[Any, Any, Any], aid: str, data: AssignmentIn) -> AssignmentOut:
+    async def put_assignment(self, request: Request[Any, Any, Any], aid: FromPath[str],
+                             data: JSONBody[AssignmentIn]) -> AssignmentOut:
         """Create or replace an entitlement assignment by its external id: the user holds the entitlement
         (group) during the window (None: since always / for ever). The gateway enforces the window itself."""
         p, st = principal_of(request), state_of(request)
@@ -437,7 +441,7 @@ class IdentityController(Controller):
         return out
 
     @delete("/assignments/{aid:str}", opt={"perm": (USER, Action.UPDATE)}, guards=[permitted], status_code=200)
-    async def delete_assignment(self, request: Request[Any, Any, Any], aid: str) -> AssignmentOut:
+    async def delete_assignment(self, request: Request[Any, Any, Any], aid: FromPath[str]) -> AssignmentOut:
         p, st = principal_of(request), state_of(request)
         ar = schema.assignment_refs
         async with st.db.write() as c:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import JSONBody
 from msgspec import Meta
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -413,14 +414,16 @@ class KeyRotationController(Controller):
         return await status(state_of(request))
 
     @post("/", guards=[may_rotate], status_code=200)
-    async def start_rotation(self, request: Request[Any, Any, Any], data: StartIn | None = None) -> RotationOut:
+    async def start_rotation(self, request: Request[Any, Any, Any],
+                             data: JSONBody[StartIn | None] = None) -> RotationOut:
         """Start a rotation: a new key, announced to every online gateway (signed with the current key)."""
         st = state_of(request)
         await start(st, principal_of(request), (data or StartIn()).timeout)
         return await status(st)
 
     @post("/commit", guards=[may_rotate], status_code=200)
-    async def commit_rotation(self, request: Request[Any, Any, Any], data: CommitIn | None = None) -> RotationOut:
+    async def commit_rotation(self, request: Request[Any, Any, Any],
+                              data: JSONBody[CommitIn | None] = None) -> RotationOut:
         """Move every acknowledged gateway to the new key and sign with it from now on (409 while some have
         not acknowledged, unless `force`)."""
         st = state_of(request)
@@ -429,7 +432,8 @@ class KeyRotationController(Controller):
         return await status(st)
 
     @post("/abort", guards=[may_rotate], status_code=200)
-    async def abort_rotation(self, request: Request[Any, Any, Any], data: AbortIn | None = None) -> RotationOut:
+    async def abort_rotation(self, request: Request[Any, Any, Any],
+                             data: JSONBody[AbortIn | None] = None) -> RotationOut:
         """Give the pending key up: every acknowledged gateway goes back to the current key only."""
         st = state_of(request)
         await abort(st, principal_of(request), (data or AbortIn()).timeout)

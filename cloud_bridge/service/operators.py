@@ -25,6 +25,7 @@ from litestar import Controller, Request, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select, update
 
@@ -112,7 +113,7 @@ class ReauthController(Controller):
     tags = ["auth"]
 
     @post("/", status_code=200)
-    async def reauth(self, request: Request[Any, Any, Any], data: Reauth) -> ReauthOut:
+    async def reauth(self, request: Request[Any, Any, Any], data: JSONBody[Reauth]) -> ReauthOut:
         """Give the password again: operator changes are allowed on this session for the next 5 minutes.
         A wrong password is 401 and counts towards the account's lockout."""
         p, st = principal_of(request), state_of(request)
@@ -181,7 +182,7 @@ class OperatorController(Controller):
         return [o for o in ops.values() if authz.check(p.operator, Action.READ, _op_target(o.id)).allowed]
 
     @get("/{oid:str}", opt={"perm": (ObjectType.OPERATOR, Action.READ), "id": "oid"}, guards=[permitted])
-    async def get_operator(self, request: Request[Any, Any, Any], oid: str) -> OperatorOut:
+    async def get_operator(self, request: Request[Any, Any, Any], oid: FromPath[str]) -> OperatorOut:
         async with state_of(request).db.read() as c:
             found = (await _operators(c, [oid])).get(oid)
         if found is None:
@@ -190,7 +191,8 @@ class OperatorController(Controller):
 
     @put("/{oid:str}", opt={"perm": (ObjectType.OPERATOR, Action.UPDATE), "id": "oid"},
          guards=[permitted, recently_authenticated])  # fmt: skip
-    async def put_operator(self, request: Request[Any, Any, Any], oid: str, data: OperatorBody) -> OperatorOut:
+    async def put_operator(self, request: Request[Any, Any, Any], oid: FromPath[str],
+                           data: JSONBody[OperatorBody]) -> OperatorOut:
         """Create or replace an operator: name, permission groups, active. A new one gets a one-time setup
         code in the answer (shown once)."""
         p, st = principal_of(request), state_of(request)
@@ -237,7 +239,7 @@ class OperatorController(Controller):
 
     @post("/{oid:str}/setup-code", opt={"perm": (ObjectType.OPERATOR, Action.UPDATE), "id": "oid"},
           guards=[permitted, recently_authenticated], status_code=200)  # fmt: skip
-    async def setup_code(self, request: Request[Any, Any, Any], oid: str) -> OperatorOut:
+    async def setup_code(self, request: Request[Any, Any, Any], oid: FromPath[str]) -> OperatorOut:
         """A new one-time setup code (a forgotten password): the operator sets a new password with it."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
@@ -250,7 +252,7 @@ class OperatorController(Controller):
 
     @delete("/{oid:str}", opt={"perm": (ObjectType.OPERATOR, Action.DELETE), "id": "oid"},
             guards=[permitted, recently_authenticated], status_code=200)  # fmt: skip
-    async def delete_operator(self, request: Request[Any, Any, Any], oid: str) -> OperatorOut:
+    async def delete_operator(self, request: Request[Any, Any, Any], oid: FromPath[str]) -> OperatorOut:
         """Delete an operator: its password, sessions and API tokens go with it."""
         p, st = principal_of(request), state_of(request)
         if oid == p.operator.id:
@@ -302,7 +304,7 @@ class PermissionGroupController(Controller):
         return [g for g in out.values() if authz.check(p.operator, Action.READ, _group_target(g.id)).allowed]
 
     @get("/{gid:str}", opt={"perm": (ObjectType.OPERATOR, Action.READ)}, guards=[permitted])
-    async def get_group(self, request: Request[Any, Any, Any], gid: str) -> GroupOut:
+    async def get_group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> GroupOut:
         p, st = principal_of(request), state_of(request)
         (await authorizer(st.db)).require(p.operator, Action.READ, _group_target(gid))
         async with st.db.read() as c:
@@ -313,7 +315,8 @@ class PermissionGroupController(Controller):
 
     @put("/{gid:str}", opt={"perm": (ObjectType.OPERATOR, Action.UPDATE)},
          guards=[permitted, recently_authenticated])  # fmt: skip
-    async def put_group(self, request: Request[Any, Any, Any], gid: str, data: GroupBody) -> GroupOut:
+    async def put_group(self, request: Request[Any, Any, Any], gid: FromPath[str],
+                        data: JSONBody[GroupBody]) -> GroupOut:
         """Create or replace a permission group: its grant and deny lines. Takes effect at the next request
         of each of its operators."""
         p, st = principal_of(request), state_of(request)
@@ -349,7 +352,7 @@ class PermissionGroupController(Controller):
 
     @delete("/{gid:str}", opt={"perm": (ObjectType.OPERATOR, Action.DELETE)},
             guards=[permitted, recently_authenticated], status_code=200)  # fmt: skip
-    async def delete_group(self, request: Request[Any, Any, Any], gid: str) -> GroupOut:
+    async def delete_group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> GroupOut:
         p, st = principal_of(request), state_of(request)
         (await authorizer(st.db)).require(p.operator, Action.DELETE, _group_target(gid))
         if gid == SYSTEM_ADMINISTRATOR.id:

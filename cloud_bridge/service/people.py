@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post, put
+from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -312,7 +313,7 @@ class UserController(Controller):
     @get("/", opt={"perm": (ObjectType.USER, READ)}, guards=[permitted])
     async def list_users(
         self, request: Request[Any, Any, Any], search: Annotated[str, Meta(max_length=256)] = "",
-        cursor: str | None = None, limit: Annotated[int, Meta(ge=1, le=500)] = 50,
+        cursor: FromQuery[str | None] = None, limit: Annotated[int, Meta(ge=1, le=500)] = 50,
     ) -> UserPage:  # fmt: skip
         """Users by id; `search` matches the start of the id or a part of the name (case-insensitive). Only
         the users the operator may read are listed."""
@@ -338,7 +339,7 @@ class UserController(Controller):
         return UserPage(items=items, next_cursor=_cursor(after) if after is not None and items else None)
 
     @get("/{uid:str}", opt={"perm": (ObjectType.USER, READ), "id": "uid"}, guards=[permitted])
-    async def get_user(self, request: Request[Any, Any, Any], uid: str) -> UserOut:
+    async def get_user(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> UserOut:
         async with state_of(request).db.read() as c:
             found = await user(c, uid)
         if found is None:
@@ -346,7 +347,7 @@ class UserController(Controller):
         return found
 
     @post("/", opt={"perm": (ObjectType.USER, CREATE)}, guards=[permitted], status_code=201)
-    async def create_user(self, request: Request[Any, Any, Any], data: NewUser) -> UserOut:
+    async def create_user(self, request: Request[Any, Any, Any], data: JSONBody[NewUser]) -> UserOut:
         p, st = principal_of(request), state_of(request)
         await require(st.db, p, CREATE, Target(ObjectType.USER, data.id))
         for k in data.cards:
@@ -361,7 +362,7 @@ class UserController(Controller):
         return out
 
     @put("/{uid:str}", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"}, guards=[permitted])
-    async def put_user(self, request: Request[Any, Any, Any], uid: str, data: UserBody) -> UserOut:
+    async def put_user(self, request: Request[Any, Any, Any], uid: FromPath[str], data: JSONBody[UserBody]) -> UserOut:
         """Create or replace a user by its (external) id, with exactly these cards and groups."""
         p, st = principal_of(request), state_of(request)
         if not msgspec.convert(uid, Ident):
@@ -385,7 +386,8 @@ class UserController(Controller):
         return out
 
     @patch("/{uid:str}", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"}, guards=[permitted])
-    async def patch_user(self, request: Request[Any, Any, Any], uid: str, data: UserPatch) -> UserOut:
+    async def patch_user(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                         data: JSONBody[UserPatch]) -> UserOut:
         """Change some fields (activate/deactivate, offline access, name, validity)."""
         p, st = principal_of(request), state_of(request)
         values = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not UNSET}
@@ -402,7 +404,7 @@ class UserController(Controller):
 
     @delete("/{uid:str}", opt={"perm": (ObjectType.USER, DELETE), "id": "uid"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_user(self, request: Request[Any, Any, Any], uid: str) -> UserOut:
+    async def delete_user(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> UserOut:
         """Delete a user with its cards (the card numbers become free) and assignments."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
@@ -416,7 +418,7 @@ class UserController(Controller):
     # --- assignments with windows, effective access ---------------------------------------------------
 
     @get("/{uid:str}/assignments", opt={"perm": (ObjectType.USER, READ), "id": "uid"}, guards=[permitted])
-    async def list_assignments(self, request: Request[Any, Any, Any], uid: str) -> list[AssignmentOut]:
+    async def list_assignments(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> list[AssignmentOut]:
         async with state_of(request).db.read() as c:
             if await user(c, uid) is None:
                 raise NotFound(f"no user {uid!r}")
@@ -424,7 +426,8 @@ class UserController(Controller):
 
     @post("/{uid:str}/assignments", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"}, guards=[permitted],
           status_code=201)  # fmt: skip
-    async def add_assignment(self, request: Request[Any, Any, Any], uid: str, data: AssignmentIn) -> AssignmentOut:
+    async def add_assignment(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                             data: JSONBody[AssignmentIn]) -> AssignmentOut:
         """Assign the user to a group for a window (from/until, UTC seconds; None: open-ended). The same group
         may hold several windows; the same window twice is a conflict."""
         p, st = principal_of(request), state_of(request)
@@ -451,7 +454,8 @@ class UserController(Controller):
 
     @delete("/{uid:str}/assignments/{aid:int}", opt={"perm": (ObjectType.USER, UPDATE), "id": "uid"},
             guards=[permitted], status_code=200)  # fmt: skip
-    async def delete_assignment(self, request: Request[Any, Any, Any], uid: str, aid: int) -> AssignmentOut:
+    async def delete_assignment(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                                aid: FromPath[int]) -> AssignmentOut:
         p, st = principal_of(request), state_of(request)
         a = schema.assignments
         async with st.db.write() as c:
@@ -464,7 +468,8 @@ class UserController(Controller):
         return out
 
     @get("/{uid:str}/access", opt={"perm": (ObjectType.USER, READ), "id": "uid"}, guards=[permitted])
-    async def access(self, request: Request[Any, Any, Any], uid: str, at: float | None = None) -> EffectiveAccess:
+    async def access(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                     at: FromQuery[float | None] = None) -> EffectiveAccess:
         """Which doors, when: every door the user's groups open per gateway, with schedule and window
         (`at`: the instant the windows are judged at, UTC seconds; default now)."""
         async with state_of(request).db.read() as c:
@@ -479,8 +484,8 @@ class CardController(Controller):
     tags = ["cards"]
 
     @get("/", opt={"perm": (ObjectType.CREDENTIAL, READ)}, guards=[permitted])
-    async def list_cards(self, request: Request[Any, Any, Any], user_id: str | None = None,
-                         cursor: int | None = None, limit: Annotated[int, Meta(ge=1, le=500)] = 100
+    async def list_cards(self, request: Request[Any, Any, Any], user_id: FromQuery[str | None] = None,
+                         cursor: FromQuery[int | None] = None, limit: Annotated[int, Meta(ge=1, le=500)] = 100
                          ) -> list[CardOut]:  # fmt: skip
         """Cards by number (filtered to what the operator may read); `cursor`: the last card number seen."""
         p, st = principal_of(request), state_of(request)
@@ -500,7 +505,7 @@ class CardController(Controller):
                 if authz.check(p.operator, READ, Target(ObjectType.CREDENTIAL, str(r.card))).allowed]  # fmt: skip
 
     @post("/", opt={"perm": (ObjectType.CREDENTIAL, CREATE)}, guards=[permitted], status_code=201)
-    async def create_card(self, request: Request[Any, Any, Any], data: NewCard) -> CardOut:
+    async def create_card(self, request: Request[Any, Any, Any], data: JSONBody[NewCard]) -> CardOut:
         p, st = principal_of(request), state_of(request)
         await require(st.db, p, CREATE, Target(ObjectType.CREDENTIAL, str(data.card)))
         await require(st.db, p, UPDATE, Target(ObjectType.USER, data.user_id))
@@ -518,7 +523,8 @@ class CardController(Controller):
         return out
 
     @patch("/{card:int}", opt={"perm": (ObjectType.CREDENTIAL, UPDATE), "id": "card"}, guards=[permitted])
-    async def patch_card(self, request: Request[Any, Any, Any], card: int, data: CardPatch) -> CardOut:
+    async def patch_card(self, request: Request[Any, Any, Any], card: FromPath[int],
+                         data: JSONBody[CardPatch]) -> CardOut:
         """Change a card's status (e.g. "lost": it is removed from every gateway at the next publish)."""
         p, st = principal_of(request), state_of(request)
         cr = schema.credentials
@@ -535,7 +541,7 @@ class CardController(Controller):
 
     @delete("/{card:int}", opt={"perm": (ObjectType.CREDENTIAL, DELETE), "id": "card"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_card(self, request: Request[Any, Any, Any], card: int) -> CardOut:
+    async def delete_card(self, request: Request[Any, Any, Any], card: FromPath[int]) -> CardOut:
         p, st = principal_of(request), state_of(request)
         cr = schema.credentials
         async with st.db.write() as c:

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Request, Response, get
+from litestar.params import FromPath, FromQuery
 from msgspec import Meta
 from sqlalchemy import func, literal, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -401,11 +402,11 @@ class ReportController(Controller):
 
     @get("/access-requests", opt={"perm": (ObjectType.EVENT, Action.READ)}, guards=[permitted])
     async def access_request_report(
-        self, request: Request[Any, Any, Any], *, day: str | None = None,
-        person: Annotated[str, Meta(max_length=64)] | None = None,
-        reader: Annotated[str, Meta(max_length=130)] | None = None, format: Format = "json",
-        limit: Annotated[int, Meta(ge=1, le=1000)] | None = None,
-        cursor: Annotated[str, Meta(max_length=200)] | None = None,
+        self, request: Request[Any, Any, Any], *, day: FromQuery[str | None] = None,
+        person: FromQuery[Annotated[str, Meta(max_length=64)] | None] = None,
+        reader: FromQuery[Annotated[str, Meta(max_length=130)] | None] = None, format: FromQuery[Format] = "json",
+        limit: FromQuery[Annotated[int, Meta(ge=1, le=1000)] | None] = None,
+        cursor: FromQuery[Annotated[str, Meta(max_length=200)] | None] = None,
     ) -> AccessRequestReport | Response[bytes]:  # fmt: skip
         """Seed 003's "Access Request Report": granted and denied requests of a site-local day (default today),
         of one person or all, at one reader (GATEWAY/DOOR) or all. With `limit` the rows come a page at a time
@@ -425,8 +426,8 @@ class ReportController(Controller):
 
     @get("/access-rights/person/{uid:str}", opt={"perm": (ObjectType.USER, Action.READ), "id": "uid"},
          guards=[permitted])  # fmt: skip
-    async def person_rights(self, request: Request[Any, Any, Any], uid: str,
-                            format: Format = "json") -> RightsReport | Response[bytes]:  # fmt: skip
+    async def person_rights(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                            format: FromQuery[Format] = "json") -> RightsReport | Response[bytes]:  # fmt: skip
         """Seed 003's "Access Rights for Person": the doors a person opens, through which group, when."""
         authz = await _need(request, (ObjectType.DOOR, Action.READ), (ObjectType.GROUP, Action.READ))
         st = state_of(request)
@@ -438,8 +439,8 @@ class ReportController(Controller):
 
     @get("/access-rights/reader/{gw:str}/{door:str}", opt={"perm": (ObjectType.DOOR, Action.READ)},
          guards=[permitted])  # fmt: skip
-    async def reader_rights(self, request: Request[Any, Any, Any], gw: str, door: str,
-                            format: Format = "json") -> RightsReport | Response[bytes]:  # fmt: skip
+    async def reader_rights(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                            format: FromQuery[Format] = "json") -> RightsReport | Response[bytes]:  # fmt: skip
         """Seed 003's "Access Rights for Reader": who opens a door (its reader), through which group, when."""
         authz = await _need(request, (ObjectType.USER, Action.READ), (ObjectType.GROUP, Action.READ))
         p, st = principal_of(request), state_of(request)

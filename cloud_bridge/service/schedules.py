@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -143,7 +144,7 @@ class ScheduleController(Controller):
                 if authz.check(p.operator, Action.READ, Target(ObjectType.SCHEDULE, s.id)).allowed]  # fmt: skip
 
     @get("/{sid:str}", opt={"perm": (ObjectType.SCHEDULE, Action.READ), "id": "sid"}, guards=[permitted])
-    async def get_schedule(self, request: Request[Any, Any, Any], sid: str) -> ScheduleOut:
+    async def get_schedule(self, request: Request[Any, Any, Any], sid: FromPath[str]) -> ScheduleOut:
         async with state_of(request).db.read() as c:
             found = (await load(c, [sid])).get(sid)
         if found is None:
@@ -151,7 +152,8 @@ class ScheduleController(Controller):
         return found
 
     @put("/{sid:str}", opt={"perm": (ObjectType.SCHEDULE, Action.UPDATE), "id": "sid"}, guards=[permitted])
-    async def put_schedule(self, request: Request[Any, Any, Any], sid: str, data: ScheduleBody) -> ScheduleOut:
+    async def put_schedule(self, request: Request[Any, Any, Any], sid: FromPath[str],
+                           data: JSONBody[ScheduleBody]) -> ScheduleOut:
         """Create or replace a schedule (creating needs create on it). Published with the next publish."""
         p, st = principal_of(request), state_of(request)
         try:
@@ -174,7 +176,7 @@ class ScheduleController(Controller):
 
     @delete("/{sid:str}", opt={"perm": (ObjectType.SCHEDULE, Action.DELETE), "id": "sid"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_schedule(self, request: Request[Any, Any, Any], sid: str) -> ScheduleOut:
+    async def delete_schedule(self, request: Request[Any, Any, Any], sid: FromPath[str]) -> ScheduleOut:
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
             before = (await load(c, [sid])).get(sid)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -106,7 +107,7 @@ class GroupController(Controller):
                                               Target(ObjectType.GROUP, g.id, frozenset(g.tags))).allowed]  # fmt: skip
 
     @get("/{gid:str}", opt={"perm": (ObjectType.GROUP, Action.READ), "id": "gid"}, guards=[permitted])
-    async def get_group(self, request: Request[Any, Any, Any], gid: str) -> GroupOut:
+    async def get_group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> GroupOut:
         async with state_of(request).db.read() as c:
             g = await _group(c, gid)
         if g is None:
@@ -114,7 +115,8 @@ class GroupController(Controller):
         return g
 
     @put("/{gid:str}", opt={"perm": (ObjectType.GROUP, Action.UPDATE), "id": "gid"}, guards=[permitted])
-    async def put_group(self, request: Request[Any, Any, Any], gid: str, data: GroupBody) -> GroupOut:
+    async def put_group(self, request: Request[Any, Any, Any], gid: FromPath[str],
+                        data: JSONBody[GroupBody]) -> GroupOut:
         """Create or replace a group: its doors (per gateway), schedule and tags. Creating needs create;
         the operator must be allowed the change on the group with its old tags and with its new ones."""
         p, st = principal_of(request), state_of(request)
@@ -152,7 +154,7 @@ class GroupController(Controller):
 
     @delete("/{gid:str}", opt={"perm": (ObjectType.GROUP, Action.DELETE), "id": "gid"}, guards=[permitted],
             status_code=200)  # fmt: skip
-    async def delete_group(self, request: Request[Any, Any, Any], gid: str) -> GroupOut:
+    async def delete_group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> GroupOut:
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:
             before = await _group(c, gid)
@@ -201,7 +203,7 @@ class GatewayController(Controller):
         return [g for g in out if authz.check(p.operator, Action.READ, Target.for_gateway(g.id)).allowed]
 
     @get("/{gw:str}", opt={"perm": (ObjectType.GATEWAY, Action.READ), "id": "gw"}, guards=[permitted])
-    async def get_gateway(self, request: Request[Any, Any, Any], gw: str) -> GatewayOut:
+    async def get_gateway(self, request: Request[Any, Any, Any], gw: FromPath[str]) -> GatewayOut:
         async with state_of(request).db.read() as c:
             found = await _gateways(c, [gw])
         if not found:
@@ -289,11 +291,12 @@ class AuditController(Controller):
     tags = ["audit"]
 
     @get("/", opt={"perm": (ObjectType.OPERATOR, Action.READ)}, guards=[permitted])
-    async def list_audit(self, request: Request[Any, Any, Any], *, cursor: int | None = None,
-                         limit: Annotated[int, Meta(ge=1, le=1000)] = 100, actor: Filter | None = None,
-                         action: Filter | None = None, object_type: Filter | None = None,
-                         object_id: Filter | None = None, outcome: Outcome | None = None,
-                         since: float | None = None, until: float | None = None) -> AuditPage:  # fmt: skip
+    async def list_audit(self, request: Request[Any, Any, Any], *, cursor: FromQuery[int | None] = None,
+                         limit: Annotated[int, Meta(ge=1, le=1000)] = 100, actor: FromQuery[Filter | None] = None,
+                         action: FromQuery[Filter | None] = None, object_type: FromQuery[Filter | None] = None,
+                         object_id: FromQuery[Filter | None] = None, outcome: FromQuery[Outcome | None] = None,
+                         since: FromQuery[float | None] = None,
+                         until: FromQuery[float | None] = None) -> AuditPage:  # fmt: skip
         """The audit log, newest first; `cursor`: the `next_cursor` of the page before. Filters: `actor`,
         `action` (exact, or a prefix ending in `*`: `user.*`), `object_type`, `object_id`, `outcome`
         (ok / denied / failed), `since` / `until` (UTC seconds)."""
@@ -309,10 +312,11 @@ class AuditController(Controller):
 
     @get("/export.csv", opt={"perm": (ObjectType.OPERATOR, Action.READ)}, guards=[permitted],
          media_type="text/csv")  # fmt: skip
-    async def export_audit(self, request: Request[Any, Any, Any], *, actor: Filter | None = None,
-                           action: Filter | None = None, object_type: Filter | None = None,
-                           object_id: Filter | None = None, outcome: Outcome | None = None,
-                           since: float | None = None, until: float | None = None) -> Response[bytes]:  # fmt: skip
+    async def export_audit(self, request: Request[Any, Any, Any], *, actor: FromQuery[Filter | None] = None,
+                           action: FromQuery[Filter | None] = None, object_type: FromQuery[Filter | None] = None,
+                           object_id: FromQuery[Filter | None] = None, outcome: FromQuery[Outcome | None] = None,
+                           since: FromQuery[float | None] = None,
+                           until: FromQuery[float | None] = None) -> Response[bytes]:  # fmt: skip
         """The audit log as CSV (the same filters; oldest first; at most 100,000 entries). Cells that a
         spreadsheet would run as a formula start with an apostrophe."""
         p, st = principal_of(request), state_of(request)

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, get
+from litestar.params import FromPath
 from sqlalchemy import select
 
 from cloud_bridge.permissions import Action, ObjectType, Target
@@ -84,7 +85,7 @@ class SiteController(Controller):
         return [await _site(request)]
 
     @get("/{site:str}", opt={"perm": (ObjectType.GATEWAY, Action.READ)}, guards=[permitted])
-    async def get_site(self, request: Request[Any, Any, Any], site: str) -> SiteOut:
+    async def get_site(self, request: Request[Any, Any, Any], site: FromPath[str]) -> SiteOut:
         """One site: its time zone, broker, export settings, gateway counts and signing key fingerprint."""
         info = state_of(request).site
         if info is None or info.site != site:

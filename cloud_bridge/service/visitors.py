@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Request, delete, get, post, put
+from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -306,7 +307,8 @@ class VisitorController(Controller):
     # badges --------------------------------------------------------------------------------------------
 
     @get("/badges", opt={"perm": (POOL, Action.READ)}, guards=[permitted])
-    async def list_badges(self, request: Request[Any, Any, Any], location: str | None = None) -> list[BadgeOut]:
+    async def list_badges(self, request: Request[Any, Any, Any],
+                          location: FromQuery[str | None] = None) -> list[BadgeOut]:
         """The badges of every pool (or one location's) the operator may read, with the visit holding each."""
         p, st = principal_of(request), state_of(request)
         authz = await authorizer(st.db)
@@ -315,7 +317,8 @@ class VisitorController(Controller):
         return [r for r in rows if authz.check(p.operator, Action.READ, Target(POOL, r.location)).allowed]
 
     @put("/badges/{badge:str}", opt={"perm": (POOL, Action.UPDATE)}, guards=[permitted])
-    async def put_badge(self, request: Request[Any, Any, Any], badge: str, data: BadgeIn) -> BadgeOut:
+    async def put_badge(self, request: Request[Any, Any, Any], badge: FromPath[str],
+                        data: JSONBody[BadgeIn]) -> BadgeOut:
         """Add a badge to a location's pool, or rename it. The badge id is a number (the path: digits only)."""
         p, st = principal_of(request), state_of(request)
         try:
@@ -346,7 +349,7 @@ class VisitorController(Controller):
         return out[0]
 
     @delete("/badges/{card:int}", opt={"perm": (POOL, Action.DELETE)}, guards=[permitted], status_code=200)
-    async def delete_badge(self, request: Request[Any, Any, Any], card: int) -> dict[str, Any]:
+    async def delete_badge(self, request: Request[Any, Any, Any], card: FromPath[int]) -> dict[str, Any]:
         p, st = principal_of(request), state_of(request)
         b, v = schema.badges, schema.visits
         async with st.db.write() as c:
@@ -366,8 +369,8 @@ class VisitorController(Controller):
     # visits --------------------------------------------------------------------------------------------
 
     @get("/visits", opt={"perm": (VISITOR, Action.READ)}, guards=[permitted])
-    async def list_visits(self, request: Request[Any, Any, Any], day: str | None = None,
-                          location: str | None = None) -> list[VisitOut]:  # fmt: skip
+    async def list_visits(self, request: Request[Any, Any, Any], day: FromQuery[str | None] = None,
+                          location: FromQuery[str | None] = None) -> list[VisitOut]:  # fmt: skip
         """The visits of a site-local day (default today): each with its badge, groups, end and state."""
         st = state_of(request)
         start, end, _ = local_day(day, st.site.tz if st.site else "UTC")
@@ -375,7 +378,7 @@ class VisitorController(Controller):
             return await visits(c, since=start, until=end, location=location)
 
     @get("/visits/{vid:int}", opt={"perm": (VISITOR, Action.READ), "id": "vid"}, guards=[permitted])
-    async def get_visit(self, request: Request[Any, Any, Any], vid: int) -> VisitOut:
+    async def get_visit(self, request: Request[Any, Any, Any], vid: FromPath[int]) -> VisitOut:
         async with state_of(request).db.read() as c:
             out = await visit(c, vid)
         if out is None:
@@ -383,7 +386,7 @@ class VisitorController(Controller):
         return out
 
     @post("/visits", opt={"perm": (VISITOR, Action.CREATE)}, guards=[permitted], status_code=201)
-    async def sign_in(self, request: Request[Any, Any, Any], data: VisitIn) -> VisitResult:
+    async def sign_in(self, request: Request[Any, Any, Any], data: JSONBody[VisitIn]) -> VisitResult:
         """Sign a visitor in with a badge of the location's pool and cardholder groups, until the end of the
         local day (or `until`); published at once to the gateways the groups open."""
         p, st = principal_of(request), state_of(request)
@@ -401,7 +404,7 @@ class VisitorController(Controller):
 
     @post("/visits/{vid:int}/sign-out", opt={"perm": (VISITOR, Action.UPDATE), "id": "vid"}, guards=[permitted],
           status_code=200)  # fmt: skip
-    async def sign_out(self, request: Request[Any, Any, Any], vid: int) -> VisitResult:
+    async def sign_out(self, request: Request[Any, Any, Any], vid: FromPath[int]) -> VisitResult:
         """Sign a visitor out: the badge is revoked (its visitor user deleted) and published at once."""
         p, st = principal_of(request), state_of(request)
         async with st.db.write() as c:

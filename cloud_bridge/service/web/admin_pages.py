@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import UploadFile
+from litestar.params import FromPath, FromQuery
 
 from cloud_bridge.permissions import Action, ObjectType
 from cloud_bridge.service.core import principal_of, state_of
@@ -69,7 +70,7 @@ class AdminPages(Controller):
     # schedules ------------------------------------------------------------------------------------------
 
     @get("/schedules")
-    async def schedules(self, request: Request[Any, Any, Any], notice: str = "") -> Response[str]:
+    async def schedules(self, request: Request[Any, Any, Any], notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "schedules")
         a = await inner.call(request, "GET", "/api/v1/schedules")
         return render("schedules.html", title="Schedules", schedules=a.json() if a.ok else [], days=DAYS,
@@ -82,7 +83,7 @@ class AdminPages(Controller):
                                                      "holiday_intervals": "", "tz": ""})  # fmt: skip
 
     @get("/schedules/{sid:str}")
-    async def schedule(self, request: Request[Any, Any, Any], sid: str) -> Response[str]:
+    async def schedule(self, request: Request[Any, Any, Any], sid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "schedules")
         a = await inner.call(request, "GET", f"/api/v1/schedules/{_api_id(sid)}")
         if not a.ok:
@@ -140,7 +141,7 @@ class AdminPages(Controller):
         return self._schedule_form(ctx, new=new, v=v, status=a.status, errors={key: a.detail})
 
     @post("/schedules/{sid:str}/delete")
-    async def delete_schedule(self, request: Request[Any, Any, Any], sid: str) -> Response[str]:
+    async def delete_schedule(self, request: Request[Any, Any, Any], sid: FromPath[str]) -> Response[str]:
         a = await inner.call(request, "DELETE", f"/api/v1/schedules/{_api_id(sid)}", principal=principal_of(request))
         if a.ok:
             return _see_other("/schedules?notice=deleted")
@@ -155,7 +156,8 @@ class AdminPages(Controller):
     # a person's cards, assignments and effective access ------------------------------------------------
 
     @get("/people/{uid:str}/access")
-    async def person_access(self, request: Request[Any, Any, Any], uid: str, notice: str = "") -> Response[str]:
+    async def person_access(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                            notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "people")
         return await self._access(request, ctx, _api_id(uid), notice=notice[:100])
 
@@ -173,7 +175,7 @@ class AdminPages(Controller):
                       **ctx)  # fmt: skip
 
     @post("/people/{uid:str}/assignments")
-    async def add_assignment(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def add_assignment(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "people")
         uid = _api_id(uid)
         form = await request.form()
@@ -191,7 +193,8 @@ class AdminPages(Controller):
         return await self._access(request, ctx, uid, error=a.detail, status=a.status)
 
     @post("/people/{uid:str}/assignments/{aid:int}/delete")
-    async def delete_assignment(self, request: Request[Any, Any, Any], uid: str, aid: int) -> Response[str]:
+    async def delete_assignment(self, request: Request[Any, Any, Any], uid: FromPath[str],
+                                aid: FromPath[int]) -> Response[str]:
         ctx = await page_context(request, "people")
         uid = _api_id(uid)
         a = await inner.call(request, "DELETE", f"/api/v1/users/{uid}/assignments/{aid}",
@@ -201,7 +204,7 @@ class AdminPages(Controller):
         return await self._access(request, ctx, uid, error=a.detail, status=a.status)
 
     @get("/people/{uid:str}/delete")
-    async def confirm_delete(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def confirm_delete(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "people")
         u = await inner.call(request, "GET", f"/api/v1/users/{_api_id(uid)}")
         if not u.ok:
@@ -209,7 +212,7 @@ class AdminPages(Controller):
         return render("person_delete.html", title=f"Delete {uid}?", u=u.json(), **ctx)
 
     @post("/people/{uid:str}/delete")
-    async def delete_person(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def delete_person(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         a = await inner.call(request, "DELETE", f"/api/v1/users/{_api_id(uid)}", principal=principal_of(request))
         if a.ok:
             return _see_other("/people?notice=deleted")
@@ -240,7 +243,7 @@ class AdminPages(Controller):
         return _see_other(f"/import/{a.json()['id']}")
 
     @get("/import/{jid:str}")
-    async def import_job(self, request: Request[Any, Any, Any], jid: str) -> Response[str]:
+    async def import_job(self, request: Request[Any, Any, Any], jid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "import")
         a = await inner.call(request, "GET", f"/api/v1/imports/{_api_id(jid)}")
         if not a.ok:
@@ -253,7 +256,7 @@ class AdminPages(Controller):
                       groups=g.json() if g.ok else [], error=None, **ctx)  # fmt: skip
 
     @post("/import/{jid:str}/dry-run")
-    async def import_dry_run(self, request: Request[Any, Any, Any], jid: str) -> Response[str]:
+    async def import_dry_run(self, request: Request[Any, Any, Any], jid: FromPath[str]) -> Response[str]:
         form = await request.form()
         columns = {f: str(form.get(f"map_{f}")) for f, _ in FIELDS if form.get(f"map_{f}")}
         defaults = {"groups": [str(g) for g in form.getall("groups", [])], "active": form.get("active") == "on",
@@ -266,7 +269,7 @@ class AdminPages(Controller):
         return await self._job_error(request, jid, a)
 
     @post("/import/{jid:str}/commit")
-    async def import_commit(self, request: Request[Any, Any, Any], jid: str) -> Response[str]:
+    async def import_commit(self, request: Request[Any, Any, Any], jid: FromPath[str]) -> Response[str]:
         form = await request.form()
         jid = _api_id(jid)
         a = await inner.call(request, "POST", f"/api/v1/imports/{jid}/commit",
@@ -288,7 +291,7 @@ class AdminPages(Controller):
     # operators and permission groups ---------------------------------------------------------------------
 
     @get("/operators")
-    async def operators(self, request: Request[Any, Any, Any], notice: str = "") -> Response[str]:
+    async def operators(self, request: Request[Any, Any, Any], notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "operators")
         a = await inner.call(request, "GET", "/api/v1/operators")
         return render("operators.html", title="Operators", operators=a.json() if a.ok else [],
@@ -301,7 +304,7 @@ class AdminPages(Controller):
                                                                     "active": True})  # fmt: skip
 
     @get("/operators/{oid:str}")
-    async def operator(self, request: Request[Any, Any, Any], oid: str) -> Response[str]:
+    async def operator(self, request: Request[Any, Any, Any], oid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "operators")
         a = await inner.call(request, "GET", f"/api/v1/operators/{_api_id(oid)}")
         if not a.ok:
@@ -342,7 +345,7 @@ class AdminPages(Controller):
                       new=new, v=v, groups=g.json() if g.ok else [], error=error, **ctx)  # fmt: skip
 
     @get("/permission-groups")
-    async def permission_groups(self, request: Request[Any, Any, Any], notice: str = "") -> Response[str]:
+    async def permission_groups(self, request: Request[Any, Any, Any], notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "permission-groups")
         a = await inner.call(request, "GET", "/api/v1/permission-groups")
         return render("permission_groups.html", title="Permission groups", groups=a.json() if a.ok else [],
@@ -354,7 +357,7 @@ class AdminPages(Controller):
         return self._pg_form(ctx, new=True, v={"id": "", "name": "", "description": "", "permissions": []})
 
     @get("/permission-groups/{gid:str}")
-    async def permission_group(self, request: Request[Any, Any, Any], gid: str) -> Response[str]:
+    async def permission_group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "permission-groups")
         a = await inner.call(request, "GET", f"/api/v1/permission-groups/{_api_id(gid)}")
         if not a.ok:
@@ -434,7 +437,7 @@ class AdminPages(Controller):
         return await self._tokens(request, ctx, created=a.json(), status=201)
 
     @post("/tokens/{tid:str}/revoke")
-    async def revoke_token(self, request: Request[Any, Any, Any], tid: str) -> Response[str]:
+    async def revoke_token(self, request: Request[Any, Any, Any], tid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "tokens")
         a = await inner.call(request, "DELETE", f"/api/v1/tokens/{_api_id(tid)}", principal=principal_of(request))
         return await self._tokens(request, ctx, error=None if a.ok else a.detail, status=200 if a.ok else a.status)
@@ -442,9 +445,9 @@ class AdminPages(Controller):
     # the audit log ---------------------------------------------------------------------------------------
 
     @get("/audit")
-    async def audit(self, request: Request[Any, Any, Any], *, actor: str = "", action: str = "",
-                    object_type: str = "", object_id: str = "", outcome: str = "",
-                    cursor: int | None = None) -> Response[str]:  # fmt: skip
+    async def audit(self, request: Request[Any, Any, Any], *, actor: FromQuery[str] = "", action: FromQuery[str] = "",
+                    object_type: FromQuery[str] = "", object_id: FromQuery[str] = "", outcome: FromQuery[str] = "",
+                    cursor: FromQuery[int | None] = None) -> Response[str]:  # fmt: skip
         ctx = await page_context(request, "audit")
         filters = {k: v[:128] for k, v in (("actor", actor), ("action", action), ("object_type", object_type),
                                            ("object_id", object_id), ("outcome", outcome)) if v}  # fmt: skip

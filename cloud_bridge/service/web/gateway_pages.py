@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath
 
 from cloud_bridge.permissions import Action, ObjectType, Target
 from cloud_bridge.service.core import principal_of, state_of
@@ -60,11 +61,12 @@ class GatewayPages(Controller):
                       rotation=rotation, may_rotate=may_rotate, **ctx)  # fmt: skip
 
     @get("/{gw:str}")
-    async def gateway(self, request: Request[Any, Any, Any], gw: str) -> Response[str]:
+    async def gateway(self, request: Request[Any, Any, Any], gw: FromPath[str]) -> Response[str]:
         return await self._page(request, gw)
 
     @post("/{gw:str}/{action:str}")
-    async def round_trip(self, request: Request[Any, Any, Any], gw: str, action: str) -> Response[str]:
+    async def round_trip(self, request: Request[Any, Any, Any], gw: FromPath[str],
+                         action: FromPath[str]) -> Response[str]:
         """Test connection / Refresh: the API's signed rebirth command; the page shows the gateway's answer.
         Key rotation: a step of it, after the operator's password (re-authentication)."""
         if action == "key-rotation":

@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from litestar import Controller, Request, Response, Router, get, post
+from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent
 
 from cloud_bridge.permissions import Action, Authorizer, Operator
@@ -94,7 +95,8 @@ class LivePages(Controller):
         return render("doors.html", title="Doors", doors=doors, gateways=gws, refused=refused, result=None, **ctx)
 
     @get("/doors/{gw:str}/{door:str}/{action:str}")
-    async def confirm(self, request: Request[Any, Any, Any], gw: str, door: str, action: str) -> Response[str]:
+    async def confirm(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                      action: FromPath[str]) -> Response[str]:
         """The confirmation of a command: it names the door (or the gateway, for a lockdown)."""
         ctx = await page_context(request, "doors")
         if action not in COMMANDS:
@@ -104,7 +106,8 @@ class LivePages(Controller):
                       what=what, modes=MODES, **ctx)  # fmt: skip
 
     @post("/doors/{gw:str}/{door:str}/{action:str}")
-    async def command(self, request: Request[Any, Any, Any], gw: str, door: str, action: str) -> Response[str]:
+    async def command(self, request: Request[Any, Any, Any], gw: FromPath[str], door: FromPath[str],
+                      action: FromPath[str]) -> Response[str]:
         """Send the confirmed command through the API (signed there) and show the gateway's answer."""
         form = await request.form()
         p = principal_of(request)
@@ -142,7 +145,7 @@ class LivePages(Controller):
                              "until": _ts(f["until"], tz)}}  # fmt: skip
 
     @get("/events")
-    async def events(self, request: Request[Any, Any, Any], cursor: str | None = None) -> Response[str]:
+    async def events(self, request: Request[Any, Any, Any], cursor: FromQuery[str | None] = None) -> Response[str]:
         ctx = await page_context(request, "events")
         f = self._event_query(request, ctx["tz"])
         a = await inner.call(request, "GET", "/api/v1/events", query={**f["api"], "cursor": cursor, "limit": 50})
@@ -166,7 +169,7 @@ class LivePages(Controller):
     # alarms ------------------------------------------------------------------------------------------------
 
     @get("/alarms")
-    async def alarms(self, request: Request[Any, Any, Any], notice: str = "") -> Response[str]:
+    async def alarms(self, request: Request[Any, Any, Any], notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "alarms")
         items, refused = await self._alarms(request, ctx, None)
         return render("alarms.html", title="Alarms", alarms=items, refused=refused, notice=notice[:64], **ctx)
@@ -184,7 +187,7 @@ class LivePages(Controller):
         return items, None
 
     @post("/alarms/{aid:int}/acknowledge")
-    async def acknowledge(self, request: Request[Any, Any, Any], aid: int) -> Response[str]:
+    async def acknowledge(self, request: Request[Any, Any, Any], aid: FromPath[int]) -> Response[str]:
         form = await request.form()
         comment = str(form.get("comment") or "")
         a = await inner.call(request, "POST", f"/api/v1/alarms/{aid}/acknowledge", json={"comment": comment},

@@ -30,6 +30,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie, ResponseHeader
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
 from litestar.types import ExceptionHandlersMap
@@ -216,7 +217,7 @@ class PublicPages(Controller):
     include_in_schema = False
 
     @get("/login")
-    async def login_page(self, request: Request[Any, Any, Any], next: str | None = None) -> Response[str]:
+    async def login_page(self, request: Request[Any, Any, Any], next: FromQuery[str | None] = None) -> Response[str]:
         token, cookies = _form_token(request)
         return render("login.html", form_token=token, next=_safe_next(next), error=None, operator="",
                       cookies=cookies, p=None, nav="login", site=_site(request), csrf=None)  # fmt: skip
@@ -341,8 +342,9 @@ class ConsolePages(Controller):
     # people ------------------------------------------------------------------------------------------------
 
     @get("/people")
-    async def people(self, request: Request[Any, Any, Any], q: str = "", cursor: str | None = None,
-                     notice: str = "") -> Response[str]:  # fmt: skip
+    async def people(self, request: Request[Any, Any, Any], q: FromQuery[str] = "",
+                     cursor: FromQuery[str | None] = None,
+                     notice: FromQuery[str] = "") -> Response[str]:  # fmt: skip
         ctx = await page_context(request, "people")
         a = await inner.call(request, "GET", "/api/v1/users", query={"search": q[:256], "cursor": cursor,
                                                                      "limit": PAGE_SIZE})  # fmt: skip
@@ -370,7 +372,7 @@ class ConsolePages(Controller):
         return await self._person_form(request, ctx, new=True, values=values, answer=a)
 
     @get("/people/{uid:str}")
-    async def person(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def person(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "people")
         a = await inner.call(request, "GET", f"/api/v1/users/{_api_id(uid)}")
         if not a.ok:
@@ -380,7 +382,7 @@ class ConsolePages(Controller):
         return await self._person_form(request, ctx, new=False, values=values)
 
     @post("/people/{uid:str}")
-    async def edit_person(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def edit_person(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "people")
         values = await _person_values(request)
         values["id"] = uid
@@ -396,7 +398,7 @@ class ConsolePages(Controller):
         return await self._person_form(request, ctx, new=False, values=values, answer=a)
 
     @post("/people/{uid:str}/active")
-    async def set_active(self, request: Request[Any, Any, Any], uid: str) -> Response[str]:
+    async def set_active(self, request: Request[Any, Any, Any], uid: FromPath[str]) -> Response[str]:
         """Activate or deactivate access control for a user (seed 001's "Activate")."""
         form = await request.form()
         active = form.get("active") == "1"
@@ -425,7 +427,7 @@ class ConsolePages(Controller):
     # groups ------------------------------------------------------------------------------------------------
 
     @get("/groups")
-    async def groups(self, request: Request[Any, Any, Any], notice: str = "") -> Response[str]:
+    async def groups(self, request: Request[Any, Any, Any], notice: FromQuery[str] = "") -> Response[str]:
         ctx = await page_context(request, "groups")
         a = await inner.call(request, "GET", "/api/v1/groups")
         return render("groups.html", title="Groups", groups=a.json() if a.ok else [], notice=notice[:200],
@@ -437,7 +439,7 @@ class ConsolePages(Controller):
         return await self._group_form(request, ctx, new=True, values={"doors": [], "tags": []})
 
     @get("/groups/{gid:str}")
-    async def group(self, request: Request[Any, Any, Any], gid: str) -> Response[str]:
+    async def group(self, request: Request[Any, Any, Any], gid: FromPath[str]) -> Response[str]:
         ctx = await page_context(request, "groups")
         a = await inner.call(request, "GET", f"/api/v1/groups/{_api_id(gid)}")
         if not a.ok:

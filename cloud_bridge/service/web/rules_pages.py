@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath
 
 from cloud_bridge.service.core import principal_of
 
@@ -83,7 +84,7 @@ class RulesPages(Controller):
         return await self._page(request)
 
     @get("/areas/{aid:str}")
-    async def edit_area(self, request: Request[Any, Any, Any], aid: str) -> Response[str]:
+    async def edit_area(self, request: Request[Any, Any, Any], aid: FromPath[str]) -> Response[str]:
         """The page with the area form filled in from the area."""
         a = await inner.call(request, "GET", f"/api/v1/areas/{_api_id(aid)}")
         if not a.ok:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath, FromQuery
 
 from . import inner
 from .pages import _IDENT, page_context, page_session, render
@@ -53,7 +54,7 @@ class VisitorPages(Controller):
                       **ctx)  # fmt: skip
 
     @get("/visitors")
-    async def visitors(self, request: Request[Any, Any, Any], location: str = "") -> Response[str]:
+    async def visitors(self, request: Request[Any, Any, Any], location: FromQuery[str] = "") -> Response[str]:
         """Sign a visitor in (the location's free badges, cardholder groups), today's visits, badges in use."""
         return await self._visitors(request, location[:64])
 
@@ -78,7 +79,7 @@ class VisitorPages(Controller):
         return await self._visitors(request, location, notice=notice)
 
     @post("/visitors/{vid:int}/sign-out")
-    async def sign_out(self, request: Request[Any, Any, Any], vid: int) -> Response[str]:
+    async def sign_out(self, request: Request[Any, Any, Any], vid: FromPath[int]) -> Response[str]:
         ctx = await page_context(request, "visitors")
         form = await request.form()
         location = str(form.get("location") or "")[:64]
@@ -92,8 +93,10 @@ class VisitorPages(Controller):
     # reports ---------------------------------------------------------------------------------------------
 
     @get("/reports")
-    async def reports(self, request: Request[Any, Any, Any], *, kind: str = "requests", day: str = "",
-                      person: str = "", reader: str = "", cursor: str = "") -> Response[str]:  # fmt: skip
+    async def reports(self, request: Request[Any, Any, Any], *, kind: FromQuery[str] = "requests",
+                      day: FromQuery[str] = "",
+                      person: FromQuery[str] = "", reader: FromQuery[str] = "",
+                      cursor: FromQuery[str] = "") -> Response[str]:  # fmt: skip
         """Seed 003's reports: the day's access requests (of a person, at a reader), `REPORT_PAGE` rows a page
         with the day's totals and per reader, and its CSV; access rights."""
         ctx = await page_context(request, "reports")
