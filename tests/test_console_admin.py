@@ -12,15 +12,13 @@ from pathlib import Path
 import httpx
 from playwright.async_api import Page, expect
 
-from cloud_bridge.service import site
 from cloud_bridge.service.app import init_site
-from cloud_bridge.service.database import Database
 
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
 from .service_harness import PASSWORD, config, running
-from .test_console_pages import api_as_root, setup_in_browser, sqlite
+from .test_console_pages import api_as_root, root_in_browser, setup_in_browser, sqlite
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
 from .test_service_e2e import _public_key
 
@@ -51,14 +49,7 @@ async def test_bulk_import_bad_row_then_good_file_granted_at_the_gateway(
         running(cfg, provisioning=True, init=False) as svc,
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
-        page = await browser.new_page(viewport={"width": 1280, "height": 900})
-        violations = watch_csp(page)
-        await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
+        page, violations = await root_in_browser(browser, svc, url)
         await expect(page.get_by_role("row", name=GW)).to_contain_text("online", timeout=30_000)
         api = await api_as_root(svc)
         assert (

@@ -15,15 +15,13 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
-from cloud_bridge.service import site
-from cloud_bridge.service.database import Database
 from edge.sim.hands import set_contact
 
 from .broker import broker  # noqa: F401
-from .console_browser import chromium, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, shot, sideways_scroll
 from .mosquitto import Mosquitto
 from .service_harness import PASSWORD, config, running
-from .test_console_pages import log_in, setup_in_browser, sqlite
+from .test_console_pages import log_in, root_in_browser, sqlite
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, started
 
@@ -38,14 +36,7 @@ async def test_doors_events_and_alarms_pages(broker: Mosquitto, tmp_path: Path, 
         agent_running(broker, tmp_path / "gw", sock_dir / "c.sock", pub) as agent,
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
-        page = await browser.new_page(viewport={"width": 1280, "height": 900})
-        violations = watch_csp(page)
-        await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
+        page, violations = await root_in_browser(browser, svc, url)
 
         # the doors page: the door the gateway announced; unlock with a confirmation naming it
         await page.get_by_role("link", name="Doors", exact=True).click()

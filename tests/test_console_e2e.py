@@ -11,15 +11,13 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
-from cloud_bridge.service import site
 from cloud_bridge.service.app import init_site
-from cloud_bridge.service.database import Database
 
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, watch_csp
 from .mosquitto import Mosquitto
 from .service_harness import config, running
-from .test_console_pages import setup_in_browser, sqlite
+from .test_console_pages import root_setup_code, setup_in_browser, sqlite
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
 from .test_service_e2e import _public_key
 
@@ -36,11 +34,7 @@ async def test_a_person_added_in_the_console_is_granted_at_the_gateway(
         running(cfg, provisioning=True, init=False) as svc,
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
+        code = await root_setup_code(url)
         page = await browser.new_page()
         violations = watch_csp(page)
         await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")

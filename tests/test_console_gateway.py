@@ -14,17 +14,17 @@ from pathlib import Path
 from playwright.async_api import expect
 from sqlalchemy import select
 
-from cloud_bridge.service import schema, site
+from cloud_bridge.service import schema
 from cloud_bridge.service.database import Database
 from cloud_bridge.signing import fingerprint
 
 from .broker import broker  # noqa: F401
-from .console_browser import chromium, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, shot, sideways_scroll
 from .mosquitto import Mosquitto
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSWORD, config, running
 from .test_console_admin import BAD, _upload
-from .test_console_pages import api_as_root, log_in, setup_in_browser
+from .test_console_pages import api_as_root, log_in, root_in_browser
 from .test_operator_e2e import GW, agent_running, sock_dir  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, started
 
@@ -51,14 +51,7 @@ async def test_gateway_detail_page_test_connection_and_refresh(broker: Mosquitto
         agent_running(broker, tmp_path / "gw", sock_dir / "c.sock", pub),
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
-        page = await browser.new_page(viewport={"width": 1280, "height": 900})
-        violations = watch_csp(page)
-        await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
+        page, violations = await root_in_browser(browser, svc, url)
         await expect(page.get_by_role("row", name=GW)).to_contain_text("online", timeout=30_000)
 
         # from the dashboard's gateway list to the gateway's page

@@ -32,11 +32,11 @@ from cloud_bridge.service.database import Database
 from cloud_bridge.signing import fingerprint, load_key_state, public_bytes
 
 from .broker import broker, cloud_peer  # noqa: F401
-from .console_browser import chromium, low_contrast, shot, sideways_scroll, watch_csp
+from .console_browser import chromium, low_contrast, shot, sideways_scroll
 from .mosquitto import Mosquitto
 from .postgres import db_url, postgres_server  # noqa: F401
 from .service_harness import PASSPHRASE, PASSWORD, config, login, running
-from .test_console_pages import log_in, setup_in_browser, sqlite
+from .test_console_pages import log_in, root_in_browser, sqlite
 from .test_key_rotation import send_and_wait
 from .test_operator_e2e import GW, SITE, agent_running, sock_dir  # noqa: F401
 from .test_service_events_e2e import VIEWER, add_operator, setup_admin, started, until
@@ -252,14 +252,7 @@ async def test_gateway_page_rotates_the_key_with_reauthentication(broker: Mosqui
         agent_running(broker, tmp_path / "gw1", sock_dir / "c1.sock", pub, gw=GW),
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
-        page = await browser.new_page(viewport={"width": 1280, "height": 900})
-        violations = watch_csp(page)
-        await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
+        page, violations = await root_in_browser(browser, svc, url)
         await expect(page.get_by_role("row", name=GW)).to_contain_text("online", timeout=30_000)
         await page.goto(f"{svc.url}/gateways/{GW}")
         await expect(page.locator("#rotation-summary")).to_contain_text("never rotated")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
-from playwright.async_api import Page, expect
+from playwright.async_api import Browser, Page, expect
 
 from cloud_bridge.permissions import Action, ObjectType, Operator, PermissionGroup, grant
 from cloud_bridge.service import schema, site
@@ -34,6 +34,24 @@ async def setup_in_browser(page: Page, svc: Running, link: str | None = None) ->
     await page.get_by_label("The same password again").fill(PASSWORD)
     await page.get_by_role("button", name="Set password and log in").click()
     await expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+
+async def root_setup_code(url: str) -> str:
+    """A fresh one-time setup code for the site's first administrator, `root` (what `serve --init` prints)."""
+    db = Database(url)
+    try:
+        return await site.setup_code_for(db, "root")
+    finally:
+        await db.close()
+
+
+async def root_in_browser(browser: Browser, svc: Running, url: str) -> tuple[Page, list[str]]:
+    """A 1280 x 900 page logged in as `root` through a fresh setup link, and the CSP violations it reports."""
+    code = await root_setup_code(url)
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    violations = watch_csp(page)
+    await setup_in_browser(page, svc, f"{svc.url}/setup#{code}")
+    return page, violations
 
 
 async def log_in(page: Page, svc: Running, operator: str, password: str) -> None:

@@ -12,15 +12,13 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
-from cloud_bridge.service import site
 from cloud_bridge.service.app import init_site
-from cloud_bridge.service.database import Database
 
 from .broker import broker  # noqa: F401
 from .console_browser import chromium, shot, sideways_scroll, watch_csp
 from .mosquitto import Mosquitto
 from .service_harness import PASSWORD, config, running
-from .test_console_pages import api_as_root, log_in, setup_in_browser, sqlite
+from .test_console_pages import api_as_root, log_in, root_setup_code, setup_in_browser, sqlite
 from .test_operator_e2e import GW, agent_running, sock_dir, tap_card  # noqa: F401
 from .test_rules_agent import walk_through
 from .test_service_e2e import _public_key
@@ -40,11 +38,7 @@ async def test_area_added_and_edited_on_the_page_and_a_user_reset(
         running(cfg, provisioning=True, init=False) as svc,
         chromium() as browser,
     ):
-        db = Database(url)
-        try:
-            code = await site.setup_code_for(db, "root")
-        finally:
-            await db.close()
+        code = await root_setup_code(url)
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         violations = watch_csp(page)
         r0 = await page.goto(f"{svc.url}/rules")  # not logged in: to the login page
