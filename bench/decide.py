@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import gc
 import json
 import os
@@ -495,10 +496,10 @@ class StackSampler:
 
     def report(self, long_gaps: list[tuple[float, float]]) -> None:
         spent: Counter[str] = Counter()
+        times = [t for t, _ in self.samples]  # in time order: each gap's samples found by bisection, not a scan
         for a, b in long_gaps:
-            for t, where in self.samples:
-                if a <= t <= b:
-                    spent[where] += 1
+            for _, where in self.samples[bisect.bisect_left(times, a) : bisect.bisect_right(times, b)]:
+                spent[where] += 1
         wall = sum(b - a for a, b in long_gaps) * 1e3
         note(f"{len(long_gaps)} loop gaps with > 1 ms of loop-thread CPU, {wall:.1f} ms wall in all; samples:")
         for where, k in spent.most_common(12):
@@ -583,6 +584,11 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     shutil.copyfile(cached, work.with_name(work.name + ".verified"))
     db_bytes = work.stat().st_size
     n_assign = pop.n_assignments
+    if args.changesets_only:
+        store, decider, boot_s, _ = await boot(work)
+        note(f"N={n}: booted ({store.booted_from}) in {boot_s:.1f} s; change sets only")
+        await run_changesets(store, decider, pop, base, args)
+        return
 
     # (a) boot to the first decision, each in a fresh process (`--child-boot`) whose anonymous memory is read
     # from /proc/self/status before the Store is opened and after the first decision. First the current design:
@@ -773,6 +779,14 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     # collection over them would be the bench's stall, not the store's.
     del probes, bprobes, lv, same, bl, stats
     gc.collect()
+    await run_changesets(store, decider, pop, base, args)
+
+
+async def run_changesets(
+    store: Store, decider: Decider, pop: Population, base: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """(e) three 10,000-change sets through `Store.apply`, the last two monitored; closes the store."""
+    work = store.path
     version = store.version
     ca, cb, checks = change_sets(pop, args.seed, version)
     orig = reasons_now(decider, (c for c, _ in checks))
@@ -834,6 +848,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/edge-bench/decide"))
     ap.add_argument("--diagnose", action="store_true", help="log event-loop steps over 1 ms during change sets")
+    ap.add_argument(
+        "--changesets-only",
+        action="store_true",
+        help="only boot (from the rows, no image) and the change sets (e): the apply-path figures",
+    )
     ap.add_argument("--child-boot", type=Path, help=argparse.SUPPRESS)  # internal: one boot in a fresh process
     ap.add_argument("--mode", choices=("image", "rows"), default="image", help=argparse.SUPPRESS)
     args = ap.parse_args()
