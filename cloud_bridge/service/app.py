@@ -41,7 +41,7 @@ from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
 from .sites import SiteController
-from .timing import server_timing, tune_gc
+from .timing import server_timing, tuned_gc
 from .visitors import VisitorController
 from .web import console_routers
 
@@ -81,7 +81,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
             else:
                 log.warning("no site passphrase: provisioning is off (CLOUD_BRIDGE_PASSPHRASE or passphrase_file)")
             app.state.service = st
-            tune_gc()  # what start loaded is frozen: no full collection walks it mid-request (timing.py)
+            stack.enter_context(tuned_gc())  # what start loaded is frozen: no full collection walks it mid-request
             yield
 
     api = Router(path="/", guards=[authenticated], route_handlers=[

@@ -5,7 +5,7 @@ application to its response starting (the handler, its database calls and the en
 the Python garbage collector held the process (every generation, counted by `gc.callbacks`). A slow request in
 a client's figures is thereby the server's or not, and the server's is the collector's or not.
 
-`tune_gc` is what the service does after start: the objects loaded at start (modules, the app, the site) are
+`tuned_gc` is what the service does after start: the objects loaded at start (modules, the app, the site) are
 moved out of the collector's sight (`gc.freeze`) and the young generation is collected less often, so a full
 collection no longer walks the whole heap in the middle of a request.
 """
@@ -16,6 +16,8 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -23,7 +25,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("cloud_bridge.service.gc")
 
-#: gen-0 threshold after `tune_gc` (CPython's default is 700 allocations; 2,000 in 3.13's incremental GC)
+#: gen-0 threshold while `tuned_gc` holds (CPython's default is 700 allocations; 2,000 in 3.13's incremental GC)
 GEN0_THRESHOLD = 20_000
 
 
@@ -52,16 +54,25 @@ if CLOCK not in gc.callbacks:
     gc.callbacks.append(CLOCK)
 
 
-def tune_gc() -> None:
-    """After start: freeze what start allocated and collect the young generation less often.
+@contextmanager
+def tuned_gc() -> Iterator[None]:
+    """While the service runs: freeze what start allocated and collect the young generation less often; on
+    the way out the collector is as it was (a service embedded in another process, e.g. the tests, leaves no
+    frozen heap and no changed threshold behind).
 
     CLOUD_BRIDGE_GC=default leaves CPython's collector as it is (for a before/after measurement)."""
     if os.environ.get("CLOUD_BRIDGE_GC") == "default":
+        yield
         return
+    before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(GEN0_THRESHOLD, g1, g2)
+    gc.set_threshold(GEN0_THRESHOLD, before[1], before[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def server_timing(app: ASGIApp) -> ASGIApp:
