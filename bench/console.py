@@ -13,8 +13,10 @@ in turn (100; 5 with --quick) over one keep-alive connection:
   by person and window, by door and result, an older page), alarms, reports (the day's requests at a reader,
   and at all readers: the page's default), visitors, import, audit.
 
-The time is the client's, on loopback: the server's time plus a local HTTP exchange. Figures:
-`console_page_p99.<db>.<page>` (ms, p50 in params) and `console_page_p99_max.<db>` (the slowest page).
+The time is the client's, on loopback: the server's time plus a local HTTP exchange; the server's own time
+(its `Server-Timing` header: app and GC) is in params (`server_p50`, `server_p99`, the slowest request's
+`slowest_server` and `slowest_gc`), so a slow request can be told the server's, the collector's or the machine's.
+Figures: `console_page_p99.<db>.<page>` (ms, p50 in params) and `console_page_p99_max.<db>` (the slowest page).
 A tap until it shows in the open dashboard's live list is bench/events_stream.py's `tap_to_sse_p99` (the
 page's /stream/events and the API's stream are one `events.live`). The machine is shared: read the figures
 with `uptime`'s load next to them.
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.operator import DAY, DOORS, LAST, Served, emit, log, p99, side_by_side
+from bench.operator import DAY, DOORS, LAST, Served, emit, log, p99, server_figures, server_time, side_by_side
 from cloud_bridge.service import schema
 from cloud_bridge.service.database import Database
 from tests.service_harness import PASSWORD, login
@@ -105,7 +107,7 @@ async def measure(sv: Served, a: argparse.Namespace) -> None:
             m = CURSOR.search((await c.get(f"/{name}")).text)
             cursors[name] = httpx.QueryParams(f"c={m.group(1)}")["c"] if m else ""
         for page, make in pages(a.users, sv.now).items():
-            xs = []
+            xs, server = [], []
             for i in range(a.requests + 1):
                 path, query = make(rnd, cursors)
                 t = time.perf_counter()
@@ -115,8 +117,10 @@ async def measure(sv: Served, a: argparse.Namespace) -> None:
                     raise RuntimeError(f"{sv.name} {path} {query}: {r.status_code} {r.text[:300]}")
                 if i:  # the first is a warm-up
                     xs.append(dt)
+                    server.append(server_time(r))
             worst = max(worst, p99(xs))
-            emit(f"console_page_p99.{sv.name}.{page}", p99(xs), "ms", **params, p50=round(statistics.median(xs), 2))
+            emit(f"console_page_p99.{sv.name}.{page}", p99(xs), "ms", **params, p50=round(statistics.median(xs), 2),
+                 **server_figures(xs, server))  # fmt: skip
     emit(f"console_page_p99_max.{sv.name}", worst, "ms", **params)
 
 

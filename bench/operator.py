@@ -20,8 +20,9 @@ is migrated, a site created, U users (100,000; 5,000 with --quick) and E events 
     failed request (the target is 0).
 
 Each latency figure is over R sequential requests (200; 20 with --quick), from a client in this process
-(the server in another): the time includes HTTP on loopback. The machine is shared: read the figures with
-`uptime`'s load next to them.
+(the server in another): the time includes HTTP on loopback; the server's own time (its `Server-Timing`
+header, app and GC) is in params (`server_p50`, `server_p99`, `slowest_server`, `slowest_gc`). The machine
+is shared: read the figures with `uptime`'s load next to them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -128,12 +130,33 @@ async def fill(url: str, users: int, events: int, now: float) -> None:
         await db.close()
 
 
+#: (app, gc) ms of each timed request's `Server-Timing` header, in order (cleared per figure by `measure`)
+SERVER: list[tuple[float, float]] = []
+TIMING = re.compile(r"(\w+);dur=([0-9.]+)")
+
+
+def server_time(r: httpx.Response) -> tuple[float, float]:
+    """The service's own time and the GC's part of it (ms) from the response's Server-Timing header."""
+    d = {k: float(v) for k, v in TIMING.findall(r.headers.get("server-timing", ""))}
+    return d.get("app", float("nan")), d.get("gc", float("nan"))
+
+
+def server_figures(xs: list[float], server: list[tuple[float, float]]) -> dict[str, float]:
+    """Params beside a client-side figure: the server's p50/p99, and the slowest request's server and GC time."""
+    app = [s[0] for s in server]
+    worst = max(range(len(xs)), key=xs.__getitem__)
+    return {"server_p50": round(statistics.median(app), 2), "server_p99": round(p99(app), 2),
+            "slowest_client": round(xs[worst], 2), "slowest_server": server[worst][0],
+            "slowest_gc": server[worst][1], "gc_total": round(sum(s[1] for s in server), 2)}  # fmt: skip
+
+
 async def timed(client: httpx.AsyncClient, path: str, params: dict[str, Any]) -> float:
     t = time.perf_counter()
     r = await client.get(path, params=params)
     dt = (time.perf_counter() - t) * 1000
     if r.status_code != 200:
         raise RuntimeError(f"{path} {params}: {r.status_code} {r.text[:300]}")
+    SERVER.append(server_time(r))
     return dt
 
 
@@ -267,8 +290,10 @@ async def measure(sv: Served, a: argparse.Namespace) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as c:
         for metric, req in [*zip(NAMES, reqs, strict=True), ("report_day_whole_p99", whole_report(now))]:
             await req(c, rnd)  # warm
+            SERVER.clear()
             xs = [await req(c, rnd) for _ in range(a.requests)]
-            emit(metric, p99(xs), "ms", **params, requests=a.requests, p50=round(statistics.median(xs), 2))
+            emit(metric, p99(xs), "ms", **params, requests=a.requests, p50=round(statistics.median(xs), 2),
+                 **server_figures(xs, SERVER))  # fmt: skip
     log(f"{name}: sequential requests done; {a.clients} clients for {a.seconds:g} s")
     lat: list[float] = []
     errors = 0

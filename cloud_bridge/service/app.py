@@ -41,6 +41,7 @@ from .reports import ReportController
 from .schedules import ScheduleController
 from .site_api import AuditController, GatewayController, GroupController, PublishController
 from .sites import SiteController
+from .timing import server_timing, tuned_gc
 from .visitors import VisitorController
 from .web import console_routers
 
@@ -80,6 +81,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
             else:
                 log.warning("no site passphrase: provisioning is off (CLOUD_BRIDGE_PASSPHRASE or passphrase_file)")
             app.state.service = st
+            stack.enter_context(tuned_gc())  # what start loaded is frozen: no full collection walks it mid-request
             yield
 
     api = Router(path="/", guards=[authenticated], route_handlers=[
@@ -111,6 +113,7 @@ def create_app(cfg: ServiceConfig, *, provisioning: bool = True) -> Litestar:
     return Litestar(
         route_handlers=[AuthController, api, *console_routers()],  # the console: pages beside the API
         lifespan=[lifespan],
+        middleware=[server_timing],  # Server-Timing: app and gc time per response (timing.py)
         exception_handlers={Exception: handle_exception},
         after_exception=[audit_refusal],
         request_max_body_size=cfg.service.max_body_bytes,
