@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .mosquitto import free_port
+from cloud_bridge.service.broker import listen_port
 
 SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -42,7 +42,7 @@ class NatsCluster:
         if not Path(SERVER).exists():
             raise RuntimeError("NATS is not installed: apt-get install nats-server (sh .ci/bootstrap does)")
         self.root = root or Path(tempfile.mkdtemp(prefix="edge-nats-"))
-        self.nodes = [Node(f"n{i}", free_port(), free_port(), free_port(), free_port(), self.root / f"n{i}")
+        self.nodes = [Node(f"n{i}", listen_port(), listen_port(), listen_port(), listen_port(), self.root / f"n{i}")
                       for i in range(nodes)]  # fmt: skip
 
     @property

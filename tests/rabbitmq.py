@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .mosquitto import free_port
+from cloud_bridge.service.broker import listen_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -57,11 +57,12 @@ class RabbitCluster:
         cookie = self.home / ".erlang.cookie"
         cookie.write_text(os.urandom(16).hex().upper())
         cookie.chmod(0o600)
-        self.epmd_port = free_port()
+        self.epmd_port = listen_port()
         self.epmd: subprocess.Popen[bytes] | None = None
         tag = os.urandom(3).hex()
         self.nodes = [
-            Node(f"acs{tag}n{i}", free_port(), free_port(), free_port(), self.root / f"n{i}") for i in range(nodes)
+            Node(f"acs{tag}n{i}", listen_port(), listen_port(), listen_port(), self.root / f"n{i}")
+            for i in range(nodes)
         ]
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_given: set[int] = set()
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int]:
+    """The kernel's range for local ports of outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = path.read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def listen_port(*, floor: int = 10000, path: Path = EPHEMERAL_RANGE) -> int:
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range and never given before in this
+    process: for a server that must restart on the same port while thousands of outgoing loopback connections
+    exist (`free_port`'s kernel-chosen port is an ephemeral one, so one of those connections can take it as
+    its local port while the server is down). Random in [floor, low end of the ephemeral range); checked by
+    binding."""
+    low = ephemeral_range(path)[0]
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(floor, low)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise ServiceError(f"no free TCP port on 127.0.0.1 in [{floor}, {low})")
 
 
 def mosquitto_path() -> str:
