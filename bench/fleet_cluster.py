@@ -300,7 +300,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
 
         # --- the killed node back ---------------------------------------------------------------------------
         t = time.monotonic()
-        await asyncio.to_thread(cluster.start_node, victim)
+        await asyncio.to_thread(cluster.start_node, victim, timeout=240.0)  # a loaded machine: minutes
         res["restart_healthy_s"] = round(time.monotonic() - t, 1)
         res["healthy"] = await asyncio.to_thread(cluster.healthy)
         out(metric="node_restarted", broker=broker, healthy_s=res["restart_healthy_s"], healthy=res["healthy"])
@@ -309,7 +309,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
     except Exception as e:
         ok = False
         res["error"] = f"{type(e).__name__}: {e}"
-        out(metric="error", broker=broker, error=res["error"][:2000])
+        out(metric="error", broker=broker, error=res["error"][:4000])
     finally:
         for w in workers:
             await w.stop()

@@ -59,6 +59,8 @@ class RabbitCluster:
         cookie.chmod(0o600)
         self.epmd_port = listen_port()
         self.epmd: subprocess.Popen[bytes] | None = None
+        #: Why the last `healthy()` said no ("" when it said yes): what a timeout reports first.
+        self.why_unhealthy = ""
         tag = os.urandom(3).hex()
         self.nodes = [
             Node(f"acs{tag}n{i}", listen_port(), listen_port(), listen_port(), self.root / f"n{i}")
@@ -138,12 +140,15 @@ cluster_formation.peer_discovery_backend = classic_config
     def healthy(self) -> bool:
         """Every node runs, listens for MQTT, and (asked through one of them, one CLI call: each starts an Erlang
         VM) sees every node running with its listeners up."""
-        if len(self.alive()) != len(self.nodes):
+        alive = self.alive()
+        if len(alive) != len(self.nodes):
+            self.why_unhealthy = f"nodes not running: {sorted(set(range(len(self.nodes))) - set(alive))}"
             return False
-        for h, p in self.endpoints:
+        for i, (h, p) in enumerate(self.endpoints):
             try:
                 socket.create_connection((h, p), timeout=1).close()
-            except OSError:
+            except OSError as e:
+                self.why_unhealthy = f"node {i}: MQTT port {p} refuses connections ({e})"
                 return False
         nodes = ", ".join(f"'{n.full}'" for n in self.nodes)
         expr = (f"[{{N, lists:sort(rpc:call(N, rabbit_nodes, all_running, [])), "
@@ -151,14 +156,18 @@ cluster_formation.peer_discovery_backend = classic_config
         try:
             r = self.ctl(0, "eval", expr, timeout=20)
         except subprocess.TimeoutExpired:
+            self.why_unhealthy = "rabbitmqctl eval (cluster membership) took over 20 s"
             return False
         if r.returncode != 0:
+            self.why_unhealthy = f"rabbitmqctl eval exited {r.returncode}: {(r.stdout + r.stderr)[-600:]}"
             return False
         # [{a@localhost,[a@localhost,b@localhost,...],3}, ...]: every node lists every node, and has listeners
         want = sorted(n.full for n in self.nodes)
         every = "[" + ",".join(want) + "]"
         compact = re.sub(r"\s+", "", r.stdout)
-        return compact.count(every) == len(self.nodes) and not re.search(r",0\}", compact)
+        ok = compact.count(every) == len(self.nodes) and not re.search(r",0\}", compact)
+        self.why_unhealthy = "" if ok else f"not every node sees every node running with listeners: {compact[-600:]}"
+        return ok
 
     def wait_healthy(self, timeout: float = 120.0) -> float:
         """Wait until `healthy()`; returns the seconds it took. Raises RuntimeError with the logs' tails."""
@@ -170,14 +179,15 @@ cluster_formation.peer_discovery_backend = classic_config
             if self.healthy():
                 return time.monotonic() - t0
             time.sleep(0.5)  # noqa: TID251 - fixture setup, not in an event loop
-        raise RuntimeError(f"rabbitmq cluster not healthy after {timeout:.0f} s: " +
+        raise RuntimeError(f"rabbitmq cluster not healthy after {timeout:.0f} s ({self.why_unhealthy}); logs: " +
                            " | ".join(self.logs(n) for n in self.nodes))  # fmt: skip
 
     def logs(self, n: Node) -> str:
         out = []
         for p in [n.data / "stdout.log", *sorted((n.data / "log").glob("*.log"))]:
             if p.exists():
-                out.append(f"{p.name}: {p.read_text(errors='replace')[-1500:]}")
+                keep = 400 if p.name == "stdout.log" else 1500  # stdout: mostly the start banner
+                out.append(f"{p.name}: {p.read_text(errors='replace')[-keep:]}")
         return "\n".join(out)
 
     def kill(self, i: int) -> None:

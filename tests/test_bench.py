@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +45,25 @@ def test_every_bench_is_covered() -> None:
     assert set(BENCHES) == set(EXPECTED), "a new bench/*.py: add it to EXPECTED"
 
 
+def run_bench(name: str, timeout: float = 280.0) -> subprocess.CompletedProcess[str]:
+    """`bench/NAME.py --quick`; a run still going after `timeout` s is sent SIGABRT, which faulthandler
+    (PYTHONFAULTHANDLER) answers with every thread's stack on stderr: the failure says where it hung."""
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:  # fmt: skip
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=30)
+            pytest.fail(f"bench/{name}.py --quick still running after {timeout:.0f} s; its stacks:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.timeout(360)
 @pytest.mark.parametrize("name", BENCHES)
 def test_bench_quick_run_prints_json_figures(name: str) -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    r = run_bench(name)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert lines, "no figures printed"

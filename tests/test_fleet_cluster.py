@@ -24,11 +24,11 @@ def _ours_running() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_quick_fleet_on_rabbitmq_and_nats_loses_no_event() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet_cluster.py"), "--quick"], capture_output=True,
-                       text=True, env=env, timeout=580, check=False)  # fmt: skip
+                       text=True, env=env, timeout=880, check=False)  # fmt: skip
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     by = {(x["metric"], x.get("broker")): x for x in lines}
     assert not [x for x in lines if x["metric"] == "error"], r.stdout + r.stderr[-3000:]

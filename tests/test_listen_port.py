@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from cloud_bridge.service.broker import ephemeral_range, listen_port
+import pytest
+
+from cloud_bridge.service.broker import ServiceError, ephemeral_range, listen_port
 
 
 def test_ports_are_below_the_ephemeral_range_distinct_and_bindable() -> None:
@@ -42,3 +44,10 @@ def test_a_port_in_use_is_not_given(tmp_path: Path) -> None:
             assert listen_port(floor=floor, path=f) == floor + 1
             return
     raise AssertionError("no two adjacent free ports below 30000")
+
+
+def test_no_room_below_the_ephemeral_range_is_a_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "range"
+    f.write_text("9000\t60999\n")
+    with pytest.raises(ServiceError, match="ephemeral port range starts at 9000"):
+        listen_port(path=f)

@@ -58,6 +58,9 @@ def listen_port(*, floor: int = 10000, path: Path = EPHEMERAL_RANGE) -> int:
     its local port while the server is down). Random in [floor, low end of the ephemeral range); checked by
     binding."""
     low = ephemeral_range(path)[0]
+    if low <= floor:
+        raise ServiceError(f"the kernel's ephemeral port range starts at {low} ({path}): no room below it for "
+                           f"listening ports from {floor}; raise net.ipv4.ip_local_port_range's low end")  # fmt: skip
     rng = random.SystemRandom()
     for _ in range(1000):
         port = rng.randrange(floor, low)
