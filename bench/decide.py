@@ -576,7 +576,7 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
         emit("store_build_time", build_s, "s", **base, method=method,
              note="bench setup, not a target: writing the population into a store file")  # fmt: skip
     work = args.cache_dir / f"work-n{n}.db"
-    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".verified"))):
+    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".idx.1", ".verified"))):
         p.unlink(missing_ok=True)
     shutil.copyfile(cached, work)
     # The verified copy a store writes at its first open (VACUUM INTO, minutes at 10^6 rows): a copy of the
@@ -826,7 +826,7 @@ async def run_changesets(
          decision_p99_us=[round(r["decision_p99_us"], 2) for r in runs],
          saw_new_then_old=sum(r["new_then_old"] for r in runs))  # fmt: skip
     await store.close()
-    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".verified"))):
+    for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".idx.1", ".verified"))):
         p.unlink(missing_ok=True)
 
 

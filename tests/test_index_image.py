@@ -90,12 +90,25 @@ def test_decisions_agree_with_the_reference_after_replay_and_after_a_crash_betwe
             if before.exists() and n % 2:  # the image of version n+1 beside the rights of version n
                 shutil.copyfile(path.parent / "rights.db.idx", before / "rights.db.idx")
                 async with fast(before / "rights.db", zone) as crashed:
-                    assert crashed.version == version - 1 and crashed.booted_from == "rows"
-                    assert crashed.image_problem is not None and crashed.image_problem["image"] == "stale"
+                    # built from the rows, or from the previous image when there is a sound one
+                    assert crashed.version == version - 1 and crashed.image_problem is not None
+                    assert crashed.image_problem["image"] == "stale"
+                    assert crashed.booted_from == "rows" or crashed.image_problem["booted_from"] == "previous image"
                     Probes(old_model, now, probes.cards, None, f"change set {n}, ").check(
                         Decider(crashed.index), "image ahead of the rights"
                     )
                     await settled(crashed)
+            newest = path.parent / "rights.db.idx"
+            if newest.exists() and data.draw(st.booleans(), label=f"damage the newest image {n}"):
+                damage(newest, "magic")  # the previous image (or the rows) must give exactly the same rights
+                async with fast(path, zone) as fallback:
+                    assert fallback.version == version and fallback.image_problem is not None
+                    assert fallback.image_problem["image"] == "damaged" and not newest.exists()
+                    how = fallback.image_problem.get("booted_from", "rows")
+                    event(f"newest image damaged: booted from the {how}")
+                    probes.check(Decider(fallback.index), f"newest image damaged, booted from the {how}")
+                    assert fallback._digest == await asyncio.to_thread(index_digest, fallback.index)
+                    await settled(fallback)
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp)))
@@ -141,6 +154,7 @@ async def test_a_damaged_image_is_discarded_with_an_alarm_and_rebuilt(tmp_path: 
     path = tmp_path / "rights.db"
     await a_store_with_an_image(path)
     image = path.with_name("rights.db.idx")
+    path.with_name("rights.db.idx.1").unlink(missing_ok=True)  # the only image (two: see the tests below)
     damage(image, how)
     with pytest.raises(ImageError):
         read_image(image)
@@ -243,3 +257,78 @@ async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_pa
             await settled(s)
     assert leftovers >= 1, "no kill landed while an image was being written"
     print(f"kills mid-write: {leftovers} of 6; booted from: {booted}")
+
+
+async def two_images(path: Path) -> None:
+    """Rights of version 3 with the image of version 2 (the newest) and of version 1 (the previous)."""
+    async with fast(path) as s:
+        await s.apply(site(300))
+        await s.compact()  # image of version 1
+        await s.apply(ChangeSet(from_version=1, to_version=2, changes=[
+            PutCredential(credential=Credential(card=1000, user="u0", status="revoked")),
+            PutCredential(credential=Credential(card=5000, user="u1")),
+        ]))  # fmt: skip
+        await s.compact()  # image of version 2; version 1's is kept as the previous image
+        await s.apply(ChangeSet(from_version=2, to_version=3, changes=[
+            PutCredential(credential=Credential(card=1001, user="u1", status="revoked"))]))  # fmt: skip
+    assert read_image(path.with_name("rights.db.idx"))[0].version == 2
+    assert read_image(path.with_name("rights.db.idx.1"))[0].version == 1
+
+
+def version_3_rights(s: Store) -> None:
+    d = Decider(s.index)
+    assert s.version == 3 and len(s.index) == 301
+    assert d.decide("front", 1000, NOW).reason is Reason.CREDENTIAL_REVOKED
+    assert d.decide("front", 1001, NOW).reason is Reason.CREDENTIAL_REVOKED
+    assert granted(s, 5000) and granted(s, 1002) and granted(s, 1299) and not granted(s, 1300)
+
+
+@pytest.mark.parametrize("how", ["column_byte", "header_byte", "truncated", "magic"])
+async def test_a_damaged_newest_image_boots_from_the_previous_one_with_the_same_rights(tmp_path: Path,
+                                                                                       how: str) -> None:  # fmt: skip
+    path = tmp_path / "rights.db"
+    await two_images(path)
+    newest, previous = path.with_name("rights.db.idx"), path.with_name("rights.db.idx.1")
+    damage(newest, how)
+    async with fast(path) as s:
+        assert s.booted_from == "image" and s.image_problem is not None
+        assert s.image_problem["image"] == "damaged" and s.image_problem["booted_from"] == "previous image"
+        assert not newest.exists()  # the damaged one is gone
+        assert s.index.overlay_size == 3  # version 1's image + the rows of the change sets 2 and 3
+        version_3_rights(s)
+        assert s._digest == await asyncio.to_thread(index_digest, s.index)
+        await s.compact()  # a new newest image (version 3); the sound previous one stays
+    assert read_image(newest)[0].version == 3 and read_image(previous)[0].version == 1
+    async with fast(path) as s:
+        assert s.booted_from == "image" and s.image_problem is None and s.index.overlay_size == 0
+        version_3_rights(s)
+
+
+async def test_both_images_damaged_rebuild_from_the_rows(tmp_path: Path) -> None:
+    path = tmp_path / "rights.db"
+    await two_images(path)
+    damage(path.with_name("rights.db.idx"), "column_byte")
+    damage(path.with_name("rights.db.idx.1"), "truncated")
+    async with fast(path) as s:
+        assert s.booted_from == "rows" and s.image_problem is not None and s.image_problem["image"] == "damaged"
+        version_3_rights(s)
+        await settled(s)
+    async with fast(path) as s:
+        assert s.booted_from == "image" and s.image_problem is None
+        version_3_rights(s)
+
+
+async def test_the_previous_image_is_not_kept_across_a_snapshot(tmp_path: Path) -> None:
+    """A snapshot renews the image epoch: the images before it are of other rights, never a fallback."""
+    from edge.model import Snapshot
+
+    path = tmp_path / "rights.db"
+    await two_images(path)
+    async with fast(path) as s:
+        await s.replace(Snapshot(version=9, doors=[Door(id="front")], groups=[Group(id="staff", doors=["front"])],
+                                 users=[User(id="x", assignments=[Assignment(group="staff")])],
+                                 credentials=[Credential(card=7, user="x")]))  # fmt: skip
+        assert not path.with_name("rights.db.idx.1").exists()
+        assert read_image(path.with_name("rights.db.idx"))[0].version == 9
+    async with fast(path) as s:
+        assert s.booted_from == "image" and granted(s, 7) and not granted(s, 1002)

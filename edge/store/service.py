@@ -150,11 +150,22 @@ class Store(SqliteService):
         self.image_problem: dict[str, Any] | None = None
         self._epoch = ""
         self._imaging: asyncio.Task[None] | None = None
+        #: The rights versions of the sound images on disk: `image_path` (the newest) and `prev_image_path`
+        #: (the one before it, kept as the fallback when the newest is found damaged), None when there is
+        #: none or it is not known to be sound. `changed` keeps the rows a boot from the older one replays.
+        self._image_version: int | None = None
+        self._prev_image_version: int | None = None
 
     @property
     def image_path(self) -> Path:
         """The index image (`edge/index_image.py`): the index's columns, mapped at boot."""
         return self.path.with_name(self.path.name + ".idx")
+
+    @property
+    def prev_image_path(self) -> Path:
+        """The image written before `image_path`: what a boot maps when the newest image is damaged or stale
+        (the change sets since its version are replayed from `changed`, checksum-checked as for the newest)."""
+        return self.path.with_name(self.path.name + ".idx.1")
 
     @property
     def verified_path(self) -> Path:
@@ -218,17 +229,33 @@ class Store(SqliteService):
 
     async def _open_from_image(self) -> bool:
         """Boot from the index image: map it (every checksum checked), replay the rows the change sets since
-        its version wrote, and check that the result carries the rights checksum the file holds. True when
-        it did; False to build the index from the rows (`image_problem` says why, when there was an image)."""
-        path = self.image_path
-        if not path.exists():
+        its version wrote, and check that the result carries the rights checksum the file holds. The newest
+        image first; damaged or stale, the one before it (`prev_image_path`), which gives exactly the same
+        rights when sound: the doors answer at once instead of after a rebuild from the rows. True when one
+        did; False to build the index from the rows (`image_problem` says why, when there was an image)."""
+        if not self.image_path.exists() and not self.prev_image_path.exists():
             return False
         await migrate(self.db, self.path, existed=True)
+        if self.image_path.exists() and await self._boot_image(self.image_path):
+            return True
+        first = self.image_problem
+        if not self.prev_image_path.exists() or not await self._boot_image(self.prev_image_path):
+            if first is not None:
+                self.image_problem = first
+            return False
+        self._prev_image_version = self._image_version
+        self._image_version = None
+        if first is not None:
+            self.image_problem = {**first, "booted_from": "previous image"}
+        return True
+
+    async def _boot_image(self, path: Path) -> bool:
+        """`_open_from_image` for the image at `path`."""
         try:
             meta, cols = await asyncio.to_thread(read_image, path)
             Digest.parse(meta.digest)
         except (ImageError, ValueError) as e:
-            self._image_unusable("damaged", str(e))
+            self._image_unusable(path, "damaged", str(e))
             return False
         m = dict(await self._rows("SELECT key, value FROM meta WHERE key IN ('rights_version', ?, ?)",
                                   (META_DIGEST, META_EPOCH)))  # fmt: skip
@@ -243,14 +270,14 @@ class Store(SqliteService):
         elif stored is None:
             why = "the rights file holds no checksum"
         if why is not None:
-            self._image_unusable("stale", why)
+            self._image_unusable(path, "stale", why)
             return False
         tables = await load_tables(self.db, self.site_tz, meta.numbering)
         index = RightsIndex(tables, cols, version=meta.version)
         creds, users = await changed_rows(self.db, tables, meta.version)
         digest = await asyncio.to_thread(in_background(_replayed_digest, index, meta, version, creds, users))
         if digest.text() != stored:
-            self._image_unusable("stale", f"image + change sets since give {digest.text()}, the rights {stored}")
+            self._image_unusable(path, "stale", f"image + change sets since give {digest.text()}, the rights {stored}")
             return False
         if version != meta.version:
             index.begin(version)
@@ -265,17 +292,17 @@ class Store(SqliteService):
         self._epoch = str(epoch)
         self._swap(index)
         self.booted_from = "image"
+        self._image_version = meta.version  # (of the file at `path`: `_open_from_image` says which one that is)
         log.info("rights index mapped from %s (version %d, %d change rows replayed to version %d)", path.name,
                  meta.version, len(creds) + len(users), version)  # fmt: skip
         return True
 
-    def _image_unusable(self, what: str, why: str) -> None:
-        log.error("index image %s is %s (%s): building the index from the rights file", self.image_path.name, what,
-                  why)  # fmt: skip
+    def _image_unusable(self, path: Path, what: str, why: str) -> None:
+        log.error("index image %s is %s (%s): not used", path.name, what, why)
         self.image_problem = {"image": what, "error": why[:300]}
         if what == "damaged":
             with contextlib.suppress(OSError):
-                self.image_path.unlink()
+                path.unlink()
 
     async def image_written(self) -> None:
         """Wait until the index image written in the background after a boot from the rows is on disk."""
@@ -305,21 +332,45 @@ class Store(SqliteService):
             numbering[i] = g
         meta = ImageMeta(idx.visible, SCHEMA_VERSION, self._epoch, self._digest.text(), t.gid, tuple(numbering))
         try:
+            prev = await asyncio.to_thread(self._keep_previous_image)
             await asyncio.to_thread(in_background(write_image, self.image_path, base.arrays, meta))
             _, cols = await asyncio.to_thread(in_background(read_image, self.image_path))
         except (OSError, ImageError) as e:
             log.error("could not write the index image: %s", e)
             return
+        self._image_version, self._prev_image_version = meta.version, prev
         if self.index is idx and idx._base is base:
             idx.rebase(cols)
-        await self.db.execute("DELETE FROM changed WHERE version <= ?", (meta.version,))
+        # what a boot from the previous image replays stays; with none, what a boot from this one replays
+        await self.db.execute("DELETE FROM changed WHERE version <= ?", (meta.version if prev is None else prev,))
+
+    def _keep_previous_image(self) -> int | None:
+        """Before a new image replaces the newest: that one (when sound) becomes the previous image, else a
+        sound previous image stays, else there is none (one of other rights, or not known sound, is
+        removed). Returns the previous image's version. A hard link: the newest stays in place until the
+        new one replaces it (`write_image`), so a kill at any point leaves both files usable."""
+        prev = self.prev_image_path
+        if self._image_version is not None and self.image_path.exists():
+            tmp = prev.with_name(prev.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(self.image_path, tmp)
+            os.replace(tmp, prev)
+            fsync_dir(prev.parent)
+            return self._image_version
+        if self._prev_image_version is not None and prev.exists():
+            return self._prev_image_version
+        prev.unlink(missing_ok=True)
+        self._prev_image_version = None
+        return None
 
     async def _recover(self, error: BaseException) -> None:
         """The file at `self.path` is damaged: move it aside and open the verified copy, or nothing."""
         reason = f"{type(error).__name__}: {error}"[:300]
         moved = move_aside(self.path)
-        with contextlib.suppress(OSError):
-            self.image_path.unlink()  # built from the damaged file: never used for the copy
+        for image in (self.image_path, self.prev_image_path):  # of the damaged file: never used for the copy
+            with contextlib.suppress(OSError):
+                image.unlink()
+        self._image_version = self._prev_image_version = None
         log.error("rights store %s is damaged (%s); moved aside to %s", self.path, reason, moved.name)
         fallback = "empty"
         copy_error: str | None = None
@@ -554,6 +605,7 @@ class Store(SqliteService):
                           *RULE_TABLES):  # fmt: skip
                     await db.execute(f"DELETE FROM {t}")
                 self._epoch = secrets.token_hex(8)  # every image built before is of other rights now
+                self._image_version = self._prev_image_version = None
                 await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_EPOCH, self._epoch))
             else:  # what a boot from an older image replays
                 await db.executemany(
