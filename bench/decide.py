@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -858,13 +859,37 @@ def main() -> None:
     args = ap.parse_args()
     if args.child_boot is not None:
         sys.setswitchinterval(SWITCH_INTERVAL)
-        asyncio.run(child_main(args.child_boot, args.mode))
+        try:
+            asyncio.run(child_main(args.child_boot, args.mode))
+        except BaseException:
+            traceback.print_exc()  # before a forced exit
+            exit_if_threads_linger()
+            raise
+        exit_if_threads_linger()
         return
     args.sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else (
         QUICK_SIZES if args.quick else DEFAULT_SIZES)  # fmt: skip
     sys.setswitchinterval(SWITCH_INTERVAL)
     msgspec.json.encode(0)  # import side effects out of the timed parts
-    asyncio.run(amain(args))
+    try:
+        asyncio.run(amain(args))
+    except BaseException:
+        traceback.print_exc()  # before a forced exit
+        exit_if_threads_linger()
+        raise
+    exit_if_threads_linger()
+
+
+def exit_if_threads_linger() -> None:
+    """An SQLite connection left open (aiosqlite's worker is not a daemon thread) would keep the process
+    from exiting, for ever, after its figures or its error were printed: name the threads and exit (3)."""
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if left:
+        note(f"exiting with {len(left)} thread(s) still running (an unclosed connection?): "
+             f"{', '.join(t.name for t in left)}")  # fmt: skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
 
 
 if __name__ == "__main__":

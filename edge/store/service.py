@@ -460,16 +460,18 @@ class Store(SqliteService):
         return await asyncio.to_thread(read)
 
     async def close(self) -> None:
-        if self._imaging is not None:
-            await cancel_and_wait(self._imaging)
-            self._imaging = None
-        if self._compacting is not None:
-            try:
-                await cancel_and_wait(self._compacting)
-            except Exception:  # a failed compaction changes nothing on disk: report it, close anyway
-                log.exception("index compaction failed")
-            self._compacting = None
-        await self._close_db()
+        try:
+            if self._imaging is not None:
+                await cancel_and_wait(self._imaging)
+                self._imaging = None
+            if self._compacting is not None:
+                try:
+                    await cancel_and_wait(self._compacting)
+                except Exception:  # a failed compaction changes nothing on disk: report it, close anyway
+                    log.exception("index compaction failed")
+                self._compacting = None
+        finally:  # whatever happened above: an open connection's thread would keep the process from exiting
+            await self._close_db()
 
     @property
     def version(self) -> int:
