@@ -22,7 +22,7 @@ Scenario and metrics (one line each, `broker` names the cluster):
   * side_by_side: the figures of every broker on one line.
 Exit status 1 when an event is missing, a gateway did not acknowledge or reconnect, or a cluster is not healthy.
 `--quick`: 200 gateways, 50 events each (CI: tests/test_fleet_cluster.py). `--window N`: the publishers' in-flight
-window (default 100; 0: no limit), their window counters on the `group_change_ack_s` line.
+window (default 250; 0: no limit), their window counters on the `group_change_ack_s` line.
 """
 
 from __future__ import annotations
@@ -446,9 +446,9 @@ def main() -> None:
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
-    ap.add_argument("--window", type=int, default=100,
+    ap.add_argument("--window", type=int, default=250,
                     help="gateways with a change set in flight per publisher process (0: no limit; docs/scaling.md, "
-                         "\"The publisher's window\"; --quick's 100 per publisher never wait)")  # fmt: skip
+                         "\"The publisher's window\"; --quick's 200 gateways never wait)")  # fmt: skip
     ap.add_argument("--connect-cost", action="store_true",
                     help="only measure the per-connection cost (rate, broker CPU) on each cluster")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
