@@ -11,9 +11,9 @@ like a first send). A gateway that does not answer within `tries` sends gives it
 of the queue (`released`): it is not dropped, it gets another slot on its next turn, so gateways that never
 answer slow the others (each holds a slot for `tries * resend_s` per turn) but never stop them, even when
 there are more of them than slots. A birth from such a released gateway puts it at the head of the queue
-(`expedite`), and a birth from an in-flight gateway makes its resend due at once (in its slot, at most one
-send beyond `tries`). Without a limit nothing is
-ever released: every pending gateway is resent every `resend_s`, as before the window existed.
+(`expedite`), and a birth from an in-flight gateway makes its resend due at once (in its slot, which it still
+gives up `resend_s` after that send if no answer comes). Without a limit nothing is ever released: every
+pending gateway is resent every `resend_s`, as before the window existed.
 """
 
 from __future__ import annotations
