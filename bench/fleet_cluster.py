@@ -21,7 +21,8 @@ Scenario and metrics (one line each, `broker` names the cluster):
   * node_restarted: the killed node started again on its data folder, time until the cluster is healthy;
   * side_by_side: the figures of every broker on one line.
 Exit status 1 when an event is missing, a gateway did not acknowledge or reconnect, or a cluster is not healthy.
-`--quick`: 200 gateways, 50 events each (CI: tests/test_fleet_cluster.py).
+`--quick`: 200 gateways, 50 events each (CI: tests/test_fleet_cluster.py). `--window N`: the publishers' in-flight
+window (default 250; 0: no limit), their window counters on the `group_change_ack_s` line.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                   "backoff_min_s": 0.5, "backoff_max_s": 4.0, "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
             cloud_qos=1 if broker == "rabbitmq" else 0, cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
-            stagger_s=procs / a.ramp,
+            stagger_s=procs / a.ramp, window=a.window,
         )  # fmt: skip
         spec_path = work / f"{broker}-spec.json"
         spec_path.write_bytes(msgspec.json.encode(spec))
@@ -212,10 +213,13 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             await w.ask("pushed", cmd="push")
         deadline = time.monotonic() + a.ack_timeout_total
         acked: dict[str, float] = {}
+        pub_stats: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             acked = {}
+            pub_stats = []
             for w in pubs:
                 st = (await w.ask("stats", cmd="stats"))["stats"]
+                pub_stats.append(st)
                 for gw, vs in st["acked_at"].items():
                     if "1" in vs:
                         acked[gw] = vs["1"] - t0
@@ -225,8 +229,13 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         times = list(acked.values())
         res["group_change_p50_s"], res["group_change_p100_s"] = pct(times, 0.5), pct(times, 1.0)
         res["group_change_acked"] = len(acked)
+        # the publishers' sends: first sends and resends, and their window (per process: the most in flight,
+        # waits for a slot, slots given up by gateways that did not answer)
+        res["publishers"] = {k: [st.get(k) for st in pub_stats] for k in ("sent", "resent", "peak_in_flight",
+                                                                          "deferred", "released")}  # fmt: skip
         out(metric="group_change_ack_s", broker=broker, p50=res["group_change_p50_s"],
-            p100=res["group_change_p100_s"], acked=len(acked), of=n)  # fmt: skip
+            p100=res["group_change_p100_s"], acked=len(acked), of=n, window=a.window,
+            publishers=res["publishers"])  # fmt: skip
         ok &= len(acked) == n
 
         # --- events from every gateway, one node killed half way ---------------------------------------------
@@ -437,6 +446,9 @@ def main() -> None:
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
+    ap.add_argument("--window", type=int, default=250,
+                    help="gateways with a change set in flight per publisher process (0: no limit; docs/scaling.md, "
+                         "\"The publisher's window\"; --quick's 200 gateways never wait)")  # fmt: skip
     ap.add_argument("--connect-cost", action="store_true",
                     help="only measure the per-connection cost (rate, broker CPU) on each cluster")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")

@@ -34,6 +34,7 @@ CORE = (
     "cloud_bridge.protocol",
     "cloud_bridge.topics",
     "cloud_bridge.permissions",
+    "cloud_bridge.fleet.window",
 )
 #: What the pure core may never import (nor anything below these names).
 IO = ("asyncio", "aiosqlite", "sqlite3", "gpiozero", "serial", "serial_asyncio", "aiomqtt", "paho", "socket",

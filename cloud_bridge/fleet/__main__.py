@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -61,6 +61,9 @@ class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cloud_publish_qos: int = 1
     #: Seconds between the publisher's resends of an unacknowledged change set.
     resend_s: float = 5.0
+    #: At most this many gateways with an unacknowledged change set per publisher process (0: no limit);
+    #: docs/scaling.md, "The publisher's window".
+    window: Annotated[int, msgspec.Meta(ge=0)] = 0
     state_dir: str = ""
     #: Seconds between two gateways' first connects in one worker (the fleet's connection ramp).
     stagger_s: float = 0.002
@@ -165,7 +168,8 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
         roster = {g: s for g, s in spec.roster.items() if s in set(sites)}
         worker = Publisher(db, endpoints=endpoints, roster=roster, signing_key=_key(spec), version=version,
                            identifier=f"acs-publisher-{shard}", qos=spec.cloud_qos,
-                           publish_qos=spec.cloud_publish_qos, resend_s=spec.resend_s)  # fmt: skip
+                           publish_qos=spec.cloud_publish_qos, resend_s=spec.resend_s,
+                           window=spec.window)  # fmt: skip
     task = asyncio.get_running_loop().create_task(worker.run(), name=role)
     try:
         while not worker.stats.connects:

@@ -2,8 +2,10 @@
 
 It pushes each gateway's pending change sets (the service's `outbox` table, rows above `gateways.acked`) in
 version order, signed for that gateway, and resends every `resend_s` until the gateway's own `result`
-arrives; the acknowledged version is written back to `gateways.acked`. Nothing depends on the broker keeping
-a message: a gateway on a clean session that was away simply gets the resend.
+arrives; the acknowledged version is written back to `gateways.acked`. At most `window` gateways have a change
+set in flight at once (`window.SendWindow`: the others wait, oldest first; None or 0: no limit), so that a
+publisher of thousands of gateways does not queue them all behind its one connection at once. Nothing
+depends on the broker keeping a message: a gateway on a clean session that was away simply gets the resend.
 
 Presence does not depend on retained messages (RabbitMQ keeps them per node): gateways publish their birth on
 every connect, and on every connect of its own the publisher asks each gateway of its roster for a fresh one
@@ -42,6 +44,7 @@ from cloud_bridge.signing import sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 
 from .ingest import Endpoints
+from .window import SendWindow
 
 log = logging.getLogger("cloud_bridge.fleet.publisher")
 
@@ -53,6 +56,13 @@ class PublisherStats:
     resent: int = 0
     results: int = 0
     refused: int = 0
+    #: the window (`SendWindow`): gateways in flight now and at most, waiting for a slot now, waits for a
+    #: slot (once per wait), slots given up by gateways that did not answer
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    waiting: int = 0
+    deferred: int = 0
+    released: int = 0
     connects: list[str] = field(default_factory=list)
 
 
@@ -61,7 +71,8 @@ class Publisher:
 
     def __init__(self, db: Database, *, endpoints: list[tuple[str, int]], roster: dict[str, str],
                  signing_key: Ed25519PrivateKey, identifier: str | None = None, version: mqtt.Version = "5",
-                 resend_s: float = 5.0, qos: int = 1, publish_qos: int = 1) -> None:  # fmt: skip
+                 resend_s: float = 5.0, qos: int = 1, publish_qos: int = 1, window: int | None = None,
+                 window_tries: int = 3) -> None:  # fmt: skip
         self.db = db
         self.endpoints = Endpoints(endpoints)
         #: gateway -> site, the gateways this publisher serves
@@ -76,6 +87,10 @@ class Publisher:
         #: everything is resent every `resend_s` until it arrives) and much cheaper: no PUBACK to wait for, and
         #: on NATS no JetStream write per message (docs/scaling.md).
         self.publish_qos = publish_qos
+        #: At most `window` gateways with an unacknowledged change set in flight (None or 0: no limit); one that
+        #: does not answer within `window_tries` sends (`resend_s` apart) gives its slot up to the back of the
+        #: queue (docs/scaling.md, "The publisher's window").
+        self.window = SendWindow(window, resend_s=resend_s, tries=window_tries)
         self.stats = PublisherStats()
         #: gateway -> (session, wall time) of the newest birth seen
         self.presence: dict[str, tuple[int, float]] = {}
@@ -85,7 +100,6 @@ class Publisher:
         #: gateway -> {version: wall time its result arrived}
         self.acked_at: dict[str, dict[int, float]] = {}
         self._pending: dict[str, list[tuple[int, ChangeSetMsg]]] = {}
-        self._sent_at: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._client: aiomqtt.Client | None = None
         self._kick = asyncio.Event()
@@ -144,7 +158,7 @@ class Publisher:
     async def push(self) -> int:
         """Load the outbox again and send what is pending now; returns the gateways with something pending."""
         await self.load()
-        self._sent_at.clear()
+        self.window.reset()
         self._kick.set()
         return len(self._pending)
 
@@ -162,28 +176,31 @@ class Publisher:
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            now = time.monotonic()
-            batch: list[asyncio.Task[None]] = []
+            self._kick.clear()  # before the round: an ack that arrives while it sends starts the next one
             for gw, todo in list(self._pending.items()):
                 todo[:] = [(v, m) for v, m in todo if v > self.acked.get(gw, 0)]
                 if not todo:
                     del self._pending[gw]
+            self.window.sync({gw: todo[0][0] for gw, todo in self._pending.items()})
+            batch: list[asyncio.Task[None]] = []
+            for send in self.window.due(time.monotonic()):
+                # (a push may have reloaded `_pending` while a batch went out: send only what is still pending)
+                msg = next((m for v, m in self._pending.get(send.gateway, []) if v == send.version), None)
+                if msg is None:
                     continue
-                at = self._sent_at.get(gw)
-                if at is not None and now - at < self.resend_s:
-                    continue
-                self._sent_at[gw] = now
-                if at is None:
-                    self.stats.sent += 1
-                else:
+                if send.resend:
                     self.stats.resent += 1
-                batch.append(self._publish(client, gw, todo[0][1]))
+                else:
+                    self.stats.sent += 1
+                batch.append(self._publish(client, send.gateway, msg))
                 if len(batch) >= 500:
                     await asyncio.gather(*batch)
                     batch = []
             if batch:
                 await asyncio.gather(*batch)
-            self._kick.clear()
+            w, st = self.window, self.stats
+            st.in_flight, st.peak_in_flight, st.waiting = w.in_flight, w.peak, w.waiting
+            st.deferred, st.released = w.deferred, w.released
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(1.0, self.resend_s / 4)):
                     await self._kick.wait()
@@ -226,7 +243,7 @@ class Publisher:
                         if prev is None or st.session > prev[0]:
                             self.presence[gw] = (st.session, now)
                             if gw in self._pending:
-                                self._sent_at.pop(gw, None)  # back online: send again now
+                                self.window.expedite(gw)  # back online: send again now (or soon)
                                 self._kick.set()
                 elif leaf is Leaf.RIGHTS_REPLY:
                     r = decode_rights_reply(data)

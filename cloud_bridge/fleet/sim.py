@@ -30,6 +30,7 @@ from cloud_bridge.signing import NonceStore
 from edge.errors import VersionGap
 from edge.events import Detail, Event
 from edge.model import ChangeSet, DoorMode, Snapshot
+from edge.tasks import cancel_and_wait
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,12 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self._stack.__aexit__(et, e, tb)
+
+    async def stop(self, name: str) -> None:
+        """Stop gateway `name`'s link for good (its connection closes; it answers nothing from then on): a
+        gateway that went away."""
+        i = next(i for i, g in enumerate(self.gateways) if g.name == name)
+        await cancel_and_wait(self._tasks[i], ignore=(Exception,))
 
     def online(self) -> int:
         return sum(1 for g in self.gateways if g.link.online)
