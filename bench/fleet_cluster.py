@@ -147,7 +147,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
     try:
         await asyncio.to_thread(cluster.start)
         res["cluster_start_s"] = round(time.monotonic() - t, 1)
-        progress(f"{broker}: 3-node cluster healthy in {res['cluster_start_s']} s")
+        res["version"] = cluster.version
+        progress(f"{broker} {res['version']}: 3-node cluster healthy in {res['cluster_start_s']} s")
         url = pg.create_database(f"fleet_{broker}_{os.getpid()}")
         db = Database(url)
         await db.migrate()
@@ -341,7 +342,8 @@ async def amain(a: argparse.Namespace) -> int:
         await asyncio.to_thread(pg.stop)
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    keys = ["connected", "connect_s", "group_change_p50_s", "group_change_p100_s", "events_expected", "events_missing",
+    keys = ["version", "connected", "connect_s",
+            "group_change_p50_s", "group_change_p100_s", "events_expected", "events_missing",
             "duplicate_rows", "redelivered", "reconnect_p50_s", "reconnect_p100_s", "not_reconnected",
             "restart_healthy_s", "healthy", "ok"]  # fmt: skip
     out(metric="side_by_side", gateways=a.gateways, events_per_gateway=a.events,
@@ -452,7 +454,11 @@ def main() -> None:
     ap.add_argument("--connect-cost", action="store_true",
                     help="only measure the per-connection cost (rate, broker CPU) on each cluster")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    ap.add_argument("--rabbitmq-root", type=Path, help="run the RabbitMQ installed in this Debian root (chroot), "
+                    "e.g. RabbitMQ 4.0 (`sh bench/rabbitmq4-root.sh /opt/trixie`); default: the system's")  # fmt: skip
     a = ap.parse_args()
+    if a.rabbitmq_root is not None:
+        os.environ["EDGE_RABBITMQ_ROOT"] = str(a.rabbitmq_root)  # tests/rabbitmq.RabbitCluster reads it
     a.gateways = a.gateways or (200 if a.quick else 10_000)
     a.events = a.events or (50 if a.quick else 100)
     a.processes = a.processes or (2 if a.quick else 4)

@@ -77,6 +77,12 @@ mqtt {{
 }}
 """
 
+    @property
+    def version(self) -> str:
+        """`nats-server --version`'s number."""
+        r = subprocess.run([SERVER, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        return (r.stdout or r.stderr).strip().rpartition("v")[2] or "unknown"
+
     def start(self, timeout: float = 60.0) -> None:
         for i in range(len(self.nodes)):
             self.start_node(i, wait=False)

@@ -7,6 +7,11 @@ switches to the `rabbitmq` user) with the MQTT plugin, `mqtt.durable_queue_type 
 session's queue is replicated on every node) and the cluster formed by `classic_config` peer discovery.
 `kill(i)` is a SIGKILL of node i's Erlang VM; `start_node(i)` starts it again on the same data folder (it
 rejoins the cluster).
+
+`RabbitCluster(..., chroot=Path("/opt/trixie"))` (or `EDGE_RABBITMQ_ROOT`) runs another RabbitMQ instead: the
+one installed in a Debian root there (`sh bench/rabbitmq4-root.sh` makes one with Debian 13's RabbitMQ 4.0 and
+Erlang 27, which bookworm cannot install beside its own), every node, epmd and CLI call run through
+`chroot(8)` (same network, same pids: chroot execs the command), data folders under that root's /tmp.
 """
 
 from __future__ import annotations
@@ -48,8 +53,20 @@ class RabbitCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, nodes: int = 3, root: Path | None = None) -> None:
-        if not Path(SERVER).exists():
+    def __init__(self, nodes: int = 3, root: Path | None = None, *, chroot: Path | None = None) -> None:
+        env_root = os.environ.get("EDGE_RABBITMQ_ROOT")
+        self.chroot = chroot or (Path(env_root) if env_root else None)
+        if self.chroot is not None:
+            if not (self.chroot / SERVER.lstrip("/")).exists():
+                raise RuntimeError(f"no RabbitMQ in {self.chroot}: sh bench/rabbitmq4-root.sh {self.chroot}")
+            if not os.path.ismount(self.chroot / "proc"):  # the VM reads /proc (memory, os_mon)
+                subprocess.run(["mount", "-t", "proc", "proc", str(self.chroot / "proc")], check=True)
+            inside = Path(tempfile.mkdtemp(prefix="edge-rmq-", dir=self.chroot / "tmp"))
+            if root is not None:  # the caller's folder names the data (logs) inside the root
+                root.parent.mkdir(parents=True, exist_ok=True)
+                root.symlink_to(inside)
+            root = inside
+        elif not Path(SERVER).exists():
             raise RuntimeError("RabbitMQ is not installed: apt-get install rabbitmq-server (sh .ci/bootstrap does)")
         self.root = root or Path(tempfile.mkdtemp(prefix="edge-rmq-"))
         self.home = self.root / "home"
@@ -67,25 +84,40 @@ class RabbitCluster:
             for i in range(nodes)
         ]
 
+    def _inner(self, path: Path) -> str:
+        """`path` as the broker sees it (inside the chroot, when there is one)."""
+        return "/" + str(path.relative_to(self.chroot)) if self.chroot is not None else str(path)
+
+    def _cmd(self, *argv: str) -> list[str]:
+        return ["chroot", str(self.chroot), *argv] if self.chroot is not None else list(argv)
+
+    @property
+    def version(self) -> str:
+        """The RabbitMQ version that runs (from its package's app file)."""
+        base = (self.chroot or Path("/")) / "usr/lib/rabbitmq/lib"
+        for app in sorted(base.glob("rabbitmq_server-*")):
+            return app.name.removeprefix("rabbitmq_server-")
+        return "unknown"
+
     @property
     def endpoints(self) -> list[tuple[str, int]]:
         return [(self.host, n.mqtt) for n in self.nodes]
 
     def _env(self, n: Node | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-        env.update(HOME=str(self.home), ERL_EPMD_PORT=str(self.epmd_port), ERL_EPMD_ADDRESS="127.0.0.1")
+        env.update(HOME=self._inner(self.home), ERL_EPMD_PORT=str(self.epmd_port), ERL_EPMD_ADDRESS="127.0.0.1")
         if n is not None:
             env.update(
                 RABBITMQ_NODENAME=n.full,
                 RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
                 RABBITMQ_NODE_PORT=str(n.amqp),
                 RABBITMQ_DIST_PORT=str(n.dist),
-                RABBITMQ_MNESIA_BASE=str(n.data / "mnesia"),
-                RABBITMQ_LOG_BASE=str(n.data / "log"),
-                RABBITMQ_CONFIG_FILE=str(n.data / "rabbitmq.conf"),
-                RABBITMQ_ADVANCED_CONFIG_FILE=str(n.data / "advanced.config"),
-                RABBITMQ_ENABLED_PLUGINS_FILE=str(n.data / "enabled_plugins"),
-                RABBITMQ_PID_FILE=str(n.data / "pid"),
+                RABBITMQ_MNESIA_BASE=self._inner(n.data / "mnesia"),
+                RABBITMQ_LOG_BASE=self._inner(n.data / "log"),
+                RABBITMQ_CONFIG_FILE=self._inner(n.data / "rabbitmq.conf"),
+                RABBITMQ_ADVANCED_CONFIG_FILE=self._inner(n.data / "advanced.config"),
+                RABBITMQ_ENABLED_PLUGINS_FILE=self._inner(n.data / "enabled_plugins"),
+                RABBITMQ_PID_FILE=self._inner(n.data / "pid"),
                 RABBITMQ_ENABLED_PLUGINS="rabbitmq_mqtt",
                 RUNNING_UNDER_SYSTEMD="1",  # exec the VM (no shell in between): our pid is the node's
                 # a small machine: fewer schedulers than cores would starve nothing, and no busy waiting
@@ -96,12 +128,11 @@ class RabbitCluster:
     def _config(self, n: Node) -> str:
         peers = "\n".join(f"cluster_formation.classic_config.nodes.{i + 1} = {m.full}" for i, m in
                           enumerate(self.nodes))  # fmt: skip
+        anonymous = ("anonymous_login_user = guest\nanonymous_login_pass = guest\n" if not self.version.startswith("3.")
+                     else "mqtt.allow_anonymous = true\nmqtt.default_user = guest\nmqtt.default_pass = guest\n")
         return f"""listeners.tcp.default = 127.0.0.1:{n.amqp}
 mqtt.listeners.tcp.default = 127.0.0.1:{n.mqtt}
-mqtt.allow_anonymous = true
-mqtt.default_user = guest
-mqtt.default_pass = guest
-mqtt.durable_queue_type = quorum
+{anonymous}mqtt.durable_queue_type = quorum
 loopback_users = none
 disk_free_limit.absolute = 50MB
 vm_memory_high_watermark.relative = 0.6
@@ -112,7 +143,7 @@ cluster_formation.peer_discovery_backend = classic_config
 """
 
     def start(self, timeout: float = 120.0) -> None:
-        self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+        self.epmd = subprocess.Popen(self._cmd("epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         for i in range(len(self.nodes)):
             self.start_node(i, wait=False)
@@ -125,13 +156,13 @@ cluster_formation.peer_discovery_backend = classic_config
         (n.data / "advanced.config").write_text("[].\n")
         (n.data / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
         with (n.data / "stdout.log").open("ab") as logf:
-            n.proc = subprocess.Popen([SERVER], env=self._env(n), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                      start_new_session=True)  # fmt: skip
+            n.proc = subprocess.Popen(self._cmd(SERVER), env=self._env(n), stdin=subprocess.DEVNULL, stdout=logf,
+                                      stderr=logf, start_new_session=True)  # fmt: skip
         if wait:
             self.wait_healthy(timeout)
 
     def ctl(self, i: int, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([CTL, "-n", self.nodes[i].full, *args], env=self._env(), capture_output=True,
+        return subprocess.run(self._cmd(CTL, "-n", self.nodes[i].full, *args), env=self._env(), capture_output=True,
                               text=True, timeout=timeout, check=False)  # fmt: skip
 
     def alive(self) -> list[int]:
@@ -151,7 +182,9 @@ cluster_formation.peer_discovery_backend = classic_config
                 self.why_unhealthy = f"node {i}: MQTT port {p} refuses connections ({e})"
                 return False
         nodes = ", ".join(f"'{n.full}'" for n in self.nodes)
-        expr = (f"[{{N, lists:sort(rpc:call(N, rabbit_nodes, all_running, [])), "
+        running = "case erlang:function_exported(rabbit_nodes, list_running, 0) of true -> list_running; " \
+                  "false -> all_running end"  # (3.10 has all_running; 4.x list_running)
+        expr = (f"[{{N, lists:sort(rpc:call(N, rabbit_nodes, {running}, [])), "
                 f"length(rpc:call(N, rabbit_networking, node_listeners, [N]))}} || N <- [{nodes}]].")  # fmt: skip
         try:
             r = self.ctl(0, "eval", expr, timeout=20)
