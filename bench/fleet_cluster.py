@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -266,10 +267,12 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         downs: dict[str, list[float]] = {}
         ups: dict[str, list[float]] = {}
         versions: dict[str, int] = {}
+        where: dict[str, list[tuple[float, str]]] = {}
         for st in stats:
             recorded_by.update(st["recorded_by"])
             downs.update(st["downs"])
             ups.update(st["ups"])
+            where.update(st["where"])
             versions.update(st["versions"])
         ing = [(await w.ask("stats", cmd="stats"))["stats"] for w in ingest]
         async with db.read() as c:
@@ -302,8 +305,20 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                     lost += 1
         res.update(reconnect_p50_s=pct(rec, 0.5), reconnect_p100_s=pct(rec, 1.0), reconnected=len(rec),
                    not_reconnected=lost)  # fmt: skip
+
+        def node_at(g: str, t: float) -> str:
+            """The node ("host:port") gateway g was connected to at time t, "" when offline."""
+            last = max((w for w in where.get(g, []) if w[0] <= t), default=None)
+            if last is None or any(last[0] < d <= t for d in downs.get(g, [])):
+                return ""
+            return str(last[1])
+
+        at_kill = Counter(node_at(g, kill_t) for g in names)
+        host, port = cluster.endpoints[victim]
         out(metric="reconnect_after_kill_s", broker=broker, p50=res["reconnect_p50_s"], p100=res["reconnect_p100_s"],
-            gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim)  # fmt: skip
+            gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim,
+            on_killed_node_at_kill=at_kill.get(f"{host}:{port}", 0), offline_at_kill=at_kill.get("", 0),
+            per_node_at_kill=dict(sorted(at_kill.items())))  # fmt: skip
         ok &= lost == 0 and len(rec) > 0
         res["versions_ok"] = all(versions.get(g) == 1 for g in names)
         ok &= res["versions_ok"]

@@ -194,9 +194,14 @@ class SimGateway:
     outbox: MemoryOutbox
     downs: list[float] = field(default_factory=list)
     ups: list[float] = field(default_factory=list)
+    #: (time, "host:port") of each connection: which node the gateway was on at a given moment.
+    where: list[tuple[float, str]] = field(default_factory=list)
 
     def on_state(self, up: bool) -> None:
-        (self.ups if up else self.downs).append(time.time())
+        t = time.time()
+        (self.ups if up else self.downs).append(t)
+        if up:
+            self.where.append((t, self.link.broker))
 
 
 class Fleet:
@@ -273,6 +278,7 @@ class Fleet:
             "reached": {g.name: g.rights.reached for g in gws},
             "downs": {g.name: g.downs for g in gws},
             "ups": {g.name: g.ups for g in gws},
+            "where": {g.name: g.where for g in gws},
             "brokers": {g.name: g.link.broker for g in gws},
             "failovers": sum(g.link.failovers for g in gws),
             "link_stats": {k: sum(g.link.stats[k] for g in gws) for k in gws[0].link.stats} if gws else {},
