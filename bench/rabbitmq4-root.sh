@@ -6,7 +6,7 @@
 set -eu
 root=${1:-/opt/trixie}
 if [ ! -x "$root/usr/lib/rabbitmq/bin/rabbitmq-server" ]; then
-    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap
+    command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap; }
     [ -x "$root/bin/sh" ] || debootstrap --variant=minbase trixie "$root" http://deb.debian.org/debian
     # no service starts inside the root: the bench starts its own nodes
     printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
