@@ -590,6 +590,11 @@ class StackSampler:
                              f"{j - i - 1} samples inside): {'; '.join(per)}")  # fmt: skip
                 lines += [f"      {k:3d} {n}: {w}" for (n, w), k in inside.most_common(3)]
         note("  totals: " + "; ".join(f"{n} {r:.1f}/{w:.1f}" for n, (r, w) in sorted(total.items())))
+        if self.threads:
+            first, last = self.threads[0][1], self.threads[-1][1]
+            whole = [f"{n} {(r - first.get(n, (0, 0))[0]) / 1e6:.1f}/{(w - first.get(n, (0, 0))[1]) / 1e6:.1f}"
+                     for n, (r, w) in sorted(last.items())]  # fmt: skip
+            note(f"  whole apply ({(self.threads[-1][0] - self.threads[0][0]) * 1e3:.0f} ms): " + "; ".join(whole))
         for ln in lines:
             note(ln)
         note("  other threads' samples inside the gaps:")
