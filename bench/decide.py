@@ -490,7 +490,7 @@ class StackSampler:
 
     @staticmethod
     def _where(frame: Any, main: bool) -> str:
-        where = []
+        where: list[str] = []
         depth = 0
         while frame is not None and len(where) < 4:
             code = frame.f_code
@@ -562,7 +562,7 @@ class StackSampler:
         wall = sum(b - a for a, b, _ in wall_gaps) * 1e3
         note(f"{len(wall_gaps)} loop gaps over 2 ms wall, {wall:.1f} ms in all; per thread across them "
              f"(ms on a CPU / ms waiting for a CPU), then the 8 longest:")  # fmt: skip
-        lines = []
+        lines: list[str] = []
         for a, b, cpu in sorted(wall_gaps, key=lambda g: g[0] - g[1]):
             i = max(0, bisect.bisect_left(times, a) - 1)
             j = min(len(times) - 1, bisect.bisect_right(times, b))
