@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -256,16 +256,11 @@ def gc_paused() -> Iterator[None]:
 #: Rows per statement of a bulk write: one chunk is built and encoded on the loop thread in ~0.05 ms, and
 #: runs in SQLite's thread in ~1 ms at 2*10^6 rows (a burst short enough not to keep the loop off a CPU).
 BULK_ROWS = 50
-#: Chunks between two `WalFlush` flushes of the WAL: ~1-2 MB of pages at 2*10^6 rows.
-FLUSH_EVERY = 8
 _encode = msgspec.json.Encoder().encode
 
 
-After = Callable[[], Awaitable[None]] | None
-
-
 async def bulk_insert(db: aiosqlite.Connection, head: str, width: int, rows: Iterable[Sequence[Any]],
-                      tail: str = "", *, after: After = None) -> None:  # fmt: skip
+                      tail: str = "") -> None:  # fmt: skip
     """`head` (``INSERT [OR REPLACE] INTO t (a, b, ...)``) over `rows` of `width` values, `BULK_ROWS` rows per
     statement: ``head SELECT json_extract(value, '$[0]'), ... FROM json_each(?) WHERE true tail``, with the
     chunk as one JSON text parameter (`tail`: an ``ON CONFLICT`` clause).
@@ -278,8 +273,7 @@ async def bulk_insert(db: aiosqlite.Connection, head: str, width: int, rows: Ite
     takes the GIL once per statement: the statement itself runs in C with the GIL released.
 
     Integers (up to 64 bits), NULLs and text round-trip through JSON; a text holding U+0000 would be cut
-    there by SQLite's JSON functions, so such a chunk is written with `executemany` instead. `after` is
-    awaited after each chunk (`WalFlush.chunk_done`)."""
+    there by SQLite's JSON functions, so such a chunk is written with `executemany` instead."""
     cols = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
     sql = f"{head} SELECT {cols} FROM json_each(?) WHERE true {tail}"
     per_row = f"{head} VALUES ({', '.join('?' * width)}) {tail}"
@@ -289,12 +283,8 @@ async def bulk_insert(db: aiosqlite.Connection, head: str, width: int, rows: Ite
         if len(chunk) == BULK_ROWS:
             await _insert_chunk(db, sql, per_row, chunk)
             chunk = []
-            if after is not None:
-                await after()
     if chunk:
         await _insert_chunk(db, sql, per_row, chunk)
-        if after is not None:
-            await after()
 
 
 async def _insert_chunk(db: aiosqlite.Connection, sql: str, per_row: str, chunk: list[Sequence[Any]]) -> None:
@@ -305,8 +295,7 @@ async def _insert_chunk(db: aiosqlite.Connection, sql: str, per_row: str, chunk:
         await db.execute(sql, (text,))
 
 
-async def bulk_delete(db: aiosqlite.Connection, table: str, column: str, keys: Iterable[int], *,
-                      after: After = None) -> None:  # fmt: skip
+async def bulk_delete(db: aiosqlite.Connection, table: str, column: str, keys: Iterable[int]) -> None:
     """``DELETE FROM table WHERE column = key`` for every integer key, `BULK_ROWS` keys per statement (as
     `bulk_insert`: the keys as one JSON array, no per-row work in the worker thread)."""
     sql = f"DELETE FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))"
@@ -316,40 +305,5 @@ async def bulk_delete(db: aiosqlite.Connection, table: str, column: str, keys: I
         if len(chunk) == BULK_ROWS:
             await db.execute(sql, (_encode(chunk),))
             chunk = []
-            if after is not None:
-                await after()
     if chunk:
         await db.execute(sql, (_encode(chunk),))
-        if after is not None:
-            await after()
-
-
-class WalFlush:
-    """Writes the pages a large transaction has put in the WAL so far to the disk, every `FLUSH_EVERY` chunks
-    (an `fdatasync` of the WAL file in a worker thread at background priority), so that the COMMIT's own
-    sync finds little left to write.
-
-    Without it the COMMIT of a 10^4-row change set at 2*10^6 rows synced ~57 MB at once: ~35 ms of CPU in
-    the kernel's writeback, in one go, in SQLite's thread, which kept the loop off its CPU for 4 ms ticks.
-    Durability is unchanged: the COMMIT still syncs; these flushes only move the writing earlier."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.wal = Path(f"{db_path}-wal")
-        self._chunks = 0
-        self._fd: int | None = None
-
-    async def chunk_done(self) -> None:
-        self._chunks += 1
-        if self._chunks % FLUSH_EVERY:
-            return
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.wal, os.O_RDONLY)
-            except OSError:  # no WAL (yet): nothing to flush
-                return
-        await asyncio.to_thread(in_background(os.fdatasync, self._fd))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None

@@ -27,7 +27,6 @@ import numpy as np
 
 from edge._sqlite import (
     SqliteService,
-    WalFlush,
     bulk_delete,
     bulk_insert,
     copy_file_atomic,
@@ -566,8 +565,6 @@ class Store(SqliteService):
         (`bulk_insert`): built on the loop thread, run by the connection's thread without the GIL."""
         db = self.db
         creds = await _key_order(plan.creds)  # cards in order: one pass along each B-tree (see `_key_order`)
-        wal = WalFlush(self.path)
-        flush = wal.chunk_done
         try:
             await db.execute("BEGIN IMMEDIATE")
             if wipe:
@@ -578,9 +575,9 @@ class Store(SqliteService):
                 await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_EPOCH, self._epoch))
             else:  # what a boot from an older image replays
                 await bulk_insert(db, "INSERT OR REPLACE INTO changed (kind, key, version)", 3,
-                                  ((CHANGED_CRED, card, version) for card in creds), after=flush)  # fmt: skip
+                                  ((CHANGED_CRED, card, version) for card in creds))  # fmt: skip
                 await bulk_insert(db, "INSERT OR REPLACE INTO changed (kind, key, version)", 3,
-                                  ((CHANGED_USER, uid, version) for uid in plan.users), after=flush)  # fmt: skip
+                                  ((CHANGED_USER, uid, version) for uid in plan.users))  # fmt: skip
             small = plan.small()
             for _kind, table, _puts, dels in small:
                 await db.executemany(f"DELETE FROM {table} WHERE id=?", [(k,) for k in dels])
@@ -589,9 +586,9 @@ class Store(SqliteService):
                     f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", [(k, plan.bodies[(kind, k)][0]) for k in puts]
                 )
             if not wipe:  # (after a wipe the table is empty: 10^5 no-op deletes for a snapshot)
-                await bulk_delete(db, "assignments", "uid", plan.users, after=flush)
-            await bulk_delete(db, "users", "uid", plan.deleted_users, after=flush)
-            await bulk_delete(db, "credentials", "uid", plan.deleted_users, after=flush)
+                await bulk_delete(db, "assignments", "uid", plan.users)
+            await bulk_delete(db, "users", "uid", plan.deleted_users)
+            await bulk_delete(db, "credentials", "uid", plan.deleted_users)
 
             def live() -> Iterator[tuple[int, tuple[User, UserRow]]]:
                 return ((uid, v) for uid, v in plan.users.items() if v is not None)
@@ -600,20 +597,18 @@ class Store(SqliteService):
                 db, "INSERT INTO users (uid, ext_id, name, flags, vfrom, vuntil, pin_hash)", 7,
                 ((uid, u.id, u.name, r[1], r[2], r[3], u.pin_hash) for uid, (u, r) in live()),
                 "ON CONFLICT(uid) DO UPDATE SET name=excluded.name, flags=excluded.flags, vfrom=excluded.vfrom, "
-                "vuntil=excluded.vuntil, pin_hash=excluded.pin_hash", after=flush,
+                "vuntil=excluded.vuntil, pin_hash=excluded.pin_hash",
             )  # fmt: skip
             await bulk_insert(
                 db, "INSERT INTO assignments (uid, pos, group_id, vfrom, vuntil)", 5,
                 ((uid, j, u.assignments[j].group, a[1], a[2]) for uid, (u, r) in live() for j, a in enumerate(r[5])),
-                after=flush,
             )  # fmt: skip
-            await bulk_delete(db, "credentials", "card", (c for c in creds if plan.creds[c] is None), after=flush)
+            await bulk_delete(db, "credentials", "card", (c for c in creds if plan.creds[c] is None))
             await bulk_insert(
                 db, "INSERT OR REPLACE INTO credentials (card, uid, format, status, vfrom, vuntil, facility, max_uses)",
                 8,
                 ((card, v[1], v[0].format, STATUS_CODES[v[0].status], v[2][2], v[2][3], v[0].facility, v[0].max_uses)
                  for card in creds if (v := plan.creds[card]) is not None),
-                after=flush,
             )  # fmt: skip
             await db.execute("UPDATE meta SET value=? WHERE key='rights_version'", (version,))
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_DIGEST, digest.text()))
@@ -626,8 +621,6 @@ class Store(SqliteService):
             if isinstance(e, Exception) and not isinstance(e, ChangeRejected):
                 raise StoreError(f"writing the change set failed, nothing applied: {e}") from e
             raise
-        finally:
-            wal.close()
 
     async def _stage(self, plan: Plan, version: int) -> None:
         idx = self.index
