@@ -101,8 +101,6 @@ log = logging.getLogger(__name__)
 
 #: Overlay size that triggers folding it into the base arrays (in a worker thread).
 COMPACT_AT = 200_000
-#: SQLite's automatic WAL checkpoint (pages), as by default; off while a change set is written.
-WAL_AUTOCHECKPOINT = 1000
 #: `Store.needs_snapshot` after a damaged store: the reason the link gives the cloud when asking for one.
 DAMAGED = "damaged"
 
@@ -153,7 +151,6 @@ class Store(SqliteService):
         self.image_problem: dict[str, Any] | None = None
         self._epoch = ""
         self._imaging: asyncio.Task[None] | None = None
-        self._checkpointing: asyncio.Task[None] | None = None
 
     @property
     def image_path(self) -> Path:
@@ -413,9 +410,6 @@ class Store(SqliteService):
         return await asyncio.to_thread(read)
 
     async def close(self) -> None:
-        if self._checkpointing is not None:
-            await cancel_and_wait(self._checkpointing)
-            self._checkpointing = None
         if self._imaging is not None:
             await cancel_and_wait(self._imaging)
             self._imaging = None
@@ -495,19 +489,11 @@ class Store(SqliteService):
             self.index, self._digest, self._tab_hash, cs.to_version, creds=plan.creds, users=plan.users,
             tables=plan.tables, table_changes=plan.table_changes(),
         )  # fmt: skip
-        # The WAL's checkpoint (copying the set's pages into the file: ~50 ms of CPU at 2*10^6 rows) is not
-        # part of the COMMIT: the set is durable without it. It runs after the set is visible (`_checkpoint`).
-        await self.db.execute_fetchall("PRAGMA wal_autocheckpoint=0")  # (fetched: no statement left open)
-        try:
-            await self._write(plan, cs.to_version, digest)
-        finally:
-            await self.db.execute_fetchall(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+        await self._write(plan, cs.to_version, digest)
         self._next_uid = plan.next_uid
         self._digest, self._tab_hash = digest, tab_hash
         await self._stage(plan, cs.to_version)
         self._maybe_compact()
-        if self._checkpointing is None:
-            self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint(), name="store.checkpoint")
         await dispose(plan.creds, plan.users)
         return ApplyResult(cs.to_version, applied=True, changes=len(cs.changes))
 
@@ -648,17 +634,6 @@ class Store(SqliteService):
             idx.publish()
             raise
         idx.publish()
-
-    async def _checkpoint(self) -> None:
-        """Checkpoint the WAL after a change set (see `_apply`), under the lock: never inside a set's
-        transaction. A failure loses nothing (the next commit's automatic checkpoint tries again)."""
-        try:
-            async with self._lock:
-                await self.db.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
-        except (sqlite3.Error, StoreError) as e:
-            log.warning("WAL checkpoint after a change set failed: %s", e)
-        finally:
-            self._checkpointing = None
 
     def _maybe_compact(self) -> None:
         if self.index.overlay_size < COMPACT_AT or self._compacting is not None:
