@@ -377,6 +377,7 @@ async def apply_monitored(
     before = reasons_now(decider, target)
 
     long_gaps: list[tuple[float, float]] = []
+    wall_gaps: list[tuple[float, float, float]] = []  # (start, end, loop CPU) of gaps over 2 ms wall
 
     cpu_gaps: list[float] = []
 
@@ -390,6 +391,8 @@ async def apply_monitored(
             cpu_gaps.append(cpu - last_cpu)
             if cpu - last_cpu > 0.001:
                 long_gaps.append((last, t))
+            if t - last > 0.002:
+                wall_gaps.append((last, t, cpu - last_cpu))
             last, last_cpu = t, cpu
 
     async def decisions() -> None:
@@ -432,6 +435,7 @@ async def apply_monitored(
         gaps.clear()
         cpu_gaps.clear()
         long_gaps.clear()
+        wall_gaps.clear()
         await asyncio.sleep(0)
     gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
@@ -445,6 +449,7 @@ async def apply_monitored(
         if sampler is not None:
             sampler.stop()
             sampler.report(long_gaps)
+            sampler.report_wall(wall_gaps)
     idle.sort()
     gaps.sort()
     cpu_gaps.sort()
@@ -469,31 +474,74 @@ async def apply_monitored(
 
 
 class StackSampler:
-    """--diagnose: samples the loop thread's stack every ~0.2 ms, to say what ran during each long gap."""
+    """--diagnose: samples every thread's stack, and each thread's scheduler counters
+    (/proc/self/task/TID/schedstat: ns on a CPU, ns waiting for one), every ~0.2 ms: what the loop thread ran
+    during each gap with > 1 ms of its CPU, and, for the gaps over 2 ms wall, where the other threads were and
+    whether they ran (held the GIL) or waited for a CPU (preempted, the GIL possibly held) meanwhile."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, str]] = []
+        #: (time, {thread name: (run ns, runqueue wait ns)}, {thread name: where})
+        self.threads: list[tuple[float, dict[str, tuple[int, int]], dict[str, str]]] = []
         self.main = threading.main_thread().ident
+        self._fds: dict[int, tuple[str, int]] = {}  # ident -> (name, fd of its schedstat)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench.sampler", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _where(frame: Any, main: bool) -> str:
+        where: list[str] = []
+        depth = 0
+        while frame is not None and len(where) < 4:
+            code = frame.f_code
+            if depth < 2 or "/edge/" in code.co_filename:
+                where.append(f"{Path(code.co_filename).name}:{frame.f_lineno}:{code.co_name}")
+            frame = frame.f_back
+            depth += 1
+        return " < ".join(where) or ("(bench/asyncio)" if main else "(idle)")
+
+    def _fd(self, ident: int) -> tuple[str, int] | None:
+        got = self._fds.get(ident)
+        if got is None:
+            th = threading._active.get(ident)  # type: ignore[attr-defined]
+            if th is None or th.native_id is None:
+                return None
+            try:
+                fd = os.open(f"/proc/self/task/{th.native_id}/schedstat", os.O_RDONLY)
+            except OSError:
+                return None
+            name = "loop" if ident == self.main else th.name
+            got = self._fds[ident] = (f"{name}#{th.native_id}", fd)
+        return got
+
     def _run(self) -> None:
+        me = threading.get_ident()
         while not self._stop.wait(0.0002):
-            frame = sys._current_frames().get(self.main or 0)
-            where = []
-            depth = 0
-            while frame is not None and len(where) < 4:
-                code = frame.f_code
-                if depth < 2 or "/edge/" in code.co_filename:
-                    where.append(f"{Path(code.co_filename).name}:{frame.f_lineno}:{code.co_name}")
-                frame = frame.f_back
-                depth += 1
-            self.samples.append((time.perf_counter(), " < ".join(where) or "(bench/asyncio)"))
+            frames = sys._current_frames()
+            t = time.perf_counter()
+            stat: dict[str, tuple[int, int]] = {}
+            where: dict[str, str] = {}
+            for ident, frame in frames.items():
+                if ident == me:
+                    continue
+                nf = self._fd(ident)
+                if nf is None:
+                    continue
+                name, fd = nf
+                run, wait, _ = os.pread(fd, 100, 0).split()
+                stat[name] = (int(run), int(wait))
+                w = self._where(frame, ident == self.main)
+                where[name] = w
+                if ident == self.main:
+                    self.samples.append((t, w))
+            self.threads.append((t, stat, where))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        for _, fd in self._fds.values():
+            os.close(fd)
 
     def report(self, long_gaps: list[tuple[float, float]]) -> None:
         spent: Counter[str] = Counter()
@@ -505,6 +553,54 @@ class StackSampler:
         note(f"{len(long_gaps)} loop gaps with > 1 ms of loop-thread CPU, {wall:.1f} ms wall in all; samples:")
         for where, k in spent.most_common(12):
             note(f"  {k:5d}  {where}")
+
+    def report_wall(self, wall_gaps: list[tuple[float, float, float]]) -> None:
+        """For each gap over 2 ms wall: each thread's CPU time and runqueue wait across it (the samples just
+        before and just after), and where the other threads were in the samples taken inside it."""
+        times = [t for t, _, _ in self.threads]
+        total: dict[str, list[float]] = {}
+        where_all: Counter[tuple[str, str]] = Counter()
+        wall = sum(b - a for a, b, _ in wall_gaps) * 1e3
+        note(f"{len(wall_gaps)} loop gaps over 2 ms wall, {wall:.1f} ms in all; per thread across them "
+             f"(ms on a CPU / ms waiting for a CPU), then the 8 longest:")  # fmt: skip
+        lines: list[str] = []
+        for a, b, cpu in sorted(wall_gaps, key=lambda g: g[0] - g[1]):
+            i = max(0, bisect.bisect_left(times, a) - 1)
+            j = min(len(times) - 1, bisect.bisect_right(times, b))
+            if not times or i >= j:
+                continue
+            s0, s1 = self.threads[i][1], self.threads[j][1]
+            per = []
+            for name, (r1, w1) in s1.items():
+                r0, w0 = s0.get(name, (r1, w1))
+                dr, dw = (r1 - r0) / 1e6, (w1 - w0) / 1e6
+                tot = total.setdefault(name, [0.0, 0.0])
+                tot[0] += dr
+                tot[1] += dw
+                if dr > 0.05 or dw > 0.05:
+                    per.append(f"{name} {dr:.1f}/{dw:.1f}")
+            inside: Counter[tuple[str, str]] = Counter()
+            for _, _, wh in self.threads[i + 1 : j]:
+                for name, w in wh.items():
+                    if not name.startswith("loop") and w != "(idle)":
+                        inside[(name, w)] += 1
+            where_all.update(inside)
+            if len(lines) < 8:
+                span = (self.threads[j][0] - self.threads[i][0]) * 1e3
+                lines.append(f"  gap {(b - a) * 1e3:.1f} ms (loop CPU {cpu * 1e3:.1f} ms; sampled span {span:.1f} ms, "
+                             f"{j - i - 1} samples inside): {'; '.join(per)}")  # fmt: skip
+                lines += [f"      {k:3d} {n}: {w}" for (n, w), k in inside.most_common(3)]
+        note("  totals: " + "; ".join(f"{n} {r:.1f}/{w:.1f}" for n, (r, w) in sorted(total.items())))
+        if self.threads:
+            first, last = self.threads[0][1], self.threads[-1][1]
+            whole = [f"{n} {(r - first.get(n, (0, 0))[0]) / 1e6:.1f}/{(w - first.get(n, (0, 0))[1]) / 1e6:.1f}"
+                     for n, (r, w) in sorted(last.items())]  # fmt: skip
+            note(f"  whole apply ({(self.threads[-1][0] - self.threads[0][0]) * 1e3:.0f} ms): " + "; ".join(whole))
+        for ln in lines:
+            note(ln)
+        note("  other threads' samples inside the gaps:")
+        for (n, w), k in where_all.most_common(12):
+            note(f"  {k:5d}  {n}: {w}")
 
 
 def reasons_now(decider: Decider, cards: Iterable[int]) -> dict[int, Reason]:

@@ -348,3 +348,38 @@ def test_every_change_kind_has_exactly_one_planner_handler() -> None:
     from edge.store import HANDLERS
 
     assert set(HANDLERS) == set(typing.get_args(Change))
+
+
+async def test_bulk_writes_span_chunks_and_keep_every_text(store: Store, db_path: Path) -> None:
+    """Change sets reach SQLite as JSON chunks of `BULK_ROWS` rows (`edge._sqlite.bulk_insert`): every row of a
+    set spanning several chunks lands, deletes included; a text SQLite's JSON would cut (U+0000) is kept (its
+    chunk goes row by row)."""
+    from edge._sqlite import BULK_ROWS
+
+    n = BULK_ROWS * 3 + 7
+    odd = "x\x00y"
+    await store.apply(
+        cs(
+            1,
+            PutUser(user=User(id="nul", name=f"A{odd}B", assignments=[Assignment(group="lab")])),
+            *[
+                PutUser(user=User(id=f"b{i}", name=f"Bulk {i}", assignments=[Assignment(group="lab")]))
+                for i in range(n)
+            ],
+            *[PutCredential(credential=Credential(card=40_000 + i, user=f"b{i}")) for i in range(n)],
+            PutCredential(credential=Credential(card=39_999, user="nul", format=odd)),
+        )
+    )
+    await store.apply(cs(2, *[DeleteCredential(card=40_000 + i) for i in range(0, n, 2)], DeleteUser(id="b1")))
+    await store.close()
+    async with Store(db_path, "Europe/Berlin") as again:  # verify_at_open: the checksum over every row holds
+        assert again.damage is None
+        rows = dict(await again._rows("SELECT ext_id, name FROM users WHERE ext_id IN ('nul', 'b0', 'b1')"))
+        assert rows == {"nul": f"A{odd}B", "b0": "Bulk 0"}
+        fmt = await again._rows("SELECT format FROM credentials WHERE card = 39999")
+        assert fmt == [(odd,)]
+        cards = {c for (c,) in await again._rows("SELECT card FROM credentials WHERE card >= 40000")}
+        assert cards == {40_000 + i for i in range(n) if i % 2 and i != 1}
+        d = Decider(again.index)
+        assert d.decide("lab", 40_000 + n - 2, MONDAY_10).granted
+        assert d.decide("lab", 40_000 + n - 1, MONDAY_10).reason is Reason.UNKNOWN_CARD

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
+import msgspec
+
 from edge._sqlite import dispose, in_background, pause
 from edge.errors import ChangeRejected
 from edge.index import (
@@ -192,24 +194,31 @@ async def plan_changes(cs: ChangeSet, *, index: RightsIndex, site_tz: ZoneInfo, 
     return plan
 
 
+#: The lookups below ask for their keys as one JSON array and get their rows back as one JSON text: SQLite's
+#: thread then takes the GIL once per query, not once per key bound and once per row fetched (each a wait
+#: for the loop to hand the GIL over, from a thread at background priority).
+_UIDS = "SELECT json_group_array(json_array(ext_id, uid)) FROM users WHERE ext_id IN (SELECT value FROM json_each(?))"
+_CARDS = "SELECT json_group_array(json_array(uid, card)) FROM credentials WHERE uid IN (SELECT value FROM json_each(?))"
+_decode_pairs = msgspec.json.Decoder(list[tuple[str, int]]).decode
+_decode_ints = msgspec.json.Decoder(list[tuple[int, int]]).decode
+
+
 async def _uids(rows: Rows, ext_ids: Iterable[str], out: dict[str, int | None]) -> None:
     """Fill `out` with the uids of the existing users among `ext_ids` (500 per query and loop turn)."""
     ids = list(ext_ids)
     for i in range(0, len(ids), 500):
-        part = ids[i : i + 500]
-        q = f"SELECT ext_id, uid FROM users WHERE ext_id IN ({','.join('?' * len(part))})"
-        for e, u in await rows(q, part):
-            out[e] = int(u)
+        got = await rows(_UIDS, [msgspec.json.encode(ids[i : i + 500]).decode()])
+        for e, u in _decode_pairs(got[0][0]):
+            out[e] = u
 
 
 async def _cards_of(rows: Rows, uids: Iterable[int]) -> dict[int, list[int]]:
     ids = list(uids)
     out: dict[int, list[int]] = {}
     for i in range(0, len(ids), 500):
-        part = ids[i : i + 500]
-        q = f"SELECT uid, card FROM credentials WHERE uid IN ({','.join('?' * len(part))})"
-        for u, c in await rows(q, part):
-            out.setdefault(int(u), []).append(int(c))
+        got = await rows(_CARDS, [msgspec.json.encode(ids[i : i + 500]).decode()])
+        for u, c in _decode_ints(got[0][0]):
+            out.setdefault(u, []).append(c)
     return out
 
 
