@@ -615,6 +615,14 @@ def not_visible(decider: Decider, target: dict[int, Reason]) -> int:
 # --- one size --------------------------------------------------------------------------------------------
 
 
+def clear_stale_work(cache_dir: Path) -> None:
+    """Remove the working files of runs that are gone (killed: no cleanup of their own)."""
+    for f in cache_dir.glob("work-n*-*.db*"):
+        pid = f.name.split(".db")[0].rpartition("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
+
+
 def status_kb(*keys: str) -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:
@@ -628,7 +636,9 @@ def status_kb(*keys: str) -> dict[str, int]:
 def child_boot(path: Path, mode: str) -> dict[str, Any]:
     """Boot in a fresh process (`--child-boot`): its figures as a dict."""
     r = subprocess.run([sys.executable, __file__, "--child-boot", str(path), "--mode", mode], capture_output=True,
-                       text=True, check=True, timeout=1800)  # fmt: skip
+                       text=True, check=False, timeout=1800)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"the {mode} boot in a fresh process exited {r.returncode}: {r.stderr[-3000:]}")
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
@@ -672,7 +682,10 @@ async def run_size(n: int, args: argparse.Namespace) -> None:
     if build_s:
         emit("store_build_time", build_s, "s", **base, method=method,
              note="bench setup, not a target: writing the population into a store file")  # fmt: skip
-    work = args.cache_dir / f"work-n{n}.db"
+    # this run's own copy: two runs at once (two checkouts' tests, two CI jobs on one machine) share the cache,
+    # never a working file (one deleting the other's file under its open Store was a failure, then a hang)
+    work = args.cache_dir / f"work-n{n}-{os.getpid()}.db"
+    clear_stale_work(args.cache_dir)
     for p in (work, *(Path(f"{work}{x}") for x in ("-wal", "-shm", ".idx", ".idx.1", ".verified"))):
         p.unlink(missing_ok=True)
     shutil.copyfile(cached, work)
@@ -978,8 +991,13 @@ def main() -> None:
 
 def exit_if_threads_linger() -> None:
     """An SQLite connection left open (aiosqlite's worker is not a daemon thread) would keep the process
-    from exiting, for ever, after its figures or its error were printed: name the threads and exit (3)."""
+    from exiting, for ever, after its figures or its error were printed: threads still running 20 s after
+    the end are named, and the process exits (3)."""
     left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + 20.0  # a connection just closed ends its thread a moment later (on a busy
+    for t in left:  # machine, seconds later): only one still running after that is left open
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = [t for t in left if t.is_alive()]
     if left:
         note(f"exiting with {len(left)} thread(s) still running (an unclosed connection?): "
              f"{', '.join(t.name for t in left)}")  # fmt: skip

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sqlite3
 import sys
 import time
@@ -353,10 +354,10 @@ async def cached_store(cache_dir: Path, pop: Population) -> tuple[Path, float, s
     if path.exists():
         return path, 0.0, "cached"
     cache_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs building at once: each its own, one rename wins
     t0 = time.perf_counter()
     method = await write_store(tmp, pop)
-    for suffix in ("-wal", "-shm"):
+    for suffix in ("-wal", "-shm", ".idx", ".idx.1", ".verified"):  # (a snapshot-built store's own files)
         Path(f"{tmp}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
     tmp.rename(path)
     return path, time.perf_counter() - t0, method
