@@ -4,7 +4,7 @@
   thread at background priority (`open_wal`), closed once; `async with` closes it.
 * `quick_check`, `read_only`, `move_aside`, `fsync_dir`, `copy_file_atomic`: checking, reading and keeping the
   files (a damaged file is moved aside with its -wal/-shm, never deleted).
-* `pause`, `breathing`, `gc_paused`, `dispose`, `in_background`: bulk work (10^5 rows) that must not hold the
+* `pause`, `gc_paused`, `dispose`, `in_background`: bulk work (10^5 rows) that must not hold the
   event loop, nor the GIL the thread that delivers GPIO edges waits for.
 * `bulk_insert`, `bulk_delete`: bulk writes whose rows reach SQLite as JSON text, so that the connection's
   worker thread runs them in C without the GIL (see `bulk_insert`).
@@ -221,17 +221,6 @@ async def dispose(*containers: Any) -> None:
             await pause()
 
 
-def breathing(rows: Iterable[T]) -> Iterator[T]:
-    """`rows` for an `executemany` in a worker thread, with the same 100 us pause every 2 ms as `pause()`:
-    binding parameters releases the GIL only for a moment per row, too short for a waiting thread."""
-    last = time.perf_counter()
-    for i, row in enumerate(rows):
-        if i & 255 == 0 and time.perf_counter() - last > BREATHE_EVERY_S:
-            time.sleep(BREATHE_S)  # noqa: TID251  (a worker thread, not the loop)
-            last = time.perf_counter()
-        yield row
-
-
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """No automatic garbage collection while a large change set or snapshot is processed.
@@ -277,33 +266,29 @@ async def bulk_insert(db: aiosqlite.Connection, head: str, width: int, rows: Ite
     cols = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
     sql = f"{head} SELECT {cols} FROM json_each(?) WHERE true {tail}"
     per_row = f"{head} VALUES ({', '.join('?' * width)}) {tail}"
-    chunk: list[Sequence[Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == BULK_ROWS:
-            await _insert_chunk(db, sql, per_row, chunk)
-            chunk = []
-    if chunk:
-        await _insert_chunk(db, sql, per_row, chunk)
-
-
-async def _insert_chunk(db: aiosqlite.Connection, sql: str, per_row: str, chunk: list[Sequence[Any]]) -> None:
-    text = _encode(chunk)
-    if b"\\u0000" in text:
-        await db.executemany(per_row, chunk)
-    else:
-        await db.execute(sql, (text,))
+    for chunk in _chunks(rows):
+        text = _encode(chunk)
+        if b"\\u0000" in text:
+            await db.executemany(per_row, chunk)
+        else:
+            await db.execute(sql, (text,))
 
 
 async def bulk_delete(db: aiosqlite.Connection, table: str, column: str, keys: Iterable[int]) -> None:
     """``DELETE FROM table WHERE column = key`` for every integer key, `BULK_ROWS` keys per statement (as
     `bulk_insert`: the keys as one JSON array, no per-row work in the worker thread)."""
     sql = f"DELETE FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))"
-    chunk: list[int] = []
-    for k in keys:
-        chunk.append(k)
+    for chunk in _chunks(keys):
+        await db.execute(sql, (_encode(chunk),))
+
+
+def _chunks(items: Iterable[T]) -> Iterator[list[T]]:
+    """`items` in lists of `BULK_ROWS` (the last one shorter)."""
+    chunk: list[T] = []
+    for x in items:
+        chunk.append(x)
         if len(chunk) == BULK_ROWS:
-            await db.execute(sql, (_encode(chunk),))
+            yield chunk
             chunk = []
     if chunk:
-        await db.execute(sql, (_encode(chunk),))
+        yield chunk

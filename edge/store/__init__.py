@@ -12,7 +12,6 @@ The SQLite plumbing and the GIL hand-over of bulk work it shares with the journa
 
 from edge._sqlite import (
     background_connection,
-    breathing,
     dispose,
     fsync_dir,
     gc_paused,
@@ -56,7 +55,6 @@ __all__ = [
     "Plan",
     "Store",
     "background_connection",
-    "breathing",
     "dispose",
     "fsync_dir",
     "gc_paused",
