@@ -392,7 +392,7 @@ async def test_staged_chunks_are_never_rejoined_at_start_without_a_signed_manife
         await cloud.wait_online()
         assert g.store.version == 1
         await cloud.wait_for(lambda: not (stage / "chunk-00000").exists() or None)
-        assert not (stage / "manifest").exists()
+        assert not (stage / "manifest").exists()  # removed before the chunks
 
 
 async def test_a_signed_rebirth_is_answered_and_an_unsigned_one_refused(
@@ -469,3 +469,29 @@ async def test_damaged_rights_make_the_gateway_ask_the_cloud_for_a_snapshot(
         r = await cloud.send_snapshot(small_snapshot(rs.have + 1, range(100, 120)))
         assert r.ok and r.applied and g.store.needs_snapshot is None
         assert g.store.index.cred(115) is not None
+
+
+def test_a_discard_cut_short_never_leaves_a_manifest_over_missing_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut during a discard: the first unlink is the manifest's, so what is left is chunks without
+    a manifest (never trusted, discarded at the next start), never a signed manifest over a partial set."""
+    from cloud_bridge.link.staging import SnapshotStaging
+
+    stage = SnapshotStaging(tmp_path / "stage", max_bytes=1 << 20)
+    stage._open()
+    for i in range(3):
+        (stage.path / f"chunk-{i:05d}").write_bytes(b"x")
+    (stage.path / "manifest").write_bytes(b"signed envelope")
+    real_unlink = Path.unlink
+
+    def cut_after_one(self: Path, missing_ok: bool = False) -> None:
+        real_unlink(self, missing_ok=missing_ok)
+        raise OSError("power cut")
+
+    monkeypatch.setattr(Path, "unlink", cut_after_one)
+    with pytest.raises(OSError, match="power cut"):
+        stage.discard()
+    monkeypatch.undo()
+    assert stage.envelope() is None
+    assert len(stage.staged()) == 3

@@ -87,10 +87,11 @@ class SnapshotStaging:
         return sorted(out)
 
     def discard(self) -> None:
-        """Forget the staged transfer and free its disk (unlinking works on a full disk)."""
+        """Forget the staged transfer and free its disk (unlinking works on a full disk). The manifest goes
+        first: a power cut part-way leaves chunks without a manifest, which the next start discards."""
+        (self.path / "manifest").unlink(missing_ok=True)
         for f in self.path.glob("chunk-*"):
             f.unlink(missing_ok=True)
-        (self.path / "manifest").unlink(missing_ok=True)
         self.manifest = None
 
     def budget(self) -> int:
