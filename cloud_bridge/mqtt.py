@@ -60,11 +60,13 @@ def client(
     host: str, port: int, *, identifier: str, tls: aiomqtt.TLSParameters | None = None, username: str | None = None,
     password: str | None = None, keepalive: int | None = None, clean_start: bool | None = None,
     session_expiry_s: int | None = None, will: aiomqtt.Will | None = None, version: Version = "5",
+    timeout: float = TIMEOUT_S,
 ) -> aiomqtt.Client:  # fmt: skip
     """An MQTT client (not connected yet: `async with` it, or `connect`) of `version`. Options left None keep
     aiomqtt's defaults. `clean_start` is MQTT 5's clean start or 3.1.1's clean session; `session_expiry_s`
     is the MQTT 5 session expiry sent with the CONNECT (3.1.1 has none: a persistent session lasts as long as
-    the broker keeps it)."""
+    the broker keeps it). `timeout`: how long a CONNACK, SUBACK or PUBACK may take (aiomqtt's default for
+    every call on the client)."""
     kw: dict[str, object] = {}
     if keepalive is not None:
         kw["keepalive"] = keepalive
@@ -80,7 +82,7 @@ def client(
     proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
     c = aiomqtt.Client(
         host, port, identifier=identifier, protocol=proto, will=will, tls_params=tls,
-        username=username, password=password, timeout=TIMEOUT_S, **kw,  # type: ignore[arg-type]
+        username=username, password=password, timeout=timeout, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     _versions[c] = version
     return c
@@ -93,8 +95,13 @@ def version_of(c: aiomqtt.Client) -> Version:
 
 async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = (), *, qos: int = 1) -> aiomqtt.Client:
     """Connect `c` and subscribe to `subscriptions` (QoS 1, or `qos`); when a subscription fails, disconnect and
-    raise."""
-    await c.__aenter__()
+    raise. A connect that fails (a CONNACK timeout, a refusal, a cancel) closes its socket at once: aiomqtt
+    leaves it open, so an overloaded broker would go on serving connections the client has given up on."""
+    try:
+        await c.__aenter__()
+    except BaseException:
+        _abandon(c)
+        raise
     try:
         for topic in subscriptions:
             await c.subscribe(topic, qos=qos)
@@ -102,6 +109,13 @@ async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = (), *, qos: 
         await close(c)
         raise
     return c
+
+
+def _abandon(c: aiomqtt.Client) -> None:
+    """Close the socket of a client whose connect failed (paho's own close: it unregisters the socket from
+    aiomqtt's loop first). Private to paho 2.x; checked by tests/test_link_connect.py."""
+    with contextlib.suppress(Exception):
+        c._client._sock_close()
 
 
 async def close(c: aiomqtt.Client) -> None:
@@ -154,12 +168,14 @@ class Backoff:
 async def reconnecting(
     connect: Callable[[], Awaitable[aiomqtt.Client]], serve: Callable[[aiomqtt.Client], Awaitable[None]],
     backoff: Backoff, *, log: logging.Logger, what: str, first: aiomqtt.Client | None = None,
-    down: Callable[[], None] | None = None,
+    down: Callable[[], None] | None = None, reset_on_connect: bool = True,
 ) -> NoReturn:  # fmt: skip
     """Serve MQTT connections for ever: `connect()` (a connected client; or `first`, already connected), then
     `serve(client)` until the connection drops (an `aiomqtt.MqttError`, also inside an exception group, is
     logged as "`what`: error"; anything else propagates), then `down()`, disconnect, and wait `backoff()`
-    before the next attempt. The backoff is reset by every successful connect. Returns only when cancelled
+    before the next attempt. The backoff is reset by every successful connect, or (`reset_on_connect`
+    False) by `serve` itself once its connection is set up: a broker that accepts connections and then
+    fails their subscriptions is not retried at the shortest delay each time. Returns only when cancelled
     (the client is disconnected then too)."""
     pending = first
     while True:
@@ -167,7 +183,8 @@ async def reconnecting(
         try:
             if c is None:
                 c = await connect()
-                backoff.reset()
+                if reset_on_connect:
+                    backoff.reset()
             await serve(c)
         except* aiomqtt.MqttError as eg:
             log.warning("%s: %s", what, eg.exceptions[0])

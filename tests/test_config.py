@@ -170,6 +170,8 @@ BAD_VALUES: dict[str, tuple[str, str, str]] = {
     "backoff_inf": ("link", "backoff_max_s = inf", "link.backoff_max_s: expected `float` <= 3600"),
     "backoff_nan": ("link", "backoff_min_s = nan", "link.backoff_min_s"),
     "backoff_order": ("link", "backoff_min_s = 10.0\nbackoff_max_s = 5.0", "link.backoff_min_s: must not exceed"),
+    "connect_timeout_order": ("link", "connect_timeout_s = 200.0", "link.connect_timeout_s: must not exceed"),
+    "connect_timeout_zero": ("link", "connect_timeout_s = 0", "link.connect_timeout_s: expected `float` > 0"),
     "max_message_small": ("link", "max_message_bytes = 100", "link.max_message_bytes: expected `int` >= 4096"),
     "max_message_huge": ("link", "max_message_bytes = 1000000000", "link.max_message_bytes: expected `int` <="),
     "batch_zero": ("link", "batch_events = 0", "link.batch_events"),

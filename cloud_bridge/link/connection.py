@@ -100,6 +100,13 @@ class CloudLink:
         #: Connections made to each endpoint (index), and failovers (a connection failed or dropped).
         self.connects = [0] * len(self.endpoints)
         self.failovers = 0
+        #: Connection attempts in a row whose setup did not complete (connect, subscriptions, birth): the
+        #: reconnect delay and the setup timeout grow per round of endpoints while they fail.
+        self.failed_setups = 0
+        self._set_up = False
+        # the delay grows per round of endpoints: a failed node is followed by the next one at once (0.5-1 x
+        # backoff_min_s), not after a delay doubled by the node that just failed
+        self._backoff = mqtt.Backoff(cfg.backoff_min_s, cfg.backoff_max_s, per_round=len(self.endpoints))
         # the command nonces on disk; a simulator may pass a lighter store (same interface)
         self._nonces = nonces or NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
         self._staging = SnapshotStaging(self.state_dir / "link-snapshot", max_bytes=cfg.snapshot_max_bytes)
@@ -208,7 +215,7 @@ class CloudLink:
             # persistent: keep the broker session across restarts (the default wipes it)
             clean_start=not persistent, session_expiry_s=cfg.session_expiry_s if persistent else None,
             will=aiomqtt.Will(self.topics.status, encode(death, cfg.encoding), qos=1, retain=True),
-            version=cfg.mqtt_version,
+            version=cfg.mqtt_version, timeout=self.setup_timeout_s,
         )  # fmt: skip
         try:
             client = await mqtt.connect(c)
@@ -219,6 +226,13 @@ class CloudLink:
         self.connects[self._at] += 1
         return client
 
+    @property
+    def setup_timeout_s(self) -> float:
+        """The next connection's setup timeout: `connect_timeout_s`, doubled per round of endpoints that all
+        failed their setups, at most `connect_timeout_max_s`."""
+        rounds = min(self.failed_setups // len(self.endpoints), 30)
+        return min(self.cfg.connect_timeout_max_s, self.cfg.connect_timeout_s * (1 << rounds))
+
     def _next_endpoint(self) -> None:
         if len(self.endpoints) > 1:
             self._at = (self._at + 1) % len(self.endpoints)
@@ -226,6 +240,9 @@ class CloudLink:
 
     def _down(self) -> None:
         self._replies.client = None
+        if not self._set_up:
+            self.failed_setups += 1
+        self._set_up = False
         if self._connected_at is not None:
             # the connection dropped: the node may be gone, so the next attempt goes to the next one (unless
             # this is a move back to the first, set by `_failback`)
@@ -258,10 +275,10 @@ class CloudLink:
             log.warning("cloud link: %s", w)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._rights.run(), name="link.rights")
-            # the delay grows per round of endpoints: a failed node is followed by the next one at once (0.5-1 x
-            # backoff_min_s), not after a delay doubled by the node that just failed
-            backoff = mqtt.Backoff(self.cfg.backoff_min_s, self.cfg.backoff_max_s, per_round=len(self.endpoints))
-            await mqtt.reconnecting(self._connect, self._serve, backoff, log=log, what="cloud link", down=self._down)
+            # the backoff is reset only once a connection is set up (`_serve`): CONNACKs followed by failed
+            # subscriptions are retried ever more slowly, not at backoff_min_s each time
+            await mqtt.reconnecting(self._connect, self._serve, self._backoff, log=log, what="cloud link",
+                                    down=self._down, reset_on_connect=False)  # fmt: skip
 
     def send_urgent(self, ev: Event) -> None:
         """Send an urgent event (`alarm.duress`) ahead of the backlog (`EventUpload.urgent`, the priority lane)."""
@@ -282,6 +299,9 @@ class CloudLink:
             await client.subscribe(topic, qos=self.cfg.downlink_qos)
         self._replies.client = client
         await self._publish_birth()
+        self._set_up = True
+        self.failed_setups = 0
+        self._backoff.reset()
         self._set_online(True)
         try:
             async with asyncio.TaskGroup() as tg:

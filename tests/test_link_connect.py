@@ -1,0 +1,149 @@
+"""The link's connection setup against a broker that is slow or half-broken (issue 20: a 10,000-gateway fleet
+that gave up on its CONNACKs and retried faster than the cluster answered never connected).
+
+A TCP proxy in front of a real Mosquitto plays the sick broker: it holds back the broker's first bytes (the
+CONNACK) for a while, or closes a connection as soon as the client sends its first SUBSCRIBE."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.broker are used as parameters)
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .broker import broker, cloud_peer, gateway, site_key, unique  # noqa: F401
+from .mosquitto import Mosquitto
+
+SUBSCRIBE = 8
+
+
+@dataclass
+class Conn:
+    opened: float
+    closed: float | None = None
+    connacked: bool = False
+
+
+@dataclass
+class SickBroker:
+    """`host:port` of a proxy to `upstream`. `connack_delay_s`: the broker's first bytes wait this long;
+    `kill_on_subscribe`: the connection is closed when the client's SUBSCRIBE arrives (after its CONNACK)."""
+
+    upstream: Mosquitto
+    connack_delay_s: float = 0.0
+    kill_on_subscribe: bool = False
+    conns: list[Conn] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    async def _pipe_up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, c: Conn) -> None:
+        """Client to broker, packet by packet (MQTT fixed header: type, remaining length as a varint)."""
+        while True:
+            head = await r.readexactly(1)
+            n, mult, raw = 0, 1, b""
+            while True:
+                b = await r.readexactly(1)
+                raw += b
+                n += (b[0] & 0x7F) * mult
+                mult *= 128
+                if not b[0] & 0x80:
+                    break
+            body = await r.readexactly(n)
+            if head[0] >> 4 == SUBSCRIBE and self.kill_on_subscribe:
+                return
+            w.write(head + raw + body)
+            await w.drain()
+
+    async def _pipe_down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, c: Conn) -> None:
+        first = True
+        while data := await r.read(65536):
+            if first:
+                await asyncio.sleep(self.connack_delay_s)
+                first = False
+                c.connacked = True
+            w.write(data)
+            await w.drain()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        c = Conn(time.monotonic())
+        self.conns.append(c)
+        try:
+            br, bw = await asyncio.open_connection(self.upstream.host, self.upstream.port)
+        except OSError:
+            cw.close()
+            return
+        tasks = [asyncio.ensure_future(self._pipe_up(cr, bw, c)), asyncio.ensure_future(self._pipe_down(br, cw, c))]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        c.closed = time.monotonic()
+        for w in (cw, bw):
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SickBroker]:
+        server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield self
+            server.close()
+
+
+async def test_a_broker_slower_than_the_setup_timeout_still_gets_the_gateway_connected(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The CONNACK takes 1.2 s, the first setup timeout is 0.3 s: the link gives up twice (0.3 s, 0.6 s), then
+    waits long enough (1.2 s and more) and is online, its failed-setup count back at 0."""
+    site, gw = unique("s"), "gw1"
+    async with SickBroker(broker, connack_delay_s=1.2).running() as sick:
+        kw = {"host": sick.host, "port": sick.port, "connect_timeout_s": 0.3, "connect_timeout_max_s": 5.0}
+        async with (
+            cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+            gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g,
+        ):
+            birth = await cloud.wait_online(timeout=30)
+            await cloud.wait_for(lambda: g.link.online or None)
+            assert birth.gateway == gw
+            assert g.link.failed_setups == 0 and g.link.setup_timeout_s == 0.3
+            gave_up = [c for c in sick.conns if c.closed is not None and not c.connacked]
+            waited = [round(c.closed - c.opened, 1) for c in gave_up if c.closed is not None]
+            assert len(gave_up) >= 2, sick.conns
+            assert waited[0] < 0.6 and waited[1] >= 0.5, waited  # each attempt waited longer than the last
+            assert sick.conns[-1].closed is None and sick.conns[-1].connacked
+
+
+async def test_a_broker_that_fails_every_subscription_is_retried_ever_more_slowly(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """Each connection is accepted (CONNACK) and then dropped at its SUBSCRIBE. The backoff is not reset by the
+    CONNACKs: over 4 s the link tries a handful of times (each waits 0.2 s for its SUBACK, then 0.05-0.1 s,
+    at most 0.2, 0.4, 0.8 s ...), not every 0.25-0.3 s (about 15). When the broker heals, the link is online
+    and its count starts again."""
+    site, gw = unique("s"), "gw1"
+    async with SickBroker(broker, kill_on_subscribe=True).running() as sick:
+        kw = {"host": sick.host, "port": sick.port, "backoff_min_s": 0.1, "backoff_max_s": 0.8,
+              "connect_timeout_s": 0.2, "connect_timeout_max_s": 0.2}  # fmt: skip
+        async with (
+            cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+            gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g,
+        ):
+            await asyncio.sleep(4.0)
+            tries = len(sick.conns)
+            assert not g.link.online and not cloud.births
+            assert 3 <= tries <= 10, tries
+            assert all(c.connacked for c in sick.conns[:-1])  # the broker accepted every one
+            assert g.link.failed_setups >= tries - 1
+            sick.kill_on_subscribe = False
+            await cloud.wait_online(timeout=15)
+            await cloud.wait_for(lambda: g.link.online or None)
+            assert g.link.failed_setups == 0
