@@ -197,12 +197,12 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                     await w.expect("ready", 2)
             online = sum(int(w.last.get("online", w.last.get("ready", 0))) for w in gws)
             out(metric="gateways_connected", broker=broker, value=online, of=n, connect_s=None, processes=procs,
-                timeout_s=a.connect_timeout)  # fmt: skip
+                timeout_s=a.connect_timeout, attempts=sum(int(w.last.get("attempts", 0)) for w in gws))  # fmt: skip
             raise
         res["connect_s"] = round(time.monotonic() - t, 1)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
-            processes=procs)  # fmt: skip
+            processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies))  # fmt: skip
         progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
 
         # --- a group change to every gateway -------------------------------------------------------------

@@ -61,10 +61,10 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: Reconnect delays: full-jitter exponential backoff between these bounds (`cloud_bridge.mqtt.Backoff`).
     backoff_min_s: Annotated[float, Meta(gt=0, le=3600)] = 0.5
     backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
-    #: How long a connection's setup (CONNACK, each SUBACK, the birth's PUBACK) may take. After every round of
-    #: endpoints whose setups all failed it doubles, up to `connect_timeout_max_s`: a broker too busy to
-    #: answer within the first timeout gets the time to finish connects, instead of retries it cannot serve
-    #: (a fleet that gives up and retries faster than the broker answers never connects: docs/scaling.md).
+    #: How long a connection's setup (CONNACK, each SUBACK, the birth's PUBACK) may take. Every setup in a row
+    #: that runs out of it doubles it, up to `connect_timeout_max_s`: a broker too busy to answer within the
+    #: first timeout gets the time to finish connects, instead of retries it cannot serve (a fleet that gives
+    #: up and retries faster than the broker answers never connects: docs/scaling.md).
     connect_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     connect_timeout_max_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
     #: Events per EventBatch (fewer when a batch would exceed `max_message_bytes`).

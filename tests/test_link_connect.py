@@ -142,8 +142,27 @@ async def test_a_broker_that_fails_every_subscription_is_retried_ever_more_slowl
             assert not g.link.online and not cloud.births
             assert 3 <= tries <= 10, tries
             assert all(c.connacked for c in sick.conns[:-1])  # the broker accepted every one
-            assert g.link.failed_setups >= tries - 1
+            assert g.link.failed_setups >= tries - 1 and g.link.timed_out_setups >= tries - 1
             sick.kill_on_subscribe = False
             await cloud.wait_online(timeout=15)
             await cloud.wait_for(lambda: g.link.online or None)
             assert g.link.failed_setups == 0
+
+
+async def test_a_refused_connection_does_not_lengthen_the_setup_timeout(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """A node that is down refuses at once: the delays grow (backoff) but the setup timeout stays at
+    `connect_timeout_s`, which is meant for a node that is slow, not gone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    site, gw = unique("s"), "gw1"
+    kw = {"host": "127.0.0.1", "port": dead, "connect_timeout_s": 2.0, "backoff_min_s": 0.05, "backoff_max_s": 0.2}
+    async with gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g:
+        async with asyncio.timeout(10):
+            while g.link.failed_setups < 5:
+                await asyncio.sleep(0.05)
+        assert g.link.timed_out_setups == 0 and g.link.setup_timeout_s == 2.0

@@ -126,8 +126,8 @@ async def run_gateways(spec: Spec, index: int) -> None:
             await asyncio.sleep(0.1)
             if time.monotonic() - last >= 5:
                 last = time.monotonic()
-                say(online=fleet.online(), of=len(cfgs), at_s=round(last - t0, 1))
-        say(ready=len(cfgs), connect_s=round(time.monotonic() - t0, 3))
+                say(online=fleet.online(), of=len(cfgs), at_s=round(last - t0, 1), attempts=fleet.attempts())
+        say(ready=len(cfgs), connect_s=round(time.monotonic() - t0, 3), attempts=fleet.attempts())
         tasks: set[asyncio.Task[None]] = set()
 
         async def drained(recorded: int) -> None:

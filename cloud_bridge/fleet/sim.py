@@ -254,6 +254,10 @@ class Fleet:
     def online(self) -> int:
         return sum(1 for g in self.gateways if g.link.online)
 
+    def attempts(self) -> int:
+        """Connection attempts of all the links since the start (a measure of retry storms)."""
+        return sum(g.link.attempts for g in self.gateways)
+
     def depth(self) -> int:
         return sum(g.outbox.depth for g in self.gateways)
 
@@ -281,6 +285,7 @@ class Fleet:
             "where": {g.name: g.where for g in gws},
             "brokers": {g.name: g.link.broker for g in gws},
             "failovers": sum(g.link.failovers for g in gws),
+            "connect_attempts": self.attempts(),
             "link_stats": {k: sum(g.link.stats[k] for g in gws) for k in gws[0].link.stats} if gws else {},
         }
 

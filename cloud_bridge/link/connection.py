@@ -103,7 +103,12 @@ class CloudLink:
         #: Connection attempts in a row whose setup did not complete (connect, subscriptions, birth): the
         #: reconnect delay and the setup timeout grow per round of endpoints while they fail.
         self.failed_setups = 0
+        #: Of those, the ones that ran out of their setup timeout (a broker too slow, not one that refused).
+        self.timed_out_setups = 0
+        #: Connection attempts since the start (set up or not).
+        self.attempts = 0
         self._set_up = False
+        self._attempt = (0.0, 0.0)  # (monotonic start, setup timeout) of the current attempt
         # the delay grows per round of endpoints: a failed node is followed by the next one at once (0.5-1 x
         # backoff_min_s), not after a delay doubled by the node that just failed
         self._backoff = mqtt.Backoff(cfg.backoff_min_s, cfg.backoff_max_s, per_round=len(self.endpoints))
@@ -203,6 +208,7 @@ class CloudLink:
         self._session = int(self.clock() * 1000)
         death = Death(site=cfg.site, gateway=cfg.gateway, session=self._session, ts=self.clock())
         host, port = self.endpoints[self._at]
+        self.attempts += 1
         persistent = cfg.session == "persistent"
         # A clean session names each connection apart (the session number): RabbitMQ 3.10 never lets a client
         # id whose last connection was on a node that died connect again elsewhere (measured: the CONNECT
@@ -217,6 +223,7 @@ class CloudLink:
             will=aiomqtt.Will(self.topics.status, encode(death, cfg.encoding), qos=1, retain=True),
             version=cfg.mqtt_version, timeout=self.setup_timeout_s,
         )  # fmt: skip
+        self._attempt = (time.monotonic(), self.setup_timeout_s)
         try:
             client = await mqtt.connect(c)
         except aiomqtt.MqttError:
@@ -228,10 +235,11 @@ class CloudLink:
 
     @property
     def setup_timeout_s(self) -> float:
-        """The next connection's setup timeout: `connect_timeout_s`, doubled per round of endpoints that all
-        failed their setups, at most `connect_timeout_max_s`."""
-        rounds = min(self.failed_setups // len(self.endpoints), 30)
-        return min(self.cfg.connect_timeout_max_s, self.cfg.connect_timeout_s * (1 << rounds))
+        """The next connection's setup timeout: `connect_timeout_s`, doubled by every setup in a row that ran
+        out of it (a refused or reset connection does not count: that node is down, not slow), at most
+        `connect_timeout_max_s`."""
+        n = min(self.timed_out_setups, 30)
+        return min(self.cfg.connect_timeout_max_s, self.cfg.connect_timeout_s * (1 << n))
 
     def _next_endpoint(self) -> None:
         if len(self.endpoints) > 1:
@@ -242,6 +250,9 @@ class CloudLink:
         self._replies.client = None
         if not self._set_up:
             self.failed_setups += 1
+            started, timeout = self._attempt
+            if time.monotonic() - started >= 0.9 * timeout:
+                self.timed_out_setups += 1
         self._set_up = False
         if self._connected_at is not None:
             # the connection dropped: the node may be gone, so the next attempt goes to the next one (unless
@@ -300,7 +311,7 @@ class CloudLink:
         self._replies.client = client
         await self._publish_birth()
         self._set_up = True
-        self.failed_setups = 0
+        self.failed_setups = self.timed_out_setups = 0
         self._backoff.reset()
         self._set_online(True)
         try:
