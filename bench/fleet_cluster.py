@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import aiomqtt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -167,7 +168,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
             link={"mqtt_version": "3.1.1", "session": "clean", "reply_qos": a.reply_qos,
                   "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
-                  "backoff_min_s": 0.5, "backoff_max_s": 4.0, "ack_timeout_s": a.ack_timeout, "window": 8,
+                  "backoff_min_s": 0.5, "backoff_max_s": a.backoff_max, "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
             cloud_qos=1 if broker == "rabbitmq" else 0, cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
             stagger_s=procs / a.ramp, window=a.window,
@@ -197,12 +198,14 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                     await w.expect("ready", 2)
             online = sum(int(w.last.get("online", w.last.get("ready", 0))) for w in gws)
             out(metric="gateways_connected", broker=broker, value=online, of=n, connect_s=None, processes=procs,
-                timeout_s=a.connect_timeout, attempts=sum(int(w.last.get("attempts", 0)) for w in gws))  # fmt: skip
+                timeout_s=a.connect_timeout, attempts=sum(int(w.last.get("attempts", 0)) for w in gws),
+                ramp_per_s=a.ramp, backoff_max_s=a.backoff_max)  # fmt: skip
             raise
         res["connect_s"] = round(time.monotonic() - t, 1)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
-            processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies))  # fmt: skip
+            processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
+            backoff_max_s=a.backoff_max)  # fmt: skip
         progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
 
         # --- a group change to every gateway -------------------------------------------------------------
@@ -380,9 +383,10 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs: int, qos: int,
-                persistent: bool, conc: int) -> None:  # fmt: skip
+                persistent: bool, conc: int, *, birth: bool = False) -> None:  # fmt: skip
     """Connect n gateway-like MQTT 3.1.1 clients (conc at a time, spread over the nodes), each subscribing to
-    `subs` of the downlink's filters at `qos`; print the rate and the broker CPU per connection."""
+    `subs` of the downlink's filters at `qos` (`birth`: with a retained will and a retained QoS 1 message on its
+    status topic after the subscriptions, as the link does); print the rate and the broker CPU per connection."""
     from cloud_bridge import mqtt
     from cloud_bridge.topics import Topics
 
@@ -397,11 +401,15 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
             h, p = cluster.endpoints[i % len(cluster.endpoints)]
             t = Topics(f"s{i // 50:04d}", f"c{tag}{i:05d}")
             ident = f"acs-{t.site}-{t.gateway}" + ("" if persistent else f"-{os.urandom(3).hex()}")
-            c = mqtt.client(h, p, identifier=ident, clean_start=not persistent, keepalive=60, version="3.1.1")
+            will = aiomqtt.Will(t.status, b"x" * 120, qos=1, retain=True) if birth else None
+            c = mqtt.client(h, p, identifier=ident, clean_start=not persistent, keepalive=60, version="3.1.1",
+                            will=will)  # fmt: skip
             t0 = time.monotonic()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(60):
                     await mqtt.connect(c, t.downlink()[:subs], qos=qos)
+                    if birth:
+                        await c.publish(t.status, b"y" * 200, qos=1, retain=True)
                 lat.append(time.monotonic() - t0)
                 clients.append(c)
 
@@ -416,7 +424,7 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
     await asyncio.gather(*(mqtt.close(c) for c in clients))
     ok = len(clients)
     out(metric="connect_cost", broker=broker, clients=n, connected=ok, subscriptions=subs, qos=qos,
-        persistent=persistent, concurrency=conc, rate_per_s=round(ok / wall, 1),
+        persistent=persistent, retained_birth=birth, concurrency=conc, rate_per_s=round(ok / wall, 1),
         broker_cpu_ms_per_connection=round(1000 * (c1 - c0) / max(1, ok), 2),
         connect_p50_ms=pct([1000 * x for x in lat], 0.5), connect_p99_ms=pct([1000 * x for x in lat], 0.99),
         idle_broker_cpu_pct=round(100 * idle, 1), load=round(os.getloadavg()[0], 1))  # fmt: skip
@@ -425,7 +433,7 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
 async def connect_cost(a: argparse.Namespace) -> int:
     """`--connect-cost`: on a fresh 3-node cluster of each broker, waves of connections without subscriptions,
     with 1 and with the downlink's 3 filters at QoS 0, 3 at QoS 1 (clean sessions), and persistent sessions at
-    QoS 1 (a third as many)."""
+    QoS 1 (a third as many), then the link's own connect (3 filters at QoS 0, a retained will and birth)."""
     raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="fleet-cluster-"))
     n = a.gateways
@@ -438,6 +446,8 @@ async def connect_cost(a: argparse.Namespace) -> int:
                 for subs, qos, persistent, k in ((0, 0, False, n), (1, 0, False, n), (3, 0, False, n), (3, 1, False, n),
                                                  (3, 1, True, max(1, n // 3))):  # fmt: skip
                     await _wave(cluster, broker, k, subs, qos, persistent, 50)
+                # what the link does on every connect: the 3 filters at QoS 0, a retained will, a retained birth
+                await _wave(cluster, broker, n, 3, 0, False, 50, birth=True)
             finally:
                 await asyncio.to_thread(cluster.stop)
     finally:
@@ -462,6 +472,8 @@ def main() -> None:
     ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
+    ap.add_argument("--backoff-max", type=float, default=4.0,
+                    help="the gateways' link.backoff_max_s (the product's default is 60 s; docs/scaling.md)")
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
     ap.add_argument("--window", type=int, default=250,
                     help="gateways with a change set in flight per publisher process (0: no limit; docs/scaling.md, "
