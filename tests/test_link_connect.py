@@ -166,3 +166,39 @@ async def test_a_refused_connection_does_not_lengthen_the_setup_timeout(
             while g.link.failed_setups < 5:
                 await asyncio.sleep(0.05)
         assert g.link.timed_out_setups == 0 and g.link.setup_timeout_s == 2.0
+
+
+async def test_failback_waits_for_a_first_endpoint_that_answers_mqtt_not_only_tcp(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """The first endpoint accepts TCP connections at once but its CONNACKs take 3 s (an overloaded node), the
+    setup timeout is 0.5 s: the gateway moves to the second endpoint and stays there, its working connection
+    never dropped for a node that would time out (a TCP probe moved it back after every `failback_s`). When the
+    first node answers again, the gateway moves back to it."""
+    site, gw = unique("s"), "gw1"
+    b = Mosquitto(tmp_path / "b")
+    b.start()
+    try:
+        async with SickBroker(broker, connack_delay_s=3.0).running() as sick:
+            kw = {"host": sick.host, "port": sick.port, "endpoints": [f"{b.host}:{b.port}"], "failback_s": 1.0,
+                  "connect_timeout_s": 0.5, "connect_timeout_max_s": 0.5, "backoff_min_s": 0.05,
+                  "backoff_max_s": 0.2}  # fmt: skip
+            async with (
+                cloud_peer(b, site_key, site=site, gw=gw) as on_b,
+                gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g,
+            ):
+                await on_b.wait_online(timeout=15)
+                await on_b.wait_for(lambda: g.link.online or None)
+                probes0 = g.link.failback_probes
+                await asyncio.sleep(6.0)  # ~4-5 probes of the slow first endpoint (each 1 s x 0.5-1.5 + 0.5 s)
+                assert g.link.failback_probes >= probes0 + 3, g.link.failback_probes
+                assert g.link.online and g.link.broker == f"{b.host}:{b.port}"
+                assert g.link.connects[1] == 1, g.link.connects  # never dropped, never reconnected to b
+                assert len(on_b.births) == 1
+                sick.connack_delay_s = 0.0
+                async with cloud_peer(broker, site_key, site=site, gw=gw) as on_a:
+                    back = await on_a.wait_online(timeout=15)
+                    assert back.broker == f"{sick.host}:{sick.port}"
+                assert g.link.connects[0] >= 1
+    finally:
+        b.stop()

@@ -11,10 +11,10 @@ effect). Events go the other way on the same principle: rows leave the journal o
 
 - `run()`: the reconnect loop (`mqtt.reconnecting`, jittered backoff) over the broker's endpoints (`host:port`
   first, then `endpoints`: a failed or dropped connection moves to the next one; while away from the first,
-  it is probed every `failback_s`, jittered, and the link moves back when it answers); per connection a new
-  session id, the birth (retained, and published again on every connect, so presence never depends on a
-  retained message being visible on every node of a cluster) and the will (a death), the message reader and
-  the event upload; the rights worker lives across connections.
+  it is probed every `failback_s`, jittered, with an MQTT connect, and the link moves back when it answers);
+  per connection a new session id, the birth (retained, and published again on every connect, so presence
+  never depends on a retained message being visible on every node of a cluster) and the will (a death), the
+  message reader and the event upload; the rights worker lives across connections.
 - rights topic -> `rights.RightsSync` (change sets, manifests, chunks; `staging.SnapshotStaging`);
   events/ack -> `upload.EventUpload` (go-back-N); command -> `gate.CommandGate` (signature, nonce, key
   rotation, execution; `gate.SiteKeys` verifies every signed message).
@@ -107,6 +107,8 @@ class CloudLink:
         self.timed_out_setups = 0
         #: Connection attempts since the start (set up or not).
         self.attempts = 0
+        #: MQTT connects made to probe the first endpoint while on another (`_failback`).
+        self.failback_probes = 0
         self._set_up = False
         self._attempt = (0.0, 0.0)  # (monotonic start, setup timeout) of the current attempt
         # the delay grows per round of endpoints: a failed node is followed by the next one at once (0.5-1 x
@@ -264,21 +266,35 @@ class CloudLink:
 
     async def _failback(self) -> None:
         """While connected to another endpoint than the first: probe the first every `failback_s` (x 0.5-1.5,
-        so that a fleet does not move back at once) with a TCP connect; when it answers, end this connection
-        (the reconnect loop then connects to the first)."""
+        so that a fleet does not move back at once) and, when it answers, end this connection (the reconnect
+        loop then connects to the first). The probe is a whole MQTT connect (CONNACK within
+        `connect_timeout_s`, no will, no subscription, a client id of its own), not a TCP connect: an overloaded
+        broker still accepts TCP connections it cannot serve, and moving back on those would drop a working
+        connection for one that times out, again at every probe."""
         while True:
             await asyncio.sleep(self.cfg.failback_s * random.uniform(0.5, 1.5))
             host, port = self.endpoints[0]
-            try:
-                async with asyncio.timeout(5):
-                    _r, w = await asyncio.open_connection(host, port)
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
-            except (OSError, TimeoutError):
-                continue
-            self._at = 0
-            raise aiomqtt.MqttError(f"moving back to the first broker endpoint {host}:{port}")
+            if await self._answers(host, port):
+                self._at = 0
+                raise aiomqtt.MqttError(f"moving back to the first broker endpoint {host}:{port}")
+
+    async def _answers(self, host: str, port: int) -> bool:
+        """Whether the broker at host:port accepts an MQTT connection within `connect_timeout_s` (closed again
+        at once)."""
+        cfg = self.cfg
+        self.failback_probes += 1
+        c = mqtt.client(
+            host, port, identifier=f"acs-{cfg.site}-{cfg.gateway}-probe-{random.getrandbits(32):08x}",
+            tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
+            keepalive=cfg.keepalive_s, version=cfg.mqtt_version, timeout=cfg.connect_timeout_s,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s + 1):
+                await mqtt.connect(c)
+        except (aiomqtt.MqttError, OSError, TimeoutError):
+            return False
+        await mqtt.close(c)
+        return True
 
     async def run(self) -> None:
         """Connect, serve, reconnect with jittered backoff; returns only when cancelled."""
