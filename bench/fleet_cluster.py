@@ -166,7 +166,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             endpoints=cluster.endpoints, cloud_endpoints=cluster.endpoints, db=url,
             site_key=key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(), roster=roster,
             workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
-            link={"mqtt_version": "3.1.1", "session": "clean", "reply_qos": a.reply_qos,
+            link={"mqtt_version": "5" if a.downlink_filter == "one" else "3.1.1", "session": "clean",
+                  "downlink_filter": a.downlink_filter, "reply_qos": a.reply_qos,
                   "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
                   "backoff_min_s": 0.5, "backoff_max_s": a.backoff_max, "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
@@ -199,13 +200,13 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             online = sum(int(w.last.get("online", w.last.get("ready", 0))) for w in gws)
             out(metric="gateways_connected", broker=broker, value=online, of=n, connect_s=None, processes=procs,
                 timeout_s=a.connect_timeout, attempts=sum(int(w.last.get("attempts", 0)) for w in gws),
-                ramp_per_s=a.ramp, backoff_max_s=a.backoff_max)  # fmt: skip
+                ramp_per_s=a.ramp, backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter)  # fmt: skip
             raise
         res["connect_s"] = round(time.monotonic() - t, 1)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
             processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
-            backoff_max_s=a.backoff_max)  # fmt: skip
+            backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter)  # fmt: skip
         progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
 
         # --- a group change to every gateway -------------------------------------------------------------
@@ -383,10 +384,12 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs: int, qos: int,
-                persistent: bool, conc: int, *, birth: bool = False) -> None:  # fmt: skip
+                persistent: bool, conc: int, *, birth: bool = False, tree: bool = False) -> None:  # fmt: skip
     """Connect n gateway-like MQTT 3.1.1 clients (conc at a time, spread over the nodes), each subscribing to
     `subs` of the downlink's filters at `qos` (`birth`: with a retained will and a retained QoS 1 message on its
-    status topic after the subscriptions, as the link does); print the rate and the broker CPU per connection."""
+    status topic after the subscriptions, as the link does; `tree`: instead of the filters, one MQTT 5 subscription
+    to all the gateway's topics with No Local, `link.downlink_filter = "one"`); print the rate and the broker CPU
+    per connection."""
     from cloud_bridge import mqtt
     from cloud_bridge.topics import Topics
 
@@ -402,12 +405,14 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
             t = Topics(f"s{i // 50:04d}", f"c{tag}{i:05d}")
             ident = f"acs-{t.site}-{t.gateway}" + ("" if persistent else f"-{os.urandom(3).hex()}")
             will = aiomqtt.Will(t.status, b"x" * 120, qos=1, retain=True) if birth else None
-            c = mqtt.client(h, p, identifier=ident, clean_start=not persistent, keepalive=60, version="3.1.1",
-                            will=will)  # fmt: skip
+            c = mqtt.client(h, p, identifier=ident, clean_start=not persistent, keepalive=60,
+                            version="5" if tree else "3.1.1", will=will)  # fmt: skip
             t0 = time.monotonic()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(60):
-                    await mqtt.connect(c, t.downlink()[:subs], qos=qos)
+                    await mqtt.connect(c, [] if tree else t.downlink()[:subs], qos=qos)
+                    if tree:
+                        await mqtt.subscribe_no_local(c, t.tree, qos=qos)
                     if birth:
                         await c.publish(t.status, b"y" * 200, qos=1, retain=True)
                 lat.append(time.monotonic() - t0)
@@ -424,7 +429,8 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
     await asyncio.gather(*(mqtt.close(c) for c in clients))
     ok = len(clients)
     out(metric="connect_cost", broker=broker, clients=n, connected=ok, subscriptions=subs, qos=qos,
-        persistent=persistent, retained_birth=birth, concurrency=conc, rate_per_s=round(ok / wall, 1),
+        persistent=persistent, retained_birth=birth, one_filter_no_local=tree, concurrency=conc,
+        rate_per_s=round(ok / wall, 1),
         broker_cpu_ms_per_connection=round(1000 * (c1 - c0) / max(1, ok), 2),
         connect_p50_ms=pct([1000 * x for x in lat], 0.5), connect_p99_ms=pct([1000 * x for x in lat], 0.99),
         idle_broker_cpu_pct=round(100 * idle, 1), load=round(os.getloadavg()[0], 1))  # fmt: skip
@@ -433,7 +439,8 @@ async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs:
 async def connect_cost(a: argparse.Namespace) -> int:
     """`--connect-cost`: on a fresh 3-node cluster of each broker, waves of connections without subscriptions,
     with 1 and with the downlink's 3 filters at QoS 0, 3 at QoS 1 (clean sessions), and persistent sessions at
-    QoS 1 (a third as many), then the link's own connect (3 filters at QoS 0, a retained will and birth)."""
+    QoS 1 (a third as many), then the link's own connect (3 filters at QoS 0, a retained will and birth), and on
+    RabbitMQ the same with `downlink_filter = "one"` (one MQTT 5 subscription with No Local)."""
     raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="fleet-cluster-"))
     n = a.gateways
@@ -448,6 +455,8 @@ async def connect_cost(a: argparse.Namespace) -> int:
                     await _wave(cluster, broker, k, subs, qos, persistent, 50)
                 # what the link does on every connect: the 3 filters at QoS 0, a retained will, a retained birth
                 await _wave(cluster, broker, n, 3, 0, False, 50, birth=True)
+                if broker == "rabbitmq":  # and with link.downlink_filter = "one" (MQTT 5: not NATS 2.9)
+                    await _wave(cluster, broker, n, 1, 0, False, 50, birth=True, tree=True)
             finally:
                 await asyncio.to_thread(cluster.stop)
     finally:
@@ -472,6 +481,9 @@ def main() -> None:
     ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
+    ap.add_argument("--downlink-filter", choices=("per-leaf", "one"), default="per-leaf",
+                    help="the gateways' link.downlink_filter; one: a single MQTT 5 subscription with No Local, the "
+                    "whole fleet then speaks MQTT 5 (RabbitMQ 4.0 and Mosquitto, not NATS 2.9)")  # fmt: skip
     ap.add_argument("--backoff-max", type=float, default=4.0,
                     help="the gateways' link.backoff_max_s (the product's default is 60 s; docs/scaling.md)")
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
@@ -484,6 +496,8 @@ def main() -> None:
     ap.add_argument("--rabbitmq-root", type=Path, help="run the RabbitMQ installed in this Debian root (chroot), "
                     "e.g. RabbitMQ 4.0 (`sh bench/rabbitmq4-root.sh /opt/trixie`); default: the system's")  # fmt: skip
     a = ap.parse_args()
+    if a.downlink_filter == "one" and "nats" in a.brokers.split(","):
+        ap.error("--downlink-filter one needs MQTT 5, which NATS 2.9 does not speak: --brokers rabbitmq")
     if a.rabbitmq_root is not None:
         os.environ["EDGE_RABBITMQ_ROOT"] = str(a.rabbitmq_root)  # tests/rabbitmq.RabbitCluster reads it
     a.gateways = a.gateways or (200 if a.quick else 10_000)

@@ -27,6 +27,7 @@ from typing import Any, Literal, NoReturn
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud_bridge.errors import CloudBridgeError
 from edge.tasks import cancel_and_wait
@@ -109,6 +110,14 @@ async def connect(c: aiomqtt.Client, subscriptions: Iterable[str] = (), *, qos: 
         await close(c)
         raise
     return c
+
+
+async def subscribe_no_local(c: aiomqtt.Client, topic: str, *, qos: int) -> None:
+    """Subscribe with MQTT 5's No Local (nothing this connection publishes comes back) and retain handling 2
+    (no retained messages at subscribe: a gateway's own retained status). MQTT 5 only."""
+    if version_of(c) != "5":
+        raise ValueError("No Local needs MQTT 5")
+    await c.subscribe(topic, options=SubscribeOptions(qos=qos, noLocal=True, retainHandling=2))
 
 
 def _abandon(c: aiomqtt.Client) -> None:

@@ -46,6 +46,12 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: QoS of the downlink subscriptions (rights, events/ack, command). 1, or 0 where the broker pays for
     #: every QoS 1 subscription (NATS: a JetStream consumer each). docs/scaling.md.
     downlink_qos: Literal[0, 1] = 1
+    #: How the downlink is subscribed: "per-leaf", one subscription per downlink topic (any MQTT version), or
+    #: "one", a single `acs/v1/<site>/<gateway>/#` with MQTT 5's No Local (the gateway's own uplink is not
+    #: sent back) and no retained messages at subscribe (MQTT 5 only). The cloud publishes the same either way;
+    #: a broker that pays per subscription (RabbitMQ: a binding each) sets a gateway up in less than half the
+    #: CPU with "one". docs/scaling.md.
+    downlink_filter: Literal["per-leaf", "one"] = "per-leaf"
     #: QoS of the replies on `rights/reply` (a change set's result, a resync request). 0 loses nothing (the
     #: cloud resends a change set until its result arrives, and a duplicate gets the same result again) and
     #: spares a broker that stores every QoS 1 message (NATS: a JetStream write each). docs/scaling.md.

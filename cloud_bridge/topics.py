@@ -83,6 +83,11 @@ class Topics:
     def downlink(self) -> list[str]:
         return [self[leaf] for leaf in DOWNLINK]
 
+    @property
+    def tree(self) -> str:
+        """The one filter of all this gateway's topics (`link.downlink_filter = "one"`, with No Local)."""
+        return f"{self.base}/#"
+
     def uplink(self) -> list[str]:
         return [self[leaf] for leaf in UPLINK]
 

@@ -393,6 +393,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("link.backoff_min_s: must not exceed link.backoff_max_s")
     if lk.connect_timeout_s > lk.connect_timeout_max_s:
         raise ConfigError("link.connect_timeout_s: must not exceed link.connect_timeout_max_s")
+    if lk.downlink_filter == "one" and lk.mqtt_version != "5":
+        raise ConfigError('link.downlink_filter: "one" needs link.mqtt_version = "5" (No Local is MQTT 5 only)')
     if lk.command_key is not None and not _looks_like_path(lk.command_key):
         ed25519_public_key(lk.command_key, "link.command_key")
     if len(os.fsencode(cfg.control.socket)) > UNIX_PATH_MAX:

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_bridge.protocol import Unlock
+
 from .broker import broker, cloud_peer, gateway, site_key, unique  # noqa: F401
+from .conftest import basic_site
 from .mosquitto import Mosquitto
 
 SUBSCRIBE = 8
@@ -39,6 +44,9 @@ class SickBroker:
     connack_delay_s: float = 0.0
     kill_on_subscribe: bool = False
     conns: list[Conn] = field(default_factory=list)
+    #: SUBSCRIBE packets the clients sent through the proxy.
+    subscribes: int = 0
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -55,8 +63,10 @@ class SickBroker:
                 if not b[0] & 0x80:
                     break
             body = await r.readexactly(n)
-            if head[0] >> 4 == SUBSCRIBE and self.kill_on_subscribe:
-                return
+            if head[0] >> 4 == SUBSCRIBE:
+                self.subscribes += 1
+                if self.kill_on_subscribe:
+                    return
             w.write(head + raw + body)
             await w.drain()
 
@@ -70,9 +80,15 @@ class SickBroker:
             w.write(data)
             await w.drain()
 
+    def drop_all(self) -> None:
+        """Close every connection through the proxy (both sides)."""
+        for w in self._writers:
+            w.close()
+
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         c = Conn(time.monotonic())
         self.conns.append(c)
+        self._writers.append(cw)
         try:
             br, bw = await asyncio.open_connection(self.upstream.host, self.upstream.port)
         except OSError:
@@ -202,3 +218,53 @@ async def test_failback_waits_for_a_first_endpoint_that_answers_mqtt_not_only_tc
                 assert g.link.connects[0] >= 1
     finally:
         b.stop()
+
+
+async def test_one_downlink_subscription_carries_rights_acks_and_commands_and_never_the_uplink(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`downlink_filter = "one"` (MQTT 5): a single SUBSCRIBE (`<base>/#`, counted by the proxy), and through it a
+    change set, the acknowledgements of 200 events and a command all arrive. No Local keeps the gateway's own
+    events and birth from coming back, retain handling 2 its own retained status: no message on an uplink
+    topic reaches it (each would be logged as unexpected), through a reconnect as well."""
+    site, gw = unique("s"), "gw1"
+    caplog.set_level(logging.WARNING, logger="cloud_bridge")
+    async with SickBroker(broker).running() as proxy:
+        kw = {"host": proxy.host, "port": proxy.port, "downlink_filter": "one", "batch_events": 20}
+        async with (
+            cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+            gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, **kw) as g,
+        ):
+            await cloud.wait_online()
+            await cloud.wait_for(lambda: g.link.online or None)
+            assert proxy.subscribes == 1
+            r = await cloud.send_change_set(basic_site())
+            assert r.ok and g.store.version == 1
+            for i in range(200):
+                g.journal.record("access.granted", door="front", card=i, user="alice")
+            await cloud.wait_events(200)
+            await cloud.wait_for(lambda: g.journal.depth == 0)  # every batch acknowledged
+            c = await cloud.command(Unlock(door="front", seconds=3), operator="alice")
+            assert c.ok and g.commands.calls[-1] == ("unlock", "front", 3)
+            births = len(cloud.births)
+            proxy.drop_all()  # a reconnect: the retained birth of the first connection is not sent back
+            await cloud.wait_for(lambda: len(cloud.births) > births or None, timeout=15)
+            await cloud.wait_for(lambda: g.link.online or None)
+            assert proxy.subscribes == 2
+            g.journal.record("access.granted", door="front", card=1000, user="alice")
+            await cloud.wait_events(201)
+            await cloud.wait_for(lambda: g.journal.depth == 0)
+    unexpected = [r.getMessage() for r in caplog.records if "unexpected topic" in r.getMessage()]
+    assert unexpected == [] and g.link.stats["handler_errors"] == 0
+
+
+def test_one_downlink_subscription_needs_mqtt_5(broker: Mosquitto, tmp_path: Path) -> None:
+    from cloud_bridge.link import CloudLink
+    from cloud_bridge.fleet.sim import MemoryNonces, MemoryOutbox, MemoryRights, NoCommands, _birth
+
+    from .broker import link_config
+
+    cfg = link_config(broker, "s", "g", downlink_filter="one", mqtt_version="3.1.1")
+    with pytest.raises(ValueError, match="needs mqtt_version"):
+        CloudLink(cfg, store=MemoryRights(), journal=MemoryOutbox("g"), commands=NoCommands(), birth=_birth,
+                  site_public_key=b"\0" * 32, state_dir=tmp_path, nonces=MemoryNonces())  # fmt: skip

@@ -72,6 +72,8 @@ class CloudLink:
         clock: Callable[[], float] = time.time,
         nonces: NonceStore | None = None,
     ) -> None:
+        if cfg.downlink_filter == "one" and cfg.mqtt_version != "5":
+            raise ValueError('link.downlink_filter = "one" needs mqtt_version = "5" (No Local is MQTT 5 only)')
         self.cfg = cfg
         self.store = store
         self.journal = journal
@@ -322,8 +324,11 @@ class CloudLink:
             task.add_done_callback(self._background.discard)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        for topic in self.topics.downlink():
-            await client.subscribe(topic, qos=self.cfg.downlink_qos)
+        if self.cfg.downlink_filter == "one":  # one subscription for the whole downlink (docs/scaling.md)
+            await mqtt.subscribe_no_local(client, self.topics.tree, qos=self.cfg.downlink_qos)
+        else:
+            for topic in self.topics.downlink():
+                await client.subscribe(topic, qos=self.cfg.downlink_qos)
         self._replies.client = client
         await self._publish_birth()
         self._set_up = True
