@@ -259,8 +259,8 @@ async def test_one_downlink_subscription_carries_rights_acks_and_commands_and_ne
 
 
 def test_one_downlink_subscription_needs_mqtt_5(broker: Mosquitto, tmp_path: Path) -> None:
-    from cloud_bridge.link import CloudLink
     from cloud_bridge.fleet.sim import MemoryNonces, MemoryOutbox, MemoryRights, NoCommands, _birth
+    from cloud_bridge.link import CloudLink
 
     from .broker import link_config
 
