@@ -52,13 +52,16 @@ def client(m: Mosquitto, pki: Path, name: str, **kw: object) -> aiomqtt.Client:
     )  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("downlink_filter", ["per-leaf", "one"])
 async def test_gateway_over_tls_with_client_certificate(
-    tls_broker: tuple[Mosquitto, Path], tmp_path: Path, site_key: Ed25519PrivateKey
+    tls_broker: tuple[Mosquitto, Path], tmp_path: Path, site_key: Ed25519PrivateKey, downlink_filter: str
 ) -> None:
+    """Under the documented ACL (read: only the three downlink topics), with one subscription per downlink topic
+    or the one `<base>/#` (Mosquitto checks read access per message delivered)."""
     m, pki = tls_broker
     tls = {"ca": str(pki / "ca.crt"), "cert": str(pki / "s1-gw1.crt"), "key": str(pki / "s1-gw1.key")}
     async with (
-        gateway(m, tmp_path / "gw", site_key, site="s1", gw="gw1", **tls) as g,
+        gateway(m, tmp_path / "gw", site_key, site="s1", gw="gw1", downlink_filter=downlink_filter, **tls) as g,
         CloudPeer(host=m.host, port=m.port, site="s1", gateway="gw1", signing_key=site_key, ca=str(pki / "ca.crt"),
                   cert=str(pki / "cloud.crt"), key=str(pki / "cloud.key"), resend_s=2) as cloud,
     ):  # fmt: skip
