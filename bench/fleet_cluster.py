@@ -332,7 +332,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         await asyncio.to_thread(cluster.start_node, victim, timeout=240.0)  # a loaded machine: minutes
         res["restart_healthy_s"] = round(time.monotonic() - t, 1)
         res["healthy"] = await asyncio.to_thread(cluster.healthy)
-        out(metric="node_restarted", broker=broker, healthy_s=res["restart_healthy_s"], healthy=res["healthy"])
+        out(metric="node_restarted", broker=broker, healthy_s=res["restart_healthy_s"], healthy=res["healthy"],
+            why_unhealthy=None if res["healthy"] else getattr(cluster, "why_unhealthy", None))  # fmt: skip
         ok &= res["healthy"]
         await db.close()
     except Exception as e:
