@@ -218,14 +218,11 @@ class CloudLink:
         # id whose last connection was on a node that died connect again elsewhere (measured: the CONNECT
         # times out until that node is back; docs/scaling.md); a persistent session must keep its one name.
         ident = f"acs-{cfg.site}-{cfg.gateway}" + ("" if persistent else f"-{self._session:x}")
-        c = mqtt.client(
-            host, port, identifier=ident,
-            tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
-            keepalive=cfg.keepalive_s,
+        c = self._client(
+            host, port, ident, timeout=self.setup_timeout_s,
             # persistent: keep the broker session across restarts (the default wipes it)
             clean_start=not persistent, session_expiry_s=cfg.session_expiry_s if persistent else None,
             will=aiomqtt.Will(self.topics.status, encode(death, cfg.encoding), qos=1, retain=True),
-            version=cfg.mqtt_version, timeout=self.setup_timeout_s,
         )  # fmt: skip
         self._attempt = (time.monotonic(), self.setup_timeout_s)
         try:
@@ -236,6 +233,17 @@ class CloudLink:
         self._connected_at = self._at
         self.connects[self._at] += 1
         return client
+
+    def _client(self, host: str, port: int, identifier: str, *, timeout: float, clean_start: bool | None = None,
+                session_expiry_s: int | None = None, will: aiomqtt.Will | None = None) -> aiomqtt.Client:  # fmt: skip
+        """A client with this link's broker credentials, TLS, keepalive and MQTT version (not connected yet)."""
+        cfg = self.cfg
+        return mqtt.client(
+            host, port, identifier=identifier,
+            tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
+            keepalive=cfg.keepalive_s, version=cfg.mqtt_version, timeout=timeout, clean_start=clean_start,
+            session_expiry_s=session_expiry_s, will=will,
+        )  # fmt: skip
 
     @property
     def setup_timeout_s(self) -> float:
@@ -285,11 +293,8 @@ class CloudLink:
         at once)."""
         cfg = self.cfg
         self.failback_probes += 1
-        c = mqtt.client(
-            host, port, identifier=f"acs-{cfg.site}-{cfg.gateway}-probe-{random.getrandbits(32):08x}",
-            tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
-            keepalive=cfg.keepalive_s, version=cfg.mqtt_version, timeout=cfg.connect_timeout_s,
-        )  # fmt: skip
+        c = self._client(host, port, f"acs-{cfg.site}-{cfg.gateway}-probe-{random.getrandbits(32):08x}",
+                         timeout=cfg.connect_timeout_s)  # fmt: skip
         try:
             async with asyncio.timeout(cfg.connect_timeout_s + 1):
                 await mqtt.connect(c)
