@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 from playwright.async_api import expect
@@ -83,9 +84,12 @@ async def test_doors_events_and_alarms_pages(broker: Mosquitto, tmp_path: Path, 
         await page.get_by_label("Kind (e.g. access.*, door.forced_open)").fill("access.*")
         await page.get_by_label("Result").select_option("denied")
         await page.get_by_role("button", name="Show").click()
+        # the filter's GET has landed before any reload (a reload during that navigation loses the page)
+        await expect(page).to_have_url(re.compile(r"/events\?.*result=denied"))
+        filtered = page.url
 
         async def shown() -> None:
-            await page.reload()
+            await page.goto(filtered)
             await expect(page.locator("#events-table")).to_contain_text("card 7777", timeout=1_000)
 
         for _ in range(20):

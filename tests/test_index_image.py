@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -228,6 +229,14 @@ async def test_rows_changed_under_the_image_are_caught_by_the_checksum(tmp_path:
         assert Decider(s.index).decide("front", 1000, NOW).reason is Reason.CREDENTIAL_REVOKED
 
 
+def kill_when_written(proc: subprocess.Popen[bytes], folder: Path, pattern: str) -> None:
+    """SIGKILL `proc` as soon as a file matching `pattern` shows in `folder` (within 10 s, else at once)."""
+    deadline = time.monotonic() + 10
+    while not any(folder.glob(pattern)) and time.monotonic() < deadline:
+        pass
+    proc.send_signal(signal.SIGKILL)
+
+
 async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_path: Path) -> None:
     path = tmp_path / "rights.db"
     n = 20_000
@@ -237,7 +246,7 @@ async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_pa
     rng = random.Random(18)
     leftovers = 0
     booted: list[str] = []
-    for _ in range(6):
+    for round_ in range(6):
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.image_write_kill", str(path)], stdout=subprocess.PIPE, env=env,
             cwd=Path(__file__).resolve().parent.parent,
@@ -245,8 +254,11 @@ async def test_sigkill_while_the_image_is_written_leaves_a_usable_gateway(tmp_pa
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
         assert line.startswith(b"ready"), line
-        await asyncio.sleep(rng.uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGKILL)
+        if round_ % 2:  # at a random moment of the loop (link, write, fsync, replace, map, DELETE) ...
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        else:  # ... or the moment its temp file is seen: a kill inside write_image, on a fast disk too
+            await asyncio.to_thread(kill_when_written, proc, path.parent, "rights.db.idx.*.tmp")
         proc.wait()
         proc.stdout.close()
         leftovers += any(path.parent.glob("rights.db.idx.*.tmp"))
