@@ -132,6 +132,57 @@ class Worker:
         self._log.close()
 
 
+def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds of each part (its processes and all their live descendants: a broker node's
+    Erlang VM, PostgreSQL's postmaster and backends, a worker process), from one scan of /proc."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d.name)], cpu[int(d.name)] = int(f[1]), (int(f[11]) + int(f[12])) / tick
+    children: dict[int, list[int]] = {}
+    for pid, pp in parent.items():
+        children.setdefault(pp, []).append(pid)
+    res = {}
+    for name, roots in parts.items():
+        total, todo, seen = 0.0, list(roots), set()
+        while todo:
+            pid = todo.pop()
+            if pid not in seen:
+                seen.add(pid)
+                total += cpu.get(pid, 0.0)
+                todo.extend(children.get(pid, []))
+        res[name] = total
+    return res
+
+
+class CpuMeter:
+    """CPU seconds per part of the run (broker nodes, PostgreSQL, ingest, publishers, gateway workers, this
+    bench) over a phase: `mark()` at its start, `since()` at its end, with the wall time and the machine's
+    load, so a figure says what it cost and who paid."""
+
+    def __init__(self, parts: Any) -> None:
+        self._parts = parts  # () -> {part: [pids]}: read at each sample (a restarted node has a new pid)
+        self._t = time.monotonic()
+        self._at = cpu_by_part(self._parts())
+
+    def mark(self) -> None:
+        self._t, self._at = time.monotonic(), cpu_by_part(self._parts())
+
+    def since(self) -> dict[str, Any]:
+        now, wall = cpu_by_part(self._parts()), time.monotonic() - self._t
+        used = {k: round(v - self._at.get(k, 0.0), 1) for k, v in now.items()}
+        return {
+            "wall_s": round(wall, 1),
+            "cpu_s": used,
+            "cpu_total_s": round(sum(used.values()), 1),
+            "load": round(os.getloadavg()[0], 1),
+        }
+
+
 def change_set(gw: str) -> bytes:
     """The group change every gateway gets: from version 0 to 1, group `staff` gains the door `lab`."""
     cs = ChangeSet(from_version=0, to_version=1, changes=[PutGroup(group=Group(id="staff", name="Staff",
@@ -184,11 +235,23 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         gws = [Worker(f"gateways{i}", ["gateways", "--spec", str(spec_path), "--index", str(i)], logs)
                for i in range(procs)]  # fmt: skip
         workers = [*ingest, *pubs, *gws]
+
+        def parts() -> dict[str, list[int]]:
+            pm = pg.data / "postmaster.pid"
+            return {
+                **{f"node{i}": [nd.proc.pid] for i, nd in enumerate(cluster.nodes) if nd.proc is not None},
+                "postgres": [int(pm.read_text().split()[0])] if pm.exists() else [],
+                **{k: [w.proc.pid for w in ws if w.proc is not None]
+                   for k, ws in (("ingest", ingest), ("publishers", pubs), ("gateways", gws))},
+            }  # fmt: skip
+
+        meter = CpuMeter(parts)
         for w in [*ingest, *pubs]:
             await w.start()
         for w in [*ingest, *pubs]:
             await w.expect("ready", 60)
         t = time.monotonic()
+        meter.mark()
         for w in gws:
             await w.start()
         try:
@@ -206,10 +269,15 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
             processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
-            backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter)  # fmt: skip
+            backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter, cost=meter.since())  # fmt: skip
+        if a.idle > 0:
+            meter.mark()
+            await asyncio.sleep(a.idle)
+            out(metric="fleet_idle", broker=broker, gateways=res["connected"], **meter.since())
         progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
 
         # --- a group change to every gateway -------------------------------------------------------------
+        meter.mark()
         t0 = time.time()
         async with db.write() as c:
             outbox_rows = [{"gateway": g, "to_version": 1, "from_version": 0, "kind": "change_set",
@@ -241,10 +309,15 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                                                                           "deferred", "released")}  # fmt: skip
         out(metric="group_change_ack_s", broker=broker, p50=res["group_change_p50_s"],
             p100=res["group_change_p100_s"], acked=len(acked), of=n, window=a.window,
-            publishers=res["publishers"])  # fmt: skip
+            publishers=res["publishers"], cost=meter.since())  # fmt: skip
         ok &= len(acked) == n
+        if a.until == "group-change":
+            await db.close()
+            res["ok"] = ok
+            return res
 
         # --- events from every gateway, one node killed half way ---------------------------------------------
+        meter.mark()
         for w in gws:
             await w.send(cmd="events", k=a.events, duration=a.duration, steps=10)
         await asyncio.sleep(a.duration / 2)
@@ -294,7 +367,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                    redelivered=sum(i["duplicates"] for i in ing), drained=drained_ok)  # fmt: skip
         out(metric="events_ingested", broker=broker, expected=expected, stored=stored, missing=missing,
             duplicate_rows=dup_rows, redelivered=res["redelivered"], drain_s=res["drain_s"], drained=drained_ok,
-            ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond)  # fmt: skip
+            ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond,
+            cost=meter.since())  # fmt: skip
         ok &= missing == 0 and dup_rows == 0 and drained_ok and beyond == 0
 
         # --- reconnection of the gateways that lost their node -------------------------------------------------
@@ -485,8 +559,12 @@ def main() -> None:
     ap.add_argument("--downlink-filter", choices=("per-leaf", "one"), default="per-leaf",
                     help="the gateways' link.downlink_filter; one: a single MQTT 5 subscription with No Local, the "
                     "whole fleet then speaks MQTT 5 (RabbitMQ 4.0 and Mosquitto, not NATS 2.9)")  # fmt: skip
-    ap.add_argument("--backoff-max", type=float, default=4.0,
-                    help="the gateways' link.backoff_max_s (the product's default is 60 s; docs/scaling.md)")
+    ap.add_argument(
+        "--backoff-max",
+        type=float,
+        default=4.0,
+        help="the gateways' link.backoff_max_s (the product's default is 60 s; docs/scaling.md)",
+    )
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
     ap.add_argument("--window", type=int, default=250,
                     help="gateways with a change set in flight per publisher process (0: no limit; docs/scaling.md, "
@@ -494,6 +572,18 @@ def main() -> None:
     ap.add_argument("--connect-cost", action="store_true",
                     help="only measure the per-connection cost (rate, broker CPU) on each cluster")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    ap.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="seconds the connected fleet idles before the group change (the fleet_idle line: its CPU)",
+    )
+    ap.add_argument(
+        "--until",
+        choices=("group-change", "end"),
+        default="end",
+        help="stop after the group change (no events, no kill): the connect and change figures alone",
+    )
     ap.add_argument("--rabbitmq-root", type=Path, help="run the RabbitMQ installed in this Debian root (chroot), "
                     "e.g. RabbitMQ 4.0 (`sh bench/rabbitmq4-root.sh /opt/trixie`); default: the system's")  # fmt: skip
     a = ap.parse_args()

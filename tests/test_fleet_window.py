@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import insert, select
 
@@ -124,6 +126,42 @@ def test_a_push_makes_every_in_flight_resend_due_now() -> None:
     assert sends(w.due(0.1)) == [("a", 1, True), ("b", 1, True)]
     with pytest.raises(ValueError):
         SendWindow(-1, resend_s=1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 4), st.lists(st.tuples(st.sampled_from(["ack", "new", "due", "birth"]), st.integers(0, 7),
+                                              st.booleans(), st.floats(0.0, 2.0)), max_size=80))  # fmt: skip
+def test_settle_one_gateway_at_a_time_does_what_sync_of_the_whole_map_does(
+    size: int, ops: list[tuple[str, int, bool, float]]
+) -> None:
+    """The publisher tells the window of each acknowledgement alone (`settle`, cheap at thousands of gateways);
+    the same history told by `sync` of the whole pending map after each change gives the same sends and
+    counters."""
+    by_settle, by_sync = SendWindow(size, resend_s=1.0, tries=2), SendWindow(size, resend_s=1.0, tries=2)
+    pending: dict[str, int] = {}
+    now = 0.0
+    for op, i, more, dt in ops:
+        gw = f"g{i}"
+        if op == "ack" and gw in pending:  # its version acknowledged; the next one pending, or nothing
+            if more:
+                pending[gw] += 1
+            else:
+                del pending[gw]
+            by_settle.settle(gw, pending.get(gw))
+            by_sync.sync(pending)
+        elif op == "new" and gw not in pending:
+            pending[gw] = 1
+            by_settle.settle(gw, 1)
+            by_sync.sync(pending)
+        elif op == "birth":
+            by_settle.expedite(gw)
+            by_sync.expedite(gw)
+        elif op == "due":
+            now += dt
+            assert by_settle.due(now) == by_sync.due(now)
+        counters = [(w.peak, w.deferred, w.released, w.in_flight, w.waiting) for w in (by_settle, by_sync)]
+        assert counters[0] == counters[1]
+    assert by_settle.due(now + 5) == by_sync.due(now + 5)
 
 
 # --- a publisher on Mosquitto -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from cloud_bridge import mqtt
 from cloud_bridge.protocol import (
@@ -154,6 +154,7 @@ class Publisher:
                     msg = _change_set_msg(bytes(body))
                     pending.setdefault(str(gw), []).append((int(to_version), msg))
         self._pending = pending
+        self.window.sync({gw: todo[0][0] for gw, todo in pending.items()})
 
     async def push(self) -> int:
         """Load the outbox again and send what is pending now; returns the gateways with something pending."""
@@ -177,11 +178,8 @@ class Publisher:
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
             self._kick.clear()  # before the round: an ack that arrives while it sends starts the next one
-            for gw, todo in list(self._pending.items()):
-                todo[:] = [(v, m) for v, m in todo if v > self.acked.get(gw, 0)]
-                if not todo:
-                    del self._pending[gw]
-            self.window.sync({gw: todo[0][0] for gw, todo in self._pending.items()})
+            # (the window is told of every acknowledgement as it arrives, `_settle`: a round costs what is due,
+            # not the number of gateways pending)
             batch: list[asyncio.Task[None]] = []
             for send in self.window.due(time.monotonic()):
                 # (a push may have reloaded `_pending` while a batch went out: send only what is still pending)
@@ -216,11 +214,11 @@ class Publisher:
             return
         dirty, self._dirty = self._dirty, set()
         g = schema.gateways.c
+        stmt = (update(schema.gateways).where(g.id == bindparam("b_gateway"), g.acked < bindparam("b_acked"))
+                .values(acked=bindparam("b_acked")))  # fmt: skip
         try:
-            async with self.db.write() as c:
-                for gw in sorted(dirty):
-                    await c.execute(update(schema.gateways).where(g.id == gw, g.acked < self.acked[gw])
-                                    .values(acked=self.acked[gw]))  # fmt: skip
+            async with self.db.write() as c:  # one statement, executed for many rows
+                await c.execute(stmt, [{"b_gateway": gw, "b_acked": self.acked[gw]} for gw in sorted(dirty)])
         except Exception:
             self._dirty |= dirty
             log.exception("writing acknowledged versions failed")
@@ -253,11 +251,24 @@ class Publisher:
                             self.acked[gw] = r.version
                             self.acked_at.setdefault(gw, {})[r.version] = time.time()
                             self._dirty.add(gw)
+                            self._settle(gw)
                             self._kick.set()
                         elif not r.ok:
                             self.stats.refused += 1
             except ProtocolError as e:
                 log.warning("bad message on %s: %s", m.topic.value, e)
+
+
+    def _settle(self, gw: str) -> None:
+        """`gw` acknowledged a version: drop what it has, tell the window what it is to be sent next."""
+        todo = self._pending.get(gw)
+        if todo is None:
+            return
+        acked = self.acked.get(gw, 0)
+        todo[:] = [(v, m) for v, m in todo if v > acked]
+        if not todo:
+            del self._pending[gw]
+        self.window.settle(gw, todo[0][0] if todo else None)
 
 
 def _change_set_msg(body: bytes) -> ChangeSetMsg:

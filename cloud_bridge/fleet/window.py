@@ -40,7 +40,10 @@ class Send:
 
 
 class SendWindow:
-    """`sync(pending)` after the pending change sets changed, then `due(now)`: the sends to make now."""
+    """`sync(pending)` after the pending change sets were (re)loaded, `settle(gw, version)` after one gateway's
+    changed (an acknowledgement), then `due(now)`: the sends to make now. Every call costs what changed (and
+    `due` the slots), never the number of gateways pending: a publisher of thousands calls `settle` and `due`
+    once per acknowledgement."""
 
     def __init__(self, size: int | None, *, resend_s: float, tries: int = 3) -> None:
         if size is not None and size < 0:
@@ -56,6 +59,7 @@ class SendWindow:
         self._version: dict[str, int] = {}  # gateway -> the version to send it now
         self._sent: dict[str, int] = {}  # gateway -> the newest version ever sent to it
         self._counted: set[str] = set()  # queued gateways already counted in `deferred` for this wait
+        self._uncounted: dict[str, None] = {}  # queued gateways not yet counted (joined since the last `due`)
         self._released: set[str] = set()  # queued gateways that gave a slot up
         #: the most gateways in flight at once
         self.peak = 0
@@ -81,15 +85,35 @@ class SendWindow:
             if v != slot.version:  # acknowledged: the slot is free
                 del self.slots[gw]
                 if v is not None:  # and its next version waits at the back
-                    self._queue[gw] = None
+                    self._enqueue(gw)
         for gw in [g for g in self._queue if g not in pending]:
             self._dequeue(gw)
         for gw in pending:
             if gw not in self.slots and gw not in self._queue:
-                self._queue[gw] = None
+                self._enqueue(gw)
         self._version = dict(pending)
         for gw in [g for g in self._sent if g not in pending]:
             del self._sent[gw]
+
+    def settle(self, gw: str, version: int | None) -> None:
+        """One gateway's pending version is now `version` (None: nothing pending, it is done): what `sync`
+        does for that gateway alone, the others untouched."""
+        slot = self.slots.get(gw)
+        if slot is not None and slot.version != version:  # acknowledged: the slot is free
+            del self.slots[gw]
+            if version is not None:  # and its next version waits at the back
+                self._enqueue(gw)
+        elif slot is None:
+            if version is None:
+                if gw in self._queue:
+                    self._dequeue(gw)
+            elif gw not in self._queue:
+                self._enqueue(gw)
+        if version is None:
+            self._version.pop(gw, None)
+            self._sent.pop(gw, None)
+        else:
+            self._version[gw] = version
 
     def due(self, now: float) -> list[Send]:
         """The sends to make now (resends in their slots first, then new slots in queue order), recorded as
@@ -100,7 +124,7 @@ class SendWindow:
                 continue
             if self.size is not None and slot.tries >= self.tries:
                 del self.slots[gw]  # no answer: to the back of the queue
-                self._queue[gw] = None
+                self._enqueue(gw)
                 self._released.add(gw)
                 self.released += 1
                 continue
@@ -114,10 +138,10 @@ class SendWindow:
             self.slots[gw] = Slot(v, now, 1)
             out.append(Send(gw, v, self._sent.get(gw) == v))
             self._sent[gw] = v
-        for gw in self._queue:  # the window is full: whoever is left waits
-            if gw not in self._counted:
-                self._counted.add(gw)
-                self.deferred += 1
+        if self._queue:  # the window is full: whoever is left waits (counted once per wait)
+            self.deferred += len(self._uncounted)
+            self._counted.update(self._uncounted)
+            self._uncounted.clear()
         self.peak = max(self.peak, len(self.slots))
         return out
 
@@ -130,7 +154,7 @@ class SendWindow:
             slot.tries = min(slot.tries, self.tries - 1)  # one resend now, not a release
         elif gw in self._released and gw in self._queue:
             del self._queue[gw]
-            self._queue = {gw: None, **self._queue}
+            self._queue = {gw: None, **self._queue}  # (a birth of a released gateway: rare)
 
     def reset(self) -> None:
         """Every in-flight gateway's resend is due now, with a full slot's tries again (a push)."""
@@ -138,7 +162,13 @@ class SendWindow:
             slot.last = float("-inf")
             slot.tries = 0
 
+    def _enqueue(self, gw: str) -> None:
+        self._queue[gw] = None
+        if gw not in self._counted:
+            self._uncounted[gw] = None
+
     def _dequeue(self, gw: str) -> None:
         del self._queue[gw]
         self._counted.discard(gw)
+        self._uncounted.pop(gw, None)
         self._released.discard(gw)
