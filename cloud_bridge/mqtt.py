@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any, Literal, NoReturn
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -57,17 +58,35 @@ def tls_params(ca: str | None, cert: str | None, key: str | None) -> aiomqtt.TLS
     return None
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client with its housekeeping (paho's `loop_misc`: a PINGREQ due, a PINGRESP overdue, a
+    socket gone), which aiomqtt runs once a second, run every `housekeeping_s` instead."""
+
+    housekeeping_s = 1.0
+
+    async def _misc_loop(self) -> None:
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110  (a period, not a condition)
+            await asyncio.sleep(self.housekeeping_s)
+
+
+if not callable(getattr(aiomqtt.Client, "_misc_loop", None)):  # pragma: no cover  (aiomqtt is pinned < 3)
+    raise ImportError("aiomqtt.Client has no _misc_loop: cloud_bridge.mqtt._Client needs a look")
+
+
 def client(
     host: str, port: int, *, identifier: str, tls: aiomqtt.TLSParameters | None = None, username: str | None = None,
     password: str | None = None, keepalive: int | None = None, clean_start: bool | None = None,
     session_expiry_s: int | None = None, will: aiomqtt.Will | None = None, version: Version = "5",
-    timeout: float = TIMEOUT_S,
+    timeout: float = TIMEOUT_S, housekeeping_s: float = 1.0,
 ) -> aiomqtt.Client:  # fmt: skip
     """An MQTT client (not connected yet: `async with` it, or `connect`) of `version`. Options left None keep
     aiomqtt's defaults. `clean_start` is MQTT 5's clean start or 3.1.1's clean session; `session_expiry_s`
     is the MQTT 5 session expiry sent with the CONNECT (3.1.1 has none: a persistent session lasts as long as
     the broker keeps it). `timeout`: how long a CONNACK, SUBACK or PUBACK may take (aiomqtt's default for
-    every call on the client)."""
+    every call on the client). `housekeeping_s`: how often the client checks its keepalive (aiomqtt: every
+    second); a ping then goes out up to that late, and a broker that stopped answering is noticed up to that
+    late. Longer only where thousands of clients share one loop (the fleet simulator: each check is a timer
+    and a wake-up per client)."""
     kw: dict[str, object] = {}
     if keepalive is not None:
         kw["keepalive"] = keepalive
@@ -81,10 +100,11 @@ def client(
     elif clean_start is not None:
         kw["clean_session"] = clean_start
     proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
-    c = aiomqtt.Client(
+    c = _Client(
         host, port, identifier=identifier, protocol=proto, will=will, tls_params=tls,
         username=username, password=password, timeout=timeout, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
+    c.housekeeping_s = housekeeping_s
     _versions[c] = version
     return c
 

@@ -106,10 +106,14 @@ class LinkConfig(LinkSettings, kw_only=True, frozen=True):
     password: str | None = None
     #: SQLite `synchronous` for the link's own state (command nonces).
     synchronous: str = "FULL"
+    #: How often the MQTT client checks its keepalive (`mqtt.client`'s `housekeeping_s`): 1 s on a gateway;
+    #: the fleet simulator, thousands of links on one loop, uses a longer period.
+    housekeeping_s: float = 1.0
 
     @classmethod
     def of(cls, settings: LinkSettings, *, site: str, gateway: str, key: str | None = None,
-           password: str | None = None, synchronous: str = "FULL") -> Self:  # fmt: skip
+           password: str | None = None, synchronous: str = "FULL", housekeeping_s: float = 1.0) -> Self:  # fmt: skip
         """The link's config from the shared settings of `settings` (a `LinkSection`, or any `LinkSettings`)."""
         shared: dict[str, Any] = {f: getattr(settings, f) for f in LinkSettings.__struct_fields__}
-        return cls(site=site, gateway=gateway, key=key, password=password, synchronous=synchronous, **shared)
+        return cls(site=site, gateway=gateway, key=key, password=password, synchronous=synchronous,
+                   housekeeping_s=housekeeping_s, **shared)  # fmt: skip

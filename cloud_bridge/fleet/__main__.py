@@ -99,6 +99,12 @@ def _key(spec: Spec) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(spec.site_key))
 
 
+#: The simulated links' keepalive check (`LinkConfig.housekeeping_s`; a gateway's is 1 s): once a second per
+#: link is a third of the worker processes' CPU when 10,000 idle links share 4 loops (docs/scaling.md); every
+#: 5 s a ping goes out at most 5 s late, well inside the broker's 1.5 x keepalive.
+HOUSEKEEPING_S = 5.0
+
+
 def gateway_configs(spec: Spec, index: int) -> list[LinkConfig]:
     """Worker `index`'s gateways; gateway j starts on endpoint j mod n (the cluster's load spread), with the
     other nodes as its failover endpoints."""
@@ -110,7 +116,8 @@ def gateway_configs(spec: Spec, index: int) -> list[LinkConfig]:
         order = [spec.endpoints[(j + k) % n] for k in range(n)]
         out.append(LinkConfig.of(msgspec.structs.replace(settings, host=order[0][0], port=order[0][1],
                                                          endpoints=[f"{h}:{p}" for h, p in order[1:]]),
-                                 site=spec.roster[name], gateway=name, synchronous="OFF"))  # fmt: skip
+                                 site=spec.roster[name], gateway=name, synchronous="OFF",
+                                 housekeeping_s=HOUSEKEEPING_S))  # fmt: skip
     return out
 
 

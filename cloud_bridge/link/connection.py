@@ -242,7 +242,7 @@ class CloudLink:
             host, port, identifier=identifier,
             tls=mqtt.tls_params(cfg.ca, cfg.cert, cfg.key), username=cfg.username, password=cfg.password,
             keepalive=cfg.keepalive_s, version=cfg.mqtt_version, timeout=timeout, clean_start=clean_start,
-            session_expiry_s=session_expiry_s, will=will,
+            session_expiry_s=session_expiry_s, will=will, housekeeping_s=cfg.housekeeping_s,
         )  # fmt: skip
 
     @property

@@ -39,6 +39,9 @@ log = logging.getLogger("cloud_bridge.link")
 
 #: Urgent events held for the priority lane at most (while the link is down).
 PRIORITY_LANE = 64
+#: How often an idle upload (nothing to send, nothing in flight) looks at the journal without being woken
+#: (every durable event, urgent event and ack wakes it): a safety net, not the path events take.
+IDLE_LOOK_S = 30.0
 
 
 def split_events(
@@ -197,7 +200,9 @@ class EventUpload:
                 if inflight and self._overdue():
                     self._go_back(inflight, timeout)
                     continue
-                await self._woken(cfg.ack_timeout_s / 4)
+                # in flight: look again for an overdue ack; else nothing to do until woken (a new event, an
+                # urgent one, an ack), with a slow look at the journal anyway
+                await self._woken(cfg.ack_timeout_s / 4 if inflight else max(cfg.ack_timeout_s / 4, IDLE_LOOK_S))
                 continue
             if not inflight:
                 self._last_ack_at = time.monotonic()
