@@ -220,9 +220,11 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             link={"mqtt_version": "5" if a.downlink_filter == "one" else "3.1.1", "session": "clean",
                   "downlink_filter": a.downlink_filter, "reply_qos": a.reply_qos,
                   "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
-                  "backoff_min_s": 0.5, "backoff_max_s": a.backoff_max, "ack_timeout_s": a.ack_timeout, "window": 8,
+                  "backoff_min_s": 0.5, "backoff_max_s": a.backoff_max, "reconnect_spread_s": a.reconnect_spread,
+                  "ack_timeout_s": a.ack_timeout, "window": 8,
                   "keepalive_s": 30, "failback_s": 3600},
-            cloud_qos=1 if broker == "rabbitmq" else 0, cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
+            cloud_qos=1 if broker == "rabbitmq" else 0, publisher_qos=a.publisher_qos,
+            cloud_publish_qos=a.cloud_publish_qos, resend_s=a.resend,
             stagger_s=procs / a.ramp, window=a.window,
         )  # fmt: skip
         spec_path = work / f"{broker}-spec.json"
@@ -269,7 +271,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
             processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
-            backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter, cost=meter.since())  # fmt: skip
+            backoff_max_s=a.backoff_max, reconnect_spread_s=a.reconnect_spread, downlink_filter=a.downlink_filter,
+            cost=meter.since())  # fmt: skip
         if a.idle > 0:
             meter.mark()
             await asyncio.sleep(a.idle)
@@ -308,6 +311,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
                                                                           "deferred", "released")}  # fmt: skip
         out(metric="group_change_ack_s", broker=broker, p50=res["group_change_p50_s"],
             p100=res["group_change_p100_s"], acked=len(acked), of=n, window=a.window,
+            publisher_qos=spec.cloud_qos if spec.publisher_qos is None else spec.publisher_qos,
             publishers=res["publishers"], cost=meter.since())  # fmt: skip
         ok &= len(acked) == n
         if a.until == "group-change":
@@ -552,6 +556,9 @@ def main() -> None:
     ap.add_argument("--ramp", type=float, default=500.0, help="first connects a second, the whole fleet")
     ap.add_argument("--cloud-publish-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the cloud's change sets and event acks (the application resends)")  # fmt: skip
+    ap.add_argument("--publisher-qos", type=int, choices=[0, 1],
+                    help="QoS of the publishers' subscriptions (births, rights replies); default: the cloud side's "
+                         "(1 on RabbitMQ, 0 on NATS)")  # fmt: skip
     ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
@@ -563,6 +570,12 @@ def main() -> None:
         type=float,
         default=4.0,
         help="the gateways' link.backoff_max_s (the product's default is 60 s; docs/scaling.md)",
+    )
+    ap.add_argument(
+        "--reconnect-spread",
+        type=float,
+        default=0.0,
+        help="the gateways' link.reconnect_spread_s: their first retry after a drop spread over it",
     )
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
     ap.add_argument("--window", type=int, default=250,

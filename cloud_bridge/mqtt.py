@@ -176,16 +176,23 @@ class Backoff:
     jitter above a floor of lo/2, so that a fleet reconnecting after a broker restart spreads out and never
     spins). With `per_round` k (a client with k broker endpoints, trying the next after each failure), n counts
     whole rounds: the delay grows only after every endpoint has failed once more, so that one dead or stalled
-    node does not push back the attempt on the next. `reset()` after a success starts again from `lo`."""
+    node does not push back the attempt on the next. `spread`: the first delay (n = 0) is uniform in
+    [lo/2, max(lo, spread)] instead: the clients of a node that died do not all retry within `lo`.
+    `reset()` after a success starts again from `lo` (and the spread)."""
 
-    def __init__(self, lo: float, hi: float, rng: random.Random | None = None, *, per_round: int = 1) -> None:
+    def __init__(self, lo: float, hi: float, rng: random.Random | None = None, *, per_round: int = 1,
+                 spread: float = 0.0) -> None:  # fmt: skip
         self.lo, self.hi = lo, hi
         self.per_round = max(1, per_round)
+        self.spread = spread
         self._rng = rng or random.Random()
         self._n = 0  # failures since the last reset
 
     def __call__(self) -> float:
         """The next delay."""
+        if self._n == 0 and self.spread > self.lo:
+            self._n = 1
+            return self._rng.uniform(self.lo / 2, self.spread)
         cap = min(self.hi, self.lo * (2 ** min(self._n // self.per_round, 30)))
         self._n = min(self._n + 1, 30 * self.per_round)
         return self._rng.uniform(self.lo / 2, cap)

@@ -67,6 +67,11 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: Reconnect delays: full-jitter exponential backoff between these bounds (`cloud_bridge.mqtt.Backoff`).
     backoff_min_s: Annotated[float, Meta(gt=0, le=3600)] = 0.5
     backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    #: The first retry after a drop or a failed connect waits up to this long (uniform from half of
+    #: `backoff_min_s`; 0: up to `backoff_min_s`, as every later round does). A fleet sets it to about the
+    #: gateways of one broker node divided by the connects a second the other nodes take (docs/scaling.md):
+    #: the gateways of a dead node then arrive at the survivors at a rate they can serve, not all at once.
+    reconnect_spread_s: Annotated[float, Meta(ge=0, le=3600)] = 0.0
     #: How long a connection's setup (CONNACK, each SUBACK, the birth's PUBACK) may take. Every setup in a row
     #: that runs out of it doubles it, up to `connect_timeout_max_s`: a broker too busy to answer within the
     #: first timeout gets the time to finish connects, instead of retries it cannot serve (a fleet that gives

@@ -543,3 +543,28 @@ def test_the_backoff_grows_per_round_of_endpoints() -> None:
     assert [one() for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
     low = Backoff(0.5, 4.0, random.Random(3), per_round=3)
     assert all(0.25 <= low() <= 0.5 for _ in range(3))
+
+
+def test_the_first_retry_after_a_drop_is_spread_over_reconnect_spread_s() -> None:
+    """`link.reconnect_spread_s`: the gateways of a dead node retry over that many seconds, not all within
+    `backoff_min_s` (docs/scaling.md); the later delays are the backoff's, and a success spreads again."""
+    import random
+    import statistics
+
+    from cloud_bridge.mqtt import Backoff
+
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    b = Backoff(0.5, 4.0, Top(), per_round=3, spread=20.0)
+    assert [b() for _ in range(7)] == [20.0, 0.5, 0.5, 1.0, 1.0, 1.0, 2.0]
+    b.reset()
+    assert b() == 20.0
+    firsts = []
+    for seed in range(2000):
+        one = Backoff(0.5, 60.0, random.Random(seed), per_round=3, spread=20.0)
+        firsts.append(one())
+    assert 0.25 <= min(firsts) < 1.0 and 19.0 < max(firsts) <= 20.0
+    assert 9.0 < statistics.median(firsts) < 11.0  # uniform over the spread: ~100 a second for 2,000
+    assert Backoff(0.5, 4.0, Top(), spread=0.3)() == 0.5  # a spread below backoff_min_s changes nothing

@@ -58,6 +58,8 @@ class Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     link: dict[str, Any] = {}
     #: QoS of the cloud side's subscriptions (ingest, publisher).
     cloud_qos: int = 1
+    #: The publishers' own (births, rights replies), when not `cloud_qos`: a lost result only means a resend.
+    publisher_qos: int | None = None
     #: QoS of the cloud side's publishes (change sets, event acks): 0 where the application resends.
     cloud_publish_qos: int = 1
     #: Seconds between the publisher's resends of an unacknowledged change set.
@@ -175,7 +177,8 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
     else:
         roster = {g: s for g, s in spec.roster.items() if s in set(sites)}
         worker = Publisher(db, endpoints=endpoints, roster=roster, signing_key=_key(spec), version=version,
-                           identifier=f"acs-publisher-{shard}", qos=spec.cloud_qos,
+                           identifier=f"acs-publisher-{shard}",
+                           qos=spec.cloud_qos if spec.publisher_qos is None else spec.publisher_qos,
                            publish_qos=spec.cloud_publish_qos, resend_s=spec.resend_s,
                            window=spec.window)  # fmt: skip
     task = asyncio.get_running_loop().create_task(worker.run(), name=role)

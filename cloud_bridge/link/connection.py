@@ -115,7 +115,8 @@ class CloudLink:
         self._attempt = (0.0, 0.0)  # (monotonic start, setup timeout) of the current attempt
         # the delay grows per round of endpoints: a failed node is followed by the next one at once (0.5-1 x
         # backoff_min_s), not after a delay doubled by the node that just failed
-        self._backoff = mqtt.Backoff(cfg.backoff_min_s, cfg.backoff_max_s, per_round=len(self.endpoints))
+        self._backoff = mqtt.Backoff(cfg.backoff_min_s, cfg.backoff_max_s, per_round=len(self.endpoints),
+                                     spread=cfg.reconnect_spread_s)  # fmt: skip
         # the command nonces on disk; a simulator may pass a lighter store (same interface)
         self._nonces = nonces or NonceStore(self.state_dir / "link-nonces.db", synchronous=cfg.synchronous)
         self._staging = SnapshotStaging(self.state_dir / "link-snapshot", max_bytes=cfg.snapshot_max_bytes)
