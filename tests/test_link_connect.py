@@ -258,6 +258,38 @@ async def test_one_downlink_subscription_carries_rights_acks_and_commands_and_ne
     assert unexpected == [] and g.link.stats["handler_errors"] == 0
 
 
+async def test_a_flood_on_the_gateways_uplink_topics_is_counted_and_logged_once_a_minute(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With `downlink_filter = "one"` the gateway's one subscription also matches its uplink topics: what another
+    client publishes there (1,000 messages on its events topic, 200 on its rights/reply) reaches it. Each is
+    counted and ignored, one warning says so (with the count) instead of 1,200, and the link goes on: a change
+    set after the flood is applied and answered."""
+    from cloud_bridge import mqtt
+    from cloud_bridge.topics import Topics
+
+    site, gw = unique("s"), "gw1"
+    caplog.set_level(logging.WARNING, logger="cloud_bridge")
+    async with (
+        cloud_peer(broker, site_key, site=site, gw=gw) as cloud,
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, downlink_filter="one") as g,
+    ):
+        await cloud.wait_online()
+        await cloud.wait_for(lambda: g.link.online or None)
+        t = Topics(site, gw)
+        async with mqtt.client(broker.host, broker.port, identifier=unique("flood")) as c:
+            for i in range(1000):
+                await c.publish(t.events, b"\x93junk" + bytes([i % 256]), qos=0)
+            for _ in range(200):
+                await c.publish(t.rights_reply, b"not a reply", qos=1)
+        await cloud.wait_for(lambda: g.link.stats["unexpected_topic"] >= 1200 or None, timeout=30)
+        r = await cloud.send_change_set(basic_site())
+        assert r.ok and g.store.version == 1 and g.link.online
+    warnings = [r.getMessage() for r in caplog.records if "unexpected topic" in r.getMessage()]
+    assert len(warnings) == 1 and "(1 since the last such warning)" in warnings[0], warnings
+    assert g.link.stats["unexpected_topic"] == 1200 and g.link.stats["handler_errors"] == 0
+
+
 def test_one_downlink_subscription_needs_mqtt_5(broker: Mosquitto, tmp_path: Path) -> None:
     from cloud_bridge.fleet.sim import MemoryNonces, MemoryOutbox, MemoryRights, NoCommands, _birth
     from cloud_bridge.link import CloudLink

@@ -55,6 +55,9 @@ from .upload import EventUpload
 
 log = logging.getLogger("cloud_bridge.link")
 
+#: At most one "unexpected topic" warning per this many seconds (the others are counted).
+UNEXPECTED_LOG_S = 60.0
+
 
 class CloudLink:
     """The gateway's MQTT link. `async with CloudLink(...) as link: await link.run()`."""
@@ -94,6 +97,8 @@ class CloudLink:
         self._background: set[asyncio.Task[bool]] = set()
         self._replies = Replies(cfg, self.topics, journal)
         self.stats = self._replies.stats
+        self._unexpected_logged = -UNEXPECTED_LOG_S  # monotonic time of the last such warning
+        self._unexpected_at_log = 0  # stats["unexpected_topic"] then
         #: The broker's nodes, in order of preference (`host:port`, then `endpoints`); `_at` is the one in use
         #: (or tried next).
         self.endpoints = [(cfg.host, cfg.port), *(mqtt.parse_endpoint(e) for e in cfg.endpoints)]
@@ -390,6 +395,17 @@ class CloudLink:
 
     # --- incoming ---------------------------------------------------------------------------------------
 
+    def _unexpected(self, topic: str) -> None:
+        """A message on a topic the link does not read (with `downlink_filter = "one"`, anything another client
+        publishes under the gateway's tree, e.g. on its events topic): counted, and logged at most once a
+        minute with the count since, so that a flood of them is not a flood of log lines."""
+        self.stats["unexpected_topic"] += 1
+        now = time.monotonic()
+        if now - self._unexpected_logged >= UNEXPECTED_LOG_S:
+            n = self.stats["unexpected_topic"] - self._unexpected_at_log
+            self._unexpected_logged, self._unexpected_at_log = now, self.stats["unexpected_topic"]
+            log.warning("message on unexpected topic %s ignored (%d since the last such warning)", topic, n)
+
     async def _read(self, client: aiomqtt.Client) -> None:
         async for m in client.messages:
             leaf = self.topics.parse(m.topic.value)
@@ -402,7 +418,7 @@ class CloudLink:
                 elif leaf is Leaf.COMMAND:
                     await self._gate.on_command(payload)
                 else:
-                    log.warning("message on unexpected topic %s ignored", m.topic.value)
+                    self._unexpected(m.topic.value)
             except (aiomqtt.MqttError, asyncio.CancelledError):
                 raise
             except Exception:
