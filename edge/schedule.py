@@ -25,24 +25,61 @@ def _mask(start: str, end: str, where: str) -> int:
     return ((1 << b) - 1) & ~((1 << a) - 1)
 
 
-class LocalClock:
-    """UTC seconds -> (date ordinal, weekday, minute of day) in one time zone, cached per minute."""
+#: `date(1970, 1, 1).toordinal()`; that day was a Thursday (weekday 3).
+_EPOCH_ORDINAL = 719163
+#: Hours whose offset `LocalClock` keeps (then it starts again): ~11 years of hours.
+_HOURS_KEPT = 100_000
+#: In `LocalClock._hours`: an hour in which the zone's offset changes (or is not whole minutes).
+_CHANGES = -(1 << 30)
 
-    __slots__ = ("_key", "_parts", "tz")
+
+class LocalClock:
+    """UTC seconds -> (date ordinal, weekday, minute of day) in one time zone, cached per minute.
+
+    A minute not cached is computed from the zone's offset during its UTC hour, itself cached per hour:
+    integer arithmetic instead of a `datetime` in the zone (a tap at any instant of the week costs a dict
+    lookup, not a time zone conversion). An hour in which the offset changes (a DST change) is computed
+    minute by minute through `datetime`, the reference the cached path is tested against."""
+
+    __slots__ = ("_hours", "_key", "_parts", "tz")
 
     def __init__(self, tz: ZoneInfo) -> None:
         self.tz = tz
         self._key = -1
         self._parts = (0, 0, 0)
+        self._hours: dict[int, int] = {}  # UTC hour -> the zone's offset in minutes then, or _CHANGES
 
     def parts(self, ts: float) -> tuple[int, int, int]:
         key = int(ts // 60)
         if key != self._key:
-            # Every zone offset in use is a whole number of minutes, so a UTC minute is a local minute.
-            local = datetime.fromtimestamp(key * 60, self.tz)
-            self._parts = (local.toordinal(), local.weekday(), local.hour * 60 + local.minute)
+            hour = key // 60
+            off = self._hours.get(hour)
+            if off is None:
+                off = self._hour_offset(hour)
+            if off == _CHANGES:
+                self._parts = self.reference_parts(key)
+            else:
+                days, minute = divmod(key + off, MINUTES_PER_DAY)
+                self._parts = (days + _EPOCH_ORDINAL, (days + 3) % 7, minute)
             self._key = key
         return self._parts
+
+    def reference_parts(self, minute_key: int) -> tuple[int, int, int]:
+        """The parts of UTC minute `minute_key` (seconds // 60) through `datetime` in the zone. Every zone
+        offset in use is a whole number of minutes, so a UTC minute is a local minute."""
+        local = datetime.fromtimestamp(minute_key * 60, self.tz)
+        return (local.toordinal(), local.weekday(), local.hour * 60 + local.minute)
+
+    def _hour_offset(self, hour: int) -> int:
+        first = datetime.fromtimestamp(hour * 3600, self.tz).utcoffset()
+        last = datetime.fromtimestamp(hour * 3600 + 3599, self.tz).utcoffset()
+        off = _CHANGES
+        if first is not None and first == last and first.total_seconds() % 60 == 0:
+            off = int(first.total_seconds()) // 60
+        if len(self._hours) >= _HOURS_KEPT:
+            self._hours.clear()
+        self._hours[hour] = off
+        return off
 
 
 class CompiledSchedule:

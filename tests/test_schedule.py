@@ -304,3 +304,57 @@ def test_span_end_when_the_repeated_hour_is_partly_outside_the_window() -> None:
     assert c.allows(now) and not c.allows(utc(2026, 10, 25, 1, 0)) and c.allows(utc(2026, 10, 25, 1, 30))
     end = c.span_end(now.timestamp())
     assert end == utc(2026, 10, 25, 1, 0), f"span_end {end} is after the schedule closed at 01:00 UTC"
+
+
+# --- LocalClock: the per-hour offset path against datetime in the zone -------------------------------------
+
+#: Zones with the cases that break shortcuts: DST both ways (north and south), negative DST (Dublin), a
+#: 30-minute DST (Lord Howe), offsets of :30 and :45, a day skipped (Apia, 2011-12-30), no DST (Kolkata).
+CLOCK_ZONES = ["Europe/Berlin", "America/New_York", "Australia/Sydney", "Europe/Dublin", "Australia/Lord_Howe",
+               "America/St_Johns", "Asia/Kathmandu", "Pacific/Apia", "Asia/Kolkata", "UTC"]  # fmt: skip
+
+
+def _changes(tz: ZoneInfo, years: range) -> list[int]:
+    """The UTC hours (seconds // 3600) in which the zone's offset changes, found hour by hour."""
+    out = []
+    start = int(datetime(years.start, 1, 1, tzinfo=UTC).timestamp()) // 3600
+    end = int(datetime(years.stop, 1, 1, tzinfo=UTC).timestamp()) // 3600
+    prev = datetime.fromtimestamp(start * 3600, tz).utcoffset()
+    for h in range(start + 1, end):
+        off = datetime.fromtimestamp(h * 3600, tz).utcoffset()
+        if off != prev:
+            out.append(h)
+        prev = off
+    return out
+
+
+@pytest.mark.parametrize("zone", CLOCK_ZONES)
+def test_the_local_clock_is_the_zones_wall_clock_every_minute_around_each_offset_change(zone: str) -> None:
+    """Every minute from 3 hours before to 3 hours after each offset change of 2010-2031 (and half-hour
+    changes inside an hour), in the order a live door asks and in random order: what `datetime` says."""
+    import random
+
+    from edge.schedule import LocalClock
+
+    tz = ZoneInfo(zone)
+    hours = _changes(tz, range(2010, 2032))
+    if zone in ("Asia/Kolkata", "Asia/Kathmandu", "UTC"):  # no change in these years: a week every 3 months
+        assert hours == []
+        hours = [int(datetime(2026, m, 1, tzinfo=UTC).timestamp()) // 3600 + k for m in (1, 4, 7, 10)
+                 for k in range(0, 168, 6)]  # fmt: skip
+    else:
+        assert len(hours) >= 20, hours
+    minutes = [m for h in hours for m in range(h * 60 - 180, h * 60 + 180)]
+    for order in (minutes, random.Random(zone).sample(minutes, len(minutes))):
+        clock = LocalClock(tz)
+        for m in order:
+            assert clock.parts(m * 60 + 17.5) == clock.reference_parts(m), (zone, m)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(CLOCK_ZONES), st.floats(0, 4_102_444_800, allow_nan=False))  # 1970 .. 2100
+def test_the_local_clock_at_any_instant(zone: str, ts: float) -> None:
+    from edge.schedule import LocalClock
+
+    clock = LocalClock(ZoneInfo(zone))
+    assert clock.parts(ts) == clock.reference_parts(int(ts // 60))
