@@ -132,7 +132,7 @@ class Worker:
         self._log.close()
 
 
-def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
+def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, tuple[frozenset[int], float]]:
     """User + system CPU seconds of each part (its processes and all their live descendants: a broker node's
     Erlang VM, PostgreSQL's postmaster and backends, a worker process), from one scan of /proc."""
     parent: dict[int, int] = {}
@@ -155,7 +155,7 @@ def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
                 seen.add(pid)
                 total += cpu.get(pid, 0.0)
                 todo.extend(children.get(pid, []))
-        res[name] = total
+        res[name] = (frozenset(r for r in roots if r in parent), total)  # the live ones
     return res
 
 
@@ -174,11 +174,13 @@ class CpuMeter:
 
     def since(self) -> dict[str, Any]:
         now, wall = cpu_by_part(self._parts()), time.monotonic() - self._t
-        used = {k: round(v - self._at.get(k, 0.0), 1) for k, v in now.items()}
+        # a part whose processes changed (a node killed, or restarted) has no figure for the phase: None
+        used = {k: round(v - self._at[k][1], 1) if k in self._at and self._at[k][0] == pids else None
+                for k, (pids, v) in now.items()}  # fmt: skip
         return {
             "wall_s": round(wall, 1),
             "cpu_s": used,
-            "cpu_total_s": round(sum(used.values()), 1),
+            "cpu_total_s": round(sum(v for v in used.values() if v is not None), 1),
             "load": round(os.getloadavg()[0], 1),
         }
 
