@@ -174,9 +174,12 @@ class CpuMeter:
 
     def since(self) -> dict[str, Any]:
         now, wall = cpu_by_part(self._parts()), time.monotonic() - self._t
-        # a part whose processes changed (a node killed, or restarted) has no figure for the phase: None
-        used = {k: round(v - self._at[k][1], 1) if k in self._at and self._at[k][0] == pids else None
-                for k, (pids, v) in now.items()}  # fmt: skip
+        # a part started during the phase counts whole; one whose processes changed otherwise (a node killed,
+        # or restarted) has no figure for the phase: None
+        used: dict[str, float | None] = {}
+        for k, (pids, v) in now.items():
+            before, c0 = self._at.get(k, (frozenset(), 0.0))
+            used[k] = round(v - c0, 1) if before == pids else round(v, 1) if not before else None
         return {
             "wall_s": round(wall, 1),
             "cpu_s": used,
