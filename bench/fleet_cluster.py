@@ -207,6 +207,11 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         res["cluster_start_s"] = round(time.monotonic() - t, 1)
         res["version"] = cluster.version
         progress(f"{broker} {res['version']}: 3-node cluster healthy in {res['cluster_start_s']} s")
+        # auto: one MQTT 5 subscription where the broker speaks MQTT 5 (RabbitMQ 3.13 and later), else per leaf
+        filt = a.downlink_filter
+        if filt == "auto":
+            major, minor = (int(x) for x in [*res["version"].split("."), "0"][:2])
+            filt = "one" if broker == "rabbitmq" and (major, minor) >= (3, 13) else "per-leaf"
         url = pg.create_database(f"fleet_{broker}_{os.getpid()}")
         db = Database(url)
         await db.migrate()
@@ -222,8 +227,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             endpoints=cluster.endpoints, cloud_endpoints=cluster.endpoints, db=url,
             site_key=key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(), roster=roster,
             workers=[names[i::procs] for i in range(procs)], shards=a.shards, state_dir=str(work / f"{broker}-gw"),
-            link={"mqtt_version": "5" if a.downlink_filter == "one" else "3.1.1", "session": "clean",
-                  "downlink_filter": a.downlink_filter, "reply_qos": a.reply_qos,
+            link={"mqtt_version": "5" if filt == "one" else "3.1.1", "session": "clean",
+                  "downlink_filter": filt, "reply_qos": a.reply_qos,
                   "downlink_qos": a.rabbit_downlink_qos if broker == "rabbitmq" else 0,
                   "backoff_min_s": 0.5, "backoff_max_s": a.backoff_max, "reconnect_spread_s": a.reconnect_spread,
                   "ack_timeout_s": a.ack_timeout, "window": 8,
@@ -270,13 +275,13 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             online = sum(int(w.last.get("online", w.last.get("ready", 0))) for w in gws)
             out(metric="gateways_connected", broker=broker, value=online, of=n, connect_s=None, processes=procs,
                 timeout_s=a.connect_timeout, attempts=sum(int(w.last.get("attempts", 0)) for w in gws),
-                ramp_per_s=a.ramp, backoff_max_s=a.backoff_max, downlink_filter=a.downlink_filter)  # fmt: skip
+                ramp_per_s=a.ramp, backoff_max_s=a.backoff_max, downlink_filter=filt)  # fmt: skip
             raise
         res["connect_s"] = round(time.monotonic() - t, 1)
         res["connected"] = sum(r["ready"] for r in readies)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
             processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
-            backoff_max_s=a.backoff_max, reconnect_spread_s=a.reconnect_spread, downlink_filter=a.downlink_filter,
+            backoff_max_s=a.backoff_max, reconnect_spread_s=a.reconnect_spread, downlink_filter=filt,
             cost=meter.since())  # fmt: skip
         if a.idle > 0:
             meter.mark()
@@ -567,9 +572,10 @@ def main() -> None:
     ap.add_argument("--reply-qos", type=int, default=0, choices=[0, 1], help="QoS of the gateways' rights replies")
     ap.add_argument("--rabbit-downlink-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the gateways' downlink subscriptions on RabbitMQ (NATS: 0)")  # fmt: skip
-    ap.add_argument("--downlink-filter", choices=("per-leaf", "one"), default="per-leaf",
+    ap.add_argument("--downlink-filter", choices=("per-leaf", "one", "auto"), default="per-leaf",
                     help="the gateways' link.downlink_filter; one: a single MQTT 5 subscription with No Local, the "
-                    "whole fleet then speaks MQTT 5 (RabbitMQ 4.0 and Mosquitto, not NATS 2.9)")  # fmt: skip
+                    "whole fleet then speaks MQTT 5 (RabbitMQ 4.0 and Mosquitto, not NATS 2.9); auto: one where "
+                    "the broker speaks MQTT 5, else per-leaf")  # fmt: skip
     ap.add_argument(
         "--backoff-max",
         type=float,
