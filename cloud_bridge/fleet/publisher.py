@@ -258,7 +258,6 @@ class Publisher:
             except ProtocolError as e:
                 log.warning("bad message on %s: %s", m.topic.value, e)
 
-
     def _settle(self, gw: str) -> None:
         """`gw` acknowledged a version: drop what it has, tell the window what it is to be sent next."""
         todo = self._pending.get(gw)
