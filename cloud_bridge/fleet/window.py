@@ -58,8 +58,9 @@ class SendWindow:
         self._queue: dict[str, None] = {}  # an ordered set: insertion order is the waiting order
         self._version: dict[str, int] = {}  # gateway -> the version to send it now
         self._sent: dict[str, int] = {}  # gateway -> the newest version ever sent to it
-        self._counted: set[str] = set()  # queued gateways already counted in `deferred` for this wait
-        self._uncounted: dict[str, None] = {}  # queued gateways not yet counted (joined since the last `due`)
+        # queued gateways not yet counted in `deferred` (joined the queue since the last `due`; the others in
+        # the queue were counted for this wait)
+        self._uncounted: dict[str, None] = {}
         self._released: set[str] = set()  # queued gateways that gave a slot up
         #: the most gateways in flight at once
         self.peak = 0
@@ -140,7 +141,6 @@ class SendWindow:
             self._sent[gw] = v
         if self._queue:  # the window is full: whoever is left waits (counted once per wait)
             self.deferred += len(self._uncounted)
-            self._counted.update(self._uncounted)
             self._uncounted.clear()
         self.peak = max(self.peak, len(self.slots))
         return out
@@ -164,11 +164,9 @@ class SendWindow:
 
     def _enqueue(self, gw: str) -> None:
         self._queue[gw] = None
-        if gw not in self._counted:
-            self._uncounted[gw] = None
+        self._uncounted[gw] = None
 
     def _dequeue(self, gw: str) -> None:
         del self._queue[gw]
-        self._counted.discard(gw)
         self._uncounted.pop(gw, None)
         self._released.discard(gw)
