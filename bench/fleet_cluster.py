@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ class CpuMeter:
     bench) over a phase: `mark()` at its start, `since()` at its end, with the wall time and the machine's
     load, so a figure says what it cost and who paid."""
 
-    def __init__(self, parts: Any) -> None:
+    def __init__(self, parts: Callable[[], dict[str, list[int]]]) -> None:
         self._parts = parts  # () -> {part: [pids]}: read at each sample (a restarted node has a new pid)
         self._t = time.monotonic()
         self._at = cpu_by_part(self._parts())
@@ -462,13 +463,8 @@ async def amain(a: argparse.Namespace) -> int:
 
 
 def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes (the broker nodes' Erlang VMs), from /proc."""
-    t = 0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            t += int(f[11]) + int(f[12])
-    return t / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of the processes (the broker nodes' Erlang VMs) and their descendants."""
+    return cpu_by_part({"nodes": pids})["nodes"][1]
 
 
 async def _wave(cluster: RabbitCluster | NatsCluster, broker: str, n: int, subs: int, qos: int,
