@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -198,8 +199,11 @@ def change_set(gw: str) -> bytes:
 
 async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"broker": broker}
-    cluster: RabbitCluster | NatsCluster = RabbitCluster(3, work / f"{broker}-cluster") if broker == "rabbitmq" \
-        else NatsCluster(3, work / f"{broker}-cluster")  # fmt: skip
+    cluster: RabbitCluster | NatsCluster = (
+        RabbitCluster(3, work / f"{broker}-cluster", metadata_store=a.metadata_store)
+        if broker == "rabbitmq"
+        else NatsCluster(3, work / f"{broker}-cluster")
+    )
     workers: list[Worker] = []
     ok = True
     t = time.monotonic()
@@ -207,6 +211,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         await asyncio.to_thread(cluster.start)
         res["cluster_start_s"] = round(time.monotonic() - t, 1)
         res["version"] = cluster.version
+        if isinstance(cluster, RabbitCluster):
+            res["metadata_store"] = cluster.metadata_store
         progress(f"{broker} {res['version']}: 3-node cluster healthy in {res['cluster_start_s']} s")
         # auto: one MQTT 5 subscription where the broker speaks MQTT 5 (RabbitMQ 3.13 and later), else per leaf
         filt = a.downlink_filter
@@ -259,6 +265,30 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             }  # fmt: skip
 
         meter = CpuMeter(parts)
+
+        async def gc_s() -> dict[str, dict[str, Any]]:
+            """The garbage collector so far in each kind of worker, summed over its processes: seconds, and
+            collections and seconds per generation."""
+            got: dict[str, dict[str, Any]] = {}
+            for k, ws in (("ingest", ingest), ("publishers", pubs), ("gateways", gws)):
+                tot: dict[str, Any] = {"s": 0.0, "count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+                for w in ws:
+                    g = (await w.ask("gc", cmd="gc"))["gc"]
+                    tot["s"] += g["s"]
+                    tot["count"] = [x + y for x, y in zip(tot["count"], g["count"], strict=True)]
+                    tot["seconds"] = [x + y for x, y in zip(tot["seconds"], g["seconds"], strict=True)]
+                got[k] = tot
+            return got
+
+        def gc_since(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
+            """Per kind of worker: seconds in the collector, and (collections, seconds) of each generation."""
+            return {
+                k: {"s": round(now["s"] - before[k]["s"], 2),
+                    **{f"gen{i}": (now["count"][i] - before[k]["count"][i],
+                                   round(now["seconds"][i] - before[k]["seconds"][i], 2)) for i in range(3)}}
+                for k, now in after.items()
+            }  # fmt: skip
+
         for w in [*ingest, *pubs]:
             await w.start()
         for w in [*ingest, *pubs]:
@@ -283,7 +313,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="gateways_connected", broker=broker, value=res["connected"], of=n, connect_s=res["connect_s"],
             processes=procs, attempts=sum(int(r.get("attempts", 0)) for r in readies), ramp_per_s=a.ramp,
             backoff_max_s=a.backoff_max, reconnect_spread_s=a.reconnect_spread, downlink_filter=filt,
-            cost=meter.since())  # fmt: skip
+            metadata_store=res.get("metadata_store"), cost=meter.since())  # fmt: skip
         if a.idle > 0:
             meter.mark()
             await asyncio.sleep(a.idle)
@@ -291,6 +321,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         progress(f"{broker}: {res['connected']} gateways online in {res['connect_s']} s")
 
         # --- a group change to every gateway -------------------------------------------------------------
+        gc0 = await gc_s()
         meter.mark()
         t0 = time.time()
         async with db.write() as c:
@@ -323,7 +354,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="group_change_ack_s", broker=broker, p50=res["group_change_p50_s"],
             p100=res["group_change_p100_s"], acked=len(acked), of=n, window=a.window,
             publisher_qos=spec.cloud_qos if spec.publisher_qos is None else spec.publisher_qos,
-            publishers=res["publishers"], cost=meter.since())  # fmt: skip
+            publishers=res["publishers"], cost=meter.since(), gc_s=gc_since(gc0, await gc_s()))  # fmt: skip
         ok &= len(acked) == n
         if a.until == "group-change":
             await db.close()
@@ -331,6 +362,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             return res
 
         # --- events from every gateway, one node killed half way ---------------------------------------------
+        gc0 = await gc_s()
         meter.mark()
         for w in gws:
             await w.send(cmd="events", k=a.events, duration=a.duration, steps=10)
@@ -382,7 +414,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="events_ingested", broker=broker, expected=expected, stored=stored, missing=missing,
             duplicate_rows=dup_rows, redelivered=res["redelivered"], drain_s=res["drain_s"], drained=drained_ok,
             ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond,
-            cost=meter.since())  # fmt: skip
+            journalled_over_s=a.duration, offered_per_s=round(expected / a.duration), cost=meter.since(),
+            gc_s=gc_since(gc0, await gc_s()))  # fmt: skip
         ok &= missing == 0 and dup_rows == 0 and drained_ok and beyond == 0
 
         # --- reconnection of the gateways that lost their node -------------------------------------------------
@@ -428,6 +461,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         ok = False
         res["error"] = f"{type(e).__name__}: {e}"
         out(metric="error", broker=broker, error=res["error"][:4000])
+        progress("".join(traceback.format_exception(e))[-4000:])
     finally:
         for w in workers:
             await w.stop()
@@ -450,7 +484,7 @@ async def amain(a: argparse.Namespace) -> int:
         await asyncio.to_thread(pg.stop)
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    keys = ["version", "connected", "connect_s",
+    keys = ["version", "metadata_store", "connected", "connect_s",
             "group_change_p50_s", "group_change_p100_s", "events_expected", "events_missing",
             "duplicate_rows", "redelivered", "reconnect_p50_s", "reconnect_p100_s", "not_reconnected",
             "restart_healthy_s", "healthy", "ok"]  # fmt: skip
@@ -530,8 +564,11 @@ async def connect_cost(a: argparse.Namespace) -> int:
     n = a.gateways
     try:
         for broker in a.brokers.split(","):
-            cluster: RabbitCluster | NatsCluster = RabbitCluster(3, work / broker) if broker == "rabbitmq" \
-                else NatsCluster(3, work / broker)  # fmt: skip
+            cluster: RabbitCluster | NatsCluster = (
+                RabbitCluster(3, work / broker, metadata_store=a.metadata_store)
+                if broker == "rabbitmq"
+                else NatsCluster(3, work / broker)
+            )
             await asyncio.to_thread(cluster.start)
             try:
                 for subs, qos, persistent, k in ((0, 0, False, n), (1, 0, False, n), (3, 0, False, n), (3, 1, False, n),
@@ -605,6 +642,9 @@ def main() -> None:
     )
     ap.add_argument("--rabbitmq-root", type=Path, help="run the RabbitMQ installed in this Debian root (chroot), "
                     "e.g. RabbitMQ 4.0 (`sh bench/rabbitmq4-root.sh /opt/trixie`); default: the system's")  # fmt: skip
+    ap.add_argument("--metadata-store", choices=("mnesia", "khepri"), default="mnesia",
+                    help="RabbitMQ's metadata store: khepri (feature flag khepri_db) needs RabbitMQ 4.0 or later "
+                         "(--rabbitmq-root); docs/scaling.md")  # fmt: skip
     a = ap.parse_args()
     if a.downlink_filter == "one" and "nats" in a.brokers.split(","):
         ap.error("--downlink-filter one needs MQTT 5, which NATS 2.9 does not speak: --brokers rabbitmq")

@@ -18,6 +18,7 @@ named by `fingerprint()` in logs and events; only public keys are ever stored on
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sqlite3
@@ -111,7 +112,7 @@ def sign_command(
         command=action,
     )
     body = encode(cmd, encoding)
-    return cmd, SignedCommand(body=body, sig=key.sign(DOMAIN + body), key_id=key_id(public_bytes(key)))
+    return cmd, SignedCommand(body=body, sig=key.sign(DOMAIN + body), key_id=_signer_id(key))
 
 
 def sign_downlink(
@@ -127,7 +128,14 @@ def sign_downlink(
     sign it with the site key (the cloud's job)."""
     body = encode(Provision(site=site, gateway=gateway, issued=time.time() if now is None else now, msg=msg),
                   encoding)  # fmt: skip
-    return Signed(body=body, sig=key.sign(DOWNLINK_DOMAIN + body), key_id=key_id(public_bytes(key)))
+    return Signed(body=body, sig=key.sign(DOWNLINK_DOMAIN + body), key_id=_signer_id(key))
+
+
+@functools.lru_cache(maxsize=16)
+def _signer_id(key: Ed25519PrivateKey) -> str:
+    """`key_id` of a signing key, worked out once per key (a publisher signs thousands of messages a second with
+    one key; the key objects hash by identity, and the few a process holds are kept alive here)."""
+    return key_id(public_bytes(key))
 
 
 def open_signed(signed: Signed, public_key: Ed25519PublicKey, *, site: str, gateway: str) -> Provision:

@@ -53,7 +53,14 @@ class RabbitCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, nodes: int = 3, root: Path | None = None, *, chroot: Path | None = None) -> None:
+    def __init__(
+        self, nodes: int = 3, root: Path | None = None, *, chroot: Path | None = None, metadata_store: str = "mnesia"
+    ) -> None:
+        if metadata_store not in ("mnesia", "khepri"):
+            raise ValueError(f"metadata_store: mnesia or khepri, not {metadata_store!r}")
+        #: "khepri": the Raft-based metadata store (feature flag `khepri_db`, supported from RabbitMQ 4.0,
+        #: the default from 4.2), switched on once the cluster has formed; it cannot be switched off again.
+        self.metadata_store = metadata_store
         env_root = os.environ.get("EDGE_RABBITMQ_ROOT")
         self.chroot = chroot or (Path(env_root) if env_root else None)
         if self.chroot is not None:
@@ -148,6 +155,16 @@ cluster_formation.peer_discovery_backend = classic_config
         for i in range(len(self.nodes)):
             self.start_node(i, wait=False)
         self.wait_healthy(timeout)
+        if self.metadata_store == "khepri":
+            if self.version.startswith("3."):
+                raise RuntimeError(f"RabbitMQ {self.version}: Khepri is supported from 4.0 (--rabbitmq-root)")
+            r = self.ctl(0, "enable_feature_flag", "--opt-in", "khepri_db", timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"enabling khepri_db failed ({r.returncode}): {(r.stdout + r.stderr)[-600:]}")
+            self.wait_healthy(timeout)
+            r = self.ctl(0, "eval", "rabbit_khepri:is_enabled().")
+            if r.stdout.strip() != "true":
+                raise RuntimeError(f"khepri_db enabled, yet rabbit_khepri:is_enabled() says {r.stdout + r.stderr!r}")
 
     def start_node(self, i: int, *, wait: bool = True, timeout: float = 120.0) -> None:
         n = self.nodes[i]

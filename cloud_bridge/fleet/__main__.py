@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import resource
@@ -34,6 +35,7 @@ from typing import Annotated, Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_bridge.heap import CLOCK, tuned_gc
 from cloud_bridge.link import LinkConfig
 from cloud_bridge.service.database import Database
 from cloud_bridge.settings import LinkSettings
@@ -98,6 +100,13 @@ async def _commands(handle: Callable[[dict[str, Any]], Awaitable[bool]]) -> None
             return
 
 
+def gc_figures() -> dict[str, Any]:
+    """The collector's time in this process so far (`cloud_bridge.heap.CLOCK`): seconds, and collections and
+    seconds per generation; the objects it tracks (frozen ones not counted)."""
+    return {"s": round(CLOCK.total, 3), "count": CLOCK.count, "seconds": [round(x, 3) for x in CLOCK.seconds],
+            "tracked": sum(gc.get_count()), "frozen": gc.get_freeze_count()}  # fmt: skip
+
+
 def _key(spec: Spec) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(spec.site_key))
 
@@ -130,7 +139,7 @@ async def run_gateways(spec: Spec, index: int) -> None:
     pub = _key(spec).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     state = Path(spec.state_dir or tempfile.mkdtemp(prefix="fleet-")) / f"w{index}"
     cfgs = gateway_configs(spec, index)
-    async with Fleet(cfgs, pub, state, stagger_s=spec.stagger_s) as fleet:
+    async with Fleet(cfgs, pub, state, stagger_s=spec.stagger_s) as fleet, contextlib.AsyncExitStack() as stack:
         t0 = last = time.monotonic()
         while fleet.online() < len(cfgs):
             await asyncio.sleep(0.1)
@@ -139,6 +148,9 @@ async def run_gateways(spec: Spec, index: int) -> None:
                 say(online=fleet.online(), of=len(cfgs), at_s=round(last - t0, 1), attempts=fleet.attempts())
         say(ready=len(cfgs), connect_s=round(time.monotonic() - t0, 3), attempts=fleet.attempts())
         tasks: set[asyncio.Task[None]] = set()
+        # thousands of connected links out of the collector's sight: before this, full collections walking
+        # them were a sixth of the process's CPU while a change set went out (docs/scaling.md)
+        stack.enter_context(tuned_gc())
 
         async def drained(recorded: int) -> None:
             while fleet.depth() > 0 or sum(g.outbox.recorded for g in fleet.gateways) < recorded:  # noqa: ASYNC110
@@ -156,6 +168,8 @@ async def run_gateways(spec: Spec, index: int) -> None:
                 t.add_done_callback(tasks.discard)
             elif cmd["cmd"] == "stats":
                 say(stats=fleet.stats())
+            elif cmd["cmd"] == "gc":
+                say(gc=gc_figures())
             elif cmd["cmd"] == "stop":
                 return False
             return True
@@ -182,12 +196,14 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
                            publish_qos=spec.cloud_publish_qos, resend_s=spec.resend_s,
                            window=spec.window)  # fmt: skip
     task = asyncio.get_running_loop().create_task(worker.run(), name=role)
+    stack = contextlib.ExitStack()
     try:
         while not worker.stats.connects:
             if task.done():
                 task.result()
             await asyncio.sleep(0.05)
         say(ready=1, sites=len(sites))
+        stack.enter_context(tuned_gc())
 
         async def handle(cmd: dict[str, Any]) -> bool:
             if cmd["cmd"] == "stats":
@@ -199,6 +215,8 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
                         out["acked_at"] = worker.acked_at
                         out["births"] = worker.births
                 say(stats=out)
+            elif cmd["cmd"] == "gc":
+                say(gc=gc_figures())
             elif cmd["cmd"] == "push" and isinstance(worker, Publisher):
                 say(pushed=await worker.push(), at=time.time())
             elif cmd["cmd"] == "stop":
@@ -207,6 +225,7 @@ async def run_cloud(spec: Spec, role: str, shard: int) -> None:
 
         await _commands(handle)
     finally:
+        stack.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
