@@ -55,19 +55,20 @@ if CLOCK not in gc.callbacks:
 
 
 @contextmanager
-def tuned_gc() -> Iterator[None]:
+def tuned_gc(gen0: int = GEN0_THRESHOLD) -> Iterator[None]:
     """While the process runs: freeze what start allocated and collect the young generation less often; on
     the way out the collector is as it was (a service embedded in another process, e.g. the tests, leaves no
     frozen heap and no changed threshold behind).
 
-    CLOUD_BRIDGE_GC=default leaves CPython's collector as it is (for a before/after measurement)."""
+    `gen0`: the young generation's threshold while it holds. CLOUD_BRIDGE_GC=default leaves CPython's
+    collector as it is (for a before/after measurement)."""
     if os.environ.get("CLOUD_BRIDGE_GC") == "default":
         yield
         return
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GEN0_THRESHOLD, before[1], before[2])
+    gc.set_threshold(gen0, before[1], before[2])
     try:
         yield
     finally:
