@@ -47,6 +47,9 @@ def test_the_tuned_collector_is_given_back_as_it_was(monkeypatch: pytest.MonkeyP
         assert gc.get_threshold()[0] == GEN0_THRESHOLD
         assert gc.get_freeze_count() > frozen  # what was loaded before is out of the collector's sight
     assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+    with tuned_gc(123_456):  # the fleet simulator's (cloud_bridge/fleet/__main__.py: SIM_GEN0_THRESHOLD)
+        assert gc.get_threshold() == (123_456, before[1], before[2])
+    assert gc.get_threshold() == before
     monkeypatch.setenv("CLOUD_BRIDGE_GC", "default")
     with tuned_gc():
         assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
