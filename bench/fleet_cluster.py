@@ -271,10 +271,11 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
             collections and seconds per generation."""
             got: dict[str, dict[str, Any]] = {}
             for k, ws in (("ingest", ingest), ("publishers", pubs), ("gateways", gws)):
-                tot: dict[str, Any] = {"s": 0.0, "count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+                tot: dict[str, Any] = {"s": 0.0, "count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "longest": 0.0}
                 for w in ws:
                     g = (await w.ask("gc", cmd="gc"))["gc"]
                     tot["s"] += g["s"]
+                    tot["longest"] = max(tot["longest"], g["longest"])
                     tot["count"] = [x + y for x, y in zip(tot["count"], g["count"], strict=True)]
                     tot["seconds"] = [x + y for x, y in zip(tot["seconds"], g["seconds"], strict=True)]
                 got[k] = tot
@@ -283,7 +284,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         def gc_since(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
             """Per kind of worker: seconds in the collector, and (collections, seconds) of each generation."""
             return {
-                k: {"s": round(now["s"] - before[k]["s"], 2),
+                k: {"s": round(now["s"] - before[k]["s"], 2), "longest_so_far": now["longest"],
                     **{f"gen{i}": (now["count"][i] - before[k]["count"][i],
                                    round(now["seconds"][i] - before[k]["seconds"][i], 2)) for i in range(3)}}
                 for k, now in after.items()
@@ -373,8 +374,15 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         victim = 1 if leader is None else leader
         res["killed_node"] = victim
         kill_t = time.time()
+        kill_meter = CpuMeter(parts)
         await asyncio.to_thread(cluster.kill, victim)
         progress(f"{broker}: node {victim} SIGKILLed")
+
+        async def after_kill() -> dict[str, Any]:  # who paid for the first 20 s after the kill
+            await asyncio.sleep(20)
+            return kill_meter.since()
+
+        after_kill_cost = asyncio.get_running_loop().create_task(after_kill())
         t = time.monotonic()
         for w in gws:
             await w.expect("recorded", a.duration + a.drain_timeout)
@@ -443,7 +451,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="reconnect_after_kill_s", broker=broker, p50=res["reconnect_p50_s"], p100=res["reconnect_p100_s"],
             gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim,
             on_killed_node_at_kill=at_kill.get(f"{host}:{port}", 0), offline_at_kill=at_kill.get("", 0),
-            per_node_at_kill=dict(sorted(at_kill.items())))  # fmt: skip
+            per_node_at_kill=dict(sorted(at_kill.items())), cost_first_20s=await after_kill_cost)  # fmt: skip
         ok &= lost == 0 and len(rec) > 0
         res["versions_ok"] = all(versions.get(g) == 1 for g in names)
         ok &= res["versions_ok"]

@@ -32,6 +32,8 @@ class GcClock:
         #: collections and seconds per generation (0, 1, 2)
         self.count = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
+        #: the longest collection so far (seconds)
+        self.longest = 0.0
         self._t = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -43,6 +45,7 @@ class GcClock:
         g = info.get("generation", 2)
         self.count[g] += 1
         self.seconds[g] += dt
+        self.longest = max(self.longest, dt)
         if g == 2:
             self.full += 1
             if dt > 0.02:
