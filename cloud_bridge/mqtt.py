@@ -77,7 +77,7 @@ def client(
     host: str, port: int, *, identifier: str, tls: aiomqtt.TLSParameters | None = None, username: str | None = None,
     password: str | None = None, keepalive: int | None = None, clean_start: bool | None = None,
     session_expiry_s: int | None = None, will: aiomqtt.Will | None = None, version: Version = "5",
-    timeout: float = TIMEOUT_S, housekeeping_s: float = 1.0,
+    timeout: float = TIMEOUT_S, housekeeping_s: float = 1.0, pending_warn: int = 10,
 ) -> aiomqtt.Client:  # fmt: skip
     """An MQTT client (not connected yet: `async with` it, or `connect`) of `version`. Options left None keep
     aiomqtt's defaults. `clean_start` is MQTT 5's clean start or 3.1.1's clean session; `session_expiry_s`
@@ -86,7 +86,9 @@ def client(
     every call on the client). `housekeeping_s`: how often the client checks its keepalive (aiomqtt: every
     second); a ping then goes out up to that late, and a broker that stopped answering is noticed up to that
     late. Longer only where thousands of clients share one loop (the fleet simulator: each check is a timer
-    and a wake-up per client)."""
+    and a wake-up per client). `pending_warn`: aiomqtt logs a warning on every publish made while more than
+    this many are unanswered (its default 10); a cloud process that publishes to thousands of gateways has
+    hundreds in flight by design, and the warnings were most of its log (54,000 lines in one fleet run)."""
     kw: dict[str, object] = {}
     if keepalive is not None:
         kw["keepalive"] = keepalive
@@ -105,6 +107,9 @@ def client(
         username=username, password=password, timeout=timeout, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     c.housekeeping_s = housekeeping_s
+    if not hasattr(c, "pending_calls_threshold"):  # aiomqtt 2.x's name; fail loudly, not silently warn again
+        raise RuntimeError("aiomqtt.Client has no pending_calls_threshold: mqtt.client(pending_warn=) needs updating")
+    c.pending_calls_threshold = pending_warn
     _versions[c] = version
     return c
 

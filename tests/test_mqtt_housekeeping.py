@@ -8,9 +8,11 @@ looks at keepalives every few seconds: the idle times here span two of its looks
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiomqtt
+import pytest
 
 from cloud_bridge import mqtt
 
@@ -58,3 +60,20 @@ async def test_a_period_longer_than_the_keepalive_lets_the_broker_close_it(broke
 async def test_the_default_is_aiomqtts_second(broker: Mosquitto) -> None:
     calls, up = await idle_for(broker, 3.0, keepalive=60, housekeeping_s=1.0)
     assert up and 2 <= calls <= 5, calls
+
+
+async def published_with_warnings(broker: Mosquitto, caplog: pytest.LogCaptureFixture, **kw: int) -> int:
+    """40 QoS 1 publishes in flight at once; how many "pending publish calls" warnings aiomqtt logged."""
+    caplog.clear()
+    c = mqtt.client(broker.host, broker.port, identifier=f"pw-{kw}", **kw)  # type: ignore[arg-type]
+    async with c:
+        with caplog.at_level(logging.WARNING):
+            await asyncio.gather(*(c.publish(f"pw/{i}", b"x", qos=1) for i in range(40)))
+    return sum("pending publish calls" in r.getMessage() for r in caplog.records)
+
+
+async def test_pending_warn_raises_aiomqtts_warning_threshold(
+    broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await published_with_warnings(broker, caplog) > 0  # aiomqtt's 10: every publish past it warns
+    assert await published_with_warnings(broker, caplog, pending_warn=100) == 0

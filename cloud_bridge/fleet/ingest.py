@@ -41,6 +41,10 @@ from cloud_bridge.service.database import Database
 from cloud_bridge.signing import sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 
+#: The cloud processes' clients warn of unanswered publishes only past this many (`mqtt.client(pending_warn=)`):
+#: acknowledgements and change sets to thousands of gateways keep hundreds in flight by design.
+PENDING_WARN = 5_000
+
 log = logging.getLogger("cloud_bridge.fleet.ingest")
 _enc = msgspec.msgpack.Encoder()
 
@@ -114,10 +118,10 @@ class Ingest:
         host, port = self.endpoints.current
         if self.persistent:
             c = mqtt.client(host, port, identifier=self.identifier, clean_start=False, session_expiry_s=86400,
-                            keepalive=15, version=self.version)  # fmt: skip
+                            keepalive=15, version=self.version, pending_warn=PENDING_WARN)  # fmt: skip
         else:  # a new client id per connection (RabbitMQ 3.10 blocks an id last seen on a dead node)
             c = mqtt.client(host, port, identifier=f"{self.identifier}-{os.urandom(3).hex()}", clean_start=True,
-                            keepalive=15, version=self.version)  # fmt: skip
+                            keepalive=15, version=self.version, pending_warn=PENDING_WARN)  # fmt: skip
         try:
             return await mqtt.connect(c, [site_wildcard(s, Leaf.EVENTS) for s in self.sites], qos=self.qos)
         except aiomqtt.MqttError:

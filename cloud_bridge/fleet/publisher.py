@@ -43,7 +43,7 @@ from cloud_bridge.service.database import Database
 from cloud_bridge.signing import sign_downlink
 from cloud_bridge.topics import Leaf, Topics, parse, site_wildcard
 
-from .ingest import Endpoints
+from .ingest import PENDING_WARN, Endpoints
 from .window import SendWindow
 
 log = logging.getLogger("cloud_bridge.fleet.publisher")
@@ -109,7 +109,7 @@ class Publisher:
         subs = [site_wildcard(s, leaf) for s in self.sites for leaf in (Leaf.STATUS, Leaf.RIGHTS_REPLY)]
         # a clean session: a new client id per connection (RabbitMQ 3.10 blocks an id last seen on a dead node)
         c = mqtt.client(host, port, identifier=f"{self.identifier}-{os.urandom(3).hex()}", clean_start=True,
-                        keepalive=15, version=self.version)  # fmt: skip
+                        keepalive=15, version=self.version, pending_warn=PENDING_WARN)  # fmt: skip
         try:
             return await mqtt.connect(c, subs, qos=self.qos)
         except aiomqtt.MqttError:
