@@ -161,6 +161,19 @@ def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, tuple[frozenset[int], 
     return res
 
 
+def rss_mb(parts: dict[str, list[int]]) -> dict[str, int]:
+    """Resident memory of each part's own processes (MiB; not their descendants)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = {}
+    for name, pids in parts.items():
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[21]) * page
+        out[name] = total >> 20
+    return out
+
+
 class CpuMeter:
     """CPU seconds per part of the run (broker nodes, PostgreSQL, ingest, publishers, gateway workers, this
     bench) over a phase: `mark()` at its start, `since()` at its end, with the wall time and the machine's
@@ -186,6 +199,7 @@ class CpuMeter:
             "wall_s": round(wall, 1),
             "cpu_s": used,
             "cpu_total_s": round(sum(v for v in used.values() if v is not None), 1),
+            "rss_mb": rss_mb(self._parts()),
             "load": round(os.getloadavg()[0], 1),
         }
 

@@ -63,8 +63,8 @@ def tuned_gc(gen0: int = GEN0_THRESHOLD) -> Iterator[None]:
     the way out the collector is as it was (a service embedded in another process, e.g. the tests, leaves no
     frozen heap and no changed threshold behind).
 
-    `gen0`: the young generation's threshold while it holds. CLOUD_BRIDGE_GC=default leaves CPython's
-    collector as it is (for a before/after measurement)."""
+    `gen0`: the young generation's threshold while it holds (0: no automatic collection).
+    CLOUD_BRIDGE_GC=default leaves CPython's collector as it is (for a before/after measurement)."""
     if os.environ.get("CLOUD_BRIDGE_GC") == "default":
         yield
         return
