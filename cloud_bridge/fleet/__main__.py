@@ -102,9 +102,10 @@ async def _commands(handle: Callable[[dict[str, Any]], Awaitable[bool]]) -> None
 
 def gc_figures() -> dict[str, Any]:
     """The collector's time in this process so far (`cloud_bridge.heap.CLOCK`): seconds, and collections and
-    seconds per generation, the longest collection; the young objects it tracks; the frozen ones."""
+    seconds per generation, the longest collection; its allocation counters (`gc.get_count`, summed); the objects
+    frozen out of its sight."""
     return {"s": round(CLOCK.total, 3), "count": CLOCK.count, "seconds": [round(x, 3) for x in CLOCK.seconds],
-            "longest": round(CLOCK.longest, 3), "tracked": sum(gc.get_count()),
+            "longest": round(CLOCK.longest, 3), "counters": sum(gc.get_count()),
             "frozen": gc.get_freeze_count()}  # fmt: skip
 
 
