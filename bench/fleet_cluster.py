@@ -134,17 +134,20 @@ class Worker:
         self._log.close()
 
 
-def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, tuple[frozenset[int], float]]:
+def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, tuple[frozenset[int], float, int]]:
     """User + system CPU seconds of each part (its processes and all their live descendants: a broker node's
-    Erlang VM, PostgreSQL's postmaster and backends, a worker process), from one scan of /proc."""
+    Erlang VM, PostgreSQL's postmaster and backends, a worker process), and the resident memory of its own
+    processes (MiB; not their descendants), from one scan of /proc."""
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
+    rss: dict[int, int] = {}
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 f = (d / "stat").read_text().rsplit(")", 1)[1].split()
                 parent[int(d.name)], cpu[int(d.name)] = int(f[1]), (int(f[11]) + int(f[12])) / tick
+                rss[int(d.name)] = int(f[21]) * page
     children: dict[int, list[int]] = {}
     for pid, pp in parent.items():
         children.setdefault(pp, []).append(pid)
@@ -157,21 +160,9 @@ def cpu_by_part(parts: dict[str, list[int]]) -> dict[str, tuple[frozenset[int], 
                 seen.add(pid)
                 total += cpu.get(pid, 0.0)
                 todo.extend(children.get(pid, []))
-        res[name] = (frozenset(r for r in roots if r in parent), total)  # the live ones
+        live = frozenset(r for r in roots if r in parent)
+        res[name] = (live, total, sum(rss.get(r, 0) for r in live) >> 20)
     return res
-
-
-def rss_mb(parts: dict[str, list[int]]) -> dict[str, int]:
-    """Resident memory of each part's own processes (MiB; not their descendants)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    out = {}
-    for name, pids in parts.items():
-        total = 0
-        for pid in pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[21]) * page
-        out[name] = total >> 20
-    return out
 
 
 class CpuMeter:
@@ -192,14 +183,14 @@ class CpuMeter:
         # a part started during the phase counts whole; one whose processes changed otherwise (a node killed,
         # or restarted) has no figure for the phase: None
         used: dict[str, float | None] = {}
-        for k, (pids, v) in now.items():
-            before, c0 = self._at.get(k, (frozenset(), 0.0))
+        for k, (pids, v, _) in now.items():
+            before, c0, _ = self._at.get(k, (frozenset(), 0.0, 0))
             used[k] = round(v - c0, 1) if before == pids else round(v, 1) if not before else None
         return {
             "wall_s": round(wall, 1),
             "cpu_s": used,
             "cpu_total_s": round(sum(v for v in used.values() if v is not None), 1),
-            "rss_mb": rss_mb(self._parts()),
+            "rss_mb": {k: mb for k, (_, _, mb) in now.items()},
             "load": round(os.getloadavg()[0], 1),
         }
 

@@ -24,11 +24,11 @@ GEN0_THRESHOLD = 20_000
 
 
 class GcClock:
-    """Total seconds spent in collections since start (`gc.callbacks`); gen-2 ones over 20 ms are logged."""
+    """Seconds spent in collections since start (`gc.callbacks`), in all and per generation, with how many
+    and the longest; gen-2 ones over 20 ms are logged."""
 
     def __init__(self) -> None:
         self.total = 0.0
-        self.full = 0
         #: collections and seconds per generation (0, 1, 2)
         self.count = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
@@ -46,10 +46,8 @@ class GcClock:
         self.count[g] += 1
         self.seconds[g] += dt
         self.longest = max(self.longest, dt)
-        if g == 2:
-            self.full += 1
-            if dt > 0.02:
-                log.info("gen-2 collection took %.1f ms (%d collected)", dt * 1000, info.get("collected", 0))
+        if g == 2 and dt > 0.02:
+            log.info("gen-2 collection took %.1f ms (%d collected)", dt * 1000, info.get("collected", 0))
 
 
 CLOCK = GcClock()
