@@ -60,6 +60,9 @@ from tests.postgres import Postgres
 from tests.rabbitmq import RabbitCluster
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The gateways' link counters summed on the events line: go-backs (`resends`) and the repeated acknowledgements
+#: that did not cause one (`repeated_acks`), beside what was sent.
+LINK_STATS = ("events_sent", "batches_sent", "resends", "repeated_acks")
 
 
 def out(**kw: Any) -> None:
@@ -404,7 +407,9 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         ups: dict[str, list[float]] = {}
         versions: dict[str, int] = {}
         where: dict[str, list[tuple[float, str]]] = {}
+        link_stats: Counter[str] = Counter()
         for st in stats:
+            link_stats.update({k: st["link_stats"].get(k, 0) for k in LINK_STATS})
             recorded_by.update(st["recorded_by"])
             downs.update(st["downs"])
             ups.update(st["ups"])
@@ -427,7 +432,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="events_ingested", broker=broker, expected=expected, stored=stored, missing=missing,
             duplicate_rows=dup_rows, redelivered=res["redelivered"], drain_s=res["drain_s"], drained=drained_ok,
             ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond,
-            journalled_over_s=a.duration, offered_per_s=round(expected / a.duration), cost=meter.since(),
+            journalled_over_s=a.duration, offered_per_s=round(expected / a.duration), link_stats=dict(link_stats),
+            cost=meter.since(),
             gc_s=gc_since(gc0, await gc_s()))  # fmt: skip
         ok &= missing == 0 and dup_rows == 0 and drained_ok and beyond == 0
 

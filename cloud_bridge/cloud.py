@@ -263,8 +263,9 @@ class CloudPeer(mqtt.Session):
                                now=self.clock(), encoding=self.encoding)  # fmt: skip
         return encode(signed, self.encoding)
 
-    async def ack_events(self, upto_seq: int) -> None:
-        ack = EventAck(upto_seq=upto_seq, ts=self.clock(), ref=self._last_ref)
+    async def ack_events(self, upto_seq: int, *, ref: str | None = None) -> None:
+        """Acknowledge up to `upto_seq`, naming the last batch received (or the batch `ref`)."""
+        ack = EventAck(upto_seq=upto_seq, ts=self.clock(), ref=self._last_ref if ref is None else ref)
         await mqtt.publish(self.client, self.topics.events_ack, self.seal(ack))
 
     # --- provisioning -----------------------------------------------------------------------------------

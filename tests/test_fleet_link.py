@@ -15,10 +15,11 @@ from sqlalchemy import func, select, text
 from cloud_bridge import mqtt
 from cloud_bridge.fleet.ingest import Ingest, shard_of, sites_of
 from cloud_bridge.fleet.sim import Fleet
-from cloud_bridge.protocol import Unlock
+from cloud_bridge.protocol import EventBatch, Unlock
 from cloud_bridge.service import schema
 from cloud_bridge.service.database import Database
 from cloud_bridge.signing import public_bytes
+from edge.events import Event
 from edge.tasks import cancel_and_wait
 
 from .broker import broker, cloud_peer, gateway, link_config, site_key, unique  # noqa: F401
@@ -205,6 +206,34 @@ async def test_ingest_stores_each_event_once_and_acknowledges_after_the_commit(
     finally:
         for t in tasks:
             await cancel_and_wait(t)
+        await db.close()
+
+
+async def test_the_ingest_names_the_newest_batch_so_a_late_redelivery_does_not_hide_a_gap(
+    tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """One round holds a gateway's batch 1-10, a batch 21-30 after a gap (11-20 lost with a broker node) and a
+    broker's late copy of 1-10: the ack goes up to 10 and names 21-30, the batch the gateway goes back for
+    (docs/protocol.md: a repeated ack naming a duplicate changes nothing, so naming the late copy would leave the
+    gap until the ack timeout)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}")
+    await db.migrate()
+    try:
+        ingest = Ingest(db, endpoints=[("127.0.0.1", 1)], sites=["alpha"], signing_key=site_key)
+
+        def batch(prev: int, last: int, ref: str) -> EventBatch:
+            evs = [Event(id=f"{s:032x}", seq=s, type="access.granted", ts=1.0e9 + s, local="", link_up=True)
+                   for s in range(prev + 1, last + 1)]  # fmt: skip
+            return EventBatch(first_seq=prev + 1, last_seq=last, events=evs, prev_seq=prev, ref=ref)
+
+        acks = await ingest.store([("alpha", "g1", batch(0, 10, "first")), ("alpha", "g1", batch(20, 30, "past-gap")),
+                                   ("alpha", "g1", batch(0, 10, "late-copy"))])  # fmt: skip
+        assert acks == {("alpha", "g1"): (10, "past-gap")}
+        assert (ingest.stats.gaps, ingest.stats.inserted, ingest.stats.duplicates) == (1, 20, 10)
+        # the gap filled: up to 30, naming the newest batch again
+        acks = await ingest.store([("alpha", "g1", batch(10, 20, "refill")), ("alpha", "g1", batch(20, 30, "again"))])
+        assert acks == {("alpha", "g1"): (30, "again")}
+    finally:
         await db.close()
 
 

@@ -291,6 +291,94 @@ async def test_broker_outage_loses_no_event_and_keeps_order(
             assert g.link.online and g.states[-1] is True and False in g.states
 
 
+async def test_a_repeated_ack_sends_the_window_again_only_when_it_names_a_batch_past_a_gap(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """A repeated acknowledgement that names a batch of the current round beyond it (the cloud got that batch
+    but lacks one before it) makes the gateway go back at once; one that names a duplicate (a batch already
+    answered, or one sent before the last go-back: what a broker redelivers after a node died) does not. Going
+    back on those fed a storm of resends in the fleet bench (bench/fleet_cluster.py: 355,000 duplicates for
+    200,000 events after a node was killed)."""
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, batch_events=10, ack_timeout_s=120.0) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, auto_ack=False) as cloud,
+    ):
+        await cloud.wait_online()
+        for i in range(30):  # durable together: three batches of ten
+            g.journal.record("access.granted", door="front", card=i)
+        await cloud.wait_for(lambda: len(cloud.batches) >= 1)
+        b1 = cloud.batches[0]
+        await cloud.ack_events(b1.last_seq, ref=b1.ref)  # (one batch ahead after a connect, then two)
+        await cloud.wait_for(lambda: len(cloud.batches) >= 3 and cloud.batches[-1].last_seq >= 30)
+        assert [(b.prev_seq, b.last_seq) for b in cloud.batches] == [(0, 10), (10, 20), (20, 30)]
+        b2, b3 = cloud.batches[-2], cloud.batches[-1]
+        await cloud.wait_for(lambda: g.journal.depth == 30 - b1.last_seq)
+        resends = g.link.stats["resends"]
+
+        def sent_again(after: int) -> bool:
+            return any(b.prev_seq == b1.last_seq for b in cloud.batches[after:])
+
+        # the same ack again, naming b1 (answered already): a duplicate, nothing sent again
+        n = len(cloud.batches)
+        await cloud.ack_events(b1.last_seq, ref=b1.ref)
+        await asyncio.sleep(2.0)
+        assert len(cloud.batches) == n and g.link.stats["resends"] == resends
+        assert g.link.stats["repeated_acks"] == 1
+        # naming b3, of this round and beyond the mark: the cloud lacks b2, so the window goes again now
+        await cloud.ack_events(b1.last_seq, ref=b3.ref)
+        await cloud.wait_for(lambda: sent_again(n), timeout=5)
+        assert g.link.stats["resends"] == resends + 1
+        await cloud.wait_for(lambda: cloud.batches[-1].last_seq == 30)
+        await asyncio.sleep(1.5)  # past the once-a-second bound on going back
+        # naming b2, sent before that go-back: a late copy of the old round, nothing sent again
+        n = len(cloud.batches)
+        await cloud.ack_events(b1.last_seq, ref=b2.ref)
+        await asyncio.sleep(2.0)
+        assert len(cloud.batches) == n and g.link.stats["resends"] == resends + 1
+        assert g.link.stats["repeated_acks"] == 2
+        # an ack naming no batch ("I hold up to here", as a cloud says when it connects) still sends the rest
+        await cloud.ack_events(b1.last_seq, ref="")
+        await cloud.wait_for(lambda: sent_again(n), timeout=5)
+        assert g.link.stats["resends"] == resends + 2
+
+
+async def test_a_cloud_that_does_not_answer_gets_one_batch_at_ever_longer_intervals(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """Congestion control of the upload: after a connect one batch goes ahead of the acknowledgements; each ack
+    timeout in a row sends that one batch again and doubles the wait (x 1-1.25, at most 8 x ack_timeout_s);
+    an acknowledgement brings the wait back and opens the window by one. A fixed timeout with the whole window
+    sent again made a slow cloud's backlog many times larger (bench/fleet_cluster.py after a node kill)."""
+    site, gw = unique("s"), "gw1"
+    async with (
+        gateway(broker, tmp_path / "gw", site_key, site=site, gw=gw, batch_events=1, ack_timeout_s=0.4) as g,
+        cloud_peer(broker, site_key, site=site, gw=gw, auto_ack=False) as cloud,
+    ):
+        await cloud.wait_online()
+        arrived: list[float] = []
+        cloud.on_events.append(lambda b: arrived.append(time.monotonic()))
+        for i in range(12):
+            g.journal.record("access.granted", door="front", card=i)
+        await asyncio.sleep(8.0)
+        assert {(b.prev_seq, b.last_seq) for b in cloud.batches} == {(0, 1)}  # one batch ahead, no more
+        gaps = [b - a for a, b in zip(arrived, arrived[1:], strict=False)]
+        assert 5 <= len(arrived) <= 6, gaps  # at about 0, 0.4, 1.3, 3.3, 6.5 s
+        assert 0.3 <= gaps[0] <= 0.8, gaps
+        assert all(y >= 1.5 * x for x, y in zip(gaps[:3], gaps[1:3], strict=False)), gaps
+        assert max(gaps) <= 8 * 0.4 + 0.5, gaps  # the cap
+        assert g.link.stats["ack_timeouts"] == len(arrived) - 1
+        # acknowledged: the wait is back to 0.4 s and two batches go ahead (not the whole window of 8)
+        n = len(cloud.batches)
+        await cloud.ack_events(1)
+        await cloud.wait_for(lambda: len(cloud.batches) >= n + 2)
+        await asyncio.sleep(1.0)
+        after = [(b.prev_seq, b.last_seq) for b in cloud.batches[n:]]
+        assert after[:2] == [(1, 2), (2, 3)], after
+        assert {p for p, _ in after} == {1, 2}, after  # then the timeout (0.4 s again) sends from seq 1 again
+        assert len(after) >= 3, after
+
+
 async def test_unacknowledged_events_are_sent_again_after_restart(
     broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
 ) -> None:

@@ -12,7 +12,7 @@ a broker's redelivery, is stored once; `duplicates` counts them), advances each 
 high-water mark (`gateways.events_upto`) over the batches that join it, and commits, all in one
 transaction. Only then is each gateway sent a signed `events_ack` up to its mark: an event is acknowledged
 (and deleted from the gateway's journal) only once it is committed. A batch after a gap (an earlier one was
-lost) is stored but not acknowledged: the repeated acknowledgement makes the gateway go back.
+lost) is stored but not acknowledged: the repeated acknowledgement, naming that batch, makes the gateway go back.
 
 Several ingest processes share one PostgreSQL: a gateway belongs to one shard, so no two processes write the
 same gateway's mark.
@@ -179,8 +179,10 @@ class Ingest:
             self.stats.acks += len(pubs)
 
     async def store(self, items: list[tuple[str, str, EventBatch]]) -> dict[tuple[str, str], tuple[int, str]]:
-        """Store the batches in one transaction; returns, per gateway, (its high-water mark, the ref of its last
-        batch): what to acknowledge once committed."""
+        """Store the batches in one transaction; returns, per gateway, (its high-water mark, the ref of its newest
+        batch): what to acknowledge once committed. The newest (highest `last_seq`), not the last to arrive: a
+        broker's late redelivery of an old batch must not hide a gap from the gateway (it goes back only when
+        the ack names a batch beyond the mark, docs/protocol.md)."""
         rows: dict[str, dict[str, Any]] = {}
         offered = 0
         for _site, gw, batch in items:
@@ -205,13 +207,15 @@ class Ingest:
                 res = await c.execute(ins.on_conflict_do_nothing().returning(schema.events.c.id), list(rows.values()))
                 inserted = len(res.all())
             upto = dict(self._upto)
-            last: dict[tuple[str, str], str] = {}
+            newest: dict[tuple[str, str], EventBatch] = {}
             for site, gw, batch in items:
                 if batch.prev_seq <= upto[gw]:
                     upto[gw] = max(upto[gw], batch.last_seq)
                 else:
                     self.stats.gaps += 1
-                last[(site, gw)] = batch.ref
+                k = (site, gw)
+                if k not in newest or batch.last_seq >= newest[k].last_seq:
+                    newest[k] = batch
             up: Any = (postgresql.insert(schema.gateways) if dialect == "postgresql"
                        else sqlite.insert(schema.gateways))  # fmt: skip
             greatest = func.greatest if dialect == "postgresql" else func.max
@@ -227,4 +231,4 @@ class Ingest:
         self.stats.events += offered
         self.stats.inserted += inserted
         self.stats.duplicates += offered - inserted
-        return {k: (upto[k[1]], ref) for k, ref in last.items()}
+        return {k: (upto[k[1]], b.ref) for k, b in newest.items()}

@@ -286,7 +286,7 @@ class Fleet:
             "brokers": {g.name: g.link.broker for g in gws},
             "failovers": sum(g.link.failovers for g in gws),
             "connect_attempts": self.attempts(),
-            "link_stats": {k: sum(g.link.stats[k] for g in gws) for k in gws[0].link.stats} if gws else {},
+            "link_stats": {k: sum(g.link.stats.get(k, 0) for g in gws) for k in {k for g in gws for k in g.link.stats}},
         }
 
 

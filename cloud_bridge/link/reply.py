@@ -82,7 +82,8 @@ class Replies:
         self.refusals = RefusalLog(cfg.refusal_journal_s)
         self.stats: dict[str, int] = {"events_sent": 0, "batches_sent": 0, "resends": 0, "commands": 0,
                                       "refused": 0, "dropped": 0, "handler_errors": 0,
-                                      "unexpected_topic": 0}  # fmt: skip
+                                      "unexpected_topic": 0, "repeated_acks": 0,
+                                      "ack_timeouts": 0}  # fmt: skip
 
     def _qos(self, leaf: Leaf) -> int:
         """`reply_qos` on rights/reply (the cloud resends until it sees the reply), QoS 1 elsewhere."""

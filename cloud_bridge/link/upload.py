@@ -7,6 +7,13 @@ last acknowledged sequence number (`EventUpload._go_back`, the one place that do
 releases only events actually sent, and its clock is passed on (`on_cloud_time`) only when it answers a batch
 of this process (`ref`), with the round trip measured.
 
+Congestion (as TCP does it): after a connect or an ack timeout only one batch goes ahead of the
+acknowledgements, one more with each acknowledgement up to `window`; each timeout in a row doubles the wait
+(jittered, at most `ACK_TIMEOUT_MAX_FACTOR` x `ack_timeout_s`), and an acknowledgement brings it back. A fleet
+whose cloud is slow (a broker node died, the ingest is behind) then sends its backlog once rather than a window
+of copies every `ack_timeout_s`: measured in bench/fleet_cluster.py, the fixed timeout and full window sent each
+event ten times over after a node was killed and the backlog took minutes to drain.
+
 The priority lane: an urgent event (`alarm.duress`, `EventUpload.urgent`) is published at once as a batch of
 its own marked `priority`, ahead of every older event still unsent or unacknowledged (and, while the link is
 down, first thing after it is up again). It stays in the journal too and travels again in order; the cloud
@@ -19,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 
@@ -39,6 +47,8 @@ log = logging.getLogger("cloud_bridge.link")
 
 #: Urgent events held for the priority lane at most (while the link is down).
 PRIORITY_LANE = 64
+#: The longest wait for an acknowledgement, as a multiple of `ack_timeout_s` (the wait doubles per timeout in a row).
+ACK_TIMEOUT_MAX_FACTOR = 8.0
 #: How often an idle upload (nothing to send, nothing in flight) looks at the journal without being woken
 #: (every durable event, urgent event and ack wakes it): a safety net, not the path events take.
 IDLE_LOOK_S = 30.0
@@ -83,6 +93,10 @@ class EventUpload:
         self._sent_max = 0  # highest seq ever sent by this process
         self._last_ack_at = 0.0
         self._last_rewind = 0.0
+        self._round_at = 0.0  # monotonic time the current round began (a connect, a go-back)
+        #: Batches allowed ahead of the acknowledgements now (1 .. window) and the wait for one (s).
+        self._cwnd = 1
+        self._ack_wait = cfg.ack_timeout_s
         self._rewind = False
         #: The priority lane: urgent events not yet sent ahead of the backlog (newest kept when it overflows).
         self._priority: list[Event] = []
@@ -140,9 +154,15 @@ class EventUpload:
             del self.sent_refs[ref]
         upto = min(ack.upto_seq, self._sent_max)
         if upto <= self._acked:
-            # A duplicate acknowledgement while batches are in flight: the cloud lacks what follows it (it
-            # reconnected, or a batch was lost). Go back to it now rather than after ack_timeout_s, at most
-            # once a second so that the batches of the previous round still arriving do not cause a storm.
+            # A repeated acknowledgement. It shows a gap only when it names a batch of the current round that
+            # lies beyond it: the cloud received that batch and cannot join it to what it holds (a batch
+            # before it was lost). Then go back now rather than after ack_timeout_s, at most once a second.
+            # One that names a duplicate (a broker's redelivery, a batch already acknowledged, one sent before
+            # the last go-back) shows nothing: going back on those fed a storm of resends after a broker node
+            # died (each resend's duplicates were acknowledged again, and each such ack sent the window again).
+            if not self._shows_gap(ack.ref, sent, ack.upto_seq):
+                self.stats["repeated_acks"] += 1
+                return
             now = time.monotonic()
             if self._sent > self._acked and now - self._last_rewind > 1.0:
                 self._last_rewind = now
@@ -152,7 +172,17 @@ class EventUpload:
         await self.outbox.ack(upto)
         self._acked = upto
         self._last_ack_at = time.monotonic()
+        self._cwnd = min(self.cfg.window, self._cwnd + 1)
+        self._ack_wait = self.cfg.ack_timeout_s
         self._wake.set()
+
+    def _shows_gap(self, ref: str, sent: tuple[int, float] | None, upto_seq: int) -> bool:
+        """Whether a repeated acknowledgement answering the batch `ref` (`sent`: its (last_seq, time sent), None
+        when it is not one this upload is waiting for) shows that the cloud lacks events before that batch. An
+        ack that names no batch (a cloud saying only "I hold up to here", e.g. when it connects) does."""
+        if not ref:
+            return True
+        return sent is not None and sent[0] > upto_seq and sent[1] >= self._round_at
 
     async def _woken(self, timeout_s: float) -> None:
         """Wait for `wake` (or an acknowledgement), at most `timeout_s`. Not `asyncio.wait_for`: on Python 3.11
@@ -163,16 +193,23 @@ class EventUpload:
                 await self._wake.wait()
 
     def _overdue(self) -> bool:
-        return time.monotonic() - self._last_ack_at > self.cfg.ack_timeout_s
+        return time.monotonic() - self._last_ack_at > self._ack_wait
 
-    def _go_back(self, inflight: list[int], why: str | None = None) -> None:
+    def _timed_out(self, inflight: list[int]) -> None:
+        """No acknowledgement within the wait: go back with one batch ahead, and wait twice as long next time."""
+        log.info("no event ack for %.0f s: resending from seq %d", self._ack_wait, self._acked)
+        self.stats["ack_timeouts"] += 1
+        self._go_back(inflight)
+        self._cwnd = 1
+        cap = self.cfg.ack_timeout_s * ACK_TIMEOUT_MAX_FACTOR
+        self._ack_wait = min(cap, self._ack_wait * 2 * random.uniform(1.0, 1.25))
+
+    def _go_back(self, inflight: list[int]) -> None:
         """Go-back-N: forget what is in flight and send again from the last acknowledged seq."""
-        if why is not None:
-            log.info("%s: resending from seq %d", why, self._acked)
         self.stats["resends"] += 1
         self._sent = self._acked
         inflight.clear()
-        self._last_ack_at = time.monotonic()
+        self._last_ack_at = self._round_at = time.monotonic()
 
     async def run(self, client: aiomqtt.Client) -> None:
         """Send the journal in order, `window` batches ahead of the acknowledgements; after a reconnect
@@ -180,8 +217,8 @@ class EventUpload:
         cfg = self.cfg
         self._sent = self._acked
         inflight: list[int] = []  # last_seq of batches sent and not yet acknowledged
-        self._last_ack_at = time.monotonic()
-        timeout = f"no event ack for {cfg.ack_timeout_s:.0f} s"
+        self._last_ack_at = self._round_at = time.monotonic()
+        self._cwnd = 1
         while True:
             self._wake.clear()
             await self._send_priority(client)
@@ -189,16 +226,16 @@ class EventUpload:
                 self._rewind = False
                 self._go_back(inflight)
             inflight = [s for s in inflight if s > self._acked]
-            if len(inflight) >= cfg.window:
+            if len(inflight) >= self._cwnd:
                 if self._overdue():
-                    self._go_back(inflight, timeout)
+                    self._timed_out(inflight)
                     continue
                 await self._woken(cfg.ack_timeout_s / 4)
                 continue
             events = await self.outbox.read(self._sent, cfg.batch_events)
             if not events:
                 if inflight and self._overdue():
-                    self._go_back(inflight, timeout)
+                    self._timed_out(inflight)
                     continue
                 # in flight: look again for an overdue ack; else nothing to do until woken (a new event, an
                 # urgent one, an ack), with a slow look at the journal anyway
