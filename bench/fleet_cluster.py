@@ -13,7 +13,8 @@ Scenario and metrics (one line each, `broker` names the cluster):
   * gateways_connected: every link online (births seen by the publishers), and how long the fleet took;
   * group_change_ack_s: a change set (a group gains a door) written to the `outbox` of every gateway, pushed
     by the publishers; p50 / p100 of the time until each gateway's `result` (target p100 <= 10 s);
-  * events_ingested: each gateway journals `--events` events over `--duration` s; node 1 is SIGKILLed half way;
+  * events_ingested: each gateway journals `--events` events over `--duration` s (`--event-flow`: evenly, each
+    gateway at its own phase, or in 10 fleet-wide bursts); node 1 is SIGKILLed half way;
     then the database is checked: expected (every event every gateway journalled), stored, missing (must be
     0), duplicate rows (must be 0), redelivered (events the ingest received more than once, absorbed);
   * reconnect_after_kill_s: for the gateways that lost their node, from the kill to their next connection
@@ -61,8 +62,8 @@ from tests.rabbitmq import RabbitCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The gateways' link counters summed on the events line: go-backs (`resends`) and the repeated acknowledgements
-#: that did not cause one (`repeated_acks`), beside what was sent.
-LINK_STATS = ("events_sent", "batches_sent", "resends", "repeated_acks")
+#: that did not cause one (`repeated_acks`), the ack timeouts among the go-backs, beside what was sent.
+LINK_STATS = ("events_sent", "batches_sent", "resends", "ack_timeouts", "repeated_acks")
 
 
 def out(**kw: Any) -> None:
@@ -374,8 +375,8 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         gc0 = await gc_s()
         meter.mark()
         for w in gws:
-            await w.send(cmd="events", k=a.events, duration=a.duration, steps=10)
-        await asyncio.sleep(a.duration / 2)
+            await w.send(cmd="events", k=a.events, duration=a.duration, steps=10, smooth=a.event_flow == "even")
+        await asyncio.sleep(a.duration / 2 + (a.duration / 20 if a.kill_at == "between" else 0.0))
         # NATS: the JetStream meta leader (the hardest case: every MQTT CONNECT waits for a new one);
         # RabbitMQ: node 1 (its nodes are peers; the cloud side prefers node 0)
         leader = cluster.meta_leader() if isinstance(cluster, NatsCluster) else None
@@ -432,7 +433,9 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         out(metric="events_ingested", broker=broker, expected=expected, stored=stored, missing=missing,
             duplicate_rows=dup_rows, redelivered=res["redelivered"], drain_s=res["drain_s"], drained=drained_ok,
             ingest_processes=a.shards, gaps=sum(i["gaps"] for i in ing), seq_beyond_journal=beyond,
-            journalled_over_s=a.duration, offered_per_s=round(expected / a.duration), link_stats=dict(link_stats),
+            journalled_over_s=a.duration, offered_per_s=round(expected / a.duration), event_flow=a.event_flow,
+            ack_timeout_s=a.ack_timeout,
+            link_stats=dict(link_stats),
             cost=meter.since(),
             gc_s=gc_since(gc0, await gc_s()))  # fmt: skip
         ok &= missing == 0 and dup_rows == 0 and drained_ok and beyond == 0
@@ -460,7 +463,7 @@ async def scenario(broker: str, a: argparse.Namespace, pg: Postgres, work: Path)
         at_kill = Counter(node_at(g, kill_t) for g in names)
         host, port = cluster.endpoints[victim]
         out(metric="reconnect_after_kill_s", broker=broker, p50=res["reconnect_p50_s"], p100=res["reconnect_p100_s"],
-            gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim,
+            gateways=len(rec) + lost, not_reconnected=lost, killed_node=victim, kill_at=a.kill_at,
             on_killed_node_at_kill=at_kill.get(f"{host}:{port}", 0), offline_at_kill=at_kill.get("", 0),
             per_node_at_kill=dict(sorted(at_kill.items())), cost_first_20s=await after_kill_cost)  # fmt: skip
         ok &= lost == 0 and len(rec) > 0
@@ -614,7 +617,7 @@ def main() -> None:
     ap.add_argument("--per-site", type=int, default=50, help="gateways per site")
     ap.add_argument("--duration", type=float, help="seconds over which the events are journalled")
     ap.add_argument("--brokers", default="rabbitmq,nats")
-    ap.add_argument("--ack-timeout", type=float, help="the gateways' event ack timeout (quick: 5 s, else 10 s)")
+    ap.add_argument("--ack-timeout", type=float, help="the gateways' event ack timeout (quick: 5 s, else 30 s)")
     ap.add_argument("--ramp", type=float, default=500.0, help="first connects a second, the whole fleet")
     ap.add_argument("--cloud-publish-qos", type=int, default=0, choices=[0, 1],
                     help="QoS of the cloud's change sets and event acks (the application resends)")  # fmt: skip
@@ -640,6 +643,14 @@ def main() -> None:
         default=0.0,
         help="the gateways' link.reconnect_spread_s: their first retry after a drop spread over it",
     )
+    ap.add_argument("--event-flow", choices=("bursts", "even"), default="bursts",
+                    help="bursts: every gateway journals a tenth of its events at once, 10 times (a batch of "
+                         "several events per gateway each time); even: each gateway's events evenly over "
+                         "--duration at its own phase, as doors are used (a batch per event: 10x the batches)")
+    ap.add_argument("--kill-at", choices=("burst", "between"), default="burst",
+                    help="SIGKILL the node as the 6th burst of events is journalled (half way through "
+                         "--duration: the reconnection competes with the whole fleet's batches), or half way "
+                         "between the 6th and the 7th")  # fmt: skip
     ap.add_argument("--resend", type=float, default=3.0, help="seconds between resends of a change set")
     ap.add_argument("--window", type=int, default=250,
                     help="gateways with a change set in flight per publisher process (0: no limit; docs/scaling.md, "
@@ -673,7 +684,7 @@ def main() -> None:
     a.events = a.events or (50 if a.quick else 100)
     a.processes = a.processes or (2 if a.quick else 4)
     a.duration = a.duration or (4.0 if a.quick else 20.0)
-    a.ack_timeout = a.ack_timeout or (5.0 if a.quick else 10.0)
+    a.ack_timeout = a.ack_timeout or (5.0 if a.quick else 30.0)  # full: the product's default (LinkConfig)
     if a.connect_cost:
         a.gateways = a.gateways if a.gateways != 10_000 else 1000
         sys.exit(asyncio.run(connect_cost(a)))

@@ -35,6 +35,10 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: connection fails or drops (docs/scaling.md); while on one of them, `host:port` is tried again every
     #: `failback_s` (jittered) and the link moves back when it answers.
     endpoints: Annotated[list[Endpoint], Meta(max_length=16)] = []
+    #: The order the other nodes are tried in when a connection fails or drops: "spread", a random order for
+    #: each round of failovers (a dead node's gateways spread over the survivors instead of all moving to the
+    #: next one in the list: docs/scaling.md), or "in_order", as listed.
+    failover: Literal["spread", "in_order"] = "spread"
     failback_s: Annotated[float, Meta(ge=1, le=86400)] = 300.0
     #: MQTT version: "5", or "3.1.1" (RabbitMQ 3.10). Nothing in the protocol needs MQTT 5 (the session and
     #: message expiries are dropped on 3.1.1); announced in the birth (`mqtt`).

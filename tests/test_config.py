@@ -388,7 +388,7 @@ def test_every_shared_link_setting_reaches_the_link(tmp_path: Path, monkeypatch:
     values: dict[str, str] = {"host": '"mqtt.example.net"', "ca": '"/etc/ca.pem"', "cert": '"/etc/gw.pem"',
                               "username": '"gw-1"', "encoding": '"json"'}  # fmt: skip
     values |= {"endpoints": '["mqtt2.example.net:8883"]', "mqtt_version": '"3.1.1"', "session": '"clean"',
-               "downlink_qos": "0", "reply_qos": "0"}  # fmt: skip
+               "downlink_qos": "0", "reply_qos": "0", "failover": '"in_order"'}  # fmt: skip
     # downlink_filter = "one" needs MQTT 5, which the values below leave (3.1.1): checked on its own after
     alone = {"downlink_filter": '"one"'}
     for f in LinkSettings.__struct_fields__:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections import Counter
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -156,6 +158,37 @@ async def test_failover_to_the_next_endpoint_and_back(tmp_path: Path, site_key: 
         b.stop()
 
 
+async def test_a_dead_nodes_gateways_spread_over_the_survivors(tmp_path: Path, site_key: Ed25519PrivateKey) -> None:
+    """Three brokers, 16 gateways on the first, each listing the other two in the same order. When the first
+    dies, `failover = "spread"` (the default) sends them to both survivors; "in_order" sends every one of them
+    to the next in the list (bench/fleet_cluster.py: one survivor took the 3,333 reconnects of a killed node)."""
+    for failover in ("spread", "in_order"):
+        nodes = [Mosquitto(tmp_path / f"{failover}-{i}") for i in range(3)]
+        for m in nodes:
+            m.start()
+        try:
+            ends = [f"{m.host}:{m.port}" for m in nodes]
+            cfgs = [link_config(nodes[0], "alpha", f"g{i}", session="clean", endpoints=ends[1:], failover=failover,
+                                failback_s=3600.0, backoff_min_s=0.05, backoff_max_s=0.2)
+                    for i in range(16)]  # fmt: skip
+            async with Fleet(cfgs, public_bytes(site_key), tmp_path / f"fleet-{failover}", stagger_s=0.0) as fleet:
+                async with asyncio.timeout(20):
+                    while fleet.online() < 16 or {g.link.broker for g in fleet.gateways} != {ends[0]}:
+                        await asyncio.sleep(0.05)
+                nodes[0].stop(kill=True)
+                async with asyncio.timeout(20):
+                    while fleet.online() < 16 or any(g.link.broker == ends[0] for g in fleet.gateways):
+                        await asyncio.sleep(0.05)
+                where = Counter(g.link.broker for g in fleet.gateways)
+            if failover == "spread":
+                assert where[ends[1]] >= 2 and where[ends[2]] >= 2, where  # P(fewer than 2 on one) ~ 0.05 %
+            else:
+                assert where == {ends[1]: 16}, where
+        finally:
+            for m in nodes:
+                m.stop()
+
+
 def test_sites_are_split_into_stable_shards() -> None:
     sites = [f"s{i:03d}" for i in range(200)]
     parts = [sites_of(sites, i, 4) for i in range(4)]
@@ -235,6 +268,31 @@ async def test_the_ingest_names_the_newest_batch_so_a_late_redelivery_does_not_h
         assert acks == {("alpha", "g1"): (30, "again")}
     finally:
         await db.close()
+
+
+async def test_an_even_event_flow_spreads_each_gateways_events_over_the_duration(
+    broker: Mosquitto, tmp_path: Path, site_key: Ed25519PrivateKey
+) -> None:
+    """`record_events(smooth=True)` (bench/fleet_cluster.py `--event-flow even`): every gateway journals its k
+    events, and the fleet's count grows with the time through the duration (the steps of the default flow put
+    a whole step's events of every gateway at once)."""
+    cfgs = [link_config(broker, "alpha", f"g{i}", session="clean") for i in range(50)]
+    async with Fleet(cfgs, public_bytes(site_key), tmp_path / "fleet", stagger_s=0.0) as fleet:
+        seen: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+
+        async def sample() -> None:
+            while True:
+                seen.append((time.monotonic() - t0, sum(g.outbox.recorded for g in fleet.gateways)))
+                await asyncio.sleep(0.05)
+
+        t = asyncio.get_running_loop().create_task(sample())
+        await fleet.record_events(2, duration_s=2.0, smooth=True)
+        await cancel_and_wait(t)
+        assert [g.outbox.recorded for g in fleet.gateways] == [2] * 50
+    # 100 events over 2 s: about 50 t of them at t s (0.05 s of lateness allowed, and the phases' randomness)
+    for at, n in seen:
+        assert 50 * (at - 0.1) - 20 <= n <= 50 * at + 20, seen
 
 
 async def test_a_311_client_never_sends_mqtt5_properties(broker: Mosquitto) -> None:

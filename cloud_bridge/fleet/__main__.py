@@ -4,7 +4,8 @@ Each talks JSON lines: commands on stdin, answers on stdout; diagnostics on stde
     python -m cloud_bridge.fleet gateways --spec FILE --index I
         The gateways of worker I in the fleet spec (a JSON file: endpoints, site key, link settings,
         gateways per worker). Prints {"ready": N} once every link is online; answers
-        {"cmd": "events", "k": K, "duration": S} -> {"recorded": ...}, then {"drained": ...} at depth 0;
+        {"cmd": "events", "k": K, "duration": S[, "smooth": true]} -> {"recorded": ...}, then {"drained": ...}
+        at depth 0;
         {"cmd": "stats"} -> the fleet's stats; {"cmd": "stop"} or EOF -> {"stopped": ...}.
 
     python -m cloud_bridge.fleet ingest --spec FILE --shard I
@@ -170,7 +171,8 @@ async def run_gateways(spec: Spec, index: int) -> None:
             if cmd["cmd"] == "events":
                 before = sum(g.outbox.recorded for g in fleet.gateways)
                 k, duration = int(cmd["k"]), float(cmd.get("duration", 0))
-                await fleet.record_events(k, duration_s=duration, steps=int(cmd.get("steps", 10)))
+                await fleet.record_events(k, duration_s=duration, steps=int(cmd.get("steps", 10)),
+                                          smooth=bool(cmd.get("smooth", False)))  # fmt: skip
                 say(recorded=sum(g.outbox.recorded for g in fleet.gateways) - before)
                 t = asyncio.get_running_loop().create_task(drained(before + k * len(cfgs)))
                 tasks.add(t)

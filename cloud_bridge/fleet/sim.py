@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -261,14 +262,33 @@ class Fleet:
     def depth(self) -> int:
         return sum(g.outbox.depth for g in self.gateways)
 
-    async def record_events(self, k: int, *, duration_s: float, steps: int = 10) -> None:
-        """Each gateway journals `k` events, spread over `duration_s` in `steps` steps."""
+    async def record_events(self, k: int, *, duration_s: float, steps: int = 10, smooth: bool = False) -> None:
+        """Each gateway journals `k` events, spread over `duration_s` in `steps` steps: every gateway at once at
+        each step (a burst of the whole fleet's events every `duration_s / steps`). `smooth`: an even flow
+        instead, as doors are used: gateway g's j-th event at (j + phase_g) x duration_s / k, its phase drawn
+        once (0-1), recorded within 50 ms of its time."""
+        if smooth:
+            await self._record_smooth(k, duration_s)
+            return
         per = [k // steps + (1 if i < k % steps else 0) for i in range(steps)]
         for i, n in enumerate(per):
             for g in self.gateways:
                 for _ in range(n):
                     g.outbox.record("access.granted", door="front", user=f"u{i}")
             await asyncio.sleep(duration_s / steps)
+
+    async def _record_smooth(self, k: int, duration_s: float) -> None:
+        period = duration_s / k
+        rng = random.Random(self.gateways[0].name if self.gateways else 0)
+        due = sorted((j + rng.random(), i) for i in range(len(self.gateways)) for j in range(k))
+        t0 = time.monotonic()
+        at = 0
+        while at < len(due):
+            now = (time.monotonic() - t0) / period
+            while at < len(due) and due[at][0] <= now:
+                self.gateways[due[at][1]].outbox.record("access.granted", door="front", user=f"u{at % 10}")
+                at += 1
+            await asyncio.sleep(0.05)
 
     def stats(self) -> dict[str, Any]:
         gws = self.gateways

@@ -104,6 +104,8 @@ class CloudLink:
         self.endpoints = [(cfg.host, cfg.port), *(mqtt.parse_endpoint(e) for e in cfg.endpoints)]
         self._at = 0
         self._connected_at: int | None = None
+        #: The endpoints still to try in the current round of failovers (`failover`: shuffled or as listed).
+        self._round: list[int] = []
         #: Connections made to each endpoint (index), and failovers (a connection failed or dropped).
         self.connects = [0] * len(self.endpoints)
         self.failovers = 0
@@ -260,8 +262,15 @@ class CloudLink:
         return min(self.cfg.connect_timeout_max_s, self.cfg.connect_timeout_s * (1 << n))
 
     def _next_endpoint(self) -> None:
-        if len(self.endpoints) > 1:
-            self._at = (self._at + 1) % len(self.endpoints)
+        """Move on to the next endpoint of this round of failovers: each other endpoint once, in a random order
+        (`failover = "spread"`) or as listed, then a new round."""
+        n = len(self.endpoints)
+        if n > 1:
+            if not self._round:
+                self._round = [(self._at + k) % n for k in range(1, n)]
+                if self.cfg.failover == "spread":
+                    random.shuffle(self._round)
+            self._at = self._round.pop(0)
             self.failovers += 1
 
     def _down(self) -> None:
@@ -291,7 +300,7 @@ class CloudLink:
             await asyncio.sleep(self.cfg.failback_s * random.uniform(0.5, 1.5))
             host, port = self.endpoints[0]
             if await self._answers(host, port):
-                self._at = 0
+                self._at, self._round = 0, []
                 raise aiomqtt.MqttError(f"moving back to the first broker endpoint {host}:{port}")
 
     async def _answers(self, host: str, port: int) -> bool:
@@ -343,6 +352,7 @@ class CloudLink:
         self._replies.client = client
         await self._publish_birth()
         self._set_up = True
+        self._round = []  # the next drop starts a new round of failovers
         self.failed_setups = self.timed_out_setups = 0
         self._backoff.reset()
         self._set_online(True)
