@@ -467,9 +467,10 @@ class Decider:
             )  # fmt: skip
         passage: tuple[str | None, str | None] | None = None
         escort = False
-        interlock = None
+        interlock: str | None = None
         who = (door, card, uid, user, group)
-        src = dst = None
+        src: str | None = None
+        dst: str | None = None
         if rules is not None and rules.linked:
             src, dst = (rules.from_area, rules.to_area) if side != "out" else (rules.to_area, rules.from_area)
             passage = (src, dst)
