@@ -88,11 +88,12 @@ class LinkSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     #: MQTT's own limit is 256 MiB; 16 MiB is plenty for a Pi).
     max_message_bytes: Annotated[int, Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
     encoding: Literal["msgpack", "json"] = "msgpack"
-    #: Event batches sent ahead of the cloud's acknowledgement, at most: after a connect or an ack timeout the
-    #: upload starts at one and opens by one per acknowledgement (`cloud_bridge/link/upload.py`).
+    #: Event batches sent ahead of the cloud's acknowledgement, at most: after an ack timeout the upload starts
+    #: again at one and opens by one per acknowledgement (`cloud_bridge/link/upload.py`).
     window: Annotated[int, Meta(ge=1, le=1000)] = 8
     #: Without an event acknowledgement for this long, the unacknowledged tail is sent again; the wait doubles
-    #: with each timeout in a row (x 1-1.25, at most 8 x this) and is back to this at the next acknowledgement.
+    #: with each timeout in a row (x 1-1.25, at most 8 x this) and is back to this at the next acknowledgement
+    #: or connection.
     ack_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     #: Grace for the clocks of the cloud and the gateway when checking a command's issue and expiry times.
     command_skew_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0

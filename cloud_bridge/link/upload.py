@@ -7,9 +7,10 @@ last acknowledged sequence number (`EventUpload._go_back`, the one place that do
 releases only events actually sent, and its clock is passed on (`on_cloud_time`) only when it answers a batch
 of this process (`ref`), with the round trip measured.
 
-Congestion (as TCP does it): after a connect or an ack timeout only one batch goes ahead of the
-acknowledgements, one more with each acknowledgement up to `window`; each timeout in a row doubles the wait
-(jittered, at most `ACK_TIMEOUT_MAX_FACTOR` x `ack_timeout_s`), and an acknowledgement brings it back. A fleet
+Congestion (as TCP does it): after an ack timeout only one batch goes ahead of the acknowledgements, one more
+with each acknowledgement up to `window` (a connect starts with the whole window); each timeout in a row doubles the wait
+(jittered, at most `ACK_TIMEOUT_MAX_FACTOR` x `ack_timeout_s`), and an acknowledgement or a new connection
+brings it back. A fleet
 whose cloud is slow (a broker node died, the ingest is behind) then sends its backlog once rather than a window
 of copies every `ack_timeout_s`: measured in bench/fleet_cluster.py, the fixed timeout and full window sent each
 event ten times over after a node was killed and the backlog took minutes to drain.
@@ -95,7 +96,7 @@ class EventUpload:
         self._last_rewind = 0.0
         self._round_at = 0.0  # monotonic time the current round began (a connect, a go-back)
         #: Batches allowed ahead of the acknowledgements now (1 .. window) and the wait for one (s).
-        self._cwnd = 1
+        self._cwnd = cfg.window
         self._ack_wait = cfg.ack_timeout_s
         self._rewind = False
         #: The priority lane: urgent events not yet sent ahead of the backlog (newest kept when it overflows).
@@ -218,7 +219,8 @@ class EventUpload:
         self._sent = self._acked
         inflight: list[int] = []  # last_seq of batches sent and not yet acknowledged
         self._last_ack_at = self._round_at = time.monotonic()
-        self._cwnd = 1
+        self._cwnd = cfg.window  # a new connection (perhaps to another node): the whole window, the wait at its base
+        self._ack_wait = cfg.ack_timeout_s
         while True:
             self._wake.clear()
             await self._send_priority(client)
