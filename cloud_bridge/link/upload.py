@@ -10,10 +10,9 @@ of this process (`ref`), with the round trip measured.
 Congestion (as TCP does it): after an ack timeout only one batch goes ahead of the acknowledgements, one more
 with each acknowledgement up to `window` (a connect starts with the whole window); each timeout in a row
 doubles the wait (jittered, at most `ACK_TIMEOUT_MAX_FACTOR` x `ack_timeout_s`), and an acknowledgement or a
-new connection brings it back. A fleet
-whose cloud is slow (a broker node died, the ingest is behind) then sends its backlog once rather than a window
-of copies every `ack_timeout_s`: measured in bench/fleet_cluster.py, the fixed timeout and full window sent each
-event ten times over after a node was killed and the backlog took minutes to drain.
+new connection brings it back. A fleet whose cloud is slow (a broker node died, the ingest is behind) then
+sends its backlog once rather than a window of copies every `ack_timeout_s` (bench/fleet_cluster.py: with a
+fixed timeout and the full window, a node kill made the ingest receive 375,810 events twice for 1,000,000).
 
 The priority lane: an urgent event (`alarm.duress`, `EventUpload.urgent`) is published at once as a batch of
 its own marked `priority`, ahead of every older event still unsent or unacknowledged (and, while the link is
